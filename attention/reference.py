@@ -1,0 +1,162 @@
+"""Torch references of the attention contracts (DESIGN.md, `attention/`).
+
+Every Triton kernel in this package has a twin here with the same signature; the tests compare
+them over a grid of shapes and dtypes. These functions are also the CPU path of the engine.
+
+Conventions (all functions):
+- `q[T, Hq, d]`: T query tokens (all requests of a step, packed), Hq query heads.
+- keys/values have Hkv heads; query head h reads KV head `h // (Hq // Hkv)` (GQA).
+- `lse[T, Hq]` is the natural-log sum of exp(scaled scores), float32; `-inf` where a query saw
+  no key. `o` has q's dtype; a query that saw no key gets `o = 0`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """[N, Hkv, d] -> [N, Hq, d] by repeating each KV head over its query group."""
+    return x.repeat_interleave(hq // x.shape[1], dim=1)
+
+
+def dequantize(x: torch.Tensor, scale: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
+    """Float32 view of a stored KV tensor `[N, Hkv, d]`.
+
+    `scale` is None (fp16/bf16), `[Hkv]` (per head) or `[C, Hkv]` (per chunk and head), the
+    factor an fp8 e4m3 value is multiplied by.
+    """
+    xf = x.float()
+    if scale is None:
+        return xf
+    scale = scale.float()
+    if scale.dim() == 1:
+        return xf * scale[None, :, None]
+    per_token = scale.repeat_interleave(chunk_size, dim=0)[: x.shape[0]]
+    return xf * per_token[:, :, None]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax attention in float32. q[T,H,d], k/v[N,H,d], mask[T,H,N] (True = keep)."""
+    s = torch.einsum("thd,nhd->thn", q.float(), k.float()) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)  # [T, H]
+    p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
+    p = torch.nan_to_num(p, nan=0.0)
+    o = torch.einsum("thn,nhd->thd", p, v.float())
+    return o, lse
+
+
+def shared_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_idx: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query over the shared KV, dense or routed; no causal mask.
+
+    q[T,Hq,d]; k,v[N,Hkv,d]; chunk_idx[T,Hkv,top_k] (int, chunk c covers tokens
+    [c*chunk_size, (c+1)*chunk_size); -1 entries are ignored) or None for dense.
+    Returns (o[T,Hq,d] in q.dtype, lse[T,Hq] float32).
+    """
+    t, hq, d = q.shape
+    n, hkv, _ = k.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    kf = _expand_kv(dequantize(k, k_scale, chunk_size), hq)
+    vf = _expand_kv(dequantize(v, v_scale, chunk_size), hq)
+    mask = None
+    if chunk_idx is not None:
+        num_chunks = (n + chunk_size - 1) // chunk_size
+        sel = torch.zeros(t, hkv, num_chunks + 1, dtype=torch.bool, device=q.device)
+        idx = chunk_idx.long().clone()
+        idx[idx < 0] = num_chunks  # padding lands in a spare column that is dropped
+        sel.scatter_(2, idx, True)
+        sel = sel[:, :, :num_chunks]
+        token_chunk = torch.arange(n, device=q.device) // chunk_size
+        mask = sel[:, :, token_chunk]  # [T, Hkv, N]
+        mask = mask.repeat_interleave(hq // hkv, dim=1)
+    o, lse = _attend(q, kf, vf, mask, scale)
+    return o.to(q.dtype), lse
+
+
+def unique_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of each request's new tokens over its own paged KV.
+
+    q[T,Hq,d]: the new tokens of B requests, packed; request b owns rows
+    cu_seqlens_q[b]:cu_seqlens_q[b+1]. k_cache, v_cache[num_blocks, block_size, Hkv, d];
+    block_table[B, max_blocks] (int32, block ids of each request in order); seq_lens[B]: the
+    request's KV length including its new tokens (already written into the cache). New token i of
+    a request with q_len new tokens sits at position seq_len - q_len + i and sees positions <= it.
+    Returns (o[T,Hq,d] in q.dtype, lse[T,Hq] float32).
+    """
+    t, hq, d = q.shape
+    block_size = k_cache.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    o = torch.zeros(t, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((t, hq), NEG_INF, dtype=torch.float32, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b in range(len(lens)):
+        q_b = q[cu[b]:cu[b + 1]]
+        q_len, kv_len = q_b.shape[0], lens[b]
+        if q_len == 0 or kv_len == 0:
+            continue
+        n_blocks = (kv_len + block_size - 1) // block_size
+        blocks = block_table[b, :n_blocks].long()
+        k_b = k_cache[blocks].reshape(-1, *k_cache.shape[2:])[:kv_len]
+        v_b = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:kv_len]
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+        kv_pos = torch.arange(kv_len, device=q.device)
+        mask = (kv_pos[None, :] <= q_pos[:, None])[:, None, :].expand(q_len, hq, kv_len)
+        o_b, lse_b = _attend(q_b, _expand_kv(k_b, hq), _expand_kv(v_b, hq), mask, scale)
+        o[cu[b]:cu[b + 1]] = o_b
+        lse[cu[b]:cu[b + 1]] = lse_b
+    return o.to(q.dtype), lse
+
+
+def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial attentions over disjoint key sets by log-sum-exp.
+
+    o*[T,H,d], lse*[T,H]. Either side may be empty (lse = -inf).
+    """
+    lse = torch.logaddexp(lse1, lse2)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    w1 = torch.exp(lse1 - safe).unsqueeze(-1)
+    w2 = torch.exp(lse2 - safe).unsqueeze(-1)
+    o = o1.float() * w1 + o2.float() * w2
+    return o.to(o1.dtype), lse
+
+
+def route(q: torch.Tensor, centroids: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Top-k chunks per query token and KV head by inner product with the chunk centroids.
+
+    q[T,Hq,d]; centroids[C,Hkv,d] (one summary key per chunk and KV head). The queries of a GQA
+    group are summed first, so the score of chunk c is the group's total affinity to its centroid
+    (and the same inner product a FAISS IndexFlatIP over the centroids computes).
+    Returns chunk_idx[T,Hkv,min(top_k, C)] (int32), best first.
+    """
+    t, hq, d = q.shape
+    c, hkv, _ = centroids.shape
+    qg = q.float().view(t, hkv, hq // hkv, d).sum(dim=2)  # [T, Hkv, d]
+    scores = torch.einsum("thd,chd->thc", qg, centroids.float())
+    k = min(top_k, c)
+    return scores.topk(k, dim=-1).indices.to(torch.int32)
