@@ -1,0 +1,26 @@
+"""Ingest: uploaded files -> text with a source map (parse) -> token segments (segment)."""
+
+from kb.ingest.errors import IngestError
+from kb.ingest.parse import (
+    MEDIA_TYPES,
+    PageSpan,
+    ParsedDocument,
+    detect_type,
+    page_of,
+    parse_bytes,
+    parse_file,
+)
+from kb.ingest.segment import SegmentPlan, cut_segments
+
+__all__ = [
+    "IngestError",
+    "MEDIA_TYPES",
+    "PageSpan",
+    "ParsedDocument",
+    "SegmentPlan",
+    "cut_segments",
+    "detect_type",
+    "page_of",
+    "parse_bytes",
+    "parse_file",
+]
