@@ -1,0 +1,13 @@
+"""Chunk summaries, device routing and FAISS indexes of a corpus's shared keys (DESIGN.md, `index/`).
+
+- `summaries`: `chunk_summaries(keys, chunk_size)` -> mean / min / max key per chunk and KV head.
+- `router`: `Router.route(layer, q, top_k)` on the device with torch (no FAISS), `top_k_for`.
+- `faiss_index`: flat or IVF inner-product indexes per (layer, KV head); faiss imported lazily.
+- `store`: save / load summaries and indexes with a versioned manifest.
+- `search`: corpus-wide "find passage" and document lookups.
+"""
+
+from index.router import Router, top_k_for
+from index.summaries import KINDS, ChunkSummaries, chunk_summaries
+
+__all__ = ["KINDS", "ChunkSummaries", "Router", "chunk_summaries", "top_k_for"]
