@@ -8,7 +8,9 @@ with a one-line message; library exceptions never escape.
 from __future__ import annotations
 
 import bisect
+import codecs
 import os
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import PurePath
 
@@ -69,16 +71,31 @@ def _ext(filename: str) -> str:
     return PurePath(filename).suffix.lower()
 
 
+def garbled(text: str) -> bool:
+    """True when over 5% of `text` is replacement, control or unassigned characters: a wrong decoding."""
+    if not text:
+        return False
+    bad = sum(
+        1 for ch in text
+        if ch == "\ufffd" or (unicodedata.category(ch) in ("Cc", "Cn", "Co", "Cs") and ch not in "\t\n\r\f\v")
+    )
+    return bad > 0.05 * len(text)
+
+
 def utf16_without_bom(head: bytes) -> str | None:
-    """'utf-16-le'/'utf-16-be' when `head` looks like mostly-ASCII UTF-16 text without a BOM."""
+    """'utf-16-le'/'utf-16-be' when `head` is UTF-16 text without a BOM (NULs mostly on one side)."""
     n = len(head) - len(head) % 2
     if n < 4:
         return None
     even, odd = head[0:n:2], head[1:n:2]
-    if odd.count(0) >= 0.9 * len(odd) and even.count(0) <= 0.1 * len(even):
-        return "utf-16-le"
-    if even.count(0) >= 0.9 * len(even) and odd.count(0) <= 0.1 * len(odd):
-        return "utf-16-be"
+    for encoding, zeros, other in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
+        if zeros.count(0) >= 0.2 * len(zeros) and other.count(0) <= 0.05 * len(other):
+            try:  # the head may end inside a surrogate pair: decode it as a prefix
+                text = codecs.getincrementaldecoder(encoding)().decode(head[:n], final=False)
+            except UnicodeDecodeError:
+                continue
+            if "\x00" not in text and not garbled(text):
+                return encoding
     return None
 
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import codecs
-import unicodedata
 
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import MEDIA_TYPES, ParsedDocument, normalize_newlines, single_page, utf16_without_bom
+from kb.ingest.parse import (
+    MEDIA_TYPES,
+    ParsedDocument,
+    garbled,
+    normalize_newlines,
+    single_page,
+    utf16_without_bom,
+)
 
 _BOM_CODECS = (
     (codecs.BOM_UTF32_LE, "utf-32"),
@@ -15,17 +21,6 @@ _BOM_CODECS = (
     (codecs.BOM_UTF16_LE, "utf-16"),
     (codecs.BOM_UTF16_BE, "utf-16"),
 )
-
-
-def _garbled(text: str) -> bool:
-    """Text that is mostly replacement, control or unassigned characters was decoded wrongly."""
-    if not text:
-        return False
-    bad = sum(
-        1 for ch in text
-        if ch == "\ufffd" or (unicodedata.category(ch) in ("Cc", "Cn", "Co", "Cs") and ch not in "\t\n\r\f\v")
-    )
-    return bad > 0.05 * len(text)
 
 
 def decode_text(data: bytes, filename: str = "file") -> tuple[str, str]:
@@ -52,7 +47,7 @@ def decode_text(data: bytes, filename: str = "file") -> tuple[str, str]:
     if best is None or best.encoding is None:
         raise IngestError("undecodable", f"Could not detect the text encoding of {filename}.")
     text = str(best)
-    if _garbled(text):
+    if garbled(text):
         raise IngestError("undecodable", f"{filename} does not decode to readable text.")
     return text, best.encoding
 
