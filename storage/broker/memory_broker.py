@@ -228,7 +228,7 @@ class MemoryBroker(Broker):
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[Message]:
         with self._lock:
-            return list(self._q(queue).dead[:limit])
+            return list(self._q(queue).dead[: max(limit, 0)])
 
     def pending(self, queue: str) -> int:
         with self._lock:

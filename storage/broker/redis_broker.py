@@ -119,6 +119,12 @@ def _is_nogroup(exc: ResponseError) -> bool:
     return str(exc).startswith("NOGROUP")
 
 
+def _is_group_lost(exc: ResponseError) -> bool:
+    """The stream or its group vanished: NOGROUP, or a blocked XREADGROUP whose key was
+    deleted ("UNBLOCKED the stream key no longer exists")."""
+    return _is_nogroup(exc) or str(exc).startswith("UNBLOCKED")
+
+
 class RedisSubscription(Subscription):
     """A pub/sub connection subscribed to one channel or pattern (prefix stripped on receipt)."""
 
@@ -212,20 +218,22 @@ class RedisBroker(Broker):
         with self._lock:
             self._groups.add(queue)
 
-    def _grouped(self, queue: str, op: Callable[[], T]) -> T:
-        """Run a group command; on NOGROUP (Redis restarted or keys deleted) recreate, rerun."""
+    def _grouped(self, queue: str, op: Callable[[], T], default: T) -> T:
+        """Run a group command. When the group is gone (NOGROUP: Redis restarted or our keys
+        were deleted; UNBLOCKED: the stream was deleted under a blocked read), recreate it and
+        return `default`, so the caller's loop simply tries again."""
         if queue not in self._groups:
             self.ensure_group(queue)
         try:
             return op()
         except ResponseError as exc:
-            if not _is_nogroup(exc):
+            if not _is_group_lost(exc):
                 raise
             with self._lock:
                 self._groups.discard(queue)
                 self._claim_cursor.pop(queue, None)
             self.ensure_group(queue)
-            return op()
+            return default
 
     def _promote(self, queue: str) -> float | None:
         """Move due delayed jobs into the stream; seconds until the next one, or None."""
@@ -251,6 +259,7 @@ class RedisBroker(Broker):
                 lambda: self.client.xautoclaim(
                     stream, self.group, consumer, min_idle_time=int(idle_s * 1000), start_id=start, count=1
                 ),
+                ["0-0", [], []],
             )
             self._claim_cursor[queue] = reply[0]
             claimed = [(entry_id, fields) for entry_id, fields in reply[1] if fields]
@@ -273,6 +282,7 @@ class RedisBroker(Broker):
         reply = self._grouped(
             queue,
             lambda: self.client.xreadgroup(self.group, consumer, {stream: ">"}, count=1, block=block_ms),
+            [],
         )
         for _, entries in reply or []:
             for entry_id, fields in entries:
@@ -340,6 +350,8 @@ class RedisBroker(Broker):
         return True
 
     def dead_letters(self, queue: str, limit: int = 100) -> list[Message]:
+        if limit <= 0:
+            return []
         entries = self.client.xrange(self._keys(queue)[4], "-", "+", count=limit)
         return [decode_job(entry_id, fields["msg"]) for entry_id, fields in entries]
 
