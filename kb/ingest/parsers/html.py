@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 from kb.ingest.errors import IngestError
 from kb.ingest.parse import MEDIA_TYPES, ParsedDocument, normalize_newlines, single_page
@@ -111,10 +112,12 @@ def html_to_text(soup) -> str:
 
 def parse_html(data: bytes, filename: str) -> ParsedDocument:
     """An HTML page: encoding from BOM, <meta charset> or detection; visible text; title from <title> or <h1>."""
-    from bs4 import BeautifulSoup
+    from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
 
     try:
-        soup = BeautifulSoup(data, _parser())
+        with warnings.catch_warnings():  # a short page that looks like a path or URL is still a page
+            warnings.simplefilter("ignore", MarkupResemblesLocatorWarning)
+            soup = BeautifulSoup(data, _parser())
     except Exception as e:
         raise IngestError("corrupt_html", f"{filename} could not be parsed as HTML ({type(e).__name__}).") from e
     title = None

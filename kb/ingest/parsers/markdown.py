@@ -6,6 +6,8 @@ blank line so the segmenter can cut between them; list items and table rows by o
 
 from __future__ import annotations
 
+import warnings
+
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
@@ -29,9 +31,11 @@ def _inline_text(token: Token) -> str:
 
 
 def _html_text(html: str) -> str:
-    from bs4 import BeautifulSoup
+    from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
 
-    soup = BeautifulSoup(html, "html.parser")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MarkupResemblesLocatorWarning)
+        soup = BeautifulSoup(html, "html.parser")
     for tag in soup(["script", "style"]):
         tag.decompose()
     return soup.get_text().strip()
