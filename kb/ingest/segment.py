@@ -8,16 +8,19 @@ so concatenating the segments' token ids gives exactly the tokenization of the w
 
 from __future__ import annotations
 
+import bisect
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import ParsedDocument, page_of
+from kb.ingest.parse import ParsedDocument
 
 # Boundary strength between two tokens, strongest first.
 PARAGRAPH, SENTENCE, WORD, ANY, INVALID = 4, 3, 2, 1, 0
 
 _SENTENCE_END = ".!?\u3002\uff01\uff1f\u2026;:"
+_WHITESPACE = re.compile(r"\s+")
 _CLOSERS = "\"')]}\u201d\u2019\u00bb"
 
 
@@ -41,35 +44,48 @@ def tokenize_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tu
     """
     if hasattr(tokenizer, "encode_batch") and hasattr(tokenizer, "get_vocab_size"):  # tokenizers.Tokenizer
         enc = tokenizer.encode(text, add_special_tokens=False)
-        return list(enc.ids), [tuple(o) for o in enc.offsets]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False)
-    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+        ids, offsets = enc.ids, enc.offsets
+    else:
+        enc = tokenizer(
+            text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False
+        )
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    n = len(text)  # some normalizers report offsets a little past the end
+    return list(ids), [(min(s, n), min(e, n)) for s, e in offsets]
 
 
-def _boundary_strength(text: str, prev_end: int, start: int) -> int:
-    """How good a cut is between a token ending at `prev_end` and the next one starting at `start`."""
-    if start < prev_end:
-        return INVALID  # the two tokens share characters (a character split into byte tokens)
-    # the whitespace run around the cut, wherever the tokenizer put it
-    left = start
-    while left > 0 and text[left - 1].isspace():
-        left -= 1
-    right = start
-    while right < len(text) and text[right].isspace():
-        right += 1
-    gap = text[left:right]
-    if gap.count("\n") >= 2:
-        return PARAGRAPH
-    if "\n" in gap:
-        return SENTENCE
-    if gap:
-        k = left
-        while k > 0 and text[k - 1] in _CLOSERS:
-            k -= 1
-        if k > 0 and text[k - 1] in _SENTENCE_END:
-            return SENTENCE
-        return WORD
-    return ANY
+def _boundary_strengths(text: str, offsets: list[tuple[int, int]]) -> list[int]:
+    """strength[j] rates a cut before token j (strength[n]: the end of the text, always best).
+
+    A cut is judged by the whole whitespace run around the next token's start, wherever the
+    tokenizer put that whitespace; it is invalid where tokens share characters (a character
+    split into byte tokens). Linear in the text: runs are found once by a regex.
+    """
+    n = len(offsets)
+    runs = [(m.start(), m.end()) for m in _WHITESPACE.finditer(text)]
+    run_starts = [r[0] for r in runs]
+    strength = [INVALID] * (n + 1)
+    strength[n] = PARAGRAPH
+    furthest = offsets[0][1] if n else 0  # the furthest end of any earlier token
+    for j in range(1, n):
+        start = offsets[j][0]
+        if start >= furthest:
+            i = bisect.bisect_right(run_starts, start) - 1
+            left, right = runs[i] if i >= 0 and runs[i][1] >= start else (start, start)
+            gap = text[left:right]
+            if gap.count("\n") >= 2:
+                strength[j] = PARAGRAPH
+            elif "\n" in gap:
+                strength[j] = SENTENCE
+            elif gap:
+                k = left
+                while k > 0 and text[k - 1] in _CLOSERS:
+                    k -= 1
+                strength[j] = SENTENCE if k > 0 and text[k - 1] in _SENTENCE_END else WORD
+            else:
+                strength[j] = ANY
+        furthest = max(furthest, offsets[j][1])
+    return strength
 
 
 def _choose_cut(strength: list[int], begin: int, limit: int) -> int:
@@ -100,13 +116,13 @@ def cut_segments(doc: ParsedDocument, tokenizer: Any, segment_len: int) -> list[
     if not ids:
         raise IngestError("no_text", "The document has no text the tokenizer can read.")
     n = len(ids)
-    # strength[j]: cut before token j, using the furthest end of any earlier token
-    strength = [INVALID] * (n + 1)
-    strength[n] = PARAGRAPH
-    furthest = offsets[0][1]
-    for j in range(1, n):
-        strength[j] = _boundary_strength(text, furthest, offsets[j][0])
-        furthest = max(furthest, offsets[j][1])
+    strength = _boundary_strengths(text, offsets)
+    starts = [p.start for p in doc.pages]
+
+    def page(pos: int) -> int | None:  # page_of without rebuilding the index per segment
+        if not doc.pages:
+            return None
+        return doc.pages[max(bisect.bisect_right(starts, pos) - 1, 0)].page
 
     segments: list[SegmentPlan] = []
     begin, prev_end = 0, 0
@@ -121,8 +137,8 @@ def cut_segments(doc: ParsedDocument, tokenizer: Any, segment_len: int) -> list[
             token_ids=ids[begin:end],
             char_start=char_start,
             char_end=char_end,
-            page_start=page_of(doc, char_start),
-            page_end=page_of(doc, min(last, len(text))),
+            page_start=page(char_start),
+            page_end=page(min(last, len(text))),
             text=text[char_start:char_end],
         ))
         begin, prev_end = end, char_end
