@@ -128,7 +128,7 @@ def test_text_unicode_encodings_exact(encoding: str) -> None:
     doc = parse_bytes(text.encode(encoding), "notes.txt")
     assert doc.text == text
     assert doc.pages == [PageSpan(None, 0, len(text))]
-    assert doc.media_type == "text/plain"
+    assert doc.media_type == "text"
 
 
 @pytest.mark.parametrize("encoding", ["latin-1", "cp1252"])
@@ -177,7 +177,7 @@ make install
 def test_markdown_renders_plain_text() -> None:
     doc = parse_bytes(MARKDOWN, "guide.md")
     assert doc.title == "Install Guide"
-    assert doc.media_type == "text/markdown"
+    assert doc.media_type == "markdown"
     assert doc.text.startswith("Install Guide\n\nRun the installer and follow the wizard.\nIt takes a minute.\n\nSteps\n\n")
     assert "- download\n- run setup\n  - accept the licence" in doc.text
     assert "1. first\n2. second" in doc.text
@@ -205,7 +205,7 @@ HTML = """<!doctype html><html><head><meta charset="windows-1252"><title>Caf\xe9
 def test_html_visible_text_with_blocks() -> None:
     doc = parse_bytes(HTML.encode("cp1252"), "menu.html")
     assert doc.title == "Caf\xe9 Menu"
-    assert doc.media_type == "text/html"
+    assert doc.media_type == "html"
     assert doc.text == (
         "Our Caf\xe9\n\nFresh coffee every day.\n\nOpen\nMon\u2013Fri\n\n- Espresso\n- Latte with oat milk"
         "\n\nItem | Price\nTea | 2\n\n  indented\n    code"
@@ -224,7 +224,7 @@ def test_html_deep_nesting_does_not_overflow() -> None:
 def test_pdf_pages_map_to_their_text() -> None:
     data = make_pdf([["Alpha page one.", "Second line."], [], ["Gamma page three."]], title="Greek Letters")
     doc = parse_bytes(data, "letters.pdf")
-    assert doc.media_type == "application/pdf"
+    assert doc.media_type == "pdf"
     assert doc.title == "Greek Letters"
     assert [p.page for p in doc.pages] == [1, 3]  # the blank page has no span
     first, third = (doc.text[p.start:p.end] for p in doc.pages)
@@ -274,6 +274,7 @@ def test_docx_paragraphs_and_tables_in_order() -> None:
         "Region | Sales\nNorth | 42\n\nAfter the table."
     )
     assert doc.pages == [PageSpan(None, 0, len(doc.text))]
+    assert doc.media_type == "docx"
     assert page_of(doc, 5) is None
 
 
@@ -314,7 +315,7 @@ def test_parse_file_reads_with_given_name(tmp_path) -> None:
     path = tmp_path / "upload-1234"
     path.write_bytes(MARKDOWN)
     assert parse_file(path, filename="guide.md").title == "Install Guide"
-    assert parse_file(path).media_type == "text/plain"  # no extension, no HTML: plain text
+    assert parse_file(path).media_type == "text"  # no extension, no HTML: plain text
     assert parse_file(os.fspath(path), filename="x.md", allowed_types=frozenset({"markdown"})).text
 
 

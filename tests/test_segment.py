@@ -121,7 +121,7 @@ def test_pages_follow_the_source_map() -> None:
     for number, t in enumerate(page_texts, start=1):
         pages.append(PageSpan(number, pos, pos + len(t)))
         pos += len(t) + 2
-    doc = ParsedDocument(text=text, pages=pages, media_type="application/pdf")
+    doc = ParsedDocument(text=text, pages=pages, media_type="pdf")
     one_page = len(whole(tokenizer, page_texts[0]))
     segments = check_invariants(doc, tokenizer, one_page)
     assert [(s.page_start, s.page_end) for s in segments] == [(1, 1), (2, 2), (3, 3)]
@@ -184,7 +184,7 @@ def test_property_pages_are_monotonic(page_texts: list[str], segment_len: int) -
         text += t
         pages.append(PageSpan(number, pos, pos + len(t)))
         pos += len(t)
-    doc = ParsedDocument(text=text, pages=pages, media_type="application/pdf")
+    doc = ParsedDocument(text=text, pages=pages, media_type="pdf")
     segments = check_invariants(doc, byte_bpe(), segment_len)
     for s in segments:
         assert 1 <= s.page_start <= s.page_end <= len(page_texts)

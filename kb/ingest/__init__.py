@@ -2,7 +2,8 @@
 
 from kb.ingest.errors import IngestError
 from kb.ingest.parse import (
-    MEDIA_TYPES,
+    ALL_TYPES,
+    MIME_TYPES,
     PageSpan,
     ParsedDocument,
     detect_type,
@@ -14,7 +15,8 @@ from kb.ingest.segment import SegmentPlan, cut_segments
 
 __all__ = [
     "IngestError",
-    "MEDIA_TYPES",
+    "ALL_TYPES",
+    "MIME_TYPES",
     "PageSpan",
     "ParsedDocument",
     "SegmentPlan",

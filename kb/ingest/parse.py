@@ -19,14 +19,15 @@ from kb.ingest.errors import IngestError
 # Bytes of the file's head that `detect_type` looks at.
 HEAD_BYTES = 8192
 
-MEDIA_TYPES: dict[str, str] = {
+# The kinds `detect_type` returns (stored as ParsedDocument.media_type) and their MIME types.
+MIME_TYPES: dict[str, str] = {
     "pdf": "application/pdf",
     "docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
     "html": "text/html",
     "markdown": "text/markdown",
     "text": "text/plain",
 }
-ALL_TYPES: frozenset[str] = frozenset(MEDIA_TYPES)
+ALL_TYPES: frozenset[str] = frozenset(MIME_TYPES)
 
 PDF_EXTS = frozenset({".pdf"})
 DOCX_EXTS = frozenset({".docx"})
@@ -59,11 +60,15 @@ class PageSpan:
 
 @dataclass
 class ParsedDocument:
-    """A document's plain text and where each part of it came from."""
+    """A document's plain text and where each part of it came from.
+
+    `pages` are ordered and disjoint; characters between spans (page separators) belong to no page,
+    and `page_of` counts them to the page before. Formats without pages have one span, page None.
+    """
 
     text: str
     pages: list[PageSpan] = field(default_factory=list)
-    media_type: str = MEDIA_TYPES["text"]
+    media_type: str = "text"  # the kind: "pdf", "docx", "html", "markdown" or "text"
     title: str | None = None
 
 

@@ -6,7 +6,7 @@ import io
 import zipfile
 
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import MEDIA_TYPES, ParsedDocument, normalize_newlines, single_page
+from kb.ingest.parse import ParsedDocument, normalize_newlines, single_page
 
 # A .docx is a zip: refuse one that inflates past this (a zip bomb) before python-docx reads it.
 MAX_DOCX_UNCOMPRESSED = 512 * 1024 * 1024
@@ -66,4 +66,4 @@ def parse_docx(data: bytes, filename: str) -> ParsedDocument:
     except Exception as e:  # python-docx and lxml raise many types on malformed parts
         raise IngestError("corrupt_docx", f"{filename} is not a readable .docx file ({type(e).__name__}).") from e
     text = "\n\n".join(blocks)
-    return ParsedDocument(text=text, pages=single_page(text), media_type=MEDIA_TYPES["docx"], title=title)
+    return ParsedDocument(text=text, pages=single_page(text), media_type="docx", title=title)

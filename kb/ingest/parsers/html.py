@@ -6,7 +6,7 @@ import re
 import warnings
 
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import MEDIA_TYPES, ParsedDocument, normalize_newlines, single_page
+from kb.ingest.parse import ParsedDocument, normalize_newlines, single_page
 
 DROP_TAGS = frozenset({
     "script", "style", "nav", "noscript", "template", "svg", "canvas", "iframe", "object", "embed",
@@ -126,4 +126,4 @@ def parse_html(data: bytes, filename: str) -> ParsedDocument:
             title = " ".join(tag.get_text().split())
             break
     text = html_to_text(soup)
-    return ParsedDocument(text=text, pages=single_page(text), media_type=MEDIA_TYPES["html"], title=title)
+    return ParsedDocument(text=text, pages=single_page(text), media_type="html", title=title)

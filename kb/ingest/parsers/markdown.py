@@ -11,7 +11,7 @@ import warnings
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from kb.ingest.parse import MEDIA_TYPES, ParsedDocument, normalize_newlines, single_page
+from kb.ingest.parse import ParsedDocument, normalize_newlines, single_page
 from kb.ingest.parsers.text import decode_text
 
 
@@ -121,4 +121,4 @@ def parse_markdown(data: bytes, filename: str) -> ParsedDocument:
     """A Markdown file: decoded like plain text, then rendered; no pages."""
     source, _ = decode_text(data, filename)
     text, title = render_markdown(normalize_newlines(source))
-    return ParsedDocument(text=text, pages=single_page(text), media_type=MEDIA_TYPES["markdown"], title=title)
+    return ParsedDocument(text=text, pages=single_page(text), media_type="markdown", title=title)

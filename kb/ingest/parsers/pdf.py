@@ -6,7 +6,7 @@ import io
 import logging
 
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import MEDIA_TYPES, PageSpan, ParsedDocument, normalize_newlines
+from kb.ingest.parse import PageSpan, ParsedDocument, normalize_newlines
 
 log = logging.getLogger(__name__)
 
@@ -80,4 +80,4 @@ def parse_pdf(data: bytes, filename: str) -> ParsedDocument:
         pos += len(text)
     if n and failed == n:
         raise IngestError("corrupt_pdf", f"No page of {filename} could be read.")
-    return ParsedDocument(text="".join(parts), pages=spans, media_type=MEDIA_TYPES["pdf"], title=_title(reader))
+    return ParsedDocument(text="".join(parts), pages=spans, media_type="pdf", title=_title(reader))

@@ -6,7 +6,6 @@ import codecs
 
 from kb.ingest.errors import IngestError
 from kb.ingest.parse import (
-    MEDIA_TYPES,
     ParsedDocument,
     garbled,
     normalize_newlines,
@@ -58,4 +57,4 @@ def parse_text(data: bytes, filename: str) -> ParsedDocument:
     text = normalize_newlines(text)
     if "\x00" in text:
         raise IngestError("binary_file", f"{filename} contains NUL characters; it looks binary.")
-    return ParsedDocument(text=text, pages=single_page(text), media_type=MEDIA_TYPES["text"], title=None)
+    return ParsedDocument(text=text, pages=single_page(text), media_type="text", title=None)
