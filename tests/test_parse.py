@@ -333,3 +333,19 @@ def test_undecodable_text() -> None:
 def test_unsupported_extension_and_allowed_types() -> None:
     assert error_code(b"plain words", "notes.xyz") == "unsupported_type"
     assert error_code(b"# Title", "a.md", allowed_types=frozenset({"pdf", "text"})) == "unsupported_type"
+
+
+def test_docx_inflating_past_the_limit(monkeypatch) -> None:
+    from kb.ingest.parsers import docx as docx_parser
+
+    data = make_docx()
+    monkeypatch.setattr(docx_parser, "MAX_DOCX_UNCOMPRESSED", len(data))  # any real docx inflates past its size
+    assert error_code(data, "bomb.docx") == "too_large"
+
+
+def test_pdf_with_too_many_pages(monkeypatch) -> None:
+    from kb.ingest.parsers import pdf as pdf_parser
+
+    monkeypatch.setattr(pdf_parser, "MAX_PDF_PAGES", 2)
+    assert error_code(make_pdf([["a"], ["b"], ["c"]]), "long.pdf") == "too_large"
+    assert parse_bytes(make_pdf([["a"], ["b"]]), "short.pdf").text == "a\n\nb"
