@@ -127,6 +127,25 @@ def test_dead_consumer_job_is_reclaimed(broker: Broker) -> None:
     assert broker.pending(Q) == 0 and broker.depth(Q) == 0
 
 
+def test_touch_keeps_long_job_from_being_reclaimed(make: Callable[..., Broker]) -> None:
+    broker = make(max_deliveries=5)
+    broker.enqueue(Q, "long", "precompute", {})
+    m = broker.receive(Q, "busy", timeout_s=1.0)
+    assert m is not None
+    for _ in range(3):  # 0.45 s of work in all, heartbeat every 0.15 s, reclaim after 0.3 s idle
+        time.sleep(0.15)
+        assert broker.touch(Q, m, "busy") is True
+        assert broker.receive(Q, "thief", timeout_s=0, reclaim_idle_s=0.3) is None
+    time.sleep(0.35)  # heartbeats stop: the worker hung
+    stolen = broker.receive(Q, "thief", timeout_s=0, reclaim_idle_s=0.3)
+    assert stolen is not None and stolen.id == m.id
+    assert broker.touch(Q, m, "busy") is False  # the old worker learns it lost the job
+    assert broker.touch(Q, stolen, "thief") is True
+    broker.ack(Q, stolen)
+    assert broker.touch(Q, stolen, "thief") is False
+    assert broker.pending(Q) == 0
+
+
 def test_reclaim_happens_while_waiting(broker: Broker) -> None:
     broker.enqueue(Q, "job-1", "ingest", {})
     assert broker.receive(Q, "dies", timeout_s=1.0) is not None
@@ -331,6 +350,8 @@ def test_redis_restart_loses_keys_but_broker_recovers() -> None:
         assert _delete_prefix(broker.client, prefix) >= 2  # stream + ids hash at least
         assert broker.pending(Q) == 0 and broker.depth(Q) == 0
 
+        # a heartbeat tells the worker its delivery is gone
+        assert broker.touch(Q, running, "w1") is False
         # the worker finishing its job after the restart: harmless
         broker.ack(Q, running)
         # a retry after the restart re-enqueues (delayed) ...

@@ -154,6 +154,14 @@ class Broker(ABC):
         """Mark a delivery done; the job id may be enqueued again afterwards."""
 
     @abstractmethod
+    def touch(self, queue: str, message: Message, consumer: str) -> bool:
+        """Heartbeat for a long job: reset the delivery's idle time so it is not reclaimed.
+
+        Returns False when `consumer` no longer holds it (reclaimed by another consumer,
+        settled, or lost in a Redis restart): the caller should stop working on it.
+        """
+
+    @abstractmethod
     def retry(
         self,
         queue: str,

@@ -208,6 +208,14 @@ class MemoryBroker(Broker):
             self._settle(self._q(queue), message)
             self._cond.notify_all()
 
+    def touch(self, queue: str, message: Message, consumer: str) -> bool:
+        with self._lock:
+            delivery = self._q(queue).pending.get(message.id)
+            if delivery is None or delivery.consumer != consumer:
+                return False
+            delivery.delivered_at = time.monotonic()
+            return True
+
     def retry(
         self,
         queue: str,

@@ -106,6 +106,15 @@ end
 return 1
 """
 
+# Reset idle time if `consumer` still owns the delivery. KEYS: stream; ARGV: group, entry_id, consumer.
+# JUSTID: the delivery counter is not incremented.
+_LUA_TOUCH = """
+local p = redis.pcall('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if type(p) ~= 'table' or p.err ~= nil or #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
+return 1
+"""
+
 # Waiting = stream length - pending + delayed. KEYS: stream, delayed; ARGV: group.
 _LUA_DEPTH = """
 local n = redis.call('XLEN', KEYS[1])
@@ -197,6 +206,7 @@ class RedisBroker(Broker):
         self._promote_script = self.client.register_script(_LUA_PROMOTE)
         self._settle_script = self.client.register_script(_LUA_SETTLE)
         self._depth_script = self.client.register_script(_LUA_DEPTH)
+        self._touch_script = self.client.register_script(_LUA_TOUCH)
         self._lock = threading.Lock()
         self._groups: set[str] = set()  # queues whose group we created or saw, this process
         self._claim_cursor: dict[str, str] = {}  # XAUTOCLAIM scan position per queue
@@ -333,6 +343,10 @@ class RedisBroker(Broker):
 
     def ack(self, queue: str, message: Message) -> None:
         self._settle(queue, message, "ack")
+
+    def touch(self, queue: str, message: Message, consumer: str) -> bool:
+        keys = [self.prefix + queue]
+        return bool(self._touch_script(keys=keys, args=[self.group, message.id, consumer]))
 
     def retry(
         self,
