@@ -1,0 +1,77 @@
+"""Attention for shared-context serving (DESIGN.md, `attention/`).
+
+The four entry points the engine calls take tensors on any device: CUDA tensors (fp16/bf16
+queries) go to the Triton kernels, everything else to the torch references in
+`attention.reference`, which define the contracts and are the CPU engine path.
+
+    o_s, lse_s = shared_attention(q, k_shared, v_shared, chunk_idx, chunk_size)  # dense if None
+    o_u, lse_u = unique_attention(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q)
+    o, lse = merge(o_s, lse_s, o_u, lse_u)
+    chunk_idx = route(q, centroids, top_k)
+
+Kernel modules: shared_dense.py, shared_routed.py, paged.py, lse_merge.py, combine.py (the
+split reduction), routing.py. (Not `merge.py` / `route.py`: importing a submodule binds its name
+on the package and would shadow these functions.)
+
+Triton is imported only when a CUDA tensor arrives, so a CPU process never loads it (and a test
+can still choose Triton's interpreter with TRITON_INTERPRET=1 before that).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from . import reference
+
+__all__ = ["shared_attention", "unique_attention", "merge", "route", "reference", "use_triton"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def use_triton(q: torch.Tensor) -> bool:
+    """True when `q` (and the tensors beside it) will be served by a Triton kernel."""
+    return _HAS_TRITON and q.is_cuda and q.dtype in _KERNEL_DTYPES
+
+
+def shared_attention(q, k, v, chunk_idx=None, chunk_size=64, scale=None, k_scale=None,
+                     v_scale=None):
+    """All queries of a step against the shared KV, dense (chunk_idx None) or routed.
+    Contract: `reference.shared_attention`."""
+    if use_triton(q):
+        if chunk_idx is None:
+            from .shared_dense import shared_attention_dense
+            return shared_attention_dense(q, k, v, chunk_size, scale, k_scale, v_scale)
+        from .shared_routed import shared_attention_routed
+        return shared_attention_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
+    return reference.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
+
+
+def unique_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale=None):
+    """Causal attention of each request's new tokens over its paged KV.
+    Contract: `reference.unique_attention`."""
+    if use_triton(q) and k_cache.dtype == q.dtype:
+        from .paged import unique_attention_paged
+        return unique_attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                      scale)
+    return reference.unique_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
+                                      scale)
+
+
+def merge(o1, lse1, o2, lse2):
+    """Log-sum-exp merge of two partial attentions. Contract: `reference.merge`."""
+    if use_triton(o1):
+        from .lse_merge import merge_triton
+        return merge_triton(o1, lse1, o2, lse2)
+    return reference.merge(o1, lse1, o2, lse2)
+
+
+def route(q, centroids, top_k):
+    """Top-k chunks per token and KV head. Contract: `reference.route`. On the device this is
+    torch (bmm + topk, no host sync); see routing.py for why there is no fused kernel."""
+    if q.is_cuda:
+        from .routing import route as route_device
+        return route_device(q, centroids, top_k)
+    return reference.route(q, centroids, top_k)

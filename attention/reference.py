@@ -142,7 +142,8 @@ def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Te
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     w1 = torch.exp(lse1 - safe).unsqueeze(-1)
     w2 = torch.exp(lse2 - safe).unsqueeze(-1)
-    o = o1.float() * w1 + o2.float() * w2
+    # an empty side's o is not part of the result (it may be unwritten memory)
+    o = torch.where(w1 > 0, o1.float() * w1, 0.0) + torch.where(w2 > 0, o2.float() * w2, 0.0)
     return o.to(o1.dtype), lse
 
 

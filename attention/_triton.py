@@ -1,0 +1,96 @@
+"""Shared plumbing of the Triton kernels: availability, interpreter mode, device facts.
+
+On a GPU the kernels compile. Without one they run under Triton's interpreter (the same kernel
+source, executed with numpy), which is how the parity tests run in CI: the interpreter must be
+chosen before triton is imported (TRITON_INTERPRET=1), because `tl.sum`, `tl.zeros`, ... are
+themselves jitted functions bound at import. Nothing in `attention/__init__.py` imports triton
+until a CUDA tensor arrives, so a test module can still set the variable first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton is a dev dependency; the CPU path needs none
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """True when the kernels were built for Triton's CPU interpreter."""
+    if not HAS_TRITON:
+        return False
+    try:
+        return bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # pragma: no cover - older triton
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _patch_interpreter_for_numpy2() -> None:
+    """Triton 3.6's interpreter turns a scalar (a 1-element array) into a Python int with
+    `int(array)`, which NumPy >= 2.3 refuses for arrays of ndim > 0: every `range(lo, hi)` with
+    run-time bounds then fails. Re-bind that one conversion through `.item()`."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return  # this NumPy still converts
+    except TypeError:
+        pass
+    if getattr(interpreter, "_kb_index_patched", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    interpreter._kb_index_patched = True
+
+
+if interpreting():
+    _patch_interpreter_for_numpy2()
+
+
+def check_device(t: torch.Tensor) -> None:
+    if not HAS_TRITON:
+        raise RuntimeError("triton is not installed: use attention.reference")
+    if t.device.type != "cuda" and not interpreting():
+        raise RuntimeError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           "triton is imported (CPU interpreter)")
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device`; a small stand-in under the interpreter, so the
+    split paths are exercised with few programs."""
+    if device.type != "cuda":
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def dot_dtype(q_dtype: torch.dtype, device: torch.device):
+    """Operand type of every tl.dot: q's 16-bit type on the GPU, float32 under the interpreter
+    (its tl.dot on bf16 is wrong in triton 3.6: numpy multiplies the raw 16-bit patterns)."""
+    if device.type != "cuda" or interpreting():
+        return tl.float32
+    return tl.bfloat16 if q_dtype == torch.bfloat16 else tl.float16

@@ -1,0 +1,202 @@
+"""Dense shared attention: every query of the step against the whole shared KV, as one GEMM.
+
+Layout of the work: a program owns one KV head h, one block of BLOCK_M query rows and one split
+of the key range. Rows are (token, q head of h's group) pairs, so the GQA group and all requests
+of the step share each K/V tile loaded: a tile is read once per row block instead of once per
+request and head (GEMV -> GEMM). When T x group is small (decode with few requests) the rows
+cannot fill the GPU, so the key range is split across programs (flash-decoding) and the partial
+(o, lse) of the splits are reduced by log-sum-exp in `combine.py`. With one split the kernel
+writes the final output directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._triton import HAS_TRITON, cdiv, check_device, dot_dtype, sms, tl, triton
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _shared_dense_kernel(
+        Q, K, V, KS, VS, O, LSE,
+        T, N, chunk_size, split_len, qk_scale,
+        stride_qt, stride_qh,
+        stride_kn, stride_kh, stride_vn, stride_vh,
+        stride_sc, stride_sh,
+        stride_ot, stride_oh, stride_os,
+        stride_lt, stride_lh, stride_ls,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        KV_SCALE: tl.constexpr, DOT: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)  # row block: fastest, so blocks sharing a KV range run together
+        h = tl.program_id(1)      # KV head
+        s = tl.program_id(2)      # split of the key range
+
+        # rows of this block: (token t, member g of the GQA group) -> q head h * G + g
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        t = rows // G
+        g = rows % G
+        row_ok = t < T
+        offs_d = tl.arange(0, D)
+        # load q once: it stays in registers for the whole key range
+        q_ptrs = Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(DOT)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 units)
+        l_i = tl.zeros([BLOCK_M], tl.float32)                 # running sum of exp2
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+        # this split's keys; the host sized splits so that the first tile of each is non-empty
+        n_lo = s * split_len
+        offs_n0 = tl.arange(0, BLOCK_N)
+        for start in range(n_lo, n_lo + split_len, BLOCK_N):
+            offs_n = start + offs_n0
+            n_ok = offs_n < N
+            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
+                        mask=n_ok[:, None], other=0.0)
+            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
+                        mask=n_ok[:, None], other=0.0)
+            # scores in log2 units: exp2 is the native instruction
+            qk = tl.dot(q, tl.trans(k.to(DOT))) * qk_scale
+            if KV_SCALE:
+                # fp8: dequantize through the scores and probabilities, not the tiles:
+                # (q . k8) * sk == q . (k8 * sk), and p @ (v8 * sv) == (p * sv) @ v8
+                sc = (offs_n // chunk_size) * stride_sc + h * stride_sh
+                ks = tl.load(KS + sc, mask=n_ok, other=0.0)
+                vs = tl.load(VS + sc, mask=n_ok, other=0.0)
+                qk = qk * ks[None, :]
+            qk = tl.where(n_ok[None, :], qk, float("-inf"))
+            # online softmax: rescale the running sum and output by exp2(m_old - m_new)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if KV_SCALE:
+                p = p * vs[None, :]
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+            m_i = m_new
+
+        # every split holds at least one key, so l_i > 0 on every row
+        o = acc / l_i[:, None]
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        hq = h * G + g
+        o_ptrs = O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os + offs_d[None, :]
+        tl.store(o_ptrs, o, mask=row_ok[:, None])
+        tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
+
+
+def _block_m(rows: int) -> int:
+    # tl.dot needs M >= 16; beyond 128 rows a block gets no faster, only fewer
+    return max(16, min(128, triton.next_power_of_2(rows)))
+
+
+def _plan(rows: int, n: int, hkv: int, device: torch.device, block_n: int
+          ) -> tuple[int, int, int]:
+    """(BLOCK_M, splits, split_len). Enough programs to fill every SM a few times over; each
+    split a whole number of key tiles and at least 4 of them (so partials stay a small share
+    of the traffic); pick the split count whose last wave is fullest."""
+    block_m = _block_m(rows)
+    base = cdiv(rows, block_m) * hkv
+    n_tiles = cdiv(n, block_n)
+    num_sms = sms(device)
+    max_splits = max(1, min(n_tiles // 4, 128))
+    if base >= 2 * num_sms:
+        splits = 1
+    else:
+        best, splits = -1.0, 1
+        want = 2 * num_sms if block_m < 128 else num_sms  # small M is memory-bound: overlap
+        for cand in range(1, max_splits + 1):
+            programs = base * cand
+            if programs < want and cand < max_splits:
+                continue
+            waves = cdiv(programs, num_sms)
+            eff = programs / (waves * num_sms)
+            if eff > best + 0.02:
+                best, splits = eff, cand
+            if programs > 8 * num_sms:
+                break
+    split_len = cdiv(n_tiles, splits) * block_n
+    splits = cdiv(n, split_len)
+    return block_m, splits, split_len
+
+
+def _config(block_m: int, interp: bool) -> dict:
+    if interp:
+        return dict(BLOCK_N=16 if block_m <= 16 else 32)
+    if block_m >= 128:
+        return dict(BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def shared_attention_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int = 64,
+    scale: float | None = None, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None, splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `reference.shared_attention(q, k, v, None, ...)`.
+
+    q[T,Hq,d] fp16/bf16; k, v[N,Hkv,d] in q's dtype or fp8 e4m3 with `k_scale`, `v_scale` of
+    shape [Hkv] or [C, Hkv]. `splits` forces the number of key-range splits (tests).
+    Returns (o[T,Hq,d] in q.dtype, lse[T,Hq] float32).
+    """
+    from .combine import combine
+
+    t, hq, d = q.shape
+    n, hkv, _ = k.shape
+    assert hq % hkv == 0 and d in (16, 32, 64, 128, 256), (hq, hkv, d)
+    assert (k_scale is None) == (v_scale is None)
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    o = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
+    if t == 0:
+        return o, lse
+    if n == 0:
+        return o.zero_(), lse.fill_(float("-inf"))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    check_device(q)
+    interp = q.device.type != "cuda"
+    rows = t * g
+    cfg = _config(_block_m(rows), interp)
+    block_m, n_splits, split_len = _plan(rows, n, hkv, q.device, cfg["BLOCK_N"])
+    if splits is not None:
+        n_splits = max(1, min(splits, cdiv(n, cfg["BLOCK_N"])))
+        split_len = cdiv(cdiv(n, cfg["BLOCK_N"]), n_splits) * cfg["BLOCK_N"]
+        n_splits = cdiv(n, split_len)
+    if n_splits == 1:
+        o_part, lse_part = o, lse
+        so, sl = 0, 0
+    else:
+        o_part = torch.empty(t, hq, n_splits, d, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(t, hq, n_splits, dtype=torch.float32, device=q.device)
+        so, sl = o_part.stride(2), lse_part.stride(2)
+    if k_scale is not None:
+        ks = k_scale.float().contiguous()
+        vs = v_scale.float().contiguous()
+        per_chunk = ks.dim() == 2
+        ssc, ssh = (ks.stride(0), ks.stride(1)) if per_chunk else (0, ks.stride(0))
+    else:
+        ks = vs = lse  # never read
+        ssc = ssh = 0
+    grid = (cdiv(rows, block_m), hkv, n_splits)
+    _shared_dense_kernel[grid](
+        q, k, v, ks, vs, o_part, lse_part,
+        t, n, chunk_size, split_len, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        ssc, ssh,
+        o_part.stride(0), o_part.stride(1), so,
+        lse_part.stride(0), lse_part.stride(1), sl,
+        G=g, D=d, BLOCK_M=block_m, KV_SCALE=k_scale is not None,
+        DOT=dot_dtype(q.dtype, q.device), **cfg,
+    )
+    if n_splits > 1:
+        # partials [T*Hq rows, S parts, d] -> o, lse
+        combine(o_part.view(t * hq, n_splits, d), lse_part.view(t * hq, n_splits),
+                o.view(t * hq, d), lse.view(t * hq))
+    return o, lse

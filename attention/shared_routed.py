@@ -1,0 +1,217 @@
+"""Routed shared attention: each query attends only the chunks it chose, grouped like MoE.
+
+The router gives each (token, KV head) k chunks. Reading each chunk separately per query would
+be one GEMV per (query, chunk). Instead the routing is inverted the way an MoE layer inverts
+expert choice: the (token, slot) entries are sorted by (chunk, KV head), so the queries of one
+chunk sit together (CSR: offsets per group). One program takes a block of a group's entries,
+loads that chunk's keys and values once and multiplies them against all its queries (all q heads
+of the GQA group: entries x G rows = a real GEMM tile). It writes a partial (o, lse) per
+(token, KV head, slot); `combine.py` then merges each query's k partials by log-sum-exp.
+
+The CSR is built with torch ops on the device (sort, bincount, cumsum, searchsorted) and the grid
+is an upper bound known from shapes alone, so nothing waits on the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._triton import HAS_TRITON, cdiv, check_device, dot_dtype, tl, triton
+
+LOG2E = 1.4426950408889634
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _shared_routed_kernel(
+        Q, K, V, KS, VS, OP, LP,
+        ORDER, OFFSETS, TILE_GROUP, TILE_START,
+        N, chunk_size, num_groups, qk_scale,
+        stride_qt, stride_qh,
+        stride_kn, stride_kh, stride_vn, stride_vh,
+        stride_sc, stride_sh,
+        HKV: tl.constexpr, TOPK: tl.constexpr,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        KV_SCALE: tl.constexpr, DOT: tl.constexpr,
+    ):
+        tile = tl.program_id(0)
+        # which (chunk, KV head) group this tile serves; tiles past the last are idle
+        grp = tl.load(TILE_GROUP + tile)
+        live = grp < num_groups
+        grp = tl.minimum(grp, num_groups - 1)
+        c = grp // HKV
+        h = grp % HKV
+        # the group's rows are (entry, member g of the GQA group), G per entry; this tile
+        # takes BLOCK_M of them. An entry is a flat index of chunk_idx,
+        # (token * HKV + h) * TOPK + slot, which also addresses its partial output.
+        r_base = tl.load(OFFSETS + grp) * G
+        r_lo = r_base + (tile - tl.load(TILE_START + grp)) * BLOCK_M
+        r_hi = tl.load(OFFSETS + grp + 1) * G
+        r_hi = tl.where(live, r_hi, r_lo)
+        rows = r_lo + tl.arange(0, BLOCK_M)
+        row_ok = rows < r_hi
+        e = rows // G
+        g = rows % G
+        ent = tl.load(ORDER + e, mask=row_ok, other=0)
+        t = ent // (HKV * TOPK)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0).to(DOT)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        # the chunk's keys, loaded once for every query that chose it
+        n_lo = c * chunk_size
+        n_end = tl.minimum(n_lo + chunk_size, N)
+        n_hi = tl.where(live, n_lo + chunk_size, n_lo)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        for start in range(n_lo, n_hi, BLOCK_N):
+            offs_n = start + offs_n0
+            n_ok = offs_n < n_end
+            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
+                        mask=n_ok[:, None], other=0.0)
+            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
+                        mask=n_ok[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k.to(DOT))) * qk_scale
+            if KV_SCALE:
+                # fp8: scale the scores and probabilities instead of the tiles
+                ks = tl.load(KS + c * stride_sc + h * stride_sh)
+                vs = tl.load(VS + c * stride_sc + h * stride_sh)
+                qk = qk * ks
+            qk = tl.where(n_ok[None, :], qk, float("-inf"))
+            # online softmax over the chunk's key tiles
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(qk - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if KV_SCALE:
+                p = p * vs
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+            m_i = m_new
+
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        # partials: OP[entry, g, :], LP[entry, g]
+        tl.store(OP + (ent * G + g)[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None])
+        tl.store(LP + ent * G + g, lse, mask=row_ok)
+
+
+def plan_routing(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_m: int):
+    """CSR of the routing, on chunk_idx's device with no host sync.
+
+    chunk_idx[T,Hkv,k]: -1 (or out of range) is padding; a chunk repeated in one row counts once.
+    Returns (order, offsets, tile_group, tile_start, sanitized chunk_idx):
+      order[E]: flat entry indices sorted by group (c * Hkv + h), padding last;
+      offsets[Hkv*C + 1]: group g's entries are order[offsets[g]:offsets[g+1]];
+      tile_group[num_tiles]: the group of each tile of block_m rows, group_size rows an entry
+        (num_groups: an idle tile);
+      tile_start[Hkv*C]: the first tile of each group.
+    """
+    t, hkv, top_k = chunk_idx.shape
+    dev = chunk_idx.device
+    idx = chunk_idx.long()
+    idx = torch.where((idx < 0) | (idx >= num_chunks), -1, idx)
+    # duplicates within a row would be attended twice: sort the row, blank repeats
+    idx, _ = idx.sort(dim=-1)
+    dup = torch.zeros_like(idx, dtype=torch.bool)
+    dup[..., 1:] = (idx[..., 1:] == idx[..., :-1]) & (idx[..., 1:] >= 0)
+    idx = torch.where(dup, -1, idx)
+    num_groups = num_chunks * hkv
+    head = torch.arange(hkv, device=dev).view(1, hkv, 1)
+    # group key: chunk-major, so all heads of a chunk (adjacent in memory) run together
+    key = torch.where(idx >= 0, idx * hkv + head, num_groups).flatten()
+    order = torch.argsort(key, stable=True).to(torch.int32)
+    counts = torch.bincount(key, minlength=num_groups + 1)[:num_groups]
+    offsets = torch.zeros(num_groups + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    tiles = (counts * group_size + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    tile_start = tile_end - tiles
+    # sum_g ceil(rows_g / block_m) <= rows / block_m + (non-empty groups): a bound from shapes
+    entries = t * hkv * top_k
+    max_tiles = max(1, cdiv(entries * group_size, block_m) + min(num_groups, entries))
+    tile_group = torch.searchsorted(tile_end, torch.arange(max_tiles, device=dev), right=True)
+    return (order, offsets.to(torch.int32), tile_group.to(torch.int32),
+            tile_start.to(torch.int32), idx)
+
+
+def _config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int, interp: bool) -> dict:
+    # expected entries per group ~ T * k / C: size the entry block to it, 16..128 rows a tile
+    per_group = max(1, t * top_k // max(1, num_chunks))
+    block_m = max(16, min(128, triton.next_power_of_2(per_group * g)))
+    block_n = max(16, min(64 if not interp else 32, triton.next_power_of_2(chunk_size)))
+    if interp:
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m >= 128 else 4,
+                num_stages=3)
+
+
+def shared_attention_routed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor,
+    chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `reference.shared_attention(q, k, v, chunk_idx, ...)`.
+
+    q[T,Hq,d] fp16/bf16; k, v[N,Hkv,d] in q's dtype or fp8 e4m3 with scales [Hkv] or [C,Hkv];
+    chunk_idx[T,Hkv,top_k] int (-1 = padding). Returns (o[T,Hq,d] q.dtype, lse[T,Hq] float32).
+    Partials are kept in q's dtype (halves their traffic; each is a normalized average, so
+    rounding it costs what rounding the output costs).
+    """
+    from .combine import combine
+
+    check_device(q)
+    t, hq, d = q.shape
+    n, hkv, _ = k.shape
+    top_k = chunk_idx.shape[-1]
+    assert chunk_idx.shape[:2] == (t, hkv), (chunk_idx.shape, q.shape, k.shape)
+    assert hq % hkv == 0 and d in (16, 32, 64, 128, 256)
+    assert (k_scale is None) == (v_scale is None)
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    num_chunks = cdiv(n, chunk_size)
+    o = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
+    if t == 0:
+        return o, lse
+    if n == 0 or top_k == 0:
+        return o.zero_(), lse.fill_(float("-inf"))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    interp = q.device.type != "cuda"
+    cfg = _config(t, g, top_k, num_chunks, chunk_size, interp)
+    order, offsets, tile_group, tile_start, _ = plan_routing(chunk_idx, num_chunks, g, cfg["BLOCK_M"])
+    # partials per (token, KV head, slot, g); padding slots are never written: their lse
+    # stays -inf and the merge skips them
+    o_part = torch.empty(t, hkv, top_k, g, d, dtype=q.dtype, device=q.device)
+    lse_part = torch.full((t, hkv, top_k, g), float("-inf"), dtype=torch.float32, device=q.device)
+    if k_scale is not None:
+        ks = k_scale.float()
+        vs = v_scale.float()
+        if ks.dim() == 1:  # per head: the same factor for every chunk
+            ks = ks.expand(num_chunks, hkv)
+            vs = vs.expand(num_chunks, hkv)
+        ssc, ssh = ks.stride(0), ks.stride(1)
+        assert vs.stride() == ks.stride()
+    else:
+        ks = vs = lse_part
+        ssc = ssh = 0
+    _shared_routed_kernel[(tile_group.numel(),)](
+        q, k, v, ks, vs, o_part, lse_part,
+        order, offsets, tile_group, tile_start,
+        n, chunk_size, num_chunks * hkv, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        ssc, ssh,
+        HKV=hkv, TOPK=top_k, G=g, D=d, KV_SCALE=k_scale is not None,
+        DOT=dot_dtype(q.dtype, q.device), **cfg,
+    )
+    # merge each (token, head)'s k slots: rows (t*Hkv+h, g), parts = slots
+    combine(o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
+            lse_part.view(t * hkv, top_k, g).transpose(1, 2),
+            o.view(t * hq, d), lse.view(t * hq))
+    return o, lse

@@ -1,0 +1,333 @@
+"""Parity of the Triton attention kernels with their torch references (attention/reference.py).
+
+Without a GPU the kernels run under Triton's interpreter: TRITON_INTERPRET=1 must be set before
+triton is first imported, so this module sets it at import (pytest imports test modules before
+running any test). If something imported triton earlier in this process, the in-process kernel
+tests skip and `test_interpreter_suite_in_subprocess` runs this file again in a fresh
+interpreter-mode process. With CUDA the same small grid runs compiled, and the `gpu` tests add
+larger shapes.
+
+Tolerances: the references compute in float32 from the same stored inputs. Kernel outputs are
+rounded to q's dtype (and on the GPU the probabilities are rounded to it before the P @ V
+product), so o is compared at about 2 ulps of its dtype relative to values of order 1; lse is a
+float32 reduction and is compared at 1e-3 (bf16 products are exact in float32 accumulators).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import attention  # noqa: E402
+from attention import reference as ref  # noqa: E402
+
+try:
+    from attention._triton import HAS_TRITON, interpreting  # noqa: E402
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+KERNELS_RUN_HERE = HAS_TRITON and (CUDA or interpreting())
+DEV = "cuda" if CUDA else "cpu"
+kernels = pytest.mark.skipif(
+    not KERNELS_RUN_HERE,
+    reason="triton was imported before TRITON_INTERPRET=1 could be set: see the subprocess test")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+TOL = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+LSE_TOL = dict(atol=2e-3, rtol=1e-3)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def make_kv(n, hkv, d, kv, dtype, chunk_size, seed):
+    """Shared K/V in `kv` format: 'fp16'/'bf16' in q's dtype, 'fp8h' (e4m3, a scale per head),
+    'fp8c' (e4m3, a scale per chunk and head). Returns k, v, k_scale, v_scale on DEV."""
+    g = _gen(seed)
+    k = torch.randn(n, hkv, d, generator=g)
+    v = torch.randn(n, hkv, d, generator=g)
+    if not kv.startswith("fp8"):
+        return k.to(DEV, dtype), v.to(DEV, dtype), None, None
+    c = (n + chunk_size - 1) // chunk_size
+    shape = (hkv,) if kv == "fp8h" else (c, hkv)
+    ks = torch.rand(shape, generator=g) * 0.1 + 0.02
+    vs = torch.rand(shape, generator=g) * 0.1 + 0.02
+    # store x / scale so that dequantized values are of order 1
+    k8 = (k / ref.dequantize(torch.ones_like(k), ks, chunk_size)).to(torch.float8_e4m3fn)
+    v8 = (v / ref.dequantize(torch.ones_like(v), vs, chunk_size)).to(torch.float8_e4m3fn)
+    return k8.to(DEV), v8.to(DEV), ks.to(DEV), vs.to(DEV)
+
+
+def check(o, lse, ro, rlse, dtype):
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(lse, rlse, **LSE_TOL)
+    torch.testing.assert_close(o.float(), ro.float(), **TOL[dtype])
+
+
+# ---------------------------------------------------------------- shared attention, dense
+
+DENSE_GRID = [
+    # (T, Hq, Hkv, d, N, kv, splits): GQA ratios 1/3/4/8, d 64/128, N off the tile size
+    (1, 4, 4, 64, 37, "fp16", None),
+    (3, 6, 2, 64, 100, "bf16", None),
+    (5, 8, 2, 128, 77, "fp16", 3),
+    (2, 8, 1, 64, 129, "bf16", 1),
+    (4, 3, 1, 128, 50, "bf16", 2),
+    (7, 8, 2, 64, 90, "fp8h", None),
+    (2, 8, 1, 64, 70, "fp8c", 4),
+    (3, 4, 1, 128, 65, "fp8c", None),
+]
+
+
+@kernels
+@pytest.mark.parametrize("t,hq,hkv,d,n,kv,splits", DENSE_GRID)
+def test_shared_dense_matches_reference(t, hq, hkv, d, n, kv, splits):
+    from attention.shared_dense import shared_attention_dense
+
+    dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
+    chunk = 16
+    q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, dtype)
+    k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=t + n)
+    o, lse = shared_attention_dense(q, k, v, chunk, None, ks, vs, splits=splits)
+    ro, rlse = ref.shared_attention(q, k, v, None, chunk, None, ks, vs)
+    check(o, lse, ro, rlse, dtype)
+
+
+# ---------------------------------------------------------------- shared attention, routed
+
+def make_idx(t, hkv, num_chunks, top_k, skew, seed, pad=True):
+    """chunk_idx[T,Hkv,top_k]: distinct chunks per row, uniform or Zipf-popular; a few -1
+    paddings and (routed kernel only dedupes) one repeated chunk when there is room."""
+    g = _gen(seed)
+    w = torch.ones(num_chunks) if not skew else 1.0 / torch.arange(1, num_chunks + 1) ** 1.2
+    idx = torch.multinomial(w.expand(t * hkv, num_chunks), top_k, replacement=False,
+                            generator=g).view(t, hkv, top_k).int()
+    if pad and top_k > 1:
+        idx[0, 0, -1] = -1
+        idx[-1, -1, 0] = -1
+    return idx
+
+
+ROUTED_GRID = [
+    # (T, Hq, Hkv, d, N, chunk, top_k ('all' = every chunk), kv, skew)
+    (3, 4, 4, 64, 100, 16, 2, "fp16", False),
+    (5, 6, 2, 64, 77, 16, "all", "bf16", False),
+    (6, 8, 2, 128, 90, 32, 2, "bf16", True),
+    (4, 8, 1, 64, 130, 16, 5, "fp16", True),
+    (8, 3, 1, 64, 64, 8, 3, "bf16", False),
+    (4, 16, 2, 64, 96, 16, "all", "fp16", True),
+    (5, 8, 2, 64, 100, 16, 3, "fp8h", False),
+    (6, 4, 1, 128, 70, 16, 2, "fp8c", True),
+    (2, 8, 2, 64, 48, 64, 1, "bf16", False),  # one partial chunk only
+]
+
+
+@kernels
+@pytest.mark.parametrize("t,hq,hkv,d,n,chunk,top_k,kv,skew", ROUTED_GRID)
+def test_shared_routed_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, skew):
+    from attention.shared_routed import shared_attention_routed
+
+    dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
+    c = (n + chunk - 1) // chunk
+    top_k = c if top_k == "all" else top_k
+    q = torch.randn(t, hq, d, generator=_gen(n + 1)).to(DEV, dtype)
+    k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=n)
+    idx = make_idx(t, hkv, c, top_k, skew, seed=t).to(DEV)
+    o, lse = shared_attention_routed(q, k, v, idx, chunk, None, ks, vs)
+    ro, rlse = ref.shared_attention(q, k, v, idx, chunk, None, ks, vs)
+    check(o, lse, ro, rlse, dtype)
+
+
+@kernels
+def test_routed_all_chunks_equals_dense_and_handles_repeats_and_empty_rows():
+    from attention.shared_dense import shared_attention_dense
+    from attention.shared_routed import shared_attention_routed
+
+    t, hq, hkv, d, n, chunk = 4, 8, 2, 64, 75, 16
+    c = (n + chunk - 1) // chunk
+    q = torch.randn(t, hq, d, generator=_gen(3)).to(DEV, torch.float16)
+    k, v, _, _ = make_kv(n, hkv, d, "fp16", torch.float16, chunk, seed=4)
+    idx = make_idx(t, hkv, c, c, False, seed=5, pad=False).to(DEV)
+    o_r, lse_r = shared_attention_routed(q, k, v, idx, chunk)
+    o_d, lse_d = shared_attention_dense(q, k, v, chunk)
+    check(o_r, lse_r, o_d, lse_d, torch.float16)
+    # a row that repeats a chunk sees it once; a row of padding only sees nothing
+    idx2 = idx[:, :, :3].clone()
+    idx2[0, 0, 1] = idx2[0, 0, 0]
+    idx2[1, 1, :] = -1
+    idx2[2, 0, 2] = c + 7  # out of range: ignored like padding
+    o, lse = shared_attention_routed(q, k, v, idx2, chunk)
+    ref_idx = idx2.clone()
+    ref_idx[0, 0, 1] = -1
+    ref_idx[2, 0, 2] = -1
+    ro, rlse = ref.shared_attention(q, k, v, ref_idx, chunk)
+    check(o, lse, ro, rlse, torch.float16)
+    assert torch.isinf(lse[1, 4:]).all() and (o[1, 4:] == 0).all()
+
+
+# ---------------------------------------------------------------- unique (paged) attention
+
+def make_paged(q_lens, kv_lens, hq, hkv, d, page, dtype, seed):
+    g = _gen(seed)
+    blocks = [(n + page - 1) // page for n in kv_lens]
+    total = sum(blocks) + 2
+    kc = torch.randn(total, page, hkv, d, generator=g).to(DEV, dtype)
+    vc = torch.randn(total, page, hkv, d, generator=g).to(DEV, dtype)
+    perm = torch.randperm(total, generator=g)  # pages scattered, not in order
+    bt = torch.zeros(len(kv_lens), max(blocks) + 1, dtype=torch.int32)
+    at = 0
+    for i, nb in enumerate(blocks):
+        bt[i, :nb] = perm[at:at + nb]
+        at += nb
+    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(q_lens), 0)
+    q = torch.randn(int(cu[-1]), hq, d, generator=g).to(DEV, dtype)
+    return q, kc, vc, bt.to(DEV), torch.tensor(kv_lens, dtype=torch.int32).to(DEV), cu.to(DEV)
+
+
+PAGED_GRID = [
+    # (q_lens, kv_lens, Hq, Hkv, d, page, dtype, splits)
+    ([1, 1, 1], [5, 40, 17], 8, 2, 64, 16, torch.float16, None),  # decode
+    ([3, 1, 7], [5, 40, 17], 12, 4, 64, 8, torch.bfloat16, 3),      # mixed prefill/decode
+    ([4, 2], [4, 33], 4, 4, 128, 16, torch.float16, 1),             # prefill = whole sequence
+    ([1, 5], [70, 9], 24, 3, 64, 16, torch.bfloat16, 4),            # GQA 8
+    ([2, 0, 1], [30, 12, 1], 4, 1, 128, 4, torch.bfloat16, None),   # a request with no new token
+]
+
+
+@kernels
+@pytest.mark.parametrize("q_lens,kv_lens,hq,hkv,d,page,dtype,splits", PAGED_GRID)
+def test_unique_paged_matches_reference(q_lens, kv_lens, hq, hkv, d, page, dtype, splits):
+    from attention.paged import unique_attention_paged
+
+    q, kc, vc, bt, seq, cu = make_paged(q_lens, kv_lens, hq, hkv, d, page, dtype, seed=sum(kv_lens))
+    o, lse = unique_attention_paged(q, kc, vc, bt, seq, cu, splits=splits)
+    ro, rlse = ref.unique_attention(q, kc, vc, bt, seq, cu)
+    check(o, lse, ro, rlse, dtype)
+
+
+# ---------------------------------------------------------------- merge and route
+
+@kernels
+@pytest.mark.parametrize("dtype,d", [(torch.float16, 64), (torch.bfloat16, 128)])
+def test_merge_matches_reference(dtype, d):
+    from attention.lse_merge import merge_triton
+
+    g = _gen(d)
+    t, h = 9, 6
+    o1 = torch.randn(t, h, d, generator=g).to(DEV, dtype)
+    o2 = torch.randn(t, h, d, generator=g).to(DEV, dtype)
+    l1 = (torch.randn(t, h, generator=g) * 4).to(DEV)
+    l2 = (torch.randn(t, h, generator=g) * 4).to(DEV)
+    l1[0, 0] = l2[0, 0] = float("-inf")  # both empty
+    l2[1, 1] = float("-inf")             # one side empty: its o is garbage and must be ignored
+    o2[1, 1] = float("nan")
+    o, lse = merge_triton(o1, l1, o2, l2)
+    ro, rlse = ref.merge(o1, l1, o2, l2)
+    check(o, lse, ro, rlse, dtype)
+    assert (o[0, 0] == 0).all() and torch.isinf(lse[0, 0])
+    # merging is what split attention needs: two halves of the keys give the whole
+    k, v, _, _ = make_kv(50, 2, d, "fp16" if dtype == torch.float16 else "bf16", dtype, 16, 1)
+    q = torch.randn(3, 4, d, generator=g).to(DEV, dtype)
+    oa, la = ref.shared_attention(q, k[:20], v[:20])
+    ob, lb = ref.shared_attention(q, k[20:], v[20:])
+    om, lm = merge_triton(oa, la, ob, lb)
+    check(om, lm, *ref.shared_attention(q, k, v), dtype)
+
+
+@pytest.mark.parametrize("t,hq,hkv,c,top_k", [(5, 8, 2, 30, 4), (3, 4, 4, 7, 7), (2, 8, 1, 5, 9)])
+def test_route_device_path_matches_reference(t, hq, hkv, c, top_k):
+    from attention.routing import route
+
+    g = _gen(c)
+    q = torch.randn(t, hq, 64, generator=g).to(DEV)
+    cent = torch.randn(c, hkv, 64, generator=g).to(DEV)
+    got = route(q, cent, top_k)
+    want = ref.route(q, cent, top_k)
+    assert got.dtype == torch.int32 and got.shape == (t, hkv, min(top_k, c))
+    torch.testing.assert_close(got, want)  # random scores: no ties
+    assert torch.equal(attention.route(q, cent, top_k), want)
+
+
+def test_public_api_dispatches_to_reference_off_gpu():
+    """CPU tensors (and fp32 queries) take the reference path; outputs are the references'."""
+    q = torch.randn(3, 8, 64, generator=_gen(0))
+    k = torch.randn(40, 2, 64, generator=_gen(1))
+    v = torch.randn(40, 2, 64, generator=_gen(2))
+    assert not attention.use_triton(q)
+    for got, want in zip(attention.shared_attention(q, k, v), ref.shared_attention(q, k, v)):
+        torch.testing.assert_close(got, want)
+    idx = torch.tensor([[[0, 2], [1, -1]]] * 3, dtype=torch.int32)
+    for got, want in zip(attention.shared_attention(q, k, v, idx, 16),
+                         ref.shared_attention(q, k, v, idx, 16)):
+        torch.testing.assert_close(got, want)
+    assert set(attention.__all__) >= {"shared_attention", "unique_attention", "merge", "route"}
+
+
+def test_interpreter_suite_in_subprocess():
+    """Runs the kernel tests in a fresh process when this one could not interpret them."""
+    if KERNELS_RUN_HERE or not HAS_TRITON:
+        pytest.skip("kernel tests ran in this process" if HAS_TRITON else "no triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "-m", "not gpu", __file__], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout
+
+
+# ---------------------------------------------------------------- larger shapes, on the GPU
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("t,kv", [(1, "bf16"), (64, "bf16"), (300, "fp16"), (16, "fp8c"),
+                                  (200, "fp8h")])
+def test_gpu_shared_dense_llama_shape(t, kv):
+    dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
+    n, chunk = 5000, 128
+    q = torch.randn(t, 32, 128, generator=_gen(t)).to(DEV, dtype)
+    k, v, ks, vs = make_kv(n, 8, 128, kv, dtype, chunk, seed=t)
+    o, lse = attention.shared_attention(q, k, v, None, chunk, None, ks, vs)
+    check(o, lse, *ref.shared_attention(q, k, v, None, chunk, None, ks, vs), dtype)
+    o2, lse2 = attention.shared_attention(q, k, v, None, chunk, None, ks, vs)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)  # no race: same inputs, same bits
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("t,top_k,skew,kv", [(1, 8, False, "bf16"), (128, 16, True, "bf16"),
+                                             (64, 40, False, "fp8c"), (33, 40, True, "fp16")])
+def test_gpu_shared_routed_llama_shape(t, top_k, skew, kv):
+    dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
+    n, chunk = 5000, 128
+    c = (n + chunk - 1) // chunk
+    q = torch.randn(t, 32, 128, generator=_gen(t)).to(DEV, dtype)
+    k, v, ks, vs = make_kv(n, 8, 128, kv, dtype, chunk, seed=t)
+    idx = make_idx(t, 8, c, min(top_k, c), skew, seed=t).to(DEV)
+    o, lse = attention.shared_attention(q, k, v, idx, chunk, None, ks, vs)
+    check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, None, ks, vs), dtype)
+
+
+@gpu
+@needs_cuda
+def test_gpu_unique_paged_and_merge():
+    q_lens = [1] * 12 + [37, 300]
+    kv_lens = [int(x) for x in torch.randint(1, 3000, (12,), generator=_gen(9))] + [37, 1000]
+    q, kc, vc, bt, seq, cu = make_paged(q_lens, kv_lens, 32, 8, 128, 16, torch.bfloat16, 9)
+    o_u, lse_u = attention.unique_attention(q, kc, vc, bt, seq, cu)
+    check(o_u, lse_u, *ref.unique_attention(q, kc, vc, bt, seq, cu), torch.bfloat16)
+    k, v, _, _ = make_kv(2000, 8, 128, "bf16", torch.bfloat16, 128, 3)
+    o_s, lse_s = attention.shared_attention(q, k, v)
+    o, lse = attention.merge(o_s, lse_s, o_u, lse_u)
+    check(o, lse, *ref.merge(o_s, lse_s, o_u, lse_u), torch.bfloat16)
