@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -18,6 +19,10 @@ from index.faiss_index import IndexSettings, build_layer, build_layers, is_ivf
 from index.router import Router, top_k_for
 from index.search import find_chunks, find_documents, passage_query
 from index.summaries import chunk_summaries, group_query, query_vectors
+
+
+# FAISS builds indexes on CPU hosts; the GPU serving machine may lack it (the router never needs it)
+needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="no faiss")
 
 
 def _direct_summaries(keys: torch.Tensor, cs: int) -> tuple[torch.Tensor, ...]:
@@ -79,6 +84,7 @@ def _agree_with_exact(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor) -> 
     return 1.0 - clear.double().mean().item()
 
 
+@needs_faiss
 @pytest.mark.parametrize("kind", ["mean", "quest"])
 @pytest.mark.parametrize("t,hq,hkv,d,n,cs,k", [(16, 8, 2, 64, 20000, 64, 8),
                                               (5, 4, 4, 32, 3000, 16, 17),
@@ -110,6 +116,20 @@ def test_router_mean_is_reference_route() -> None:
     assert torch.equal(got, reference_route(q, s.mean, 10))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["mean", "quest"])
+def test_router_on_cuda_selects_what_cpu_selects(kind: str) -> None:
+    g = torch.Generator().manual_seed(5)
+    keys, q = torch.randn(64 * 3000, 8, 128, generator=g), torch.randn(32, 32, 128, generator=g)
+    s = chunk_summaries(keys.cuda(), 64)  # summaries built on the device too
+    cpu = Router.from_summaries([s.to("cpu")], kind).route(0, q, 16)
+    gpu = Router.from_summaries([s], kind, device="cuda").route(0, q.cuda(), 16)
+    exact = torch.einsum("thd,chd->thc", query_vectors(group_query(q, 8), kind).double(),
+                         s.to("cpu").vectors(kind).double())
+    assert _agree_with_exact(gpu.cpu(), cpu, exact) < 0.02
+
+
 def test_top_k_larger_than_corpus_and_density() -> None:
     s = chunk_summaries(torch.randn(100, 2, 16), 32)  # 4 chunks, last partial
     for kind in ("mean", "quest"):
@@ -133,6 +153,7 @@ def _clustered(c: int, d: int, clusters: int, seed: int) -> tuple[torch.Tensor, 
 IVF_RECALL_BOUND = 0.9  # default nprobe=32 of nlist=round(sqrt(C)) on clustered data
 
 
+@needs_faiss
 def test_ivf_recall_on_clustered_data() -> None:
     c, d, k = 20000, 64, 16
     x, q = _clustered(c, d, 256, 1)
@@ -156,6 +177,7 @@ def _corpus(layers: int = 2, n: int = 3000, hkv: int = 2, d: int = 32, cs: int =
     return [chunk_summaries(torch.randn(n, hkv, d, generator=g), cs) for _ in range(layers)]
 
 
+@needs_faiss
 def test_save_load_round_trip(tmp_path) -> None:
     summaries = _corpus()
     cfg = IndexSettings(ivf_threshold=40, nlist=4, nprobe=3, use_gpu=False)  # 47 chunks: IVF
@@ -185,6 +207,7 @@ def test_save_load_round_trip(tmp_path) -> None:
         store.load(folder, ["mean"])
 
 
+@needs_faiss
 def test_unknown_version_and_corruption_are_refused(tmp_path) -> None:
     summaries = _corpus(layers=1)
     store.save(tmp_path / "ix", summaries, build_layers(summaries, ("mean",)))
