@@ -1,7 +1,7 @@
 """The device path of routing: per-layer chunk vectors on the device, scored with torch each step.
 
-`Router.route` ranks with the arithmetic of `attention.reference.route` (group-summed queries,
-inner product, top-k per token and KV head) and selects exactly what FAISS's exact search
+`Router.route` ranks through `attention.route` (group-summed queries, inner product, top-k per
+token and KV head: torch bmm + topk on CUDA, `attention.reference.route` elsewhere) and selects exactly what FAISS's exact search
 selects over the same vectors (tests/test_index.py). It needs no FAISS, so the GPU serving path
 runs without it.
 """
@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from attention.reference import route as _route
+from attention import route as _route
 from index.summaries import KINDS, ChunkSummaries, group_query, query_vectors
 
 
@@ -70,5 +70,5 @@ class Router:
     def route(self, layer: int, q: torch.Tensor, top_k: int) -> torch.Tensor:
         """Top chunks for q[T, Hq, d] at `layer`: chunk_idx[T, Hkv, min(top_k, C)] int32, best first."""
         qv = query_vectors(group_query(q, self.num_kv_heads), self.kind)  # [T, Hkv, D]
-        # one "query head" per KV head: reference.route's group sum is then the identity
+        # one "query head" per KV head: attention.route's group sum is then the identity
         return _route(qv, self.vectors[layer], top_k)

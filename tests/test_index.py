@@ -13,7 +13,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
+import attention
 from attention.reference import route as reference_route
+from attention.routing import route as device_route
 from index import store
 from index.faiss_index import IndexSettings, build_layer, build_layers, is_ivf
 from index.router import Router, top_k_for
@@ -106,6 +108,20 @@ def test_router_selects_what_faiss_exact_selects(kind: str, t: int, hq: int, hkv
                          s.vectors(kind).double())
     tied = _agree_with_exact(ours, theirs, exact)
     assert tied < 0.02
+
+
+@needs_faiss
+@pytest.mark.parametrize("impl", [attention.route, reference_route, device_route],
+                         ids=["attention.route", "reference", "routing(bmm)"])
+def test_attention_route_selects_what_faiss_exact_selects(impl) -> None:
+    """The engine's routing entry points (CUDA's bmm path run here on CPU) against IndexFlatIP."""
+    g = torch.Generator().manual_seed(11)
+    q, keys = torch.randn(12, 32, 128, generator=g), torch.randn(64 * 800, 8, 128, generator=g)
+    s = chunk_summaries(keys, 64)
+    ours = impl(q, s.mean, 24)
+    theirs, _ = build_layer(s, "mean", IndexSettings(use_gpu=False)).search(q, 24)
+    exact = torch.einsum("thd,chd->thc", group_query(q, 8).double(), s.mean.double())
+    assert _agree_with_exact(ours, theirs, exact) < 0.02
 
 
 def test_router_mean_is_reference_route() -> None:
