@@ -1,0 +1,1 @@
+"""The serving engine: sequences, scheduler, unique-KV block manager, runner, sampler."""

@@ -1,0 +1,217 @@
+"""The engine: `batch = scheduler.schedule(); logits = runner.run(batch); postprocess`, in a loop.
+
+Requests may come from any thread; the engine thread (or a caller of `step()`) owns the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from kb.engine.block_manager import BlockManager
+from kb.engine.metrics import EngineMetrics
+from kb.engine.request import Delta, Finished, RequestHandle
+from kb.engine.runner import ModelRunner
+from kb.engine.sampler import sample
+from kb.engine.scheduler import Scheduler
+from kb.engine.sequence import SamplingParams, Sequence, SeqStatus
+from kb.engine.shared_kv import SharedKV
+from kb.model.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    block_size: int = 16
+    unique_kv_tokens: int = 65536
+    max_running: int = 64
+    max_batch_tokens: int = 2048
+    max_queue: int = 256
+    citation_layers: int = 4  # layers (evenly spread over the second half) that measure attention mass
+
+
+class QueueFull(RuntimeError):
+    """More requests wait than the configured queue limit."""
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        self.config = cfg = config or EngineConfig()
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        n_layers = loaded.config.num_layers
+        half = list(range(n_layers // 2, n_layers))
+        step = max(1, len(half) // max(1, cfg.citation_layers))
+        cite = frozenset(half[::step][: cfg.citation_layers]) if cfg.citation_layers else frozenset()
+        num_blocks = -(-cfg.unique_kv_tokens // cfg.block_size)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(self.blocks, cfg.max_running, cfg.max_batch_tokens)
+        self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, cfg.device, cite)
+        self.corpora: dict[str, SharedKV] = {}
+        self.metrics = EngineMetrics()
+        self._handles: dict[int, RequestHandle] = {}
+        self._inbox: list[tuple[str, object]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        eos = set(loaded.config.eos_token_ids)
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = eos
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
+                    corpus_key: str | None = None, pos_offset: int = 0,
+                    loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        sampling = sampling or SamplingParams()
+        sampling.validate()
+        if corpus_key is not None and corpus_key not in self.corpora:
+            raise KeyError(f"corpus KV {corpus_key!r} is not loaded")
+        max_pos = self.loaded.config.max_position_embeddings
+        if pos_offset + len(prompt_ids) + 1 > max_pos:
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens after position {pos_offset}) exceeds "
+                             f"the model's context of {max_pos} positions")
+        sampling.max_tokens = min(sampling.max_tokens, max_pos - pos_offset - len(prompt_ids))
+        seq = Sequence(list(prompt_ids), sampling, corpus_key=corpus_key, pos_offset=pos_offset)
+        handle = RequestHandle(seq, loop)
+        with self._lock:
+            if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
+                raise QueueFull(f"{self.config.max_queue} requests are already waiting")
+            self.scheduler.add(seq)  # validates that it can ever fit
+            self._handles[seq.seq_id] = handle
+            self.metrics.arrived(seq.seq_id)
+        self._wake.set()
+        return handle
+
+    def abort(self, handle: RequestHandle) -> None:
+        """Stop a request (client gone): its unique KV is freed at the next step boundary."""
+        with self._lock:
+            self._inbox.append(("abort", handle.seq))
+        self._wake.set()
+
+    def register_corpus(self, shared: SharedKV) -> None:
+        with self._lock:
+            self.corpora[shared.key] = shared
+
+    def unregister_corpus(self, key: str) -> None:
+        with self._lock:
+            if any(s.corpus_key == key for s in self.scheduler.running + list(self.scheduler.waiting)):
+                raise RuntimeError(f"corpus KV {key!r} is in use")
+            self.corpora.pop(key, None)
+
+    def in_use(self, key: str) -> bool:
+        with self._lock:
+            return any(s.corpus_key == key for s in self.scheduler.running + list(self.scheduler.waiting))
+
+    # -- stepping ---------------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or bool(self._inbox)
+
+    def step(self) -> int:
+        """Run one step for everything scheduled; returns the number of sequences stepped."""
+        with self._lock:
+            for op, seq in self._inbox:
+                if op == "abort" and not seq.is_finished:
+                    self.scheduler.abort(seq)
+                    self._finish(seq, "abort")
+            self._inbox.clear()
+            batch = self.scheduler.schedule()
+            corpora = dict(self.corpora)
+        if not batch.seqs:
+            return 0
+        t0 = time.perf_counter()
+        try:
+            logits, idx = self.runner.run(batch, corpora)
+        except Exception as e:  # a failed step fails its requests, never the engine
+            log.exception("engine step failed")
+            with self._lock:
+                for seq in batch.seqs:
+                    self.scheduler.abort(seq)
+                    self._finish(seq, "error", error=str(e))
+            return len(batch.seqs)
+        tokens = sample(logits, [batch.seqs[i] for i in idx]) if idx else []
+        with self._lock:
+            for i, tok in zip(idx, tokens):
+                self._append(batch.seqs[i], tok)
+            self.scheduler.postprocess(batch)
+            self.metrics.stepped(len(batch.seqs), batch.num_tokens, len(tokens), time.perf_counter() - t0,
+                                 len(self.scheduler.waiting), len(self.scheduler.running), self.blocks.usage)
+        return len(batch.seqs)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        seq.output_ids.append(token)
+        handle = self._handles[seq.seq_id]
+        self.metrics.token(seq.seq_id)
+        sp = seq.sampling
+        done = None
+        if token in self.eos_ids and not sp.ignore_eos:
+            done = "stop"
+            ids = seq.output_ids[:-1]
+        else:
+            ids = seq.output_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        for s in sp.stop:
+            cut = text.find(s)
+            if cut >= 0:
+                text, done = text[:cut], "stop"
+        if done is None and len(seq.output_ids) >= sp.max_tokens:
+            done = "length"
+        if done is None and text.endswith("\ufffd"):
+            return  # an incomplete UTF-8 character: wait for its next byte
+        if len(text) > len(handle.text):
+            handle.push(Delta(text[len(handle.text):], [token]))
+            handle.text = text
+        if done:
+            seq.status = SeqStatus.FINISHED
+            self._finish(seq, done)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        handle = self._handles.pop(seq.seq_id, None)
+        if handle is None:
+            return
+        mass = []
+        if seq.chunk_mass is not None:
+            vals, order = seq.chunk_mass.float().cpu().sort(descending=True)
+            mass = [(int(c), float(m)) for c, m in zip(order[:32].tolist(), vals[:32].tolist())]
+        self.metrics.finished(seq.seq_id, reason)
+        handle.push(Finished(reason, handle.text, len(seq.prompt_ids), len(seq.output_ids), mass, error))
+
+    # -- driving ----------------------------------------------------------------------------
+    def run_until_done(self) -> None:
+        """Step on the calling thread until nothing is left (CLI and tests without the thread)."""
+        while self.has_work:
+            self.step()
+
+    @property
+    def running_in_thread(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="kb-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if self.has_work:
+                self.step()
+            else:
+                self._wake.wait(0.05)
+                self._wake.clear()
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

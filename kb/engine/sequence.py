@@ -1,0 +1,73 @@
+"""A request as the engine sees it: token ids, sampling parameters, its unique-KV blocks."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+_ids = itertools.count()
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if not (self.temperature >= 0 and self.temperature <= 10):
+            raise ValueError("temperature must be between 0 and 10")
+        if not (0 < self.top_p <= 1):
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+
+
+class SeqStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+@dataclass
+class Sequence:
+    """One request. Its unique tokens (prompt, then answer) sit at positions `pos_offset + i`."""
+
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    corpus_key: str | None = None  # which shared KV this request attends; None = no shared context
+    pos_offset: int = 0
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the unique cache
+    finish_reason: str | None = None
+    chunk_mass: torch.Tensor | None = None  # attention mass per shared chunk, for citations
+    generator: torch.Generator | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose KV is not yet computed: the prompt at first, then the last sampled token."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED

@@ -1,0 +1,41 @@
+"""A corpus's shared KV as the engine holds it: contiguous per layer on the serving device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class ChunkRouter(Protocol):
+    def route(self, layer: int, q: torch.Tensor, top_k: int) -> torch.Tensor: ...
+
+
+@dataclass
+class SharedKV:
+    key: str  # identifies the corpus and its cache version
+    k: list[torch.Tensor]  # per layer [N, Hkv, d], after RoPE
+    v: list[torch.Tensor]
+    chunk_size: int
+    pos_offset: int  # unique tokens of a request start at this position
+    router: ChunkRouter | None = None
+    top_k: int | None = None  # chunks per query; None = dense
+    always_chunks: int = 0  # leading chunks every query attends (the preamble: an attention sink)
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_tokens // self.chunk_size)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @property
+    def routed(self) -> bool:
+        return self.router is not None and self.top_k is not None and self.top_k < self.num_chunks

@@ -1,0 +1,50 @@
+"""Where a corpus meets a chat template: the shared preamble and each request's unique tokens.
+
+The chat template is rendered once with a sentinel where the documents go. What precedes the
+sentinel is the corpus preamble (stored once, positions from 0); the documents' segments follow
+it; what follows the sentinel (the end of the system turn, history, the question, the assistant
+header) is the request's unique part, placed after the longest segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SENTINEL = "\u2063KB-DOCUMENTS\u2063"
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    preamble: str
+    suffix: str  # unique text after the documents
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def build_prompt(tokenizer, system_prompt: str, history: list[dict], question: str) -> PromptParts:
+    """Split the rendered chat into preamble (shared) and suffix (unique)."""
+    turns = [*history, {"role": "user", "content": question}]
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = _render(tokenizer, [{"role": "system", "content": f"{system_prompt}\n\nDocuments:\n{SENTINEL}"},
+                                       *turns])
+        except Exception:  # templates without a system role: documents go in the first user turn
+            first = {"role": "user", "content": f"{system_prompt}\n\nDocuments:\n{SENTINEL}\n\n{turns[0]['content']}"}
+            text = _render(tokenizer, [first, *turns[1:]])
+    else:
+        convo = "".join(f"\n{t['role'].capitalize()}: {t['content']}" for t in turns)
+        text = f"{system_prompt}\n\nDocuments:\n{SENTINEL}\n{convo}\nAssistant:"
+    pre, _, post = text.partition(SENTINEL)
+    return PromptParts(preamble=pre, suffix=post)
+
+
+def preamble_text(tokenizer, system_prompt: str) -> str:
+    """The corpus preamble: independent of any question, so it can be stored once."""
+    return build_prompt(tokenizer, system_prompt, [], "?").preamble
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of rendered template text (its special tokens written out as text)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,106 @@
+"""Service settings: environment variables with the `KB_` prefix, then an optional TOML file.
+
+The file is `$KB_CONFIG` if set, else `kb.toml` in the working directory if present. Environment
+variables win over the file; the file wins over the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from kb.model.demo import DEMO_NAME
+
+
+class _TomlSource(PydanticBaseSettingsSource):
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("KB_CONFIG") or ("kb.toml" if Path("kb.toml").is_file() else None)
+        if not path:
+            return {}
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        return data.get("kb", data)
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - required by the ABC
+        return None, field_name, False
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="KB_", extra="ignore")
+
+    home: Path = Field(default=Path("./data"), description="all state: database, KV files, models")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in home")
+    redis_url: str | None = Field(default=None, description="unset: in-process broker")
+    model: str = Field(default=DEMO_NAME, description="the demo model's name or a local checkpoint folder")
+    models_dir: Path | None = Field(default=None, description="where converted models live; default home/models")
+    device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
+    dtype: str = Field(default="auto", description="model weights: auto (float32 on CPU, bfloat16 on GPU)")
+    kv_dtype: str = Field(default="float16", description="stored shared KV: float16, bfloat16 or float8")
+
+    segment_len: int = Field(default=1024, ge=16, description="max tokens per segment")
+    chunk_size: int = Field(default=64, ge=1, description="shared tokens per routing chunk")
+    prefill_batch_tokens: int = Field(default=4096, ge=64, description="tokens per prefill batch")
+    density: float = Field(default=1.0, gt=0, le=1, description="fraction of chunks each query attends")
+    router: str = Field(default="mean", description="mean (MoBA) or quest (min/max bound)")
+
+    max_tokens: int = Field(default=256, ge=1, description="default answer length")
+    kv_block_size: int = Field(default=16, ge=1)
+    unique_kv_tokens: int = Field(default=65536, ge=256, description="unique-KV budget, in tokens")
+    max_running: int = Field(default=64, ge=1, description="requests stepped together at most")
+    max_queue: int = Field(default=256, ge=1, description="waiting requests before 429")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_upload_mb: float = Field(default=64.0, gt=0)
+    system_prompt: str = ("You are a helpful assistant. Answer the question using only the documents "
+                          "below. Be brief.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return init_settings, env_settings, _TomlSource(settings_cls), file_secret_settings
+
+    @property
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return (self.models_dir or self.resolved_home / "models").expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_home / 'kb.sqlite3'}"
+
+    @property
+    def kv_dir(self) -> Path:
+        return self.resolved_home / "kv"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.resolved_home / "files"
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        return getattr(torch, self.dtype)
+
+    @cached_property
+    def torch_kv_dtype(self):
+        import torch
+
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16,
+                "float8": torch.float8_e4m3fn, "float32": torch.float32}[self.kv_dtype]
+
+
+def get_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)
