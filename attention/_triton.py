@@ -88,9 +88,15 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
-def dot_dtype(q_dtype: torch.dtype, device: torch.device):
+def dot_dtype(q_dtype: torch.dtype, device: torch.device, kv_dtype: torch.dtype | None = None):
     """Operand type of every tl.dot: q's 16-bit type on the GPU, float32 under the interpreter
-    (its tl.dot on bf16 is wrong in triton 3.6: numpy multiplies the raw 16-bit patterns)."""
+    (its tl.dot on bf16 is wrong in triton 3.6: numpy multiplies the raw 16-bit patterns).
+
+    fp8 KV runs its products in fp16 whatever q's type: e4m3 -> fp16 is one exact conversion
+    instruction per pair (-> bf16 takes a detour through fp32), and bf16 q converts to fp16
+    exactly within fp16's range (|q| < 65504), with more mantissa for the probabilities."""
     if device.type != "cuda" or interpreting():
         return tl.float32
+    if kv_dtype is not None and kv_dtype.itemsize == 1:
+        return tl.float16
     return tl.bfloat16 if q_dtype == torch.bfloat16 else tl.float16

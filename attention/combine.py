@@ -22,7 +22,7 @@ if HAS_TRITON:
         D: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         r = tl.program_id(0)  # one output row per program: P x d partials in, d out
-        r1 = r // R2
+        r1 = (r // R2).to(tl.int64)  # rows x parts x d can pass 2^31 elements
         r2 = r % R2
         offs_d = tl.arange(0, D)
         offs_p0 = tl.arange(0, BLOCK_P)

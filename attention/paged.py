@@ -63,7 +63,7 @@ if HAS_TRITON:
             offs_n = start + offs_n0
             n_ok = offs_n < n_hi
             # gather: position -> (page from the block table, slot in the page)
-            page = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=n_ok, other=0)
+            page = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
             slot = offs_n % PAGE
             k = tl.load(KC + page[:, None] * stride_kb + slot[:, None] * stride_ks + h * stride_kh
                         + offs_d[None, :], mask=n_ok[:, None], other=0.0)
@@ -94,11 +94,12 @@ if HAS_TRITON:
 def unique_attention_paged(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
     seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float | None = None,
-    splits: int | None = None,
+    splits: int | None = None, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `reference.unique_attention` (same arguments; `splits` forces the number
-    of key-range splits, for tests). Reads max query and KV length on the host once per call
-    (the engine knows them anyway) to size the grid."""
+    of key-range splits, for tests). The grid is sized by the longest query run and KV length:
+    pass `max_seqlen_q` / `max_seqlen_k` (the engine knows them) to skip reading them from the
+    device (a host sync, which also rules out CUDA-graph capture)."""
     from .combine import combine
 
     check_device(q)
@@ -117,8 +118,8 @@ def unique_attention_paged(
     cu = cu_seqlens_q.to(device=q.device, dtype=torch.int32)
     seq = seq_lens.to(device=q.device, dtype=torch.int32)
     bt = block_table.to(device=q.device, dtype=torch.int32)
-    max_q = int((cu[1:] - cu[:-1]).max())
-    max_kv = int(seq.max())
+    max_q = int((cu[1:] - cu[:-1]).max()) if max_seqlen_q is None else max_seqlen_q
+    max_kv = int(seq.max()) if max_seqlen_k is None else max_seqlen_k
     if max_kv == 0:
         return o.zero_(), lse.fill_(float("-inf"))
     interp = q.device.type != "cuda"

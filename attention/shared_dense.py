@@ -11,6 +11,7 @@ writes the final output directly.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,7 +33,7 @@ if HAS_TRITON:
         stride_ot, stride_oh, stride_os,
         stride_lt, stride_lh, stride_ls,
         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        KV_SCALE: tl.constexpr, DOT: tl.constexpr,
+        KV_SCALE: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr,
     ):
         pid_m = tl.program_id(0)  # row block: fastest, so blocks sharing a KV range run together
         h = tl.program_id(1)      # KV head
@@ -52,18 +53,25 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], tl.float32)                 # running sum of exp2
         acc = tl.zeros([BLOCK_M, D], tl.float32)
 
-        # this split's keys; the host sized splits so that the first tile of each is non-empty
+        # this split's keys [n_lo, n_hi); the host sized splits so that none is empty.
+        # The split's base offset is 64-bit (N * Hkv * d can pass 2^31); tiles step from it.
         n_lo = s * split_len
+        n_hi = tl.minimum(n_lo + split_len, N)
         offs_n0 = tl.arange(0, BLOCK_N)
-        for start in range(n_lo, n_lo + split_len, BLOCK_N):
+        k_ptrs = K + n_lo.to(tl.int64) * stride_kn + h * stride_kh \
+            + offs_n0[:, None] * stride_kn + offs_d[None, :]
+        v_ptrs = V + n_lo.to(tl.int64) * stride_vn + h * stride_vh \
+            + offs_n0[:, None] * stride_vn + offs_d[None, :]
+        for start in range(n_lo, n_hi, BLOCK_N):
             offs_n = start + offs_n0
             n_ok = offs_n < N
-            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
-                        mask=n_ok[:, None], other=0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
-                        mask=n_ok[:, None], other=0.0)
-            # scores in log2 units: exp2 is the native instruction
-            qk = tl.dot(q, tl.trans(k.to(DOT))) * qk_scale
+            if EVEN_N:  # N is a multiple of BLOCK_N: every tile is full, no masks
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(k.to(DOT)))
             if KV_SCALE:
                 # fp8: dequantize through the scores and probabilities, not the tiles:
                 # (q . k8) * sk == q . (k8 * sk), and p @ (v8 * sv) == (p * sv) @ v8
@@ -71,16 +79,20 @@ if HAS_TRITON:
                 ks = tl.load(KS + sc, mask=n_ok, other=0.0)
                 vs = tl.load(VS + sc, mask=n_ok, other=0.0)
                 qk = qk * ks[None, :]
-            qk = tl.where(n_ok[None, :], qk, float("-inf"))
-            # online softmax: rescale the running sum and output by exp2(m_old - m_new)
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
+            if not EVEN_N:
+                qk = tl.where(n_ok[None, :], qk, float("-inf"))
+            # online softmax in log2 units (exp2 is the native instruction); the scale is
+            # folded into one FMA per score: qk * scale - m
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            alpha = tl.exp2(m_i - m_new)  # rescales what was summed so far
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if KV_SCALE:
                 p = p * vs[None, :]
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
             m_i = m_new
+            k_ptrs += BLOCK_N * stride_kn
+            v_ptrs += BLOCK_N * stride_vn
 
         # every split holds at least one key, so l_i > 0 on every row
         o = acc / l_i[:, None]
@@ -96,6 +108,7 @@ def _block_m(rows: int) -> int:
     return max(16, min(128, triton.next_power_of_2(rows)))
 
 
+@functools.lru_cache(maxsize=1024)
 def _plan(rows: int, n: int, hkv: int, device: torch.device, block_n: int
           ) -> tuple[int, int, int]:
     """(BLOCK_M, splits, split_len). Enough programs to fill every SM a few times over; each
@@ -126,12 +139,21 @@ def _plan(rows: int, n: int, hkv: int, device: torch.device, block_n: int
     return block_m, splits, split_len
 
 
+# Bench sweeps set this to try launch configurations ({"BLOCK_N", "num_warps", "num_stages"}
+# per "small" / "large" row block); None keeps the tuned defaults below.
+CONFIG_OVERRIDE: dict | None = None
+
+
 def _config(block_m: int, interp: bool) -> dict:
+    if CONFIG_OVERRIDE is not None and not interp:
+        return dict(CONFIG_OVERRIDE["large" if block_m >= 128 else "small"])
     if interp:
         return dict(BLOCK_N=16 if block_m <= 16 else 32)
+    # H100 sweep (bench/attention.py --sweep, docs/KERNELS.md): wide key tiles for the
+    # memory-bound small-M case, 64-key tiles for the GEMM-shaped large-M case
     if block_m >= 128:
         return dict(BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_N=128, num_warps=8, num_stages=3)
 
 
 def shared_attention_dense(
@@ -153,6 +175,7 @@ def shared_attention_dense(
     assert (k_scale is None) == (v_scale is None)
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    assert scale > 0, "the kernel takes row maxima of unscaled scores"
     o = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
     if t == 0:
@@ -192,8 +215,8 @@ def shared_attention_dense(
         ssc, ssh,
         o_part.stride(0), o_part.stride(1), so,
         lse_part.stride(0), lse_part.stride(1), sl,
-        G=g, D=d, BLOCK_M=block_m, KV_SCALE=k_scale is not None,
-        DOT=dot_dtype(q.dtype, q.device), **cfg,
+        G=g, D=d, BLOCK_M=block_m, KV_SCALE=k_scale is not None, EVEN_N=n % cfg["BLOCK_N"] == 0,
+        DOT=dot_dtype(q.dtype, q.device, k.dtype), **cfg,
     )
     if n_splits > 1:
         # partials [T*Hq rows, S parts, d] -> o, lse

@@ -54,7 +54,8 @@ if HAS_TRITON:
         row_ok = rows < r_hi
         e = rows // G
         g = rows % G
-        ent = tl.load(ORDER + e, mask=row_ok, other=0)
+        # 64-bit: T * Hkv * k * G * d partial elements can pass 2^31
+        ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
         t = ent // (HKV * TOPK)
         offs_d = tl.arange(0, D)
         q = tl.load(Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
@@ -75,18 +76,18 @@ if HAS_TRITON:
                         mask=n_ok[:, None], other=0.0)
             v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
                         mask=n_ok[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k.to(DOT))) * qk_scale
+            qk = tl.dot(q, tl.trans(k.to(DOT)))
             if KV_SCALE:
-                # fp8: scale the scores and probabilities instead of the tiles
+                # fp8: one scale per (chunk, head) folds into the score scale and into p
                 ks = tl.load(KS + c * stride_sc + h * stride_sh)
                 vs = tl.load(VS + c * stride_sc + h * stride_sh)
                 qk = qk * ks
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
-            # online softmax over the chunk's key tiles
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # online softmax over the chunk's key tiles (log2 units, scale folded in an FMA)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(qk - m_ref[:, None])
+            p = tl.exp2(qk * qk_scale - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if KV_SCALE:
                 p = p * vs
@@ -126,10 +127,11 @@ def plan_routing(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, bloc
     head = torch.arange(hkv, device=dev).view(1, hkv, 1)
     # group key: chunk-major, so all heads of a chunk (adjacent in memory) run together
     key = torch.where(idx >= 0, idx * hkv + head, num_groups).flatten()
-    order = torch.argsort(key, stable=True).to(torch.int32)
-    counts = torch.bincount(key, minlength=num_groups + 1)[:num_groups]
-    offsets = torch.zeros(num_groups + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.cumsum(counts, 0)
+    sorted_key, order = torch.sort(key, stable=True)
+    # offsets by binary search in the sorted keys (bincount would sync with the host)
+    offsets = torch.searchsorted(sorted_key, torch.arange(num_groups + 1, device=dev))
+    order = order.to(torch.int32)
+    counts = offsets[1:] - offsets[:-1]
     tiles = (counts * group_size + block_m - 1) // block_m
     tile_end = torch.cumsum(tiles, 0)
     tile_start = tile_end - tiles
@@ -175,6 +177,7 @@ def shared_attention_routed(
     assert (k_scale is None) == (v_scale is None)
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    assert scale > 0, "the kernel takes row maxima of unscaled scores"
     num_chunks = cdiv(n, chunk_size)
     o = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
@@ -208,7 +211,7 @@ def shared_attention_routed(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ssc, ssh,
         HKV=hkv, TOPK=top_k, G=g, D=d, KV_SCALE=k_scale is not None,
-        DOT=dot_dtype(q.dtype, q.device), **cfg,
+        DOT=dot_dtype(q.dtype, q.device, k.dtype), **cfg,
     )
     # merge each (token, head)'s k slots: rows (t*Hkv+h, g), parts = slots
     combine(o_part.view(t * hkv, top_k, g, d).transpose(1, 2),

@@ -87,6 +87,8 @@ DENSE_GRID = [
     (7, 8, 2, 64, 90, "fp8h", None),
     (2, 8, 1, 64, 70, "fp8c", 4),
     (3, 4, 1, 128, 65, "fp8c", None),
+    (2, 8, 2, 64, 64, "bf16", None),   # N a multiple of the key tile: the unmasked path
+    (6, 8, 1, 64, 96, "fp8h", 2),
 ]
 
 
@@ -331,3 +333,25 @@ def test_gpu_unique_paged_and_merge():
     o_s, lse_s = attention.shared_attention(q, k, v)
     o, lse = attention.merge(o_s, lse_s, o_u, lse_u)
     check(o, lse, *ref.merge(o_s, lse_s, o_u, lse_u), torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+def test_gpu_shared_attention_captures_in_a_cuda_graph():
+    """No host sync on the shared paths (the routed CSR is built on the device): the engine can
+    capture a decode step, and replays recompute from the current inputs."""
+    n, chunk, t = 4096, 128, 48
+    c = n // chunk
+    q = torch.randn(t, 32, 128, device=DEV, dtype=torch.bfloat16)
+    k, v, _, _ = make_kv(n, 8, 128, "bf16", torch.bfloat16, chunk, seed=1)
+    idx = make_idx(t, 8, c, 8, True, seed=2).to(DEV)
+    for chunk_idx in (None, idx):
+        attention.shared_attention(q, k, v, chunk_idx, chunk)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o, lse = attention.shared_attention(q, k, v, chunk_idx, chunk)
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(o, lse, *ref.shared_attention(q, k, v, chunk_idx, chunk), torch.bfloat16)
