@@ -397,7 +397,7 @@ class KnowledgeBase:
             chunk = cfg["chunk_size"]
             shared = SharedKV(key=f"{name}@{version}", k=list(k_all.unbind(0)), v=list(v_all.unbind(0)),
                               chunk_size=chunk, pos_offset=max_end,
-                              always_chunks=-(-preamble_len // chunk), meta={"corpus": name})
+                              preamble_len=preamble_len, meta={"corpus": name})
             loaded = LoadedCorpus(shared, CitationMap(refs, chunk, self.loaded.tokenizer), version)
             old = self._corpora.get(name)
             if old is not None and self._engine is not None and not self._engine.in_use(old.shared.key):

@@ -90,6 +90,7 @@ class ServeAttention:
         k = sh.k[layer].float().repeat_interleave(hq // sh.k[layer].shape[1], dim=1)
         s = torch.einsum("thd,nhd->thn", q.float(), k) / math.sqrt(d)
         p = torch.exp(s - lse_total.unsqueeze(-1)).sum(dim=1)  # [T, N]
+        p[:, : sh.preamble_len] = 0  # the preamble soaks up attention (a sink); it is no source
         n = p.shape[1]
         pad = sh.num_chunks * sh.chunk_size - n
         per_chunk = F.pad(p, (0, pad)).view(t, sh.num_chunks, sh.chunk_size).sum(-1)

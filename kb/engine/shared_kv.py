@@ -21,7 +21,12 @@ class SharedKV:
     pos_offset: int  # unique tokens of a request start at this position
     router: ChunkRouter | None = None
     top_k: int | None = None  # chunks per query; None = dense
-    always_chunks: int = 0  # leading chunks every query attends (the preamble: an attention sink)
+    preamble_len: int = 0  # leading tokens of the preamble: an attention sink, never a source to cite
+
+    @property
+    def always_chunks(self) -> int:
+        """Leading chunks every routed query attends: those holding the preamble."""
+        return -(-self.preamble_len // self.chunk_size)
     meta: dict = field(default_factory=dict)
 
     @property

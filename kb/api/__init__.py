@@ -1,0 +1,1 @@
+"""HTTP API: OpenAI-compatible chat over corpora, corpus and document endpoints, metrics."""

@@ -1,0 +1,34 @@
+"""Request bodies of the HTTP API (OpenAI's shapes where OpenAI has one)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str = Field(description='the corpus as "kb:NAME" (or NAME), unless `corpus` is given')
+    messages: list[ChatMessage] = Field(min_length=1)
+    corpus: str | None = Field(default=None, description="corpus name; overrides `model`")
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=100000)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+    def corpus_name(self) -> str:
+        name = self.corpus or self.model
+        return name.removeprefix("kb:")
+
+
+class CorpusCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=64)

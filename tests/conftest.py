@@ -1,0 +1,69 @@
+"""Shared fixtures: the demo model (fetched and converted once per machine), fresh KB homes,
+and a small corpus with a planted fact."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import pytest
+
+MODELS_DIR = Path(os.environ.get("KB_TEST_MODELS_DIR", Path.home() / ".cache" / "kb-moska" / "models"))
+FACT_QUESTION = "What is the access code of the Velmora vault?"
+FACT_ANSWER = "7341"
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    from kb.model.demo import ensure_demo_model
+
+    return ensure_demo_model(MODELS_DIR)
+
+
+@pytest.fixture(scope="session")
+def demo_model(demo_model_dir):
+    from kb.model.loader import load_model
+
+    return load_model(demo_model_dir)
+
+
+def planted_text() -> str:
+    """A few pages of real prose (standard-library documentation) with one invented fact."""
+    import argparse
+    import collections
+    import json
+    import logging
+
+    paras = "\n\n".join(inspect.getdoc(m) for m in (json, argparse, logging, collections)).split("\n\n")
+    paras.insert(len(paras) // 2, "The archive of the Velmora Institute is kept in a vault. "
+                                  "The access code of the Velmora vault is 7341.")
+    return "\n\n".join(paras)
+
+
+@pytest.fixture
+def kb_env(tmp_path, demo_model_dir, monkeypatch) -> Path:
+    """Environment for a KB in a fresh home; returns the home."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("KB_HOME", str(home))
+    monkeypatch.setenv("KB_MODELS_DIR", str(MODELS_DIR))
+    for var in ("KB_DATABASE_URL", "KB_REDIS_URL", "KB_MODEL", "KB_DEVICE", "KB_CONFIG", "KB_SEGMENT_LEN"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture(scope="module")
+def handbook(tmp_path_factory, demo_model_dir):
+    """A KnowledgeBase with corpus 'handbook' holding the planted-fact document (shared by a module)."""
+    from kb.service import KnowledgeBase
+    from kb.settings import Settings
+
+    root = tmp_path_factory.mktemp("handbook")
+    doc = root / "handbook.txt"
+    doc.write_text(planted_text())
+    kb = KnowledgeBase(Settings(home=root / "home", models_dir=MODELS_DIR))
+    kb.create_corpus("handbook")
+    results = kb.ingest("handbook", [doc])
+    assert results[0].status == "ready", results
+    yield kb
+    kb.close()

@@ -1,0 +1,94 @@
+"""The HTTP API through the official `openai` client, streaming and not, on a loopback server."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from tests.conftest import FACT_ANSWER, FACT_QUESTION
+
+
+@pytest.fixture(scope="module")
+def server(handbook):
+    from kb.api.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(handbook, warm=False), host="127.0.0.1", port=port,
+                                        log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_openai_client_non_streaming(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["kb:handbook"]
+    r = client.chat.completions.create(model="kb:handbook", max_tokens=24,
+                                       messages=[{"role": "user", "content": FACT_QUESTION}])
+    assert FACT_ANSWER in r.choices[0].message.content
+    assert r.usage.completion_tokens > 0
+    citations = r.model_extra["citations"]
+    assert citations and citations[0]["document"] == "handbook.txt"
+
+
+def test_openai_client_streaming(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    stream = client.chat.completions.create(model="kb:handbook", max_tokens=24, stream=True,
+                                            messages=[{"role": "user", "content": FACT_QUESTION}])
+    parts, last = [], None
+    for chunk in stream:
+        if chunk.choices[0].delta.content:
+            parts.append(chunk.choices[0].delta.content)
+        last = chunk
+    assert len(parts) > 3 and FACT_ANSWER in "".join(parts)
+    assert last.choices[0].finish_reason in ("stop", "length")
+    assert last.model_extra["citations"]
+
+
+def test_errors_and_operational_endpoints(server):
+    with httpx.Client(base_url=server) as c:
+        assert c.get("/healthz").json()["status"] == "ok"
+        r = c.post("/v1/chat/completions", json={"model": "kb:nope", "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+        r = c.post("/v1/chat/completions", json={"model": "kb:handbook", "messages": [],})
+        assert r.status_code == 422
+        r = c.post("/v1/chat/completions", json={"model": "kb:handbook", "temperature": -1,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 422
+        r = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422
+        assert c.get("/openapi.json").json()["paths"]["/v1/chat/completions"]
+        metrics = c.get("/metrics").text
+        assert "kb_time_to_first_token_seconds" in metrics and "kb_num_requests_running" in metrics
+
+
+def test_upload_and_corpus_endpoints(server):
+    with httpx.Client(base_url=server, timeout=300) as c:
+        assert c.post("/v1/corpora", json={"name": "notes"}).status_code == 201
+        files = [("files", ("ferry.md", b"# Ferry\n\nThe ferry to Osk leaves at nine.\n", "text/markdown")),
+                 ("files", ("empty.txt", b"", "text/plain"))]
+        r = c.post("/v1/corpora/notes/documents", files=files)
+        assert r.status_code == 200
+        docs = {d["filename"]: d for d in r.json()["documents"]}
+        assert docs["ferry.md"]["status"] == "ready"
+        assert docs["empty.txt"]["status"] == "failed" and docs["empty.txt"]["error"]
+        assert c.get("/v1/corpora/notes").json()["status"] == "ready"
+        assert c.delete("/v1/corpora/notes").status_code == 204
+        assert c.get("/v1/corpora/notes").status_code == 404
