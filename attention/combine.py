@@ -26,29 +26,34 @@ if HAS_TRITON:
         r2 = r % R2
         offs_d = tl.arange(0, D)
         offs_p0 = tl.arange(0, BLOCK_P)
-        m = tl.full([1], float("-inf"), tl.float32)
-        l_sum = tl.zeros([1], tl.float32)
+        lp = LP + r1 * s_l1 + r2 * s_l2
+        op = OP + r1 * s_o1 + r2 * s_o2
+        # pass 1: the row's max lse (P floats, cheap), so that pass 2 has no running rescale
+        # and its loads of o (the bulk of the bytes) are independent of each other
+        m = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + offs_p0
+            m = tl.maximum(m, tl.load(lp + offs_p * s_lp, mask=offs_p < P, other=float("-inf")))
+        m_row = tl.max(m, 0)
+        m_ref = tl.where(m_row == float("-inf"), 0.0, m_row)  # all parts empty: no NaN
+        # pass 2: o = sum_p exp(lse_p - m) o_p / sum_p exp(lse_p - m)
+        l_sum = tl.zeros([BLOCK_P], tl.float32)
         acc = tl.zeros([D], tl.float32)
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + offs_p0
-            lse = tl.load(LP + r1 * s_l1 + r2 * s_l2 + offs_p * s_lp, mask=offs_p < P,
-                          other=float("-inf"))
+            lse = tl.load(lp + offs_p * s_lp, mask=offs_p < P, other=float("-inf"))
             live = lse > float("-inf")
-            o = tl.load(OP + r1 * s_o1 + r2 * s_o2 + offs_p[:, None] * s_op + offs_d[None, :],
-                        mask=live[:, None], other=0.0).to(tl.float32)
-            # online merge: rescale what was summed so far to the new max
-            m_new = tl.maximum(m, tl.max(lse, 0))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-empty so far: no NaN
+            o = tl.load(op + offs_p[:, None] * s_op + offs_d[None, :], mask=live[:, None],
+                        other=0.0).to(tl.float32)
             w = tl.where(live, tl.exp(lse - m_ref), 0.0)
-            alpha = tl.exp(m - m_ref)
-            l_sum = l_sum * alpha + tl.sum(w, 0)
-            acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-            m = m_new
-        has = l_sum > 0
-        out = tl.where(has, acc / tl.where(has, l_sum, 1.0), 0.0)
-        lse_out = tl.where(has, m + tl.log(tl.where(has, l_sum, 1.0)), float("-inf"))
+            l_sum += w
+            acc += tl.sum(w[:, None] * o, 0)
+        total = tl.sum(l_sum, 0)
+        has = total > 0
+        out = acc / tl.where(has, total, 1.0)
+        lse_out = tl.where(has, m_ref + tl.log(tl.where(has, total, 1.0)), float("-inf"))
         tl.store(O + r * s_or + offs_d, out)
-        tl.store(LSE + r * s_lr + tl.arange(0, 1), lse_out)
+        tl.store(LSE + r * s_lr, lse_out)
 
 
 def combine(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: torch.Tensor
@@ -61,7 +66,8 @@ def combine(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: 
     assert o_part.stride(3) == 1 and o.stride(1) == 1
     if r1 * r2 == 0:
         return
-    block_p = min(16, triton.next_power_of_2(p))
+    # enough parts per step to keep ~16 KB of loads in flight per program
+    block_p = max(2, min(max(2, 8192 // d), triton.next_power_of_2(p)))
     _combine_kernel[(r1 * r2,)](
         o_part, lse_part, o, lse, r2, p,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),

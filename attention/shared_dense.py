@@ -152,7 +152,7 @@ def _config(block_m: int, interp: bool) -> dict:
     # H100 sweep (bench/attention.py --sweep, docs/KERNELS.md): wide key tiles for the
     # memory-bound small-M case, 64-key tiles for the GEMM-shaped large-M case
     if block_m >= 128:
-        return dict(BLOCK_N=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_N=128, num_warps=8, num_stages=3)
     return dict(BLOCK_N=128, num_warps=8, num_stages=3)
 
 

@@ -147,7 +147,9 @@ def _config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int, interp
     # expected entries per group ~ T * k / C: size the entry block to it, 16..128 rows a tile
     per_group = max(1, t * top_k // max(1, num_chunks))
     block_m = max(16, min(128, triton.next_power_of_2(per_group * g)))
-    block_n = max(16, min(64 if not interp else 32, triton.next_power_of_2(chunk_size)))
+    # a whole 128-token chunk in one key tile where the row block is GEMM-sized
+    widest = 32 if interp else (128 if block_m >= 128 else 64)
+    block_n = max(16, min(widest, triton.next_power_of_2(chunk_size)))
     if interp:
         return dict(BLOCK_M=block_m, BLOCK_N=block_n)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m >= 128 else 4,
