@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from kb.citations import CitationMap, SegmentRef
 from kb.engine.engine import Engine, EngineConfig, QueueFull
+from kb.engine.routing import CorpusRouter
 from kb.engine.request import Delta, Finished, RequestHandle
 from kb.engine.sequence import SamplingParams
 from kb.engine.shared_kv import SharedKV
@@ -398,6 +399,8 @@ class KnowledgeBase:
             shared = SharedKV(key=f"{name}@{version}", k=list(k_all.unbind(0)), v=list(v_all.unbind(0)),
                               chunk_size=chunk, pos_offset=max_end,
                               preamble_len=preamble_len, meta={"corpus": name})
+            if shared.num_chunks > shared.always_chunks + 1:
+                shared.router = CorpusRouter(shared.k, chunk, shared.always_chunks, self.settings.router)
             loaded = LoadedCorpus(shared, CitationMap(refs, chunk, self.loaded.tokenizer), version)
             old = self._corpora.get(name)
             if old is not None and self._engine is not None and not self._engine.in_use(old.shared.key):
@@ -412,6 +415,9 @@ class KnowledgeBase:
         if not question or not question.strip():
             raise KBError("the question is empty")
         loaded = self.load_corpus(name)
+        shared = loaded.shared
+        if shared.router is not None:  # density applies to requests queued from now on
+            shared.top_k = None if self.settings.density >= 1.0 else shared.router.top_k(self.settings.density)
         lm = self.loaded
         parts = build_prompt(lm.tokenizer, self.settings.system_prompt, history or [], question)
         ids = encode(lm.tokenizer, parts.suffix)

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     chunk_size: int = Field(default=64, ge=1, description="shared tokens per routing chunk")
     prefill_batch_tokens: int = Field(default=4096, ge=64, description="tokens per prefill batch")
     density: float = Field(default=1.0, gt=0, le=1, description="fraction of chunks each query attends")
-    router: str = Field(default="mean", description="mean (MoBA) or quest (min/max bound)")
+    router: str = Field(default="quest", description="quest (min/max bound) or mean (MoBA)")
 
     max_tokens: int = Field(default=256, ge=1, description="default answer length")
     kv_block_size: int = Field(default=16, ge=1)

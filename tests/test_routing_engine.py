@@ -1,0 +1,42 @@
+"""Routing inside a loaded corpus: the preamble is always attended, and routing to every chunk
+is exactly dense attention."""
+
+from __future__ import annotations
+
+import torch
+
+from attention.reference import shared_attention
+from kb.engine.routing import CorpusRouter
+from tests.conftest import FACT_ANSWER, FACT_QUESTION
+
+
+def test_router_keeps_preamble_and_all_chunks_equals_dense():
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(300, 2, 16, generator=g) for _ in range(2)]
+    vals = torch.randn(300, 2, 16, generator=g)
+    r = CorpusRouter(keys, chunk_size=32, always=2)
+    q = torch.randn(5, 4, 16, generator=g)
+    idx = r.route(1, q, top_k=4)
+    assert idx.shape == (5, 2, 4)
+    assert (idx[..., :2] == torch.tensor([0, 1])).all()  # preamble chunks first, always
+    assert ((idx[..., 2:] >= 2) & (idx[..., 2:] < r.num_chunks)).all()
+    full = r.route(1, q, top_k=r.num_chunks)
+    assert sorted(full[0, 0].tolist()) == list(range(r.num_chunks))
+    o_r, lse_r = shared_attention(q, keys[1], vals, full, 32)
+    o_d, lse_d = shared_attention(q, keys[1], vals, None, 32)
+    torch.testing.assert_close(o_r, o_d)
+    torch.testing.assert_close(lse_r, lse_d)
+
+
+def test_routed_answer_at_half_density(handbook):
+    from kb.engine.sequence import SamplingParams
+
+    dense = handbook.answer("handbook", FACT_QUESTION, SamplingParams(max_tokens=20))
+    handbook.settings.density = 0.5
+    try:
+        routed = handbook.answer("handbook", FACT_QUESTION, SamplingParams(max_tokens=20))
+        shared = handbook._corpora["handbook"].shared
+        assert shared.routed and shared.top_k < shared.num_chunks
+    finally:
+        handbook.settings.density = 1.0
+    assert FACT_ANSWER in dense["answer"] and FACT_ANSWER in routed["answer"]
