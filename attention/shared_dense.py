@@ -18,6 +18,9 @@ import torch
 
 from ._triton import HAS_TRITON, cdiv, check_device, dot_dtype, sms, tl, triton
 
+if HAS_TRITON:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -34,6 +37,7 @@ if HAS_TRITON:
         stride_lt, stride_lh, stride_ls,
         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         KV_SCALE: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr,
+        USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)  # row block: fastest, so blocks sharing a KV range run together
         h = tl.program_id(1)      # KV head
@@ -58,14 +62,20 @@ if HAS_TRITON:
         n_lo = s * split_len
         n_hi = tl.minimum(n_lo + split_len, N)
         offs_n0 = tl.arange(0, BLOCK_N)
-        k_ptrs = K + n_lo.to(tl.int64) * stride_kn + h * stride_kh \
-            + offs_n0[:, None] * stride_kn + offs_d[None, :]
-        v_ptrs = V + n_lo.to(tl.int64) * stride_vn + h * stride_vh \
-            + offs_n0[:, None] * stride_vn + offs_d[None, :]
-        for start in range(n_lo, n_hi, BLOCK_N):
+        if not USE_TMA:
+            k_ptrs = K + n_lo.to(tl.int64) * stride_kn + h * stride_kh \
+                + offs_n0[:, None] * stride_kn + offs_d[None, :]
+            v_ptrs = V + n_lo.to(tl.int64) * stride_vn + h * stride_vh \
+                + offs_n0[:, None] * stride_vn + offs_d[None, :]
+        for start in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WARP_SPEC):
             offs_n = start + offs_n0
             n_ok = offs_n < N
-            if EVEN_N:  # N is a multiple of BLOCK_N: every tile is full, no masks
+            if USE_TMA:
+                # K, V are [N, Hkv * d] tensor descriptors: the copy engine fetches the
+                # [BLOCK_N, d] tile of head h into shared memory (rows past N read as 0)
+                k = K.load([start, h * D])
+                v = V.load([start, h * D])
+            elif EVEN_N:  # N is a multiple of BLOCK_N: every tile is full, no masks
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
             else:
@@ -91,8 +101,9 @@ if HAS_TRITON:
                 p = p * vs[None, :]
             acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
             m_i = m_new
-            k_ptrs += BLOCK_N * stride_kn
-            v_ptrs += BLOCK_N * stride_vn
+            if not USE_TMA:
+                k_ptrs += BLOCK_N * stride_kn
+                v_ptrs += BLOCK_N * stride_vn
 
         # every split holds at least one key, so l_i > 0 on every row
         o = acc / l_i[:, None]
@@ -148,7 +159,7 @@ def _config(block_m: int, interp: bool) -> dict:
     if CONFIG_OVERRIDE is not None and not interp:
         return dict(CONFIG_OVERRIDE["large" if block_m >= 128 else "small"])
     if interp:
-        return dict(BLOCK_N=16 if block_m <= 16 else 32)
+        return dict(BLOCK_N=16 if block_m <= 16 else 32, USE_TMA=block_m >= 32)
     # H100 sweep (bench/attention.py --sweep, docs/KERNELS.md): wide key tiles for the
     # memory-bound small-M case, 64-key tiles for the GEMM-shaped large-M case
     if block_m >= 128:
@@ -208,15 +219,24 @@ def shared_attention_dense(
         ks = vs = lse  # never read
         ssc = ssh = 0
     grid = (cdiv(rows, block_m), hkv, n_splits)
+    cfg = dict(cfg)
+    use_tma = cfg.pop("USE_TMA", False)
+    warp_spec = cfg.pop("WARP_SPEC", False)
+    kk, vv = k, v
+    if use_tma:
+        # [N, Hkv*d] views; one [BLOCK_N, d] box per load (TMA: 16-byte aligned rows)
+        box = [cfg["BLOCK_N"], d]
+        kk = TensorDescriptor.from_tensor(k.view(n, hkv * d), box)
+        vv = TensorDescriptor.from_tensor(v.view(n, hkv * d), box)
     _shared_dense_kernel[grid](
-        q, k, v, ks, vs, o_part, lse_part,
+        q, kk, vv, ks, vs, o_part, lse_part,
         t, n, chunk_size, split_len, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ssc, ssh,
         o_part.stride(0), o_part.stride(1), so,
         lse_part.stride(0), lse_part.stride(1), sl,
         G=g, D=d, BLOCK_M=block_m, KV_SCALE=k_scale is not None, EVEN_N=n % cfg["BLOCK_N"] == 0,
-        DOT=dot_dtype(q.dtype, q.device, k.dtype), **cfg,
+        DOT=dot_dtype(q.dtype, q.device, k.dtype), USE_TMA=use_tma, WARP_SPEC=warp_spec, **cfg,
     )
     if n_splits > 1:
         # partials [T*Hq rows, S parts, d] -> o, lse

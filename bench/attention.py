@@ -268,12 +268,17 @@ def sweep(dev, args):
     s8 = torch.full((n // args.chunk, HKV), 0.01, device=dev)
     k8 = (k.float() / s8[tok][:, :, None]).to(torch.float8_e4m3fn)
     v8 = (v.float() / s8[tok][:, :, None]).to(torch.float8_e4m3fn)
-    small = [(128, 8, 3), (128, 8, 4), (64, 4, 3), (128, 4, 4)]
-    large = [(64, 8, 3), (64, 8, 4), (128, 8, 3), (64, 4, 3)]
-    for b, kv, cands in [(1, "bf16", small), (256, "bf16", large), (64, "fp8", large)]:
+    # (BLOCK_N, num_warps, num_stages, TMA descriptors, warp specialization)
+    small = [(128, 8, 3, False, False), (128, 8, 3, True, False), (64, 4, 3, True, False),
+             (128, 4, 3, True, False)]
+    large = [(128, 8, 3, False, False), (128, 8, 3, True, False), (64, 8, 3, True, False),
+             (128, 8, 2, True, False), (128, 8, 3, True, True), (128, 4, 3, True, True),
+             (64, 4, 2, True, True)]
+    fp8 = [(128, 8, 3, False, False), (128, 8, 3, True, False), (128, 8, 3, True, True)]
+    for b, kv, cands in [(1, "bf16", small), (256, "bf16", large), (64, "fp8", fp8)]:
         q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16)
-        for bn, w, st in cands:
-            cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st)
+        for bn, w, st, tma, ws in cands:
+            cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma, WARP_SPEC=ws)
             shared_dense.CONFIG_OVERRIDE = {"small": cfg, "large": cfg}
             if kv == "fp8":
                 fn = lambda: attention.shared_attention(q, k8, v8, None, args.chunk, None, s8, s8)  # noqa: E731
@@ -348,9 +353,19 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--extra-chunk", type=int, default=256,
                     help="also time routed with this chunk size at N=128K, B>=128 (0: off)")
+    ap.add_argument("--sweep-only", action="store_true",
+                    help="only the launch-configuration sweep (its own process: a config that "
+                         "faults cannot take the main run down)")
     args = ap.parse_args()
     global DRY
     DRY = args.dry
+    if args.sweep_only:
+        import triton
+        res = dict(device=torch.cuda.get_device_name(), triton=triton.__version__,
+                   sweep=sweep(torch.device("cuda"), args))
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        return
     t0 = time.time()
     out = run(args)
     out["wall_s"] = round(time.time() - t0, 1)
