@@ -143,7 +143,13 @@ def plan_routing(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, bloc
             tile_start.to(torch.int32), idx)
 
 
+# Bench sweeps set this ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}); None: defaults.
+CONFIG_OVERRIDE: dict | None = None
+
+
 def _config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int, interp: bool) -> dict:
+    if CONFIG_OVERRIDE is not None and not interp:
+        return dict(CONFIG_OVERRIDE)
     # expected entries per group ~ T * k / C: size the entry block to it, 16..128 rows a tile
     per_group = max(1, t * top_k // max(1, num_chunks))
     block_m = max(16, min(128, triton.next_power_of_2(per_group * g)))
