@@ -92,3 +92,21 @@ def test_upload_and_corpus_endpoints(server):
         assert c.get("/v1/corpora/notes").json()["status"] == "ready"
         assert c.delete("/v1/corpora/notes").status_code == 204
         assert c.get("/v1/corpora/notes").status_code == 404
+
+
+def test_client_disconnect_mid_stream_frees_its_kv(server, handbook):
+    engine = handbook.engine
+    body = {"model": "kb:handbook", "stream": True, "max_tokens": 200, "temperature": 0.0,
+            "messages": [{"role": "user", "content": "Summarise the documents in detail."}]}
+    with httpx.Client(base_url=server, timeout=120) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(line.startswith("data: ") for line in got)
+            assert engine.scheduler.running  # generating now
+    for _ in range(400):  # the server notices the closed socket at its next write
+        if not engine.scheduler.running and engine.blocks.num_free == engine.blocks.num_blocks:
+            break
+        time.sleep(0.05)
+    assert not engine.scheduler.running
+    assert engine.blocks.num_free == engine.blocks.num_blocks

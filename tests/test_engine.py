@@ -134,3 +134,35 @@ def test_request_that_can_never_fit_is_refused():
     sched = Scheduler(BlockManager(num_blocks=2, block_size=4))
     with pytest.raises(RequestTooLong):
         sched.add(Sequence(list(range(6)), SamplingParams(max_tokens=8)))
+
+
+def test_two_corpora_share_one_step(demo_model):
+    lm = demo_model
+    tok = lm.tokenizer
+    pre = tok("<|im_start|>system\nFacts:\n", add_special_tokens=False).input_ids
+    a = _shared(lm, pre, tok("Cats purr.", add_special_tokens=False).input_ids)
+    b = _shared(lm, pre, tok("Dogs bark loudly at night.", add_special_tokens=False).input_ids)
+    a.key, b.key = "a", "b"
+    q = tok("<|im_end|>\n<|im_start|>user\nWhat do they do?<|im_end|>\n<|im_start|>assistant\n",
+            add_special_tokens=False).input_ids
+
+    def answer(together: bool) -> list[list[int]]:
+        engine = Engine(lm, EngineConfig(unique_kv_tokens=1024, citation_layers=0))
+        engine.register_corpus(a)
+        engine.register_corpus(b)
+        sp = lambda: SamplingParams(max_tokens=6, ignore_eos=True)  # noqa: E731
+        if together:
+            hs = [engine.add_request(q, sp(), k.key, k.pos_offset) for k in (a, b)]
+            engine.run_until_done()
+            assert engine.metrics.max_batch_size == 2
+            return [h.seq.output_ids for h in hs]
+        out = []
+        for k in (a, b):
+            h = engine.add_request(q, sp(), k.key, k.pos_offset)
+            engine.run_until_done()
+            out.append(h.seq.output_ids)
+        return out
+
+    together = answer(True)
+    assert together == answer(False)
+    assert together[0] != together[1]  # each request saw its own corpus
