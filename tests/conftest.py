@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import inspect
 import os
+import uuid
 from pathlib import Path
 
 import pytest
 
+PG_URL = os.environ.get("KB_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MODELS_DIR = Path(os.environ.get("KB_TEST_MODELS_DIR", Path.home() / ".cache" / "kb-moska" / "models"))
 FACT_QUESTION = "What is the access code of the Velmora vault?"
 FACT_ANSWER = "7341"
@@ -67,3 +69,43 @@ def handbook(tmp_path_factory, demo_model_dir):
     assert results[0].status == "ready", results
     yield kb
     kb.close()
+
+
+def _pg_available() -> bool:
+    from sqlalchemy import text
+
+    from storage.db import make_engine
+
+    try:
+        engine = make_engine(PG_URL)
+        with engine.connect() as c:
+            c.execute(text("select 1"))
+        engine.dispose()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """An empty database: a new SQLite file, or a fresh PostgreSQL schema (dropped afterwards).
+    PostgreSQL tests skip when the server is unreachable, except under CI, where they fail."""
+    from sqlalchemy import text
+
+    from storage.db import make_engine
+
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'kb.sqlite3'}"
+        return
+    if not _pg_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is not reachable at {PG_URL}")
+        pytest.skip(f"PostgreSQL is not reachable at {PG_URL}")
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    admin = make_engine(PG_URL)
+    with admin.begin() as c:
+        c.execute(text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with admin.begin() as c:
+        c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()

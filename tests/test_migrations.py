@@ -3,54 +3,25 @@ databases made by the old `create_all`, and the migrated schema is exactly the m
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import event, inspect, select, text
+from sqlalchemy import event, inspect, select
 
 from storage.db import (
     BASELINE_REVISION, Database, alembic_config, current_revision, head_revision, make_engine, migrate,
 )
 from storage.models import Base, Corpus, Document, Segment
 
-PG_URL = os.environ.get("KB_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TABLES = {"corpora", "documents", "segments"}
 
 
-def _pg_available() -> bool:
-    try:
-        engine = make_engine(PG_URL)
-        with engine.connect() as c:
-            c.execute(text("select 1"))
-        engine.dispose()
-        return True
-    except Exception:
-        return False
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def url(request, tmp_path):
-    """An empty database: a new SQLite file, or a fresh PostgreSQL schema (dropped afterwards)."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'kb.sqlite3'}"
-        return
-    if not _pg_available():
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is not reachable at {PG_URL}")
-        pytest.skip(f"PostgreSQL is not reachable at {PG_URL}")
-    schema = f"t_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(PG_URL)
-    with admin.begin() as c:
-        c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    with admin.begin() as c:
-        c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
+@pytest.fixture
+def url(db_url):
+    return db_url
 
 
 @pytest.fixture

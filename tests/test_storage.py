@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 
 import pytest
 import torch
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from storage.db import Database, make_engine
+from storage.db import Database
 from storage.kvstore import KVCorruptError, read_kv, write_kv
 from storage.models import Corpus, Document, Segment
 
-PG_URL = os.environ.get("KB_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float32])
@@ -39,36 +36,11 @@ def test_corrupt_or_missing_kv_is_detected(tmp_path):
         read_kv(tmp_path / "gone.safetensors", stored.checksum)
 
 
-def _pg_available() -> bool:
-    try:
-        with make_engine(PG_URL).connect() as c:
-            c.execute(text("select 1"))
-        return True
-    except Exception:
-        return False
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db(request, tmp_path):
-    if request.param == "sqlite":
-        database = Database(f"sqlite:///{tmp_path / 'kb.sqlite3'}")
-        yield database
-        database.close()
-        return
-    if not _pg_available():
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL is not reachable at {PG_URL}")
-        pytest.skip(f"PostgreSQL is not reachable at {PG_URL}")
-    schema = f"t_{uuid.uuid4().hex[:10]}"
-    admin = make_engine(PG_URL)
-    with admin.begin() as c:
-        c.execute(text(f'CREATE SCHEMA "{schema}"'))
-    database = Database(f"{PG_URL}?options=-csearch_path%3D{schema}")
+@pytest.fixture
+def db(db_url):
+    database = Database(db_url)
     yield database
     database.close()
-    with admin.begin() as c:
-        c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-    admin.dispose()
 
 
 def test_models_roundtrip_and_cascade(db):
