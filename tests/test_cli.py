@@ -71,4 +71,4 @@ def test_answers_reuse_the_stored_kv(handbook):
         ran = engine.runner.forward_tokens - before
         assert ran == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"] - 1
         assert ran < corpus_tokens / 10
-    assert len(handbook._corpora) == 1  # loaded from disk once, then kept
+    assert len(handbook.cache.loaded) == 1  # loaded from disk once, then kept

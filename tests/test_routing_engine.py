@@ -35,7 +35,7 @@ def test_routed_answer_at_half_density(handbook):
     handbook.settings.density = 0.5
     try:
         routed = handbook.answer("handbook", FACT_QUESTION, SamplingParams(max_tokens=20))
-        shared = handbook._corpora["handbook"].shared
+        shared = handbook.cache.loaded["handbook"].shared
         assert shared.routed and shared.top_k < shared.num_chunks
     finally:
         handbook.settings.density = 1.0
