@@ -9,7 +9,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import event, inspect, select
+from sqlalchemy import event, inspect, select, text
 
 from storage.db import (
     BASELINE_REVISION, Database, alembic_config, current_revision, head_revision, make_engine, migrate,
@@ -97,23 +97,39 @@ def test_second_upgrade_is_a_no_op(url, engine):
     _assert_corpus_intact(engine)
 
 
+def _legacy_schema(engine, drop: tuple[str, ...] = ()) -> None:
+    """The schema `create_all` made before migrations existed (the baseline's tables, no
+    alembic_version), less the tables in `drop`."""
+    with engine.begin() as c:
+        command.upgrade(alembic_config(c), BASELINE_REVISION)
+        for table in ("alembic_version", *drop):
+            c.execute(text(f"DROP TABLE {table}"))
+
+
 def test_create_all_database_is_stamped_not_recreated(url, engine):
-    Base.metadata.create_all(engine)
-    _add_corpus(engine)
+    _legacy_schema(engine)
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO corpora (id, name, model, status, settings, preamble_len, hits, created_at) "
+                       "VALUES (1, 'law', 'm', 'ready', '{}', 0, 3, '2026-01-01 00:00:00+00:00')"))
     engine.statements.clear()
     assert migrate(engine) == head_revision()
-    created = [s for s in _writes(engine.statements) if s.startswith(("CREATE", "DROP", "ALTER"))]
-    assert created == ["CREATE TABLE ALEMBIC_VERSION ( VERSION_NUM VARCHAR(32) NOT NULL, "
-                       "CONSTRAINT ALEMBIC_VERSION_PKC PRIMARY KEY (VERSION_NUM) )"]
+    created = [s for s in _writes(engine.statements) if s.startswith(("CREATE TABLE", "DROP TABLE"))]
+    assert created[0] == ("CREATE TABLE ALEMBIC_VERSION ( VERSION_NUM VARCHAR(32) NOT NULL, "
+                          "CONSTRAINT ALEMBIC_VERSION_PKC PRIMARY KEY (VERSION_NUM) )")
+    # the baseline's tables were adopted, not created again
+    assert not [s for s in created if s.startswith(("CREATE TABLE CORPORA", "CREATE TABLE DOCUMENTS ",
+                                                    "CREATE TABLE SEGMENTS "))]
     assert _revision(engine) == head_revision()
-    _assert_corpus_intact(engine)
+    with engine.connect() as c:  # the row survived and got the new columns' defaults
+        row = c.execute(text("SELECT name, hits, visibility, tier FROM corpora")).one()
+    assert tuple(row) == ("law", 3, "public", "disk")
     with engine.connect() as c:  # the adopted schema is the models' schema too
         assert compare_metadata(MigrationContext.configure(c), Base.metadata) == []
 
 
 def test_partial_unversioned_schema_is_refused(engine):
     """Neither empty nor the baseline: refuse (naming what is missing) and change nothing."""
-    Base.metadata.tables["corpora"].create(engine)
+    _legacy_schema(engine, drop=("segments", "documents"))
     with pytest.raises(RuntimeError, match="table documents is missing"):
         migrate(engine)
     assert set(inspect(engine).get_table_names()) == {"corpora"}
