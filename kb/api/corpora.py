@@ -49,10 +49,10 @@ async def upload(name: str, files: list[UploadFile] = File(...), kb: KnowledgeBa
             with open(dest, "wb") as out:  # copy at most limit+1 bytes: the size check needs no more
                 copied = 0
                 while chunk := await f.read(1 << 20):
+                    out.write(chunk[: limit + 1 - copied])
                     copied += len(chunk)
-                    if copied > limit + 1:
+                    if copied > limit:
                         break
-                    out.write(chunk)
             paths.append(dest)
         results = await run_in_threadpool(kb.ingest, name, paths)
     out = [r.__dict__ for r in results]
