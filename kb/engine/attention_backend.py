@@ -45,15 +45,31 @@ class SegmentPrefill:
 
 @dataclass
 class CorpusGroup:
-    """The rows of a step's packed tokens that attend one corpus's shared KV."""
+    """The rows of a step's packed tokens that attend one corpus's shared KV (None: all rows, in
+    order, so no gather or scatter is needed)."""
 
     shared: SharedKV
-    rows: torch.Tensor  # [T_c] token indices into the step
-    seq_of_row: torch.Tensor  # [T_c] index of the owning sequence within the batch
+    rows: torch.Tensor | None  # [T_c] token indices into the step
+    seq_of_row: torch.Tensor | None  # [T_c] index of the owning sequence within the batch
+
+
+def _unique(q, kc, vc, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """attention.unique_attention, handing the kernel the lengths the runner already knows so
+    that no layer reads them back from the device (a host sync per layer)."""
+    if max_seqlen_k is not None and attention.use_triton(q) and kc.dtype == q.dtype:
+        from attention.paged import unique_attention_paged
+        return unique_attention_paged(q, kc, vc, block_table, seq_lens, cu_seqlens_q,
+                                      max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    return attention.unique_attention(q, kc, vc, block_table, seq_lens, cu_seqlens_q)
 
 
 @dataclass
 class ServeAttention:
+    """The serving step. Also the per-request baseline: when the runner puts a corpus's shared
+    pages at the head of each request's block table (`ModelRunner.shared_mode = "per_request"`)
+    and passes no groups, the paged kernel reads the shared KV once per request, as prefix
+    caching does."""
+
     k_cache: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, d]
     v_cache: list[torch.Tensor]
     slot_mapping: torch.Tensor  # [T] flat slot of each new token
@@ -63,22 +79,34 @@ class ServeAttention:
     groups: list[CorpusGroup]
     mass: dict[int, torch.Tensor] = field(default_factory=dict)  # batch index -> mass per chunk
     citation_layers: frozenset[int] = frozenset()
+    max_seqlen_q: int | None = None  # longest run of new tokens (host-known: avoids a sync)
+    max_seqlen_k: int | None = None  # longest KV length after this step
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
         hkv, d = kc.shape[2], kc.shape[3]
         kc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, k.to(kc.dtype))
         vc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, v.to(vc.dtype))
-        o, lse = attention.unique_attention(q, kc, vc, self.block_table, self.seq_lens, self.cu_seqlens_q)
+        o, lse = _unique(q, kc, vc, self.block_table, self.seq_lens, self.cu_seqlens_q,
+                         self.max_seqlen_q, self.max_seqlen_k)
         for g in self.groups:
             sh = g.shared
-            qg = q.index_select(0, g.rows)
+            qg = q if g.rows is None else q.index_select(0, g.rows)
             idx = None
             if sh.routed:
                 idx = sh.router.route(layer, qg, sh.top_k)
-            o_s, lse_s = attention.shared_attention(qg, sh.k[layer], sh.v[layer], idx, sh.chunk_size)
-            o_m, lse_m = attention.merge(o_s, lse_s, o.index_select(0, g.rows), lse.index_select(0, g.rows))
-            o.index_copy_(0, g.rows, o_m.to(o.dtype))
+            k_scale, v_scale = sh.meta.get("k_scale"), sh.meta.get("v_scale")  # fp8 KV: per layer
+            o_s, lse_s = attention.shared_attention(
+                qg, sh.k[layer], sh.v[layer], idx, sh.chunk_size,
+                k_scale=None if k_scale is None else k_scale[layer],
+                v_scale=None if v_scale is None else v_scale[layer])
+            if g.rows is None:
+                o_m, lse_m = attention.merge(o_s, lse_s, o, lse)
+                o = o_m.to(o.dtype)
+            else:
+                o_m, lse_m = attention.merge(o_s, lse_s, o.index_select(0, g.rows),
+                                             lse.index_select(0, g.rows))
+                o.index_copy_(0, g.rows, o_m.to(o.dtype))
             if layer in self.citation_layers:
                 self._accumulate_mass(qg, sh, layer, g.seq_of_row, lse_m)
         return o

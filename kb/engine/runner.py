@@ -1,5 +1,13 @@
 """One forward step for all scheduled sequences: packs their new tokens, builds the attention
-metadata once, runs the model, and returns logits for the sequences that sample this step."""
+metadata once, runs the model, and returns logits for the sequences that sample this step.
+
+Two ways to attend a corpus's shared KV (`shared_mode`):
+- "moska" (the service): per layer, the queries of all requests of a corpus meet its shared KV
+  together (one GEMM, dense or routed), merged by log-sum-exp with each request's unique KV.
+- "per_request" (the baseline of prefix caching, for benchmarks): the shared KV lives in pages of
+  the unique-KV pool (`reserve_shared`), each request's block table starts with those pages, and
+  the paged kernel reads them once per request. Same attention, no sharing of the reads.
+"""
 
 from __future__ import annotations
 
@@ -10,58 +18,127 @@ from kb.engine.scheduler import Batch
 from kb.engine.shared_kv import SharedKV
 from kb.model.llama import Transformer
 
+SHARED_MODES = ("moska", "per_request")
+
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, device: str,
-                 citation_layers: frozenset[int] = frozenset()):
+                 citation_layers: frozenset[int] = frozenset(), shared_blocks: int = 0):
+        """`num_blocks` pages for unique KV (the block manager's ids 0..num_blocks-1) plus
+        `shared_blocks` pages after them that `reserve_shared` hands to corpora."""
         cfg = model.config
         self.model, self.device, self.block_size = model, device, block_size
         dtype = next(model.parameters()).dtype
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (num_blocks + shared_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.citation_layers = citation_layers
         self.forward_tokens = 0  # tokens run through the model since start (tests read this)
+        self.shared_mode = "moska"
+        self.shared_pages: dict[str, torch.Tensor] = {}  # corpus key -> its page ids (per_request)
+        self._next_shared = num_blocks
+        self._end_shared = num_blocks + shared_blocks
+
+    def reserve_shared(self, key: str, num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Hand `num_tokens` tokens of shared pages to corpus `key`; returns per-layer views
+        k, v `[num_tokens, Hkv, d]` into the pool (fill them, then build the SharedKV on them),
+        so the same memory serves both shared modes."""
+        assert num_tokens % self.block_size == 0, \
+            f"per-request shared pages need whole blocks: {num_tokens} % {self.block_size} != 0"
+        n = num_tokens // self.block_size
+        first = self._next_shared
+        assert first + n <= self._end_shared, "not enough shared pages reserved in the pool"
+        self._next_shared += n
+        self.shared_pages[key] = torch.arange(first, first + n, dtype=torch.int32, device=self.device)
+        hkv, d = self.k_cache[0].shape[2:]
+        k = [c[first:first + n].view(num_tokens, hkv, d) for c in self.k_cache]
+        v = [c[first:first + n].view(num_tokens, hkv, d) for c in self.v_cache]
+        return k, v
+
+    def _block_table(self, batch: Batch, prefix: list[str | None]) -> torch.Tensor:
+        """[B, max_blocks] int32 on the device; in per_request mode each row starts with its
+        corpus's shared pages."""
+        seqs = batch.seqs
+        width = max(len(s.block_table) for s in seqs)
+        flat = []
+        for s in seqs:  # one host list, one copy to the device
+            flat.extend(s.block_table)
+            flat.extend([0] * (width - len(s.block_table)))
+        own = torch.tensor(flat, dtype=torch.int32).view(len(seqs), width).to(self.device)
+        if not any(k is not None for k in prefix):
+            return own
+        pages = [self.shared_pages[k] if k is not None else None for k in prefix]
+        lens = {p.shape[0] if p is not None else 0 for p in pages}
+        if len(lens) == 1 and None not in pages:  # the usual case: one prefix length for all
+            return torch.cat([torch.stack(pages), own], dim=1)
+        p_max = max(lens)
+        rows = []
+        for p, r in zip(pages, own):
+            row = r if p is None else torch.cat([p, r])
+            rows.append(torch.nn.functional.pad(row, (0, p_max + width - row.shape[0])))
+        return torch.stack(rows)
 
     @torch.inference_mode()
     def run(self, batch: Batch, corpora: dict[str, SharedKV]) -> tuple[torch.Tensor, list[int]]:
         """Returns (logits[S, V], indices into batch.seqs of the S sequences that sample)."""
+        assert self.shared_mode in SHARED_MODES, self.shared_mode
+        per_request = self.shared_mode == "per_request"
+        bs = self.block_size
         ids, pos, slots, rows_of_corpus = [], [], [], {}
-        cu, seq_lens, sample_rows, sample_idx = [0], [], [], []
+        cu, seq_lens, sample_rows, sample_idx, prefix = [0], [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             start = seq.num_computed
-            all_ids = seq.all_ids
-            for j in range(start, start + n):
-                ids.append(all_ids[j])
-                pos.append(seq.pos_offset + j)
-                slots.append(seq.block_table[j // self.block_size] * self.block_size + j % self.block_size)
-            if seq.corpus_key is not None:
-                rows_of_corpus.setdefault(seq.corpus_key, []).extend((r, i) for r in range(cu[-1], cu[-1] + n))
+            table = seq.block_table
+            if n == 1:  # decode: skip building all_ids
+                p = len(seq.prompt_ids)
+                ids.append(seq.prompt_ids[start] if start < p else seq.output_ids[start - p])
+                pos.append(seq.pos_offset + start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                all_ids = seq.all_ids
+                for j in range(start, start + n):
+                    ids.append(all_ids[j])
+                    pos.append(seq.pos_offset + j)
+                    slots.append(table[j // bs] * bs + j % bs)
+            kv_len = start + n
+            if seq.corpus_key is not None and per_request:
+                prefix.append(seq.corpus_key)
+                kv_len += self.shared_pages[seq.corpus_key].shape[0] * bs
+            else:
+                prefix.append(None)
+                if seq.corpus_key is not None:
+                    rows_of_corpus.setdefault(seq.corpus_key, []).append((cu[-1], n, i))
             cu.append(cu[-1] + n)
-            seq_lens.append(start + n)
+            seq_lens.append(kv_len)
             if batch.samples(i):
                 sample_rows.append(cu[-1] - 1)
                 sample_idx.append(i)
         dev = self.device
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        table = torch.zeros(len(batch.seqs), max_blocks, dtype=torch.int32)
-        for i, s in enumerate(batch.seqs):
-            table[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+        t, b = len(ids), len(batch.seqs)
+        # all integer metadata in one host tensor and one copy to the device
+        packed = torch.tensor(ids + pos + slots + seq_lens + cu + sample_rows, dtype=torch.long).to(dev)
+        ids_d, pos_d, slots_d, lens_d, cu_d, sample_d = packed.split([t, t, t, b, b + 1, len(sample_rows)])
         groups = []
-        for key, pairs in rows_of_corpus.items():
-            rows = torch.tensor([r for r, _ in pairs], dtype=torch.long, device=dev)
-            owner = torch.tensor([i for _, i in pairs], dtype=torch.long, device=dev)
-            groups.append(CorpusGroup(corpora[key], rows, owner))
+        for key, runs in rows_of_corpus.items():
+            whole = len(runs) == b and runs[-1][0] + runs[-1][1] == t  # every row, in order
+            if whole and not self.citation_layers:
+                groups.append(CorpusGroup(corpora[key], None, None))
+                continue
+            rows = [r for r0, n, _ in runs for r in range(r0, r0 + n)]
+            owner = [i for _, n, i in runs for _ in range(n)]
+            rt = torch.tensor(rows + owner, dtype=torch.long).to(dev)
+            groups.append(CorpusGroup(corpora[key], rt[: len(rows)], rt[len(rows):]))
         attn = ServeAttention(
-            k_cache=self.k_cache, v_cache=self.v_cache,
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_table=table.to(dev), seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev), groups=groups,
-            citation_layers=self.citation_layers)
-        hidden = self.model(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), attn)
-        self.forward_tokens += len(ids)
-        for b, m in attn.mass.items():
-            seq = batch.seqs[b]
+            k_cache=self.k_cache, v_cache=self.v_cache, slot_mapping=slots_d,
+            block_table=self._block_table(batch, prefix), seq_lens=lens_d.to(torch.int32),
+            cu_seqlens_q=cu_d.to(torch.int32), groups=groups, citation_layers=self.citation_layers,
+            max_seqlen_q=max(batch.num_new), max_seqlen_k=max(seq_lens))
+        hidden = self.model(ids_d, pos_d, attn)
+        self.forward_tokens += t
+        for bi, m in attn.mass.items():
+            seq = batch.seqs[bi]
             seq.chunk_mass = m if seq.chunk_mass is None else seq.chunk_mass + m
-        logits = self.model.logits(hidden.index_select(0, torch.tensor(sample_rows, device=dev)))
+        if len(sample_rows) < t:
+            hidden = hidden.index_select(0, sample_d)
+        logits = self.model.logits(hidden)
         return logits, sample_idx
