@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
     dtype: str = Field(default="auto", description="model weights: auto (float32 on CPU, bfloat16 on GPU)")
     kv_dtype: str = Field(default="float16", description="stored shared KV: float16, bfloat16 or float8")
+    gpu_cache_gb: float = Field(default=16.0, ge=0, description="shared KV held on the serving device (the CPU "
+                                "on CPU-only machines), GiB")
+    cpu_cache_gb: float = Field(default=32.0, ge=0, description="shared KV parked in (pinned) host memory, GiB")
 
     segment_len: int = Field(default=1024, ge=16, description="max tokens per segment")
     chunk_size: int = Field(default=64, ge=1, description="shared tokens per routing chunk")

@@ -2,6 +2,11 @@
 
 A file holds `k` and `v` as [layers, tokens, kv_heads, head_dim] in the stored dtype. Its sha256
 is returned on write and must match on read, so a torn or corrupted file is never served.
+
+fp8 (e4m3) files also hold `k_scale` and `v_scale` [layers, kv_heads] float32: one scale per layer
+and KV head of the segment, so that each head's largest magnitude maps to e4m3's largest finite
+value. A file of fp8 tensors without scales (a plain cast) reads with scale 1. Reading dequantizes
+fp8 to float16 by default: the serving layout is 16-bit (docs/CACHE.md says why).
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
 
 
 class KVCorruptError(RuntimeError):
@@ -38,12 +47,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_kv(path: str | os.PathLike, k: torch.Tensor, v: torch.Tensor, metadata: dict[str, str] | None = None
-             ) -> StoredKV:
-    """Write k, v [L, n, Hkv, d] to `path` atomically (temporary file, fsync, rename)."""
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [L, n, Hkv, d] -> (e4m3 [L, n, Hkv, d], scale [L, Hkv] float32), x ~= q * scale.
+
+    One scale per (layer, KV head): heads differ in range by orders of magnitude (a few carry the
+    attention sink), layers too, while tokens of one head share a range."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=(1, 3))  # [L, Hkv]
+    scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    q = (xf / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
+def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """e4m3 [L, n, Hkv, d] with scale [L, Hkv] (None: 1) -> `dtype`; bfloat16 where float16 would overflow."""
+    xf = q.float()
+    if scale is not None:
+        xf = xf * scale.float()[:, None, :, None]
+    if dtype == torch.float16 and xf.numel() and xf.abs().max() > torch.finfo(torch.float16).max:
+        dtype = torch.bfloat16
+    return xf.to(dtype)
+
+
+def write_kv(path: str | os.PathLike, k: torch.Tensor, v: torch.Tensor, metadata: dict[str, str] | None = None,
+             dtype: torch.dtype | None = None) -> StoredKV:
+    """Write k, v [L, n, Hkv, d] to `path` atomically (temporary file, fsync, rename).
+
+    `dtype` converts first; float8_e4m3fn quantizes with per-(layer, head) scales stored beside."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = st_save({"k": k.contiguous().cpu(), "v": v.contiguous().cpu()}, metadata=metadata or {})
+    tensors: dict[str, torch.Tensor]
+    if dtype == FP8 and k.dtype != FP8:
+        (kq, ks), (vq, vs) = quantize_fp8(k), quantize_fp8(v)
+        tensors = {"k": kq, "v": vq, "k_scale": ks, "v_scale": vs}
+    else:
+        tensors = {"k": k if dtype is None else k.to(dtype), "v": v if dtype is None else v.to(dtype)}
+    data = st_save({n: t.contiguous().cpu() for n, t in tensors.items()}, metadata=metadata or {})
     checksum = hashlib.sha256(data).hexdigest()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -59,8 +98,21 @@ def write_kv(path: str | os.PathLike, k: torch.Tensor, v: torch.Tensor, metadata
     return StoredKV(path=path, checksum=checksum, nbytes=len(data))
 
 
-def read_kv(path: str | os.PathLike, checksum: str | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read k, v from `path`; raise KVCorruptError unless the bytes hash to `checksum`."""
+def read_kv(path: str | os.PathLike, checksum: str | None, dequantize: bool = True
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read k, v from `path`; raise KVCorruptError unless the bytes hash to `checksum`.
+    fp8 tensors come back as float16 unless `dequantize` is False (then raw e4m3, scales dropped:
+    use read_kv_tensors to keep them)."""
+    tensors = read_kv_tensors(path, checksum)
+    k, v = tensors["k"], tensors["v"]
+    if dequantize and k.dtype == FP8:
+        k = dequantize_fp8(k, tensors.get("k_scale"))
+        v = dequantize_fp8(v, tensors.get("v_scale"))
+    return k, v
+
+
+def read_kv_tensors(path: str | os.PathLike, checksum: str | None) -> dict[str, torch.Tensor]:
+    """All tensors of a verified KV file as stored (k, v and, for fp8, k_scale and v_scale)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -72,4 +124,6 @@ def read_kv(path: str | os.PathLike, checksum: str | None) -> tuple[torch.Tensor
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error types
         raise KVCorruptError(f"KV file {path.name} is not a valid safetensors file: {e}") from e
-    return tensors["k"], tensors["v"]
+    if "k" not in tensors or "v" not in tensors:
+        raise KVCorruptError(f"KV file {path.name} lacks its k or v tensor")
+    return tensors
