@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path("./data"), description="all state: database, KV files, models")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in home")
     redis_url: str | None = Field(default=None, description="unset: in-process broker")
+    redis_prefix: str = Field(default="kb:", description="prefix of every Redis key (one per deployment or test)")
     model: str = Field(default=DEMO_NAME, description="the demo model's name or a local checkpoint folder")
     models_dir: Path | None = Field(default=None, description="where converted models live; default home/models")
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
@@ -61,6 +62,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = Field(default=64.0, gt=0)
+    auth: str = Field(default="off", pattern="^(on|off)$",
+                      description="on: sign-in and API keys required; off: anonymous use of public corpora")
     system_prompt: str = ("You are a helpful assistant. Answer the question using only the documents "
                           "below. Be brief.")
 

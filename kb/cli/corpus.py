@@ -35,20 +35,47 @@ def cmd_corpus_delete(args) -> int:
 
 
 def cmd_ingest(args) -> int:
+    """Ingest through the job path: without KB_REDIS_URL an in-process worker runs the jobs
+    until they finish; with it, `kb worker` processes do, and this waits (or not: --no-wait)."""
+    from kb.jobs import jobs_for
+
     kb = _kb()
     kb.corpus_info(args.name)  # fail fast on an unknown corpus
+    jobs = jobs_for(kb)
+    try:
+        subs = jobs.submit(args.name, args.files, start_worker=not args.no_wait)
+        ids = [s.job_id for s in subs if s.job_id]
+        if args.no_wait:
+            for s in subs:
+                if s.status == "failed":
+                    print(f"{s.filename}: failed: {s.error}", file=sys.stderr)
+                elif s.status == "duplicate":
+                    print(f"{s.filename}: duplicate ({s.segments} segments, {s.tokens} tokens)")
+                else:
+                    print(f"{s.filename}: queued (job {s.job_id})")
+            return 1 if any(s.status == "failed" for s in subs) else 0
 
-    def progress(filename: str, stage: str, frac: float) -> None:
-        if not args.quiet:
-            print(f"  {filename}: {stage} {frac * 100:5.1f}%", file=sys.stderr)
+        def progress(info) -> None:
+            if not args.quiet and info.stage and info.status != "queued":
+                frac = info.segments_done / max(1, info.segments_total) if info.stage != "ready" else 1.0
+                print(f"  {info.filename}: {info.stage} {frac * 100:5.1f}%", file=sys.stderr)
 
-    results = kb.ingest(args.name, args.files, progress)
-    failed = [r for r in results if r.status == "failed"]
-    for r in results:
-        if r.status == "failed":
-            print(f"{r.filename}: failed: {r.error}", file=sys.stderr)
+        if ids and not jobs.in_process and not args.quiet:
+            print(f"waiting for {len(ids)} jobs (run `kb worker` if none is running)", file=sys.stderr)
+        done = {i.id: i for i in jobs.wait(ids, progress)}
+    finally:
+        jobs.close()
+    failed = False
+    for s in subs:
+        info = done.get(s.job_id) if s.job_id else None
+        if s.status == "failed" or (info is not None and info.status != "done"):
+            failed = True
+            reason = s.error if info is None else (info.error or info.status)
+            print(f"{s.filename}: failed: {reason}", file=sys.stderr)
+        elif info is not None:
+            print(f"{s.filename}: ready ({info.segments_total} segments, {info.tokens} tokens)")
         else:
-            print(f"{r.filename}: {r.status} ({r.segments} segments, {r.tokens} tokens)")
+            print(f"{s.filename}: {s.status} ({s.segments} segments, {s.tokens} tokens)")
     return 1 if failed else 0
 
 
@@ -68,4 +95,5 @@ def register(sub) -> None:
     c.add_argument("name")
     c.add_argument("files", nargs="+")
     c.add_argument("-q", "--quiet", action="store_true")
+    c.add_argument("--no-wait", action="store_true", help="submit the jobs and return (with KB_REDIS_URL)")
     c.set_defaults(func=cmd_ingest)

@@ -1,7 +1,9 @@
 """The ingestion pipeline: store a file, parse it, cut segments, prefill them, write their KV.
 
-Each stage is recorded on the document, so a crashed ingestion resumes from its last stored
-segment, and one bad file never stops the others.
+Two steps a job can run apart: `store` (copy the file, create its Document row) and `build`
+(stored -> parsed -> tokenized -> prefilled k/n -> indexed -> ready, or failed with a reason).
+Each stage is recorded on the document and reported to a hook between steps and segments, so a
+crashed ingestion resumes from its last stored segment, and one bad file never stops the others.
 """
 
 from __future__ import annotations
@@ -25,12 +27,69 @@ from kb.precompute import prefill_preamble, prefill_segments
 from kb.prompt import encode, preamble_text
 from kb.settings import Settings
 from storage.db import Database
-from storage.kvstore import write_kv
+from storage.kvstore import KVCorruptError, read_kv, write_kv
 from storage.models import Corpus, Document, Segment
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, str, float], None]
+
+# share of a document's progress each stage has reached; prefill spans PREFILL_FROM..PREFILL_TO
+STAGE_PERCENT = {"stored": 0.0, "parsed": 3.0, "tokenized": 5.0, "indexed": 99.0, "ready": 100.0}
+PREFILL_FROM, PREFILL_TO = 5.0, 97.0
+
+
+@dataclass(frozen=True)
+class StageUpdate:
+    """Where one document's ingestion stands: its stage and, while prefilling, k of n segments."""
+
+    document_id: int
+    filename: str
+    stage: str  # stored|parsed|tokenized|prefilled|indexed|ready
+    done: int = 0
+    total: int = 0
+
+    @property
+    def percent(self) -> float:
+        if self.stage == "prefilled":
+            return PREFILL_FROM + (PREFILL_TO - PREFILL_FROM) * self.done / max(1, self.total)
+        return STAGE_PERCENT.get(self.stage, 0.0)
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the prefill done (what `kb ingest` prints), 1.0 once past it."""
+        if self.stage == "prefilled":
+            return self.done / max(1, self.total)
+        return 1.0 if self.stage in ("indexed", "ready") else 0.0
+
+
+StageHook = Callable[[StageUpdate], None]
+
+
+class Cancelled(Exception):
+    """Raised between segments when the caller's `should_stop()` says the job was cancelled."""
+
+
+@dataclass(frozen=True)
+class StoredDocument:
+    """The result of the store step: the document's row, or the ready duplicate it matched."""
+
+    filename: str
+    document_id: int
+    duplicate: bool
+    stage: str
+    segments: int = 0
+    tokens: int = 0
+
+    def result(self) -> "IngestResult":
+        return IngestResult(self.filename, "duplicate", self.document_id, self.segments, self.tokens)
+
+
+def failure_message(e: BaseException, filename: str) -> str:
+    """The one-line reason shown for a failed document."""
+    if isinstance(e, OSError):
+        return f"cannot read {filename}: {e.strerror or e}"
+    return getattr(e, "message", None) or str(e)
 
 
 @dataclass
@@ -83,31 +142,43 @@ class Ingestor:
         corpus.settings = cfg
         corpus.cache_key = key
 
-    def ingest(self, name: str, paths: list[str | Path],
-               progress: Callable[[str, str, float], None] | None = None) -> list[IngestResult]:
-        """Store, parse, segment and prefill each file; one bad file never stops the others."""
-        progress = progress or (lambda *_: None)
+    def corpus_id(self, name: str) -> int:
+        """The id of corpus `name`; NotFound when it does not exist."""
         with self.db.session() as s:
             corpus = s.scalar(select(Corpus).where(Corpus.name == name))
             if corpus is None:
                 raise NotFound(f"corpus {name!r} does not exist")
-            corpus_id = corpus.id
+            return corpus.id
+
+    def ingest(self, name: str, paths: list[str | Path],
+               progress: Callable[[str, str, float], None] | None = None) -> list[IngestResult]:
+        """Store, parse, segment and prefill each file in this thread; one bad file never stops
+        the others. (The job path, `kb.jobs`, runs the same two steps, store and build, apart.)"""
+        progress = progress or (lambda *_: None)
+        corpus_id = self.corpus_id(name)
         results = []
         for path in paths:
             path = Path(path)
             try:
-                results.append(self._ingest_one(corpus_id, path, progress))
+                stored = self.store(corpus_id, path)
+                if stored.duplicate:
+                    results.append(stored.result())
+                    continue
+                progress(path.name, "stored", 0.0)
+                hook = lambda u: progress(path.name, u.stage, u.fraction)  # noqa: E731
+                results.append(self.build(stored.document_id, hook=hook))
             except (IngestError, KBError, OSError) as e:
-                msg = getattr(e, "message", None) or str(e)
-                if isinstance(e, OSError):
-                    msg = f"cannot read {path.name}: {e.strerror or e}"
+                msg = failure_message(e, path.name)
                 log.warning("ingest of %s into %s failed: %s", path.name, name, msg)
                 results.append(IngestResult(path.name, "failed", error=msg, code=getattr(e, "code", None)))
-        self._refresh_status(corpus_id)
+        self.refresh_status(corpus_id)
         return results
 
-    def _ingest_one(self, corpus_id: int, path: Path, progress) -> IngestResult:
+    def store(self, corpus_id: int, path: Path) -> StoredDocument:
+        """Step 1: check the size, copy the file under files_dir and create (or find) its
+        Document row. A document already ingested comes back with `duplicate` set."""
         s = self.settings
+        path = Path(path)
         max_bytes = int(s.max_upload_mb * 1024 * 1024)
         size = path.stat().st_size
         if size > max_bytes:
@@ -116,39 +187,70 @@ class Ingestor:
         digest = hashlib.sha256(data).hexdigest()
         with self.db.session() as sess:
             corpus = sess.get(Corpus, corpus_id)
-            dup = sess.scalar(select(Document).where(Document.corpus_id == corpus_id, Document.content_hash == digest))
-            if dup is not None and dup.stage == "ready":
-                return IngestResult(path.name, "duplicate", dup.id, len(dup.segments), dup.num_tokens)
-            if dup is None:
+            doc = sess.scalar(select(Document).where(Document.corpus_id == corpus_id, Document.content_hash == digest))
+            if doc is not None and doc.stage == "ready":
+                return StoredDocument(path.name, doc.id, True, "ready", len(doc.segments), doc.num_tokens)
+            if doc is None:
                 stored = s.files_dir / str(corpus_id) / f"{digest[:16]}_{_safe_filename(path.name)}"
                 stored.parent.mkdir(parents=True, exist_ok=True)
                 stored.write_bytes(data)
-                dup = Document(corpus_id=corpus_id, filename=_safe_filename(path.name), content_hash=digest,
+                doc = Document(corpus_id=corpus_id, filename=_safe_filename(path.name), content_hash=digest,
                                size_bytes=size, file_path=str(stored), stage="stored")
-                sess.add(dup)
+                sess.add(doc)
             corpus.status = "building"
             sess.flush()
-            doc_id = dup.id
-        progress(path.name, "stored", 0.0)
+            return StoredDocument(path.name, doc.id, False, doc.stage)
+
+    def build(self, document_id: int, hook: StageHook | None = None,
+              should_stop: Callable[[], bool] | None = None) -> IngestResult:
+        """Steps 2-5 for one stored document: parse, tokenize, prefill, verify. Resumes from its
+        last stored segment. Bad input marks the document failed and raises IngestError/KBError;
+        `should_stop()` is asked between segments and raises Cancelled when it says so."""
+        with self.db.session() as sess:
+            doc = sess.get(Document, document_id)
+            if doc is None:
+                raise NotFound(f"document {document_id} does not exist")
+            corpus_id, filename, file_path = doc.corpus_id, doc.filename, doc.file_path
+            sess.get(Corpus, corpus_id).status = "building"
         try:
-            return self._build_document(corpus_id, doc_id, data, path.name, progress)
+            if not file_path:
+                raise IngestError("missing_file", f"the stored copy of {filename} is missing")
+            try:
+                data = Path(file_path).read_bytes()
+            except OSError as e:
+                raise IngestError("missing_file", f"cannot read the stored copy of {filename}: {e.strerror or e}") from e
+            return self._build_document(corpus_id, document_id, data, filename, hook or (lambda _u: None),
+                                        should_stop or (lambda: False))
         except (IngestError, KBError) as e:
-            with self.db.session() as sess:
-                d = sess.get(Document, doc_id)
-                d.stage, d.error = "failed", getattr(e, "message", None) or str(e)
+            self.mark_failed(document_id, failure_message(e, filename))
             raise
 
-    def _build_document(self, corpus_id: int, doc_id: int, data: bytes, filename: str, progress) -> IngestResult:
-        """Parse, segment and prefill one stored document; resumes from its last stored segment."""
+    def mark_failed(self, document_id: int, reason: str) -> None:
+        """Record that a document failed and why (the reason is shown to the user as is)."""
+        with self.db.session() as sess:
+            d = sess.get(Document, document_id)
+            if d is not None:
+                d.stage, d.error, d.eta_s = "failed", reason, None
+
+    def _build_document(self, corpus_id: int, doc_id: int, data: bytes, filename: str,
+                        hook: StageHook, should_stop: Callable[[], bool]) -> IngestResult:
+        """Parse, segment and prefill one stored document; resumes from its last stored segment.
+
+        No session is open while `hook` runs, so a hook may write the same rows (SQLite would
+        otherwise wait on our own write lock)."""
         lm, s = self.model, self.settings
         cfg = self._corpus_settings()
+        emit = lambda stage, done=0, total=0: hook(StageUpdate(doc_id, filename, stage, done, total))  # noqa: E731
         with self.db.session() as sess:
             corpus = sess.get(Corpus, corpus_id)
             self._ensure_preamble(sess, corpus, cfg)
-            doc = sess.get(Document, doc_id)
-            if not doc.segments:
-                parsed = parse_bytes(data, filename, max_bytes=int(s.max_upload_mb * 2**20))
-                plans = cut_segments(parsed, lm.tokenizer, s.segment_len)
+            has_segments = sess.scalar(select(Segment.id).where(Segment.document_id == doc_id).limit(1)) is not None
+        if not has_segments:
+            parsed = parse_bytes(data, filename, max_bytes=int(s.max_upload_mb * 2**20))
+            emit("parsed")
+            plans = cut_segments(parsed, lm.tokenizer, s.segment_len)
+            with self.db.session() as sess:
+                doc = sess.get(Document, doc_id)
                 doc.media_type = parsed.media_type
                 next_pos = self._next_position(sess, corpus_id, len(cfg["preamble"]))
                 for p in plans:
@@ -158,15 +260,18 @@ class Ingestor:
                                      pos_start=next_pos, text=p.text, token_ids=p.token_ids))
                     next_pos += len(p.token_ids)
                 doc.num_tokens = sum(len(p.token_ids) for p in plans)
-                doc.stage = "parsed"
-            sess.flush()
+                doc.stage = "tokenized"
+            emit("tokenized")
+        with self.db.session() as sess:
             segments = sess.scalars(select(Segment).where(Segment.document_id == doc_id).order_by(Segment.seq)).all()
             todo = [(seg.id, seg.token_ids, seg.pos_start) for seg in segments
                     if seg.kv_file is None or seg.cache_key != self._key((cfg, seg.pos_start, seg.token_ids))]
             total = len(segments)
-        progress(filename, "parsed", 0.0)
         dtype = s.torch_kv_dtype
         done = total - len(todo)
+        emit("prefilled", done, total)
+        if todo and should_stop():
+            raise Cancelled(f"ingestion of {filename} was cancelled")
         for j, k, v in prefill_segments(lm.model, cfg["preamble"], [t for _, t, _ in todo],
                                         s.prefill_batch_tokens, s.device, starts=[p for _, _, p in todo]):
             seg_id, tokens, pos_start = todo[j]
@@ -178,13 +283,32 @@ class Ingestor:
                 seg.kv_file, seg.kv_checksum = str(stored.path), stored.checksum
                 seg.cache_key = self._key((cfg, pos_start, tokens))
             done += 1
-            progress(filename, "prefilled", done / max(1, total))
+            emit("prefilled", done, total)
+            if done < total and should_stop():
+                raise Cancelled(f"ingestion of {filename} was cancelled")
+        self._verify(doc_id)
+        emit("indexed", total, total)
         with self.db.session() as sess:
             doc = sess.get(Document, doc_id)
-            doc.stage, doc.error = "ready", None
+            doc.stage, doc.error, doc.percent, doc.eta_s = "ready", None, 100.0, None
             result = IngestResult(filename, "ready", doc.id, total, doc.num_tokens)
-        progress(filename, "ready", 1.0)
+        emit("ready", total, total)
         return result
+
+    def _verify(self, doc_id: int) -> None:
+        """Read back every segment's stored KV against its checksum: a document turns ready
+        only when all of its KV is stored and verified (a torn write fails here, not at load)."""
+        with self.db.session() as sess:
+            files = sess.execute(select(Segment.seq, Segment.kv_file, Segment.kv_checksum)
+                                 .where(Segment.document_id == doc_id)).all()
+        for seq, path, checksum in files:
+            try:
+                read_kv(path, checksum)
+            except (KVCorruptError, OSError) as e:
+                with self.db.session() as sess:  # drop the bad file's record: a retry recomputes it
+                    seg = sess.scalar(select(Segment).where(Segment.document_id == doc_id, Segment.seq == seq))
+                    seg.kv_file = seg.cache_key = None
+                raise RuntimeError(f"stored KV of segment {seq} failed verification: {e}") from e
 
     def _position_limit(self) -> int:
         """Shared positions end here, leaving room for the unique part (question and answer)."""
@@ -201,7 +325,8 @@ class Ingestor:
         allows; past it they wrap to the start (position-independent segments overlap)."""
         return preamble_len if pos + n > self._position_limit() else pos
 
-    def _refresh_status(self, corpus_id: int) -> None:
+    def refresh_status(self, corpus_id: int) -> None:
+        """Corpus status from its documents' stages: ready once any document is ready."""
         with self.db.session() as sess:
             c = sess.get(Corpus, corpus_id)
             stages = [d.stage for d in c.documents]

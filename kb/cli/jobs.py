@@ -1,0 +1,107 @@
+"""`kb worker` and `kb jobs list|cancel|retry`: running and managing ingest jobs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+
+from kb.cli.common import knowledge_base as _kb
+
+
+def cmd_worker(args) -> int:
+    """Run ingest jobs until SIGTERM or Ctrl-C (the jobs in hand are finished first)."""
+    from kb.jobs import JobService, WorkerConfig, WorkerPool
+
+    kb = _kb()
+    config = WorkerConfig(heartbeat_s=args.heartbeat_s, stale_s=args.stale_s, max_attempts=args.max_attempts,
+                          backoff_s=args.backoff_s, sweep_s=max(args.stale_s / 2, 1.0))
+    jobs = JobService(kb, config=config)
+    if jobs.in_process:
+        print("kb: worker: no KB_REDIS_URL, so this worker sees only jobs left queued in the database",
+              file=sys.stderr)
+    pool = WorkerPool(kb, jobs.broker, args.concurrency, config, name=args.name)
+    stopping = threading.Event()
+
+    def _stop(signum, _frame) -> None:
+        if stopping.is_set():  # second signal: leave now; the job's heartbeat stops and another worker takes it
+            raise SystemExit(128 + signum)
+        stopping.set()
+        pool.stop_event.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(f"worker {pool.workers[0].consumer}: {args.concurrency} thread(s), "
+          f"{'redis' if not jobs.in_process else 'in-process'} broker", file=sys.stderr, flush=True)
+    pool.start()
+    pool.join()
+    jobs.close()
+    return 0
+
+
+def _fmt_eta(eta: float | None) -> str:
+    return "-" if eta is None else f"{eta:.0f}s"
+
+
+def cmd_jobs_list(args) -> int:
+    from kb.jobs import jobs_for
+
+    rows = jobs_for(_kb()).queue.list(args.corpus)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no jobs")
+        return 0
+    print(f"{'ID':36} {'CORPUS':16} {'STATUS':9} {'STAGE':10} {'SEGS':>9} {'%':>6} {'ETA':>6}  DOCUMENT")
+    for r in rows:
+        segs = f"{r.segments_done}/{r.segments_total}"
+        line = (f"{r.id:36} {r.corpus or '-':16} {r.status:9} {r.stage or '-':10} {segs:>9} "
+                f"{r.percent:6.1f} {_fmt_eta(r.eta_s):>6}  {r.filename or '-'}")
+        if r.error and r.status != "done":
+            line += f"  ({r.error})"
+        print(line)
+    return 0
+
+
+def cmd_jobs_cancel(args) -> int:
+    from kb.jobs import jobs_for
+
+    info = jobs_for(_kb()).queue.cancel(args.id)
+    print(f"cancelled job {info.id} ({info.filename})")
+    return 0
+
+
+def cmd_jobs_retry(args) -> int:
+    from kb.jobs import jobs_for
+
+    jobs = jobs_for(_kb())
+    info = jobs.queue.retry(args.id)
+    print(f"retrying {info.filename} as job {info.id}")
+    if jobs.in_process:
+        print("kb: no KB_REDIS_URL: the job runs at the next `kb worker` or `kb ingest`", file=sys.stderr)
+    return 0
+
+
+def register(sub) -> None:
+    c = sub.add_parser("worker", help="run ingest jobs from the broker")
+    c.add_argument("--concurrency", type=int, default=1, help="jobs run at once (threads sharing one model)")
+    c.add_argument("--name", default=None, help="consumer name (default: host-pid)")
+    c.add_argument("--heartbeat-s", type=float, default=5.0, help="seconds between heartbeats")
+    c.add_argument("--stale-s", type=float, default=60.0, help="a job silent this long is taken over")
+    c.add_argument("--max-attempts", type=int, default=3, help="attempts before a document fails")
+    c.add_argument("--backoff-s", type=float, default=2.0, help="first retry delay (doubles each attempt)")
+    c.set_defaults(func=cmd_worker)
+
+    jobs = sub.add_parser("jobs", help="list, cancel, retry ingest jobs").add_subparsers(dest="sub", required=True)
+    c = jobs.add_parser("list", help="jobs with their documents' stage, progress and ETA")
+    c.add_argument("corpus", nargs="?")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_jobs_list)
+    c = jobs.add_parser("cancel", help="cancel a queued or running job")
+    c.add_argument("id")
+    c.set_defaults(func=cmd_jobs_cancel)
+    c = jobs.add_parser("retry", help="ingest a failed or cancelled job's document again")
+    c.add_argument("id")
+    c.set_defaults(func=cmd_jobs_retry)

@@ -1,0 +1,60 @@
+"""Plain records the job modules hand out: a submission's outcome and a job's status."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+TERMINAL = ("done", "failed", "cancelled")
+LIVE = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One submitted file: its job, or why it was not queued (a ready duplicate, a bad file)."""
+
+    filename: str
+    status: str  # queued | duplicate | failed
+    job_id: str | None = None
+    document_id: int | None = None
+    segments: int = 0
+    tokens: int = 0
+    error: str | None = None
+    code: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A job with its document's persisted progress, as `kb jobs list` and the API show it."""
+
+    id: str
+    kind: str
+    corpus: str | None
+    document_id: int | None
+    filename: str | None
+    status: str  # queued|running|done|failed|cancelled
+    stage: str | None  # the document's: stored|parsed|tokenized|prefilled|indexed|ready|failed
+    percent: float
+    eta_s: float | None
+    segments_done: int
+    segments_total: int
+    tokens: int
+    attempts: int
+    error: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k in ("created_at", "started_at", "finished_at", "heartbeat_at"):
+            d[k] = d[k].isoformat() if d[k] else None
+        return d
