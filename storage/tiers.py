@@ -182,7 +182,11 @@ class TierManager:
                 raise TierError(f"{name!r} is answering questions: try again when they finish")
             if not down and entry.tensors is None:
                 raise TierError(f"{name!r} is on disk: load it to move it up")
-            if tier != "disk" and not self._make_room(tier, entry.nbytes, keep=name):
+            if not down:
+                entry.tier = "disk"  # its old place counts as free: promotion may swap with a victim
+            room = tier == "disk" or self._make_room(tier, entry.nbytes, keep=name)
+            entry.tier = src
+            if not room:
                 raise TierError(f"no room for {name!r} ({entry.nbytes / 2**20:.1f} MiB) on {tier}: "
                                 f"budget {self._budget_text(tier)}, the rest pinned or in use")
             self._relocate(entry, tier)
