@@ -7,18 +7,21 @@ import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import RedirectResponse
 
-from kb.api import chat, corpora, ops
+from kb.api import auth, cache, chat, corpora, jobs, ops
 from kb.api.deps import error
 from kb.errors import KBError
 from kb.service import KnowledgeBase
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (chat.router, corpora.router, ops.router)
+ROUTERS = (auth.router, chat.router, corpora.router, ops.router, cache.router, jobs.router)
 
 
-def create_app(kb: KnowledgeBase | None = None, warm: bool = True) -> FastAPI:
+def create_app(kb: KnowledgeBase | None = None, warm: bool = True, ui: bool = True) -> FastAPI:
+    """The API; with `ui`, the Gradio app at "/" beside it (the API routes match first)."""
     kb = kb or KnowledgeBase()
 
     @asynccontextmanager
@@ -39,4 +42,27 @@ def create_app(kb: KnowledgeBase | None = None, warm: bool = True) -> FastAPI:
 
     for router in ROUTERS:
         app.include_router(router)
+    if ui:
+        _mount_ui(app, kb)
     return app
+
+
+def _mount_ui(app: FastAPI, kb: KnowledgeBase) -> None:
+    import gradio as gr
+
+    from ui.app import CSS, build_ui
+
+    def ui_user(request: Request) -> str | None:
+        """Gradio's guard: with auth on, only signed-in users (cookie or API key) reach the UI."""
+        user = auth.resolve(kb, request.headers, request.cookies)
+        return user.name if user is not None else None
+
+    @app.middleware("http")
+    async def _login_first(request: Request, call_next):
+        if (request.method == "GET" and request.url.path == "/" and auth.auth_on(kb)
+                and await run_in_threadpool(auth.resolve, kb, request.headers, request.cookies) is None):
+            return RedirectResponse("login", status_code=303)
+        return await call_next(request)
+
+    gr.mount_gradio_app(app, build_ui(kb), path="/", footer_links=["api"], css=CSS,
+                        auth_dependency=ui_user if auth.auth_on(kb) else None)

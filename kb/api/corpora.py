@@ -9,35 +9,54 @@ from fastapi import APIRouter, Depends, File, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from kb.api.auth import current_user, require
 from kb.api.deps import get_kb
 from kb.api.schemas import CorpusCreate
+from kb.auth import Forbidden, Principal, set_visibility
 from kb.service import KnowledgeBase
 
 router = APIRouter(tags=["corpora"])
 
 
 @router.get("/v1/corpora")
-async def corpora(kb: KnowledgeBase = Depends(get_kb)):
-    return [c.to_dict() for c in await run_in_threadpool(kb.list_corpora)]
+async def corpora(kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
+    return [c.to_dict() for c in await run_in_threadpool(lambda: kb.list_corpora(user=user))]
 
 @router.post("/v1/corpora", status_code=201)
-async def create_corpus(body: CorpusCreate, kb: KnowledgeBase = Depends(get_kb)):
-    return (await run_in_threadpool(kb.create_corpus, body.name)).to_dict()
+async def create_corpus(body: CorpusCreate, kb: KnowledgeBase = Depends(get_kb),
+                        user: Principal = Depends(current_user)):
+    visibility = body.visibility or ("public" if user.anonymous else "private")
+    if user.anonymous and visibility != "public":
+        raise Forbidden("anonymous users make public corpora only; sign in for private or shared ones")
+    info = await run_in_threadpool(lambda: kb.create_corpus(body.name, owner=user.id, visibility=visibility))
+    if visibility == "shared":
+        await run_in_threadpool(set_visibility, kb.db, user, body.name, visibility, body.share_with)
+    return info.to_dict()
 
 @router.get("/v1/corpora/{name}")
-async def corpus(name: str, kb: KnowledgeBase = Depends(get_kb)):
+async def corpus(name: str, kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
+    await require(kb, user, name)
     return (await run_in_threadpool(kb.corpus_info, name)).to_dict()
 
 @router.delete("/v1/corpora/{name}", status_code=204)
-async def delete_corpus(name: str, kb: KnowledgeBase = Depends(get_kb)):
+async def delete_corpus(name: str, kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
+    await require(kb, user, name, write=True)
     await run_in_threadpool(kb.delete_corpus, name)
 
 @router.get("/v1/corpora/{name}/documents")
-async def documents(name: str, kb: KnowledgeBase = Depends(get_kb)):
+async def documents(name: str, kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
+    await require(kb, user, name)
     return await run_in_threadpool(kb.documents, name)
 
 @router.post("/v1/corpora/{name}/documents")
-async def upload(name: str, files: list[UploadFile] = File(...), kb: KnowledgeBase = Depends(get_kb)):
+async def upload(name: str, files: list[UploadFile] = File(...), wait: bool = True,
+                 kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
+    """Store the files and queue one ingest job each. By default wait for the jobs and answer
+    with each document's result (200, or 422 when all failed); with `?wait=false` answer 202
+    at once with the job ids (follow them at /v1/jobs/{id})."""
+    from kb.jobs import jobs_for
+
+    await require(kb, user, name, write=True)
     await run_in_threadpool(kb.corpus_info, name)
     limit = int(kb.settings.max_upload_mb * 2**20)
     with tempfile.TemporaryDirectory(dir=kb.home) as tmp:
@@ -54,8 +73,25 @@ async def upload(name: str, files: list[UploadFile] = File(...), kb: KnowledgeBa
                     if copied > limit:
                         break
             paths.append(dest)
-        results = await run_in_threadpool(kb.ingest, name, paths)
-    out = [r.__dict__ for r in results]
-    status = 200 if any(r.status != "failed" for r in results) else 422
+        jobs = jobs_for(kb)
+        subs = await run_in_threadpool(jobs.submit, name, paths)  # copies the files: tmp may go
+    if not wait:
+        accepted = any(s.status != "failed" for s in subs)
+        return JSONResponse({"documents": [s.to_dict() for s in subs],
+                             "jobs": [s.job_id for s in subs if s.job_id]}, status_code=202 if accepted else 422)
+    infos = {i.id: i for i in await run_in_threadpool(jobs.wait, [s.job_id for s in subs if s.job_id])}
+    out = []
+    for s in subs:
+        info = infos.get(s.job_id) if s.job_id else None
+        if info is None:
+            out.append({"filename": s.filename, "status": s.status, "document_id": s.document_id,
+                        "segments": s.segments, "tokens": s.tokens, "error": s.error, "code": s.code,
+                        "job_id": None})
+        else:
+            ok = info.status == "done"
+            out.append({"filename": s.filename, "status": "ready" if ok else "failed",
+                        "document_id": info.document_id, "segments": info.segments_total, "tokens": info.tokens,
+                        "error": None if ok else (info.error or info.status), "code": info.code, "job_id": info.id})
+    status = 200 if any(d["status"] != "failed" for d in out) else 422
     return JSONResponse({"documents": out}, status_code=status)
 

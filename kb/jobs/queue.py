@@ -117,6 +117,7 @@ class JobQueue:
             eta_s=doc.eta_s if doc and job.status == "running" else None,
             segments_done=int(done), segments_total=int(total), tokens=doc.num_tokens if doc else 0,
             attempts=job.attempts, error=job.error or (doc.error if doc and job.status != "done" else None),
+            code=(job.result or {}).get("code") if job.status == "failed" else None,
             created_at=_aware(job.created_at), started_at=_aware(job.started_at),
             finished_at=_aware(job.finished_at), heartbeat_at=_aware(job.heartbeat_at))
 

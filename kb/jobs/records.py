@@ -44,6 +44,7 @@ class JobInfo:
     tokens: int
     attempts: int
     error: str | None
+    code: str | None  # the IngestError slug of a document that failed on bad input
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None

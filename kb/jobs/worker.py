@@ -210,7 +210,7 @@ class Worker:
                 self.ingestor.mark_failed(claim.document_id, "cancelled")
             self.broker.ack(self.queue, message)  # cancelled, or another worker holds it now
         except (IngestError, KBError) as e:  # bad input: retrying cannot help; build marked it failed
-            self._finish(claim, "failed", failure_message(e, ""))
+            self._finish(claim, "failed", failure_message(e, ""), result={"code": getattr(e, "code", None)})
             self.broker.ack(self.queue, message)
         except Exception as e:
             reason = f"{type(e).__name__}: {e}"
