@@ -18,6 +18,7 @@ from typing import Callable
 
 from sqlalchemy import select
 
+from kb.auth import Principal, can_read, check_read
 from kb.citations import CitationMap
 from kb.corpus_cache import CorpusCache, LoadedCorpus
 from kb.engine.engine import Engine, EngineConfig, QueueFull
@@ -129,13 +130,17 @@ class KnowledgeBase:
             raise NotFound(f"corpus {name!r} does not exist")
         return corpus
 
-    def create_corpus(self, name: str) -> CorpusInfo:
+    def create_corpus(self, name: str, *, owner: int | None = None, visibility: str = "public") -> CorpusInfo:
+        """A new empty corpus; `owner` (a user id) and `visibility` decide who may read it."""
         if not NAME_RE.match(name or ""):
             raise KBError("a corpus name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        if visibility not in ("private", "public", "shared"):
+            raise KBError("visibility is one of private, public, shared")
         with self.db.session() as s:
             if s.scalar(select(Corpus).where(Corpus.name == name)) is not None:
                 raise Conflict(f"corpus {name!r} already exists")
-            corpus = Corpus(name=name, model=self.settings.model, status="empty", settings={})
+            corpus = Corpus(name=name, model=self.settings.model, status="empty", settings={},
+                            owner_id=owner, visibility=visibility)
             s.add(corpus)
             s.flush()
             return self._info(corpus)
@@ -145,9 +150,11 @@ class KnowledgeBase:
         toks = sum(d.num_tokens for d in c.documents if d.stage == "ready")
         return CorpusInfo(c.name, c.status, c.model, len(c.documents), segs, toks, c.created_at)
 
-    def list_corpora(self) -> list[CorpusInfo]:
+    def list_corpora(self, *, user: Principal | None = None) -> list[CorpusInfo]:
+        """All corpora, or only those `user` may read."""
         with self.db.session() as s:
-            return [self._info(c) for c in s.scalars(select(Corpus).order_by(Corpus.name))]
+            return [self._info(c) for c in s.scalars(select(Corpus).order_by(Corpus.name))
+                    if user is None or can_read(s, user, c)]
 
     def corpus_info(self, name: str) -> CorpusInfo:
         with self.db.session() as s:
@@ -180,10 +187,15 @@ class KnowledgeBase:
         return self.cache.load(name)
 
     def ask(self, name: str, question: str, sampling: SamplingParams | None = None,
-            history: list[dict] | None = None, loop: asyncio.AbstractEventLoop | None = None) -> Answer:
-        """Queue a question over a corpus; the returned Answer streams from the engine."""
+            history: list[dict] | None = None, loop: asyncio.AbstractEventLoop | None = None,
+            *, user: Principal | None = None) -> Answer:
+        """Queue a question over a corpus; the returned Answer streams from the engine.
+        With `user`, a corpus they may not read answers as if it did not exist."""
         if not question or not question.strip():
             raise KBError("the question is empty")
+        if user is not None:
+            with self.db.session() as s:
+                check_read(s, user, self._corpus(s, name))
         loaded = self.load_corpus(name)
         shared = loaded.shared
         if shared.router is not None:  # density applies to requests queued from now on

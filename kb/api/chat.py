@@ -13,12 +13,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from kb.api.auth import current_user
 from kb.api.deps import error as _error
 from kb.api.deps import get_kb
 from kb.api.schemas import ChatRequest
 from kb.engine.request import Delta, Finished
 from kb.engine.sequence import SamplingParams
 from kb.errors import KBError
+from kb.auth import Principal
 from kb.service import Answer, KnowledgeBase
 
 log = logging.getLogger(__name__)
@@ -26,14 +28,15 @@ router = APIRouter(tags=["chat"])
 
 
 @router.get("/v1/models")
-async def models(kb: KnowledgeBase = Depends(get_kb)):
-    rows = await run_in_threadpool(kb.list_corpora)
+async def models(kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
+    rows = await run_in_threadpool(lambda: kb.list_corpora(user=user))
     return {"object": "list", "data": [
         {"id": f"kb:{c.name}", "object": "model", "created": int(c.created_at.timestamp()) if c.created_at else 0,
          "owned_by": "kb"} for c in rows if c.status == "ready"]}
 
 @router.post("/v1/chat/completions")
-async def chat(body: ChatRequest, request: Request, kb: KnowledgeBase = Depends(get_kb)):
+async def chat(body: ChatRequest, request: Request, kb: KnowledgeBase = Depends(get_kb),
+               user: Principal = Depends(current_user)):
     msgs = [m.model_dump() for m in body.messages]
     if msgs[-1]["role"] != "user":
         raise KBError("the last message must be the user's question")
@@ -45,7 +48,7 @@ async def chat(body: ChatRequest, request: Request, kb: KnowledgeBase = Depends(
     name = body.corpus_name()
     loop = asyncio.get_running_loop()
     await run_in_threadpool(lambda: kb.engine.start())
-    answer: Answer = await run_in_threadpool(kb.ask, name, msgs[-1]["content"], sp, history, loop)
+    answer: Answer = await run_in_threadpool(kb.ask, name, msgs[-1]["content"], sp, history, loop, user=user)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), f"kb:{name}"
     if body.stream:
         return StreamingResponse(_sse(kb, answer, request, rid, created, model), media_type="text/event-stream")

@@ -32,3 +32,6 @@ class ChatRequest(BaseModel):
 
 class CorpusCreate(BaseModel):
     name: str = Field(min_length=1, max_length=64)
+    visibility: Literal["private", "public", "shared"] | None = Field(
+        default=None, description="default: private for a signed-in user, public for anonymous use")
+    share_with: list[str] = Field(default_factory=list, description="user names, for visibility shared")

@@ -27,7 +27,10 @@ def cmd_serve(args) -> int:
     s = Settings()
     host, port = args.host or s.host, args.port or s.port
     app = create_app()
-    print(f"kb is serving on http://{host}:{port}  (API docs: http://{host}:{port}/docs)", file=sys.stderr, flush=True)
+    print(f"kb is serving on http://{host}:{port}  (web app: /, API docs: /docs)", file=sys.stderr, flush=True)
+    if s.auth != "on":
+        print("sign-in is off (KB_AUTH=off): anyone who reaches this port uses public corpora. To turn it on:\n"
+              "  kb user add NAME --admin && KB_AUTH=on kb serve", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info")
     return 0
 

@@ -1,0 +1,50 @@
+"""The web app: a Gradio Blocks app with tabs Chat, Corpora and Admin (admins only), mounted at
+"/" of the FastAPI app by `kb.api.app.create_app`."""
+
+import asyncio
+
+import gradio as gr
+
+from kb.service import KnowledgeBase
+from ui.admin import build_admin_tab
+from ui.chat import build_chat_tab
+from ui.common import user_of
+from ui.corpora import build_corpora_tab
+
+CSS = """  /* passed to mount_gradio_app (Gradio 6 takes css at launch/mount) */
+#chatbot mark { background: #fde68a; padding: 0 .1em; border-radius: 3px; }
+#whoami { text-align: right; }
+"""
+
+
+def build_ui(kb: KnowledgeBase) -> gr.Blocks:
+    """The Blocks app; each event resolves its user from the request (cookie or API key)."""
+    with gr.Blocks(title="kb: shared-context knowledge base", analytics_enabled=False) as demo:
+        with gr.Row():
+            gr.Markdown("## kb · chat over shared corpora")
+            whoami = gr.Markdown(elem_id="whoami")
+        with gr.Tabs():
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_tab:
+                chat = build_chat_tab(kb)
+            with gr.Tab("Corpora", id="corpora", elem_id="tab-corpora") as corpora_tab:
+                corpora = build_corpora_tab(kb)
+            with gr.Tab("Admin", id="admin", visible=False, elem_id="tab-admin") as admin_tab:
+                admin = build_admin_tab(kb, corpora["tracker"])
+
+        async def on_load(request: gr.Request):
+            user = await asyncio.to_thread(user_of, kb, request)
+            if user.anonymous:
+                who = "anonymous (KB_AUTH=off) · [Sign in](login)"
+            else:
+                who = f"signed in as **{user.name}**{' (admin)' if user.is_admin else ''} · [Sign out](logout)"
+            return who, gr.Tab(visible=user.is_admin)
+
+        demo.load(on_load, None, [whoami, admin_tab], api_name="whoami")
+        demo.load(chat["load"], [chat["corpus"]], [chat["corpus"]], api_name="chat_corpora")
+        demo.load(corpora["load"], [corpora["corpus"]], [corpora["corpus"]], api_name="corpora")
+        # opening a tab refreshes its corpus picker (a corpus may have become ready meanwhile)
+        chat_tab.select(chat["load"], [chat["corpus"]], [chat["corpus"]], api_name=False)
+        corpora_tab.select(corpora["load"], [corpora["corpus"]], [corpora["corpus"]], api_name=False)
+        admin_tab.select(admin["load"], [admin["corpus"]], [admin["table"], admin["corpus"]], api_name=False)
+    demo.queue(default_concurrency_limit=None)
+    return demo

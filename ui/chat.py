@@ -1,0 +1,240 @@
+"""Chat tab: pick a corpus, ask, watch the answer stream, read its citations under it.
+
+Handlers are async and hand each question straight to the engine (no Gradio concurrency limit
+in front of it: the engine batches every running request into one step). Conversations are
+stored per user (ChatSession, Message, CitationRecord), so they survive a reload.
+"""
+
+import asyncio
+import html
+from typing import Any
+
+import gradio as gr
+from sqlalchemy import select
+
+from kb.auth import Principal, check_read
+from kb.engine.request import Delta, Finished
+from kb.errors import KBError, NotFound
+from kb.service import KnowledgeBase
+from storage.models import ChatSession, CitationRecord, Corpus, Message
+from ui.common import shown_errors, user_of
+
+CONTEXT_CHARS = 240  # passage context shown around the cited part
+
+
+def citation_message(i: int, c: dict) -> dict:
+    """One citation as a collapsible chat message: document, page, the passage with the cited
+    part highlighted."""
+    page = f", page {c['page']}" if c.get("page") else ""
+    seg = c.get("segment_text") or c["text"]
+    a, b = c.get("highlight") or (0, len(seg))
+    before = seg[max(0, a - CONTEXT_CHARS):a]
+    after = seg[b:b + CONTEXT_CHARS]
+    body = (("…" if a > CONTEXT_CHARS else "") + html.escape(before) + "<mark>" + html.escape(seg[a:b]) + "</mark>"
+            + html.escape(after) + ("…" if b + CONTEXT_CHARS < len(seg) else ""))
+    score = f" · {c['score'] * 100:.0f}%" if c.get("score") else ""
+    return {"role": "assistant", "content": body,
+            "metadata": {"title": f"[{i}] {c['document']}{page}{score}", "status": "done"}}
+
+
+def model_history(messages: list[dict]) -> list[dict]:
+    """The turns the model sees: user questions and answers, not the citation messages."""
+    out = []
+    for m in messages:
+        if (m.get("metadata") or {}).get("title"):
+            continue
+        content = m["content"]
+        if isinstance(content, list):  # Gradio 6 hands content back as parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        out.append({"role": m["role"], "content": str(content)})
+    return out
+
+
+def _ready_corpora(kb: KnowledgeBase, user: Principal) -> list[str]:
+    return [c.name for c in kb.list_corpora(user=user) if c.status == "ready"]
+
+
+def _sessions(kb: KnowledgeBase, user: Principal, corpus: str | None) -> list[tuple[str, int]]:
+    if user.anonymous or not corpus:
+        return []  # anonymous chats are kept in the page only: no one else may list them
+    with kb.db.session() as s:
+        rows = s.execute(select(ChatSession.id, ChatSession.title).join(Corpus)
+                         .where(ChatSession.user_id == user.id, Corpus.name == corpus)
+                         .order_by(ChatSession.id.desc()).limit(50)).all()
+        return [(f"#{sid} {title}", sid) for sid, title in rows]
+
+
+def _new_session(kb: KnowledgeBase, user: Principal, corpus: str, title: str) -> int:
+    with kb.db.session() as s:
+        c = s.scalar(select(Corpus).where(Corpus.name == corpus))
+        if c is None:
+            raise NotFound(f"corpus {corpus!r} does not exist")
+        check_read(s, user, c)
+        cs = ChatSession(user_id=user.id, corpus_id=c.id, title=title[:200])
+        s.add(cs)
+        s.flush()
+        return cs.id
+
+
+def _own_session(s, user: Principal, session_id: int) -> ChatSession:
+    cs = s.get(ChatSession, session_id)
+    if cs is None or cs.user_id != user.id:
+        raise NotFound(f"conversation {session_id} does not exist")
+    return cs
+
+
+def _save(kb: KnowledgeBase, user: Principal, session_id: int, role: str, content: str,
+          citations: list[dict] = ()) -> None:
+    with kb.db.session() as s:
+        _own_session(s, user, session_id)
+        m = Message(session_id=session_id, role=role, content=content)
+        s.add(m)
+        s.flush()
+        for rank, c in enumerate(citations):
+            s.add(CitationRecord(message_id=m.id, rank=rank, document_id=c.get("document_id"),
+                                 document=c["document"], page=c.get("page"), text=c["text"],
+                                 score=float(c.get("score") or 0.0)))
+
+
+def _drop_last_turn(kb: KnowledgeBase, user: Principal, session_id: int) -> None:
+    """Forget the last question and its answer (retry asks it again)."""
+    with kb.db.session() as s:
+        cs = _own_session(s, user, session_id)
+        msgs = list(cs.messages)
+        while msgs and msgs[-1].role == "assistant":
+            s.delete(msgs.pop())
+        if msgs and msgs[-1].role == "user":
+            s.delete(msgs.pop())
+
+
+def _load_session(kb: KnowledgeBase, user: Principal, session_id: int) -> tuple[str, list[dict]]:
+    with kb.db.session() as s:
+        cs = _own_session(s, user, session_id)
+        corpus = s.get(Corpus, cs.corpus_id)
+        check_read(s, user, corpus)
+        out: list[dict] = []
+        for m in cs.messages:
+            out.append({"role": m.role, "content": m.content})
+            for i, c in enumerate(m.citations, 1):
+                out.append(citation_message(i, {"document": c.document, "page": c.page, "text": c.text,
+                                                "score": c.score}))
+        return corpus.name, out
+
+
+class ChatHandlers:
+    """The Chat tab's event handlers, bound to one KnowledgeBase."""
+
+    def __init__(self, kb: KnowledgeBase):
+        self.kb = kb
+
+    @shown_errors
+    async def corpora(self, current: str | None, request: gr.Request):
+        user = user_of(self.kb, request)
+        names = await asyncio.to_thread(_ready_corpora, self.kb, user)
+        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
+
+    @shown_errors
+    async def sessions(self, corpus: str | None, request: gr.Request):
+        user = user_of(self.kb, request)
+        rows = await asyncio.to_thread(_sessions, self.kb, user, corpus)
+        return gr.Dropdown(choices=rows, value=None)
+
+    @shown_errors
+    async def open(self, session_id: int | None, request: gr.Request):
+        if session_id is None:
+            return gr.skip(), gr.skip(), gr.skip()
+        user = user_of(self.kb, request)
+        corpus, messages = await asyncio.to_thread(_load_session, self.kb, user, int(session_id))
+        return messages, int(session_id), corpus
+
+    async def new_chat(self):
+        return [], None, ""
+
+    @shown_errors
+    async def send(self, question: str, messages: list[dict] | None, corpus: str | None,
+                   session_id: int | None, request: gr.Request):
+        """Stream one answer: yields (chat messages, session id, cleared question box)."""
+        kb, user = self.kb, user_of(self.kb, request)
+        question = (question or "").strip()
+        if not corpus:
+            raise KBError("pick a corpus first")
+        if not question:
+            raise KBError("the question is empty")
+        messages = list(messages or [])
+        history = model_history(messages)
+        if session_id is None:
+            session_id = await asyncio.to_thread(_new_session, kb, user, corpus, question)
+        await asyncio.to_thread(_save, kb, user, session_id, "user", question)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        yield messages, session_id, ""
+        loop = asyncio.get_running_loop()
+        await asyncio.to_thread(kb.engine.start)
+        answer = await asyncio.to_thread(lambda: kb.ask(corpus, question, None, history, loop, user=user))
+        text, finished = "", None
+        try:
+            async for ev in answer.handle:
+                if isinstance(ev, Delta):
+                    text += ev.text
+                    messages[-1] = {"role": "assistant", "content": text}
+                    yield messages, session_id, ""
+                elif isinstance(ev, Finished):
+                    finished = ev
+        finally:
+            if finished is None:  # stopped (cancelled) or the page went away: free its KV now
+                kb.engine.abort(answer.handle)
+                await asyncio.shield(asyncio.to_thread(_save, kb, user, session_id, "assistant",
+                                                       text + " …(stopped)"))
+        if finished.reason == "error":
+            messages[-1] = {"role": "assistant", "content": f"⚠️ generation failed: {finished.error}"}
+            await asyncio.to_thread(_save, kb, user, session_id, "assistant", messages[-1]["content"])
+            yield messages, session_id, ""
+            return
+        cites = await asyncio.to_thread(answer.citations)
+        await asyncio.to_thread(_save, kb, user, session_id, "assistant", finished.text, cites)
+        messages[-1] = {"role": "assistant", "content": finished.text}
+        messages += [citation_message(i, c) for i, c in enumerate(cites, 1)]
+        yield messages, session_id, ""
+
+    @shown_errors
+    async def retry(self, messages: list[dict] | None, corpus: str | None, session_id: int | None,
+                    request: gr.Request):
+        """Ask the last question again, replacing its answer."""
+        messages = list(messages or [])
+        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+        if last is None:
+            raise KBError("nothing to retry yet")
+        question = model_history([messages[last]])[0]["content"]
+        if session_id is not None:
+            await asyncio.to_thread(_drop_last_turn, self.kb, user_of(self.kb, request), int(session_id))
+        async for out in self.send(question, messages[:last], corpus, session_id, request):
+            yield out
+
+
+def build_chat_tab(kb: KnowledgeBase) -> dict[str, Any]:
+    """Lay out the Chat tab and wire its events; returns the components app.py loads."""
+    h = ChatHandlers(kb)
+    session_id = gr.State(None)
+    with gr.Row():
+        corpus = gr.Dropdown(label="Corpus", choices=[], elem_id="chat-corpus", scale=2)
+        sessions = gr.Dropdown(label="Conversation", choices=[], elem_id="chat-sessions", scale=2)
+        new_btn = gr.Button("New chat", elem_id="new-chat", scale=0)
+    chatbot = gr.Chatbot(label="Answers", elem_id="chatbot", height=520, allow_tags=["mark"],
+                         buttons=["copy"], placeholder="Pick a corpus and ask a question.")
+    with gr.Row():
+        question = gr.Textbox(placeholder="Ask a question about the corpus…", show_label=False,
+                              elem_id="question", scale=6, autofocus=True)
+        send_btn = gr.Button("Send", variant="primary", elem_id="send", scale=0)
+        stop_btn = gr.Button("Stop", elem_id="stop", scale=0)
+        retry_btn = gr.Button("Retry", elem_id="retry", scale=0)
+
+    io = dict(outputs=[chatbot, session_id, question], concurrency_limit=None)
+    ev_send = send_btn.click(h.send, [question, chatbot, corpus, session_id], api_name="send", **io)
+    ev_submit = question.submit(h.send, [question, chatbot, corpus, session_id], api_name=False, **io)
+    ev_retry = retry_btn.click(h.retry, [chatbot, corpus, session_id], api_name="retry", **io)
+    stop_btn.click(None, None, None, cancels=[ev_send, ev_submit, ev_retry], api_name=False)
+    new_btn.click(h.new_chat, None, [chatbot, session_id, question], api_name="new_chat")
+    corpus.change(h.sessions, [corpus], [sessions], api_name="chat_sessions")
+    sessions.input(h.open, [sessions], [chatbot, session_id, corpus], api_name="open_chat")
+    for ev in (ev_send, ev_submit, ev_retry):
+        ev.then(h.sessions, [corpus], [sessions], api_name=False)
+    return {"corpus": corpus, "load": h.corpora}
