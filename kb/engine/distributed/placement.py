@@ -1,0 +1,102 @@
+"""Where a corpus's shared KV lives across shared ranks: contiguous chunk ranges, balanced by tokens.
+
+Contiguous ranges keep each rank's slice one dense `[n, Hkv, d]` tensor per layer (the same layout
+the one-GPU kernels read), and make a routed chunk id's owner a range lookup: global chunk `c` is
+local chunk `c - chunk_start` on the rank whose range holds it. Every rank computes the same
+placement from (tokens, chunk size, ranks), so only those three numbers travel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kb.engine.shared_kv import SharedKV
+
+
+@dataclass(frozen=True)
+class ShardRange:
+    """One shared rank's slice: chunks [chunk_start, chunk_end), tokens [token_start, token_end)."""
+
+    rank: int
+    chunk_start: int
+    chunk_end: int
+    token_start: int
+    token_end: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_end - self.token_start
+
+    @property
+    def num_chunks(self) -> int:
+        return self.chunk_end - self.chunk_start
+
+
+@dataclass(frozen=True)
+class Placement:
+    num_tokens: int
+    chunk_size: int
+    shards: tuple[ShardRange, ...]
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_tokens // self.chunk_size)
+
+    def shard(self, rank: int) -> ShardRange:
+        for s in self.shards:
+            if s.rank == rank:
+                return s
+        raise KeyError(f"rank {rank} holds no slice of this corpus")
+
+    def locate(self, chunk: int) -> tuple[int, int]:
+        """(rank, local chunk id) of global chunk `chunk`."""
+        if not 0 <= chunk < self.num_chunks:
+            raise IndexError(f"chunk {chunk} is outside 0..{self.num_chunks - 1}")
+        for s in self.shards:
+            if s.chunk_start <= chunk < s.chunk_end:
+                return s.rank, chunk - s.chunk_start
+        raise AssertionError("placement ranges do not cover every chunk")
+
+    def local_chunk_idx(self, chunk_idx: torch.Tensor, rank: int) -> torch.Tensor:
+        """Routed chunk ids [T, Hkv, k] as the given rank's local ids; -1 where another rank holds them
+        (the attention contract ignores -1 entries)."""
+        s = self.shard(rank)
+        inside = (chunk_idx >= s.chunk_start) & (chunk_idx < s.chunk_end)
+        return torch.where(inside, chunk_idx - s.chunk_start, torch.full_like(chunk_idx, -1))
+
+
+def place(num_tokens: int, chunk_size: int, ranks: list[int]) -> Placement:
+    """Split the chunks into len(ranks) contiguous ranges of about equal tokens (the last chunk may
+    be short, so token counts, not chunk counts, are balanced). With fewer chunks than ranks, some
+    ranks get empty ranges."""
+    assert num_tokens > 0 and chunk_size > 0 and ranks
+    num_chunks = -(-num_tokens // chunk_size)
+    bounds = [0]
+    for i in range(1, len(ranks)):
+        target = num_tokens * i / len(ranks)  # token boundary to aim for, rounded to a chunk edge
+        bounds.append(min(num_chunks, max(bounds[-1], round(target / chunk_size))))
+    bounds.append(num_chunks)
+    shards = tuple(
+        ShardRange(r, a, b, min(a * chunk_size, num_tokens), min(b * chunk_size, num_tokens))
+        for r, a, b in zip(ranks, bounds[:-1], bounds[1:]))
+    return Placement(num_tokens, chunk_size, shards)
+
+
+def slice_kv(shared: SharedKV, shard: ShardRange) -> tuple[torch.Tensor, torch.Tensor]:
+    """A shard's keys and values stacked over layers: ([L, n, Hkv, d], [L, n, Hkv, d])."""
+    a, b = shard.token_start, shard.token_end
+    return (torch.stack([k[a:b] for k in shared.k]).contiguous(),
+            torch.stack([v[a:b] for v in shared.v]).contiguous())
+
+
+def remote_view(shared: SharedKV, placement: Placement, corpus_id: int) -> SharedKV:
+    """What the unique rank keeps of a sharded corpus: shapes (on the meta device, no memory), the
+    router, positions and the corpus id the protocol names it by; never the keys and values."""
+    meta_k = [torch.empty(k.shape, dtype=k.dtype, device="meta") for k in shared.k]
+    meta_v = [torch.empty(v.shape, dtype=v.dtype, device="meta") for v in shared.v]
+    return SharedKV(key=shared.key, k=meta_k, v=meta_v, chunk_size=shared.chunk_size,
+                    pos_offset=shared.pos_offset, router=shared.router, top_k=shared.top_k,
+                    preamble_len=shared.preamble_len,
+                    meta={**shared.meta, "corpus_id": corpus_id, "placement": placement})

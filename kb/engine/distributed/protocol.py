@@ -1,0 +1,252 @@
+"""The wire protocol between the unique rank (rank 0) and the shared ranks (1..world-1).
+
+Every exchange starts with a fixed-size int64 header broadcast from rank 0, so a shared rank always
+knows what comes next and how big it is:
+
+    ATTEND   [op, corpus, layer, T, top_k (0 = dense), Hq, dtype, 0]
+             then broadcast q[T, Hq, d] (and chunk_idx[T, Hkv, top_k] int64 when routed);
+             then gather to rank 0 of float32 [T, Hq, d + 1] per rank: o and lse side by side
+    REGISTER [op, corpus, L, N, Hkv, d, chunk_size, dtype]
+             then rank 0 sends each shared rank its slice [2, L, n, Hkv, d] point to point
+    DROP     [op, corpus, 0...]
+    PING     [op, 0...] then gather of one element: the idle keep-alive (a collective that waits
+             longer than the process group's timeout fails, so an idle link pings)
+    SHUTDOWN [op, 0...]
+
+Failure: every collective runs under the process group's timeout. A dead or stuck shared rank makes
+rank 0's collective raise (at once when the peer's socket closes, else at the timeout); the link
+then names the rank whose heartbeat (a counter each shared rank bumps in the rendezvous store)
+stopped, raises `SharedRankError`, and refuses all later work with the same error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import attention
+from kb.engine.distributed.placement import Placement, place, remote_view, slice_kv
+from kb.engine.shared_kv import SharedKV
+
+log = logging.getLogger(__name__)
+
+OP_ATTEND, OP_REGISTER, OP_DROP, OP_PING, OP_SHUTDOWN = 1, 2, 3, 4, 5
+HEADER_LEN = 8
+HEARTBEAT_S = 0.5  # how often a shared rank bumps its heartbeat counter
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    if dtype not in DTYPES:
+        raise TypeError(f"{dtype} cannot travel between ranks (float32, float16 and bfloat16 can)")
+    return DTYPES.index(dtype)
+
+
+class SharedRankError(RuntimeError):
+    """A shared rank stopped responding; requests that need its slice of the shared KV fail."""
+
+
+@dataclass
+class World:
+    """This process's place in the job: its rank, the store that carries heartbeats, the device its
+    communication buffers live on (CUDA for NCCL, CPU for gloo)."""
+
+    rank: int
+    world_size: int
+    store: dist.Store
+    device: torch.device
+    timeout_s: float
+
+    @property
+    def shared_ranks(self) -> list[int]:
+        return list(range(1, self.world_size))
+
+    def heartbeat_key(self, rank: int) -> str:
+        return f"heartbeat/{rank}"
+
+
+def init_world(init_method: str = "env://", rank: int | None = None, world_size: int | None = None,
+               backend: str | None = None, timeout_s: float = 60.0, device: str | None = None) -> World:
+    """Join the job (torchrun's env://, or tcp:// / file:// for tests) and start the process group.
+
+    The rendezvous store is kept (under a prefix) for heartbeats, so a dead rank can be named.
+    Backend: NCCL when CUDA is available, else gloo.
+    """
+    kwargs = {} if rank is None else {"rank": rank, "world_size": world_size}
+    store, rank, world_size = next(dist.rendezvous(init_method, timeout=timedelta(seconds=timeout_s), **kwargs))
+    store.set_timeout(timedelta(seconds=timeout_s))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if device is None:
+        if backend == "nccl":
+            device = f"cuda:{rank % torch.cuda.device_count()}"
+            torch.cuda.set_device(device)
+        else:
+            device = "cpu"
+    dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    return World(rank, world_size, dist.PrefixStore("kb", store), torch.device(device), timeout_s)
+
+
+def header(op: int, *fields: int, device: torch.device) -> torch.Tensor:
+    h = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    h[0] = op
+    h[1:1 + len(fields)] = torch.tensor(fields, dtype=torch.int64)
+    return h.to(device)
+
+
+class ShardLink:
+    """Rank 0's side: registers corpora on the shared ranks and asks them for partial attention.
+
+    One lock serializes exchanges (the engine thread and the keep-alive thread share the group).
+    """
+
+    def __init__(self, world: World, keepalive_s: float | None = None):
+        assert world.rank == 0, "the link lives on the unique rank (rank 0)"
+        self.world = world
+        self._lock = threading.Lock()
+        self._next_id = 0
+        self._error: SharedRankError | None = None
+        self._last = time.monotonic()
+        self._closed = threading.Event()
+        interval = world.timeout_s / 4 if keepalive_s is None else keepalive_s
+        self._pinger = threading.Thread(target=self._keepalive, args=(interval,), name="kb-shard-ping",
+                                        daemon=True)
+        self._pinger.start()
+
+    # -- public ------------------------------------------------------------------------------
+    def register(self, shared: SharedKV) -> SharedKV:
+        """Place a corpus's KV across the shared ranks and send each its slice; returns the view the
+        engine registers on this rank (router and shapes only)."""
+        placement = place(shared.num_tokens, shared.chunk_size, self.world.shared_ranks)
+        k0, dev = shared.k[0], self.world.device
+        code = dtype_code(k0.dtype)  # checked before anything travels: a bad dtype is no rank failure
+        with self._exchange("registering corpus " + shared.key):
+            cid = self._next_id
+            self._next_id += 1
+            dist.broadcast(header(OP_REGISTER, cid, len(shared.k), k0.shape[0], k0.shape[1], k0.shape[2],
+                                  shared.chunk_size, code, device=dev), src=0)
+            for s in placement.shards:
+                if s.num_tokens:
+                    k, v = slice_kv(shared, s)
+                    dist.send(torch.stack([k, v]).to(dev), dst=s.rank)
+        return remote_view(shared, placement, cid)
+
+    def drop(self, view: SharedKV) -> None:
+        """Free a corpus's slices on the shared ranks."""
+        with self._exchange("dropping corpus " + view.key):
+            dist.broadcast(header(OP_DROP, view.meta["corpus_id"], device=self.world.device), src=0)
+
+    def shared_attention(self, view: SharedKV, layer: int, q: torch.Tensor, chunk_idx: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q[T, Hq, d] against the whole sharded corpus (dense, or routed by global chunk_idx
+        [T, Hkv, k]): each shared rank attends its slice, and the partials merge by log-sum-exp.
+        Returns (o[T, Hq, d] in q's dtype, lse[T, Hq] float32), as `attention.shared_attention`."""
+        t, hq, d = q.shape
+        dev = self.world.device
+        top_k = 0 if chunk_idx is None else chunk_idx.shape[-1]
+        head = header(OP_ATTEND, view.meta["corpus_id"], layer, t, top_k, hq, dtype_code(q.dtype), device=dev)
+        with self._exchange(f"attention of layer {layer} on corpus {view.key}"):
+            dist.broadcast(head, src=0)
+            dist.broadcast(q.contiguous().to(dev), src=0)
+            if chunk_idx is not None:
+                dist.broadcast(chunk_idx.to(device=dev, dtype=torch.int64).contiguous(), src=0)
+            mine = torch.empty(t, hq, d + 1, dtype=torch.float32, device=dev)
+            parts = [torch.empty_like(mine) for _ in range(self.world.world_size)]
+            dist.gather(mine, parts, dst=0)
+        o = torch.zeros(t, hq, d, dtype=q.dtype, device=q.device)
+        lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=q.device)
+        for p in parts[1:]:
+            p = p.to(q.device)
+            o, lse = attention.merge(o, lse, p[..., :d].to(q.dtype), p[..., d])
+        return o, lse
+
+    def ping(self) -> None:
+        """One round trip with every shared rank (raises SharedRankError if one is gone)."""
+        with self._exchange("keep-alive"):
+            dev = self.world.device
+            dist.broadcast(header(OP_PING, device=dev), src=0)
+            dist.gather(torch.zeros(1, device=dev), [torch.zeros(1, device=dev) for _ in
+                                                      range(self.world.world_size)], dst=0)
+
+    def shutdown(self) -> None:
+        """Tell the shared ranks to exit (skipped when one is already known to be gone)."""
+        self._closed.set()
+        with self._lock:
+            if self._error is None:
+                try:
+                    dist.broadcast(header(OP_SHUTDOWN, device=self.world.device), src=0)
+                except Exception as e:  # noqa: BLE001 - shutting down anyway
+                    log.warning("shutdown header did not reach every shared rank: %s", e)
+
+    @property
+    def error(self) -> SharedRankError | None:
+        return self._error
+
+    # -- internals ---------------------------------------------------------------------------
+    def _exchange(self, what: str) -> "_Exchange":
+        return _Exchange(self, what)
+
+    def _fail(self, what: str, cause: BaseException) -> SharedRankError:
+        stale = self._stale_ranks()
+        if stale:
+            who = ", ".join(str(r) for r in stale)
+            msg = (f"shared rank {who} stopped responding during {what}; its slice of the shared KV is "
+                   f"unavailable, so requests over it fail ({type(cause).__name__}: {cause})")
+        else:
+            msg = (f"a shared rank did not answer within {self.world.timeout_s:g}s during {what}, though "
+                   f"all heartbeats are alive ({type(cause).__name__}: {cause})")
+        self._error = SharedRankError(msg)
+        self._closed.set()
+        return self._error
+
+    def _stale_ranks(self) -> list[int]:
+        """Shared ranks whose heartbeat counter did not move over a few heartbeat periods."""
+        store = self.world.store
+        try:
+            before = {r: store.add(self.world.heartbeat_key(r), 0) for r in self.world.shared_ranks}
+            time.sleep(4 * HEARTBEAT_S)
+            after = {r: store.add(self.world.heartbeat_key(r), 0) for r in self.world.shared_ranks}
+        except Exception as e:  # noqa: BLE001 - the store itself may be gone with its host
+            log.warning("cannot read heartbeats: %s", e)
+            return []
+        return [r for r in self.world.shared_ranks if after[r] == before[r]]
+
+    def _keepalive(self, interval: float) -> None:
+        while not self._closed.wait(interval / 2):
+            if time.monotonic() - self._last < interval:
+                continue
+            try:
+                self.ping()
+            except SharedRankError as e:
+                log.error("%s", e)
+                return
+
+
+class _Exchange:
+    """Holds the link's lock for one exchange; turns any communication failure into SharedRankError."""
+
+    def __init__(self, link: ShardLink, what: str):
+        self.link, self.what = link, what
+
+    def __enter__(self) -> None:
+        self.link._lock.acquire()
+        if self.link._error is not None:
+            self.link._lock.release()
+            raise self.link._error
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        try:
+            self.link._last = time.monotonic()
+            if exc is not None and not isinstance(exc, SharedRankError):
+                raise self.link._fail(self.what, exc) from exc
+            return False
+        finally:
+            self.link._lock.release()

@@ -1,0 +1,235 @@
+"""The shared KV sharded over gloo ranks on CPU: 2 and 3 processes answer exactly as one process,
+dense and routed, and a shared rank that dies fails its requests with a clear error, never a hang.
+
+Every process builds the same tiny random Llama from a fixed seed; rank 0 builds the corpora, runs
+the single-process engine as the reference, registers the corpora through the link and runs the
+distributed engine. Results come back through a queue and are checked here, in the test process.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from kb.engine.distributed.placement import place
+from kb.model.config import ModelConfig
+
+TIMEOUT_S = 10.0  # the process group's timeout: a dead rank must surface within it
+JOIN_S = 60.0
+
+
+class DigitTokenizer:
+    """Token i decodes to str(i) and a space: enough text for the engine to stream."""
+
+    eos_token_id = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"{i} " for i in ids)
+
+
+def _tiny_loaded():
+    from kb.model.llama import Transformer
+    from kb.model.loader import LoadedModel
+
+    cfg = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=1024)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval().requires_grad_(False)
+    return LoadedModel(model, DigitTokenizer(), cfg, Path("."), "tiny", "digits")
+
+
+def _corpus(key: str, seed: int, routed: bool):
+    """A random 200-token corpus in 16-token chunks (13 chunks); routed ones attend 4 per query."""
+    from kb.engine.routing import CorpusRouter
+    from kb.engine.shared_kv import SharedKV
+
+    g = torch.Generator().manual_seed(seed)
+    k = [torch.randn(200, 2, 16, generator=g) * 2 for _ in range(2)]
+    v = [torch.randn(200, 2, 16, generator=g) for _ in range(2)]
+    sh = SharedKV(key, k, v, chunk_size=16, pos_offset=200, preamble_len=10)
+    if routed:
+        sh.router = CorpusRouter(sh.k, 16, sh.always_chunks)
+        sh.top_k = 4
+        assert sh.routed
+    return sh
+
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [3, 1, 4, 1, 5, 9]]
+
+
+def _generate(engine, corpora, max_tokens: int = 6) -> list[list[int]]:
+    from kb.engine.sequence import SamplingParams
+
+    hs = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), c.key, c.pos_offset)
+          for p, c in zip(PROMPTS, corpora * len(PROMPTS))]
+    engine.run_until_done()
+    return [h.seq.output_ids for h in hs]
+
+
+def _unique_rank_compare(world) -> dict:
+    """Rank 0 of the equality test: single-process answers, then the same through the link."""
+    import attention
+    from kb.engine.distributed.backend import distributed_engine
+    from kb.engine.distributed.protocol import ShardLink
+    from kb.engine.engine import Engine, EngineConfig
+
+    lm = _tiny_loaded()
+    dense, routed = _corpus("dense", 1, False), _corpus("routed", 2, True)
+    cfg = EngineConfig(unique_kv_tokens=512, block_size=8, citation_layers=0)
+    local = Engine(lm, cfg)
+    local.register_corpus(dense)
+    local.register_corpus(routed)
+    want = _generate(local, [dense, routed])
+
+    link = ShardLink(world)
+    engine = distributed_engine(lm, link, cfg)
+    views = [link.register(dense), link.register(routed)]
+    for v in views:
+        engine.register_corpus(v)
+    got = _generate(engine, views)
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 4, 16, generator=g)
+    idx = routed.router.route(1, q, routed.top_k)
+    diffs = {}
+    with torch.inference_mode():
+        for name, sh, view, i in (("dense", dense, views[0], None), ("routed", routed, views[1], idx)):
+            o_ref, lse_ref = attention.shared_attention(q, sh.k[1], sh.v[1], i, sh.chunk_size)
+            o, lse = link.shared_attention(view, 1, q, i)
+            diffs[name] = (float((o - o_ref).abs().max()), float((lse - lse_ref).abs().max()))
+    link.shutdown()
+    return {"want": want, "got": got, "diffs": diffs}
+
+
+def _unique_rank_kill(world) -> dict:
+    """Rank 0 of the failure test: a few steps run, then shared rank 2 exits; every request fails."""
+    from kb.engine.distributed.backend import distributed_engine
+    from kb.engine.distributed.protocol import ShardLink, SharedRankError
+    from kb.engine.engine import EngineConfig
+    from kb.engine.sequence import SamplingParams
+
+    lm = _tiny_loaded()
+    link = ShardLink(world)
+    engine = distributed_engine(lm, link, EngineConfig(unique_kv_tokens=512, block_size=8))
+    view = link.register(_corpus("dense", 1, False))
+    engine.register_corpus(view)
+    hs = [engine.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True), view.key, view.pos_offset)
+          for p in PROMPTS[:2]]
+    for _ in range(3):
+        engine.step()
+    tokens_before = [len(h.seq.output_ids) for h in hs]
+    world.store.set("kill/2", "1")
+    world.store.wait(["dying/2"], __import__("datetime").timedelta(seconds=JOIN_S))
+    engine.run_until_done()
+    late = engine.add_request([1, 2], SamplingParams(max_tokens=3), view.key, view.pos_offset)
+    engine.run_until_done()
+    raised = None
+    try:
+        link.ping()
+    except SharedRankError as e:
+        raised = str(e)
+    results = [(h.result.reason, h.result.error) for h in hs + [late]]
+    return {"tokens_before": tokens_before, "results": results, "raised": raised}
+
+
+def _rank_main(rank: int, world_size: int, init: str, scenario: str, out) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    from kb.engine.distributed.protocol import init_world
+    from kb.engine.distributed.worker import run_shared_rank
+
+    try:
+        world = init_world(init, rank, world_size, backend="gloo", timeout_s=TIMEOUT_S)
+        if rank == 0:
+            fn = _unique_rank_compare if scenario == "compare" else _unique_rank_kill
+            _report(out, ("ok", fn(world)))
+            os._exit(0)  # peers may be dead: skip teardown that would wait for them
+        if scenario == "kill" and rank == 2:
+            _exit_when_told(world)
+        run_shared_rank(world)
+    except BaseException:  # noqa: BLE001 - the test process reports it
+        if rank == 0:
+            _report(out, ("error", traceback.format_exc()))
+        os._exit(1)
+    os._exit(0)
+
+
+def _report(out, item: tuple) -> None:
+    """Put and flush before os._exit: the queue's feeder thread would die with the process."""
+    out.put(item)
+    out.close()
+    out.join_thread()
+
+
+def _exit_when_told(world) -> None:
+    """Test-only: a thread that kills this process (no cleanup, like a crash) once rank 0 asks."""
+    import threading
+    from datetime import timedelta
+
+    def die() -> None:
+        world.store.wait(["kill/2"], timedelta(seconds=JOIN_S))
+        world.store.set("dying/2", "1")
+        os._exit(1)
+
+    threading.Thread(target=die, daemon=True).start()
+
+
+def _spawn(world_size: int, scenario: str, tmp_path: Path) -> dict:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, init, scenario, out), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        status, payload = out.get(timeout=JOIN_S)
+    except queue.Empty:
+        payload, status = None, "timeout"
+    finally:
+        for p in procs:
+            p.join(timeout=TIMEOUT_S * 2)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    assert status == "ok", f"rank 0 did not finish: {status}\n{payload}"
+    return payload
+
+
+def test_placement_balances_tokens_and_maps_chunks():
+    p = place(num_tokens=200, chunk_size=16, ranks=[1, 2, 3])  # 13 chunks, the last holds 8 tokens
+    assert [(s.chunk_start, s.chunk_end) for s in p.shards] == [(0, 4), (4, 8), (8, 13)]
+    assert sum(s.num_tokens for s in p.shards) == 200
+    assert p.locate(0) == (1, 0) and p.locate(5) == (2, 1) and p.locate(12) == (3, 4)
+    idx = torch.tensor([[[0, 5, 12]]])
+    assert p.local_chunk_idx(idx, 2).tolist() == [[[-1, 1, -1]]]
+    assert p.local_chunk_idx(idx, 3).tolist() == [[[-1, -1, 4]]]
+    few = place(num_tokens=20, chunk_size=16, ranks=[1, 2, 3])  # 2 chunks over 3 ranks
+    assert [s.num_chunks for s in few.shards] == [0, 1, 1]  # an empty slice answers lse = -inf
+    assert sum(s.num_tokens for s in few.shards) == 20
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_shared_kv_answers_as_one_process(world_size, tmp_path):
+    res = _spawn(world_size, "compare", tmp_path)
+    assert res["got"] == res["want"]  # greedy tokens of dense and routed requests
+    assert all(len(t) == 6 for t in res["got"])
+    for name, (do, dlse) in res["diffs"].items():
+        assert do < 1e-5 and dlse < 1e-5, (name, do, dlse)
+
+
+def test_dead_shared_rank_fails_requests_clearly(tmp_path):
+    res = _spawn(3, "kill", tmp_path)
+    assert all(n > 0 for n in res["tokens_before"])  # it worked until the rank died
+    for reason, error in res["results"]:
+        assert reason == "error"
+        assert "shared rank 2 stopped responding" in error, error
+    assert res["raised"] is not None and "shared rank 2" in res["raised"]
