@@ -422,7 +422,7 @@ def plot(json_path: str, png_path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"Llama-3.1-8B shape, {res['device']}: 1K unique + 128 generated per request")
+    ax.set_title(f"Llama-3.1-8B shape, {res['device']}\n{res['prompt_tokens']} unique + {res['gen_tokens']} generated tokens per request", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
