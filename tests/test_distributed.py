@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+from datetime import timedelta
 import traceback
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def _unique_rank_kill(world) -> dict:
         engine.step()
     tokens_before = [len(h.seq.output_ids) for h in hs]
     world.store.set("kill/2", "1")
-    world.store.wait(["dying/2"], __import__("datetime").timedelta(seconds=JOIN_S))
+    world.store.wait(["dying/2"], timedelta(seconds=JOIN_S))
     engine.run_until_done()
     late = engine.add_request([1, 2], SamplingParams(max_tokens=3), view.key, view.pos_offset)
     engine.run_until_done()
@@ -171,7 +172,6 @@ def _report(out, item: tuple) -> None:
 def _exit_when_told(world) -> None:
     """Test-only: a thread that kills this process (no cleanup, like a crash) once rank 0 asks."""
     import threading
-    from datetime import timedelta
 
     def die() -> None:
         world.store.wait(["kill/2"], timedelta(seconds=JOIN_S))

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 import attention
-from kb.engine.distributed.placement import Placement, place, remote_view, slice_kv
+from kb.engine.distributed.placement import place, remote_view, slice_kv
 from kb.engine.shared_kv import SharedKV
 
 log = logging.getLogger(__name__)
