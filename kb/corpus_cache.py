@@ -1,11 +1,18 @@
 """Loaded corpora: a ready corpus's stored KV, verified and laid out contiguously per layer on
-the serving device, registered with the engine, with its router and citation map."""
+the serving device, registered with the engine, with its router and citation map.
+
+Where each layout lives (device, host memory, disk) is the tier manager's decision
+(`storage/tiers.py`): a corpus that leaves the device is unregistered from the engine (never
+while it answers questions) and comes back on its next question, from host memory when parked
+there, else from its verified files. Corpus.tier, hits and last_used_at follow in the database.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -15,14 +22,18 @@ from kb.citations import CitationMap, SegmentRef
 from kb.engine.engine import Engine
 from kb.engine.routing import CorpusRouter
 from kb.engine.shared_kv import SharedKV
-from kb.errors import Conflict, NotFound, NotReady
-from kb.model.loader import LoadedModel
+from kb.errors import Conflict, NotFound, NotReady, TooBusy
+from kb.ingest.pipeline import Ingestor
+from kb.model.loader import LoadedModel, _file_digest, load_tokenizer, weights_hash
 from kb.settings import Settings
 from storage.db import Database
 from storage.kvstore import KVCorruptError, read_kv
 from storage.models import Corpus, utcnow
+from storage.tiers import Move, TierError, TierManager
 
 log = logging.getLogger(__name__)
+
+GiB = 2**30
 
 
 @dataclass
@@ -32,13 +43,55 @@ class LoadedCorpus:
     version: str
 
 
+@dataclass
+class _Layout:
+    """What a corpus's files give: k, v [L, N, Hkv, d] and how to cite and place them."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    refs: list[SegmentRef]
+    max_end: int
+    preamble_len: int
+    chunk_size: int
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a corpus's cache key needs of the model (tokenizer and hashes), without its weights:
+    listing corpora and telling stale ones never loads a model."""
+
+    tokenizer: object
+    weights_hash: str
+    tokenizer_hash: str
+
+
+def model_identity(folder: Path) -> ModelIdentity:
+    """The identity of the model in `folder`, hashed the way `load_model` hashes it."""
+    tok_files = [p for p in folder.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
+    return ModelIdentity(load_tokenizer(folder), weights_hash(folder), _file_digest(tok_files))
+
+
+def settings_key(settings: Settings, db: Database, model: ModelIdentity | LoadedModel) -> str:
+    """The cache key a corpus built now gets (the ingestor's own settings and hash): a corpus
+    whose stored key differs is stale."""
+    ingestor = Ingestor(settings, db, lambda: model)
+    return ingestor._key(ingestor._corpus_settings())
+
+
+def _budget(gb: float) -> int:
+    return int(gb * GiB)
+
+
 class CorpusCache:
     def __init__(self, settings: Settings, db: Database, model: Callable[[], LoadedModel],
                  engine: Callable[[], Engine]):
         self.settings, self.db = settings, db
         self._model, self._engine = model, engine
+        self._engine_made = False
         self.loaded: dict[str, LoadedCorpus] = {}
         self._lock = threading.RLock()
+        self.tiers = TierManager({"gpu": _budget(settings.gpu_cache_gb), "cpu": _budget(settings.cpu_cache_gb)},
+                                 settings.device, on_move=self._on_move)
 
     @property
     def model(self) -> LoadedModel:
@@ -46,7 +99,11 @@ class CorpusCache:
 
     @property
     def engine(self) -> Engine:
+        self._engine_made = True
         return self._engine()
+
+    def _in_use(self, key: str) -> bool:
+        return self._engine_made and self.engine.in_use(key)
 
     def drop(self, name: str) -> None:
         """Forget a corpus's loaded KV (deleted, or changed: the next question reloads it)."""
@@ -54,13 +111,27 @@ class CorpusCache:
             old = self.loaded.pop(name, None)
             if old is None:
                 return
-            if self.engine.in_use(old.shared.key):
+            if self._in_use(old.shared.key):
                 self.loaded[name] = old
                 raise Conflict(f"corpus {name!r} is answering questions; try again when they finish")
-            self.engine.unregister_corpus(old.shared.key)
+            if self._engine_made:
+                self.engine.unregister_corpus(old.shared.key)
+            self.tiers.remove(name)
+
+    def _on_move(self, m: Move) -> None:
+        """A layout changed tier: leaving the device unregisters it; the database records it."""
+        cached = self.loaded.get(m.name)
+        if m.src == "gpu" and cached is not None and self._engine_made:
+            self.engine.unregister_corpus(cached.shared.key)  # the tier manager checked in_use
+        with self.db.session() as sess:
+            corpus = sess.scalar(select(Corpus).where(Corpus.name == m.name))
+            if corpus is not None:
+                corpus.tier = m.dst
+        log.info("corpus %s: shared KV %s -> %s", m.name, m.src, m.dst)
 
     def load(self, name: str) -> LoadedCorpus:
-        """The corpus's shared KV on the serving device, loaded from its verified files once."""
+        """The corpus's shared KV on the serving device: as held, promoted from host memory, or
+        read from its verified files; counts a hit."""
         with self._lock:
             with self.db.session() as sess:
                 corpus = sess.scalar(select(Corpus).where(Corpus.name == name))
@@ -71,48 +142,117 @@ class CorpusCache:
                 # the layout changes with the settings and with the set of ready documents
                 ready = ",".join(str(d.id) for d in corpus.documents if d.stage == "ready")
                 version = f"{corpus.cache_key}:{ready}"
-                cached = self.loaded.get(name)
-                if cached is not None and cached.version == version:
-                    return cached
-                cfg = corpus.settings
-                if cfg.get("weights") != self.model.weights_hash:
-                    raise NotReady(f"corpus {name!r} was built with another model; rebuild it")
-                try:
-                    pk, pv = read_kv(corpus.preamble_kv_file, corpus.preamble_checksum)
-                    ks, vs, refs = [pk], [pv], []
-                    pos = max_end = pk.shape[1]
-                    for d in corpus.documents:
-                        if d.stage != "ready":
-                            continue
-                        for seg in d.segments:
-                            k, v = read_kv(seg.kv_file, seg.kv_checksum)
-                            refs.append(SegmentRef(pos, seg.num_tokens, d.filename, d.id, seg.page_start,
-                                                   seg.page_end, seg.char_start, seg.text))
-                            max_end = max(max_end, seg.pos_start + seg.num_tokens)
-                            ks.append(k)
-                            vs.append(v)
-                            pos += seg.num_tokens
-                except KVCorruptError as e:
-                    corpus.status = "stale"
-                    log.error("corpus %s: %s; marked stale for rebuild", name, e)
-                    raise NotReady(f"corpus {name!r} has a damaged KV file and must be rebuilt") from e
+                pinned = corpus.pinned
                 corpus.hits = (corpus.hits or 0) + 1
                 corpus.last_used_at = utcnow()
-                preamble_len = corpus.preamble_len
-            dev = self.settings.device
-            k_all = torch.cat(ks, dim=1).to(dev)  # [L, N, Hkv, d]
-            v_all = torch.cat(vs, dim=1).to(dev)
-            chunk = cfg["chunk_size"]
-            shared = SharedKV(key=f"{name}@{version}", k=list(k_all.unbind(0)), v=list(v_all.unbind(0)),
-                              chunk_size=chunk, pos_offset=max_end,
-                              preamble_len=preamble_len, meta={"corpus": name})
-            if shared.num_chunks > shared.always_chunks + 1:
-                shared.router = CorpusRouter(shared.k, chunk, shared.always_chunks, self.settings.router)
-            loaded = LoadedCorpus(shared, CitationMap(refs, chunk, self.model.tokenizer), version)
-            old = self.loaded.get(name)
-            if old is not None and not self.engine.in_use(old.shared.key):
-                self.engine.unregister_corpus(old.shared.key)
-            self.engine.register_corpus(shared)
-            self.loaded[name] = loaded
-            return loaded
+                cached = self.loaded.get(name)
+                entry = self.tiers.entries.get(name)
+                layout, damaged = None, None
+                if cached is None or cached.version != version or entry is None or entry.tensors is None:
+                    try:
+                        layout = self._read(name, corpus)
+                    except KVCorruptError as e:  # recorded on commit: raising here would roll it back
+                        corpus.status, damaged = "stale", e
+                        log.error("corpus %s: %s; marked stale for rebuild", name, e)
+            if damaged is not None:
+                raise NotReady(f"corpus {name!r} has a damaged KV file and must be rebuilt") from damaged
+            if cached is not None and cached.version == version and entry is not None:
+                if entry.tier != "gpu":
+                    if layout is not None:  # evicted to disk: the same layout from its files
+                        self._place(name, [layout.k, layout.v])
+                    else:  # parked in host memory
+                        self._move_up(name)
+                    cached.shared = self._shared(cached.shared.key, cached.shared, entry.tensors)
+                    self.engine.register_corpus(cached.shared)
+                self.tiers.touch(name)
+                return cached
+            return self._install(name, version, layout, pinned)
 
+    def _read(self, name: str, corpus: Corpus) -> _Layout:
+        """Read and verify every KV file of the corpus (KVCorruptError on a damaged one)."""
+        cfg = corpus.settings
+        if cfg.get("weights") != self.model.weights_hash:
+            raise NotReady(f"corpus {name!r} was built with another model; rebuild it")
+        pk, pv = read_kv(corpus.preamble_kv_file, corpus.preamble_checksum)
+        ks, vs, refs = [pk], [pv], []
+        pos = max_end = pk.shape[1]
+        for d in corpus.documents:
+            if d.stage != "ready":
+                continue
+            for seg in d.segments:
+                k, v = read_kv(seg.kv_file, seg.kv_checksum)
+                refs.append(SegmentRef(pos, seg.num_tokens, d.filename, d.id, seg.page_start,
+                                       seg.page_end, seg.char_start, seg.text))
+                max_end = max(max_end, seg.pos_start + seg.num_tokens)
+                ks.append(k)
+                vs.append(v)
+                pos += seg.num_tokens
+        dtype = torch.promote_types(ks[0].dtype, ks[-1].dtype)  # fp8 files read as 16-bit
+        k_all = torch.cat([k.to(dtype) for k in ks], dim=1)  # [L, N, Hkv, d]
+        v_all = torch.cat([v.to(dtype) for v in vs], dim=1)
+        return _Layout(k_all, v_all, refs, max_end, corpus.preamble_len, cfg["chunk_size"])
+
+    def _place(self, name: str, tensors: list[torch.Tensor]) -> None:
+        """Hold a layout on the device, making room there; parks it in host memory and says why
+        when the device has no room."""
+        tier = self.tiers.put(name, tensors, "gpu")
+        if tier != "gpu":
+            need = self.tiers.get(name).nbytes
+            if not self.tiers.fits("gpu", need):
+                raise Conflict(f"corpus {name!r} needs {need / 2**20:.1f} MiB of shared KV on the device; "
+                               f"KB_GPU_CACHE_GB is {self.settings.gpu_cache_gb:g}")
+            raise TooBusy(f"no room on the device for corpus {name!r}: the others there are pinned or in use")
+
+    def _move_up(self, name: str) -> None:
+        try:
+            self.tiers.move(name, "gpu")
+        except TierError as e:
+            raise TooBusy(str(e)) from e
+
+    def _shared(self, key: str, like: SharedKV, tensors: list[torch.Tensor]) -> SharedKV:
+        """A SharedKV over the entry's current tensors, keeping the router and the metadata."""
+        k_all, v_all = tensors
+        return SharedKV(key=key, k=list(k_all.unbind(0)), v=list(v_all.unbind(0)), chunk_size=like.chunk_size,
+                        pos_offset=like.pos_offset, router=like.router, top_k=like.top_k,
+                        preamble_len=like.preamble_len, meta=like.meta)
+
+    def _install(self, name: str, version: str, layout: _Layout, pinned: bool) -> LoadedCorpus:
+        """A new version of the corpus: replace the old one (left registered while in use)."""
+        key = f"{name}@{version}"
+        old = self.loaded.pop(name, None)
+        if old is not None and self._engine_made and not self.engine.in_use(old.shared.key):
+            self.engine.unregister_corpus(old.shared.key)
+        self.tiers.track(name, 0, in_use=lambda: self._in_use(key), pinned=pinned)
+        try:
+            self._place(name, [layout.k, layout.v])
+        except (TooBusy, Conflict):
+            self.tiers.remove(name)
+            raise
+        k_all, v_all = self.tiers.get(name).tensors
+        chunk = layout.chunk_size
+        shared = SharedKV(key=key, k=list(k_all.unbind(0)), v=list(v_all.unbind(0)),
+                          chunk_size=chunk, pos_offset=layout.max_end,
+                          preamble_len=layout.preamble_len, meta={"corpus": name})
+        if shared.num_chunks > shared.always_chunks + 1:
+            shared.router = CorpusRouter(shared.k, chunk, shared.always_chunks, self.settings.router)
+        loaded = LoadedCorpus(shared, CitationMap(layout.refs, chunk, self.model.tokenizer), version)
+        self.engine.register_corpus(shared)
+        self.loaded[name] = loaded
+        self.tiers.touch(name)
+        return loaded
+
+    def move(self, name: str, tier: str) -> str:
+        """Admin move of a corpus's shared KV to `tier` (gpu loads it); returns where it is.
+        Refused (Conflict) while pinned and moving down, or answering questions."""
+        if tier not in ("gpu", "cpu", "disk"):
+            raise Conflict(f"unknown tier {tier!r}: one of gpu, cpu, disk")
+        with self._lock:
+            if tier != "disk" and (name not in self.tiers.entries or self.tiers.get(name).tier == "disk"):
+                self.load(name)  # from its files, onto the device
+            if name not in self.tiers.entries:
+                return "disk"  # never loaded here: its KV is only on disk already
+            try:
+                self.tiers.move(name, tier)
+            except TierError as e:
+                raise Conflict(str(e)) from e
+            return self.tiers.get(name).tier

@@ -20,14 +20,14 @@ from sqlalchemy import select
 
 from kb.auth import Principal, can_read, check_read
 from kb.citations import CitationMap
-from kb.corpus_cache import CorpusCache, LoadedCorpus
+from kb.corpus_cache import CorpusCache, LoadedCorpus, model_identity, settings_key
 from kb.engine.engine import Engine, EngineConfig, QueueFull
 from kb.engine.request import Delta, Finished, RequestHandle
 from kb.engine.sequence import SamplingParams
 from kb.errors import Conflict, KBError, NotFound, TooBusy
 from kb.ingest.pipeline import IngestResult, Ingestor, Progress
 from kb.model.config import UnsupportedModelError
-from kb.model.demo import DEMO_NAME, ensure_demo_model
+from kb.model.demo import DEMO_NAME, demo_folder, ensure_demo_model, is_converted
 from kb.model.loader import LoadedModel, load_model
 from kb.prompt import build_prompt, encode
 from kb.settings import Settings
@@ -48,10 +48,11 @@ class CorpusInfo:
     segments: int
     tokens: int
     created_at: datetime | None = None
+    stale: bool = False  # its stored KV was built with other settings (or is damaged): rebuild it
 
     def to_dict(self) -> dict:
         return {"name": self.name, "status": self.status, "model": self.model, "documents": self.documents,
-                "segments": self.segments, "tokens": self.tokens,
+                "segments": self.segments, "tokens": self.tokens, "stale": self.stale,
                 "created_at": self.created_at.isoformat() if self.created_at else None}
 
 
@@ -145,20 +146,40 @@ class KnowledgeBase:
             s.flush()
             return self._info(corpus)
 
-    def _info(self, c: Corpus) -> CorpusInfo:
+    def _info(self, c: Corpus, key: str | None = None) -> CorpusInfo:
+        """A corpus's summary; with the current settings `key`, a ready corpus built with other
+        settings shows status `stale`."""
         segs = sum(len(d.segments) for d in c.documents)
         toks = sum(d.num_tokens for d in c.documents if d.stage == "ready")
-        return CorpusInfo(c.name, c.status, c.model, len(c.documents), segs, toks, c.created_at)
+        stale = c.status == "stale" or (c.status == "ready" and key is not None and c.cache_key != key)
+        status = "stale" if stale else c.status
+        return CorpusInfo(c.name, status, c.model, len(c.documents), segs, toks, c.created_at, stale)
+
+    def settings_key(self) -> str | None:
+        """The cache key a corpus built now would get; None when the model is not on this
+        machine yet (staleness unknown). Uses only the tokenizer unless the model is loaded."""
+        if self._loaded is not None:
+            return settings_key(self.settings, self.db, self._loaded)
+        ident = getattr(self, "_identity", None)
+        if ident is None:
+            name = self.settings.model
+            folder = demo_folder(self.settings.resolved_models_dir) if name == DEMO_NAME else Path(name).expanduser()
+            if not (is_converted(folder) if name == DEMO_NAME else folder.is_dir()):
+                return None
+            ident = self._identity = model_identity(folder)
+        return settings_key(self.settings, self.db, ident)
 
     def list_corpora(self, *, user: Principal | None = None) -> list[CorpusInfo]:
         """All corpora, or only those `user` may read."""
         with self.db.session() as s:
-            return [self._info(c) for c in s.scalars(select(Corpus).order_by(Corpus.name))
+            key = self.settings_key()
+            return [self._info(c, key) for c in s.scalars(select(Corpus).order_by(Corpus.name))
                     if user is None or can_read(s, user, c)]
 
     def corpus_info(self, name: str) -> CorpusInfo:
+        key = self.settings_key()
         with self.db.session() as s:
-            return self._info(self._corpus(s, name))
+            return self._info(self._corpus(s, name), key)
 
     def documents(self, name: str) -> list[dict]:
         with self.db.session() as s:

@@ -1,0 +1,96 @@
+"""`kb cache list|pin|unpin|evict|move|rebuild|delete|status`: where corpora's shared KV lives.
+
+Mutating commands print an event id at once; `--wait` prints the outcome instead. Tier moves act
+on this process's KV (send them to a running server through `POST /v1/cache/{name}/{op}`); pin,
+unpin, rebuild and delete act through the database for every process.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from kb.cli.common import knowledge_base as _kb
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_cache_list(args) -> int:
+    from kb import cache_admin
+
+    rows = cache_admin.lookup(_kb(), args.name)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no corpora yet: kb corpus create NAME")
+        return 0
+    print(f"{'NAME':24} {'STATE':9} {'TIER':5} {'TOKENS':>8} {'GPU':>10} {'CPU':>10} {'DISK':>10} {'HITS':>6}  LAST USE")
+    for r in rows:
+        last = r.last_used_at.strftime("%Y-%m-%d %H:%M:%S") if r.last_used_at else "-"
+        print(f"{r.name:24} {r.state:9} {r.tier:5} {r.tokens:8d} {_size(r.bytes['gpu']):>10} "
+              f"{_size(r.bytes['cpu']):>10} {_size(r.bytes['disk']):>10} {r.hits:6d}  {last}")
+    return 0
+
+
+def _print_event(ev) -> None:
+    if ev.status == "failed":
+        print(f"{ev.op} {ev.corpus}: failed: {ev.error}", file=sys.stderr)
+    else:
+        print(f"{ev.op} {ev.corpus}: {ev.status} {json.dumps(ev.result) if ev.result else ''}".rstrip())
+
+
+def _submit(args, op: str) -> int:
+    from kb import cache_admin
+
+    kb = _kb()
+    event_id = cache_admin.submit(kb, op, args.name, getattr(args, "tier", None))
+    if not args.wait:
+        print(event_id)
+        return 0
+    ev = cache_admin.wait(kb, event_id)
+    _print_event(ev)
+    return 1 if ev.status == "failed" else 0
+
+
+def cmd_cache_status(args) -> int:
+    from kb import cache_admin
+
+    ev = cache_admin.event(_kb(), args.event_id)
+    if args.json:
+        print(json.dumps(ev.to_dict(), indent=2))
+    else:
+        _print_event(ev)
+    return 0
+
+
+def register(sub) -> None:
+    cache = sub.add_parser("cache", help="inspect and manage corpora's cached KV").add_subparsers(
+        dest="sub", required=True)
+    c = cache.add_parser("list", help="per corpus: tokens, bytes per tier, hits, last use, state")
+    c.add_argument("name", nargs="?")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cache_list)
+    helps = {"pin": "never evict this corpus's KV", "unpin": "let it be evicted again",
+             "evict": "drop its KV from memory (it stays on disk)", "rebuild": "recompute what no longer "
+             "matches the settings, reusing the rest", "delete": "delete the corpus, its documents and its KV"}
+    for op, text in helps.items():
+        c = cache.add_parser(op, help=text)
+        c.add_argument("name")
+        c.add_argument("--wait", action="store_true", help="wait and print the outcome")
+        c.set_defaults(func=lambda args, op=op: _submit(args, op))
+    c = cache.add_parser("move", help="move its KV to a tier")
+    c.add_argument("name")
+    c.add_argument("--tier", required=True, choices=("gpu", "cpu", "disk"))
+    c.add_argument("--wait", action="store_true", help="wait and print the outcome")
+    c.set_defaults(func=lambda args: _submit(args, "move"))
+    c = cache.add_parser("status", help="an operation's status by its event id")
+    c.add_argument("event_id")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cache_status)
