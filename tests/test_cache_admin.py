@@ -214,7 +214,10 @@ def select_segments():
 
 
 def test_fp8_kv_keeps_the_planted_fact(tmp_path, demo_model_dir):
-    kb = make_kb(tmp_path / "home", kv_dtype="float8")
+    from kb.service import KnowledgeBase
+    from kb.settings import Settings
+
+    kb = KnowledgeBase(Settings(home=tmp_path / "home", models_dir=MODELS_DIR, kv_dtype="float8"))  # as `handbook`
     doc = tmp_path / "handbook.txt"
     doc.write_text(planted_text())
     kb.create_corpus("h")
