@@ -1,9 +1,9 @@
 """Admin tab (admins only): per corpus tokens, KV bytes per tier, hits, last use and state, with
 pin, unpin, evict, move and rebuild; live engine figures with small plots.
 
-Until the tier manager (kb/cache_admin.py) lands, the operations act on what the serving
-process has: the corpus cache (loaded = on the serving device, evicted = on disk only) and the
-corpus's pinned and tier columns.
+The figures and operations come from `kb.cache_admin` (the tier manager's admin side) when it
+is installed; without it they act on what the serving process has: the corpus cache (loaded =
+on the serving device, evicted = on disk only) and the corpus's pinned and tier columns.
 """
 
 import asyncio
@@ -23,7 +23,7 @@ from storage.models import Corpus
 from ui.common import admin_of, fmt_bytes, shown_errors
 from ui.corpora import Tracker, rebuild
 
-CORPUS_COLUMNS = ["corpus", "state", "tokens", "device KV", "disk KV", "hits", "last use", "tier", "pinned"]
+CORPUS_COLUMNS = ["corpus", "state", "tokens", "GPU KV", "CPU KV", "disk KV", "hits", "last use", "tier", "pinned"]
 OPS = ("pin", "unpin", "evict", "move", "rebuild")
 HISTORY = 120  # engine samples kept for the plots
 
@@ -33,7 +33,8 @@ class CorpusRow:
     name: str
     state: str  # ready | stale | building | evicted | pinned | empty | failed
     tokens: int
-    device_bytes: int
+    gpu_bytes: int
+    cpu_bytes: int
     disk_bytes: int
     hits: int
     last_used: str
@@ -41,7 +42,8 @@ class CorpusRow:
     pinned: bool
 
     def cells(self) -> list:
-        return [self.name, self.state, self.tokens, fmt_bytes(self.device_bytes), fmt_bytes(self.disk_bytes),
+        return [self.name, self.state, self.tokens, fmt_bytes(self.gpu_bytes), fmt_bytes(self.cpu_bytes),
+                fmt_bytes(self.disk_bytes),
                 self.hits, self.last_used, self.tier, "yes" if self.pinned else ""]
 
 
@@ -56,8 +58,26 @@ def _files_bytes(paths: list[str | None]) -> int:
     return total
 
 
+def cache_admin():
+    """The tier manager's admin module, or None where it is not installed."""
+    try:
+        import kb.cache_admin as m
+    except ImportError:
+        return None
+    return m if hasattr(m, "lookup") and hasattr(m, "run_op") else None
+
+
+def _when(t) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S") if t else ""
+
+
 def corpus_rows(kb: KnowledgeBase) -> list[CorpusRow]:
-    """Every corpus with where its KV is: on the serving device (loaded) and on disk."""
+    """Every corpus with where its KV is: per tier bytes, state, hits, last use."""
+    m = cache_admin()
+    if m is not None:
+        return [CorpusRow(r.name, r.state, r.tokens, r.bytes.get("gpu", 0), r.bytes.get("cpu", 0),
+                          r.bytes.get("disk", 0), r.hits, _when(r.last_used_at), r.tier, r.pinned)
+                for r in m.lookup(kb)]
     device_tier = "gpu" if kb.settings.device.startswith("cuda") else "cpu"
     rows = []
     with kb.db.session() as s:
@@ -72,9 +92,9 @@ def corpus_rows(kb: KnowledgeBase) -> list[CorpusRow]:
                 state = "pinned"
             else:
                 state = "ready" if loaded else "evicted"
-            rows.append(CorpusRow(c.name, state, sum(d.num_tokens for d in ready), dev, disk, c.hits or 0,
-                                  c.last_used_at.strftime("%Y-%m-%d %H:%M:%S") if c.last_used_at else "",
-                                  device_tier if loaded else "disk", bool(c.pinned)))
+            gpu, cpu = (dev, 0) if device_tier == "gpu" else (0, dev)
+            rows.append(CorpusRow(c.name, state, sum(d.num_tokens for d in ready), gpu, cpu, disk, c.hits or 0,
+                                  _when(c.last_used_at), device_tier if loaded else "disk", bool(c.pinned)))
     return rows
 
 
@@ -93,6 +113,11 @@ def cache_op(kb: KnowledgeBase, tracker: Tracker, user, op: str, name: str, tier
         raise KBError(f"unknown operation {op!r}: one of {', '.join(OPS)}")
     if not name:
         raise KBError("pick a corpus first")
+    m = cache_admin()
+    if m is not None:
+        if op == "rebuild":  # long: runs as a cache job; the Corpora tab shows its documents' progress
+            return f"rebuilding {name} (event {m.submit(kb, 'rebuild', name)})"
+        return f"{op} {name}: " + ", ".join(f"{k} {v}" for k, v in m.run_op(kb, op, name, tier).items())
     device_tier = "gpu" if kb.settings.device.startswith("cuda") else "cpu"
     pinned = next((r.pinned for r in corpus_rows(kb) if r.name == name), None)
     if pinned is None:
@@ -152,7 +177,7 @@ class AdminHandlers:
         admin_of(self.kb, request)
         rows = await asyncio.to_thread(corpus_rows, self.kb)
         names = [r.name for r in rows]
-        return (gr.Dataframe(value=[r.cells() for r in rows], headers=CORPUS_COLUMNS),
+        return (pd.DataFrame([r.cells() for r in rows], columns=CORPUS_COLUMNS),
                 gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None)))
 
     @shown_errors
@@ -184,7 +209,7 @@ def build_admin_tab(kb: KnowledgeBase, tracker: Tracker) -> dict[str, Any]:
     h = AdminHandlers(kb, tracker)
     table = gr.Dataframe(headers=CORPUS_COLUMNS, interactive=False, elem_id="admin-corpora")
     with gr.Row():
-        corpus = gr.Dropdown(label="Corpus", choices=[], elem_id="admin-corpus", scale=2)
+        corpus = gr.Dropdown(label="Corpus", choices=[], elem_id="admin-corpus", scale=2, allow_custom_value=True)
         tier = gr.Dropdown(["gpu", "cpu", "disk"], value="cpu", label="Move to tier", elem_id="admin-tier", scale=1)
     with gr.Row():
         buttons = {op: gr.Button(op.capitalize(), elem_id=f"admin-{op}", size="sm") for op in OPS}

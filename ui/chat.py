@@ -215,8 +215,9 @@ def build_chat_tab(kb: KnowledgeBase) -> dict[str, Any]:
     h = ChatHandlers(kb)
     session_id = gr.State(None)
     with gr.Row():
-        corpus = gr.Dropdown(label="Corpus", choices=[], elem_id="chat-corpus", scale=2)
-        sessions = gr.Dropdown(label="Conversation", choices=[], elem_id="chat-sessions", scale=2)
+        corpus = gr.Dropdown(label="Corpus", choices=[], elem_id="chat-corpus", scale=2, allow_custom_value=True)
+        sessions = gr.Dropdown(label="Conversation", choices=[], elem_id="chat-sessions", scale=2,
+                               allow_custom_value=True)
         new_btn = gr.Button("New chat", elem_id="new-chat", scale=0)
     chatbot = gr.Chatbot(label="Answers", elem_id="chatbot", height=520, allow_tags=["mark"],
                          buttons=["copy"], placeholder="Pick a corpus and ask a question.")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import pandas as pd
 from sqlalchemy import select
 
 from kb.auth import Principal, check_write, set_visibility
@@ -181,7 +182,7 @@ def delete_document(kb: KnowledgeBase, user: Principal, name: str, doc_id: int) 
     shutil.rmtree(kb.settings.kv_dir / str(corpus.id) / str(doc_id), ignore_errors=True)
     if file_path:
         Path(file_path).unlink(missing_ok=True)
-    kb.ingestor._refresh_status(corpus.id)
+    kb.ingestor.refresh_status(corpus.id)
     return f"deleted {fname} from {name}"
 
 
@@ -189,6 +190,12 @@ def rebuild(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str) -> 
     """Recompute a corpus's KV from its stored files (after a model or settings change, or a
     damaged KV file): segments whose cache key no longer matches are prefilled again."""
     corpus = _corpus_for_write(kb, user, name)
+    try:
+        import kb.cache_admin as cache_admin
+    except ImportError:
+        cache_admin = None
+    if cache_admin is not None and hasattr(cache_admin, "submit"):  # the tier manager's rebuild job
+        return f"rebuilding {name} (event {cache_admin.submit(kb, 'rebuild', name)})"
     kb.cache.drop(name)  # refuses while it answers questions
     with kb.db.session() as s:
         c = s.get(Corpus, corpus.id)
@@ -242,11 +249,11 @@ class CorporaHandlers:
     @shown_errors
     async def documents(self, name: str | None, request: gr.Request):
         if not name:
-            return gr.Dataframe(value=[], headers=DOC_COLUMNS), ""
+            return pd.DataFrame([], columns=DOC_COLUMNS), ""
         rows = await asyncio.to_thread(document_rows, self.kb, self.tracker, user_of(self.kb, request), name)
         info = await asyncio.to_thread(self.kb.corpus_info, name)
         summary = f"**{info.name}**: {info.status} · {info.documents} documents · {info.tokens} tokens"
-        return gr.Dataframe(value=rows, headers=DOC_COLUMNS), summary
+        return pd.DataFrame(rows, columns=DOC_COLUMNS), summary
 
     @shown_errors
     async def delete(self, name: str | None, doc_id: float | None, request: gr.Request):
@@ -272,7 +279,7 @@ def build_corpora_tab(kb: KnowledgeBase) -> dict[str, Any]:
             share_with = gr.Textbox(label="Shared with (user names, comma-separated)", elem_id="share-with")
             create_btn = gr.Button("Create", elem_id="create-corpus")
         with gr.Column(scale=2):
-            corpus = gr.Dropdown(label="Corpus", choices=[], elem_id="corpora-corpus")
+            corpus = gr.Dropdown(label="Corpus", choices=[], elem_id="corpora-corpus", allow_custom_value=True)
             files = gr.File(label="Drop files here (PDF, DOCX, HTML, Markdown, text)", file_count="multiple",
                             elem_id="upload")
             status = gr.Markdown(elem_id="corpora-status")
