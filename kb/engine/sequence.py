@@ -38,7 +38,7 @@ class SeqStatus(Enum):
     FINISHED = auto()
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's membership tests must not compare token lists
 class Sequence:
     """One request. Its unique tokens (prompt, then answer) sit at positions `pos_offset + i`."""
 
