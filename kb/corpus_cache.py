@@ -173,14 +173,14 @@ class CorpusCache:
         cfg = corpus.settings
         if cfg.get("weights") != self.model.weights_hash:
             raise NotReady(f"corpus {name!r} was built with another model; rebuild it")
-        pk, pv = read_kv(corpus.preamble_kv_file, corpus.preamble_checksum)
+        pk, pv = read_kv(corpus.preamble_kv_file, corpus.preamble_checksum, dequantize=True)
         ks, vs, refs = [pk], [pv], []
         pos = max_end = pk.shape[1]
         for d in corpus.documents:
             if d.stage != "ready":
                 continue
             for seg in d.segments:
-                k, v = read_kv(seg.kv_file, seg.kv_checksum)
+                k, v = read_kv(seg.kv_file, seg.kv_checksum, dequantize=True)
                 refs.append(SegmentRef(pos, seg.num_tokens, d.filename, d.id, seg.page_start,
                                        seg.page_end, seg.char_start, seg.text))
                 max_end = max(max_end, seg.pos_start + seg.num_tokens)

@@ -5,8 +5,8 @@ is returned on write and must match on read, so a torn or corrupted file is neve
 
 fp8 (e4m3) files also hold `k_scale` and `v_scale` [layers, kv_heads] float32: one scale per layer
 and KV head of the segment, so that each head's largest magnitude maps to e4m3's largest finite
-value. A file of fp8 tensors without scales (a plain cast) reads with scale 1. Reading dequantizes
-fp8 to float16 by default: the serving layout is 16-bit (docs/CACHE.md says why).
+value. A file of fp8 tensors without scales (a plain cast) reads with scale 1. `read_kv(...,
+dequantize=True)` gives float16: the serving layout is 16-bit (docs/CACHE.md says why).
 """
 
 from __future__ import annotations
@@ -98,11 +98,11 @@ def write_kv(path: str | os.PathLike, k: torch.Tensor, v: torch.Tensor, metadata
     return StoredKV(path=path, checksum=checksum, nbytes=len(data))
 
 
-def read_kv(path: str | os.PathLike, checksum: str | None, dequantize: bool = True
+def read_kv(path: str | os.PathLike, checksum: str | None, dequantize: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read k, v from `path`; raise KVCorruptError unless the bytes hash to `checksum`.
-    fp8 tensors come back as float16 unless `dequantize` is False (then raw e4m3, scales dropped:
-    use read_kv_tensors to keep them)."""
+    fp8 tensors come back as stored (e4m3) unless `dequantize`, which applies their scales and
+    returns float16 (read_kv_tensors gives the scales themselves)."""
     tensors = read_kv_tensors(path, checksum)
     k, v = tensors["k"], tensors["v"]
     if dequantize and k.dtype == FP8:
