@@ -30,7 +30,10 @@ def citation_message(i: int, c: dict) -> dict:
     a, b = c.get("highlight") or (0, len(seg))
     before = seg[max(0, a - CONTEXT_CHARS):a]
     after = seg[b:b + CONTEXT_CHARS]
-    body = (("…" if a > CONTEXT_CHARS else "") + html.escape(before) + "<mark>" + html.escape(seg[a:b]) + "</mark>"
+    # mark each paragraph of the cited part apart: one <mark> across a blank line would be split
+    # by the Markdown renderer and shown as text
+    marked = "\n\n".join(f"<mark>{html.escape(p)}</mark>" if p.strip() else p for p in seg[a:b].split("\n\n"))
+    body = (("…" if a > CONTEXT_CHARS else "") + html.escape(before) + marked
             + html.escape(after) + ("…" if b + CONTEXT_CHARS < len(seg) else ""))
     score = f" · {c['score'] * 100:.0f}%" if c.get("score") else ""
     return {"role": "assistant", "content": body,
@@ -219,7 +222,7 @@ def build_chat_tab(kb: KnowledgeBase) -> dict[str, Any]:
         sessions = gr.Dropdown(label="Conversation", choices=[], elem_id="chat-sessions", scale=2,
                                allow_custom_value=True)
         new_btn = gr.Button("New chat", elem_id="new-chat", scale=0)
-    chatbot = gr.Chatbot(label="Answers", elem_id="chatbot", height=520, allow_tags=["mark"],
+    chatbot = gr.Chatbot(label="Answers", elem_id="chatbot", height=520,
                          buttons=["copy"], placeholder="Pick a corpus and ask a question.")
     with gr.Row():
         question = gr.Textbox(placeholder="Ask a question about the corpus…", show_label=False,
