@@ -17,6 +17,10 @@ Failure: every collective runs under the process group's timeout. A dead or stuc
 rank 0's collective raise (at once when the peer's socket closes, else at the timeout); the link
 then names the rank whose heartbeat (a counter each shared rank bumps in the rendezvous store)
 stopped, raises `SharedRankError`, and refuses all later work with the same error.
+
+Counters: `ShardLink.stats` (a `CommStats`) counts the ATTEND exchanges and the bytes their messages
+carry, from the shapes sent; with `stats.timing` on it also times them (CUDA events on the current
+stream, resolved by `CommStats.settle`, or the wall clock on CPU). Counting changes nothing sent.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -102,6 +106,55 @@ def header(op: int, *fields: int, device: torch.device) -> torch.Tensor:
     return h.to(device)
 
 
+@dataclass
+class CommStats:
+    """What the link's ATTEND exchanges carried, from the shapes sent (bytes), and optionally how long
+    they took on rank 0 (`timing`): from before the header is made until the gather has returned, so
+    the header's copy to the device, the collectives' launches and the waits for the shared ranks count.
+
+    bytes_out: header + q + chunk ids, once per shared rank that receives them (a broadcast to S ranks
+    counts S times); bytes_in: the float32 partials gathered from the shared ranks."""
+
+    timing: bool = False
+    exchanges: int = 0
+    bytes_out: int = 0
+    bytes_in: int = 0
+    seconds: float = 0.0
+    _pending: list = field(default_factory=list, repr=False)
+
+    def start(self, device: torch.device):
+        if not self.timing:
+            return None
+        if device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, mark) -> None:
+        if mark is None:
+            return
+        if isinstance(mark, float):
+            self.seconds += time.perf_counter() - mark
+        else:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((mark, end))
+
+    def settle(self) -> "CommStats":
+        """Add the recorded CUDA event pairs to `seconds` (waits for them); returns self."""
+        for a, b in self._pending:
+            b.synchronize()
+            self.seconds += a.elapsed_time(b) / 1e3
+        self._pending.clear()
+        return self
+
+    def snapshot(self) -> dict:
+        self.settle()
+        return {"exchanges": self.exchanges, "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
+                "seconds": self.seconds}
+
+
 class ShardLink:
     """Rank 0's side: registers corpora on the shared ranks and asks them for partial attention.
 
@@ -116,6 +169,7 @@ class ShardLink:
         self._error: SharedRankError | None = None
         self._last = time.monotonic()
         self._closed = threading.Event()
+        self.stats = CommStats()
         interval = world.timeout_s / 4 if keepalive_s is None else keepalive_s
         self._pinger = threading.Thread(target=self._keepalive, args=(interval,), name="kb-shard-ping",
                                         daemon=True)
@@ -152,8 +206,11 @@ class ShardLink:
         t, hq, d = q.shape
         dev = self.world.device
         top_k = 0 if chunk_idx is None else chunk_idx.shape[-1]
-        head = header(OP_ATTEND, view.meta["corpus_id"], layer, t, top_k, hq, dtype_code(q.dtype), device=dev)
+        code = dtype_code(q.dtype)  # raised here, outside the exchange: a bad dtype is no rank failure
+        stats, receivers = self.stats, self.world.world_size - 1
         with self._exchange(f"attention of layer {layer} on corpus {view.key}"):
+            mark = stats.start(dev)
+            head = header(OP_ATTEND, view.meta["corpus_id"], layer, t, top_k, hq, code, device=dev)
             dist.broadcast(head, src=0)
             dist.broadcast(q.contiguous().to(dev), src=0)
             if chunk_idx is not None:
@@ -161,6 +218,13 @@ class ShardLink:
             mine = torch.empty(t, hq, d + 1, dtype=torch.float32, device=dev)
             parts = [torch.empty_like(mine) for _ in range(self.world.world_size)]
             dist.gather(mine, parts, dst=0)
+            stats.stop(mark)
+            stats.exchanges += 1
+            sent = HEADER_LEN * 8 + q.numel() * q.element_size()
+            if chunk_idx is not None:
+                sent += chunk_idx.numel() * 8
+            stats.bytes_out += receivers * sent
+            stats.bytes_in += receivers * mine.numel() * mine.element_size()
         o = torch.zeros(t, hq, d, dtype=q.dtype, device=q.device)
         lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=q.device)
         for p in parts[1:]:
