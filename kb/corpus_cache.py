@@ -89,7 +89,7 @@ class CorpusCache:
         self._model, self._engine = model, engine
         self._engine_made = False
         self.loaded: dict[str, LoadedCorpus] = {}
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self.tiers = TierManager({"gpu": _budget(settings.gpu_cache_gb), "cpu": _budget(settings.cpu_cache_gb)},
                                  settings.device, on_move=self._on_move)
 
@@ -107,7 +107,7 @@ class CorpusCache:
 
     def drop(self, name: str) -> None:
         """Forget a corpus's loaded KV (deleted, or changed: the next question reloads it)."""
-        with self._lock:
+        with self.lock:
             old = self.loaded.pop(name, None)
             if old is None:
                 return
@@ -132,7 +132,7 @@ class CorpusCache:
     def load(self, name: str) -> LoadedCorpus:
         """The corpus's shared KV on the serving device: as held, promoted from host memory, or
         read from its verified files; counts a hit."""
-        with self._lock:
+        with self.lock:
             with self.db.session() as sess:
                 corpus = sess.scalar(select(Corpus).where(Corpus.name == name))
                 if corpus is None:
@@ -246,7 +246,7 @@ class CorpusCache:
         Refused (Conflict) while pinned and moving down, or answering questions."""
         if tier not in ("gpu", "cpu", "disk"):
             raise Conflict(f"unknown tier {tier!r}: one of gpu, cpu, disk")
-        with self._lock:
+        with self.lock:
             if tier != "disk" and (name not in self.tiers.entries or self.tiers.get(name).tier == "disk"):
                 self.load(name)  # from its files, onto the device
             if name not in self.tiers.entries:

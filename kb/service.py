@@ -119,7 +119,19 @@ class KnowledgeBase:
                     max_running=s.max_running, max_queue=s.max_queue))
             return self._engine
 
+    @property
+    def jobs(self):
+        """The job service (broker, queue, local worker) of this knowledge base."""
+        from kb.jobs import jobs_for
+
+        return jobs_for(self)
+
     def close(self) -> None:
+        from kb.jobs import _services
+
+        svc = _services.pop(self, None)
+        if svc is not None:
+            svc.close()
         if self._engine is not None:
             self._engine.shutdown()
         self.db.close()
@@ -217,20 +229,23 @@ class KnowledgeBase:
         if user is not None:
             with self.db.session() as s:
                 check_read(s, user, self._corpus(s, name))
-        loaded = self.load_corpus(name)
-        shared = loaded.shared
-        if shared.router is not None:  # density applies to requests queued from now on
-            shared.top_k = None if self.settings.density >= 1.0 else shared.router.top_k(self.settings.density)
         lm = self.loaded
         parts = build_prompt(lm.tokenizer, self.settings.system_prompt, history or [], question)
         ids = encode(lm.tokenizer, parts.suffix)
         sampling = sampling or SamplingParams(max_tokens=self.settings.max_tokens)
-        try:
-            handle = self.engine.add_request(ids, sampling, loaded.shared.key, loaded.shared.pos_offset, loop)
-        except QueueFull as e:
-            raise TooBusy(str(e)) from e
-        except ValueError as e:
-            raise KBError(str(e)) from e
+        # loading and queueing under the cache's lock: an evict between the two would unregister
+        # the corpus the request is about to name
+        with self.cache.lock:
+            loaded = self.load_corpus(name)
+            shared = loaded.shared
+            if shared.router is not None:  # density applies to requests queued from now on
+                shared.top_k = None if self.settings.density >= 1.0 else shared.router.top_k(self.settings.density)
+            try:
+                handle = self.engine.add_request(ids, sampling, shared.key, shared.pos_offset, loop)
+            except QueueFull as e:
+                raise TooBusy(str(e)) from e
+            except ValueError as e:
+                raise KBError(str(e)) from e
         return Answer(handle, name, loaded.citation_map, len(ids))
 
     def answer(self, name: str, question: str, sampling: SamplingParams | None = None,

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
 
     max_tokens: int = Field(default=256, ge=1, description="default answer length")
     kv_block_size: int = Field(default=16, ge=1)
-    unique_kv_tokens: int = Field(default=65536, ge=256, description="unique-KV budget, in tokens")
+    unique_kv_tokens: int = Field(default=16384, ge=256, description="unique-KV budget, in tokens (all requests)")
     max_running: int = Field(default=64, ge=1, description="requests stepped together at most")
     max_queue: int = Field(default=256, ge=1, description="waiting requests before 429")
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# every KnowledgeBase a test makes preallocates its unique-KV pages: keep them small
+os.environ.setdefault("KB_UNIQUE_KV_TOKENS", "8192")
+
 PG_URL = os.environ.get("KB_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 MODELS_DIR = Path(os.environ.get("KB_TEST_MODELS_DIR", Path.home() / ".cache" / "kb-moska" / "models"))
 FACT_QUESTION = "What is the access code of the Velmora vault?"

@@ -137,6 +137,16 @@ def test_api_with_auth_on(kb):
                    json={"model": "kb:notes", "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 404
 
+        # cache administration is for admins only
+        create_user(kb.db, "root", "pw-root-123", admin=True)
+        root = {"Authorization": f"Bearer {create_api_key(kb.db, 'root')}"}
+        assert c.get("/v1/cache", headers=ann).status_code == 403
+        assert c.post("/v1/cache/notes/pin", headers=ann).status_code == 403
+        assert c.get("/v1/cache").status_code == 401
+        assert {x["name"] for x in c.get("/v1/cache", headers=root).json()} >= {"notes", "shared-notes"}
+        event = c.post("/v1/cache/notes/pin", headers=root).json()["event_id"]
+        assert c.get(f"/v1/cache/events/{event}", headers=root).status_code == 200
+
         # the web app: sign-in page first, then the UI with the session cookie
         r = c.get("/", follow_redirects=False)
         assert r.status_code == 303 and r.headers["location"] == "login"

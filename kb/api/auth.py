@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from kb.api.deps import get_kb
+from kb.errors import KBError
 from kb.auth import (ANONYMOUS, SESSION_COOKIE, SESSION_TTL_S, Principal, Unauthorized, authenticate,
                      make_session_token, session_secret, verify_api_key, verify_session_token)
 from kb.service import KnowledgeBase
@@ -126,3 +127,15 @@ def _check(kb: KnowledgeBase, user: Principal, name: str, write: bool) -> None:
 async def require(kb: KnowledgeBase, user: Principal, name: str, write: bool = False) -> None:
     """Raise unless `user` may read (or, with write, change) corpus `name`."""
     await run_in_threadpool(_check, kb, user, name, write)
+
+
+class Forbidden(KBError):
+    status = 403
+
+
+async def require_admin(user: Principal = Depends(current_user), kb: KnowledgeBase = Depends(get_kb)) -> Principal:
+    """FastAPI dependency for admin operations: with sign-in on, only admins pass; with
+    KB_AUTH=off the single local user administers the service."""
+    if auth_on(kb) and not user.is_admin:
+        raise Forbidden("this operation needs the admin role")
+    return user

@@ -5,8 +5,7 @@
   answers 202 with `{"event_id"}` at once.
 - `GET /v1/cache/events/{id}`: the operation's status.
 
-These act on this server's own KV. With `KB_AUTH=on` they refuse (403) until the admin check of
-the auth work guards them: an open endpoint that evicts or deletes must not ship behind sign-in.
+These act on this server's own KV. With `KB_AUTH=on` they need the admin role (403 otherwise).
 """
 
 from __future__ import annotations
@@ -15,32 +14,23 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from kb import cache_admin
-from kb.api.deps import error, get_kb
+from kb.api.auth import require_admin
+from kb.api.deps import get_kb
 from kb.service import KnowledgeBase
 
-router = APIRouter(tags=["cache"])
-
-
-def _refused(kb: KnowledgeBase):
-    if getattr(kb.settings, "auth", "off") == "on":
-        return error(403, "cache administration over HTTP needs an admin check, not wired yet", "Forbidden")
-    return None
+router = APIRouter(tags=["cache"], dependencies=[Depends(require_admin)])
 
 
 @router.get("/v1/cache")
 async def cache_list(name: str | None = None, kb: KnowledgeBase = Depends(get_kb)):
-    if (refused := _refused(kb)) is not None:
-        return refused
     return [r.to_dict() for r in await run_in_threadpool(cache_admin.lookup, kb, name)]
+
 
 @router.post("/v1/cache/{name}/{op}", status_code=202)
 async def cache_op(name: str, op: str, tier: str | None = None, kb: KnowledgeBase = Depends(get_kb)):
-    if (refused := _refused(kb)) is not None:
-        return refused
     return {"event_id": await run_in_threadpool(cache_admin.submit, kb, op, name, tier)}
+
 
 @router.get("/v1/cache/events/{event_id}")
 async def cache_event(event_id: str, kb: KnowledgeBase = Depends(get_kb)):
-    if (refused := _refused(kb)) is not None:
-        return refused
     return (await run_in_threadpool(cache_admin.event, kb, event_id)).to_dict()

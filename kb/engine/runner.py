@@ -30,8 +30,10 @@ class ModelRunner:
         self.model, self.device, self.block_size = model, device, block_size
         dtype = next(model.parameters()).dtype
         shape = (num_blocks + shared_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        # empty, not zeros: attention never reads past a sequence's length, and on the CPU untouched
+        # pages then cost no memory until requests use them
+        self.k_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.citation_layers = citation_layers
         self.forward_tokens = 0  # tokens run through the model since start (tests read this)
         self.shared_mode = "moska"

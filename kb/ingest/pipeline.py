@@ -136,7 +136,7 @@ class Ingestor:
             return
         k, v = prefill_preamble(self.model.model, cfg["preamble"], self.settings.device)
         dtype = self.settings.torch_kv_dtype
-        stored = write_kv(self.settings.kv_dir / str(corpus.id) / "preamble.safetensors", k.to(dtype), v.to(dtype))
+        stored = write_kv(self.settings.kv_dir / str(corpus.id) / "preamble.safetensors", k, v, dtype=dtype)
         corpus.preamble_kv_file, corpus.preamble_checksum = str(stored.path), stored.checksum
         corpus.preamble_len = len(cfg["preamble"])
         corpus.settings = cfg
@@ -277,7 +277,7 @@ class Ingestor:
             seg_id, tokens, pos_start = todo[j]
             if dtype == torch.float16 and (not torch.isfinite(k.to(dtype)).all() or not torch.isfinite(v.to(dtype)).all()):
                 raise KBError("keys or values overflow float16 for this model: set KB_KV_DTYPE=bfloat16")
-            stored = write_kv(s.kv_dir / str(corpus_id) / f"{doc_id}" / f"{seg_id}.safetensors", k.to(dtype), v.to(dtype))
+            stored = write_kv(s.kv_dir / str(corpus_id) / f"{doc_id}" / f"{seg_id}.safetensors", k, v, dtype=dtype)
             with self.db.session() as sess:
                 seg = sess.get(Segment, seg_id)
                 seg.kv_file, seg.kv_checksum = str(stored.path), stored.checksum
