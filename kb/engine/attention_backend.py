@@ -95,11 +95,7 @@ class ServeAttention:
             idx = None
             if sh.routed:
                 idx = sh.router.route(layer, qg, sh.top_k)
-            k_scale, v_scale = sh.meta.get("k_scale"), sh.meta.get("v_scale")  # fp8 KV: per layer
-            o_s, lse_s = attention.shared_attention(
-                qg, sh.k[layer], sh.v[layer], idx, sh.chunk_size,
-                k_scale=None if k_scale is None else k_scale[layer],
-                v_scale=None if v_scale is None else v_scale[layer])
+            o_s, lse_s = self._shared_partial(sh, layer, qg, idx)
             if g.rows is None:
                 o_m, lse_m = attention.merge(o_s, lse_s, o, lse)
                 o = o_m.to(o.dtype)
@@ -107,9 +103,22 @@ class ServeAttention:
                 o_m, lse_m = attention.merge(o_s, lse_s, o.index_select(0, g.rows),
                                              lse.index_select(0, g.rows))
                 o.index_copy_(0, g.rows, o_m.to(o.dtype))
-            if layer in self.citation_layers:
+            if layer in self.citation_layers and self._cites(sh):
                 self._accumulate_mass(qg, sh, layer, g.seq_of_row, lse_m)
         return o
+
+    def _shared_partial(self, sh: SharedKV, layer: int, q: torch.Tensor, idx: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Partial (o, lse) of q over one corpus's shared KV (the distributed backend asks the
+        shared ranks instead)."""
+        k_scale, v_scale = sh.meta.get("k_scale"), sh.meta.get("v_scale")  # fp8 KV: per layer
+        return attention.shared_attention(q, sh.k[layer], sh.v[layer], idx, sh.chunk_size,
+                                          k_scale=None if k_scale is None else k_scale[layer],
+                                          v_scale=None if v_scale is None else v_scale[layer])
+
+    def _cites(self, sh: SharedKV) -> bool:
+        """Whether this step can measure attention mass on the corpus's chunks (its keys are here)."""
+        return True
 
     def _accumulate_mass(self, q: torch.Tensor, sh: SharedKV, layer: int, seq_of_row: torch.Tensor,
                          lse_total: torch.Tensor) -> None:

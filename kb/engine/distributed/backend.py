@@ -18,8 +18,7 @@ import logging
 import torch
 from torch import nn
 
-import attention
-from kb.engine.attention_backend import ServeAttention, _unique
+from kb.engine.attention_backend import ServeAttention
 from kb.engine.distributed.protocol import ShardLink
 from kb.engine.engine import Engine, EngineConfig
 from kb.engine.shared_kv import SharedKV
@@ -33,40 +32,16 @@ log = logging.getLogger(__name__)
 class DistributedServeAttention(ServeAttention):
     link: ShardLink | None = None
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # ServeAttention.attend, step for step, with the shared partial taken from `_shared`
-        kc, vc = self.k_cache[layer], self.v_cache[layer]
-        hkv, d = kc.shape[2], kc.shape[3]
-        kc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, k.to(kc.dtype))
-        vc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, v.to(vc.dtype))
-        o, lse = _unique(q, kc, vc, self.block_table, self.seq_lens, self.cu_seqlens_q,
-                         self.max_seqlen_q, self.max_seqlen_k)
-        for g in self.groups:
-            sh = g.shared
-            qg = q if g.rows is None else q.index_select(0, g.rows)
-            idx = sh.router.route(layer, qg, sh.top_k) if sh.routed else None
-            o_s, lse_s = self._shared(sh, layer, qg, idx)
-            if g.rows is None:
-                o_m, lse_m = attention.merge(o_s, lse_s, o, lse)
-                o = o_m.to(o.dtype)
-            else:
-                o_m, lse_m = attention.merge(o_s, lse_s, o.index_select(0, g.rows), lse.index_select(0, g.rows))
-                o.index_copy_(0, g.rows, o_m.to(o.dtype))
-            if layer in self.citation_layers and not is_remote(sh):
-                self._accumulate_mass(qg, sh, layer, g.seq_of_row, lse_m)
-        return o
-
-    def _shared(self, sh: SharedKV, layer: int, q: torch.Tensor, idx: torch.Tensor | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Partial (o, lse) of q over a corpus's shared KV: from the shared ranks when it is sharded,
-        else here, as ServeAttention does."""
+    def _shared_partial(self, sh: SharedKV, layer: int, q: torch.Tensor, idx: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the shared ranks when the corpus is sharded, else here, as ServeAttention does."""
         if is_remote(sh):
             assert self.link is not None, f"corpus {sh.key} is sharded but this step has no link"
             return self.link.shared_attention(sh, layer, q, idx)
-        k_scale, v_scale = sh.meta.get("k_scale"), sh.meta.get("v_scale")  # fp8 KV: per layer
-        return attention.shared_attention(q, sh.k[layer], sh.v[layer], idx, sh.chunk_size,
-                                          k_scale=None if k_scale is None else k_scale[layer],
-                                          v_scale=None if v_scale is None else v_scale[layer])
+        return super()._shared_partial(sh, layer, q, idx)
+
+    def _cites(self, sh: SharedKV) -> bool:
+        return not is_remote(sh)  # a sharded corpus's keys are on the shared ranks
 
 
 def is_remote(shared: SharedKV) -> bool:
