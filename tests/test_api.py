@@ -2,35 +2,20 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
 
-from tests.conftest import FACT_ANSWER, FACT_QUESTION
+from tests.conftest import FACT_ANSWER, FACT_QUESTION, serve_in_thread
 
 
 @pytest.fixture(scope="module")
 def server(handbook):
     from kb.api.app import create_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(handbook, warm=False), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(handbook, warm=False)) as url:
+        yield url
 
 
 def test_openai_client_non_streaming(server):

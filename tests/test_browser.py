@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODELS_DIR
+from tests.conftest import MODELS_DIR, serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -36,8 +33,6 @@ def _browser_or_skip():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, demo_model_dir):
-    import uvicorn
-
     from kb.api.app import create_app
     from kb.auth import create_user
     from kb.service import KnowledgeBase
@@ -48,18 +43,8 @@ def site(tmp_path_factory, demo_model_dir):
     kb = KnowledgeBase(Settings(home=root / "home", models_dir=MODELS_DIR, auth="on", max_tokens=24))
     create_user(kb.db, "root", "pw-root-123", admin=True)
     create_user(kb.db, "ann", "pw-ann-1234")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(kb, warm=False), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}/", "kb": kb, "root": root}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(kb, warm=False)) as url:
+        yield {"url": f"{url}/", "kb": kb, "root": root}
     kb.close()
 
 

@@ -53,7 +53,7 @@ def test_failures_exit_nonzero_with_one_line(kb_env, tmp_path):
     assert "good.md: ready" in done.stdout  # one bad file does not stop the others
     done = kb("ask", "c1", "   ", check=False)
     assert done.returncode == 1 and "empty" in done.stderr
-    empty = kb("corpus", "create", "c2")
+    kb("corpus", "create", "c2")
     done = kb("ask", "c2", "anything?", check=False)
     assert done.returncode == 1 and "not ready" in done.stderr
 

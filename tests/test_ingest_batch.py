@@ -4,7 +4,6 @@ real Redis (where the batch also survives a Redis restart between submit and wor
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest

@@ -70,7 +70,7 @@ def start_worker(home: Path, prefix: str, name: str) -> subprocess.Popen:
 def test_sigkill_mid_ingestion_resumes_to_a_clean_runs_checksums(tmp_path):
     from sqlalchemy import func, select
 
-    from kb.jobs import JobService, WorkerPool
+    from kb.jobs import JobService
     from kb.service import KnowledgeBase
     from storage.models import Segment
 

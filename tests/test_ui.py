@@ -4,14 +4,11 @@ chats served in shared engine batches."""
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import FACT_ANSWER, FACT_QUESTION, MODELS_DIR, planted_text
+from tests.conftest import FACT_ANSWER, FACT_QUESTION, MODELS_DIR, planted_text, serve_in_thread
 
 pytest.importorskip("gradio_client")
 
@@ -19,8 +16,6 @@ pytest.importorskip("gradio_client")
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, demo_model_dir):
     """A served KB with auth on: admin `root`, user `ann`, the public corpus `handbook`."""
-    import uvicorn
-
     from kb.api.app import create_app
     from kb.auth import create_api_key, create_user
     from kb.service import KnowledgeBase
@@ -34,19 +29,9 @@ def site(tmp_path_factory, demo_model_dir):
     create_user(kb.db, "ann", "pw-ann-1234")
     kb.create_corpus("handbook", visibility="public")
     assert kb.ingest("handbook", [doc])[0].status == "ready"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(kb, warm=False), host="127.0.0.1", port=port,
-                                        log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}/", "kb": kb, "root": root,
-           "keys": {"root": create_api_key(kb.db, "root"), "ann": create_api_key(kb.db, "ann")}}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(kb, warm=False)) as url:
+        yield {"url": f"{url}/", "kb": kb, "root": root,
+               "keys": {"root": create_api_key(kb.db, "root"), "ann": create_api_key(kb.db, "ann")}}
     kb.close()
 
 
