@@ -9,7 +9,9 @@ there, else from its verified files. Corpus.tier, hits and last_used_at follow i
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Callable
 import torch
 from sqlalchemy import select
 
+from index import store as index_store
+from index.summaries import ChunkSummaries, chunk_summaries
 from kb.citations import CitationMap, SegmentRef
 from kb.engine.engine import Engine
 from kb.engine.routing import CorpusRouter
@@ -28,7 +32,7 @@ from kb.model.loader import LoadedModel, _file_digest, load_tokenizer, weights_h
 from kb.settings import Settings
 from storage.db import Database
 from storage.kvstore import KVCorruptError, read_kv
-from storage.models import Corpus, utcnow
+from storage.models import ChunkIndex, Corpus, utcnow
 from storage.tiers import Move, TierError, TierManager
 
 log = logging.getLogger(__name__)
@@ -234,12 +238,41 @@ class CorpusCache:
                           chunk_size=chunk, pos_offset=layout.max_end,
                           preamble_len=layout.preamble_len, meta={"corpus": name})
         if shared.num_chunks > shared.always_chunks + 1:
-            shared.router = CorpusRouter(shared.k, chunk, shared.always_chunks, self.settings.router)
+            summaries = self._stored_summaries(name, version, shared)
+            shared.router = CorpusRouter(shared.k, chunk, shared.always_chunks, self.settings.router, summaries)
         loaded = LoadedCorpus(shared, CitationMap(layout.refs, chunk, self.model.tokenizer), version)
         self.engine.register_corpus(shared)
         self.loaded[name] = loaded
         self.tiers.touch(name)
         return loaded
+
+    def _stored_summaries(self, name: str, version: str, shared: SharedKV) -> list[ChunkSummaries]:
+        """The layout's chunk summaries from its stored index, made and stored on first load of
+        this version (older versions' indexes are removed); a damaged index is rebuilt."""
+        with self.db.session() as sess:
+            corpus = sess.scalar(select(Corpus).where(Corpus.name == name))
+            row = sess.scalar(select(ChunkIndex).where(ChunkIndex.corpus_id == corpus.id,
+                                                       ChunkIndex.version == version))
+            corpus_id, path = corpus.id, (row.path if row is not None else None)
+        if path is not None:
+            try:
+                return index_store.load_summaries(path)
+            except (index_store.IndexFormatError, OSError) as e:
+                log.warning("corpus %s: stored chunk index unusable (%s); rebuilding it", name, e)
+        summaries = [chunk_summaries(k, shared.chunk_size) for k in shared.k]
+        digest = hashlib.sha256(version.encode()).hexdigest()[:16]
+        folder = self.settings.kv_dir / str(corpus_id) / "index" / digest
+        manifest = index_store.save(folder, summaries)
+        with self.db.session() as sess:
+            for old in sess.scalars(select(ChunkIndex).where(ChunkIndex.corpus_id == corpus_id)):
+                if old.path != str(folder):
+                    shutil.rmtree(old.path, ignore_errors=True)
+                sess.delete(old)
+            sess.flush()
+            sess.add(ChunkIndex(corpus_id=corpus_id, version=version, path=str(folder),
+                                format_version=manifest.format_version, chunk_size=manifest.chunk_size,
+                                num_chunks=manifest.num_chunks, num_tokens=manifest.num_tokens))
+        return summaries
 
     def move(self, name: str, tier: str) -> str:
         """Admin move of a corpus's shared KV to `tier` (gpu loads it); returns where it is.

@@ -191,3 +191,21 @@ class CitationRecord(Base):
     page: Mapped[int | None] = mapped_column(Integer)
     text: Mapped[str] = mapped_column(Text)
     score: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class ChunkIndex(Base):
+    """A stored routing index (chunk summaries, optionally FAISS) of one corpus layout version;
+    `path` is the folder `index.store` wrote, checked against its manifest on load."""
+
+    __tablename__ = "chunk_indexes"
+    __table_args__ = (UniqueConstraint("corpus_id", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id", ondelete="CASCADE"), index=True)
+    version: Mapped[str] = mapped_column(String(512))  # the corpus layout it summarises
+    path: Mapped[str] = mapped_column(String(1024))
+    format_version: Mapped[int] = mapped_column(Integer)
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    num_chunks: Mapped[int] = mapped_column(Integer)
+    num_tokens: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

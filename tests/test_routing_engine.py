@@ -40,3 +40,37 @@ def test_routed_answer_at_half_density(handbook):
     finally:
         handbook.settings.density = 1.0
     assert FACT_ANSWER in dense["answer"] and FACT_ANSWER in routed["answer"]
+
+
+def test_chunk_index_is_stored_once_per_layout_and_rebuilt_when_damaged(handbook):
+    from pathlib import Path
+
+    from sqlalchemy import select
+
+    from index import store as index_store
+    from kb.engine.sequence import SamplingParams
+    from storage.models import ChunkIndex
+
+    def stamp(path: str):
+        return index_store.read_manifest(path).files, [p.stat().st_mtime_ns for p in sorted(Path(path).iterdir())]
+
+    handbook.cache.drop("handbook")
+    loaded = handbook.load_corpus("handbook")
+    with handbook.db.session() as s:
+        rows = s.scalars(select(ChunkIndex)).all()
+        assert len(rows) == 1 and rows[0].version == loaded.version
+        path, num_chunks = rows[0].path, rows[0].num_chunks
+    assert num_chunks == loaded.shared.num_chunks
+    before = stamp(path)
+
+    handbook.cache.drop("handbook")  # a reload of the same layout reads the stored summaries
+    handbook.load_corpus("handbook")
+    assert stamp(path) == before
+
+    summaries = Path(path) / index_store.SUMMARIES
+    summaries.write_bytes(summaries.read_bytes()[:-8] + b"XXXXXXXX")  # damage it
+    handbook.cache.drop("handbook")
+    again = handbook.load_corpus("handbook")
+    index_store.load_summaries(path)  # rebuilt: verifies again
+    out = handbook.answer("handbook", FACT_QUESTION, SamplingParams(max_tokens=20))
+    assert FACT_ANSWER in out["answer"] and again.shared.router is not None

@@ -6,14 +6,16 @@ from __future__ import annotations
 import torch
 
 from index.router import Router, top_k_for
-from index.summaries import chunk_summaries
+from index.summaries import ChunkSummaries, chunk_summaries
 
 
 class CorpusRouter:
-    def __init__(self, keys: list[torch.Tensor], chunk_size: int, always: int, kind: str = "mean"):
-        """keys: per layer [N, Hkv, d] after RoPE; `always` leading chunks are never routed."""
+    def __init__(self, keys: list[torch.Tensor], chunk_size: int, always: int, kind: str = "mean",
+                 summaries: list[ChunkSummaries] | None = None):
+        """keys: per layer [N, Hkv, d] after RoPE; `always` leading chunks are never routed.
+        `summaries` (per layer, e.g. read from the corpus's stored index) skip computing them."""
         self.always = always
-        summaries = [chunk_summaries(k, chunk_size) for k in keys]
+        summaries = summaries or [chunk_summaries(k, chunk_size) for k in keys]
         self.num_chunks = summaries[0].num_chunks
         device = keys[0].device
         vectors = [s.vectors(kind)[always:].to(device=device, dtype=torch.float32).contiguous() for s in summaries]
