@@ -164,6 +164,17 @@ def _config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int, interp
                 num_stages=3)
 
 
+# "auto": the rule below; "union": shared_routed_union.py; "scatter": this module's kernel.
+IMPL = "auto"
+
+
+def _use_union(q, k, chunk_idx, chunk_size) -> bool:
+    """Union-of-chunks kernel (no per-chunk partials) vs this scatter kernel (partials per
+    (row, chosen chunk)). H100, N=128K, 25% (bench/results/attention_routed.json): the union
+    kernel wins at every measured B (32..256), uniform and Zipf, chunk 64 and 128."""
+    return True
+
+
 def shared_attention_routed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor,
     chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
@@ -178,6 +189,10 @@ def shared_attention_routed(
     """
     from .combine import combine
 
+    if IMPL == "union" or (IMPL == "auto" and _use_union(q, k, chunk_idx, chunk_size)):
+        from .shared_routed_union import shared_attention_routed_union
+        return shared_attention_routed_union(q, k, v, chunk_idx, chunk_size, scale, k_scale,
+                                             v_scale)
     check_device(q)
     t, hq, d = q.shape
     n, hkv, _ = k.shape

@@ -136,9 +136,14 @@ ROUTED_GRID = [
 
 
 @kernels
+@pytest.mark.parametrize("impl", ["scatter", "union"])
 @pytest.mark.parametrize("t,hq,hkv,d,n,chunk,top_k,kv,skew", ROUTED_GRID)
-def test_shared_routed_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, skew):
+def test_shared_routed_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, skew, impl,
+                                         monkeypatch):
+    from attention import shared_routed
     from attention.shared_routed import shared_attention_routed
+
+    monkeypatch.setattr(shared_routed, "IMPL", impl)
 
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     c = (n + chunk - 1) // chunk
@@ -152,9 +157,34 @@ def test_shared_routed_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, ske
 
 
 @kernels
-def test_routed_all_chunks_equals_dense_and_handles_repeats_and_empty_rows():
+@pytest.mark.parametrize("t,hq,hkv,d,n,chunk,top_k,order,slices", [
+    (20, 6, 2, 32, 400, 16, 3, "minhash", None),  # G=3: BLOCK_M % G rows idle per block
+    (20, 6, 2, 32, 400, 16, 3, "none", 3),
+    (40, 4, 1, 32, 512, 16, 4, "minhash", 2),
+    (9, 8, 2, 64, 300, 24, 5, "minhash", 1),      # chunk not a multiple of the key tile
+])
+def test_routed_union_blocks_orders_and_slices(t, hq, hkv, d, n, chunk, top_k, order, slices):
+    """Union kernel: several query blocks with different unions, token orders, list slices."""
+    from attention.shared_routed_union import shared_attention_routed_union, union_stats
+
+    c = (n + chunk - 1) // chunk
+    q = torch.randn(t, hq, d, generator=_gen(1)).to(DEV, torch.bfloat16)
+    k, v, _, _ = make_kv(n, hkv, d, "bf16", torch.bfloat16, chunk, seed=2)
+    idx = make_idx(t, hkv, c, top_k, True, seed=3).to(DEV)
+    o, lse = shared_attention_routed_union(q, k, v, idx, chunk, order=order, slices=slices)
+    check(o, lse, *ref.shared_attention(q, k, v, idx, chunk), torch.bfloat16)
+    st = union_stats(idx, c, hq // hkv, 16, order)
+    assert 0 < st["union_frac"] <= 1 and 0 < st["useful_frac"] <= 1
+
+
+@kernels
+@pytest.mark.parametrize("impl", ["scatter", "union"])
+def test_routed_all_chunks_equals_dense_and_handles_repeats_and_empty_rows(impl, monkeypatch):
+    from attention import shared_routed
     from attention.shared_dense import shared_attention_dense
     from attention.shared_routed import shared_attention_routed
+
+    monkeypatch.setattr(shared_routed, "IMPL", impl)
 
     t, hq, hkv, d, n, chunk = 4, 8, 2, 64, 75, 16
     c = (n + chunk - 1) // chunk
@@ -310,7 +340,11 @@ def test_gpu_shared_dense_llama_shape(t, kv):
 @needs_cuda
 @pytest.mark.parametrize("t,top_k,skew,kv", [(1, 8, False, "bf16"), (128, 16, True, "bf16"),
                                              (64, 40, False, "fp8c"), (33, 40, True, "fp16")])
-def test_gpu_shared_routed_llama_shape(t, top_k, skew, kv):
+@pytest.mark.parametrize("impl", ["scatter", "union"])
+def test_gpu_shared_routed_llama_shape(t, top_k, skew, kv, impl, monkeypatch):
+    from attention import shared_routed
+
+    monkeypatch.setattr(shared_routed, "IMPL", impl)
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     n, chunk = 5000, 128
     c = (n + chunk - 1) // chunk

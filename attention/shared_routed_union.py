@@ -1,0 +1,281 @@
+"""Routed shared attention without per-chunk partials: query blocks walk the union of their chunks.
+
+The scatter design (`shared_routed.py`) groups queries per chosen chunk and writes one partial
+(o, lse) per (query row, chosen chunk): at B=256, k=256 that is ~1 GB of partial traffic, more
+than the KV itself. Here the work is laid out like dense attention instead:
+
+- a program owns one KV head h, one block of BLOCK_M query rows (tokens x the GQA group) and one
+  slice of that block's chunk list;
+- the chunk list of a (head, block) is the sorted UNION of the chunks its rows chose, built on
+  the device (no host sync) as a padded table + count;
+- for each listed chunk the program loads the chunk's K/V tiles once, computes scores for all
+  its rows and masks (-inf) the rows whose token did not choose the chunk; softmax is online in
+  registers, so each row is written once per slice (few slices: only to fill the SMs; their
+  (o, lse) are merged by `combine.py`, a few MB at most).
+
+Cost: K/V reads = sum over blocks of |union| chunks; MMA work = rows x |union| (the masked rows
+are wasted work). Tokens are ordered per head before blocking (`order="minhash"`) so that
+tokens with overlapping chunk sets share a block and the unions shrink where the routing has
+structure; with independent uniform choices there is none and the union is every chunk.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._triton import HAS_TRITON, cdiv, check_device, dot_dtype, sms, tl, triton
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _routed_union_kernel(
+        Q, K, V, KS, VS, O, LSE,
+        PERM, SEL, CLIST, CCOUNT,
+        T, N, chunk_size, tiles_per_chunk, n_slices, num_chunks, t_pad, qk_scale,
+        stride_qt, stride_qh,
+        stride_kn, stride_kh, stride_vn, stride_vh,
+        stride_sc, stride_sh,
+        stride_ot, stride_oh, stride_os,
+        stride_lt, stride_lh, stride_ls,
+        NBLK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        KV_SCALE: tl.constexpr, DOT: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)  # query block (of the head's token order)
+        h = tl.program_id(1)      # KV head
+        s = tl.program_id(2)      # slice of the block's chunk list
+
+        # rows: (position p in head h's token order, member g of the GQA group)
+        # (G need not divide BLOCK_M: the block's last BLOCK_M % G rows idle)
+        TPB: tl.constexpr = BLOCK_M // G
+        r = tl.arange(0, BLOCK_M)
+        pos = pid_m * TPB + r // G
+        g = r % G
+        row_ok = (r < TPB * G) & (pos < T)
+        t = tl.load(PERM + h * t_pad + pos, mask=row_ok, other=0).to(tl.int64)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
+                    + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(DOT)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+
+        # this slice: list entries [e_lo, e_hi) of the (head, block) union, as flat key tiles
+        lst = (h * NBLK + pid_m).to(tl.int64)
+        count = tl.load(CCOUNT + lst)
+        # slices split the block's actual list evenly (lists differ in length per block)
+        slice_len = (count + n_slices - 1) // n_slices
+        e_lo = s * slice_len
+        e_hi = tl.minimum(e_lo + slice_len, count)
+        j_lo = e_lo * tiles_per_chunk
+        j_hi = tl.maximum(e_hi * tiles_per_chunk, j_lo)
+        sel_row = SEL + h.to(tl.int64) * ((num_chunks + 1) * t_pad) + pos
+        offs_n0 = tl.arange(0, BLOCK_N)
+        for j in range(j_lo, j_hi):
+            e = j // tiles_per_chunk
+            c = tl.load(CLIST + lst * num_chunks + e)
+            in_chunk = (j - e * tiles_per_chunk) * BLOCK_N + offs_n0
+            offs_n = c.to(tl.int64) * chunk_size + in_chunk
+            n_ok = (in_chunk < chunk_size) & (offs_n < N)
+            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
+                        mask=n_ok[:, None], other=0.0)
+            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
+                        mask=n_ok[:, None], other=0.0)
+            # which rows' tokens chose chunk c: SEL[h, c, pos] (contiguous over the block)
+            chose = tl.load(sel_row + c * t_pad, mask=row_ok, other=0) != 0
+            qk = tl.dot(q, tl.trans(k.to(DOT)))
+            if KV_SCALE:
+                ks = tl.load(KS + c * stride_sc + h * stride_sh)
+                vs = tl.load(VS + c * stride_sc + h * stride_sh)
+                qk = qk * ks
+            qk = tl.where(chose[:, None] & n_ok[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_ref)
+            p = tl.exp2(qk * qk_scale - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if KV_SCALE:
+                p = p * vs
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+            m_i = m_new
+
+        has = l_i > 0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        hq = h * G + g
+        tl.store(O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os
+                 + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
+
+
+
+def sanitize(chunk_idx: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """int64 copy of chunk_idx with padding and out-of-range entries as -1."""
+    idx = chunk_idx.long()
+    return torch.where((idx < 0) | (idx >= num_chunks), -1, idx)
+
+
+def token_order(idx: torch.Tensor, num_chunks: int, order: str) -> torch.Tensor:
+    """perm[Hkv, T]: per KV head, the order in which tokens are cut into query blocks.
+
+    'none': as given. 'minhash': sort by (min hash of the chosen set, second min hash), so tokens
+    whose chunk sets overlap (Jaccard J: same min hash with probability J) land in one block.
+    Pure torch on the device; no host sync."""
+    t, hkv, _ = idx.shape
+    dev = idx.device
+    if order == "none" or t <= 1:
+        return torch.arange(t, device=dev, dtype=torch.int32).expand(hkv, t).contiguous()
+    big = 1 << 40
+    # a fixed pseudo-random permutation of chunk ids (multiplicative hash, 32-bit)
+    hsh = (idx * 2654435761 + 97) % (1 << 32)
+    hsh = torch.where(idx >= 0, hsh, big)
+    two = torch.topk(hsh, min(2, hsh.shape[-1]), dim=-1, largest=False).values  # [T,Hkv,<=2]
+    key = two[..., 0] * (1 << 20)
+    if two.shape[-1] > 1:
+        key = key + (two[..., 1] >> 12)
+    perm = torch.argsort(key.t().contiguous(), dim=-1, stable=True)  # [Hkv, T]
+    return perm.to(torch.int32)
+
+
+def plan_union(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_m: int,
+               order: str = "minhash"):
+    """Device-side plan (no host sync). Returns (perm[Hkv,T_pad] int32, sel[Hkv,C+1,T_pad] uint8 (row C: padding),
+    clist[Hkv,NBLK,C] int32 sorted union per block padded with C, count[Hkv,NBLK] int32, nblk,
+    t_pad)."""
+    t, hkv, top_k = chunk_idx.shape
+    dev = chunk_idx.device
+    idx = sanitize(chunk_idx, num_chunks)
+    tpb = block_m // group_size  # tokens per query block
+    nblk = cdiv(t, tpb)
+    t_pad = nblk * tpb
+    perm = token_order(idx, num_chunks, order)  # [Hkv, T]
+    inv = torch.empty_like(perm)
+    inv.scatter_(1, perm.long(), torch.arange(t, device=dev, dtype=torch.int32).expand(hkv, t))
+    # sel[h, c, pos] = token at position pos of head h's order chose chunk c (row C: padding)
+    sel = torch.zeros(hkv, num_chunks + 1, t_pad, dtype=torch.uint8, device=dev)
+    c_ = torch.where(idx >= 0, idx, num_chunks)                     # [T, Hkv, k]
+    pos = inv.t().long().unsqueeze(-1).expand(t, hkv, top_k)        # [T, Hkv, k]
+    head = torch.arange(hkv, device=dev).view(1, hkv, 1)
+    flat = (head * (num_chunks + 1) + c_) * t_pad + pos
+    sel.view(-1).index_fill_(0, flat.flatten(), 1)
+    # union per block, as a sorted list padded with C (sort of [chunk id | C] keys)
+    used = sel[:, :num_chunks].reshape(hkv, num_chunks, nblk, tpb).amax(-1).transpose(1, 2)  # [Hkv, NBLK, C]
+    ar = torch.arange(num_chunks, device=dev, dtype=torch.int32)
+    clist = torch.where(used > 0, ar, num_chunks).sort(dim=-1).values.to(torch.int32)
+    count = (used > 0).sum(-1, dtype=torch.int32)
+    perm_pad = torch.zeros(hkv, t_pad, dtype=torch.int32, device=dev)
+    perm_pad[:, :t] = perm
+    return perm_pad, sel, clist.contiguous(), count, nblk, t_pad
+
+
+# Bench sweeps set this ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "slices"}).
+CONFIG_OVERRIDE: dict | None = None
+
+
+def _config(rows_per_head: int, chunk_size: int, interp: bool) -> dict:
+    if interp:
+        block_m = 16 if rows_per_head <= 16 else 32
+        return dict(BLOCK_M=block_m, BLOCK_N=max(8, min(16, triton.next_power_of_2(chunk_size))))
+    cfg = dict(BLOCK_M=128 if rows_per_head >= 512 else 64,
+               BLOCK_N=max(16, min(128 if rows_per_head >= 512 else 64,
+                                   triton.next_power_of_2(chunk_size))))
+    cfg["num_warps"] = 8 if cfg["BLOCK_M"] >= 128 else 4
+    cfg["num_stages"] = 2 if cfg["BLOCK_N"] >= 128 and cfg["BLOCK_M"] >= 128 else 3
+    if CONFIG_OVERRIDE is not None:
+        cfg.update(CONFIG_OVERRIDE)
+    return cfg
+
+
+def shared_attention_routed_union(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor,
+    chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None, order: str = "minhash", slices: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `shared_routed.shared_attention_routed` (and the reference)."""
+    from .combine import combine
+
+    check_device(q)
+    t, hq, d = q.shape
+    n, hkv, _ = k.shape
+    top_k = chunk_idx.shape[-1]
+    assert chunk_idx.shape[:2] == (t, hkv), (chunk_idx.shape, q.shape, k.shape)
+    assert hq % hkv == 0 and d in (16, 32, 64, 128, 256)
+    assert (k_scale is None) == (v_scale is None)
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    assert scale > 0, "the kernel takes row maxima of unscaled scores"
+    num_chunks = cdiv(n, chunk_size)
+    o = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
+    if t == 0:
+        return o, lse
+    if n == 0 or top_k == 0:
+        return o.zero_(), lse.fill_(float("-inf"))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    interp = q.device.type != "cuda"
+    cfg = _config(t * g, chunk_size, interp)
+    block_m = cfg.pop("BLOCK_M")
+    block_m = max(block_m, triton.next_power_of_2(g))
+    perm, sel, clist, count, nblk, t_pad = plan_union(chunk_idx, num_chunks, g, block_m, order)
+    # slices of each block's chunk list: enough programs for ~2 per SM, each slice >= 4 chunks
+    want = 2 * sms(q.device)
+    n_slices = cfg.pop("slices", None)
+    n_slices = slices if slices is not None else n_slices
+    if n_slices is None:
+        n_slices = max(1, min(cdiv(want, nblk * hkv), max(1, top_k // 4), 64))
+    n_slices = max(1, min(n_slices, num_chunks))
+    block_n = cfg.pop("BLOCK_N")
+    tiles_per_chunk = cdiv(chunk_size, block_n)
+    if n_slices == 1:
+        o_part, lse_part = o, lse
+        so = (o.stride(0), o.stride(1), 0)
+        sl = (lse.stride(0), lse.stride(1), 0)
+    else:
+        o_part = torch.empty(t, hq, n_slices, d, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(t, hq, n_slices, dtype=torch.float32, device=q.device)
+        so = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
+        sl = (lse_part.stride(0), lse_part.stride(1), lse_part.stride(2))
+    if k_scale is not None:
+        ks = k_scale.float()
+        vs = v_scale.float()
+        if ks.dim() == 1:
+            ks = ks.expand(num_chunks, hkv)
+            vs = vs.expand(num_chunks, hkv)
+        ssc, ssh = ks.stride(0), ks.stride(1)
+        assert vs.stride() == ks.stride()
+    else:
+        ks = vs = lse
+        ssc = ssh = 0
+    _routed_union_kernel[(nblk, hkv, n_slices)](
+        q, k, v, ks, vs, o_part, lse_part,
+        perm, sel, clist, count,
+        t, n, chunk_size, tiles_per_chunk, n_slices, num_chunks, t_pad, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        ssc, ssh, *so, *sl,
+        NBLK=nblk, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        KV_SCALE=k_scale is not None, DOT=dot_dtype(q.dtype, q.device, k.dtype), **cfg,
+    )
+    if n_slices > 1:
+        combine(o_part.view(t * hq, n_slices, d), lse_part.view(t * hq, n_slices),
+                o.view(t * hq, d), lse.view(t * hq))
+    return o, lse
+
+
+def union_stats(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_m: int,
+                order: str) -> dict:
+    """Mean union size per query block as a fraction of C, and useful/computed work (the share
+    of (row, chunk) products that a row chose). Syncs: for benches and docs only."""
+    _, _, _, count, nblk, _ = plan_union(chunk_idx, num_chunks, group_size, block_m, order)
+    idx = sanitize(chunk_idx, num_chunks)
+    chosen = (idx >= 0).sum().item()
+    tpb = block_m // group_size
+    computed = count.sum().item() * tpb
+    return dict(order=order, block_m=block_m, union_frac=round(count.float().mean().item()
+                                                                 / num_chunks, 4),
+                useful_frac=round(chosen / max(1, computed), 4))
