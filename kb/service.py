@@ -248,10 +248,38 @@ class KnowledgeBase:
                 raise KBError(str(e)) from e
         return Answer(handle, name, loaded.citation_map, len(ids))
 
-    def answer(self, name: str, question: str, sampling: SamplingParams | None = None,
-               on_text: Callable[[str], None] | None = None) -> dict:
-        """Ask and wait, stepping the engine on this thread unless its loop thread runs."""
-        ans = self.ask(name, question, sampling)
+    def chat(self, messages: list[dict], corpus: str | None = None, sampling: SamplingParams | None = None,
+             loop: asyncio.AbstractEventLoop | None = None) -> Answer:
+        """A chat turn, `messages` in OpenAI's shape ending with the user's. Over a corpus: its shared
+        KV is the context (`ask`); without one: the model alone, with the chat template."""
+        if not messages or messages[-1].get("role") != "user":
+            raise KBError("the last message must be the user's")
+        history = [m for m in messages[:-1] if m.get("role") in ("user", "assistant")]
+        if corpus is not None:
+            return self.ask(corpus, messages[-1]["content"], sampling, history, loop)
+        tok = self.loaded.tokenizer
+        text = (tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                if getattr(tok, "chat_template", None) else messages[-1]["content"])
+        return self._generate(encode(tok, text), sampling, loop)
+
+    def generate(self, prompt: str, sampling: SamplingParams | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None) -> Answer:
+        """Continue a raw prompt with the model alone (no corpus, no template)."""
+        return self._generate(encode(self.loaded.tokenizer, prompt), sampling, loop)
+
+    def _generate(self, ids: list[int], sampling: SamplingParams | None, loop) -> Answer:
+        sampling = sampling or SamplingParams(max_tokens=self.settings.max_tokens)
+        try:
+            handle = self.engine.add_request(ids, sampling, None, 0, loop)
+        except QueueFull as e:
+            raise TooBusy(str(e)) from e
+        except ValueError as e:
+            raise KBError(str(e)) from e
+        return Answer(handle, "", None, len(ids))
+
+    def wait(self, ans: Answer, on_text: Callable[[str], None] | None = None) -> dict:
+        """Wait for an answer (stepping the engine on this thread unless its loop thread runs) and
+        return {"answer", "citations", "usage", "finish_reason"}."""
         engine, handle = self.engine, ans.handle
         finished = False
         while not finished:
@@ -264,10 +292,15 @@ class KnowledgeBase:
                 if isinstance(ev, Delta) and on_text is not None:
                     on_text(ev.text)
                 finished |= isinstance(ev, Finished)
-        res = ans.handle.result
+        res = handle.result
         if res.reason == "error":
             raise KBError(f"generation failed: {res.error}")
         return {"answer": res.text, "citations": ans.citations(),
                 "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
                           "total_tokens": res.prompt_tokens + res.completion_tokens},
                 "finish_reason": res.reason}
+
+    def answer(self, name: str, question: str, sampling: SamplingParams | None = None,
+               on_text: Callable[[str], None] | None = None) -> dict:
+        """Ask a corpus and wait for the whole answer."""
+        return self.wait(self.ask(name, question, sampling), on_text)

@@ -166,3 +166,20 @@ def test_two_corpora_share_one_step(demo_model):
     together = answer(True)
     assert together == answer(False)
     assert together[0] != together[1]  # each request saw its own corpus
+
+
+def test_python_api_chat_and_generate_without_a_corpus(handbook):
+    """The same engine answers plain chats and raw prompts; a corpus chat equals `answer`."""
+    from kb.engine.sequence import SamplingParams
+    from tests.conftest import FACT_ANSWER, FACT_QUESTION
+
+    sp = lambda: SamplingParams(max_tokens=12)  # noqa: E731
+    plain = handbook.wait(handbook.chat([{"role": "user", "content": "What is the capital of France?"}],
+                                        sampling=sp()))
+    assert "Paris" in plain["answer"] and plain["citations"] == []
+    raw = handbook.wait(handbook.generate("The capital of France is", sp()))
+    assert raw["usage"]["completion_tokens"] > 0
+    over = handbook.wait(handbook.chat([{"role": "user", "content": FACT_QUESTION}], corpus="handbook",
+                                       sampling=SamplingParams(max_tokens=24)))
+    assert FACT_ANSWER in over["answer"] and over["citations"]
+    assert over == handbook.answer("handbook", FACT_QUESTION, SamplingParams(max_tokens=24))
