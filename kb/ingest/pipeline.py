@@ -159,6 +159,7 @@ class Ingestor:
         results = []
         for path in paths:
             path = Path(path)
+            stored = None
             try:
                 stored = self.store(corpus_id, path)
                 if stored.duplicate:
@@ -169,6 +170,9 @@ class Ingestor:
                 results.append(self.build(stored.document_id, hook=hook))
             except (IngestError, KBError, OSError) as e:
                 msg = failure_message(e, path.name)
+                if isinstance(e, OSError) and stored is not None:  # e.g. the disk filled while writing KV
+                    msg = f"cannot store the KV of {path.name}: {e.strerror or e}"
+                    self.mark_failed(stored.document_id, msg)
                 log.warning("ingest of %s into %s failed: %s", path.name, name, msg)
                 results.append(IngestResult(path.name, "failed", error=msg, code=getattr(e, "code", None)))
         self.refresh_status(corpus_id)
