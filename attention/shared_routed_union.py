@@ -35,7 +35,7 @@ if HAS_TRITON:
     @triton.jit
     def _routed_union_kernel(
         Q, K, V, KS, VS, O, LSE,
-        PERM, SEL, CLIST, CCOUNT,
+        PERM, SEL, CLIST, CCOUNT, USED,
         T, N, chunk_size, tiles_per_chunk, n_slices, num_chunks, t_pad, qk_scale,
         stride_qt, stride_qh,
         stride_kn, stride_kh, stride_vn, stride_vh,
@@ -44,7 +44,7 @@ if HAS_TRITON:
         stride_lt, stride_lh, stride_ls,
         NBLK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        KV_SCALE: tl.constexpr, DOT: tl.constexpr,
+        KV_SCALE: tl.constexpr, DOT: tl.constexpr, CONTIG: tl.constexpr, EVEN: tl.constexpr,
     ):
         pid_m = tl.program_id(0)  # query block (of the head's token order)
         h = tl.program_id(1)      # KV head
@@ -68,8 +68,14 @@ if HAS_TRITON:
 
         # this slice: list entries [e_lo, e_hi) of the (head, block) union, as flat key tiles
         lst = (h * NBLK + pid_m).to(tl.int64)
-        count = tl.load(CCOUNT + lst)
-        # slices split the block's actual list evenly (lists differ in length per block)
+        if CONTIG:
+            # walk a contiguous chunk range; chunks outside the block's union are masked
+            # loads (no bytes move) but still computed: addresses stay affine in the loop
+            # index, so the loads pipeline like dense attention's
+            count = num_chunks
+        else:
+            count = tl.load(CCOUNT + lst)
+        # slices split the block's list (or range) evenly
         slice_len = (count + n_slices - 1) // n_slices
         e_lo = s * slice_len
         e_hi = tl.minimum(e_lo + slice_len, count)
@@ -79,10 +85,22 @@ if HAS_TRITON:
         offs_n0 = tl.arange(0, BLOCK_N)
         for j in range(j_lo, j_hi):
             e = j // tiles_per_chunk
-            c = tl.load(CLIST + lst * num_chunks + e)
             in_chunk = (j - e * tiles_per_chunk) * BLOCK_N + offs_n0
-            offs_n = c.to(tl.int64) * chunk_size + in_chunk
-            n_ok = (in_chunk < chunk_size) & (offs_n < N)
+            if CONTIG:
+                c = e
+                offs_n = c.to(tl.int64) * chunk_size + in_chunk
+                if EVEN:
+                    n_ok = tl.load(USED + lst * num_chunks + c + offs_n0 * 0) != 0
+                else:
+                    n_ok = ((in_chunk < chunk_size) & (offs_n < N)
+                            & (tl.load(USED + lst * num_chunks + c + offs_n0 * 0) != 0))
+            else:
+                c = tl.load(CLIST + lst * num_chunks + e)
+                offs_n = c.to(tl.int64) * chunk_size + in_chunk
+                if EVEN:
+                    n_ok = offs_n0 >= 0
+                else:
+                    n_ok = (in_chunk < chunk_size) & (offs_n < N)
             k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
                         mask=n_ok[:, None], other=0.0)
             v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
@@ -94,7 +112,10 @@ if HAS_TRITON:
                 ks = tl.load(KS + c * stride_sc + h * stride_sh)
                 vs = tl.load(VS + c * stride_sc + h * stride_sh)
                 qk = qk * ks
-            qk = tl.where(chose[:, None] & n_ok[None, :], qk, float("-inf"))
+            if EVEN:
+                qk = tl.where(chose[:, None], qk, float("-inf"))
+            else:
+                qk = tl.where(chose[:, None] & n_ok[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_ref)
@@ -144,10 +165,10 @@ def token_order(idx: torch.Tensor, num_chunks: int, order: str) -> torch.Tensor:
 
 
 def plan_union(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_m: int,
-               order: str = "minhash"):
+               order: str = "minhash", lists: bool = True):
     """Device-side plan (no host sync). Returns (perm[Hkv,T_pad] int32, sel[Hkv,C+1,T_pad] uint8 (row C: padding),
-    clist[Hkv,NBLK,C] int32 sorted union per block padded with C, count[Hkv,NBLK] int32, nblk,
-    t_pad)."""
+    clist[Hkv,NBLK,C] int32 sorted union per block padded with C (None unless lists),
+    count[Hkv,NBLK] int32, used[Hkv,NBLK,C] uint8, nblk, t_pad)."""
     t, hkv, top_k = chunk_idx.shape
     dev = chunk_idx.device
     idx = sanitize(chunk_idx, num_chunks)
@@ -166,12 +187,15 @@ def plan_union(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_
     sel.view(-1).index_fill_(0, flat.flatten(), 1)
     # union per block, as a sorted list padded with C (sort of [chunk id | C] keys)
     used = sel[:, :num_chunks].reshape(hkv, num_chunks, nblk, tpb).amax(-1).transpose(1, 2)  # [Hkv, NBLK, C]
-    ar = torch.arange(num_chunks, device=dev, dtype=torch.int32)
-    clist = torch.where(used > 0, ar, num_chunks).sort(dim=-1).values.to(torch.int32)
     count = (used > 0).sum(-1, dtype=torch.int32)
+    clist = None
+    if lists:
+        ar = torch.arange(num_chunks, device=dev, dtype=torch.int32)
+        clist = torch.where(used > 0, ar, num_chunks).sort(dim=-1).values.to(torch.int32)
+        clist = clist.contiguous()
     perm_pad = torch.zeros(hkv, t_pad, dtype=torch.int32, device=dev)
     perm_pad[:, :t] = perm
-    return perm_pad, sel, clist.contiguous(), count, nblk, t_pad
+    return perm_pad, sel, clist, count, used.contiguous(), nblk, t_pad
 
 
 # Bench sweeps set this ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "slices"}).
@@ -196,8 +220,11 @@ def shared_attention_routed_union(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor,
     chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None, order: str = "minhash", slices: int | None = None,
+    contig: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `shared_routed.shared_attention_routed` (and the reference)."""
+    """Same contract as `shared_routed.shared_attention_routed` (and the reference).
+    contig: walk contiguous chunk ranges with unused chunks masked (True) or the union lists
+    (False); None: the config's choice."""
     from .combine import combine
 
     check_device(q)
@@ -222,13 +249,19 @@ def shared_attention_routed_union(
     cfg = _config(t * g, chunk_size, interp)
     block_m = cfg.pop("BLOCK_M")
     block_m = max(block_m, triton.next_power_of_2(g))
-    perm, sel, clist, count, nblk, t_pad = plan_union(chunk_idx, num_chunks, g, block_m, order)
+    use_contig = cfg.pop("contig", True) if contig is None else contig
+    cfg.pop("contig", None)
+    perm, sel, clist, count, used, nblk, t_pad = plan_union(chunk_idx, num_chunks, g, block_m,
+                                                            order, lists=not use_contig)
+    if clist is None:
+        clist = count
     # slices of each block's chunk list: enough programs for ~2 per SM, each slice >= 4 chunks
-    want = 2 * sms(q.device)
+    want = 4 * sms(q.device)
     n_slices = cfg.pop("slices", None)
     n_slices = slices if slices is not None else n_slices
     if n_slices is None:
-        n_slices = max(1, min(cdiv(want, nblk * hkv), max(1, top_k // 4), 64))
+        span = num_chunks if use_contig else min(num_chunks, (block_m // g) * top_k)
+        n_slices = max(1, min(cdiv(want, nblk * hkv), max(1, span // 4), 64))
     n_slices = max(1, min(n_slices, num_chunks))
     block_n = cfg.pop("BLOCK_N")
     tiles_per_chunk = cdiv(chunk_size, block_n)
@@ -254,12 +287,13 @@ def shared_attention_routed_union(
         ssc = ssh = 0
     _routed_union_kernel[(nblk, hkv, n_slices)](
         q, k, v, ks, vs, o_part, lse_part,
-        perm, sel, clist, count,
+        perm, sel, clist, count, used,
         t, n, chunk_size, tiles_per_chunk, n_slices, num_chunks, t_pad, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ssc, ssh, *so, *sl,
         NBLK=nblk, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        KV_SCALE=k_scale is not None, DOT=dot_dtype(q.dtype, q.device, k.dtype), **cfg,
+        KV_SCALE=k_scale is not None, DOT=dot_dtype(q.dtype, q.device, k.dtype),
+        CONTIG=use_contig, EVEN=(chunk_size % block_n == 0 and n % chunk_size == 0), **cfg,
     )
     if n_slices > 1:
         combine(o_part.view(t * hq, n_slices, d), lse_part.view(t * hq, n_slices),
@@ -271,7 +305,8 @@ def union_stats(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block
                 order: str) -> dict:
     """Mean union size per query block as a fraction of C, and useful/computed work (the share
     of (row, chunk) products that a row chose). Syncs: for benches and docs only."""
-    _, _, _, count, nblk, _ = plan_union(chunk_idx, num_chunks, group_size, block_m, order)
+    _, _, _, count, _, nblk, _ = plan_union(chunk_idx, num_chunks, group_size, block_m, order,
+                                            lists=False)
     idx = sanitize(chunk_idx, num_chunks)
     chosen = (idx >= 0).sum().item()
     tpb = block_m // group_size

@@ -61,7 +61,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="attention_routed.json")
     ap.add_argument("--dry", action="store_true", help="tiny shapes on the CPU (interpreter)")
-    ap.add_argument("--batches", default="32,128,256")
+    ap.add_argument("--batches", default="1,8,32,128,256")
     ap.add_argument("--chunks", default="64,128")
     args = ap.parse_args()
     if args.dry:
@@ -126,10 +126,12 @@ def main():
         q = torch.randn(b, HQ, D, generator=gen).to(dev, torch.bfloat16)
         idx = make_idx(b, n // chunk, n // chunk // 4, "uniform", dev, seed=1)
         shared_routed.IMPL = "union"
-        for cfg in (dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-                    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-                    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
-                    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, slices=8)):
+        for cfg in (dict(contig=True),
+                    dict(contig=True, BLOCK_N=64, num_stages=3),
+                    dict(contig=True, num_stages=3),
+                    dict(contig=True, slices=4),
+                    dict(contig=True, slices=16),
+                    dict(contig=False, slices=8)):
             shared_routed_union.CONFIG_OVERRIDE = cfg
             try:
                 ms = timed(lambda: attention.shared_attention(q, k, v, idx, chunk), False)

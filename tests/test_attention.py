@@ -163,15 +163,19 @@ def test_shared_routed_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, ske
     (40, 4, 1, 32, 512, 16, 4, "minhash", 2),
     (9, 8, 2, 64, 300, 24, 5, "minhash", 1),      # chunk not a multiple of the key tile
 ])
-def test_routed_union_blocks_orders_and_slices(t, hq, hkv, d, n, chunk, top_k, order, slices):
-    """Union kernel: several query blocks with different unions, token orders, list slices."""
+@pytest.mark.parametrize("contig", [True, False])
+def test_routed_union_blocks_orders_and_slices(t, hq, hkv, d, n, chunk, top_k, order, slices,
+                                               contig):
+    """Union kernel: several query blocks with different unions, token orders, slices, both
+    walks (contiguous range with unused chunks masked; the union lists)."""
     from attention.shared_routed_union import shared_attention_routed_union, union_stats
 
     c = (n + chunk - 1) // chunk
     q = torch.randn(t, hq, d, generator=_gen(1)).to(DEV, torch.bfloat16)
     k, v, _, _ = make_kv(n, hkv, d, "bf16", torch.bfloat16, chunk, seed=2)
     idx = make_idx(t, hkv, c, top_k, True, seed=3).to(DEV)
-    o, lse = shared_attention_routed_union(q, k, v, idx, chunk, order=order, slices=slices)
+    o, lse = shared_attention_routed_union(q, k, v, idx, chunk, order=order, slices=slices,
+                                            contig=contig)
     check(o, lse, *ref.shared_attention(q, k, v, idx, chunk), torch.bfloat16)
     st = union_stats(idx, c, hq // hkv, 16, order)
     assert 0 < st["union_frac"] <= 1 and 0 < st["useful_frac"] <= 1
