@@ -13,6 +13,7 @@ from kb.api.auth import current_user, require
 from kb.api.deps import get_kb
 from kb.api.schemas import CorpusCreate
 from kb.auth import Forbidden, Principal, set_visibility
+from kb.ingest.pipeline import _safe_filename
 from kb.service import KnowledgeBase
 
 router = APIRouter(tags=["corpora"])
@@ -62,7 +63,9 @@ async def upload(name: str, files: list[UploadFile] = File(...), wait: bool = Tr
     with tempfile.TemporaryDirectory(dir=kb.home) as tmp:
         paths = []
         for f in files:
-            safe = Path((f.filename or "upload").replace("\\", "/")).name or "upload"
+            # the ingest's own sanitiser: no separators, no "..", no control characters, at most
+            # 120 characters (a bare Path().name let ".." and 300-character names through: 500)
+            safe = _safe_filename(f.filename or "upload")
             dest = Path(tmp) / str(len(paths)) / safe  # one folder each: names may repeat
             dest.parent.mkdir()
             with open(dest, "wb") as out:  # copy at most limit+1 bytes: the size check needs no more
