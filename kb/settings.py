@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = Field(default=64.0, gt=0)
+    allowed_types: str = Field(default="pdf,docx,html,markdown,text",
+                               description="document kinds accepted, comma-separated")
     auth: str = Field(default="off", pattern="^(on|off)$",
                       description="on: sign-in and API keys required; off: anonymous use of public corpora")
     system_prompt: str = ("You are a helpful assistant. Answer the question using only the documents "

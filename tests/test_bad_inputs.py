@@ -76,6 +76,18 @@ def test_oversized_upload_is_refused_before_parsing(client, handbook):
     assert out["big.txt"]["http"] == 422
 
 
+def test_types_outside_the_allowed_list_are_refused(client, handbook):
+    allowed = handbook.settings.allowed_types
+    handbook.settings.allowed_types = "pdf,markdown"
+    try:
+        out = _upload(client, ("notes.txt", b"Plain text is not accepted here."), ("ok2.md", b"# Fine\n\nYes.\n"))
+    finally:
+        handbook.settings.allowed_types = allowed
+    assert out["notes.txt"]["status"] == "failed" and out["notes.txt"]["code"] == "unsupported_type"
+    assert "text files are not accepted" in out["notes.txt"]["error"]
+    assert out["ok2.md"]["status"] == "ready"
+
+
 def test_hostile_file_names_stay_inside_home(client, handbook):
     name = "../../etc/\x07evil\r\n.md"
     r = client.post("/v1/corpora/inbox/documents",

@@ -250,7 +250,8 @@ class Ingestor:
             self._ensure_preamble(sess, corpus, cfg)
             has_segments = sess.scalar(select(Segment.id).where(Segment.document_id == doc_id).limit(1)) is not None
         if not has_segments:
-            parsed = parse_bytes(data, filename, max_bytes=int(s.max_upload_mb * 2**20))
+            allowed = frozenset(t.strip() for t in s.allowed_types.split(",") if t.strip())
+            parsed = parse_bytes(data, filename, max_bytes=int(s.max_upload_mb * 2**20), allowed_types=allowed)
             emit("parsed")
             plans = cut_segments(parsed, lm.tokenizer, s.segment_len)
             with self.db.session() as sess:
