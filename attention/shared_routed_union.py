@@ -21,11 +21,11 @@ structure; with independent uniform choices there is none and the union is every
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, check_device, dot_dtype, sms, tl, triton
+from .routed_call import prepare_routed
+from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, tl, triton
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -229,25 +229,10 @@ def shared_attention_routed_union(
     (False); None: the config's choice."""
     from .combine import combine
 
-    check_device(q)
-    t, hq, d = q.shape
-    n, hkv, _ = k.shape
-    top_k = chunk_idx.shape[-1]
-    assert chunk_idx.shape[:2] == (t, hkv), (chunk_idx.shape, q.shape, k.shape)
-    assert hq % hkv == 0 and d in (16, 32, 64, 128, 256)
-    assert (k_scale is None) == (v_scale is None)
-    g = hq // hkv
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
-    assert scale > 0, "the kernel takes row maxima of unscaled scores"
-    num_chunks = cdiv(n, chunk_size)
-    o = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
-    if t == 0:
-        return o, lse
-    if n == 0 or top_k == 0:
-        return o.zero_(), lse.fill_(float("-inf"))
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    interp = q.device.type != "cuda"
+    call, done = prepare_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
+    if done:
+        return call.o, call.lse
+    q, k, v, t, hq, d, n, hkv, top_k, g, scale, num_chunks, o, lse, interp = call.unpack()
     cfg = _config(t * g, chunk_size, interp)
     block_m = cfg.pop("BLOCK_M")
     block_m = max(block_m, triton.next_power_of_2(g))

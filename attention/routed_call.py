@@ -1,0 +1,60 @@
+"""The checks and outputs both routed kernels start from (scatter and union designs)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._triton import cdiv, check_device
+
+
+@dataclass
+class RoutedCall:
+    q: torch.Tensor  # contiguous inputs
+    k: torch.Tensor
+    v: torch.Tensor
+    t: int
+    hq: int
+    d: int
+    n: int
+    hkv: int
+    top_k: int
+    g: int  # query heads per KV head
+    scale: float
+    num_chunks: int
+    o: torch.Tensor  # [T, Hq, d], to be written
+    lse: torch.Tensor  # [T, Hq] float32
+    interp: bool  # running under Triton's interpreter
+
+    def unpack(self) -> tuple:
+        return (self.q, self.k, self.v, self.t, self.hq, self.d, self.n, self.hkv, self.top_k, self.g,
+                self.scale, self.num_chunks, self.o, self.lse, self.interp)
+
+
+def prepare_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor,
+                   chunk_size: int, scale: float | None, k_scale: torch.Tensor | None,
+                   v_scale: torch.Tensor | None) -> tuple[RoutedCall, bool]:
+    """Check a routed call's shapes and allocate its outputs; `done` is True when the outputs
+    are already the answer (no query tokens, no keys, or no chunk chosen)."""
+    check_device(q)
+    t, hq, d = q.shape
+    n, hkv, _ = k.shape
+    top_k = chunk_idx.shape[-1]
+    assert chunk_idx.shape[:2] == (t, hkv), (chunk_idx.shape, q.shape, k.shape)
+    assert hq % hkv == 0 and d in (16, 32, 64, 128, 256)
+    assert (k_scale is None) == (v_scale is None)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    assert scale > 0, "the kernel takes row maxima of unscaled scores"
+    o = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
+    call = RoutedCall(q.contiguous(), k.contiguous(), v.contiguous(), t, hq, d, n, hkv, top_k, hq // hkv,
+                      scale, cdiv(n, chunk_size), o, lse, q.device.type != "cuda")
+    if t == 0:
+        return call, True
+    if n == 0 or top_k == 0:
+        o.zero_()
+        lse.fill_(float("-inf"))
+        return call, True
+    return call, False
