@@ -19,11 +19,6 @@ import torch
 NEG_INF = float("-inf")
 
 
-def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
-    """[N, Hkv, d] -> [N, Hq, d] by repeating each KV head over its query group."""
-    return x.repeat_interleave(hq // x.shape[1], dim=1)
-
-
 def dequantize(x: torch.Tensor, scale: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
     """Float32 view of a stored KV tensor `[N, Hkv, d]`.
 
@@ -42,15 +37,21 @@ def dequantize(x: torch.Tensor, scale: torch.Tensor | None, chunk_size: int) -> 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked softmax attention in float32. q[T,H,d], k/v[N,H,d], mask[T,H,N] (True = keep)."""
-    s = torch.einsum("thd,nhd->thn", q.float(), k.float()) * scale
+    """Masked softmax attention in float32 with GQA by grouping the queries (no copy of K/V).
+
+    q[T,Hq,d], k/v[N,Hkv,d], mask broadcastable to [T,Hkv,1,N] (True = keep).
+    """
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.float().view(t, hkv, hq // hkv, d)  # query head h reads KV head h // (Hq // Hkv)
+    s = torch.einsum("tkgd,nkd->tkgn", qg, k.float()) * scale
     if mask is not None:
         s = s.masked_fill(~mask, NEG_INF)
-    lse = torch.logsumexp(s, dim=-1)  # [T, H]
+    lse = torch.logsumexp(s, dim=-1)  # [T, Hkv, G]
     p = torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
     p = torch.nan_to_num(p, nan=0.0)
-    o = torch.einsum("thn,nhd->thd", p, v.float())
-    return o, lse
+    o = torch.einsum("tkgn,nkd->tkgd", p, v.float())
+    return o.reshape(t, hq, d), lse.reshape(t, hq)
 
 
 def shared_attention(
@@ -72,8 +73,8 @@ def shared_attention(
     t, hq, d = q.shape
     n, hkv, _ = k.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    kf = _expand_kv(dequantize(k, k_scale, chunk_size), hq)
-    vf = _expand_kv(dequantize(v, v_scale, chunk_size), hq)
+    kf = dequantize(k, k_scale, chunk_size)
+    vf = dequantize(v, v_scale, chunk_size)
     mask = None
     if chunk_idx is not None:
         num_chunks = (n + chunk_size - 1) // chunk_size
@@ -83,8 +84,7 @@ def shared_attention(
         sel.scatter_(2, idx, True)
         sel = sel[:, :, :num_chunks]
         token_chunk = torch.arange(n, device=q.device) // chunk_size
-        mask = sel[:, :, token_chunk]  # [T, Hkv, N]
-        mask = mask.repeat_interleave(hq // hkv, dim=1)
+        mask = sel[:, :, token_chunk].unsqueeze(2)  # [T, Hkv, 1, N]: one choice per GQA group
     o, lse = _attend(q, kf, vf, mask, scale)
     return o.to(q.dtype), lse
 
@@ -125,8 +125,8 @@ def unique_attention(
         v_b = v_cache[blocks].reshape(-1, *v_cache.shape[2:])[:kv_len]
         q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
         kv_pos = torch.arange(kv_len, device=q.device)
-        mask = (kv_pos[None, :] <= q_pos[:, None])[:, None, :].expand(q_len, hq, kv_len)
-        o_b, lse_b = _attend(q_b, _expand_kv(k_b, hq), _expand_kv(v_b, hq), mask, scale)
+        mask = (kv_pos[None, :] <= q_pos[:, None])[:, None, None, :]  # causal: [T, 1, 1, N]
+        o_b, lse_b = _attend(q_b, k_b, v_b, mask, scale)
         o[cu[b]:cu[b + 1]] = o_b
         lse[cu[b]:cu[b + 1]] = lse_b
     return o.to(q.dtype), lse
