@@ -183,3 +183,29 @@ def test_python_api_chat_and_generate_without_a_corpus(handbook):
                                        sampling=SamplingParams(max_tokens=24)))
     assert FACT_ANSWER in over["answer"] and over["citations"]
     assert over == handbook.answer("handbook", FACT_QUESTION, SamplingParams(max_tokens=24))
+
+
+def test_tiny_temperature_is_greedy_and_a_failing_step_never_stops_the_engine(demo_model):
+    """A fuzzer found temperature=1e-300: logits/temperature overflowed, multinomial raised, and
+    the engine thread died with every stream waiting on it."""
+    engine = Engine(demo_model, EngineConfig(unique_kv_tokens=1024, citation_layers=0))
+    engine.start()
+    try:
+        greedy = engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=4, ignore_eos=True))
+        tiny = engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=4, ignore_eos=True, temperature=1e-300))
+        for h in (greedy, tiny):
+            assert list(h)[-1].reason == "length"
+        assert tiny.seq.output_ids == greedy.seq.output_ids
+
+        def broken(*_a, **_k):
+            raise RuntimeError("planted failure")
+
+        run = engine.runner.run
+        engine.runner.run = broken  # one step fails: its requests end with an error
+        failed = engine.add_request([5, 6, 7], SamplingParams(max_tokens=3))
+        assert list(failed)[-1].reason == "error" and "planted failure" in failed.result.error
+        engine.runner.run = run
+        after = engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=4, ignore_eos=True))
+        assert list(after)[-1].reason == "length" and after.seq.output_ids == greedy.seq.output_ids
+    finally:
+        engine.shutdown()

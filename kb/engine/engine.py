@@ -129,14 +129,11 @@ class Engine:
         t0 = time.perf_counter()
         try:
             logits, idx = self.runner.run(batch, corpora)
+            tokens = sample(logits, [batch.seqs[i] for i in idx]) if idx else []
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
-            with self._lock:
-                for seq in batch.seqs:
-                    self.scheduler.abort(seq)
-                    self._finish(seq, "error", error=str(e))
+            self._fail(batch.seqs, e)
             return len(batch.seqs)
-        tokens = sample(logits, [batch.seqs[i] for i in idx]) if idx else []
         with self._lock:
             for i, tok in zip(idx, tokens):
                 self._append(batch.seqs[i], tok)
@@ -201,13 +198,24 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="kb-engine", daemon=True)
             self._thread.start()
 
+    def _fail(self, seqs: list[Sequence], error: Exception) -> None:
+        with self._lock:
+            for seq in seqs:
+                if not seq.is_finished:
+                    self.scheduler.abort(seq)
+                    self._finish(seq, "error", error=str(error))
+
     def _loop(self) -> None:
         while not self._stop:
-            if self.has_work:
-                self.step()
-            else:
-                self._wake.wait(0.05)
-                self._wake.clear()
+            try:
+                if self.has_work:
+                    self.step()
+                else:
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+            except Exception as e:  # the loop must outlive any bug: fail what runs, keep serving
+                log.exception("engine loop error; failing the running requests")
+                self._fail(list(self.scheduler.running) + list(self.scheduler.waiting), e)
 
     def shutdown(self) -> None:
         self._stop = True

@@ -13,7 +13,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
     greedy = logits.argmax(dim=-1).tolist()
     for i, seq in enumerate(seqs):
         sp = seq.sampling
-        if sp.temperature == 0:
+        if sp.temperature < 1e-5:  # below this, logits / temperature overflow: it is greedy
             out.append(greedy[i])
             continue
         row = logits[i] / sp.temperature
@@ -26,6 +26,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
             keep = sorted_p.cumsum(0) - sorted_p < sp.top_p  # keep the smallest prefix reaching top_p
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        if not torch.isfinite(probs).all() or probs.sum() <= 0:  # degenerate: fall back to greedy
+            out.append(greedy[i])
+            continue
         if seq.generator is None:
             seq.generator = torch.Generator(device="cpu")
             if sp.seed is not None:
