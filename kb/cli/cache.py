@@ -11,6 +11,7 @@ import json
 import sys
 
 from kb.cli.common import knowledge_base as _kb
+from kb.cli.common import print_json_or_empty
 
 
 def _size(n: int) -> str:
@@ -25,11 +26,7 @@ def cmd_cache_list(args) -> int:
     from kb import cache_admin
 
     rows = cache_admin.lookup(_kb(), args.name)
-    if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
-        return 0
-    if not rows:
-        print("no corpora yet: kb corpus create NAME")
+    if print_json_or_empty(rows, args.json, "no corpora yet: kb corpus create NAME"):
         return 0
     print(f"{'NAME':24} {'STATE':9} {'TIER':5} {'TOKENS':>8} {'GPU':>10} {'CPU':>10} {'DISK':>10} {'HITS':>6}  LAST USE")
     for r in rows:

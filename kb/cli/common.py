@@ -9,3 +9,17 @@ def knowledge_base():
     return KnowledgeBase()
 
 
+
+
+def print_json_or_empty(rows: list, as_json: bool, empty: str) -> bool:
+    """The opening every listing command shares: `--json` prints the rows' dicts, no rows prints
+    `empty`. Returns True when nothing is left to print."""
+    import json
+
+    if as_json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return True
+    if not rows:
+        print(empty)
+        return True
+    return False

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 from kb.cli.common import knowledge_base as _kb
+from kb.cli.common import print_json_or_empty
 
 
 def cmd_corpus_create(args) -> int:
@@ -16,11 +16,7 @@ def cmd_corpus_create(args) -> int:
 
 def cmd_corpus_list(args) -> int:
     rows = _kb().list_corpora()
-    if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
-        return 0
-    if not rows:
-        print("no corpora yet: kb corpus create NAME")
+    if print_json_or_empty(rows, args.json, "no corpora yet: kb corpus create NAME"):
         return 0
     print(f"{'NAME':24} {'STATUS':9} {'DOCS':>5} {'SEGMENTS':>8} {'TOKENS':>9}")
     for r in rows:

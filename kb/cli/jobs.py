@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
 
 from kb.cli.common import knowledge_base as _kb
+from kb.cli.common import print_json_or_empty
 
 
 def cmd_worker(args) -> int:
@@ -48,11 +48,7 @@ def cmd_jobs_list(args) -> int:
     from kb.jobs import jobs_for
 
     rows = jobs_for(_kb()).queue.list(args.corpus)
-    if args.json:
-        print(json.dumps([r.to_dict() for r in rows], indent=2))
-        return 0
-    if not rows:
-        print("no jobs")
+    if print_json_or_empty(rows, args.json, "no jobs"):
         return 0
     print(f"{'ID':36} {'CORPUS':16} {'STATUS':9} {'STAGE':10} {'SEGS':>9} {'%':>6} {'ETA':>6}  DOCUMENT")
     for r in rows:
