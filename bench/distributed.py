@@ -25,7 +25,11 @@ the model, then `--warmup` untimed and `--steps` timed decode steps, all through
                         float32 partials [T, Hq, d + 1] each returns; per layer = / num_layers
   comm_ms_per_step      time inside those exchanges on rank 0 (CUDA events on the current stream from
                         before the header is made until the gather returns; the wall clock on CPU)
-Writes `<out>/distributed.json` (merging rows of other world sizes already there) and prints a table.
+Writes `<out>/distributed.json` (merging rows of other runs already there) and prints a table;
+`python bench/distributed.py --plot JSON PNG` draws tokens/s against concurrency.
+
+`--plain-engine` (with `--shared-ranks 0`): the plain one-GPU `Engine`, no link: the single-GPU
+baseline the sharded runs compare against.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from kb.engine.distributed.backend import distributed_engine  # noqa: E402
 from kb.engine.distributed.placement import place, remote_view  # noqa: E402
 from kb.engine.distributed.protocol import ShardLink, World, init_world  # noqa: E402
 from kb.engine.distributed.worker import CorpusSlice, attend_slice, run_shared_rank  # noqa: E402
-from kb.engine.engine import EngineConfig  # noqa: E402
+from kb.engine.engine import Engine, EngineConfig  # noqa: E402
 from kb.engine.routing import CorpusRouter  # noqa: E402
 from kb.engine.sequence import SamplingParams  # noqa: E402
 from kb.engine.shared_kv import SharedKV  # noqa: E402
@@ -103,10 +107,14 @@ class LoopbackLink(ShardLink):
 def random_corpus(cfg, n: int, device: str, dtype: torch.dtype, chunk: int, density: float) -> SharedKV:
     """Random keys and values [n, Hkv, d] per layer (normal, never zeros); routed below density 1."""
     ks, vs = [], []
+    # a corpus staged in host memory is still drawn on the GPU (a layer at a time): CPU randn of
+    # tens of GiB would take minutes
+    make = "cuda" if device == "cpu" and torch.cuda.is_available() else device
     for layer in range(cfg.num_layers):
         for out, s in ((ks, 2 * layer), (vs, 2 * layer + 1)):
-            gen = torch.Generator(device=device).manual_seed(1000 + s)
-            out.append(torch.randn(n, cfg.num_kv_heads, cfg.head_dim, device=device, dtype=dtype, generator=gen))
+            gen = torch.Generator(device=make).manual_seed(1000 + s)
+            x = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, device=make, dtype=dtype, generator=gen)
+            out.append(x.to(device))
     sh = SharedKV("corpus", ks, vs, chunk_size=chunk, pos_offset=n)
     if density < 1.0:
         sh.router = CorpusRouter(sh.k, chunk, always=0)
@@ -114,13 +122,31 @@ def random_corpus(cfg, n: int, device: str, dtype: torch.dtype, chunk: int, dens
     return sh
 
 
-def run_config(lm, link: ShardLink, view: SharedKV, conc: int, args, device: str) -> dict:
+class LocalLink:
+    """`--plain-engine`: no link at all. The plain one-GPU engine (`Engine`) serves the corpus from this
+    rank's memory; its stats stay zero (no exchange happens)."""
+
+    def __init__(self):
+        from kb.engine.distributed.protocol import CommStats
+        self.stats = CommStats()
+
+    def register(self, shared: SharedKV) -> SharedKV:
+        return shared
+
+    def shutdown(self) -> None:
+        pass
+
+
+def run_config(lm, link: ShardLink | LocalLink, view: SharedKV, conc: int, args, device: str) -> dict:
     """B = conc requests through the distributed engine: prefill, warm up, time decode steps."""
     bs = 16
     per_seq = args.prompt + args.warmup + args.steps + 4 + conc * args.prompt // 2048 + 4
+    # no citation measurement: a sharded corpus has none (its keys are remote); the plain engine
+    # must not pay for it either
     cfg = EngineConfig(device=device, block_size=bs, unique_kv_tokens=conc * bs * -(-per_seq // bs),
-                       max_running=conc, max_batch_tokens=max(conc, 2048), max_queue=max(256, conc))
-    engine = distributed_engine(lm, link, cfg)
+                       max_running=conc, max_batch_tokens=max(conc, 2048), max_queue=max(256, conc),
+                       citation_layers=0)
+    engine = Engine(lm, cfg) if isinstance(link, LocalLink) else distributed_engine(lm, link, cfg)
     engine.register_corpus(view)
     rng = torch.Generator().manual_seed(conc)
     # requests admitted in the first prefill step decode while later ones prefill: room for that lead,
@@ -187,17 +213,34 @@ def run_config(lm, link: ShardLink, view: SharedKV, conc: int, args, device: str
                 exchanges_per_step=sum(exchanges) / len(exchanges), steps=len(times), prefill_s=prefill_s)
 
 
+def engine_kind(row: dict) -> str:
+    """local (plain one-GPU engine), loopback (world size 1, protocol without peers) or sharded."""
+    return row.get("engine") or ("loopback" if row["world_size"] == 1 else "sharded")
+
+
+def run_key(row: dict) -> str:
+    return f"{engine_kind(row)}-w{row['world_size']}-n{row['shared_tokens']}"
+
+
 def merge_rows(path: Path, res: dict) -> dict:
-    """Keep rows of other world sizes from an existing file; this run's world size replaces its own."""
+    """Keep the rows of other runs (engine, world size, corpus size) already in the file; this run
+    replaces its own."""
     if not path.exists():
         return res
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError):
         return res
-    keep = [r for r in old.get("rows", []) if r.get("world_size") != res["world_size"]]
-    runs = {k: v for k, v in old.get("runs", {}).items() if k != str(res["world_size"])}
-    res["rows"] = sorted(keep + res["rows"], key=lambda r: (r["world_size"], r["shared_tokens"], r["concurrency"]))
+    mine = set(res["runs"])
+    keep = [r for r in old.get("rows", []) if run_key(r) not in mine]
+    old_runs = old.get("runs", {})
+    runs = {}
+    for r in keep:  # files written before rows had an engine key named their runs by world size
+        k = run_key(r)
+        if k in old_runs or str(r["world_size"]) in old_runs:
+            runs[k] = old_runs.get(k) or old_runs[str(r["world_size"])]
+    res["rows"] = sorted(keep + res["rows"], key=lambda r: (r["world_size"], engine_kind(r), r["shared_tokens"],
+                                                           r["concurrency"]))
     res["runs"] = {**runs, **res["runs"]}
     return res
 
@@ -220,7 +263,7 @@ def run_unique_rank(world: World, args) -> int:
         corpus_dev = "cpu"  # rank 0 only stages the corpus before sending the slices
     t0 = time.perf_counter()
     shared = random_corpus(cfg, args.shared_tokens, corpus_dev, dtype, args.chunk, args.density)
-    link = LoopbackLink(world) if S == 0 else ShardLink(world)
+    link = LocalLink() if args.local else LoopbackLink(world) if S == 0 else ShardLink(world)
     link.stats.timing = True
     try:
         import triton
@@ -246,8 +289,11 @@ def run_unique_rank(world: World, args) -> int:
                        prompt_tokens=args.prompt, warmup_steps=args.warmup, timed_steps=args.steps, chunk_size=args.chunk,
                        density=args.density, kv_dtype=str(dtype).replace("torch.", ""), register_s=register_s, partial=partial)
             res = dict(device=device, torch=torch.__version__, triton=triton_v, world_size=world.world_size, backend=backend,
-                       rows=rows, runs={str(world.world_size): run},
-                       notes=("Rows keyed by world_size (runs[world_size] says how each was made). Engine steps through "
+                       rows=rows, runs={key: run},
+                       notes=("Rows keyed by (engine, world_size, shared_tokens); runs[engine-wW-nN] says how each was "
+                              "made. engine: local = the plain one-GPU Engine, no link (the single-GPU baseline); "
+                              "loopback = world size 1 through the protocol without peers; sharded = rank 0 runs the "
+                              "model and unique KV, ranks 1..S hold the shared KV. Sharded steps go through "
                               "backend.distributed_engine; decode timed per step (wall clock, synchronised; ends with the "
                               "sampler's host read), after prefill of random prompts and warm-up steps. comm_bytes_per_step: "
                               "bytes of the ATTEND messages per step from the shapes sent: header (64 B) + q bf16 (+ chunk ids "
@@ -262,9 +308,11 @@ def run_unique_rank(world: World, args) -> int:
             res = merge_rows(out, res)
             out.write_text(json.dumps(res, indent=1))
 
+        kind = "local" if args.local else "loopback" if S == 0 else "sharded"
+        key = run_key(dict(engine=kind, world_size=world.world_size, shared_tokens=view.num_tokens))
         for c in [int(x) for x in args.conc.split(",")]:
             r = run_config(lm, link, view, c, args, dev)
-            row = dict(world_size=world.world_size, backend=backend, shared_ranks=S,
+            row = dict(engine=kind, world_size=world.world_size, backend=backend, shared_ranks=S,
                        shared_tokens=view.num_tokens, top_k=view.top_k if view.routed else None, **r)
             rows.append(row)
             write(rows, partial=True)  # a later failure keeps the rows measured so far
@@ -285,7 +333,39 @@ def run_unique_rank(world: World, args) -> int:
     return 0
 
 
+def plot(json_path: str, png_path: str) -> None:
+    """Decode tokens/s against concurrency, one line per (engine, world size, corpus size)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    res = json.loads(Path(json_path).read_text())
+    series: dict[str, list[dict]] = {}
+    for r in res["rows"]:
+        series.setdefault(run_key(r), []).append(r)
+    names = {"local": "one GPU, plain engine", "loopback": "one GPU, protocol loopback",
+             "sharded": "2 GPUs: unique rank + shared rank"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, rs in sorted(series.items()):
+        rs.sort(key=lambda r: r["concurrency"])
+        r0 = rs[0]
+        ax.plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o",
+                linestyle="-" if engine_kind(r0) == "sharded" else "--",
+                label=f"{names[engine_kind(r0)]}, {r0['shared_tokens'] // 1024}K shared")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent requests")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"Llama-3.1-8B shape, bf16, {res['device']}, NCCL", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--plot":
+        plot(sys.argv[2], sys.argv[3])
+        return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared-ranks", type=int, required=True, help="ranks holding shared KV (world size - 1)")
     ap.add_argument("--shared-tokens", type=int, default=131072)
@@ -296,11 +376,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--density", type=float, default=1.0, help="below 1: routed (quest) at this density")
     ap.add_argument("--tiny", action="store_true", help="tiny float32 model (CPU / gloo smoke runs)")
+    ap.add_argument("--plain-engine", dest="local", action="store_true",
+                    help="with --shared-ranks 0: the plain one-GPU engine, no link (the single-GPU baseline)")
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     ap.add_argument("--timeout", type=float, default=120.0)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if args.local and args.shared_ranks:
+        raise SystemExit("--plain-engine is the one-GPU baseline: it needs --shared-ranks 0")
     world = init_world("env://", timeout_s=args.timeout)
     if world.world_size != args.shared_ranks + 1:
         raise SystemExit(f"--shared-ranks {args.shared_ranks} needs a world of {args.shared_ranks + 1} "

@@ -34,7 +34,7 @@ class DigitTokenizer:
         return "".join(f"{i} " for i in ids)
 
 
-def _tiny_loaded():
+def _tiny_loaded(device: str = "cpu"):
     from kb.model.llama import Transformer
     from kb.model.loader import LoadedModel
 
@@ -42,18 +42,18 @@ def _tiny_loaded():
                       num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
                       max_position_embeddings=1024)
     torch.manual_seed(0)
-    model = Transformer(cfg).eval().requires_grad_(False)
+    model = Transformer(cfg).eval().requires_grad_(False).to(device)
     return LoadedModel(model, DigitTokenizer(), cfg, Path("."), "tiny", "digits")
 
 
-def _corpus(key: str, seed: int, routed: bool):
+def _corpus(key: str, seed: int, routed: bool, device: str = "cpu"):
     """A random 200-token corpus in 16-token chunks (13 chunks); routed ones attend 4 per query."""
     from kb.engine.routing import CorpusRouter
     from kb.engine.shared_kv import SharedKV
 
     g = torch.Generator().manual_seed(seed)
-    k = [torch.randn(200, 2, 16, generator=g) * 2 for _ in range(2)]
-    v = [torch.randn(200, 2, 16, generator=g) for _ in range(2)]
+    k = [(torch.randn(200, 2, 16, generator=g) * 2).to(device) for _ in range(2)]
+    v = [torch.randn(200, 2, 16, generator=g).to(device) for _ in range(2)]
     sh = SharedKV(key, k, v, chunk_size=16, pos_offset=200, preamble_len=10)
     if routed:
         sh.router = CorpusRouter(sh.k, 16, sh.always_chunks)
@@ -81,9 +81,10 @@ def _unique_rank_compare(world) -> dict:
     from kb.engine.distributed.protocol import ShardLink
     from kb.engine.engine import Engine, EngineConfig
 
-    lm = _tiny_loaded()
-    dense, routed = _corpus("dense", 1, False), _corpus("routed", 2, True)
-    cfg = EngineConfig(unique_kv_tokens=512, block_size=8, citation_layers=0)
+    dev = str(world.device)
+    lm = _tiny_loaded(dev)
+    dense, routed = _corpus("dense", 1, False, dev), _corpus("routed", 2, True, dev)
+    cfg = EngineConfig(device=dev, unique_kv_tokens=512, block_size=8, citation_layers=0)
     local = Engine(lm, cfg)
     local.register_corpus(dense)
     local.register_corpus(routed)
@@ -97,7 +98,7 @@ def _unique_rank_compare(world) -> dict:
     got = _generate(engine, views)
 
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(5, 4, 16, generator=g)
+    q = torch.randn(5, 4, 16, generator=g).to(dev)
     idx = routed.router.route(1, q, routed.top_k)
     diffs = {}
     with torch.inference_mode():
@@ -140,14 +141,14 @@ def _unique_rank_kill(world) -> dict:
     return {"tokens_before": tokens_before, "results": results, "raised": raised}
 
 
-def _rank_main(rank: int, world_size: int, init: str, scenario: str, out) -> None:
+def _rank_main(rank: int, world_size: int, init: str, scenario: str, out, backend: str = "gloo") -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     from kb.engine.distributed.protocol import init_world
     from kb.engine.distributed.worker import run_shared_rank
 
     try:
-        world = init_world(init, rank, world_size, backend="gloo", timeout_s=TIMEOUT_S)
+        world = init_world(init, rank, world_size, backend=backend, timeout_s=TIMEOUT_S)
         if rank == 0:
             fn = _unique_rank_compare if scenario == "compare" else _unique_rank_kill
             _report(out, ("ok", fn(world)))
@@ -181,11 +182,11 @@ def _exit_when_told(world) -> None:
     threading.Thread(target=die, daemon=True).start()
 
 
-def _spawn(world_size: int, scenario: str, tmp_path: Path) -> dict:
+def _spawn(world_size: int, scenario: str, tmp_path: Path, backend: str = "gloo") -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, init, scenario, out), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, init, scenario, out, backend), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -221,6 +222,17 @@ def test_placement_balances_tokens_and_maps_chunks():
 def test_sharded_shared_kv_answers_as_one_process(world_size, tmp_path):
     res = _spawn(world_size, "compare", tmp_path)
     assert res["got"] == res["want"]  # greedy tokens of dense and routed requests
+    assert all(len(t) == 6 for t in res["got"])
+    for name, (do, dlse) in res["diffs"].items():
+        assert do < 1e-5 and dlse < 1e-5, (name, do, dlse)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (run on a multi-GPU device kind)")
+def test_sharded_shared_kv_over_nccl_answers_as_one_process(tmp_path):
+    """The same over NCCL, rank r on cuda:r: greedy tokens equal the one-process engine on cuda:0."""
+    res = _spawn(2, "compare", tmp_path, backend="nccl")
+    assert res["got"] == res["want"]
     assert all(len(t) == 6 for t in res["got"])
     for name, (do, dlse) in res["diffs"].items():
         assert do < 1e-5 and dlse < 1e-5, (name, do, dlse)

@@ -8,6 +8,7 @@ placement from (tokens, chunk size, ranks), so only those three numbers travel.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -84,11 +85,16 @@ def place(num_tokens: int, chunk_size: int, ranks: list[int]) -> Placement:
     return Placement(num_tokens, chunk_size, shards)
 
 
-def slice_kv(shared: SharedKV, shard: ShardRange) -> tuple[torch.Tensor, torch.Tensor]:
-    """A shard's keys and values stacked over layers: ([L, n, Hkv, d], [L, n, Hkv, d])."""
+def slice_kv(shared: SharedKV, shard: ShardRange) -> Iterator[torch.Tensor]:
+    """A shard's keys and values in the order they travel: layer 0's k [n, Hkv, d], its v, layer 1's
+    k, ... (one layer at a time, so a corpus larger than a GPU's free memory never stacks); nothing
+    for an empty shard."""
     a, b = shard.token_start, shard.token_end
-    return (torch.stack([k[a:b] for k in shared.k]).contiguous(),
-            torch.stack([v[a:b] for v in shared.v]).contiguous())
+    if b <= a:
+        return
+    for k, v in zip(shared.k, shared.v):
+        yield k[a:b].contiguous()
+        yield v[a:b].contiguous()
 
 
 def remote_view(shared: SharedKV, placement: Placement, corpus_id: int) -> SharedKV:

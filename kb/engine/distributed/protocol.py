@@ -100,10 +100,12 @@ def init_world(init_method: str = "env://", rank: int | None = None, world_size:
 
 
 def header(op: int, *fields: int, device: torch.device) -> torch.Tensor:
-    h = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    h[0] = op
-    h[1:1 + len(fields)] = torch.tensor(fields, dtype=torch.int64)
-    return h.to(device)
+    """The 8-int64 message header on `device`. On a GPU it is staged in pinned memory and copied
+    without blocking: a pageable copy would make the host wait for the stream every layer."""
+    values = [op, *fields] + [0] * (HEADER_LEN - 1 - len(fields))
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.int64)
+    return torch.tensor(values, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -188,9 +190,8 @@ class ShardLink:
             dist.broadcast(header(OP_REGISTER, cid, len(shared.k), k0.shape[0], k0.shape[1], k0.shape[2],
                                   shared.chunk_size, code, device=dev), src=0)
             for s in placement.shards:
-                if s.num_tokens:
-                    k, v = slice_kv(shared, s)
-                    dist.send(torch.stack([k, v]).to(dev), dst=s.rank)
+                for part in slice_kv(shared, s):  # layer by layer: no stacked copy of the corpus
+                    dist.send(part.to(dev), dst=s.rank)
         return remote_view(shared, placement, cid)
 
     def drop(self, view: SharedKV) -> None:

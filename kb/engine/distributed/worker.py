@@ -82,8 +82,10 @@ def run_shared_rank(world: World) -> None:
                     placement = place(n, chunk, world.shared_ranks)
                     shard = placement.shard(world.rank)
                     kv = torch.empty(2, layers, shard.num_tokens, hkv, d, dtype=DTYPES[code], device=dev)
-                    if shard.num_tokens:
-                        dist.recv(kv, src=0)
+                    if shard.num_tokens:  # layer by layer, k then v (placement.slice_kv's order)
+                        for layer in range(layers):
+                            for j in (0, 1):
+                                dist.recv(kv[j, layer], src=0)
                     corpora[cid] = CorpusSlice(placement, shard, kv[0], kv[1], d)
                     log.info("rank %d: corpus %d, chunks %d..%d (%d tokens)", world.rank, cid,
                              shard.chunk_start, shard.chunk_end, shard.num_tokens)
