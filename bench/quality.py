@@ -6,7 +6,8 @@ generated here from a seed, or taken from docstrings that ship with Python (`ins
 standard-library modules, as real prose); nothing is downloaded.
 
 Tasks
-  kv        key-value retrieval in a large JSON object of random ids ("What is the value of key X?")
+  kv        key-value retrieval in a JSON object of random word ids ("What is the value of key X?",
+            after two worked examples on other keys as earlier chat turns)
   needle    planted facts (an invented name and a number) in long real prose
   vartrace  multi-hop variable tracing ("VAR A = 4821. ... VAR B = A. ... What is the value of B?")
 
@@ -27,16 +28,20 @@ Writes bench/results/quality.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import json
 import os
 import random
+import shutil
 import string
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -62,6 +67,7 @@ ATTRIBUTES = ("locker number", "badge number", "room number", "access code", "ac
 class Question:
     question: str
     expected: str
+    history: tuple[tuple[str, str], ...] = ()  # worked examples: (question, answer) turns before it
 
 
 @dataclass(frozen=True)
@@ -123,18 +129,32 @@ def _number(rng: random.Random, used: set[str], digits: int = 5) -> str:
             return v
 
 
-def gen_kv(seed: int, n: int, size: int) -> TaskData:
-    """A JSON object of ~`size` random 8-hex-digit keys and values; n questions on distinct keys."""
+def _word(rng: random.Random, used: set[str]) -> str:
+    """An invented lowercase id of three syllables and a final consonant ("kavomir"), unique in `used`."""
+    while True:
+        k = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3)) + rng.choice("nrstl")
+        if k not in used:
+            used.add(k)
+            return k
+
+
+KV_ASK = 'In the JSON object above, what is the value of the key "{key}"?'
+
+
+def gen_kv(seed: int, n: int, size: int, shots: int = 2) -> TaskData:
+    """A JSON object of ~`size` random word ids mapped to random 5-digit values; n questions on
+    distinct keys, each after `shots` worked examples on other keys as earlier chat turns
+    (question, then the answer as the JSON line `"key": "value"`).
+
+    The first version (8-hex-digit ids, a bare question) scored 0 with the 135M demo model even
+    over one contiguous context; docs/QUALITY.md records the variants tried. It is still retrieval
+    of one value by its key in a JSON object of random ids.
+    """
     rng = random.Random(f"kv-{seed}")
-    hexd = "0123456789abcdef"
     seen: set[str] = set()
     pairs = []
-    while len(pairs) < max(size, n):
-        k, v = ("".join(rng.choice(hexd) for _ in range(8)) for _ in range(2))
-        if k in seen or v in seen:
-            continue
-        seen.update((k, v))
-        pairs.append((k, v))
+    while len(pairs) < max(size, n * (1 + shots)):
+        pairs.append((_word(rng, seen), _number(rng, seen)))
     # one pair per line; a blank line every 16 pairs lets the segmenter cut between pairs
     lines = ["{"]
     for i, (k, v) in enumerate(pairs):
@@ -142,10 +162,14 @@ def gen_kv(seed: int, n: int, size: int) -> TaskData:
             lines.append("")
         lines.append(f'  "{k}": "{v}"' + ("," if i + 1 < len(pairs) else ""))
     lines.append("}")
-    asked = rng.sample(range(len(pairs)), n)
-    qs = tuple(Question(f'In the JSON object above, what is the value of the key "{pairs[i][0]}"?', pairs[i][1])
-               for i in sorted(asked, key=lambda j: rng.random()))
-    return TaskData("kv", "\n".join(lines), qs)
+    order = rng.sample(range(len(pairs)), n * (1 + shots))
+    asked, examples = order[:n], order[n:]
+    qs = []
+    for qi, i in enumerate(asked):
+        shown = [pairs[e] for e in examples[qi * shots:(qi + 1) * shots]]
+        qs.append(Question(KV_ASK.format(key=pairs[i][0]), pairs[i][1],
+                           tuple((KV_ASK.format(key=k), f'"{k}": "{v}"') for k, v in shown)))
+    return TaskData("kv", "\n".join(lines), tuple(qs))
 
 
 def gen_needle(seed: int, n: int, size: int) -> TaskData:
@@ -210,8 +234,8 @@ def gen_vartrace(seed: int, n: int, size: int, hops: int = 4) -> TaskData:
 
 GENERATORS = {"kv": gen_kv, "needle": gen_needle, "vartrace": gen_vartrace}
 # size units: kv pairs for kv, characters of prose for the others (~ equal token counts)
-DEFAULT_SIZES = {"kv": 220, "needle": 16000, "vartrace": 16000}
-QUICK_SIZES = {"kv": 120, "needle": 7000, "vartrace": 7000}
+DEFAULT_SIZES = {"kv": 80, "needle": 9000, "vartrace": 9000}  # kv ~1.1K tokens (see gen_kv), others ~2.5K-3K
+QUICK_SIZES = {"kv": 60, "needle": 7000, "vartrace": 7000}
 
 
 def generate(task: str, seed: int, n: int, size: int | None = None) -> TaskData:
@@ -248,12 +272,17 @@ def position_limit(kb) -> int:
     return max_pos - min(2048, max_pos // 4)
 
 
+def _turns(history: tuple[tuple[str, str], ...]) -> list[dict]:
+    return [{"role": role, "content": text} for qa in history for role, text in zip(("user", "assistant"), qa)]
+
+
 def ask_all(kb, name: str, questions, max_tokens: int) -> list[str]:
     """Queue every question over the corpus at once (the multi-request case), step the engine
     until all finish, and return the greedy answers in order."""
     from kb.engine.sequence import SamplingParams
 
-    answers = [kb.ask(name, q.question, SamplingParams(max_tokens=max_tokens)) for q in questions]
+    answers = [kb.ask(name, q.question, SamplingParams(max_tokens=max_tokens), history=_turns(q.history))
+               for q in questions]
     return _collect(kb.engine, [a.handle for a in answers])
 
 
@@ -280,19 +309,134 @@ class Spec:
     router: str | None
     chunk_size: int | None
     density: float
+    pic: str | None = None  # position-independence scheme of the segments (kb.precompute)
+    prefill_routing: object = None  # the engine's prefill-routing setting, where it has one
 
 
-def build_corpus(kb, name: str, path: Path, segment_len: int, chunk_size: int) -> dict:
+@contextmanager
+def pic_scheme(pic: str, link_tokens: int) -> Iterator[None]:
+    """While inside, ingestion prefills segments under scheme `pic` (kb.precompute.PIC_SCHEMES).
+
+    The service has no setting for it (the default scheme is the service's); the harness swaps
+    the pipeline's prefill function for one with the option bound, and restores it after."""
+    import kb.ingest.pipeline as pipeline
+    from kb import precompute
+
+    if pic not in precompute.PIC_SCHEMES:
+        raise ValueError(f"unknown scheme {pic!r}")
+    original = pipeline.prefill_segments
+    pipeline.prefill_segments = functools.partial(precompute.prefill_segments, pic=pic, link_tokens=link_tokens)
+    try:
+        yield
+    finally:
+        pipeline.prefill_segments = original
+
+
+def build_corpus(kb, name: str, path: Path, segment_len: int, chunk_size: int, pic: str = "shared",
+                 link_tokens: int = 32) -> dict:
+    """Create corpus `name` from one file with the given segmentation and scheme; its size."""
     kb.settings.segment_len, kb.settings.chunk_size = segment_len, chunk_size
     kb.create_corpus(name)
-    res = kb.ingest(name, [path])
+    with pic_scheme(pic, link_tokens):
+        res = kb.ingest(name, [path])
     if res[0].status != "ready":
         raise RuntimeError(f"ingest of {name} failed: {res[0].error}")
     docs = kb.documents(name)
-    return {"segments": docs[0]["segments"], "tokens": docs[0]["tokens"]}
+    return {"segments": docs[0]["segments"], "tokens": docs[0]["tokens"], "pic": pic}
+
+
+def prefill_runner(kb):
+    """The engine's model runner when it has a prefill-routing choice (`prefill_routing`), else None."""
+    runner = getattr(kb.engine, "runner", None)
+    return runner if hasattr(runner, "prefill_routing") else None
+
+
+class Runner:
+    """Runs one task's grid against a KnowledgeBase, appending rows and saving partial results."""
+
+    def __init__(self, kb, args, rows: list[dict], save: Callable[[], None]):
+        self.kb, self.args, self.rows, self.save = kb, args, rows, save
+        self.runner = prefill_runner(kb)
+        self.default_prefill = self.runner.prefill_routing if self.runner is not None else None
+
+    def evaluate(self, name: str, spec: Spec, qs) -> dict:
+        """Ask every question over corpus `name` at once and record one row."""
+        args, t0 = self.args, time.perf_counter()
+        if self.runner is not None:
+            self.runner.prefill_routing = spec.prefill_routing or self.default_prefill
+        answers = ask_all(self.kb, name, qs, args.max_tokens)
+        hits = [score(a, q.expected) for a, q in zip(answers, qs)]
+        row = {"task": spec.task, "mode": spec.mode, "pic": spec.pic, "router": spec.router,
+               "chunk_size": spec.chunk_size, "density": spec.density, "n": len(qs),
+               "accuracy": round(sum(hits) / len(qs), 4), "correct": sum(hits)}
+        if self.runner is not None and spec.mode == "routed":
+            row["prefill_routing"] = spec.prefill_routing or self.default_prefill
+        row["wall_s"] = round(time.perf_counter() - t0, 1)
+        self.rows.append(row)
+        if args.verbose:
+            for a, q, h in zip(answers, qs, hits):
+                print(f"    [{'+' if h else '-'}] {q.expected:>10}  {a.strip()[:70]!r}", flush=True)
+        print(f"  {spec.mode:10} pic={str(spec.pic or '-'):6} {str(spec.router or '-'):5} "
+              f"chunk={str(spec.chunk_size or '-'):>4} density={spec.density:<5} "
+              f"{'' if spec.prefill_routing is None else f'prefill={spec.prefill_routing} '}"
+              f"acc={row['accuracy']:.3f}  ({row['wall_s']}s)", flush=True)
+        self.save()
+        return row
+
+    def routed(self, task: str, name: str, pic: str, chunk: int, qs) -> None:
+        """Every router and density (and prefill-routing value, where there is one) over one corpus."""
+        kb, args = self.kb, self.args
+        for router in args.routers:
+            loaded = use_router(kb, name, router)
+            if loaded.shared.router is None:
+                print(f"  {name}: too few chunks to route", flush=True)
+                return
+            for density in args.densities:
+                kb.settings.density = density
+                values = [None]
+                if self.runner is not None and args.prefill_routing and density in args.prefill_routing_densities:
+                    values = args.prefill_routing
+                for value in values:
+                    row = self.evaluate(name, Spec(task, "routed", router, chunk, density, pic, value), qs)
+                    row["top_k"] = loaded.shared.router.top_k(density)
+                    row["num_chunks"] = loaded.shared.num_chunks
+                    self.save()
+
+    def task(self, task: str, home: Path, info: dict) -> None:
+        """Contiguous, then per scheme dense and (for --routed-pic schemes) the routed grid."""
+        kb, args = self.kb, self.args
+        data = generate(task, args.seed, args.n, args.sizes[task])
+        path = home / f"{task}.txt"
+        path.write_text(data.text)
+        qs = data.questions
+        if "contiguous" in args.modes:
+            limit = position_limit(kb)
+            name = f"{task}-contig"
+            info[name] = meta = build_corpus(kb, name, path, limit, 64)
+            print(f"{task}: contiguous corpus {meta}", flush=True)
+            if meta["segments"] != 1 or meta["tokens"] > limit:
+                print(f"  contiguous skipped: {meta['tokens']} tokens do not fit one segment "
+                      f"within {limit} positions", flush=True)
+            else:
+                kb.settings.density = 1.0
+                self.evaluate(name, Spec(task, "contiguous", None, None, 1.0), qs)
+        if "dense" not in args.modes and "routed" not in args.modes:
+            return
+        for pic in args.pic:
+            route = "routed" in args.modes and pic in args.routed_pic
+            for ci, chunk in enumerate(args.chunk_sizes if route else args.chunk_sizes[:1]):
+                name = f"{task}-{pic}-seg{args.segment_len}-c{chunk}"
+                info[name] = meta = build_corpus(kb, name, path, args.segment_len, chunk, pic, args.link_tokens)
+                print(f"{task}: segmented corpus {name} {meta}", flush=True)
+                if ci == 0 and "dense" in args.modes:  # dense attention does not depend on the chunk size
+                    kb.settings.density = 1.0
+                    self.evaluate(name, Spec(task, "dense", None, None, 1.0, pic), qs)
+                if route:
+                    self.routed(task, name, pic, chunk, qs)
 
 
 def run(args) -> dict:
+    """The whole grid; the result (also saved to args.out after every row) as a dict."""
     import torch
 
     from kb.service import KnowledgeBase
@@ -303,79 +447,54 @@ def run(args) -> dict:
     kb = KnowledgeBase(Settings(home=home / "home", models_dir=args.models_dir, max_tokens=args.max_tokens))
     rows, info = [], {}
     t_start = time.perf_counter()
+    result = {"model": kb.settings.model, "torch": torch.__version__, "seed": args.seed, "threads": args.threads,
+              "segment_len": args.segment_len, "max_tokens": args.max_tokens, "link_tokens": args.link_tokens,
+              "sizes": {t: args.sizes[t] for t in args.tasks}, "corpora": info, "complete": False, "rows": rows}
+
+    def save() -> None:
+        result["wall_s"] = round(time.perf_counter() - t_start, 1)
+        write(args.out, result)
+
     try:
-        limit = position_limit(kb)
+        runner = Runner(kb, args, rows, save)
         for task in args.tasks:
-            data = generate(task, args.seed, args.n, args.sizes[task])
-            path = home / f"{task}.txt"
-            path.write_text(data.text)
-            qs = data.questions
-
-            def evaluate(name, spec: Spec):
-                t0 = time.perf_counter()
-                answers = ask_all(kb, name, qs, args.max_tokens)
-                hits = [score(a, q.expected) for a, q in zip(answers, qs)]
-                row = {"task": spec.task, "mode": spec.mode, "router": spec.router, "chunk_size": spec.chunk_size,
-                       "density": spec.density, "n": len(qs), "accuracy": round(sum(hits) / len(qs), 4)}
-                rows.append(row)
-                if args.verbose:
-                    for a, q, h in zip(answers, qs, hits):
-                        print(f"    [{'+' if h else '-'}] {q.expected:>10}  {a.strip()[:70]!r}", flush=True)
-                print(f"  {spec.mode:10} {str(spec.router or '-'):5} chunk={str(spec.chunk_size or '-'):>4} "
-                      f"density={spec.density:<5} acc={row['accuracy']:.3f}  ({time.perf_counter() - t0:.1f}s)",
-                      flush=True)
-                return row
-
-            if "contiguous" in args.modes:
-                name = f"{task}-contig"
-                meta = build_corpus(kb, name, path, limit, 64)
-                info[name] = meta
-                print(f"{task}: contiguous corpus {meta}", flush=True)
-                if meta["segments"] != 1 or meta["tokens"] > limit:
-                    print(f"  contiguous skipped: {meta['tokens']} tokens do not fit one segment "
-                          f"within {limit} positions", flush=True)
-                else:
-                    kb.settings.density = 1.0
-                    evaluate(name, Spec(task, "contiguous", None, None, 1.0))
-            if "dense" in args.modes or "routed" in args.modes:
-                chunk_sizes = args.chunk_sizes if "routed" in args.modes else args.chunk_sizes[:1]
-                for ci, chunk in enumerate(chunk_sizes):
-                    name = f"{task}-seg{args.segment_len}-c{chunk}"
-                    meta = build_corpus(kb, name, path, args.segment_len, chunk)
-                    info[name] = meta
-                    print(f"{task}: segmented corpus {name} {meta}", flush=True)
-                    if ci == 0 and "dense" in args.modes:  # dense attention does not depend on the chunk size
-                        kb.settings.density = 1.0
-                        evaluate(name, Spec(task, "dense", None, None, 1.0))
-                    if "routed" not in args.modes:
-                        continue
-                    for router in args.routers:
-                        loaded = use_router(kb, name, router)
-                        if loaded.shared.router is None:
-                            print(f"  {name}: too few chunks to route", flush=True)
-                            break
-                        for density in args.densities:
-                            kb.settings.density = density
-                            row = evaluate(name, Spec(task, "routed", router, chunk, density))
-                            row["top_k"] = loaded.shared.router.top_k(density)
-                            row["num_chunks"] = loaded.shared.num_chunks
+            runner.task(task, home, info)
+        result["complete"] = True
+        save()
     finally:
         kb.close()
         if not args.keep:
-            import shutil
             shutil.rmtree(home, ignore_errors=True)
-    return {"model": kb.settings.model, "torch": torch.__version__, "seed": args.seed,
-            "segment_len": args.segment_len, "max_tokens": args.max_tokens, "corpora": info,
-            "wall_s": round(time.perf_counter() - t_start, 1), "rows": rows}
+    return result
+
+
+def write(path: Path, result: dict) -> None:
+    """Write the result atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def table(rows: list[dict]) -> str:
-    head = f"| {'task':8} | {'mode':10} | {'router':6} | {'chunk':5} | {'density':7} | {'n':>3} | {'accuracy':>8} |"
+    """The rows as a Markdown table."""
+    extra = any("prefill_routing" in r for r in rows)
+    head = (f"| {'task':8} | {'mode':10} | {'pic':6} | {'router':6} | {'chunk':5} | {'density':7} |"
+            + (" prefill |" if extra else "") + f" {'n':>3} | {'accuracy':>8} |")
     lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
     for r in rows:
-        lines.append(f"| {r['task']:8} | {r['mode']:10} | {str(r['router'] or '-'):6} | "
-                     f"{str(r['chunk_size'] or '-'):5} | {r['density']:<7} | {r['n']:>3} | {r['accuracy']:>8.3f} |")
+        pre = f" {str(r.get('prefill_routing', '-')):7} |" if extra else ""
+        lines.append(f"| {r['task']:8} | {r['mode']:10} | {str(r.get('pic') or '-'):6} | "
+                     f"{str(r['router'] or '-'):6} | {str(r['chunk_size'] or '-'):5} | {r['density']:<7} |{pre} "
+                     f"{r['n']:>3} | {r['accuracy']:>8.3f} |")
     return "\n".join(lines)
+
+
+PIC_ALIASES = {"a": "own", "b": "shared", "c": "linked"}
+
+
+def _pics(text: str) -> list[str]:
+    return [PIC_ALIASES.get(x, x) for x in text.split(",") if x]
 
 
 def parse_args(argv=None):
@@ -386,6 +505,14 @@ def parse_args(argv=None):
     p.add_argument("--routers", default="mean,quest")
     p.add_argument("--chunk-sizes", default="16,64,256")
     p.add_argument("--densities", default="0.5,0.25,0.1")
+    p.add_argument("--pic", default="shared",
+                   help="segment schemes for dense mode: own (a), shared (b), linked (c); see kb/precompute.py")
+    p.add_argument("--routed-pic", default="shared", help="the schemes the routed grid runs under")
+    p.add_argument("--link-tokens", type=int, default=32, help="previous-segment tokens the linked scheme prefills")
+    p.add_argument("--prefill-routing", default="",
+                   help="values of the engine runner's prefill_routing to compare in routed mode (where it has one), "
+                        "e.g. request,token")
+    p.add_argument("--prefill-routing-densities", default="0.25")
     p.add_argument("--segment-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
@@ -393,7 +520,7 @@ def parse_args(argv=None):
                    help="corpus size for every task (kv pairs for kv, prose characters otherwise)")
     p.add_argument("--quick", action="store_true",
                    help="the smallest grid: n=4, smaller corpora, chunk 64, density 0.25, both routers")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the temporary KB home")
@@ -412,20 +539,26 @@ def parse_args(argv=None):
     args.routers = [r for r in args.routers.split(",") if r]
     args.chunk_sizes = [int(c) for c in str(args.chunk_sizes).split(",") if c]
     args.densities = [float(d) for d in str(args.densities).split(",") if d]
+    args.pic, args.routed_pic = _pics(args.pic), _pics(args.routed_pic)
+    args.prefill_routing = [x for x in args.prefill_routing.split(",") if x]
+    args.prefill_routing_densities = [float(d) for d in args.prefill_routing_densities.split(",") if d]
     for t in args.tasks:
         if t not in GENERATORS:
             p.error(f"unknown task {t!r}; choose from {', '.join(GENERATORS)}")
     for m in args.modes:
         if m not in ("contiguous", "dense", "routed"):
             p.error(f"unknown mode {m!r}")
+    for pic in args.pic + args.routed_pic:
+        if pic not in ("own", "shared", "linked"):
+            p.error(f"unknown scheme {pic!r}: own (a), shared (b) or linked (c)")
+    if "routed" in args.modes:  # the routed grid runs over these schemes' corpora
+        args.pic += [x for x in args.routed_pic if x not in args.pic]
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     result = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result["rows"]))
     print(f"wrote {args.out} ({result['wall_s']} s)")
 

@@ -1,12 +1,23 @@
 """Prefill corpus segments through the model and return their keys and values per layer.
 
-Each segment is prefilled after the corpus preamble (positions restart after it in every
-segment), in batches of about `max_batch_tokens` tokens to keep the device busy; the preamble's
-own copies are dropped, since the preamble's KV is stored once.
+Each segment is prefilled after the corpus preamble, in batches of about `max_batch_tokens`
+tokens to keep the device busy. How a segment is made position-independent is the `pic` scheme
+(compared in docs/QUALITY.md):
+
+- ``shared`` (b, the default): the preamble's KV is stored once; each segment is prefilled after
+  a copy of it, at positions `starts[j]`.., and that copy's KV is dropped.
+- ``own`` (a): each segment is prefilled from position 0 with its own preamble copy (its own
+  BOS), and the copy's KV is kept with the segment's: every segment carries its own sink.
+  Positions restart in every segment; `starts` is ignored. Yields len(preamble) + n rows.
+- ``linked`` (c, EPIC/LegoLink-style): like ``shared``, but the last `link_tokens` tokens of the
+  previous segment in `segments` are prefilled between the preamble and the segment, so the
+  segment's first tokens see real context and are not attention sinks; only the segment's own
+  KV is kept.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -14,38 +25,67 @@ import torch
 from kb.engine.attention_backend import SegmentPrefill
 from kb.model.llama import Transformer
 
+PIC_SCHEMES = ("shared", "own", "linked")
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """One segment's prefill sequence: its token ids, their positions, and where its kept KV starts."""
+
+    ids: list[int]
+    pos: list[int]
+    keep_from: int
+
+
+def _pack(preamble: list[int], segments: list[list[int]], j: int, start: int, pic: str,
+          link_tokens: int) -> _Packed:
+    """The prefill sequence of segment j under scheme `pic` (see the module docstring)."""
+    p, seg = len(preamble), segments[j]
+    if pic == "shared":
+        return _Packed(preamble + seg, [*range(p), *range(start, start + len(seg))], p)
+    if pic == "own":
+        return _Packed(preamble + seg, list(range(p + len(seg))), 0)
+    if pic == "linked":
+        tail = segments[j - 1][-link_tokens:] if j > 0 and link_tokens > 0 else []
+        tail = tail[len(tail) - min(len(tail), start):] if tail else []  # positions stay >= 0
+        m = len(tail)
+        return _Packed(preamble + tail + seg, [*range(p), *range(start - m, start + len(seg))], p + m)
+    raise ValueError(f"unknown position-independence scheme {pic!r}; one of {', '.join(PIC_SCHEMES)}")
+
 
 @torch.inference_mode()
 def prefill_segments(model: Transformer, preamble: list[int], segments: list[list[int]],
-                     max_batch_tokens: int = 4096, device: str = "cpu", starts: list[int] | None = None
+                     max_batch_tokens: int = 4096, device: str = "cpu", starts: list[int] | None = None,
+                     *, pic: str = "shared", link_tokens: int = 32
                      ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield (segment index, k[L, n, Hkv, d], v[L, n, Hkv, d]) for each segment, in order.
+    """Yield (segment index, k[L, n', Hkv, d], v[L, n', Hkv, d]) for each segment, in order.
 
     Segment j's tokens take positions starts[j].. (default: right after the preamble); the
     preamble always sits at 0..P-1, so RoPE sees a gap, never an overlap, between the two.
+    n' is the segment's length, plus the preamble's under ``pic="own"``.
     """
     p = len(preamble)
+    packed = [_pack(preamble, segments, j, p if starts is None else starts[j], pic, link_tokens)
+              for j in range(len(segments))]
     i = 0
     while i < len(segments):
         batch = [i]
-        size = p + len(segments[i])
-        while batch[-1] + 1 < len(segments) and size + p + len(segments[batch[-1] + 1]) <= max_batch_tokens:
+        size = len(packed[i].ids)
+        while batch[-1] + 1 < len(segments) and size + len(packed[batch[-1] + 1].ids) <= max_batch_tokens:
             batch.append(batch[-1] + 1)
-            size += p + len(segments[batch[-1]])
+            size += len(packed[batch[-1]].ids)
         ids, pos, cu = [], [], [0]
         for j in batch:
-            seq = preamble + segments[j]
-            ids.extend(seq)
-            start = p if starts is None else starts[j]
-            pos.extend([*range(p), *range(start, start + len(segments[j]))])
-            cu.append(cu[-1] + len(seq))
-        attn = SegmentPrefill(cu_seqlens=cu, keep_from=[p] * len(batch))
+            ids.extend(packed[j].ids)
+            pos.extend(packed[j].pos)
+            cu.append(cu[-1] + len(packed[j].ids))
+        attn = SegmentPrefill(cu_seqlens=cu, keep_from=[packed[j].keep_from for j in batch])
         model(torch.tensor(ids, device=device), torch.tensor(pos, device=device), attn)
-        k_all = torch.stack(attn.k_out)  # [L, sum n, Hkv, d]
+        k_all = torch.stack(attn.k_out)  # [L, sum n', Hkv, d]
         v_all = torch.stack(attn.v_out)
         off = 0
         for j in batch:
-            n = len(segments[j])
+            n = len(packed[j].ids) - packed[j].keep_from
             yield j, k_all[:, off:off + n], v_all[:, off:off + n]
             off += n
         i = batch[-1] + 1

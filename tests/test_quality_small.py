@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import MODELS_DIR
 
@@ -60,6 +62,80 @@ def test_kv_is_valid_json_holding_the_answers():
     for q in data.questions:
         key = q.question.split('"')[1]
         assert obj[key] == q.expected
+        assert len(q.history) == 2  # worked examples on other keys, answered with their JSON line
+        for ask, answer in q.history:
+            shown = ask.split('"')[1]
+            assert shown != key and answer == f'"{shown}": "{obj[shown]}"'
+
+
+def _tiny_model():
+    from kb.model.config import ModelConfig
+    from kb.model.llama import Transformer
+
+    cfg = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
+                      max_position_embeddings=1024)
+    torch.manual_seed(0)
+    return Transformer(cfg).eval().requires_grad_(False)
+
+
+def _prefill(model, preamble, segments, **kw):
+    from kb.precompute import prefill_segments
+
+    return {j: (k, v) for j, k, v in prefill_segments(model, preamble, segments, max_batch_tokens=64, **kw)}
+
+
+def test_position_independence_schemes():
+    from kb.precompute import prefill_preamble
+
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(1)
+    preamble = [1, 2, 3, 4, 5]
+    segments = [torch.randint(6, 97, (n,), generator=g).tolist() for n in (20, 30, 12)]
+    starts = [5, 25, 55]
+    shared = _prefill(model, preamble, segments, starts=starts)
+    assert shared.keys() == {0, 1, 2}
+    for j, seg in enumerate(segments):
+        assert shared[j][0].shape[1] == len(seg)
+
+    # (a) own: every segment keeps its own preamble copy, prefilled from position 0
+    own = _prefill(model, preamble, segments, starts=starts, pic="own")
+    pk, _ = prefill_preamble(model, preamble)
+    for j, seg in enumerate(segments):
+        assert own[j][0].shape[1] == len(preamble) + len(seg)
+        torch.testing.assert_close(own[j][0][:, :len(preamble)], pk)
+    # positions restart: the first segment (right after the preamble) is the same in both schemes
+    torch.testing.assert_close(own[0][0][:, len(preamble):], shared[0][0])
+
+    # (c) linked: the first segment has nothing before it; later ones see the previous tail
+    linked = _prefill(model, preamble, segments, starts=starts, pic="linked", link_tokens=8)
+    torch.testing.assert_close(linked[0][0], shared[0][0])
+    for j in (1, 2):
+        assert linked[j][0].shape == shared[j][0].shape
+        assert not torch.allclose(linked[j][0][:, :4], shared[j][0][:, :4])
+        # the segment's own prefill with the tail in front gives the same keys
+        alone = _prefill(model, preamble, [segments[j - 1][-8:] + segments[j]], starts=[starts[j] - 8])
+        torch.testing.assert_close(linked[j][0], alone[0][0][:, 8:])
+    none = _prefill(model, preamble, segments, starts=starts, pic="linked", link_tokens=0)
+    for j in range(3):
+        torch.testing.assert_close(none[j][0], shared[j][0])
+
+    with pytest.raises(ValueError):
+        _prefill(model, preamble, segments, pic="nope")
+
+
+def test_harness_runs_every_scheme(tmp_path, demo_model_dir):
+    args = quality.parse_args(["--tasks", "needle", "--modes", "dense", "--pic", "a,b,c", "--n", "2",
+                               "--size", "1200", "--segment-len", "128", "--max-tokens", "4",
+                               "--models-dir", str(MODELS_DIR), "--out", str(tmp_path / "q.json")])
+    assert args.pic == ["own", "shared", "linked"] and args.threads == 1
+    result = quality.run(args)
+    assert result["complete"]
+    assert [r["pic"] for r in result["rows"]] == ["own", "shared", "linked"]
+    assert all(r["mode"] == "dense" and r["n"] == 2 for r in result["rows"])
+    saved = json.loads((tmp_path / "q.json").read_text())
+    assert saved["rows"] == result["rows"]
+    assert "pic" in quality.table(result["rows"])
 
 
 def test_dense_and_full_routing_give_identical_answers(tmp_path, demo_model_dir):
