@@ -1,8 +1,9 @@
 """Attention for shared-context serving (DESIGN.md, `attention/`).
 
 The four entry points the engine calls take tensors on any device: CUDA tensors (fp16/bf16
-queries) go to the Triton kernels, everything else to the torch references in
-`attention.reference`, which define the contracts and are the CPU engine path.
+queries) go to the Triton kernels; on the CPU `shared_attention` takes `attention.cpu_shared`
+(blocked, and routed attention reads only the chosen chunks); everything else goes to the torch
+references in `attention.reference`, which define the contracts.
 
     o_s, lse_s = shared_attention(q, k_shared, v_shared, chunk_idx, chunk_size)  # dense if None
     o_u, lse_u = unique_attention(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q)
@@ -23,7 +24,7 @@ import importlib.util
 
 import torch
 
-from . import reference
+from . import cpu_shared, reference
 
 __all__ = ["shared_attention", "unique_attention", "merge", "route", "reference", "use_triton"]
 
@@ -46,6 +47,8 @@ def shared_attention(q, k, v, chunk_idx=None, chunk_size=64, scale=None, k_scale
             return shared_attention_dense(q, k, v, chunk_size, scale, k_scale, v_scale)
         from .shared_routed import shared_attention_routed
         return shared_attention_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
+    if q.device.type == "cpu":
+        return cpu_shared.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
     return reference.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
 
 

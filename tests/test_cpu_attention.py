@@ -1,0 +1,109 @@
+"""The CPU path of shared attention (attention/cpu_shared.py) against the torch reference:
+dense and routed, GQA ratios, chunk sizes, a corpus that ends inside a chunk, 16-bit and fp8
+KV, rows that share a selection and rows that do not, padding and repeated chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attention
+from attention import cpu_shared
+from attention import reference as ref
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _kv(n: int, hkv: int, d: int, kv: str, chunk: int, g: torch.Generator):
+    """k, v in format `kv` ('fp32', 'fp16', 'bf16', 'fp8h', 'fp8c') with their scales."""
+    k = torch.randn(n, hkv, d, generator=g)
+    v = torch.randn(n, hkv, d, generator=g)
+    if not kv.startswith("fp8"):
+        dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[kv]
+        return k.to(dt), v.to(dt), None, None
+    shape = (hkv,) if kv == "fp8h" else (-(-n // chunk), hkv)
+    ks = torch.rand(shape, generator=g) * 0.02 + 0.01
+    vs = torch.rand(shape, generator=g) * 0.02 + 0.01
+    k8 = (k / ref.dequantize(torch.ones_like(k), ks, chunk)).to(torch.float8_e4m3fn)
+    v8 = (v / ref.dequantize(torch.ones_like(v), vs, chunk)).to(torch.float8_e4m3fn)
+    return k8, v8, ks, vs
+
+
+def _idx(kind: str, t: int, hkv: int, top_k: int, c: int, g: torch.Generator) -> torch.Tensor | None:
+    """chunk_idx of a kind: None (dense), 'token' (each row its own), 'request' (one shared row),
+    'mixed' (two requests' prefills and a decode token), 'messy' (repeats and -1 padding)."""
+    if kind == "dense":
+        return None
+    def pick(rows: int) -> torch.Tensor:
+        return torch.stack([torch.randperm(c, generator=g)[:top_k] for _ in range(rows * hkv)]).view(rows, hkv, -1)
+    if kind == "token":
+        return pick(t).int()
+    if kind == "request":
+        return pick(1).expand(t, hkv, -1).int()
+    if kind == "mixed":
+        a, b = t // 2, t - t // 2 - 1
+        return torch.cat([pick(1).expand(a, hkv, -1), pick(1).expand(b, hkv, -1), pick(1)]).int()
+    idx = torch.randint(-1, c, (t, hkv, top_k), generator=g)
+    idx[0] = -1  # a row that attends nothing
+    return idx.int()
+
+
+CASES = [  # t, hq, hkv, d, n, chunk, top_k
+    (5, 8, 2, 16, 300, 32, 3),
+    (7, 9, 3, 64, 1000, 64, 5),
+    (1, 4, 4, 8, 70, 16, 9),
+    (6, 8, 1, 32, 129, 64, 2),
+    (4, 6, 3, 16, 257, 16, 17),
+]
+
+
+@pytest.mark.parametrize("t,hq,hkv,d,n,chunk,top_k", CASES)
+@pytest.mark.parametrize("kind", ["dense", "token", "request", "mixed", "messy"])
+@pytest.mark.parametrize("kv", ["fp32", "fp16", "bf16", "fp8h", "fp8c"])
+@pytest.mark.parametrize("block", [None, 64])
+def test_cpu_path_matches_reference(t, hq, hkv, d, n, chunk, top_k, kind, kv, block):
+    g = _gen(n * 7 + t)
+    q = torch.randn(t, hq, d, generator=g)
+    k, v, ks, vs = _kv(n, hkv, d, kv, chunk, g)
+    c = -(-n // chunk)
+    if kind == "mixed" and t < 3:
+        pytest.skip("needs three rows")
+    idx = _idx(kind, t, hkv, min(top_k, c), c, g)
+    o, lse = cpu_shared.shared_attention(q, k, v, idx, chunk, None, ks, vs, block=block)
+    ro, rlse = ref.shared_attention(q, k, v, idx, chunk, None, ks, vs)
+    assert o.dtype == q.dtype and lse.dtype == torch.float32
+    assert o.shape == ro.shape and lse.shape == rlse.shape
+    torch.testing.assert_close(o, ro, atol=2e-5, rtol=1e-4)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rlse))
+    torch.testing.assert_close(lse, rlse, atol=2e-5, rtol=1e-5)
+
+
+def test_rows_with_one_chunk_set_are_one_group():
+    """Order, repeats and -1 padding do not split a group; a different set does."""
+    a = torch.tensor([[3, 1, -1], [0, 2, 2]])
+    b = torch.tensor([[1, 3, 3], [2, -1, 0]])
+    other = torch.tensor([[1, 4, -1], [0, 2, -1]])
+    one = cpu_shared.selection_groups(torch.stack([a, b, a]))
+    assert len(one) == 1 and one[0][0] is None
+    assert one[0][1].tolist() == [[-1, 1, 3], [-1, 0, 2]]
+    two = cpu_shared.selection_groups(torch.stack([a, other, b]))
+    assert sorted(r.tolist() for r, _ in two) == [[0, 2], [1]]
+
+
+def test_block_size_is_whole_chunks_within_bounds():
+    for rows, chunk in ((69, 64), (3, 64), (10_000, 128), (1, 16)):
+        b = cpu_shared.block_size(rows, 3, chunk)
+        assert b % chunk == 0 and chunk <= b <= max(chunk, cpu_shared.MAX_BLOCK)
+
+
+def test_public_api_takes_the_cpu_path():
+    g = _gen(3)
+    q = torch.randn(4, 8, 32, generator=g, dtype=torch.float32).half()
+    k, v = torch.randn(200, 2, 32, generator=g).half(), torch.randn(200, 2, 32, generator=g).half()
+    idx = _idx("request", 4, 2, 3, 7, g)
+    for chunk_idx in (None, idx):
+        got = attention.shared_attention(q, k, v, chunk_idx, 32)
+        want = cpu_shared.shared_attention(q, k, v, chunk_idx, 32)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
