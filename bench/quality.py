@@ -310,7 +310,8 @@ class Spec:
     chunk_size: int | None
     density: float
     pic: str | None = None  # position-independence scheme of the segments (kb.precompute)
-    prefill_routing: object = None  # the engine's prefill-routing setting, where it has one
+    prefill_routing: str | None = None  # the engine runner's prefill routing, where it has one
+    dense_layers: int = 0  # leading layers attended densely although routed (DenseFirstLayers)
 
 
 @contextmanager
@@ -345,6 +346,34 @@ def build_corpus(kb, name: str, path: Path, segment_len: int, chunk_size: int, p
     return {"segments": docs[0]["segments"], "tokens": docs[0]["tokens"], "pic": pic}
 
 
+class DenseFirstLayers:
+    """A corpus router that attends every chunk in the first `layers` layers and routes the rest
+    (Quest keeps its first two layers dense: their attention is broad). A harness experiment:
+    the service routes every layer."""
+
+    def __init__(self, inner, layers: int):
+        self.inner, self.layers = inner, layers
+
+    def route(self, layer: int, q, top_k: int, spans=None):
+        """None (dense) in the first layers, else the inner router's chunk_idx."""
+        return None if layer < self.layers else self.inner.route(layer, q, top_k, spans)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+@contextmanager
+def dense_first_layers(shared, layers: int) -> Iterator[None]:
+    """While inside, corpus `shared` attends its first `layers` layers densely when routed."""
+    inner = shared.router
+    if layers > 0:
+        shared.router = DenseFirstLayers(inner, layers)
+    try:
+        yield
+    finally:
+        shared.router = inner
+
+
 def prefill_runner(kb):
     """The engine's model runner when it has a prefill-routing choice (`prefill_routing`), else None."""
     runner = getattr(kb.engine, "runner", None)
@@ -371,6 +400,8 @@ class Runner:
                "accuracy": round(sum(hits) / len(qs), 4), "correct": sum(hits)}
         if self.runner is not None and spec.mode == "routed":
             row["prefill_routing"] = spec.prefill_routing or self.default_prefill
+        if spec.dense_layers:
+            row["dense_layers"] = spec.dense_layers
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         self.rows.append(row)
         if args.verbose:
@@ -379,6 +410,7 @@ class Runner:
         print(f"  {spec.mode:10} pic={str(spec.pic or '-'):6} {str(spec.router or '-'):5} "
               f"chunk={str(spec.chunk_size or '-'):>4} density={spec.density:<5} "
               f"{'' if spec.prefill_routing is None else f'prefill={spec.prefill_routing} '}"
+              f"{f'dense_layers={spec.dense_layers} ' if spec.dense_layers else ''}"
               f"acc={row['accuracy']:.3f}  ({row['wall_s']}s)", flush=True)
         self.save()
         return row
@@ -397,10 +429,13 @@ class Runner:
                 if self.runner is not None and args.prefill_routing and density in args.prefill_routing_densities:
                     values = args.prefill_routing
                 for value in values:
-                    row = self.evaluate(name, Spec(task, "routed", router, chunk, density, pic, value), qs)
-                    row["top_k"] = loaded.shared.router.top_k(density)
-                    row["num_chunks"] = loaded.shared.num_chunks
-                    self.save()
+                    for layers in args.dense_layers:
+                        with dense_first_layers(loaded.shared, layers):
+                            spec = Spec(task, "routed", router, chunk, density, pic, value, layers)
+                            row = self.evaluate(name, spec, qs)
+                        row["top_k"] = loaded.shared.router.top_k(density)
+                        row["num_chunks"] = loaded.shared.num_chunks
+                        self.save()
 
     def task(self, task: str, home: Path, info: dict) -> None:
         """Contiguous, then per scheme dense and (for --routed-pic schemes) the routed grid."""
@@ -477,16 +512,17 @@ def write(path: Path, result: dict) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    """The rows as a Markdown table."""
-    extra = any("prefill_routing" in r for r in rows)
-    head = (f"| {'task':8} | {'mode':10} | {'pic':6} | {'router':6} | {'chunk':5} | {'density':7} |"
-            + (" prefill |" if extra else "") + f" {'n':>3} | {'accuracy':>8} |")
-    lines = [head, "|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|"]
+    """The rows as a Markdown table (prefill-routing and dense-layer columns where rows have them)."""
+    cols = [("task", 8), ("mode", 10), ("pic", 6), ("router", 6), ("chunk_size", 5), ("density", 7)]
+    cols += [(c, 7) for c in ("prefill_routing", "dense_layers") if any(c in r for r in rows)]
+    cols += [("n", 3), ("accuracy", 8)]
+    names = {"chunk_size": "chunk", "prefill_routing": "prefill", "dense_layers": "dense_l"}
+    cols = [(c, max(w, len(names.get(c, c)))) for c, w in cols]
+    lines = ["| " + " | ".join(f"{names.get(c, c):{w}}" for c, w in cols) + " |",
+             "|" + "|".join("-" * (w + 2) for _, w in cols) + "|"]
     for r in rows:
-        pre = f" {str(r.get('prefill_routing', '-')):7} |" if extra else ""
-        lines.append(f"| {r['task']:8} | {r['mode']:10} | {str(r.get('pic') or '-'):6} | "
-                     f"{str(r['router'] or '-'):6} | {str(r['chunk_size'] or '-'):5} | {r['density']:<7} |{pre} "
-                     f"{r['n']:>3} | {r['accuracy']:>8.3f} |")
+        cells = [f"{r[c]:.3f}" if c == "accuracy" else str(r.get(c) if r.get(c) is not None else "-") for c, _ in cols]
+        lines.append("| " + " | ".join(f"{x:{w}}" for x, (_, w) in zip(cells, cols)) + " |")
     return "\n".join(lines)
 
 
@@ -513,6 +549,8 @@ def parse_args(argv=None):
                    help="values of the engine runner's prefill_routing to compare in routed mode (where it has one), "
                         "e.g. request,token")
     p.add_argument("--prefill-routing-densities", default="0.25")
+    p.add_argument("--dense-layers", default="0",
+                   help="routed mode: leading layers attended densely (an experiment; the service routes all)")
     p.add_argument("--segment-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
@@ -541,6 +579,7 @@ def parse_args(argv=None):
     args.densities = [float(d) for d in str(args.densities).split(",") if d]
     args.pic, args.routed_pic = _pics(args.pic), _pics(args.routed_pic)
     args.prefill_routing = [x for x in args.prefill_routing.split(",") if x]
+    args.dense_layers = [int(x) for x in args.dense_layers.split(",") if x]
     args.prefill_routing_densities = [float(d) for d in args.prefill_routing_densities.split(",") if d]
     for t in args.tasks:
         if t not in GENERATORS:
