@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import attention
+from attention import cpu_shared
 from kb.engine.shared_kv import SharedKV
 
 
@@ -51,6 +52,9 @@ class CorpusGroup:
     shared: SharedKV
     rows: torch.Tensor | None  # [T_c] token indices into the step
     seq_of_row: torch.Tensor | None  # [T_c] index of the owning sequence within the batch
+    # (start, length) of each request's run within the group's rows, when a request's prefill
+    # shares one chunk selection (prefill_routing "request"); None: every token routes alone
+    spans: list[tuple[int, int]] | None = None
 
 
 def _unique(q, kc, vc, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -94,7 +98,7 @@ class ServeAttention:
             qg = q if g.rows is None else q.index_select(0, g.rows)
             idx = None
             if sh.routed:
-                idx = sh.router.route(layer, qg, sh.top_k)
+                idx = sh.router.route(layer, qg, sh.top_k, g.spans)
             o_s, lse_s = self._shared_partial(sh, layer, qg, idx)
             if g.rows is None:
                 o_m, lse_m = attention.merge(o_s, lse_s, o, lse)
@@ -123,15 +127,34 @@ class ServeAttention:
     def _accumulate_mass(self, q: torch.Tensor, sh: SharedKV, layer: int, seq_of_row: torch.Tensor,
                          lse_total: torch.Tensor) -> None:
         """Add each row's softmax mass on every shared chunk (summed over heads) to its sequence."""
-        t, hq, d = q.shape
-        k = sh.k[layer].float().repeat_interleave(hq // sh.k[layer].shape[1], dim=1)
-        s = torch.einsum("thd,nhd->thn", q.float(), k) / math.sqrt(d)
-        p = torch.exp(s - lse_total.unsqueeze(-1)).sum(dim=1)  # [T, N]
-        p[:, : sh.preamble_len] = 0  # the preamble soaks up attention (a sink); it is no source
-        n = p.shape[1]
-        pad = sh.num_chunks * sh.chunk_size - n
-        per_chunk = F.pad(p, (0, pad)).view(t, sh.num_chunks, sh.chunk_size).sum(-1)
+        # the preamble soaks up attention (a sink); it is no source
+        per_chunk = chunk_mass(q, sh.k[layer], lse_total, sh.chunk_size, skip=sh.preamble_len)
         for b in seq_of_row.unique().tolist():
             rows = (seq_of_row == b).nonzero().squeeze(1)
             m = per_chunk.index_select(0, rows).sum(0)
             self.mass[b] = self.mass[b] + m if b in self.mass else m
+
+
+def chunk_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, chunk_size: int, skip: int = 0
+               ) -> torch.Tensor:
+    """[T, C] softmax mass of q[T, Hq, d] on each chunk of k[N, Hkv, d], summed over heads, with
+    lse[T, Hq] the normalizer; the first `skip` keys count nothing. Walks the keys a block of
+    whole chunks at a time (16-bit keys dequantized per block, GQA groups as rows of one GEMM
+    per KV head), never a [T, Hq, N] score matrix or a float32 copy of all keys."""
+    t, hq, d = q.shape
+    n, hkv, _ = k.shape
+    g = hq // hkv
+    qh = (q.float() / math.sqrt(d)).view(t, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, t * g, d)
+    norm = lse.float().view(t, hkv, g).permute(1, 0, 2).reshape(hkv, t * g, 1)
+    block = n if k.is_cuda else cpu_shared.block_size(t * g, hkv, chunk_size)
+    block = max(chunk_size, block // chunk_size * chunk_size)
+    out = []
+    for s in range(0, n, block):
+        kb = k[s:s + block].float().transpose(0, 1)  # [Hkv, B, d]
+        p = torch.exp(torch.bmm(qh, kb.transpose(1, 2)) - norm)  # [Hkv, T*G, B]
+        p = p.view(hkv, t, g, -1).sum(dim=(0, 2))  # [T, B]
+        if s < skip:
+            p[:, : skip - s] = 0
+        pad = -p.shape[1] % chunk_size
+        out.append(F.pad(p, (0, pad)).view(t, -1, chunk_size).sum(-1))
+    return torch.cat(out, dim=1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from kb.engine.block_manager import BlockManager
 from kb.engine.metrics import EngineMetrics
 from kb.engine.request import Delta, Finished, RequestHandle
-from kb.engine.runner import ModelRunner
+from kb.engine.runner import PREFILL_ROUTING, ModelRunner
 from kb.engine.sampler import sample
 from kb.engine.scheduler import Scheduler
 from kb.engine.sequence import SamplingParams, Sequence, SeqStatus
@@ -33,6 +33,9 @@ class EngineConfig:
     max_batch_tokens: int = 2048
     max_queue: int = 256
     citation_layers: int = 4  # layers (evenly spread over the second half) that measure attention mass
+    # how a routed corpus chooses chunks for a request's prefill: "request" (one selection per
+    # request and KV head: block-sparse, the CPU path reads only those chunks once) or "token"
+    prefill_routing: str = "request"
 
 
 class QueueFull(RuntimeError):
@@ -52,6 +55,9 @@ class Engine:
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_running, cfg.max_batch_tokens)
         self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, cfg.device, cite)
+        if cfg.prefill_routing not in PREFILL_ROUTING:
+            raise ValueError(f"prefill_routing must be one of {PREFILL_ROUTING}, got {cfg.prefill_routing!r}")
+        self.runner.prefill_routing = cfg.prefill_routing
         self.corpora: dict[str, SharedKV] = {}
         self.metrics = EngineMetrics()
         self._handles: dict[int, RequestHandle] = {}

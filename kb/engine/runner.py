@@ -7,6 +7,13 @@ Two ways to attend a corpus's shared KV (`shared_mode`):
 - "per_request" (the baseline of prefix caching, for benchmarks): the shared KV lives in pages of
   the unique-KV pool (`reserve_shared`), each request's block table starts with those pages, and
   the paged kernel reads them once per request. Same attention, no sharing of the reads.
+
+How a routed corpus chooses chunks for a prefill (`prefill_routing`):
+- "request" (default): all new tokens of one request share one selection per KV head (the
+  chunks its tokens call for most, `CorpusRouter.request_scores`), so its shared attention is
+  one gather of top-k chunks and dense GEMMs over them (block-sparse prefill, as MoBA- or
+  FlexPrefill-style selection does). Decode tokens (one per request) still choose alone.
+- "token": every token chooses its own chunks (the paper's per-token routing).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from kb.engine.shared_kv import SharedKV
 from kb.model.llama import Transformer
 
 SHARED_MODES = ("moska", "per_request")
+PREFILL_ROUTING = ("request", "token")
 
 
 class ModelRunner:
@@ -37,6 +45,7 @@ class ModelRunner:
         self.citation_layers = citation_layers
         self.forward_tokens = 0  # tokens run through the model since start (tests read this)
         self.shared_mode = "moska"
+        self.prefill_routing = "request"
         self.shared_pages: dict[str, torch.Tensor] = {}  # corpus key -> its page ids (per_request)
         self._next_shared = num_blocks
         self._end_shared = num_blocks + shared_blocks
@@ -80,10 +89,23 @@ class ModelRunner:
             rows.append(torch.nn.functional.pad(row, (0, p_max + width - row.shape[0])))
         return torch.stack(rows)
 
+    def _spans(self, runs: list[tuple[int, int, int]], all_rows: bool) -> list[tuple[int, int]] | None:
+        """Each request's (start, length) within its corpus group's rows (the step's rows when
+        `all_rows`), for request-level prefill routing; None when no request prefills several
+        tokens or routing is per token."""
+        if self.prefill_routing != "request" or all(n == 1 for _, n, _ in runs):
+            return None
+        spans, off = [], 0
+        for r0, n, _ in runs:
+            spans.append((r0 if all_rows else off, n))
+            off += n
+        return spans
+
     @torch.inference_mode()
     def run(self, batch: Batch, corpora: dict[str, SharedKV]) -> tuple[torch.Tensor, list[int]]:
         """Returns (logits[S, V], indices into batch.seqs of the S sequences that sample)."""
         assert self.shared_mode in SHARED_MODES, self.shared_mode
+        assert self.prefill_routing in PREFILL_ROUTING, self.prefill_routing
         per_request = self.shared_mode == "per_request"
         bs = self.block_size
         ids, pos, slots, rows_of_corpus = [], [], [], {}
@@ -123,13 +145,14 @@ class ModelRunner:
         groups = []
         for key, runs in rows_of_corpus.items():
             whole = len(runs) == b and runs[-1][0] + runs[-1][1] == t  # every row, in order
+            spans = self._spans(runs, whole and not self.citation_layers)
             if whole and not self.citation_layers:
-                groups.append(CorpusGroup(corpora[key], None, None))
+                groups.append(CorpusGroup(corpora[key], None, None, spans))
                 continue
             rows = [r for r0, n, _ in runs for r in range(r0, r0 + n)]
             owner = [i for _, n, i in runs for _ in range(n)]
             rt = torch.tensor(rows + owner, dtype=torch.long).to(dev)
-            groups.append(CorpusGroup(corpora[key], rt[: len(rows)], rt[len(rows):]))
+            groups.append(CorpusGroup(corpora[key], rt[: len(rows)], rt[len(rows):], spans))
         attn = ServeAttention(
             k_cache=self.k_cache, v_cache=self.v_cache, slot_mapping=slots_d,
             block_table=self._block_table(batch, prefix), seq_lens=lens_d.to(torch.int32),

@@ -9,7 +9,8 @@ import torch
 
 
 class ChunkRouter(Protocol):
-    def route(self, layer: int, q: torch.Tensor, top_k: int) -> torch.Tensor: ...
+    def route(self, layer: int, q: torch.Tensor, top_k: int,
+              spans: list[tuple[int, int]] | None = None) -> torch.Tensor: ...
 
 
 @dataclass
