@@ -9,7 +9,7 @@ time is device-bound: only faster kernels pay.
 
     python bench/profile_step.py [--shared 32768] [--conc 1,32,128] [--modes ours_dense,per_request]
 
-Writes <out>/profile_step.json and prints a table.
+Writes <out>/profile_step.json (with --graphs: profile_step_graphs.json) and prints a table.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--density", type=float, default=0.25)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--graphs", action="store_true", help="replay decode steps from CUDA graphs")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
     dev, bs = "cuda", 16
@@ -80,6 +81,8 @@ def main() -> None:
     per_req = -(-(args.prompt + 64) // bs)
     n = args.shared
     runner = ModelRunner(model, max(concs) * per_req, bs, dev, shared_blocks=n // bs)
+    if args.graphs:
+        runner.enable_cuda_graphs()
     serve.fill_(runner.k_cache + runner.v_cache, seed=1)
     k, v = runner.reserve_shared("corpus", n)
     dense = SharedKV("corpus", k, v, chunk_size=64, pos_offset=n)
@@ -87,7 +90,7 @@ def main() -> None:
     blocks = BlockManager(max(concs) * per_req, bs)
     import triton
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               shared_tokens=n, prompt_tokens=args.prompt, rows=[])
+               shared_tokens=n, prompt_tokens=args.prompt, cuda_graphs=args.graphs, rows=[])
     for c in concs:
         for mode in args.modes.split(","):
             sh = routed if mode == "ours_routed" else dense
@@ -114,7 +117,8 @@ def main() -> None:
             for t in row["top_host"][:8]:
                 print(f"   cpu {t['self_cpu_ms_per_step']:8.3f} ms  x{t['calls_per_step']:6.1f}  {t['name']}")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "profile_step.json"), "w") as f:
+    name = "profile_step_graphs.json" if args.graphs else "profile_step.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(res, f, indent=1)
     print(f"\n{'mode':12s} {'B':>4s} {'itl ms':>8s} {'kernel ms':>10s} {'kernels':>8s} {'host-bound':>10s}")
     for r in res["rows"]:

@@ -254,6 +254,7 @@ def main() -> None:
     ap.add_argument("--conc", default="1,4,16,64,128,256,2,8,32")
     ap.add_argument("--budget", type=float, default=2.5, help="timed seconds per row, at most")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs (every mode steps eagerly)")
     ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"))
     args = ap.parse_args()
     if args.plot:
@@ -272,12 +273,15 @@ def main() -> None:
                peak_bf16_tflops=peak, model="Llama-3.1-8B shape, random bf16 weights",
                matmul_params=params, prompt_tokens=args.prompt, gen_tokens=args.gen,
                density=args.density, chunk_size=args.chunk, router="quest", block_size=bs,
+               cuda_graphs=not args.eager,
                notes=("Random weights and random shared KV (after-RoPE keys need no model prefill "
                       "for timing); unique prompts prefilled synthetically (random pages), decode "
                       "timed from the 3rd generated token for up to 32 steps or ~2.5 s per row. "
                       "Steps run the engine's scheduler, runner and sampler (no detokenization). "
                       "sched_ms_mean: host time in Scheduler.schedule+postprocess per step (inside the ITL). "
-                      "No CUDA graphs or torch.compile. MFU = (2*matmul_params + 4*Hq*d*layers*"
+                      "cuda_graphs: decode steps of one corpus replayed from CUDA graphs (kb/engine/"
+                      "cuda_graphs.py) in every mode alike (per_request and copies graph the block tables of "
+                      "their shared pages). MFU = (2*matmul_params + 4*Hq*d*layers*"
                       "keys_attended) * tokens/s / measured bf16 matmul peak."),
                rows=[])
     print(f"{res['device']} peak bf16 {peak:.0f} TFLOP/s, {params / 1e9:.2f}B matmul params", flush=True)
@@ -313,6 +317,8 @@ def main() -> None:
     max_c = int((free - headroom - n * per_tok) // (unique_blocks_per_req * bs * per_tok))
     cmax = min(max(concs), max_c)
     runner = ModelRunner(model, cmax * unique_blocks_per_req, bs, dev, shared_blocks=n // bs)
+    if not args.eager:
+        runner.enable_cuda_graphs()
     fill_(runner.k_cache + runner.v_cache, seed=1)
     k, v = runner.reserve_shared("corpus", n)
     dense = SharedKV("corpus", k, v, chunk_size=args.chunk, pos_offset=n)
@@ -340,6 +346,8 @@ def main() -> None:
     res["max_concurrency_copies_128k"] = ncopy
     if ncopy >= 1:
         runner = ModelRunner(model, ncopy * unique_blocks_per_req, bs, dev, shared_blocks=ncopy * n // bs)
+        if not args.eager:
+            runner.enable_cuda_graphs()
         blocks = BlockManager(ncopy * unique_blocks_per_req, bs)
         fill_(runner.k_cache + runner.v_cache, seed=2)
         copies = {}
@@ -369,6 +377,8 @@ def main() -> None:
         cmax8 = min(max(concs), int((free - headroom) // (unique_blocks_per_req * bs * per_tok)))
         res["max_concurrency_512k_fp8"] = cmax8
         runner = ModelRunner(model, cmax8 * unique_blocks_per_req, bs, dev)
+        if not args.eager:
+            runner.enable_cuda_graphs()
         blocks = BlockManager(cmax8 * unique_blocks_per_req, bs)
         fill_(runner.k_cache + runner.v_cache, seed=4)
         for c in sorted({c for c in concs if c <= cmax8} | {cmax8}):

@@ -36,6 +36,8 @@ class EngineConfig:
     # how a routed corpus chooses chunks for a request's prefill: "request" (one selection per
     # request and KV head: block-sparse, the CPU path reads only those chunks once) or "token"
     prefill_routing: str = "request"
+    # replay decode steps from CUDA graphs on a GPU (kb/engine/cuda_graphs.py); ignored on the CPU
+    cuda_graphs: bool = True
 
 
 class QueueFull(RuntimeError):
@@ -58,6 +60,8 @@ class Engine:
         if cfg.prefill_routing not in PREFILL_ROUTING:
             raise ValueError(f"prefill_routing must be one of {PREFILL_ROUTING}, got {cfg.prefill_routing!r}")
         self.runner.prefill_routing = cfg.prefill_routing
+        if cfg.cuda_graphs:
+            self.runner.enable_cuda_graphs()
         self.corpora: dict[str, SharedKV] = {}
         self.metrics = EngineMetrics()
         self._handles: dict[int, RequestHandle] = {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from kb.engine.attention_backend import CorpusGroup, ServeAttention
+from kb.engine.cuda_graphs import DecodeGraphs
 from kb.engine.scheduler import Batch
 from kb.engine.shared_kv import SharedKV
 from kb.model.llama import Transformer
@@ -37,7 +38,8 @@ class ModelRunner:
         cfg = model.config
         self.model, self.device, self.block_size = model, device, block_size
         dtype = next(model.parameters()).dtype
-        shape = (num_blocks + shared_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # one page past the pool: the scratch page the decode graphs' padding rows write to
+        shape = (num_blocks + shared_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         # empty, not zeros: attention never reads past a sequence's length, and on the CPU untouched
         # pages then cost no memory until requests use them
         self.k_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
@@ -49,6 +51,12 @@ class ModelRunner:
         self.shared_pages: dict[str, torch.Tensor] = {}  # corpus key -> its page ids (per_request)
         self._next_shared = num_blocks
         self._end_shared = num_blocks + shared_blocks
+        self.graphs: DecodeGraphs | None = None
+
+    def enable_cuda_graphs(self) -> None:
+        """Replay decode steps from CUDA graphs (kb/engine/cuda_graphs.py); a no-op off the GPU."""
+        if str(self.device).startswith("cuda") and self.graphs is None:
+            self.graphs = DecodeGraphs(self, scratch_page=self._end_shared)
 
     def reserve_shared(self, key: str, num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Hand `num_tokens` tokens of shared pages to corpus `key`; returns per-layer views
@@ -105,6 +113,10 @@ class ModelRunner:
     def run(self, batch: Batch, corpora: dict[str, SharedKV]) -> tuple[torch.Tensor, list[int]]:
         """Returns (logits[S, V], indices into batch.seqs of the S sequences that sample)."""
         assert self.shared_mode in SHARED_MODES, self.shared_mode
+        if self.graphs is not None:
+            replayed = self.graphs.run(batch, corpora)
+            if replayed is not None:
+                return replayed
         assert self.prefill_routing in PREFILL_ROUTING, self.prefill_routing
         per_request = self.shared_mode == "per_request"
         bs = self.block_size

@@ -72,7 +72,9 @@ class ShardedModel(nn.Module):
 def distributed_engine(loaded: LoadedModel, link: ShardLink, config: EngineConfig | None = None) -> Engine:
     """An Engine on the unique rank whose sharded corpora (`link.register`) are attended remotely.
 
-    Citation mass needs every shared key on this rank, so it is off here (citation_layers=0).
+    Citation mass needs every shared key on this rank, so it is off here (citation_layers=0);
+    so are CUDA graphs: each layer's exchange starts with a header the shared ranks read on the
+    host, which a replayed graph would not send anew.
     """
-    config = dataclasses.replace(config or EngineConfig(), citation_layers=0)
+    config = dataclasses.replace(config or EngineConfig(), citation_layers=0, cuda_graphs=False)
     return Engine(dataclasses.replace(loaded, model=ShardedModel(loaded.model, link)), config)
