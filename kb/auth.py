@@ -14,6 +14,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import select
@@ -132,6 +133,43 @@ def create_api_key(db: Database, user_name: str, label: str = "") -> str:
         s.add(ApiKey(user_id=u.id, prefix=key[:10], key_hash=hashlib.sha256(key.encode()).hexdigest(),
                      name=label[:64]))
     return key
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What an admin sees of an API key: never the key, only the prefix that names it."""
+
+    prefix: str
+    label: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked: bool
+
+
+def list_api_keys(db: Database, user_name: str) -> list[KeyInfo]:
+    """The user's keys, oldest first."""
+    with db.session() as s:
+        u = s.scalar(select(User).where(User.name == user_name))
+        if u is None:
+            raise NotFound(f"user {user_name!r} does not exist")
+        rows = s.scalars(select(ApiKey).where(ApiKey.user_id == u.id).order_by(ApiKey.id))
+        return [KeyInfo(r.prefix, r.name, r.created_at, r.last_used_at, r.revoked) for r in rows]
+
+
+def revoke_api_key(db: Database, prefix: str) -> str:
+    """Revoke the one key whose stored prefix starts with `prefix` (at least 6 characters, `kb_`
+    included); returns its owner's name. The key stops working at once; its row stays for the
+    record."""
+    if len(prefix) < 6:
+        raise KBError("give at least the first 6 characters of the key (as `kb user keys` lists them)")
+    with db.session() as s:
+        rows = list(s.scalars(select(ApiKey).where(ApiKey.prefix.startswith(prefix[:10], autoescape=True))))
+        if not rows:
+            raise NotFound(f"no API key starts with {prefix!r}")
+        if len(rows) > 1:
+            raise Conflict(f"{len(rows)} keys start with {prefix!r}: give more of it")
+        rows[0].revoked = True
+        return s.get(User, rows[0].user_id).name
 
 
 def verify_api_key(db: Database, key: str) -> Principal | None:

@@ -204,3 +204,22 @@ def test_cli_user_add_and_key(kb_env, monkeypatch, capsys):
         assert authenticate(kb.db, "alice", "s3cret-pass") == user
     finally:
         kb.close()
+    # list (prefix only, never the key), revoke by prefix, and the key stops working
+    assert main(["user", "key", "alice", "--label", "ci"]) == 0
+    second = capsys.readouterr().out.strip()
+    assert main(["user", "keys", "alice"]) == 0
+    listing = capsys.readouterr().out
+    assert key[:10] in listing and second[:10] in listing and key not in listing and "ci" in listing
+    assert main(["user", "revoke", "kb_"]) == 1  # too short to name one key
+    assert main(["user", "revoke", key[:10]]) == 0
+    assert "revoked" in capsys.readouterr().out
+    assert main(["user", "revoke", "kb_zzzzzzz"]) == 1
+    assert "no API key starts with" in capsys.readouterr().err
+    kb = KnowledgeBase()
+    try:
+        assert verify_api_key(kb.db, key) is None
+        assert verify_api_key(kb.db, second) is not None
+    finally:
+        kb.close()
+    assert main(["user", "keys", "alice"]) == 0
+    assert "revoked" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""`kb user add NAME [--admin] [--password-stdin]`, `kb user key NAME`, `kb user list`."""
+"""`kb user add NAME [--admin] [--password-stdin]`, `kb user key NAME`, `kb user keys NAME`,
+`kb user revoke PREFIX`, `kb user list`."""
 
 from __future__ import annotations
 
@@ -46,6 +47,27 @@ def cmd_user_key(args) -> int:
     return 0
 
 
+def cmd_user_keys(args) -> int:
+    from kb.auth import list_api_keys
+
+    keys = list_api_keys(_kb().db, args.name)
+    if not keys:
+        print(f"{args.name} has no API keys: kb user key {args.name}")
+    for k in keys:
+        used = k.last_used_at.strftime("%Y-%m-%d %H:%M") if k.last_used_at else "never used"
+        state = "revoked" if k.revoked else "active"
+        print(f"{k.prefix}...  {state:7s}  created {k.created_at:%Y-%m-%d %H:%M}  {used:16s}  {k.label}")
+    return 0
+
+
+def cmd_user_revoke(args) -> int:
+    from kb.auth import revoke_api_key
+
+    owner = revoke_api_key(_kb().db, args.prefix)
+    print(f"revoked the key {args.prefix}... of {owner}: it no longer signs in")
+    return 0
+
+
 def cmd_user_list(args) -> int:
     from kb.auth import list_users
 
@@ -72,5 +94,11 @@ def register(sub) -> None:
     c.add_argument("name")
     c.add_argument("--label", default="", help="a note to recognise the key by")
     c.set_defaults(func=cmd_user_key)
+    c = user.add_parser("keys", help="list a user's API keys (prefix, state, last use; never the key)")
+    c.add_argument("name")
+    c.set_defaults(func=cmd_user_keys)
+    c = user.add_parser("revoke", help="revoke an API key by its prefix (as `kb user keys` shows it)")
+    c.add_argument("prefix")
+    c.set_defaults(func=cmd_user_revoke)
     c = user.add_parser("list", help="list users")
     c.set_defaults(func=cmd_user_list)
