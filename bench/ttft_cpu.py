@@ -4,9 +4,11 @@ The corpus KV is real: a few pages of prose are prefilled once (after the preamb
 ingestion does) and their segment KV is tiled to the target size, so keys and values have the
 model's real statistics; the tiling repeats content, which changes no timing. One request's
 question is then prefilled against the whole shared KV and its first token sampled; we time
-that, dense and routed, with and without the citation measurement.
+that, dense and routed (request- and token-level prefill routing), with and without the
+citation measurement, at each thread count asked for. The machine's load average is recorded
+beside the figures (another process on the cores changes them a lot).
 
-    python bench/ttft_cpu.py [--tokens 100000] [--repeats 3]
+    python bench/ttft_cpu.py [--tokens 100000] [--repeats 3] [--threads 2 1]
 
 Writes bench/results/ttft_cpu.json and prints a table.
 """
@@ -69,10 +71,23 @@ def ttft(engine: Engine, shared: SharedKV, question: list[int]) -> float:
     return time.perf_counter() - t0
 
 
+# (mode, density, citation layers, prefill routing)
+CASES = (("dense", 1.0, 4, "request"), ("dense", 1.0, 0, "request"), ("routed", 0.5, 0, "request"),
+         ("routed", 0.25, 0, "request"), ("routed", 0.1, 0, "request"), ("routed", 0.25, 4, "request"),
+         ("routed", 0.25, 0, "token"))
+
+
+def load() -> list[float]:
+    """1, 5 and 15-minute load averages."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=100_000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    p.add_argument("--note", default="", help="what else ran on the machine, for the record")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "ttft_cpu.json"))
     args = p.parse_args()
     torch.manual_seed(0)
@@ -81,21 +96,28 @@ def main() -> int:
     shared, question = corpus_kv(lm, args.tokens)
     router = CorpusRouter(shared.k, shared.chunk_size, shared.always_chunks, "quest")
     rows = []
-    for mode, density, cite in (("dense", 1.0, 4), ("dense", 1.0, 0), ("routed", 0.25, 0), ("routed", 0.1, 0)):
-        engine = Engine(lm, EngineConfig(unique_kv_tokens=1024, citation_layers=cite))
-        shared.router = router if density < 1 else None
-        shared.top_k = router.top_k(density) if density < 1 else None
-        engine.register_corpus(shared)
-        ttft(engine, shared, question)  # warm-up
-        times = [ttft(engine, shared, question) for _ in range(args.repeats)]
-        rows.append({"mode": mode, "density": density, "citation_layers": cite, "shared_tokens": args.tokens,
-                     "question_tokens": len(question), "ttft_s_median": round(statistics.median(times), 3),
-                     "ttft_s_all": [round(t, 3) for t in times]})
-        print(f"{mode:7s} density {density:4.2f} citations {cite}: first token in "
-              f"{rows[-1]['ttft_s_median']:.2f} s (median of {args.repeats})", flush=True)
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for mode, density, cite, prefill in CASES:
+            engine = Engine(lm, EngineConfig(unique_kv_tokens=1024, citation_layers=cite, prefill_routing=prefill))
+            shared.router = router if density < 1 else None
+            shared.top_k = router.top_k(density) if density < 1 else None
+            engine.register_corpus(shared)
+            before = load()
+            ttft(engine, shared, question)  # warm-up
+            times = [ttft(engine, shared, question) for _ in range(args.repeats)]
+            rows.append({"mode": mode, "density": density, "prefill_routing": prefill if density < 1 else None,
+                         "citation_layers": cite, "threads": threads, "shared_tokens": args.tokens,
+                         "question_tokens": len(question), "ttft_s_median": round(statistics.median(times), 3),
+                         "ttft_s_all": [round(t, 3) for t in times], "load_before": before, "load_after": load()})
+            r = rows[-1]
+            print(f"{threads} thr {mode:6s} density {density:4.2f} {r['prefill_routing'] or '':7s} "
+                  f"citations {cite}: first token in {r['ttft_s_median']:6.2f} s (median of {args.repeats}; "
+                  f"load {before[0]:.2f})", flush=True)
     out = {"host": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "model": "SmolLM2-135M-Instruct",
-           "notes": "corpus KV: real prefilled prose tiled to the size; fp16 stored, float32 compute",
+           "torch": torch.__version__, "model": "SmolLM2-135M-Instruct",
+           "notes": "corpus KV: real prefilled prose tiled to the size; fp16 stored, each block of keys "
+                    "dequantized to float32 as it is attended (attention/cpu_shared.py). " + args.note,
            "rows": rows}
     Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
