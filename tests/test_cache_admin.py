@@ -120,6 +120,35 @@ def test_events_and_list_through_the_cli(handbook, capsys):
     run(handbook, "unpin", "handbook")
 
 
+def test_cli_evicts_in_a_running_server(handbook, capsys, monkeypatch):
+    """`kb cache evict --server URL` frees the server's KV (a CLI process holds none of its own)."""
+    from kb.api.app import create_app
+    from kb.cli import main
+    from tests.conftest import serve_in_thread
+
+    handbook.answer("handbook", FACT_QUESTION, GREEDY)  # loaded in the server's process
+    assert row(handbook, "handbook").bytes["gpu"] > 0
+    monkeypatch.delenv("KB_SERVER", raising=False)
+    with serve_in_thread(create_app(handbook, warm=False, ui=False)) as url:
+        assert main(["cache", "evict", "handbook", "--server", url, "--wait"]) == 0
+        assert capsys.readouterr().out.strip() == 'evict handbook: done {"tier": "disk"}'
+        r = row(handbook, "handbook")
+        assert (r.state, r.bytes["gpu"], r.bytes["cpu"]) == ("evicted", 0, 0)
+        monkeypatch.setenv("KB_SERVER", url)  # the environment names the server too
+        assert main(["cache", "pin", "handbook"]) == 0
+        event_id = capsys.readouterr().out.strip()
+        cache_admin.wait(handbook, event_id)
+        assert main(["cache", "status", event_id, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["status"] == "done"
+        assert main(["cache", "evict", "nosuch", "--wait"]) == 1
+        assert "server said 404" in capsys.readouterr().err
+    assert main(["cache", "unpin", "handbook", "--server", url]) == 1  # the server is gone
+    assert "cannot reach the server" in capsys.readouterr().err
+    monkeypatch.delenv("KB_SERVER")
+    run(handbook, "unpin", "handbook")
+    assert FACT_ANSWER in handbook.answer("handbook", FACT_QUESTION, GREEDY)["answer"]  # reloads
+
+
 # -- stale and rebuild ---------------------------------------------------------------------------
 def two_docs(tmp_path: Path) -> list[Path]:
     paras = planted_text().split("\n\n")

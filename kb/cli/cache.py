@@ -1,14 +1,18 @@
 """`kb cache list|pin|unpin|evict|move|rebuild|delete|status`: where corpora's shared KV lives.
 
 Mutating commands print an event id at once; `--wait` prints the outcome instead. Tier moves act
-on this process's KV (send them to a running server through `POST /v1/cache/{name}/{op}`); pin,
-unpin, rebuild and delete act through the database for every process.
+on the KV of the process that runs them: with `--server URL` (or `KB_SERVER`) the command goes to a
+running server's `POST /v1/cache/{name}/{op}` (API key from `KB_API_KEY` when sign-in is on), so
+`kb cache evict` frees that server's memory; without it, it acts in this process, which holds no
+KV. Pin, unpin, rebuild and delete act through the database for every process either way.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 
 from kb.cli.common import knowledge_base as _kb
 from kb.cli.common import print_json_or_empty
@@ -36,34 +40,92 @@ def cmd_cache_list(args) -> int:
     return 0
 
 
-def _print_event(ev) -> None:
-    if ev.status == "failed":
-        print(f"{ev.op} {ev.corpus}: failed: {ev.error}", file=sys.stderr)
+class _Server:
+    """A running server's cache endpoints (`kb serve`), for commands given `--server`."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0):
+        import httpx
+
+        key = os.environ.get("KB_API_KEY")
+        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s,
+                                   headers={"Authorization": f"Bearer {key}"} if key else {})
+
+    def _json(self, method: str, path: str, **kw) -> dict:
+        import httpx
+
+        from kb.errors import KBError
+
+        try:
+            r = self.client.request(method, path, **kw)
+        except httpx.HTTPError as e:
+            raise KBError(f"cannot reach the server at {self.client.base_url}: {e}") from e
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("error", {}).get("message") or r.json().get("detail") or r.text
+            except ValueError:
+                detail = r.text
+            raise KBError(f"server said {r.status_code}: {detail}")
+        return r.json()
+
+    def submit(self, op: str, name: str, tier: str | None) -> str:
+        params = {"tier": tier} if tier else {}
+        return self._json("POST", f"/v1/cache/{name}/{op}", params=params)["event_id"]
+
+    def event(self, event_id: str) -> dict:
+        return self._json("GET", f"/v1/cache/events/{event_id}")
+
+    def wait(self, event_id: str, timeout_s: float = 600.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ev = self.event(event_id)
+            if ev["status"] in ("done", "failed", "cancelled") or time.monotonic() > deadline:
+                return ev
+            time.sleep(0.2)
+
+
+def _server(args) -> _Server | None:
+    url = getattr(args, "server", None) or os.environ.get("KB_SERVER")
+    return _Server(url) if url else None
+
+
+def _print_event_dict(ev: dict) -> None:
+    if ev["status"] == "failed":
+        print(f"{ev['op']} {ev['corpus']}: failed: {ev['error']}", file=sys.stderr)
     else:
-        print(f"{ev.op} {ev.corpus}: {ev.status} {json.dumps(ev.result) if ev.result else ''}".rstrip())
+        print(f"{ev['op']} {ev['corpus']}: {ev['status']} {json.dumps(ev['result']) if ev['result'] else ''}".rstrip())
 
 
 def _submit(args, op: str) -> int:
     from kb import cache_admin
 
+    server = _server(args)
+    if server is not None:
+        event_id = server.submit(op, args.name, getattr(args, "tier", None))
+        if not args.wait:
+            print(event_id)
+            return 0
+        ev = server.wait(event_id)
+        _print_event_dict(ev)
+        return 1 if ev["status"] == "failed" else 0
     kb = _kb()
     event_id = cache_admin.submit(kb, op, args.name, getattr(args, "tier", None))
     if not args.wait:
         print(event_id)
         return 0
     ev = cache_admin.wait(kb, event_id)
-    _print_event(ev)
+    _print_event_dict(ev.to_dict())
     return 1 if ev.status == "failed" else 0
 
 
 def cmd_cache_status(args) -> int:
     from kb import cache_admin
 
-    ev = cache_admin.event(_kb(), args.event_id)
+    server = _server(args)
+    ev = server.event(args.event_id) if server else cache_admin.event(_kb(), args.event_id).to_dict()
     if args.json:
-        print(json.dumps(ev.to_dict(), indent=2))
+        print(json.dumps(ev, indent=2))
     else:
-        _print_event(ev)
+        _print_event_dict(ev)
     return 0
 
 
@@ -77,17 +139,24 @@ def register(sub) -> None:
     helps = {"pin": "never evict this corpus's KV", "unpin": "let it be evicted again",
              "evict": "drop its KV from memory (it stays on disk)", "rebuild": "recompute what no longer "
              "matches the settings, reusing the rest", "delete": "delete the corpus, its documents and its KV"}
+    def server_arg(c) -> None:
+        c.add_argument("--server", help="a running server's URL (default: $KB_SERVER); without it the "
+                       "command acts in this process, which holds no KV")
+
     for op, text in helps.items():
         c = cache.add_parser(op, help=text)
         c.add_argument("name")
         c.add_argument("--wait", action="store_true", help="wait and print the outcome")
+        server_arg(c)
         c.set_defaults(func=lambda args, op=op: _submit(args, op))
     c = cache.add_parser("move", help="move its KV to a tier")
     c.add_argument("name")
     c.add_argument("--tier", required=True, choices=("gpu", "cpu", "disk"))
     c.add_argument("--wait", action="store_true", help="wait and print the outcome")
+    server_arg(c)
     c.set_defaults(func=lambda args: _submit(args, "move"))
     c = cache.add_parser("status", help="an operation's status by its event id")
     c.add_argument("event_id")
     c.add_argument("--json", action="store_true")
+    server_arg(c)
     c.set_defaults(func=cmd_cache_status)
