@@ -38,7 +38,7 @@ class _Packed:
 
 
 def _pack(preamble: list[int], segments: list[list[int]], j: int, start: int, pic: str,
-          link_tokens: int) -> _Packed:
+          link_tokens: int, links: list[list[int]] | None) -> _Packed:
     """The prefill sequence of segment j under scheme `pic` (see the module docstring)."""
     p, seg = len(preamble), segments[j]
     if pic == "shared":
@@ -46,7 +46,8 @@ def _pack(preamble: list[int], segments: list[list[int]], j: int, start: int, pi
     if pic == "own":
         return _Packed(preamble + seg, list(range(p + len(seg))), 0)
     if pic == "linked":
-        tail = segments[j - 1][-link_tokens:] if j > 0 and link_tokens > 0 else []
+        before = links[j] if links is not None else (segments[j - 1] if j > 0 else [])
+        tail = before[-link_tokens:] if link_tokens > 0 else []
         tail = tail[len(tail) - min(len(tail), start):] if tail else []  # positions stay >= 0
         m = len(tail)
         return _Packed(preamble + tail + seg, [*range(p), *range(start - m, start + len(seg))], p + m)
@@ -56,16 +57,18 @@ def _pack(preamble: list[int], segments: list[list[int]], j: int, start: int, pi
 @torch.inference_mode()
 def prefill_segments(model: Transformer, preamble: list[int], segments: list[list[int]],
                      max_batch_tokens: int = 4096, device: str = "cpu", starts: list[int] | None = None,
-                     *, pic: str = "shared", link_tokens: int = 32
+                     *, pic: str = "shared", link_tokens: int = 32, links: list[list[int]] | None = None
                      ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield (segment index, k[L, n', Hkv, d], v[L, n', Hkv, d]) for each segment, in order.
 
     Segment j's tokens take positions starts[j].. (default: right after the preamble); the
     preamble always sits at 0..P-1, so RoPE sees a gap, never an overlap, between the two.
-    n' is the segment's length, plus the preamble's under ``pic="own"``.
+    n' is the segment's length, plus the preamble's under ``pic="own"``. Under ``pic="linked"``,
+    `links[j]` (its last `link_tokens` tokens) is what precedes segment j; by default the previous
+    entry of `segments`, which is wrong for the first segment of a resumed build: pass `links`.
     """
     p = len(preamble)
-    packed = [_pack(preamble, segments, j, p if starts is None else starts[j], pic, link_tokens)
+    packed = [_pack(preamble, segments, j, p if starts is None else starts[j], pic, link_tokens, links)
               for j in range(len(segments))]
     i = 0
     while i < len(segments):

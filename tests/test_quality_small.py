@@ -116,6 +116,11 @@ def test_position_independence_schemes():
         # the segment's own prefill with the tail in front gives the same keys
         alone = _prefill(model, preamble, [segments[j - 1][-8:] + segments[j]], starts=[starts[j] - 8])
         torch.testing.assert_close(linked[j][0], alone[0][0][:, 8:])
+    # explicit links (a resumed build): the same as the previous segments, and resume-safe
+    resumed = _prefill(model, preamble, segments[1:], starts=starts[1:], pic="linked", link_tokens=8,
+                       links=segments[:2])
+    for j in (1, 2):
+        torch.testing.assert_close(resumed[j - 1][0], linked[j][0])
     none = _prefill(model, preamble, segments, starts=starts, pic="linked", link_tokens=0)
     for j in range(3):
         torch.testing.assert_close(none[j][0], shared[j][0])
