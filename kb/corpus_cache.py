@@ -31,7 +31,7 @@ from kb.ingest.pipeline import Ingestor
 from kb.model.loader import LoadedModel, _file_digest, load_tokenizer, weights_hash
 from kb.settings import Settings
 from storage.db import Database
-from storage.kvstore import KVCorruptError, read_kv
+from storage.kvstore import KVCorruptError, quantize_fp8_chunks, read_kv
 from storage.models import ChunkIndex, Corpus, utcnow
 from storage.tiers import Move, TierError, TierManager
 
@@ -163,7 +163,7 @@ class CorpusCache:
             if cached is not None and cached.version == version and entry is not None:
                 if entry.tier != "gpu":
                     if layout is not None:  # evicted to disk: the same layout from its files
-                        self._place(name, [layout.k, layout.v])
+                        self._place(name, self._serving(layout))
                     else:  # parked in host memory
                         self._move_up(name)
                     cached.shared = self._shared(cached.shared.key, cached.shared, entry.tensors)
@@ -213,12 +213,29 @@ class CorpusCache:
         except TierError as e:
             raise TooBusy(str(e)) from e
 
+    def _serving(self, layout: _Layout) -> list[torch.Tensor]:
+        """The tensors a corpus is served from: [k, v] 16-bit, or for `kv_dtype = float8`
+        [k, v, k_scale, v_scale] in e4m3 with one scale per (layer, chunk, KV head), which halves
+        its memory on every tier (the attention kernels take the scales)."""
+        if self.settings.kv_dtype != "float8":
+            return [layout.k, layout.v]
+        (kq, ks), (vq, vs) = (quantize_fp8_chunks(x, layout.chunk_size) for x in (layout.k, layout.v))
+        return [kq, vq, ks, vs]
+
+    @staticmethod
+    def _kv_meta(tensors: list[torch.Tensor], meta: dict) -> dict:
+        """`meta` with the per-layer scales of an fp8 layout ([C, Hkv] each), or without any."""
+        meta = {k: v for k, v in meta.items() if k not in ("k_scale", "v_scale")}
+        if len(tensors) == 4:
+            meta["k_scale"], meta["v_scale"] = list(tensors[2].unbind(0)), list(tensors[3].unbind(0))
+        return meta
+
     def _shared(self, key: str, like: SharedKV, tensors: list[torch.Tensor]) -> SharedKV:
         """A SharedKV over the entry's current tensors, keeping the router and the metadata."""
-        k_all, v_all = tensors
+        k_all, v_all = tensors[:2]
         return SharedKV(key=key, k=list(k_all.unbind(0)), v=list(v_all.unbind(0)), chunk_size=like.chunk_size,
                         pos_offset=like.pos_offset, router=like.router, top_k=like.top_k,
-                        preamble_len=like.preamble_len, meta=like.meta)
+                        preamble_len=like.preamble_len, meta=self._kv_meta(tensors, like.meta))
 
     def _install(self, name: str, version: str, layout: _Layout, pinned: bool) -> LoadedCorpus:
         """A new version of the corpus: replace the old one (left registered while in use)."""
@@ -228,17 +245,18 @@ class CorpusCache:
             self.engine.unregister_corpus(old.shared.key)
         self.tiers.track(name, 0, in_use=lambda: self._in_use(key), pinned=pinned)
         try:
-            self._place(name, [layout.k, layout.v])
+            self._place(name, self._serving(layout))
         except (TooBusy, Conflict):
             self.tiers.remove(name)
             raise
-        k_all, v_all = self.tiers.get(name).tensors
+        tensors = self.tiers.get(name).tensors
         chunk = layout.chunk_size
-        shared = SharedKV(key=key, k=list(k_all.unbind(0)), v=list(v_all.unbind(0)),
+        shared = SharedKV(key=key, k=list(tensors[0].unbind(0)), v=list(tensors[1].unbind(0)),
                           chunk_size=chunk, pos_offset=layout.max_end,
-                          preamble_len=layout.preamble_len, meta={"corpus": name})
+                          preamble_len=layout.preamble_len, meta=self._kv_meta(tensors, {"corpus": name}))
         if shared.num_chunks > shared.always_chunks + 1:
-            summaries = self._stored_summaries(name, version, shared)
+            # summaries from the 16-bit keys as read (an fp8 layout's own are coarser)
+            summaries = self._stored_summaries(name, version, shared, list(layout.k.unbind(0)))
             shared.router = CorpusRouter(shared.k, chunk, shared.always_chunks, self.settings.router, summaries)
         loaded = LoadedCorpus(shared, CitationMap(layout.refs, chunk, self.model.tokenizer), version)
         self.engine.register_corpus(shared)
@@ -246,7 +264,8 @@ class CorpusCache:
         self.tiers.touch(name)
         return loaded
 
-    def _stored_summaries(self, name: str, version: str, shared: SharedKV) -> list[ChunkSummaries]:
+    def _stored_summaries(self, name: str, version: str, shared: SharedKV, keys: list[torch.Tensor]
+                          ) -> list[ChunkSummaries]:
         """The layout's chunk summaries from its stored index, made and stored on first load of
         this version (older versions' indexes are removed); a damaged index is rebuilt."""
         with self.db.session() as sess:
@@ -259,7 +278,7 @@ class CorpusCache:
                 return index_store.load_summaries(path)
             except (index_store.IndexFormatError, OSError) as e:
                 log.warning("corpus %s: stored chunk index unusable (%s); rebuilding it", name, e)
-        summaries = [chunk_summaries(k, shared.chunk_size) for k in shared.k]
+        summaries = [chunk_summaries(k, shared.chunk_size) for k in keys]
         digest = hashlib.sha256(version.encode()).hexdigest()[:16]
         folder = self.settings.kv_dir / str(corpus_id) / "index" / digest
         manifest = index_store.save(folder, summaries)

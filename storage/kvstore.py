@@ -59,6 +59,20 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_fp8_chunks(x: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [L, N, Hkv, d] -> (e4m3 [L, N, Hkv, d], scale [L, C, Hkv] float32), one scale per
+    (layer, chunk of `chunk_size` tokens, KV head): the serving layout of an fp8 corpus, whose
+    routing chunks may straddle segments (each file's own scales do not map onto them)."""
+    layers, n, hkv, d = x.shape
+    c = -(-n // chunk_size)
+    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, c * chunk_size - n))
+    amax = xf.view(layers, c, chunk_size, hkv, d).abs().amax(dim=(2, 4))  # [L, C, Hkv]
+    scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    per_token = scale.repeat_interleave(chunk_size, dim=1)[:, :n]  # [L, N, Hkv]
+    q = (x.float() / per_token[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q, scale
+
+
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """e4m3 [L, n, Hkv, d] with scale [L, Hkv] (None: 1) -> `dtype`; bfloat16 where float16 would overflow."""
     xf = q.float()

@@ -258,6 +258,13 @@ def test_fp8_kv_keeps_the_planted_fact(tmp_path, demo_model_dir):
 
     assert read_kv_tensors(seg_file, None)["k"].dtype == FP8  # stored as e4m3 ...
     shared = kb.load_corpus("h").shared
-    assert shared.k[0].dtype in (torch.float16, torch.bfloat16)  # ... served 16-bit
-    assert FACT_ANSWER in kb.answer("h", FACT_QUESTION, SamplingParams(max_tokens=24))["answer"]
+    assert shared.k[0].dtype == FP8 and shared.v[-1].dtype == FP8  # ... and served as e4m3,
+    c = shared.num_chunks  # with one scale per (layer, chunk, KV head)
+    assert shared.meta["k_scale"][0].shape == (c, shared.k[0].shape[1]) == shared.meta["v_scale"][-1].shape
+    tokens = shared.num_tokens
+    per_token_16 = 2 * len(shared.k) * shared.k[0].shape[1] * shared.k[0].shape[2] * 2
+    assert row(kb, "h").bytes["gpu"] < 0.6 * tokens * per_token_16  # half the memory of 16-bit
+    out = kb.answer("h", FACT_QUESTION, SamplingParams(max_tokens=24))
+    assert FACT_ANSWER in out["answer"]
+    assert out["citations"] and out["citations"][0]["document"] == "handbook.txt"  # mass from fp8 keys
     kb.close()

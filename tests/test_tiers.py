@@ -113,6 +113,27 @@ def test_fp8_files_round_trip_within_e4m3_precision(tmp_path, scale):
         assert err < 1 / 16, err  # e4m3: 3 mantissa bits, relative to each head's range
 
 
+@pytest.mark.parametrize("n, chunk", [(50, 16), (64, 16), (7, 64)])
+def test_fp8_chunk_scales_round_trip_through_the_attention_dequantize(n, chunk):
+    """The serving layout of an fp8 corpus: one scale per (layer, chunk, head), which
+    `attention.reference.dequantize` (the kernels' contract) undoes chunk by chunk."""
+    from attention.reference import dequantize
+    from storage.kvstore import quantize_fp8_chunks
+
+    torch.manual_seed(1)
+    ranges = torch.logspace(-3, 3, n)[None, :, None, None]  # tokens of very different sizes
+    x = torch.randn(2, n, 3, 8) * ranges
+    q, scale = quantize_fp8_chunks(x, chunk)
+    c = -(-n // chunk)
+    assert q.dtype == FP8 and scale.shape == (2, c, 3)
+    for layer in range(2):
+        y = dequantize(q[layer], scale[layer], chunk)
+        for i in range(c):  # relative to each chunk's own range: finer than one scale per head
+            a, b = i * chunk, min(n, (i + 1) * chunk)
+            amax = x[layer, a:b].abs().amax(dim=(0, 2), keepdim=True)
+            assert ((y[a:b] - x[layer, a:b]) / amax).abs().max() < 1 / 16
+
+
 def test_fp8_without_scales_reads_as_a_plain_cast(tmp_path):
     k = torch.randn(1, 8, 2, 4)
     stored = write_kv(tmp_path / "seg.safetensors", k.to(FP8), k.to(FP8))

@@ -128,19 +128,22 @@ class ServeAttention:
                          lse_total: torch.Tensor) -> None:
         """Add each row's softmax mass on every shared chunk (summed over heads) to its sequence."""
         # the preamble soaks up attention (a sink); it is no source
-        per_chunk = chunk_mass(q, sh.k[layer], lse_total, sh.chunk_size, skip=sh.preamble_len)
+        k_scale = sh.meta.get("k_scale")  # an fp8 layout: per-layer [C, Hkv] scales
+        per_chunk = chunk_mass(q, sh.k[layer], lse_total, sh.chunk_size, skip=sh.preamble_len,
+                               k_scale=None if k_scale is None else k_scale[layer])
         for b in seq_of_row.unique().tolist():
             rows = (seq_of_row == b).nonzero().squeeze(1)
             m = per_chunk.index_select(0, rows).sum(0)
             self.mass[b] = self.mass[b] + m if b in self.mass else m
 
 
-def chunk_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, chunk_size: int, skip: int = 0
-               ) -> torch.Tensor:
+def chunk_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, chunk_size: int, skip: int = 0,
+               k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """[T, C] softmax mass of q[T, Hq, d] on each chunk of k[N, Hkv, d], summed over heads, with
     lse[T, Hq] the normalizer; the first `skip` keys count nothing. Walks the keys a block of
-    whole chunks at a time (16-bit keys dequantized per block, GQA groups as rows of one GEMM
-    per KV head), never a [T, Hq, N] score matrix or a float32 copy of all keys."""
+    whole chunks at a time (16-bit or fp8 keys, with `k_scale` [Hkv] or [C, Hkv], dequantized per
+    block; GQA groups as rows of one GEMM per KV head), never a [T, Hq, N] score matrix or a
+    float32 copy of all keys."""
     t, hq, d = q.shape
     n, hkv, _ = k.shape
     g = hq // hkv
@@ -150,7 +153,8 @@ def chunk_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, chunk_size: 
     block = max(chunk_size, block // chunk_size * chunk_size)
     out = []
     for s in range(0, n, block):
-        kb = k[s:s + block].float().transpose(0, 1)  # [Hkv, B, d]
+        ks = k_scale if k_scale is None or k_scale.dim() == 1 else k_scale[s // chunk_size:]
+        kb = attention.reference.dequantize(k[s:s + block], ks, chunk_size).transpose(0, 1)  # [Hkv, B, d]
         p = torch.exp(torch.bmm(qh, kb.transpose(1, 2)) - norm)  # [Hkv, T*G, B]
         p = p.view(hkv, t, g, -1).sum(dim=(0, 2))  # [T, B]
         if s < skip:
