@@ -1,5 +1,5 @@
-"""Request-level prefill routing (EngineConfig.prefill_routing = "request"): one chunk
-selection per request and KV head for all its prefill tokens. It equals per-token routing when
+"""Request-level prefill routing (EngineConfig.prefill_routing = "request", the CPU's default):
+one chunk selection per request and KV head for all its prefill tokens. It equals per-token routing when
 every token would choose the same chunks, decode tokens still choose alone, and greedy answers
 still find the planted fact."""
 
@@ -12,6 +12,7 @@ import attention
 from attention import reference as ref
 from kb.engine.engine import Engine, EngineConfig
 from kb.engine.routing import CorpusRouter
+from kb.engine.runner import default_prefill_routing
 from kb.engine.sequence import SamplingParams
 from kb.engine.shared_kv import SharedKV
 from kb.precompute import prefill_preamble, prefill_segments
@@ -87,9 +88,12 @@ def test_request_routing_equals_token_routing_when_tokens_agree(demo_model, monk
     assert all(s is None for m, s in calls if m == "token")
 
 
-def test_prefill_routing_is_checked(demo_model):
+def test_prefill_routing_is_checked_and_auto_follows_the_device(demo_model):
     with pytest.raises(ValueError):
         Engine(demo_model, EngineConfig(unique_kv_tokens=64, prefill_routing="chunk"))
+    assert Engine(demo_model, EngineConfig(unique_kv_tokens=64)).runner.prefill_routing == "request"
+    assert Engine(demo_model, EngineConfig(unique_kv_tokens=64, prefill_routing="token")).runner.prefill_routing == "token"
+    assert default_prefill_routing("cuda:0") == "token" and default_prefill_routing("cpu") == "request"
 
 
 def test_request_routed_answer_finds_the_fact(handbook):

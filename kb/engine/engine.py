@@ -34,8 +34,9 @@ class EngineConfig:
     max_queue: int = 256
     citation_layers: int = 4  # layers (evenly spread over the second half) that measure attention mass
     # how a routed corpus chooses chunks for a request's prefill: "request" (one selection per
-    # request and KV head: block-sparse, the CPU path reads only those chunks once) or "token"
-    prefill_routing: str = "request"
+    # request and KV head: block-sparse, the CPU path reads only those chunks once), "token", or
+    # "auto": request on the CPU, token on the GPU (kb/engine/runner.py says why)
+    prefill_routing: str = "auto"
     # replay decode steps from CUDA graphs on a GPU (kb/engine/cuda_graphs.py); ignored on the CPU
     cuda_graphs: bool = True
 
@@ -57,9 +58,11 @@ class Engine:
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_running, cfg.max_batch_tokens)
         self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, cfg.device, cite)
-        if cfg.prefill_routing not in PREFILL_ROUTING:
-            raise ValueError(f"prefill_routing must be one of {PREFILL_ROUTING}, got {cfg.prefill_routing!r}")
-        self.runner.prefill_routing = cfg.prefill_routing
+        if cfg.prefill_routing not in PREFILL_ROUTING + ("auto",):
+            raise ValueError(f"prefill_routing must be 'auto' or one of {PREFILL_ROUTING}, "
+                             f"got {cfg.prefill_routing!r}")
+        if cfg.prefill_routing != "auto":
+            self.runner.prefill_routing = cfg.prefill_routing
         if cfg.cuda_graphs:
             self.runner.enable_cuda_graphs()
         self.corpora: dict[str, SharedKV] = {}

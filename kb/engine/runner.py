@@ -8,8 +8,10 @@ Two ways to attend a corpus's shared KV (`shared_mode`):
   the unique-KV pool (`reserve_shared`), each request's block table starts with those pages, and
   the paged kernel reads them once per request. Same attention, no sharing of the reads.
 
-How a routed corpus chooses chunks for a prefill (`prefill_routing`):
-- "request" (default): all new tokens of one request share one selection per KV head (the
+How a routed corpus chooses chunks for a prefill (`prefill_routing`; by default "request" on
+the CPU, where it is what makes routed prefill cheap, and "token" on the GPU, whose routed kernel
+serves per-token choices at little cost and which answers a little better: docs/SERVE.md):
+- "request": all new tokens of one request share one selection per KV head (the
   chunks its tokens call for most, `CorpusRouter.request_scores`), so its shared attention is
   one gather of top-k chunks and dense GEMMs over them (block-sparse prefill, as MoBA- or
   FlexPrefill-style selection does). Decode tokens (one per request) still choose alone.
@@ -30,6 +32,11 @@ SHARED_MODES = ("moska", "per_request")
 PREFILL_ROUTING = ("request", "token")
 
 
+def default_prefill_routing(device: str) -> str:
+    """"request" on the CPU, "token" elsewhere (see the module's docstring)."""
+    return "request" if str(device).startswith("cpu") else "token"
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, device: str,
                  citation_layers: frozenset[int] = frozenset(), shared_blocks: int = 0):
@@ -47,7 +54,7 @@ class ModelRunner:
         self.citation_layers = citation_layers
         self.forward_tokens = 0  # tokens run through the model since start (tests read this)
         self.shared_mode = "moska"
-        self.prefill_routing = "request"
+        self.prefill_routing = default_prefill_routing(device)
         self.shared_pages: dict[str, torch.Tensor] = {}  # corpus key -> its page ids (per_request)
         self._next_shared = num_blocks
         self._end_shared = num_blocks + shared_blocks
