@@ -351,15 +351,7 @@ def plot(json_path: str, png_path: str) -> None:
         ax.plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o",
                 linestyle="-" if engine_kind(r0) == "sharded" else "--",
                 label=f"{names[engine_kind(r0)]}, {r0['shared_tokens'] // 1024}K shared")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("concurrent requests")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"Llama-3.1-8B shape, bf16, {res['device']}, NCCL", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
+    serve.finish_throughput_plot(fig, ax, f"Llama-3.1-8B shape, bf16, {res['device']}, NCCL", png_path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -428,11 +428,17 @@ def plot(json_path: str, png_path: str) -> None:
         rs.sort(key=lambda r: r["concurrency"])
         ax.plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o",
                 linestyle="--" if kv == "fp8" else "-", label=f"{mode}, {n // 1024}K {kv}")
+    finish_throughput_plot(fig, ax, f"Llama-3.1-8B shape, {res['device']}\n{res['prompt_tokens']} unique + "
+                           f"{res['gen_tokens']} generated tokens per request", png_path)
+
+
+def finish_throughput_plot(fig, ax, title: str, png_path: str) -> None:
+    """Log-log tokens/s against concurrency, titled, gridded, saved (bench/distributed.py too)."""
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"Llama-3.1-8B shape, {res['device']}\n{res['prompt_tokens']} unique + {res['gen_tokens']} generated tokens per request", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
