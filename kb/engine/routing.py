@@ -34,11 +34,15 @@ class CorpusRouter:
         per token."""
         t, hkv = q.shape[0], self.router.num_kv_heads
         k = max(1, top_k - self.always)
-        routed = self.router.route(layer, q, k)
-        for s, n in spans or ():
-            if n > 1:
-                scores = self.request_scores(layer, q[s:s + n])
-                routed[s:s + n] = scores.topk(min(k, scores.shape[-1]), dim=-1).indices.to(routed.dtype)
+        spans = [(s, n) for s, n in spans or () if n > 1]
+        if spans and sum(n for _, n in spans) == t:  # every row in a request's span: no per-token pass
+            k = min(k, self.router.num_chunks)
+            routed = torch.empty(t, hkv, k, dtype=torch.int32, device=q.device)
+        else:
+            routed = self.router.route(layer, q, k)
+        for s, n in spans:
+            scores = self.request_scores(layer, q[s:s + n])
+            routed[s:s + n] = scores.topk(min(k, scores.shape[-1]), dim=-1).indices.to(routed.dtype)
         routed += self.always
         fixed = torch.arange(self.always, device=q.device, dtype=routed.dtype).expand(t, hkv, self.always)
         return torch.cat([fixed, routed], dim=-1)
