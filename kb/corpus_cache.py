@@ -257,7 +257,8 @@ class CorpusCache:
         if shared.num_chunks > shared.always_chunks + 1:
             # summaries from the 16-bit keys as read (an fp8 layout's own are coarser)
             summaries = self._stored_summaries(name, version, shared, list(layout.k.unbind(0)))
-            shared.router = CorpusRouter(shared.k, chunk, shared.always_chunks, self.settings.router, summaries)
+            shared.router = CorpusRouter(shared.k, chunk, shared.always_chunks, self.settings.router, summaries,
+                                         dense_layers=self.settings.routed_dense_layers)
         loaded = LoadedCorpus(shared, CitationMap(layout.refs, chunk, self.model.tokenizer), version)
         self.engine.register_corpus(shared)
         self.loaded[name] = loaded

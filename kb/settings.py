@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     prefill_batch_tokens: int = Field(default=4096, ge=64, description="tokens per prefill batch")
     density: float = Field(default=1.0, gt=0, le=1, description="fraction of chunks each query attends")
     router: str = Field(default="quest", description="quest (min/max bound) or mean (MoBA)")
+    routed_dense_layers: int = Field(default=0, ge=0, description="when routing (density < 1), the first N "
+                                     "layers still attend every chunk (docs/QUALITY.md: it spends the "
+                                     "density where routing loses most answers)")
 
     max_tokens: int = Field(default=256, ge=1, description="default answer length")
     kv_block_size: int = Field(default=16, ge=1)

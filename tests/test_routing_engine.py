@@ -28,6 +28,15 @@ def test_router_keeps_preamble_and_all_chunks_equals_dense():
     torch.testing.assert_close(lse_r, lse_d)
 
 
+def test_dense_first_layers_route_only_the_later_ones():
+    g = torch.Generator().manual_seed(0)
+    keys = [torch.randn(300, 2, 16, generator=g) for _ in range(4)]
+    r = CorpusRouter(keys, chunk_size=32, always=1, dense_layers=2)
+    q = torch.randn(3, 4, 16, generator=g)
+    assert r.route(0, q, top_k=3) is None and r.route(1, q, top_k=3, spans=[(0, 3)]) is None  # dense
+    assert r.route(2, q, top_k=3).shape == (3, 2, 3) and r.route(3, q, top_k=3).shape == (3, 2, 3)
+
+
 def test_routed_answer_at_half_density(handbook):
     from kb.engine.sequence import SamplingParams
 
@@ -37,6 +46,7 @@ def test_routed_answer_at_half_density(handbook):
         routed = handbook.answer("handbook", FACT_QUESTION, SamplingParams(max_tokens=20))
         shared = handbook.cache.loaded["handbook"].shared
         assert shared.routed and shared.top_k < shared.num_chunks
+        assert shared.router.dense_layers == handbook.settings.routed_dense_layers == 0  # the setting's
     finally:
         handbook.settings.density = 1.0
     assert FACT_ANSWER in dense["answer"] and FACT_ANSWER in routed["answer"]

@@ -12,10 +12,13 @@ from index.summaries import ChunkSummaries, chunk_summaries, group_query, query_
 
 class CorpusRouter:
     def __init__(self, keys: list[torch.Tensor], chunk_size: int, always: int, kind: str = "mean",
-                 summaries: list[ChunkSummaries] | None = None):
+                 summaries: list[ChunkSummaries] | None = None, dense_layers: int = 0):
         """keys: per layer [N, Hkv, d] after RoPE; `always` leading chunks are never routed.
-        `summaries` (per layer, e.g. read from the corpus's stored index) skip computing them."""
+        `summaries` (per layer, e.g. read from the corpus's stored index) skip computing them.
+        The first `dense_layers` layers attend every chunk: their attention is broad, and routing
+        them costs most of the answers routing loses (docs/QUALITY.md)."""
         self.always = always
+        self.dense_layers = dense_layers
         summaries = summaries or [chunk_summaries(k, chunk_size) for k in keys]
         self.num_chunks = summaries[0].num_chunks
         device = keys[0].device
@@ -26,12 +29,15 @@ class CorpusRouter:
         return top_k_for(density, self.num_chunks)
 
     def route(self, layer: int, q: torch.Tensor, top_k: int,
-              spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
-        """chunk_idx [T, Hkv, top_k]: the `always` chunks, then the best routed ones.
+              spans: list[tuple[int, int]] | None = None) -> torch.Tensor | None:
+        """chunk_idx [T, Hkv, top_k]: the `always` chunks, then the best routed ones; None (attend
+        every chunk) in the first `dense_layers` layers.
 
         `spans` (start, length) of q's rows: each span of several rows (one request's prefill)
         gets one selection per KV head for all its rows (`request_scores`); other rows choose
         per token."""
+        if layer < self.dense_layers:
+            return None
         t, hkv = q.shape[0], self.router.num_kv_heads
         k = max(1, top_k - self.always)
         spans = [(s, n) for s, n in spans or () if n > 1]
