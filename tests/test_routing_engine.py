@@ -41,8 +41,9 @@ def test_routed_answer_at_half_density(handbook):
     from kb.engine.sequence import SamplingParams
 
     dense = handbook.answer("handbook", FACT_QUESTION, SamplingParams(max_tokens=20))
-    handbook.settings.density = 0.5
+    handbook.settings.density = 0.5  # (the handbook has 29 chunks: at 25% routing misses the fact)
     try:
+        assert handbook.engine.runner.prefill_routing == "request"  # "auto" on the CPU
         routed = handbook.answer("handbook", FACT_QUESTION, SamplingParams(max_tokens=20))
         shared = handbook.cache.loaded["handbook"].shared
         assert shared.routed and shared.top_k < shared.num_chunks
