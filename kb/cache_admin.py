@@ -223,14 +223,18 @@ def rebuild(kb: KnowledgeBase, name: str) -> RebuildResult:
             corpus.preamble_kv_file = None  # _ensure_preamble writes it again
         ing._ensure_preamble(s, corpus, cfg)
         docs = [d.id for d in corpus.documents if d.stage != "failed"]
-        for seg in s.scalars(select(Segment).where(Segment.document_id.in_(docs))):
-            if seg.kv_file is None or seg.cache_key != ing._key((cfg, seg.pos_start, seg.token_ids)):
-                continue  # prefilled again anyway
-            try:
-                read_kv(seg.kv_file, seg.kv_checksum)
-            except KVCorruptError:
-                seg.kv_file = seg.cache_key = None
-                res.damaged += 1
+        for doc_id in docs:
+            segments = s.scalars(select(Segment).where(Segment.document_id == doc_id).order_by(Segment.seq)).all()
+            links = ing.links(segments)
+            for seg in segments:
+                if seg.kv_file is None or seg.cache_key != ing.segment_key(cfg, seg.pos_start, seg.token_ids,
+                                                                            links[seg.id]):
+                    continue  # prefilled again anyway
+                try:
+                    read_kv(seg.kv_file, seg.kv_checksum)
+                except KVCorruptError:
+                    seg.kv_file = seg.cache_key = None
+                    res.damaged += 1
     res.documents = len(docs)
     for doc_id in docs:
         seen: list[int] = []

@@ -10,7 +10,7 @@ import os
 import tomllib
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     cpu_cache_gb: float = Field(default=32.0, ge=0, description="shared KV parked in (pinned) host memory, GiB")
 
     segment_len: int = Field(default=1024, ge=16, description="max tokens per segment")
+    pic: Literal["shared", "linked"] = Field(default="shared", description="how segments are prefilled: "
+                                             "shared (after the preamble) or linked (also after the previous "
+                                             "segment's last pic_link_tokens tokens); docs/QUALITY.md")
+    pic_link_tokens: int = Field(default=32, ge=1, description="tokens of the previous segment a linked "
+                                 "segment is prefilled after")
     chunk_size: int = Field(default=64, ge=1, description="shared tokens per routing chunk")
     prefill_batch_tokens: int = Field(default=4096, ge=64, description="tokens per prefill batch")
     density: float = Field(default=1.0, gt=0, le=1, description="fraction of chunks each query attends")

@@ -268,3 +268,43 @@ def test_fp8_kv_keeps_the_planted_fact(tmp_path, demo_model_dir):
     assert FACT_ANSWER in out["answer"]
     assert out["citations"] and out["citations"][0]["document"] == "handbook.txt"  # mass from fp8 keys
     kb.close()
+
+
+def test_linked_segments_follow_their_predecessor_and_a_rebuild_links_them_alike(tmp_path, demo_model_dir):
+    """KB_PIC=linked: each segment is prefilled after the last tokens of the document's previous
+    segment (read back from the database, so rebuilding one segment alone gives what the whole
+    build gave); only the segments' own tokens are stored."""
+    from kb.precompute import prefill_segments
+    from storage.kvstore import read_kv
+
+    kb = make_kb(tmp_path / "home", pic="linked", pic_link_tokens=24)
+    doc = tmp_path / "handbook.txt"
+    doc.write_text(planted_text())
+    kb.create_corpus("h")
+    assert kb.ingest("h", [doc])[0].status == "ready"
+    with kb.db.session() as s:
+        segs = [(g.token_ids, g.pos_start, g.kv_file, g.kv_checksum) for g in s.scalars(select_segments())]
+    assert len(segs) >= 3
+    model, pre = kb.ingestor.model.model, kb.ingestor._corpus_settings()["preamble"]
+
+    def alone(j: int, **scheme) -> torch.Tensor:
+        [(_, k, _)] = list(prefill_segments(model, pre, [segs[j][0]], starts=[segs[j][1]], **scheme))
+        return k.to(torch.float16).float()
+
+    stored = read_kv(segs[1][2], segs[1][3])[0].float()
+    linked = alone(1, pic="linked", link_tokens=24, links=[segs[0][0][-24:]])
+    assert (stored - linked).abs().max() < 2e-2  # batch composition changes the float rounding only
+    assert (stored - alone(1)).abs().max() > 0.1  # the shared scheme's KV is another one
+    path = Path(segs[2][2])
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    ev = run(kb, "rebuild", "h")
+    assert ev.status == "done" and ev.result["damaged"] == 1 and ev.result["prefilled"] == 1, ev
+    with kb.db.session() as s:
+        seg2 = s.scalars(select_segments()).all()[2]
+        rebuilt = read_kv(seg2.kv_file, seg2.kv_checksum)[0].float()
+    assert (rebuilt - alone(2, pic="linked", link_tokens=24, links=[segs[1][0][-24:]])).abs().max() < 2e-2
+    shared = kb.load_corpus("h").shared  # served as laid out: the segments' own tokens only
+    assert shared.num_tokens == len(pre) + sum(len(t) for t, *_ in segs)
+    kb.close()

@@ -123,12 +123,28 @@ class Ingestor:
     def _corpus_settings(self) -> dict:
         lm, s = self.model, self.settings
         preamble = encode(lm.tokenizer, preamble_text(lm.tokenizer, s.system_prompt))
-        return {"weights": lm.weights_hash, "tokenizer": lm.tokenizer_hash, "kv_dtype": s.kv_dtype,
-                "segment_len": s.segment_len, "chunk_size": s.chunk_size, "preamble": preamble}
+        cfg = {"weights": lm.weights_hash, "tokenizer": lm.tokenizer_hash, "kv_dtype": s.kv_dtype,
+               "segment_len": s.segment_len, "chunk_size": s.chunk_size, "preamble": preamble}
+        if s.pic != "shared":  # the default scheme leaves the keys of existing corpora as they were
+            cfg["pic"], cfg["link_tokens"] = s.pic, s.pic_link_tokens
+        return cfg
 
     @staticmethod
     def _key(obj) -> str:
         return hashlib.sha256(repr(obj).encode()).hexdigest()[:32]
+
+    def links(self, segments: list[Segment]) -> dict[int, list[int]]:
+        """Segment id -> the tokens it is prefilled after under the "linked" scheme (the last
+        `pic_link_tokens` of the document's previous segment; none for the first, or under
+        "shared"). Read from the stored segments, so a resumed build links as a whole one does."""
+        s = self.settings
+        return {seg.id: (segments[i - 1].token_ids[-s.pic_link_tokens:] if i and s.pic == "linked" else [])
+                for i, seg in enumerate(segments)}
+
+    def segment_key(self, cfg: dict, pos_start: int, tokens: list[int], link: list[int]) -> str:
+        """What a segment's stored KV depends on: the corpus settings, its position, its tokens and,
+        when linked, the tokens it was prefilled after."""
+        return self._key((cfg, pos_start, tokens, link) if link else (cfg, pos_start, tokens))
 
     def _ensure_preamble(self, session, corpus: Corpus, cfg: dict) -> None:
         key = self._key(cfg)
@@ -269,16 +285,20 @@ class Ingestor:
             emit("tokenized")
         with self.db.session() as sess:
             segments = sess.scalars(select(Segment).where(Segment.document_id == doc_id).order_by(Segment.seq)).all()
+            links = self.links(segments)
             todo = [(seg.id, seg.token_ids, seg.pos_start) for seg in segments
-                    if seg.kv_file is None or seg.cache_key != self._key((cfg, seg.pos_start, seg.token_ids))]
+                    if seg.kv_file is None or seg.cache_key != self.segment_key(cfg, seg.pos_start, seg.token_ids,
+                                                                                   links[seg.id])]
             total = len(segments)
         dtype = s.torch_kv_dtype
         done = total - len(todo)
         emit("prefilled", done, total)
         if todo and should_stop():
             raise Cancelled(f"ingestion of {filename} was cancelled")
+        scheme = {} if s.pic == "shared" else dict(pic=s.pic, link_tokens=s.pic_link_tokens,
+                                                   links=[links[i] for i, _, _ in todo])
         for j, k, v in prefill_segments(lm.model, cfg["preamble"], [t for _, t, _ in todo],
-                                        s.prefill_batch_tokens, s.device, starts=[p for _, _, p in todo]):
+                                        s.prefill_batch_tokens, s.device, starts=[p for _, _, p in todo], **scheme):
             seg_id, tokens, pos_start = todo[j]
             if dtype == torch.float16 and (not torch.isfinite(k.to(dtype)).all() or not torch.isfinite(v.to(dtype)).all()):
                 raise KBError("keys or values overflow float16 for this model: set KB_KV_DTYPE=bfloat16")
@@ -286,7 +306,7 @@ class Ingestor:
             with self.db.session() as sess:
                 seg = sess.get(Segment, seg_id)
                 seg.kv_file, seg.kv_checksum = str(stored.path), stored.checksum
-                seg.cache_key = self._key((cfg, pos_start, tokens))
+                seg.cache_key = self.segment_key(cfg, pos_start, tokens, links[seg_id])
             done += 1
             emit("prefilled", done, total)
             if done < total and should_stop():
