@@ -62,14 +62,18 @@ def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_fp8_chunks(x: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [L, N, Hkv, d] -> (e4m3 [L, N, Hkv, d], scale [L, C, Hkv] float32), one scale per
     (layer, chunk of `chunk_size` tokens, KV head): the serving layout of an fp8 corpus, whose
-    routing chunks may straddle segments (each file's own scales do not map onto them)."""
+    routing chunks may straddle segments (each file's own scales do not map onto them). Works a
+    layer at a time: the float32 temporary is one layer, not the corpus."""
     layers, n, hkv, d = x.shape
     c = -(-n // chunk_size)
-    xf = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, c * chunk_size - n))
-    amax = xf.view(layers, c, chunk_size, hkv, d).abs().amax(dim=(2, 4))  # [L, C, Hkv]
-    scale = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    per_token = scale.repeat_interleave(chunk_size, dim=1)[:, :n]  # [L, N, Hkv]
-    q = (x.float() / per_token[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    q = torch.empty(x.shape, dtype=FP8, device=x.device)
+    scale = torch.empty(layers, c, hkv, dtype=torch.float32, device=x.device)
+    for i in range(layers):
+        xf = torch.nn.functional.pad(x[i].float(), (0, 0, 0, 0, 0, c * chunk_size - n))
+        amax = xf.view(c, chunk_size, hkv, d).abs().amax(dim=(1, 3))  # [C, Hkv]
+        scale[i] = (amax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        per_token = scale[i].repeat_interleave(chunk_size, dim=0)[:n]  # [N, Hkv]
+        q[i] = (xf[:n] / per_token[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
 
 
