@@ -159,10 +159,10 @@ class DecodeGraphs:
         bs, n = self.runner.block_size, len(seqs)
         ids, pos, slots, lens = [], [], [], []
         for s, pre in zip(seqs, prefixes):
-            start, p = s.num_computed, len(s.prompt_ids)
-            ids.append(s.prompt_ids[start] if start < p else s.output_ids[start - p])
+            start = s.num_computed
+            ids.append(s.token_at(start))
             pos.append(s.pos_offset + start)
-            slots.append(s.block_table[start // bs] * bs + start % bs)
+            slots.append(s.slot(start, bs))
             lens.append(len(pre) * bs + start + 1)
         pad = rows - n
         vec = host[: 4 * rows].view(4, rows)

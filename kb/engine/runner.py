@@ -131,18 +131,10 @@ class ModelRunner:
         cu, seq_lens, sample_rows, sample_idx, prefix = [0], [], [], [], []
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new)):
             start = seq.num_computed
-            table = seq.block_table
-            if n == 1:  # decode: skip building all_ids
-                p = len(seq.prompt_ids)
-                ids.append(seq.prompt_ids[start] if start < p else seq.output_ids[start - p])
-                pos.append(seq.pos_offset + start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                all_ids = seq.all_ids
-                for j in range(start, start + n):
-                    ids.append(all_ids[j])
-                    pos.append(seq.pos_offset + j)
-                    slots.append(table[j // bs] * bs + j % bs)
+            for j in range(start, start + n):
+                ids.append(seq.token_at(j))
+                pos.append(seq.pos_offset + j)
+                slots.append(seq.slot(j, bs))
             kv_len = start + n
             if seq.corpus_key is not None and per_request:
                 prefix.append(seq.corpus_key)

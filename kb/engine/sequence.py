@@ -63,6 +63,15 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_at(self, i: int) -> int:
+        """Token i of prompt + answer, without building `all_ids`."""
+        p = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < p else self.output_ids[i - p]
+
+    def slot(self, i: int, block_size: int) -> int:
+        """Flat unique-KV slot of token i: its page in `block_table`, its offset in the page."""
+        return self.block_table[i // block_size] * block_size + i % block_size
+
     @property
     def num_pending(self) -> int:
         """Tokens whose KV is not yet computed: the prompt at first, then the last sampled token."""
