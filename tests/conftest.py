@@ -35,6 +35,15 @@ def demo_model(demo_model_dir):
     return load_model(demo_model_dir)
 
 
+class DigitTokenizer:
+    """Token i decodes to str(i) and a space: enough text for an engine over random weights."""
+
+    eos_token_id = None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(f"{i} " for i in ids)
+
+
 def planted_text() -> str:
     """A few pages of real prose (standard-library documentation) with one invented fact."""
     import argparse

@@ -19,6 +19,7 @@ from kb.engine.scheduler import Batch
 from kb.engine.sequence import SamplingParams, Sequence, SeqStatus
 from kb.engine.shared_kv import SharedKV
 from kb.model.loader import LoadedModel
+from tests.conftest import DigitTokenizer
 
 _spec = importlib.util.spec_from_file_location(
     "bench_serve", os.path.join(os.path.dirname(__file__), "..", "bench", "serve.py"))
@@ -39,18 +40,9 @@ def _runner(device: str, dtype: torch.dtype) -> tuple[ModelRunner, BlockManager,
     return runner, BlockManager(POOL, BS), SharedKV("corpus", k, v, chunk_size=CHUNK, pos_offset=N)
 
 
-class _Digits:
-    """Token i decodes to str(i): random weights need no real tokenizer."""
-
-    eos_token_id = None
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return " ".join(map(str, ids))
-
-
 def _tiny_lm(device: str, dtype: torch.dtype) -> LoadedModel:
     model = serve.build_model(serve.tiny(), device, dtype, seed=3, std=0.2)
-    return LoadedModel(model, _Digits(), model.config, Path("."), "tiny", "digits")
+    return LoadedModel(model, DigitTokenizer(), model.config, Path("."), "tiny", "digits")
 
 
 def _decoding(blocks: BlockManager, prompts: list[int], key: str | None | list, seed: int = 0) -> Batch:

@@ -20,18 +20,10 @@ import torch.multiprocessing as mp
 
 from kb.engine.distributed.placement import place
 from kb.model.config import ModelConfig
+from tests.conftest import DigitTokenizer
 
 TIMEOUT_S = 10.0  # the process group's timeout: a dead rank must surface within it
 JOIN_S = 60.0
-
-
-class DigitTokenizer:
-    """Token i decodes to str(i) and a space: enough text for the engine to stream."""
-
-    eos_token_id = None
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return "".join(f"{i} " for i in ids)
 
 
 def _tiny_loaded(device: str = "cpu"):
