@@ -245,7 +245,7 @@ def merge_rows(path: Path, res: dict) -> dict:
     return res
 
 
-def run_unique_rank(world: World, args) -> int:
+def run_bench_rank(world: World, args) -> int:
     dev = str(world.device)
     cuda = world.device.type == "cuda"
     cfg = serve.tiny() if args.tiny else serve.llama31_8b()
@@ -384,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if world.rank == 0:
             with torch.inference_mode():
-                return run_unique_rank(world, args)
+                return run_bench_rank(world, args)
         run_shared_rank(world)
         return 0
     finally:

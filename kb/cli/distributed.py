@@ -1,6 +1,6 @@
 """torchrun entry: rank 0 runs the model and the engine; ranks 1..N hold the corpus's shared KV.
 
-    torchrun --standalone --nproc-per-node 3 -m kb.engine.distributed.launch --shared-ranks 2 \\
+    torchrun --standalone --nproc-per-node 3 -m kb.cli.distributed --shared-ranks 2 \\
         --doc handbook.txt --question "What is the access code?" --density 0.25
 
 Rank 0 loads the model (the demo model or a folder, `--model`), prefills the documents into a
