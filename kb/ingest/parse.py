@@ -7,14 +7,16 @@ with a one-line message; library exceptions never escape.
 
 from __future__ import annotations
 
-import bisect
-import codecs
 import os
-import unicodedata
-from dataclasses import dataclass, field
 from pathlib import PurePath
 
+from kb.ingest.document import ParsedDocument, utf16_without_bom
 from kb.ingest.errors import IngestError
+from kb.ingest.parsers.docx import parse_docx
+from kb.ingest.parsers.html import parse_html
+from kb.ingest.parsers.markdown import parse_markdown
+from kb.ingest.parsers.pdf import parse_pdf
+from kb.ingest.parsers.text import parse_text
 
 # Bytes of the file's head that `detect_type` looks at.
 HEAD_BYTES = 8192
@@ -49,59 +51,8 @@ _BINARY_MAGIC = (
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")  # utf-32 BOMs start with a utf-16 one
 
 
-@dataclass(frozen=True)
-class PageSpan:
-    """Characters [start, end) of `ParsedDocument.text` came from `page` (1-based; None: no pages)."""
-
-    page: int | None
-    start: int
-    end: int
-
-
-@dataclass
-class ParsedDocument:
-    """A document's plain text and where each part of it came from.
-
-    `pages` are ordered and disjoint; characters between spans (page separators) belong to no page,
-    and `page_of` counts them to the page before. Formats without pages have one span, page None.
-    """
-
-    text: str
-    pages: list[PageSpan] = field(default_factory=list)
-    media_type: str = "text"  # the kind: "pdf", "docx", "html", "markdown" or "text"
-    title: str | None = None
-
-
 def _ext(filename: str) -> str:
     return PurePath(filename).suffix.lower()
-
-
-def garbled(text: str) -> bool:
-    """True when over 5% of `text` is replacement, control or unassigned characters: a wrong decoding."""
-    if not text:
-        return False
-    bad = sum(
-        1 for ch in text
-        if ch == "\ufffd" or (unicodedata.category(ch) in ("Cc", "Cn", "Co", "Cs") and ch not in "\t\n\r\f\v")
-    )
-    return bad > 0.05 * len(text)
-
-
-def utf16_without_bom(head: bytes) -> str | None:
-    """'utf-16-le'/'utf-16-be' when `head` is UTF-16 text without a BOM (NULs mostly on one side)."""
-    n = len(head) - len(head) % 2
-    if n < 4:
-        return None
-    even, odd = head[0:n:2], head[1:n:2]
-    for encoding, zeros, other in (("utf-16-le", odd, even), ("utf-16-be", even, odd)):
-        if zeros.count(0) >= 0.2 * len(zeros) and other.count(0) <= 0.05 * len(other):
-            try:  # the head may end inside a surrogate pair: decode it as a prefix
-                text = codecs.getincrementaldecoder(encoding)().decode(head[:n], final=False)
-            except UnicodeDecodeError:
-                continue
-            if "\x00" not in text and not garbled(text):
-                return encoding
-    return None
 
 
 def looks_binary(head: bytes) -> bool:
@@ -152,6 +103,10 @@ def detect_type(filename: str, head: bytes) -> str:
     raise IngestError("unsupported_type", f"Unsupported file type: {filename!s}.")
 
 
+_PARSERS = {"pdf": parse_pdf, "docx": parse_docx, "html": parse_html, "markdown": parse_markdown,
+            "text": parse_text}
+
+
 def parse_bytes(
     data: bytes,
     filename: str,
@@ -167,17 +122,7 @@ def parse_bytes(
     kind = detect_type(filename, data[:HEAD_BYTES])
     if allowed_types is not None and kind not in allowed_types:
         raise IngestError("unsupported_type", f"{kind} files are not accepted here ({filename}).")
-    if kind == "pdf":
-        from kb.ingest.parsers.pdf import parse_pdf as parser
-    elif kind == "docx":
-        from kb.ingest.parsers.docx import parse_docx as parser
-    elif kind == "html":
-        from kb.ingest.parsers.html import parse_html as parser
-    elif kind == "markdown":
-        from kb.ingest.parsers.markdown import parse_markdown as parser
-    else:
-        from kb.ingest.parsers.text import parse_text as parser
-    doc = parser(data, filename)
+    doc = _PARSERS.get(kind, parse_text)(data, filename)
     if not doc.text.strip():
         raise IngestError("no_text", f"No text could be extracted from {filename}.")
     assert all(0 <= p.start <= p.end <= len(doc.text) for p in doc.pages)
@@ -200,26 +145,3 @@ def parse_file(
         # read at most one byte past the limit: the file may have grown since stat
         data = f.read() if max_bytes is None else f.read(max_bytes + 1)
     return parse_bytes(data, name, max_bytes=max_bytes, allowed_types=allowed_types)
-
-
-def page_of(doc: ParsedDocument, char_pos: int) -> int | None:
-    """The page `doc.text[char_pos]` came from; separators between pages count to the page before."""
-    if not 0 <= char_pos <= len(doc.text):
-        raise ValueError(f"char_pos {char_pos} outside text of length {len(doc.text)}")
-    if not doc.pages:
-        return None
-    starts = [p.start for p in doc.pages]
-    i = bisect.bisect_right(starts, char_pos) - 1
-    return doc.pages[max(i, 0)].page
-
-
-def single_page(text: str) -> list[PageSpan]:
-    """The source map of a format without pages: all of the text, page None."""
-    return [PageSpan(None, 0, len(text))]
-
-
-def normalize_newlines(text: str) -> str:
-    """CRLF and lone CR become LF, and a leading BOM goes, so offsets mean the same everywhere."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return text.replace("\r\n", "\n").replace("\r", "\n")

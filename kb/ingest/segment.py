@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import ParsedDocument
+from kb.ingest.document import ParsedDocument
 
 # Boundary strength between two tokens, strongest first.
 PARAGRAPH, SENTENCE, WORD, ANY, INVALID = 4, 3, 2, 1, 0

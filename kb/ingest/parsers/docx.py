@@ -6,7 +6,7 @@ import io
 import zipfile
 
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import ParsedDocument, normalize_newlines, single_page
+from kb.ingest.document import ParsedDocument, normalize_newlines, single_page
 
 # A .docx is a zip: refuse one that inflates past this (a zip bomb) before python-docx reads it.
 MAX_DOCX_UNCOMPRESSED = 512 * 1024 * 1024

@@ -6,7 +6,7 @@ import re
 import warnings
 
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import ParsedDocument, normalize_newlines, single_page
+from kb.ingest.document import ParsedDocument, normalize_newlines, single_page
 
 DROP_TAGS = frozenset({
     "script", "style", "nav", "noscript", "template", "svg", "canvas", "iframe", "object", "embed",

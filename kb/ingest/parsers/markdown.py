@@ -11,7 +11,7 @@ import warnings
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from kb.ingest.parse import ParsedDocument, normalize_newlines, single_page
+from kb.ingest.document import ParsedDocument, normalize_newlines, single_page
 from kb.ingest.parsers.text import decode_text
 
 

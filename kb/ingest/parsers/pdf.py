@@ -6,7 +6,7 @@ import io
 import logging
 
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import PageSpan, ParsedDocument, normalize_newlines
+from kb.ingest.document import PageSpan, ParsedDocument, normalize_newlines
 
 log = logging.getLogger(__name__)
 

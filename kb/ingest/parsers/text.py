@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import (
+from kb.ingest.document import (
     ParsedDocument,
     garbled,
     normalize_newlines,
