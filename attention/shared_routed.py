@@ -164,8 +164,15 @@ def _config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int, interp
                 num_stages=3)
 
 
-# "auto": the rule below; "union": shared_routed_union.py; "scatter": this module's kernel.
+# "auto": the rule below; "grouped": shared_routed_grouped.py (plan/run, spans of chunks);
+# "union": shared_routed_union.py; "scatter": this module's kernel (the first design).
 IMPL = "auto"
+
+
+def _use_grouped(q, chunk_idx) -> bool:
+    """The grouped kernel (plan/run) serves every routed call; the older designs stay for the
+    bench's comparison (H200 figures: docs/KERNELS.md)."""
+    return True
 
 
 def _use_union(q, k, chunk_idx, chunk_size) -> bool:
@@ -181,9 +188,10 @@ def _use_union(q, k, chunk_idx, chunk_size) -> bool:
 def shared_attention_routed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor,
     chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None, plan=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `reference.shared_attention(q, k, v, chunk_idx, ...)`.
+    `plan` (a `shared_routed_grouped.RoutedPlan` of this chunk_idx) runs the grouped kernel.
 
     q[T,Hq,d] fp16/bf16; k, v[N,Hkv,d] in q's dtype or fp8 e4m3 with scales [Hkv] or [C,Hkv];
     chunk_idx[T,Hkv,top_k] int (-1 = padding). Returns (o[T,Hq,d] q.dtype, lse[T,Hq] float32).
@@ -192,6 +200,10 @@ def shared_attention_routed(
     """
     from .combine import combine
 
+    if plan is not None or IMPL == "grouped" or (IMPL == "auto" and _use_grouped(q, chunk_idx)):
+        from .shared_routed_grouped import shared_attention_grouped
+        return shared_attention_grouped(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale,
+                                        plan)
     if IMPL == "union" or (IMPL == "auto" and _use_union(q, k, chunk_idx, chunk_size)):
         from .shared_routed_union import shared_attention_routed_union
         return shared_attention_routed_union(q, k, v, chunk_idx, chunk_size, scale, k_scale,

@@ -1,0 +1,294 @@
+"""Routed shared attention, queries grouped by chunk span, with a plan/run split.
+
+The routing is inverted as an MoE layer inverts expert choice (MoBA's varlen kernel does the
+same): a device-side *plan* sorts every (token, KV head, chosen span) entry by the span it
+reads, so the queries of one span sit together (CSR offsets per (span, KV head)); the *run*
+kernel gives each program tiles of one span's queries (all Hq/Hkv query heads of a token as MMA
+rows), loads the span's K/V once for the tile and writes one 16-bit partial (o, lse) per
+(token, query head, span); `combine.py` merges a row's partials by log-sum-exp.
+
+The kernel's granularity is a *span* of S consecutive selection chunks (S = 1: one chunk). A row
+that chose several chunks of one span gets one partial for all of them (merged in registers), so
+partial traffic falls by the chunks chosen per span; a row that chose only some of a span's
+chunks has the others masked (-inf). Inside a span's group the entries are ordered by their
+mask of chosen chunks, so rows with the same choices share a tile, and a tile skips every chunk
+none of its rows chose.
+
+The plan depends only on chunk_idx (and shapes): the engine builds it once per decode step for
+all layers that share a selection (`RoutedPlan`), as FlashInfer's plan/run wrappers do. It is
+torch ops on the device with grids bounded from shapes alone: no host sync, CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, tl, triton
+from .routed_call import prepare_routed
+
+LOG2E = 1.4426950408889634
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _routed_grouped_kernel(
+        Q, K, V, KS, VS, OP, LP,
+        ORDER, MASKS, OFFSETS, TILE_GROUP, TILE_START, TOTAL,
+        N, num_groups, max_tiles, qk_scale,
+        stride_qt, stride_qh,
+        stride_kn, stride_kh, stride_vn, stride_vh,
+        stride_sc, stride_sh,
+        HKV: tl.constexpr, SLOTS: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr,
+        CHUNK_K: tl.constexpr,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        KV_SCALE: tl.constexpr, DOT: tl.constexpr, PERSIST: tl.constexpr,
+        EVEN: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        if PERSIST:
+            # a fixed grid walks the live tiles (their count is on the device)
+            n_tiles = tl.load(TOTAL)
+            step = tl.num_programs(0)
+        else:
+            n_tiles = tl.minimum(tl.load(TOTAL), max_tiles)
+            step = max_tiles
+        offs_d = tl.arange(0, D)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        for tile in range(pid, n_tiles, step):
+            grp = tl.load(TILE_GROUP + tile)
+            sp = grp // HKV
+            h = grp % HKV
+            # the group's rows are (entry, member g of the GQA group), G per entry
+            r_lo = tl.load(OFFSETS + grp) * G + (tile - tl.load(TILE_START + grp)) * BLOCK_M
+            r_hi = tl.load(OFFSETS + grp + 1) * G
+            rows = r_lo + tl.arange(0, BLOCK_M)
+            row_ok = rows < r_hi
+            e = rows // G
+            g = rows % G
+            # an entry is a flat index (token * HKV + h) * SLOTS + slot; it addresses the
+            # partial (64-bit: T * Hkv * slots * G * d elements can pass 2^31)
+            ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
+            chose = tl.load(MASKS + ent, mask=row_ok, other=0)  # bit j: chunk sp*S+j chosen
+            t = ent // (HKV * SLOTS)
+            q = tl.load(Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
+                        + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(DOT)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, D], tl.float32)
+            for j in tl.static_range(S):
+                sel = ((chose >> j) & 1) != 0
+                if tl.max(sel.to(tl.int32), 0) > 0:  # some row of the tile chose this chunk
+                    c = sp * S + j
+                    if KV_SCALE:
+                        ks = tl.load(KS + c * stride_sc + h * stride_sh)
+                        vs = tl.load(VS + c * stride_sc + h * stride_sh)
+                    base = c.to(tl.int64) * CHUNK
+                    for start in tl.static_range(0, CHUNK_K, BLOCK_N):
+                        offs_n = base + start + offs_n0
+                        if EVEN:
+                            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh
+                                        + offs_d[None, :])
+                            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh
+                                        + offs_d[None, :])
+                        else:
+                            n_ok = (start + offs_n0 < CHUNK) & (offs_n < N)
+                            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh
+                                        + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+                            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh
+                                        + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+                        qk = tl.dot(q, tl.trans(k.to(DOT)))
+                        if KV_SCALE:
+                            qk = qk * ks
+                        if EVEN:
+                            if S > 1:
+                                qk = tl.where(sel[:, None], qk, float("-inf"))
+                        else:
+                            qk = tl.where(sel[:, None] & n_ok[None, :], qk, float("-inf"))
+                        # online softmax (log2 units, scale folded in one FMA per score)
+                        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+                        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                        alpha = tl.exp2(m_i - m_ref)
+                        p = tl.exp2(qk * qk_scale - m_ref[:, None])
+                        l_i = l_i * alpha + tl.sum(p, 1)
+                        if KV_SCALE:
+                            p = p * vs
+                        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+                        m_i = m_new
+            has = l_i > 0
+            o = acc / tl.where(has, l_i, 1.0)[:, None]
+            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
+                           float("-inf"))
+            tl.store(OP + (ent * G + g)[:, None] * D + offs_d[None, :], o.to(OP.dtype.element_ty),
+                     mask=row_ok[:, None])
+            tl.store(LP + ent * G + g, lse, mask=row_ok)
+
+
+@dataclass
+class RoutedPlan:
+    """Device-side routing metadata of one selection, reusable by every layer that shares it.
+
+    Entries are (token, KV head, slot): slot s of a row is its s-th chosen span.
+      order[E]: flat entry indices sorted by (span, KV head), then by chosen-chunk mask, token;
+      masks[E]: per entry (by flat index), bit j set when chunk span*S+j was chosen;
+      offsets[Hkv*NS + 1]: CSR, group (span * Hkv + h)'s entries are order[offsets[g]:...];
+      tile_group / tile_start: each tile's group, each group's first tile; total[1]: live tiles.
+    """
+
+    order: torch.Tensor
+    masks: torch.Tensor
+    offsets: torch.Tensor
+    tile_group: torch.Tensor
+    tile_start: torch.Tensor
+    total: torch.Tensor
+    t: int
+    hkv: int
+    slots: int
+    g: int
+    span: int  # S: selection chunks per kernel span
+    num_chunks: int
+    block_m: int
+
+
+def plan_grouped(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, span: int,
+                 block_m: int) -> RoutedPlan:
+    """Build the plan of `chunk_idx[T, Hkv, k]` (-1 or out of range: padding; repeats count
+    once) on its device, without a host sync."""
+    t, hkv, top_k = chunk_idx.shape
+    dev = chunk_idx.device
+    idx = chunk_idx.long()
+    idx = torch.where((idx < 0) | (idx >= num_chunks), num_chunks, idx)
+    idx, _ = idx.sort(dim=-1)  # padding (= num_chunks) last
+    valid = idx < num_chunks
+    sp = torch.where(valid, idx // span, -1)
+    first = valid.clone()
+    first[..., 1:] &= sp[..., 1:] != sp[..., :-1]  # a new span starts (repeats merge into it)
+    slot = torch.cumsum(first.to(torch.int32), dim=-1) - 1  # rank of the span in its row
+    # a row's slots are columns 0..k-1; padding (and, for the span ids, every entry that is
+    # not its span's first) goes to a spare column k, dropped afterwards
+    n_spans = cdiv(num_chunks, span)
+    col = torch.where(valid, slot, top_k)
+    dup = torch.zeros_like(valid)
+    dup[..., 1:] = valid[..., 1:] & (idx[..., 1:] == idx[..., :-1])
+    bit = torch.where(valid & ~dup, torch.ones_like(idx) << (idx % span), 0)
+    masks = torch.zeros(t, hkv, top_k + 1, dtype=torch.int64, device=dev)
+    masks.scatter_add_(2, col, bit)
+    span_of = torch.full((t, hkv, top_k + 1), n_spans, dtype=torch.int64, device=dev)
+    span_of.scatter_(2, torch.where(first, slot, top_k), torch.where(first, sp, n_spans))
+    masks, span_of = masks[..., :top_k], span_of[..., :top_k]
+    live = span_of < n_spans
+    masks = torch.where(live, masks, 0)
+    head = torch.arange(hkv, device=dev).view(1, hkv, 1)
+    num_groups = n_spans * hkv
+    grp = torch.where(live, span_of * hkv + head, num_groups)
+    tok = torch.arange(t, device=dev).view(t, 1, 1)
+    mbits = 1 << span
+    key = (grp * mbits + masks) * t + tok
+    sorted_key, order = torch.sort(key.flatten())
+    group_sorted = sorted_key // (mbits * t)
+    offsets = torch.searchsorted(group_sorted, torch.arange(num_groups + 1, device=dev))
+    counts = offsets[1:] - offsets[:-1]
+    tiles = (counts * group_size + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    tile_start = tile_end - tiles
+    entries = t * hkv * top_k
+    max_tiles = max(1, cdiv(entries * group_size, block_m) + min(num_groups, entries))
+    tile_group = torch.searchsorted(tile_end, torch.arange(max_tiles, device=dev), right=True)
+    return RoutedPlan(order.to(torch.int32), masks.flatten().to(torch.int32),
+                      offsets.to(torch.int32), tile_group.clamp_max(num_groups - 1).to(torch.int32),
+                      tile_start.to(torch.int32), tile_end[-1:].to(torch.int32), t, hkv, top_k,
+                      group_size, span, num_chunks, block_m)
+
+
+# Bench sweeps set this ({"span", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
+# "persist"}); None: the defaults of `choose_config`.
+CONFIG_OVERRIDE: dict | None = None
+
+
+def choose_config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int,
+                  interp: bool) -> dict:
+    """Launch configuration from shapes alone (so that plan and run agree, and nothing syncs)."""
+    per_group = max(1, t * top_k // max(1, num_chunks))  # expected entries per (chunk, head)
+    if interp:
+        cfg = dict(span=1, BLOCK_M=16 if per_group * g <= 16 else 32,
+                   BLOCK_N=max(8, min(16, triton.next_power_of_2(chunk_size))), persist=False)
+    else:
+        block_m = max(16, min(64, triton.next_power_of_2(per_group * g)))
+        cfg = dict(span=1, BLOCK_M=block_m,
+                   BLOCK_N=max(16, min(128, triton.next_power_of_2(chunk_size))),
+                   num_warps=4, num_stages=2, persist=False)
+    if CONFIG_OVERRIDE is not None:
+        cfg.update(CONFIG_OVERRIDE)
+    return cfg
+
+
+def plan_for(chunk_idx: torch.Tensor, num_chunks: int, g: int, chunk_size: int,
+             interp: bool | None = None) -> RoutedPlan:
+    """The plan `shared_attention_grouped` would build for this selection (build it once and
+    pass it to every layer)."""
+    if interp is None:
+        interp = chunk_idx.device.type != "cuda"
+    t, _, top_k = chunk_idx.shape
+    cfg = choose_config(t, g, top_k, num_chunks, chunk_size, interp)
+    return plan_grouped(chunk_idx, num_chunks, g, cfg["span"], cfg["BLOCK_M"])
+
+
+def shared_attention_grouped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor | None,
+    chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None, plan: RoutedPlan | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of `reference.shared_attention(q, k, v, chunk_idx, ...)`; `plan` (from
+    `plan_for` on the same chunk_idx) skips the plan step. chunk_idx may be None when a plan is
+    given (only its shape is read otherwise)."""
+    from .combine import combine
+
+    if chunk_idx is None:
+        assert plan is not None
+        chunk_idx = torch.empty(plan.t, plan.hkv, plan.slots, dtype=torch.int32, device=q.device)
+    call, done = prepare_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
+    if done:
+        return call.o, call.lse
+    q, k, v, t, hq, d, n, hkv, top_k, g, scale, num_chunks, o, lse, interp = call.unpack()
+    cfg = choose_config(t, g, top_k, num_chunks, chunk_size, interp)
+    if plan is None:
+        plan = plan_grouped(chunk_idx, num_chunks, g, cfg["span"], cfg["BLOCK_M"])
+    assert (plan.t, plan.hkv, plan.slots, plan.g, plan.num_chunks) == (t, hkv, top_k, g,
+                                                                          num_chunks)
+    cfg = dict(cfg)
+    cfg.pop("span")
+    persist = cfg.pop("persist")
+    block_m = cfg.pop("BLOCK_M")
+    assert block_m == plan.block_m
+    block_n = min(cfg.pop("BLOCK_N"), triton.next_power_of_2(chunk_size))
+    o_part = torch.empty(t, hkv, top_k, g, d, dtype=q.dtype, device=q.device)
+    lse_part = torch.full((t, hkv, top_k, g), float("-inf"), dtype=torch.float32,
+                          device=q.device)
+    if k_scale is not None:
+        ks, vs = k_scale.float(), v_scale.float()
+        if ks.dim() == 1:  # per head: the same factor for every chunk
+            ks, vs = ks.expand(num_chunks, hkv), vs.expand(num_chunks, hkv)
+        ssc, ssh = ks.stride(0), ks.stride(1)
+        assert vs.stride() == ks.stride()
+    else:
+        ks = vs = lse_part
+        ssc = ssh = 0
+    max_tiles = plan.tile_group.numel()
+    grid = min(max_tiles, 4 * sms(q.device)) if persist else max_tiles
+    even = chunk_size % block_n == 0 and n % chunk_size == 0
+    _routed_grouped_kernel[(grid,)](
+        q, k, v, ks, vs, o_part, lse_part,
+        plan.order, plan.masks, plan.offsets, plan.tile_group, plan.tile_start, plan.total,
+        n, cdiv(num_chunks, plan.span) * hkv, max_tiles, scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        ssc, ssh,
+        HKV=hkv, SLOTS=top_k, S=plan.span, CHUNK=chunk_size,
+        CHUNK_K=cdiv(chunk_size, block_n) * block_n, G=g, D=d,
+        BLOCK_M=block_m, BLOCK_N=block_n, KV_SCALE=k_scale is not None,
+        DOT=dot_dtype(q.dtype, q.device, k.dtype), PERSIST=persist, EVEN=even, **cfg,
+    )
+    combine(o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
+            lse_part.view(t * hkv, top_k, g).transpose(1, 2),
+            o.view(t * hq, d), lse.view(t * hq))
+    return o, lse

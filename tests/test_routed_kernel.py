@@ -1,0 +1,232 @@
+"""Parity of the grouped routed kernel (attention/shared_routed_grouped.py) with the reference.
+
+Same set-up as tests/test_attention.py: without a GPU the kernel runs under Triton's interpreter
+(TRITON_INTERPRET=1 set before triton is imported; if triton came first, the in-process tests
+skip and test_attention.py's subprocess test covers the interpreter suite of that file, while
+this file's own subprocess test re-runs it). With CUDA the grid runs compiled and the `gpu`
+tests add the Llama-3.1-8B layer shape, persistent grids, spans and graph capture.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import attention  # noqa: E402
+from attention import reference as ref  # noqa: E402
+
+try:
+    from attention._triton import HAS_TRITON, interpreting  # noqa: E402
+except ImportError:  # pragma: no cover
+    HAS_TRITON = False
+
+KERNELS_RUN_HERE = HAS_TRITON and (CUDA or interpreting())
+DEV = "cuda" if CUDA else "cpu"
+kernels = pytest.mark.skipif(not KERNELS_RUN_HERE,
+                             reason="triton was imported before TRITON_INTERPRET=1 could be set")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+TOL = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+LSE_TOL = dict(atol=2e-3, rtol=1e-3)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def make_kv(n, hkv, d, kv, dtype, chunk_size, seed):
+    """K/V in q's 16-bit dtype, or e4m3 with a scale per head ('fp8h') or per chunk ('fp8c')."""
+    g = _gen(seed)
+    k = torch.randn(n, hkv, d, generator=g)
+    v = torch.randn(n, hkv, d, generator=g)
+    if not kv.startswith("fp8"):
+        return k.to(DEV, dtype), v.to(DEV, dtype), None, None
+    c = (n + chunk_size - 1) // chunk_size
+    shape = (hkv,) if kv == "fp8h" else (c, hkv)
+    ks = torch.rand(shape, generator=g) * 0.1 + 0.02
+    vs = torch.rand(shape, generator=g) * 0.1 + 0.02
+    k8 = (k / ref.dequantize(torch.ones_like(k), ks, chunk_size)).to(torch.float8_e4m3fn)
+    v8 = (v / ref.dequantize(torch.ones_like(v), vs, chunk_size)).to(torch.float8_e4m3fn)
+    return k8.to(DEV), v8.to(DEV), ks.to(DEV), vs.to(DEV)
+
+
+def make_selection(t, hkv, num_chunks, top_k, mode, seed, requests=None):
+    """chunk_idx[T, Hkv, k]. 'token': every (token, head) draws its own chunks; 'request': each
+    request (a run of consecutive tokens) draws one set, the same for all its tokens and heads;
+    'runs': per request, contiguous runs of chunks (passages). Zipf-like popularity."""
+    g = _gen(seed)
+    w = 1.0 / torch.arange(1, num_chunks + 1) ** 1.1
+    if mode == "token":
+        return torch.multinomial(w.expand(t * hkv, num_chunks), top_k, replacement=False,
+                                 generator=g).view(t, hkv, top_k).int()
+    requests = requests or max(1, t // 2)
+    owner = torch.arange(t) * requests // t  # token -> request, in runs
+    if mode == "request":
+        sets = torch.multinomial(w.expand(requests, num_chunks), top_k, replacement=False,
+                                 generator=g)
+    else:
+        starts = torch.randint(0, max(1, num_chunks - top_k), (requests, 1), generator=g)
+        sets = (starts + torch.arange(top_k)) % num_chunks
+    return sets[owner].int().unsqueeze(1).expand(t, hkv, top_k).contiguous()
+
+
+def check(o, lse, ro, rlse, dtype):
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    assert torch.isfinite(o).all()
+    torch.testing.assert_close(lse, rlse, **LSE_TOL)
+    torch.testing.assert_close(o.float(), ro.float(), **TOL[dtype])
+
+
+GRID = [
+    # (T, Hq, Hkv, d, N, chunk, k, kv, selection, span)
+    (3, 4, 4, 64, 100, 16, 2, "fp16", "token", 1),
+    (6, 8, 2, 64, 200, 16, 5, "bf16", "token", 2),
+    (5, 8, 2, 32, 300, 16, 7, "bf16", "request", 4),
+    (8, 8, 2, 64, 256, 16, 6, "fp16", "runs", 4),    # passages: spans fill up
+    (4, 6, 2, 32, 90, 24, 3, "bf16", "token", 2),    # chunk not a multiple of the key tile, G=3
+    (7, 3, 1, 128, 64, 8, 3, "bf16", "request", 1),
+    (5, 8, 2, 64, 100, 16, 3, "fp8h", "token", 1),
+    (6, 4, 1, 64, 120, 16, 4, "fp8c", "request", 2),
+    (2, 8, 2, 64, 48, 64, 1, "bf16", "token", 1),    # one partial chunk only
+]
+
+
+@kernels
+@pytest.mark.parametrize("t,hq,hkv,d,n,chunk,top_k,kv,mode,span", GRID)
+def test_grouped_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, mode, span, monkeypatch):
+    from attention import shared_routed_grouped as grouped
+
+    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(span=span))
+    dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
+    c = (n + chunk - 1) // chunk
+    q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, dtype)
+    k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=t + n)
+    idx = make_selection(t, hkv, c, min(top_k, c), mode, seed=t).to(DEV)
+    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, None, ks, vs)
+    check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, None, ks, vs), dtype)
+
+
+@kernels
+@pytest.mark.parametrize("span", [1, 4])
+def test_grouped_padding_repeats_and_empty_rows(span, monkeypatch):
+    from attention import shared_routed_grouped as grouped
+
+    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(span=span))
+    t, hq, hkv, d, n, chunk = 4, 8, 2, 64, 150, 16
+    c = (n + chunk - 1) // chunk
+    q = torch.randn(t, hq, d, generator=_gen(3)).to(DEV, torch.float16)
+    k, v, _, _ = make_kv(n, hkv, d, "fp16", torch.float16, chunk, seed=4)
+    idx = make_selection(t, hkv, c, 4, "token", seed=5).to(DEV)
+    idx[0, 0, 1] = idx[0, 0, 0]   # a repeat: attended once
+    idx[1, 1, :] = -1             # nothing chosen: o = 0, lse = -inf
+    idx[2, 0, 2] = c + 7          # out of range: padding
+    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk)
+    want = idx.clone()
+    want[0, 0, 1] = -1
+    want[2, 0, 2] = -1
+    check(o, lse, *ref.shared_attention(q, k, v, want, chunk), torch.float16)
+    assert torch.isinf(lse[1, 4:]).all() and (o[1, 4:] == 0).all()
+
+
+@kernels
+def test_plan_built_once_serves_every_layer(monkeypatch):
+    """The plan depends on the selection only: one plan, several layers' q/K/V."""
+    from attention import shared_routed_grouped as grouped
+
+    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(span=2))
+    t, hq, hkv, d, n, chunk = 6, 8, 2, 32, 160, 16
+    c = n // chunk
+    idx = make_selection(t, hkv, c, 4, "request", seed=1).to(DEV)
+    plan = grouped.plan_for(idx, c, hq // hkv, chunk)
+    for layer in range(2):
+        q = torch.randn(t, hq, d, generator=_gen(10 + layer)).to(DEV, torch.bfloat16)
+        k, v, _, _ = make_kv(n, hkv, d, "bf16", torch.bfloat16, chunk, seed=20 + layer)
+        o, lse = grouped.shared_attention_grouped(q, k, v, None, chunk, plan=plan)
+        check(o, lse, *ref.shared_attention(q, k, v, idx, chunk), torch.bfloat16)
+
+
+def test_plan_counts_spans_and_masks():
+    """Plan bookkeeping (torch only, any device): one entry per chosen span, its mask the
+    chunks chosen in it, CSR counts per (span, head)."""
+    from attention.shared_routed_grouped import plan_grouped
+
+    idx = torch.tensor([[[0, 1, 5, -1]], [[5, 4, 4, 9]]], dtype=torch.int32)  # T=2, Hkv=1
+    p = plan_grouped(idx, num_chunks=8, group_size=2, span=4, block_m=16)
+    masks = p.masks.view(2, 1, 4)
+    assert masks[0, 0].tolist() == [0b0011, 0b0010, 0, 0]   # chunks {0,1} | {5}
+    assert masks[1, 0].tolist() == [0b0011, 0, 0, 0]        # {4,5}; 9 is out of range
+    counts = (p.offsets[1:] - p.offsets[:-1]).tolist()
+    assert counts == [1, 2]                                  # span 0: token 0; span 1: both
+    assert int(p.total) == 2
+
+
+def test_interpreter_suite_in_subprocess():
+    """Runs this file's kernel tests in a fresh process when this one could not interpret them."""
+    if KERNELS_RUN_HERE or not HAS_TRITON:
+        pytest.skip("kernel tests ran in this process" if HAS_TRITON else "no triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "-m", "not gpu", __file__], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout
+
+
+# ---------------------------------------------------------------- larger shapes, on the GPU
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("t,top_k,mode,kv,span,persist", [
+    (1, 8, "token", "bf16", 1, False), (128, 16, "request", "bf16", 1, True),
+    (64, 40, "token", "fp8c", 2, False), (96, 24, "runs", "fp16", 4, True),
+    (256, 12, "request", "bf16", 2, False)])
+def test_gpu_grouped_llama_shape(t, top_k, mode, kv, span, persist, monkeypatch):
+    from attention import shared_routed_grouped as grouped
+
+    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(span=span, persist=persist))
+    dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
+    n, chunk = 6000, 128
+    c = (n + chunk - 1) // chunk
+    q = torch.randn(t, 32, 128, generator=_gen(t)).to(DEV, dtype)
+    k, v, ks, vs = make_kv(n, 8, 128, kv, dtype, chunk, seed=t)
+    idx = make_selection(t, 8, c, min(top_k, c), mode, seed=t, requests=max(1, t // 2)).to(DEV)
+    o, lse = attention.shared_attention(q, k, v, idx, chunk, None, ks, vs)
+    check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, None, ks, vs), dtype)
+    o2, lse2 = attention.shared_attention(q, k, v, idx, chunk, None, ks, vs)
+    assert torch.equal(o, o2) and torch.equal(lse, lse2)  # no race: same inputs, same bits
+
+
+@gpu
+@needs_cuda
+def test_gpu_plan_and_run_capture_in_a_cuda_graph():
+    """Plan once inside the graph, run two layers from it; replays follow new selections."""
+    n, chunk, t = 4096, 128, 48
+    c = n // chunk
+    q = torch.randn(t, 32, 128, device=DEV, dtype=torch.bfloat16)
+    kvs = [make_kv(n, 8, 128, "bf16", torch.bfloat16, chunk, seed=s)[:2] for s in (1, 2)]
+    idx = make_selection(t, 8, c, 8, "request", seed=2).to(DEV)
+
+    def step():
+        plan = attention.plan_routed(idx, c, 4, chunk)
+        return [attention.shared_attention(q, k, v, None, chunk, plan=plan) for k, v in kvs]
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    idx.copy_(make_selection(t, 8, c, 8, "request", seed=3).to(DEV))
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    for (o, lse), (k, v) in zip(outs, kvs):
+        check(o, lse, *ref.shared_attention(q, k, v, idx, chunk), torch.bfloat16)
