@@ -26,7 +26,7 @@ import torch
 
 from . import cpu_shared, reference
 
-__all__ = ["shared_attention", "unique_attention", "merge", "route", "reference", "use_triton"]
+__all__ = ["shared_attention", "plan_routed", "unique_attention", "merge", "route", "reference", "use_triton"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -38,18 +38,30 @@ def use_triton(q: torch.Tensor) -> bool:
 
 
 def shared_attention(q, k, v, chunk_idx=None, chunk_size=64, scale=None, k_scale=None,
-                     v_scale=None):
+                     v_scale=None, plan=None):
     """All queries of a step against the shared KV, dense (chunk_idx None) or routed.
-    Contract: `reference.shared_attention`."""
+    Contract: `reference.shared_attention`. `plan` (from `plan_routed` on the same chunk_idx):
+    routing metadata built once for every layer sharing the selection (the CUDA kernel uses it)."""
     if use_triton(q):
-        if chunk_idx is None:
+        if chunk_idx is None and plan is None:
             from .shared_dense import shared_attention_dense
             return shared_attention_dense(q, k, v, chunk_size, scale, k_scale, v_scale)
         from .shared_routed import shared_attention_routed
-        return shared_attention_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
+        return shared_attention_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale,
+                                       plan)
     if q.device.type == "cpu":
         return cpu_shared.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
     return reference.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
+
+
+def plan_routed(chunk_idx, num_chunks, group_size, chunk_size):
+    """Routing metadata of chunk_idx[T, Hkv, k] for the CUDA routed kernel, built on the device
+    without a host sync (graph-capturable): build once per step, hand it to every layer's
+    `shared_attention(..., plan=)`. None off the CUDA path (nothing to plan)."""
+    if not (_HAS_TRITON and chunk_idx.is_cuda):
+        return None
+    from .shared_routed_grouped import plan_for
+    return plan_for(chunk_idx, num_chunks, group_size, chunk_size)
 
 
 def unique_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale=None):
