@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
+from fastapi_offline import FastAPIOffline
 
 from kb.api import auth, cache, chat, corpora, jobs, ops
 from kb.api.deps import error
@@ -31,7 +32,8 @@ def create_app(kb: KnowledgeBase | None = None, warm: bool = True, ui: bool = Tr
         yield
         kb.close()
 
-    app = FastAPI(title="kb", version="0.1.0", lifespan=lifespan,
+    # /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline package, not a CDN
+    app = FastAPIOffline(title="kb", version="0.1.0", lifespan=lifespan,
                   description="Shared-context knowledge base: chat over corpora whose KV cache is computed once.")
     app.state.kb = kb
 
