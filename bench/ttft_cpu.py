@@ -34,7 +34,7 @@ from kb.engine.sequence import SamplingParams  # noqa: E402
 from kb.engine.shared_kv import SharedKV  # noqa: E402
 from kb.model.demo import ensure_demo_model  # noqa: E402
 from kb.model.loader import load_model  # noqa: E402
-from kb.precompute import prefill_preamble, prefill_segments  # noqa: E402
+from kb.ingest.precompute import prefill_preamble, prefill_segments  # noqa: E402
 from kb.prompt import build_prompt, encode, preamble_text  # noqa: E402
 from kb.settings import Settings  # noqa: E402
 

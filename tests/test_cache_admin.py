@@ -274,7 +274,7 @@ def test_linked_segments_follow_their_predecessor_and_a_rebuild_links_them_alike
     """KB_PIC=linked: each segment is prefilled after the last tokens of the document's previous
     segment (read back from the database, so rebuilding one segment alone gives what the whole
     build gave); only the segments' own tokens are stored."""
-    from kb.precompute import prefill_segments
+    from kb.ingest.precompute import prefill_segments
     from storage.kvstore import read_kv
 
     kb = make_kb(tmp_path / "home", pic="linked", pic_link_tokens=24)

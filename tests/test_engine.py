@@ -12,7 +12,7 @@ from kb.engine.request import Finished
 from kb.engine.scheduler import RequestTooLong, Scheduler
 from kb.engine.sequence import SamplingParams, Sequence
 from kb.engine.shared_kv import SharedKV
-from kb.precompute import prefill_preamble, prefill_segments
+from kb.ingest.precompute import prefill_preamble, prefill_segments
 
 
 def _shared(lm, preamble, segment) -> SharedKV:

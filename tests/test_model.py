@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kb.engine.attention_backend import SegmentPrefill
+from kb.ingest.precompute import SegmentPrefill
 from kb.model.config import ModelConfig, UnsupportedModelError
 from kb.model.loader import load_model
 

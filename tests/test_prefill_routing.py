@@ -15,7 +15,7 @@ from kb.engine.routing import CorpusRouter
 from kb.engine.runner import default_prefill_routing
 from kb.engine.sequence import SamplingParams
 from kb.engine.shared_kv import SharedKV
-from kb.precompute import prefill_preamble, prefill_segments
+from kb.ingest.precompute import prefill_preamble, prefill_segments
 from tests.conftest import FACT_QUESTION, planted_text
 
 

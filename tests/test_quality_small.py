@@ -80,13 +80,13 @@ def _tiny_model():
 
 
 def _prefill(model, preamble, segments, **kw):
-    from kb.precompute import prefill_segments
+    from kb.ingest.precompute import prefill_segments
 
     return {j: (k, v) for j, k, v in prefill_segments(model, preamble, segments, max_batch_tokens=64, **kw)}
 
 
 def test_position_independence_schemes():
-    from kb.precompute import prefill_preamble
+    from kb.ingest.precompute import prefill_preamble
 
     model = _tiny_model()
     g = torch.Generator().manual_seed(1)

@@ -29,7 +29,7 @@ def build_corpus(lm, texts: list[str], system_prompt: str, segment_len: int, chu
     """Prefill the texts as one corpus (segments at consecutive positions after the preamble)."""
     from kb.engine.routing import CorpusRouter
     from kb.engine.shared_kv import SharedKV
-    from kb.precompute import prefill_preamble, prefill_segments
+    from kb.ingest.precompute import prefill_preamble, prefill_segments
     from kb.prompt import encode, preamble_text
 
     tok = lm.tokenizer

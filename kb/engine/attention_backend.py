@@ -1,7 +1,6 @@
-"""Per-step attention backends handed to the model (`attend(layer, q, k, v) -> o`).
+"""The serving step's attention backend handed to the model (`attend(layer, q, k, v) -> o`;
+prefill of corpus segments has its own, `kb.ingest.precompute.SegmentPrefill`).
 
-- `SegmentPrefill`: causal attention inside each packed sequence, recording keys and values:
-  how a corpus's segments are precomputed.
 - `ServeAttention`: the serving step. New tokens' k/v go into each request's unique pages; the
   unique attention runs for all requests at once; then, per corpus, the queries of all its
   requests meet the corpus's shared KV together (one GEMM, routed or dense), and the two partial
@@ -19,29 +18,6 @@ import torch.nn.functional as F
 import attention
 from attention import cpu_shared
 from kb.engine.shared_kv import SharedKV
-
-
-@dataclass
-class SegmentPrefill:
-    cu_seqlens: list[int]  # packed sequence boundaries, len B+1
-    keep_from: list[int]  # per sequence: first token whose k/v is recorded
-    k_out: list[torch.Tensor] = field(default_factory=list)  # per layer [sum kept, Hkv, d]
-    v_out: list[torch.Tensor] = field(default_factory=list)
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(q)
-        keep_k, keep_v = [], []
-        for b in range(len(self.cu_seqlens) - 1):
-            s, e = self.cu_seqlens[b], self.cu_seqlens[b + 1]
-            # [H, S, d] layout for SDPA; GQA heads expand inside SDPA
-            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                               v[s:e].transpose(0, 1), is_causal=True, enable_gqa=True)
-            out[s:e] = o.transpose(0, 1)
-            keep_k.append(k[s + self.keep_from[b]:e])
-            keep_v.append(v[s + self.keep_from[b]:e])
-        self.k_out.append(torch.cat(keep_k))
-        self.v_out.append(torch.cat(keep_v))
-        return out
 
 
 @dataclass

@@ -23,7 +23,7 @@ from kb.ingest.errors import IngestError
 from kb.ingest.parse import parse_bytes
 from kb.ingest.segment import cut_segments
 from kb.model.loader import LoadedModel
-from kb.precompute import prefill_preamble, prefill_segments
+from kb.ingest.precompute import prefill_preamble, prefill_segments
 from kb.prompt import encode, preamble_text
 from kb.settings import Settings
 from storage.db import Database

@@ -17,15 +17,41 @@ tokens to keep the device busy. How a segment is made position-independent is th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
-from kb.engine.attention_backend import SegmentPrefill
 from kb.model.llama import Transformer
 
 PIC_SCHEMES = ("shared", "own", "linked")
+
+
+@dataclass
+class SegmentPrefill:
+    """The prefill backend: causal attention inside each packed sequence, recording the keys and
+    values of each sequence from `keep_from` on (what a segment stores)."""
+
+    cu_seqlens: list[int]  # packed sequence boundaries, len B+1
+    keep_from: list[int]  # per sequence: first token whose k/v is recorded
+    k_out: list[torch.Tensor] = field(default_factory=list)  # per layer [sum kept, Hkv, d]
+    v_out: list[torch.Tensor] = field(default_factory=list)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        keep_k, keep_v = [], []
+        for b in range(len(self.cu_seqlens) - 1):
+            s, e = self.cu_seqlens[b], self.cu_seqlens[b + 1]
+            # [H, S, d] layout for SDPA; GQA heads expand inside SDPA
+            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
+                                               v[s:e].transpose(0, 1), is_causal=True, enable_gqa=True)
+            out[s:e] = o.transpose(0, 1)
+            keep_k.append(k[s + self.keep_from[b]:e])
+            keep_v.append(v[s + self.keep_from[b]:e])
+        self.k_out.append(torch.cat(keep_k))
+        self.v_out.append(torch.cat(keep_v))
+        return out
 
 
 @dataclass(frozen=True)
