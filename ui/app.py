@@ -5,6 +5,7 @@ import asyncio
 
 import gradio as gr
 
+from kb.api.ui_files import UploadRegistry
 from kb.service import KnowledgeBase
 from ui.admin import build_admin_tab
 from ui.chat import build_chat_tab
@@ -17,8 +18,11 @@ CSS = """  /* passed to mount_gradio_app (Gradio 6 takes css at launch/mount) */
 """
 
 
-def build_ui(kb: KnowledgeBase) -> gr.Blocks:
-    """The Blocks app; each event resolves its user from the request (cookie or API key)."""
+def build_ui(kb: KnowledgeBase, uploads: UploadRegistry | None = None) -> gr.Blocks:
+    """The Blocks app; each event resolves its user from the request (cookie or API key).
+    `uploads` names the files each caller uploaded (kb.api.ui_files); without it no event
+    accepts a file."""
+    uploads = uploads or UploadRegistry(kb.home / "ui-uploads")
     with gr.Blocks(title="kb: shared-context knowledge base", analytics_enabled=False) as demo:
         with gr.Row():
             gr.Markdown("## kb · chat over shared corpora")
@@ -27,7 +31,7 @@ def build_ui(kb: KnowledgeBase) -> gr.Blocks:
             with gr.Tab("Chat", id="chat", elem_id="tab-chat") as chat_tab:
                 chat = build_chat_tab(kb)
             with gr.Tab("Corpora", id="corpora", elem_id="tab-corpora") as corpora_tab:
-                corpora = build_corpora_tab(kb)
+                corpora = build_corpora_tab(kb, uploads)
             with gr.Tab("Admin", id="admin", visible=False, elem_id="tab-admin") as admin_tab:
                 admin = build_admin_tab(kb, corpora["tracker"])
 

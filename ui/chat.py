@@ -40,6 +40,20 @@ def citation_message(i: int, c: dict) -> dict:
             "metadata": {"title": f"[{i}] {c['document']}{page}{score}", "status": "done"}}
 
 
+def text_only(messages: list[dict]) -> list[dict]:
+    """The chat's messages if each is text only; a file or component part is refused (no
+    feature needs one, and a file part naming a server path was issue 15's file-read hole)."""
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        parts = content if isinstance(content, list) else [content]
+        for p in parts:
+            if isinstance(p, str) or (isinstance(p, dict) and p.get("type") == "text"
+                                      and isinstance(p.get("text"), str)):
+                continue
+            raise KBError("the chat takes text only: no files or components in messages")
+    return messages
+
+
 def model_history(messages: list[dict]) -> list[dict]:
     """The turns the model sees: user questions and answers, not the citation messages."""
     out = []
@@ -163,7 +177,7 @@ class ChatHandlers:
             raise KBError("pick a corpus first")
         if not question:
             raise KBError("the question is empty")
-        messages = list(messages or [])
+        messages = text_only(list(messages or []))
         history = model_history(messages)
         if session_id is None:
             session_id = await asyncio.to_thread(_new_session, kb, user, corpus, question)
@@ -202,7 +216,7 @@ class ChatHandlers:
     async def retry(self, messages: list[dict] | None, corpus: str | None, session_id: int | None,
                     request: gr.Request):
         """Ask the last question again, replacing its answer."""
-        messages = list(messages or [])
+        messages = text_only(list(messages or []))
         last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
         if last is None:
             raise KBError("nothing to retry yet")

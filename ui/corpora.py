@@ -19,6 +19,7 @@ import gradio as gr
 import pandas as pd
 from sqlalchemy import select
 
+from kb.api.ui_files import UploadRegistry, caller_owner
 from kb.auth import Principal, check_write, set_visibility
 from kb.errors import KBError, NotFound
 from kb.ingest.pipeline import _safe_filename
@@ -220,9 +221,20 @@ def create_corpus(kb: KnowledgeBase, user: Principal, name: str, visibility: str
     return f"created corpus {name.strip()} ({visibility})"
 
 
+def own_uploads(uploads: UploadRegistry, owner: str, files: list[str]) -> list[str]:
+    """The files, if every one is the caller's own upload in our upload folder (no link out of
+    it); else KBError, naming no path (the web app's file-read hole of issue 15)."""
+    for f in files:
+        if not uploads.allowed(str(f), owner):
+            log.warning("upload event refused a file not uploaded by %s: %.200s", owner, f)
+            raise KBError("that file was not uploaded through this app by you: drop it again")
+    return files
+
+
 class CorporaHandlers:
-    def __init__(self, kb: KnowledgeBase):
+    def __init__(self, kb: KnowledgeBase, uploads: UploadRegistry | None = None):
         self.kb, self.tracker = kb, Tracker()
+        self.uploads = uploads or UploadRegistry(kb.home / "ui-uploads")
 
     async def _run(self, fn, request: gr.Request, *args):
         return await asyncio.to_thread(fn, self.kb, user_of(self.kb, request), *args)
@@ -242,8 +254,10 @@ class CorporaHandlers:
     async def upload(self, name: str | None, files: list[str] | None, request: gr.Request):
         if not name:
             raise KBError("pick or create a corpus first")
-        msg = await asyncio.to_thread(start_ingest, self.kb, self.tracker, user_of(self.kb, request), name,
-                                      list(files or []))
+        user = user_of(self.kb, request)
+        owner = await asyncio.to_thread(caller_owner, self.kb, request.headers, request.cookies)
+        paths = own_uploads(self.uploads, owner, [str(f) for f in files or []])
+        msg = await asyncio.to_thread(start_ingest, self.kb, self.tracker, user, name, paths)
         return msg, None
 
     @shown_errors
@@ -268,8 +282,8 @@ class CorporaHandlers:
         return await asyncio.to_thread(rebuild, self.kb, self.tracker, user_of(self.kb, request), name)
 
 
-def build_corpora_tab(kb: KnowledgeBase) -> dict[str, Any]:
-    h = CorporaHandlers(kb)
+def build_corpora_tab(kb: KnowledgeBase, uploads: UploadRegistry | None = None) -> dict[str, Any]:
+    h = CorporaHandlers(kb, uploads)
     with gr.Row():
         with gr.Column(scale=1):
             gr.Markdown("### New corpus")

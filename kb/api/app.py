@@ -18,6 +18,7 @@ from kb.service import KnowledgeBase
 
 log = logging.getLogger(__name__)
 
+_PRIVATE = ("kb.sqlite3", "session.secret", "kv", "files", "models")  # never served by Gradio
 ROUTERS = (auth.router, chat.router, corpora.router, ops.router, cache.router, jobs.router)
 
 
@@ -50,9 +51,22 @@ def create_app(kb: KnowledgeBase | None = None, warm: bool = True, ui: bool = Tr
 
 
 def _mount_ui(app: FastAPI, kb: KnowledgeBase) -> None:
+    import os
+
     import gradio as gr
 
+    from kb.api.ui_files import GradioFileGuard, UploadRegistry, caller_owner
     from ui.app import CSS, build_ui
+
+    # Gradio's uploads go to our own folder (never a shared /tmp/gradio), and only files its
+    # upload route wrote there, for the caller who uploaded them, reach an event or /file=
+    upload_dir = kb.home / "ui-uploads"
+    upload_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(upload_dir)
+    uploads = UploadRegistry(upload_dir)
+
+    def owner_of(headers, cookies) -> str:
+        return caller_owner(kb, headers, cookies)
 
     def ui_user(request: Request) -> str | None:
         """Gradio's guard: with auth on, only signed-in users (cookie or API key) reach the UI."""
@@ -66,5 +80,13 @@ def _mount_ui(app: FastAPI, kb: KnowledgeBase) -> None:
             return RedirectResponse("login", status_code=303)
         return await call_next(request)
 
-    gr.mount_gradio_app(app, build_ui(kb), path="/", footer_links=["api"], css=CSS,
-                        auth_dependency=ui_user if auth.auth_on(kb) else None)
+    blocks = build_ui(kb, uploads)
+    gr.mount_gradio_app(app, blocks, path="/", footer_links=["api"], css=CSS,
+                        auth_dependency=ui_user if auth.auth_on(kb) else None,
+                        max_file_size=int(kb.settings.max_upload_mb * 2**20), run_history=False,
+                        allowed_paths=[], blocked_paths=[str(kb.home / n) for n in _PRIVATE])
+    # mounted, the Blocks are never "launched": Gradio's check that an event's file was really
+    # uploaded (processing_utils._check_allowed) would return early. Mark them as launch() does.
+    blocks.has_launched = True
+    blocks.is_running = True
+    app.add_middleware(GradioFileGuard, registry=uploads, owner_of=owner_of, browser_keys=not auth.auth_on(kb))
