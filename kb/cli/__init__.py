@@ -12,7 +12,7 @@ import sys
 
 from kb.errors import KBError
 
-COMMAND_MODULES = ("kb.cli.corpus", "kb.cli.ask", "kb.cli.serve", "kb.cli.users", "kb.cli.jobs", "kb.cli.cache")
+COMMAND_MODULES = ("kb.cli.corpus", "kb.cli.ask", "kb.cli.chat", "kb.cli.serve", "kb.cli.users", "kb.cli.jobs", "kb.cli.cache")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,12 +10,12 @@ KV. Pin, unpin, rebuild and delete act through the database for every process ei
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
 
 from kb.cli.common import knowledge_base as _kb
 from kb.cli.common import print_json_or_empty
+from kb.cli.names import require_corpus, require_job
+from kb.cli.server_client import ServerClient, explicit_url
 
 
 def _size(n: int) -> str:
@@ -27,6 +27,8 @@ def _size(n: int) -> str:
 
 
 def cmd_cache_list(args) -> int:
+    if args.name:
+        require_corpus(args.name)
     from kb import cache_admin
 
     rows = cache_admin.lookup(_kb(), args.name)
@@ -40,52 +42,9 @@ def cmd_cache_list(args) -> int:
     return 0
 
 
-class _Server:
-    """A running server's cache endpoints (`kb serve`), for commands given `--server`."""
-
-    def __init__(self, url: str, timeout_s: float = 30.0):
-        import httpx
-
-        key = os.environ.get("KB_API_KEY")
-        self.client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s,
-                                   headers={"Authorization": f"Bearer {key}"} if key else {})
-
-    def _json(self, method: str, path: str, **kw) -> dict:
-        import httpx
-
-        from kb.errors import KBError
-
-        try:
-            r = self.client.request(method, path, **kw)
-        except httpx.HTTPError as e:
-            raise KBError(f"cannot reach the server at {self.client.base_url}: {e}") from e
-        if r.status_code >= 400:
-            try:
-                detail = r.json().get("error", {}).get("message") or r.json().get("detail") or r.text
-            except ValueError:
-                detail = r.text
-            raise KBError(f"server said {r.status_code}: {detail}")
-        return r.json()
-
-    def submit(self, op: str, name: str, tier: str | None) -> str:
-        params = {"tier": tier} if tier else {}
-        return self._json("POST", f"/v1/cache/{name}/{op}", params=params)["event_id"]
-
-    def event(self, event_id: str) -> dict:
-        return self._json("GET", f"/v1/cache/events/{event_id}")
-
-    def wait(self, event_id: str, timeout_s: float = 600.0) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            ev = self.event(event_id)
-            if ev["status"] in ("done", "failed", "cancelled") or time.monotonic() > deadline:
-                return ev
-            time.sleep(0.2)
-
-
-def _server(args) -> _Server | None:
-    url = getattr(args, "server", None) or os.environ.get("KB_SERVER")
-    return _Server(url) if url else None
+def _server(args) -> ServerClient | None:
+    url = explicit_url(args)
+    return ServerClient(url) if url else None
 
 
 def _print_event_dict(ev: dict) -> None:
@@ -96,8 +55,6 @@ def _print_event_dict(ev: dict) -> None:
 
 
 def _submit(args, op: str) -> int:
-    from kb import cache_admin
-
     server = _server(args)
     if server is not None:
         event_id = server.submit(op, args.name, getattr(args, "tier", None))
@@ -107,6 +64,9 @@ def _submit(args, op: str) -> int:
         ev = server.wait(event_id)
         _print_event_dict(ev)
         return 1 if ev["status"] == "failed" else 0
+    require_corpus(args.name)
+    from kb import cache_admin
+
     kb = _kb()
     event_id = cache_admin.submit(kb, op, args.name, getattr(args, "tier", None))
     if not args.wait:
@@ -118,10 +78,14 @@ def _submit(args, op: str) -> int:
 
 
 def cmd_cache_status(args) -> int:
-    from kb import cache_admin
-
     server = _server(args)
-    ev = server.event(args.event_id) if server else cache_admin.event(_kb(), args.event_id).to_dict()
+    if server is None:
+        require_job(args.event_id, "cache", f"no cache event {args.event_id!r}")
+        from kb import cache_admin
+
+        ev = cache_admin.event(_kb(), args.event_id).to_dict()
+    else:
+        ev = server.event(args.event_id)
     if args.json:
         print(json.dumps(ev, indent=2))
     else:

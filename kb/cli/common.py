@@ -9,6 +9,14 @@ def knowledge_base():
     return KnowledgeBase()
 
 
+def database():
+    """The knowledge base's database alone (no model, no engine): for commands that need no
+    more, e.g. `kb user ...`, which then answer in about a second instead of six."""
+    from kb.settings import Settings
+    from storage.db import Database
+
+    return Database(Settings().resolved_database_url)
+
 
 
 def print_json_or_empty(rows: list, as_json: bool, empty: str) -> bool:

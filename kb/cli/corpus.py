@@ -6,6 +6,7 @@ import sys
 
 from kb.cli.common import knowledge_base as _kb
 from kb.cli.common import print_json_or_empty
+from kb.cli.names import require_corpus
 
 
 def cmd_corpus_create(args) -> int:
@@ -25,6 +26,7 @@ def cmd_corpus_list(args) -> int:
 
 
 def cmd_corpus_delete(args) -> int:
+    require_corpus(args.name)
     _kb().delete_corpus(args.name)
     print(f"deleted corpus {args.name}")
     return 0
@@ -33,10 +35,10 @@ def cmd_corpus_delete(args) -> int:
 def cmd_ingest(args) -> int:
     """Ingest through the job path: without KB_REDIS_URL an in-process worker runs the jobs
     until they finish; with it, `kb worker` processes do, and this waits (or not: --no-wait)."""
+    require_corpus(args.name)  # before anything heavy loads: a typo is reported at once
     from kb.jobs import jobs_for
 
     kb = _kb()
-    kb.corpus_info(args.name)  # fail fast on an unknown corpus
     jobs = jobs_for(kb)
     try:
         subs = jobs.submit(args.name, args.files, start_worker=not args.no_wait)

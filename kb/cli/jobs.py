@@ -8,6 +8,7 @@ import threading
 
 from kb.cli.common import knowledge_base as _kb
 from kb.cli.common import print_json_or_empty
+from kb.cli.names import require_corpus, require_job
 
 
 def cmd_worker(args) -> int:
@@ -45,6 +46,8 @@ def _fmt_eta(eta: float | None) -> str:
 
 
 def cmd_jobs_list(args) -> int:
+    if args.corpus:
+        require_corpus(args.corpus)
     from kb.jobs import jobs_for
 
     rows = jobs_for(_kb()).queue.list(args.corpus)
@@ -62,6 +65,7 @@ def cmd_jobs_list(args) -> int:
 
 
 def cmd_jobs_cancel(args) -> int:
+    require_job(args.id, "ingest", f"job {args.id!r} does not exist")
     from kb.jobs import jobs_for
 
     info = jobs_for(_kb()).queue.cancel(args.id)
@@ -70,6 +74,7 @@ def cmd_jobs_cancel(args) -> int:
 
 
 def cmd_jobs_retry(args) -> int:
+    require_job(args.id, "ingest", f"job {args.id!r} does not exist")
     from kb.jobs import jobs_for
 
     jobs = jobs_for(_kb())

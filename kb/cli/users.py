@@ -6,7 +6,8 @@ from __future__ import annotations
 import getpass
 import sys
 
-from kb.cli.common import knowledge_base as _kb
+from kb.cli.common import database
+from kb.cli.names import require_user
 from kb.errors import KBError
 
 
@@ -25,32 +26,35 @@ def _read_password(args) -> str:
 def cmd_user_add(args) -> int:
     from kb.auth import create_user
 
-    user = create_user(_kb().db, args.name, _read_password(args), admin=args.admin)
+    user = create_user(database(), args.name, _read_password(args), admin=args.admin)
     print(f"created user {user.name}{' (admin)' if user.is_admin else ''}")
     return 0
 
 
 def cmd_user_password(args) -> int:
+    require_user(args.name)
     from kb.auth import set_password
 
-    set_password(_kb().db, args.name, _read_password(args))
+    set_password(database(), args.name, _read_password(args))
     print(f"password of {args.name} changed; their sessions end")
     return 0
 
 
 def cmd_user_key(args) -> int:
+    require_user(args.name)
     from kb.auth import create_api_key
 
-    key = create_api_key(_kb().db, args.name, args.label)
+    key = create_api_key(database(), args.name, args.label)
     print(key)
     print("shown once: only its hash is stored. Use it as `Authorization: Bearer <key>`.", file=sys.stderr)
     return 0
 
 
 def cmd_user_keys(args) -> int:
+    require_user(args.name)
     from kb.auth import list_api_keys
 
-    keys = list_api_keys(_kb().db, args.name)
+    keys = list_api_keys(database(), args.name)
     if not keys:
         print(f"{args.name} has no API keys: kb user key {args.name}")
     for k in keys:
@@ -63,7 +67,7 @@ def cmd_user_keys(args) -> int:
 def cmd_user_revoke(args) -> int:
     from kb.auth import revoke_api_key
 
-    owner = revoke_api_key(_kb().db, args.prefix)
+    owner = revoke_api_key(database(), args.prefix)
     print(f"revoked the key {args.prefix}... of {owner}: it no longer signs in")
     return 0
 
@@ -71,7 +75,7 @@ def cmd_user_revoke(args) -> int:
 def cmd_user_list(args) -> int:
     from kb.auth import list_users
 
-    users = list_users(_kb().db)
+    users = list_users(database())
     if not users:
         print("no users yet: kb user add NAME --admin")
     for u in users:
