@@ -31,6 +31,9 @@ class CorpusGroup:
     # (start, length) of each request's run within the group's rows, when a request's prefill
     # shares one chunk selection (prefill_routing "request"); None: every token routes alone
     spans: list[tuple[int, int]] | None = None
+    # per-request chunk selections of these rows, planned once for all layers
+    # (kb.engine.routed_plan.StepSelection); None: the corpus router chooses per layer
+    selection: object | None = None
 
 
 def _unique(q, kc, vc, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -72,10 +75,13 @@ class ServeAttention:
         for g in self.groups:
             sh = g.shared
             qg = q if g.rows is None else q.index_select(0, g.rows)
-            idx = None
-            if sh.routed:
+            idx = plan = None
+            if g.selection is not None:
+                idx, plan = g.selection.for_layer(layer)
+            elif sh.routed:
                 idx = sh.router.route(layer, qg, sh.top_k, g.spans)
-            o_s, lse_s = self._shared_partial(sh, layer, qg, idx)
+            o_s, lse_s = (self._shared_partial(sh, layer, qg, idx) if plan is None else
+                          self._shared_partial(sh, layer, qg, idx, plan=plan))
             if g.rows is None:
                 o_m, lse_m = attention.merge(o_s, lse_s, o, lse)
                 o = o_m.to(o.dtype)
@@ -87,14 +93,15 @@ class ServeAttention:
                 self._accumulate_mass(qg, sh, layer, g.seq_of_row, lse_m)
         return o
 
-    def _shared_partial(self, sh: SharedKV, layer: int, q: torch.Tensor, idx: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shared_partial(self, sh: SharedKV, layer: int, q: torch.Tensor, idx: torch.Tensor | None,
+                        plan: object | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Partial (o, lse) of q over one corpus's shared KV (the distributed backend asks the
-        shared ranks instead)."""
+        shared ranks instead); `plan`: the step's routing metadata for idx (routed_plan.py)."""
         k_scale, v_scale = sh.meta.get("k_scale"), sh.meta.get("v_scale")  # fp8 KV: per layer
         return attention.shared_attention(q, sh.k[layer], sh.v[layer], idx, sh.chunk_size,
                                           k_scale=None if k_scale is None else k_scale[layer],
-                                          v_scale=None if v_scale is None else v_scale[layer])
+                                          v_scale=None if v_scale is None else v_scale[layer],
+                                          **({} if plan is None else {"plan": plan}))
 
     def _cites(self, sh: SharedKV) -> bool:
         """Whether this step can measure attention mass on the corpus's chunks (its keys are here)."""

@@ -1,0 +1,61 @@
+"""Per-request chunk selections of a step, planned once for every layer (plan/run split).
+
+A request that chose its chunks (attention retrieval: `Sequence.selection.chunks`, fixed for
+many decode steps, the same for every layer and KV head) reads only those. The routed kernel
+groups the step's queries by chunk through a plan (CSR per chunk and KV head,
+`attention.plan_routed`) that depends on the selection only, so it is built once per step,
+before the first layer, and every layer's `attention.shared_attention(..., plan=)` reuses it,
+as FlashInfer's plan/run wrappers do. Built from device tensors without a host sync, so it is
+captured inside the decode step's CUDA graph (kb/engine/cuda_graphs.py) and rebuilt by every
+replay from the selections staged into the graph's inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import attention
+from kb.engine.shared_kv import SharedKV
+
+
+@dataclass
+class StepSelection:
+    """The step's rows' chunk ids and the plan built from them (None off the CUDA path)."""
+
+    chunk_idx: torch.Tensor  # [T, Hkv, K] int32, -1 = padding; rows of a request share ids
+    plan: object | None
+    dense_layers: int = 0  # layers below this attend every chunk (CorpusRouter.dense_layers)
+
+    def for_layer(self, layer: int) -> tuple[torch.Tensor | None, object | None]:
+        """(chunk_idx, plan) of `layer`; (None, None) where the layer attends every chunk."""
+        if layer < self.dense_layers:
+            return None, None
+        return self.chunk_idx, self.plan
+
+
+def seq_chunks(seq) -> torch.Tensor | None:
+    """The chunk ids a sequence chose (`seq.selection.chunks`), or None: it routes per token."""
+    sel = getattr(seq, "selection", None)
+    return None if sel is None else sel.chunks
+
+
+def stage_rows(chunks: list[torch.Tensor | None], rows: int, width: int) -> torch.Tensor:
+    """Host int64 [rows, width]: each sequence's chunk ids, -1 padded (padding rows: all -1)."""
+    out = torch.full((rows, width), -1, dtype=torch.long)
+    for i, c in enumerate(chunks):
+        if c is not None and c.numel():
+            c = c[:width]
+            out[i, : c.numel()] = c.to("cpu", torch.long)
+    return out
+
+
+def plan_step(rows_chunks: torch.Tensor, shared: SharedKV, num_q_heads: int) -> StepSelection:
+    """StepSelection of rows_chunks[T, K] (device, -1 padded): one id list per row for all KV
+    heads. Torch ops and the plan kernel's prologue only: graph-capturable."""
+    hkv = shared.k[0].shape[1]
+    idx = rows_chunks.to(torch.int32)[:, None, :].expand(-1, hkv, -1).contiguous()
+    plan = attention.plan_routed(idx, shared.num_chunks, num_q_heads // hkv, shared.chunk_size)
+    dense = getattr(shared.router, "dense_layers", 0) if shared.router is not None else 0
+    return StepSelection(idx, plan, dense)
