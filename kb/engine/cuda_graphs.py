@@ -7,7 +7,11 @@ lazily, the first time a shape is seen, into one shared memory pool (as nano-vll
 
 A step is graphed when every sequence decodes one token and samples, all sequences attend the
 same corpus (or none), and the step measures no citations; anything else runs eagerly. Rows past
-the real batch are padding: they read and write a scratch page only. With citations on, every
+the real batch are padding: they read and write a scratch page only. When every sequence carries
+its own chunk selection (`seq.selection`, attention retrieval), the selections are one more
+static input (chunk ids per row, -1 padded to a power-of-two width) and the graph builds the
+routing plan from them once per replay, before the first layer, for all layers
+(kb/engine/routed_plan.py). With citations on, every
 `cite_every`-th decode step runs eagerly and measures them (the mass is a sample of the steps).
 """
 
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from kb.engine.attention_backend import CorpusGroup, ServeAttention
+from kb.engine.routed_plan import plan_step, seq_chunks, stage_rows
 from kb.engine.scheduler import Batch
 from kb.engine.shared_kv import SharedKV
 
@@ -85,14 +90,17 @@ class DecodeGraphs:
             key = next(iter(keys))
             shared = corpora[key] if key is not None else None
         width = _width(max(len(s.block_table) + len(p) for s, p in zip(seqs, prefixes)))
-        gkey = (rows, width, r.shared_mode, key, id(shared))  # _forget reads [2:4] and [4]
+        chunks = [seq_chunks(s) for s in seqs] if shared is not None else []
+        sel_width = _width(max(c.numel() for c in chunks)) \
+            if chunks and all(c is not None for c in chunks) else 0
+        gkey = (rows, width, r.shared_mode, key, id(shared), sel_width)  # _forget: [2:4], [4]
         if gkey not in self.graphs:
             self._forget(gkey)
-            self.graphs[gkey] = self._capture(rows, width, shared)
+            self.graphs[gkey] = self._capture(rows, width, shared, sel_width)
         g = self.graphs[gkey]
         if g is None:
             return None
-        self._fill(g.host, seqs, rows, width, prefixes)
+        self._fill(g.host, seqs, rows, width, prefixes, chunks if sel_width else None, sel_width)
         g.meta.copy_(g.host, non_blocking=True)
         g.graph.replay()
         self.replays += 1
@@ -100,20 +108,27 @@ class DecodeGraphs:
         return g.logits[: len(seqs)], list(range(len(seqs)))
 
     # -- capture ------------------------------------------------------------------------------
-    def _capture(self, rows: int, width: int, shared: SharedKV | None) -> _Graph | None:
+    def _capture(self, rows: int, width: int, shared: SharedKV | None, sel_width: int = 0
+                 ) -> _Graph | None:
         r = self.runner
-        meta = torch.zeros(4 * rows + rows * width, dtype=torch.long, device=r.device)
+        table_end = 4 * rows + rows * width
+        meta = torch.zeros(table_end + rows * sel_width, dtype=torch.long, device=r.device)
         host = torch.zeros(meta.shape, dtype=torch.long).pin_memory()
-        self._fill(host, [], rows, width, [])
+        self._fill(host, [], rows, width, [], [] if sel_width else None, sel_width)
         meta.copy_(host)
         cu = torch.arange(rows + 1, dtype=torch.int32, device=r.device)
-        groups = [CorpusGroup(shared, None, None)] if shared is not None else []
 
         def forward() -> torch.Tensor:
+            groups = []
+            if shared is not None:
+                # the step's plan: built here, once, for every layer
+                sel = plan_step(meta[table_end:].view(rows, sel_width), shared,
+                                r.model.config.num_heads) if sel_width else None
+                groups = [CorpusGroup(shared, None, None, selection=sel)]
             ids, pos, slots, lens = meta[:4 * rows].view(4, rows)
             attn = ServeAttention(
                 k_cache=r.k_cache, v_cache=r.v_cache, slot_mapping=slots,
-                block_table=meta[4 * rows:].view(rows, width).to(torch.int32),
+                block_table=meta[4 * rows:table_end].view(rows, width).to(torch.int32),
                 seq_lens=lens.to(torch.int32), cu_seqlens_q=cu, groups=groups,
                 max_seqlen_q=1, max_seqlen_k=width * r.block_size)
             return r.model.logits(r.model(ids, pos, attn))
@@ -152,10 +167,14 @@ class DecodeGraphs:
         return self._pages[key]
 
     # -- inputs -------------------------------------------------------------------------------
-    def _fill(self, host: torch.Tensor, seqs: list, rows: int, width: int, prefixes: list[list[int]]) -> None:
+    def _fill(self, host: torch.Tensor, seqs: list, rows: int, width: int, prefixes: list[list[int]],
+              chunks: list | None = None, sel_width: int = 0) -> None:
         """Write the step's inputs into `host`: ids, positions, slots, KV lengths, block tables
-        (each row's corpus pages first, in per_request mode); padding rows attend one token of
-        the scratch page."""
+        (each row's corpus pages first, in per_request mode), then each row's chosen chunks when
+        `chunks` is given; padding rows attend one token of the scratch page (and no chunk)."""
+        if chunks is not None:
+            host[4 * rows + rows * width:].view(rows, sel_width).copy_(
+                stage_rows(chunks, rows, sel_width))
         bs, n = self.runner.block_size, len(seqs)
         ids, pos, slots, lens = [], [], [], []
         for s, pre in zip(seqs, prefixes):
@@ -168,7 +187,7 @@ class DecodeGraphs:
         vec = host[: 4 * rows].view(4, rows)
         vec.copy_(torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.scratch * bs] * pad,
                                 lens + [1] * pad], dtype=torch.long))
-        table = host[4 * rows:].view(rows, width)
+        table = host[4 * rows:4 * rows + rows * width].view(rows, width)
         table.zero_()
         same = n > 1 and all(p is prefixes[0] for p in prefixes)
         if same and prefixes[0]:  # the usual case: one corpus, its pages broadcast to every row
