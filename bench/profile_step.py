@@ -66,7 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shared", type=int, default=32768)
     ap.add_argument("--conc", default="1,32,128")
-    ap.add_argument("--modes", default="ours_dense,ours_routed,per_request")
+    ap.add_argument("--modes", default="ours_dense,ours_routed,ours_routed_req,per_request")
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--density", type=float, default=0.25)
@@ -87,21 +87,27 @@ def main() -> None:
     k, v = runner.reserve_shared("corpus", n)
     dense = SharedKV("corpus", k, v, chunk_size=64, pos_offset=n)
     routed = serve.with_router(dense, args.density)
+    # ours_routed_req: per-request selections (density x N tokens in chunks of 128), planned once
+    # per step for all layers inside the decode graph (kb/engine/routed_plan.py)
+    selected = SharedKV("corpus", k, v, chunk_size=serve.SELECT_CHUNK, pos_offset=n)
+    sel_k = max(1, int(args.density * n) // serve.SELECT_CHUNK)
     blocks = BlockManager(max(concs) * per_req, bs)
     import triton
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                shared_tokens=n, prompt_tokens=args.prompt, cuda_graphs=args.graphs, rows=[])
     for c in concs:
         for mode in args.modes.split(","):
-            sh = routed if mode == "ours_routed" else dense
+            sh = {"ours_routed": routed, "ours_routed_req": selected}.get(mode, dense)
+            sel = sel_k if mode == "ours_routed_req" else 0
             # warm run (compiles, autotunes), then the profiled run of the same shape
             serve.run_config(runner, blocks, {"corpus": sh}, mode, ["corpus"] * c, args.prompt, 64,
-                             "synthetic", warmup=2, max_steps=3)
+                             "synthetic", warmup=2, max_steps=3, select=sel)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 t0 = time.perf_counter()
                 r = serve.run_config(runner, blocks, {"corpus": sh}, mode, ["corpus"] * c, args.prompt, 64,
-                                     "synthetic", warmup=0, max_steps=args.steps, budget_s=1e9)
+                                     "synthetic", warmup=0, max_steps=args.steps, budget_s=1e9,
+                                     select=sel)
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - t0
             steps = r["steps"]

@@ -8,6 +8,10 @@ prefill of the corpus), `--prompt` unique tokens per request and `--gen` generat
   ours_dense   the engine as it serves: per layer, all requests' queries against the shared KV
                in one dense GEMM, merged by log-sum-exp with each request's paged unique KV
   ours_routed  the same with the corpus router (quest, chunk 64) at density `--density`
+  ours_routed_req  per-request selections (what attention retrieval leaves on a sequence): each
+               request reads its own `--select-budget` shared tokens (random chunks of 128,
+               fixed for the whole run, the same for all layers and KV heads); the decode graphs
+               build the routing plan once per step for all layers (kb/engine/routed_plan.py)
   per_request  the shared KV in pages of the same pool, at the head of every request's block
                table: the paged kernel reads it once per request (prefix caching)
   copies       like per_request, but every request owns a copy of the shared KV (no sharing);
@@ -39,6 +43,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -54,6 +59,7 @@ from kb.engine.shared_kv import SharedKV  # noqa: E402
 from kb.model.config import ModelConfig  # noqa: E402
 from kb.model.llama import Transformer  # noqa: E402
 
+SELECT_CHUNK = 128  # chunk of the per-request selections (the routed kernel's granularity)
 MODES = ("ours_routed", "ours_dense", "per_request", "copies")
 GIB = 1 << 30
 
@@ -164,11 +170,19 @@ def _step(sched: Scheduler, runner: ModelRunner, corpora: dict[str, SharedKV]) -
     return len(tokens), sched_s + time.perf_counter() - t0
 
 
+@dataclass
+class ChosenChunks:
+    """A request's chunk selection, as attention retrieval leaves it (`seq.selection.chunks`)."""
+
+    chunks: torch.Tensor  # [K] int64, host
+
+
 def run_config(runner: ModelRunner, blocks: BlockManager, corpora: dict[str, SharedKV], mode: str,
                keys: list[str], prompt_len: int, gen: int, prefill: str, warmup: int = 2,
-               max_steps: int = 32, budget_s: float = 2.5, seed: int = 0) -> dict:
-    """Admit one request per entry of `keys` (its corpus), prefill, then time decode steps.
-    Returns timing figures and every request's generated tokens."""
+               max_steps: int = 32, budget_s: float = 2.5, seed: int = 0, select: int = 0) -> dict:
+    """Admit one request per entry of `keys` (its corpus), prefill, then time decode steps;
+    `select` > 0: each request chooses that many random chunks of its corpus (per-request
+    selection). Returns timing figures and every request's generated tokens."""
     runner.shared_mode = "per_request" if mode in ("per_request", "copies") else "moska"
     conc = len(keys)
     sched = Scheduler(blocks, max_running=conc, max_batch_tokens=max(conc, conc * prompt_len))
@@ -180,6 +194,9 @@ def run_config(runner: ModelRunner, blocks: BlockManager, corpora: dict[str, Sha
         seq = Sequence(prompt, SamplingParams(max_tokens=gen, ignore_eos=True), corpus_key=key,
                        pos_offset=corpora[key].pos_offset if key in corpora else
                        runner.shared_pages[key].shape[0] * runner.block_size)
+        if select:
+            c = corpora[key].num_chunks
+            seq.selection = ChosenChunks(torch.randperm(c, generator=rng)[:select].sort().values)
         sched.add(seq)
         seqs.append(seq)
     sync = torch.cuda.synchronize if runner.device.startswith("cuda") else (lambda: None)
@@ -217,7 +234,8 @@ def run_config(runner: ModelRunner, blocks: BlockManager, corpora: dict[str, Sha
         blocks.release(seq)
     st = sorted(times)
     pct = lambda p: st[min(len(st) - 1, int(round(p * (len(st) - 1))))] * 1e3  # noqa: E731
-    return dict(concurrency=conc, steps=len(times), tokens_per_s=produced / sum(times) if times else 0.0,
+    graphs = getattr(runner, "graphs", None)
+    return dict(concurrency=conc, steps=len(times), graph_replays=graphs.replays if graphs else 0, tokens_per_s=produced / sum(times) if times else 0.0,
                 itl_ms_p50=pct(0.5) if st else None, itl_ms_p99=pct(0.99) if st else None,
                 prefill_s=prefill_s, sched_ms_mean=1e3 * sum(sched_times) / max(1, len(sched_times)),
                 outputs=[s.output_ids for s in seqs])
@@ -250,6 +268,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--density", type=float, default=0.25)
+    ap.add_argument("--select-budget", type=int, default=0,
+                    help="shared tokens per request of ours_routed_req (0: density x N)")
+    ap.add_argument("--modes", default="ours_dense,ours_routed,ours_routed_req,per_request,copies")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--conc", default="1,4,16,64,128,256,2,8,32")
     ap.add_argument("--budget", type=float, default=2.5, help="timed seconds per row, at most")
@@ -290,14 +311,16 @@ def main() -> None:
         with open(out_json, "w") as f:
             json.dump(res, f, indent=1)
 
-    def record(mode, shared_tokens, kv_dtype, sh, r, **extra):
+    def record(mode, shared_tokens, kv_dtype, sh, r, shared_keys=None, **extra):
         unique_len = args.prompt + 2 + r["steps"] / 2
-        keys = attended_keys(sh, shared_tokens, unique_len)
+        keys = attended_keys(sh, shared_tokens, unique_len) if shared_keys is None else \
+            shared_keys + unique_len
         flops_tok = 2 * params + 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers * keys
         row = dict(mode=mode, shared_tokens=shared_tokens, concurrency=r["concurrency"],
                    tokens_per_s=r["tokens_per_s"], itl_ms_p50=r["itl_ms_p50"], itl_ms_p99=r["itl_ms_p99"],
                    mfu=flops_tok * r["tokens_per_s"] / (peak * 1e12), kv_dtype=kv_dtype,
-                   steps=r["steps"], keys_attended=keys, sched_ms_mean=r["sched_ms_mean"], **extra)
+                   steps=r["steps"], keys_attended=keys, sched_ms_mean=r["sched_ms_mean"],
+                   graph_replays=r["graph_replays"], **extra)
         res["rows"].append(row)
         save()
         print(f"{mode:12s} N={shared_tokens:>7d} {kv_dtype:5s} B={row['concurrency']:>3d} "
@@ -322,6 +345,11 @@ def main() -> None:
     fill_(runner.k_cache + runner.v_cache, seed=1)
     k, v = runner.reserve_shared("corpus", n)
     dense = SharedKV("corpus", k, v, chunk_size=args.chunk, pos_offset=n)
+    selected = SharedKV("corpus", k, v, chunk_size=SELECT_CHUNK, pos_offset=n)
+    modes = set(args.modes.split(","))
+    budget = args.select_budget or int(args.density * n)
+    sel_k = max(1, budget // SELECT_CHUNK)
+    res["select_budget_tokens"] = sel_k * SELECT_CHUNK
     t0 = time.perf_counter()
     routed = with_router(dense, args.density)
     res["router_build_s_128k"] = time.perf_counter() - t0
@@ -330,12 +358,19 @@ def main() -> None:
     for c in concs:
         if c > cmax:
             continue
-        for mode, sh in (("ours_dense", dense), ("ours_routed", routed), ("per_request", dense)):
+        for mode, sh in (("ours_dense", dense), ("ours_routed", routed),
+                         ("ours_routed_req", selected), ("per_request", dense)):
+            if mode not in modes:
+                continue
             r = run_config(runner, blocks, {"corpus": sh}, mode, ["corpus"] * c, args.prompt, args.gen,
-                           "synthetic", budget_s=args.budget)
+                           "synthetic", budget_s=args.budget,
+                           select=sel_k if mode == "ours_routed_req" else 0)
+            req = mode == "ours_routed_req"
             record(mode, n, "bf16", sh if mode != "per_request" else None, r,
-                   top_k=sh.top_k if mode == "ours_routed" else None)
-    del runner, blocks, dense, routed, k, v, sh
+                   shared_keys=sel_k * SELECT_CHUNK if req else None,
+                   top_k=sh.top_k if mode == "ours_routed" else (sel_k if req else None),
+                   chunk=SELECT_CHUNK if req else args.chunk)
+    del runner, blocks, dense, routed, selected, k, v, sh
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -344,7 +379,7 @@ def main() -> None:
     per_req = n * per_tok + unique_blocks_per_req * bs * per_tok
     ncopy = int((free - headroom) // per_req)
     res["max_concurrency_copies_128k"] = ncopy
-    if ncopy >= 1:
+    if ncopy >= 1 and "copies" in modes:
         runner = ModelRunner(model, ncopy * unique_blocks_per_req, bs, dev, shared_blocks=ncopy * n // bs)
         if not args.eager:
             runner.enable_cuda_graphs()
@@ -369,8 +404,12 @@ def main() -> None:
     n8 = args.shared_fp8
     if n8:
         sh8 = fp8_shared("corpus8", cfg, n8, dev, args.chunk, seed=3)
+        sel8 = SharedKV("corpus8", sh8.k, sh8.v, chunk_size=SELECT_CHUNK, pos_offset=n8,
+                        meta=sh8.meta)  # per-head scales: any chunk size reads them
+        sel_k8 = max(1, (args.select_budget or int(args.density * n8)) // SELECT_CHUNK)
+        res["select_budget_tokens_512k"] = sel_k8 * SELECT_CHUNK
         t0 = time.perf_counter()
-        routed8 = with_router(sh8, args.density)
+        routed8 = with_router(sh8, args.density) if "ours_routed" in modes else sh8
         res["router_build_s_512k"] = time.perf_counter() - t0
         torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info()[0]
@@ -382,10 +421,17 @@ def main() -> None:
         blocks = BlockManager(cmax8 * unique_blocks_per_req, bs)
         fill_(runner.k_cache + runner.v_cache, seed=4)
         for c in sorted({c for c in concs if c <= cmax8} | {cmax8}):
-            for mode, sh in (("ours_dense", sh8), ("ours_routed", routed8)):
+            for mode, sh in (("ours_dense", sh8), ("ours_routed", routed8),
+                             ("ours_routed_req", sel8)):
+                if mode not in modes:
+                    continue
+                req = mode == "ours_routed_req"
                 r = run_config(runner, blocks, {"corpus8": sh}, mode, ["corpus8"] * c, args.prompt,
-                               args.gen, "synthetic", budget_s=args.budget)
-                record(mode, n8, "fp8", sh, r, top_k=sh.top_k if mode == "ours_routed" else None)
+                               args.gen, "synthetic", budget_s=args.budget,
+                               select=sel_k8 if req else 0)
+                record(mode, n8, "fp8", sh, r, shared_keys=sel_k8 * SELECT_CHUNK if req else None,
+                       top_k=sh.top_k if mode == "ours_routed" else (sel_k8 if req else None),
+                       chunk=SELECT_CHUNK if req else args.chunk)
     save()
     summary(res)
     try:
@@ -402,7 +448,12 @@ def summary(res: dict) -> None:
               f"{r['tokens_per_s']:9.1f} {r['itl_ms_p50']:8.2f} {r['itl_ms_p99']:8.2f} {r['mfu']:6.3f}")
     tps = {(r["mode"], r["shared_tokens"], r["kv_dtype"], r["concurrency"]): r["tokens_per_s"] for r in rows}
     n = 128 * 1024
-    for mode in ("ours_dense", "ours_routed"):
+    for mode in ("ours_routed", "ours_routed_req"):
+        for nn, kv, tgt in ((n, "bf16", 1.8), (4 * n, "fp8", 2.5)):
+            a, b = tps.get((mode, nn, kv, 128)), tps.get(("ours_dense", nn, kv, 128))
+            if a and b:
+                print(f"{mode} / ours_dense at N={nn} {kv} B=128: {a / b:.2f}x (target >= {tgt}x)")
+    for mode in ("ours_dense", "ours_routed", "ours_routed_req"):
         a, b = tps.get((mode, n, "bf16", 128)), tps.get(("per_request", n, "bf16", 128))
         if a and b:
             print(f"{mode} / per_request at B=128: {a / b:.1f}x (target >= 20x)")
