@@ -68,7 +68,7 @@ def site(tmp_path_factory, demo_model_dir):
     that must hold nothing but `home`; the documents to upload live in a separate folder."""
     import httpx
 
-    from kb.api.app import create_app
+    from kb.server import create_app
     from kb.auth import create_api_key, create_user, set_visibility
     from kb.service import KnowledgeBase
     from kb.settings import Settings

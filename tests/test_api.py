@@ -12,7 +12,7 @@ from tests.conftest import FACT_ANSWER, FACT_QUESTION, serve_in_thread
 
 @pytest.fixture(scope="module")
 def server(handbook):
-    from kb.api.app import create_app
+    from kb.server import create_app
 
     with serve_in_thread(create_app(handbook, warm=False)) as url:
         yield url

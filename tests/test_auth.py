@@ -109,7 +109,7 @@ def _login(client: TestClient, name: str, password: str):
 
 
 def test_api_with_auth_on(kb):
-    from kb.api.app import create_app
+    from kb.server import create_app
     from kb.auth import create_api_key, create_user
 
     create_user(kb.db, "ann", "pw-ann-1234")
@@ -162,7 +162,7 @@ def test_api_with_auth_on(kb):
 
 
 def test_api_with_auth_off_is_anonymous(tmp_path):
-    from kb.api.app import create_app
+    from kb.server import create_app
     from kb.auth import create_api_key, create_user
     from kb.service import KnowledgeBase
     from kb.settings import Settings

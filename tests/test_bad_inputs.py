@@ -16,7 +16,7 @@ CHAT = "/v1/chat/completions"
 
 @pytest.fixture(scope="module")
 def client(handbook):
-    from kb.api.app import create_app
+    from kb.server import create_app
 
     with TestClient(create_app(handbook, warm=False)) as c:
         c.post("/v1/corpora", json={"name": "inbox"})

@@ -33,7 +33,7 @@ def _browser_or_skip():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, demo_model_dir):
-    from kb.api.app import create_app
+    from kb.server import create_app
     from kb.auth import create_user
     from kb.service import KnowledgeBase
     from kb.settings import Settings

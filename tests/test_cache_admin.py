@@ -122,7 +122,7 @@ def test_events_and_list_through_the_cli(handbook, capsys):
 
 def test_cli_evicts_in_a_running_server(handbook, capsys, monkeypatch):
     """`kb cache evict --server URL` frees the server's KV (a CLI process holds none of its own)."""
-    from kb.api.app import create_app
+    from kb.server import create_app
     from kb.cli import main
     from tests.conftest import serve_in_thread
 

@@ -29,7 +29,7 @@ def no_network(monkeypatch):
 
 @pytest.fixture
 def docs_server(tmp_path, no_network):
-    from kb.api.app import create_app
+    from kb.server import create_app
     from kb.service import KnowledgeBase
     from kb.settings import Settings
 

@@ -49,7 +49,7 @@ def ask(kb, name: str = "facts", max_tokens: int = 24) -> dict:
 def test_postgres_connections_killed_under_the_service_reconnect(db_url, tmp_path, demo_model_dir):
     """Every connection of the service's pool is terminated by the server; the next calls
     (list corpora, ask, the HTTP API) reconnect through pool_pre_ping and succeed."""
-    from kb.api.app import create_app
+    from kb.server import create_app
     from storage.db import make_engine
 
     app_name = f"kbfault_{uuid.uuid4().hex[:8]}"  # only this test's connections are terminated
@@ -144,7 +144,7 @@ def test_full_disk_while_writing_kv_fails_the_document_cleanly(tmp_path, demo_mo
 def tiny(tmp_path_factory, demo_model_dir):
     """A knowledge base with the smallest unique-KV budget (256 tokens, 16 blocks) and corpus
     'facts' holding the planted fact, served on loopback."""
-    from kb.api.app import create_app
+    from kb.server import create_app
 
     root = tmp_path_factory.mktemp("tiny")
     kb = make_kb(root / "home", unique_kv_tokens=256, kv_block_size=16)

@@ -21,7 +21,7 @@ MAX_TOKENS = 4
 
 @pytest.fixture(scope="module")
 def served(handbook):
-    from kb.api.app import create_app
+    from kb.server import create_app
 
     handbook.settings.max_tokens = MAX_TOKENS
     handbook.create_corpus("fuzz")

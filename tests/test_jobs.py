@@ -58,7 +58,7 @@ def test_cancel_retry_and_transient_failures(tmp_path):
 def test_job_endpoints(tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from kb.api.app import create_app
+    from kb.server import create_app
     from kb.jobs import jobs_for
     from kb.service import KnowledgeBase
 

@@ -99,7 +99,7 @@ async def fire(url: str, n: int) -> list:
 
 
 def test_200_concurrent_streams_all_complete_and_stay_apart(handbook):
-    from kb.api.app import create_app
+    from kb.server import create_app
 
     engine = handbook.engine
     expected = {i: prompt_tokens(handbook, question(i)) for i in range(STREAMS)}
@@ -132,7 +132,7 @@ def test_200_concurrent_streams_all_complete_and_stay_apart(handbook):
 def test_past_the_queue_limit_429_with_retry_after_not_a_timeout(handbook):
     """max_running 2, max_queue 20: 80 concurrent streams; the excess is refused at once with 429
     and Retry-After, every accepted one completes."""
-    from kb.api.app import create_app
+    from kb.server import create_app
     from kb.service import KnowledgeBase
     from kb.settings import Settings
 

@@ -16,7 +16,7 @@ pytest.importorskip("gradio_client")
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, demo_model_dir):
     """A served KB with auth on: admin `root`, user `ann`, the public corpus `handbook`."""
-    from kb.api.app import create_app
+    from kb.server import create_app
     from kb.auth import create_api_key, create_user
     from kb.service import KnowledgeBase
     from kb.settings import Settings

@@ -1,5 +1,5 @@
 """The web app: a Gradio Blocks app with tabs Chat, Corpora and Admin (admins only), mounted at
-"/" of the FastAPI app by `kb.api.app.create_app`."""
+"/" of the FastAPI app by `kb.server.create_app`."""
 
 import asyncio
 
