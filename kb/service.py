@@ -29,7 +29,7 @@ from kb.ingest.pipeline import IngestResult, Ingestor, Progress
 from kb.model.config import UnsupportedModelError
 from kb.model.demo import DEMO_NAME, demo_folder, ensure_demo_model, is_converted
 from kb.model.loader import LoadedModel, load_model
-from kb.prompt import build_prompt, encode
+from kb.prompt import build_prompt, encode, question_span
 from kb.settings import Settings
 from storage.db import Database
 from storage.models import Corpus
@@ -133,7 +133,7 @@ class KnowledgeBase:
         if svc is not None:
             svc.close()
         if self._engine is not None:
-            self._engine.shutdown()
+            self._engine.shutdown(grace_s=self.settings.shutdown_grace_s)
         self.db.close()
 
     # -- corpora ----------------------------------------------------------------------------
@@ -221,9 +221,12 @@ class KnowledgeBase:
 
     def ask(self, name: str, question: str, sampling: SamplingParams | None = None,
             history: list[dict] | None = None, loop: asyncio.AbstractEventLoop | None = None,
-            *, user: Principal | None = None) -> Answer:
+            *, user: Principal | None = None, dense: bool = False) -> Answer:
         """Queue a question over a corpus; the returned Answer streams from the engine.
-        With `user`, a corpus they may not read answers as if it did not exist."""
+        With `user`, a corpus they may not read answers as if it did not exist. By default a
+        request over a corpus larger than the selection budget chooses the passages it reads
+        (attention retrieval, kb/engine/selection.py); `dense` (or a density below 1) keeps
+        dense (or routed) attention over the whole corpus."""
         if not question or not question.strip():
             raise KBError("the question is empty")
         if user is not None:
@@ -240,8 +243,12 @@ class KnowledgeBase:
             shared = loaded.shared
             if shared.router is not None:  # density applies to requests queued from now on
                 shared.top_k = None if self.settings.density >= 1.0 else shared.router.top_k(self.settings.density)
+            selects = shared.selector is not None and not dense and self.settings.density >= 1.0
+            pos = shared.selector.query_position(shared.pos_offset) if selects else shared.pos_offset
+            span = question_span(lm.tokenizer, parts.suffix, question) if selects else None
             try:
-                handle = self.engine.add_request(ids, sampling, shared.key, shared.pos_offset, loop)
+                handle = self.engine.add_request(ids, sampling, shared.key, pos, loop, select=selects,
+                                                 select_span=span)
             except QueueFull as e:
                 raise TooBusy(str(e)) from e
             except ValueError as e:

@@ -61,11 +61,22 @@ class Settings(BaseSettings):
                                      "layers still attend every chunk (docs/QUALITY.md: it spends the "
                                      "density where routing loses most answers)")
 
+    selection_budget: int = Field(default=2048, ge=0, description="attention retrieval: shared tokens each "
+                                  "request reads (the passages its question chooses at prefill) over a corpus "
+                                  "larger than this; 0 = off (dense); docs/QUALITY.md")
+    selection_layers: str = Field(default="17,18", description="layers whose question queries choose the "
+                                  "passages (comma-separated; docs/QUALITY.md)")
+    selection_positions: Literal["virtual", "stored"] = Field(default="virtual", description="where the chosen "
+                                                             "passages sit: contiguous after the preamble "
+                                                             "(virtual) or at their stored positions")
+
     max_tokens: int = Field(default=256, ge=1, description="default answer length")
     kv_block_size: int = Field(default=16, ge=1)
     unique_kv_tokens: int = Field(default=16384, ge=256, description="unique-KV budget, in tokens (all requests)")
     max_running: int = Field(default=64, ge=1, description="requests stepped together at most")
     max_queue: int = Field(default=256, ge=1, description="waiting requests before 429")
+    shutdown_grace_s: float = Field(default=10.0, ge=0, description="on shutdown, running requests get "
+                                    "this long to finish before they are aborted")
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -53,13 +53,14 @@ async def chat(body: ChatRequest, request: Request, kb: KnowledgeBase = Depends(
     if body.stream:
         return StreamingResponse(_sse(kb, answer, request, rid, created, model), media_type="text/event-stream")
     try:
-        async for _ in answer.handle:
-            if await request.is_disconnected():
-                kb.engine.abort(answer.handle)
-                return _error(499, "client closed the request")
-    except asyncio.CancelledError:
+        finished = await _finished_or_gone(answer, request)
+    except asyncio.CancelledError:  # the server cancelled the handler (shutdown past its grace)
         kb.engine.abort(answer.handle)
         raise
+    if not finished:
+        kb.engine.abort(answer.handle)  # the client went away: free its KV now, not at max_tokens
+        log.info("request %s: the client closed the connection; aborted", rid)
+        return _error(499, "client closed the request")
     res = answer.handle.result
     if res.reason == "error":
         return _error(500, f"generation failed: {res.error}", "server_error")
@@ -71,6 +72,29 @@ async def chat(body: ChatRequest, request: Request, kb: KnowledgeBase = Depends(
                   "total_tokens": res.prompt_tokens + res.completion_tokens},
         "citations": answer.citations(),
     }
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client has gone (its connection closed), however long that takes."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _finished_or_gone(answer: Answer, request: Request) -> bool:
+    """Wait for the answer to finish (True) or the client to disconnect (False). A watcher
+    waits on the connection itself: polling `is_disconnected` between tokens missed the
+    disconnect behind the app's middleware, and none came while a request waited in the queue."""
+    async def drain() -> None:
+        async for _ in answer.handle:
+            pass
+
+    done, gone = asyncio.create_task(drain()), asyncio.create_task(_until_disconnect(request))
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return done.done() and answer.handle.result is not None
+    finally:
+        for t in (done, gone):
+            t.cancel()
 
 
 async def _sse(kb: KnowledgeBase, answer: Answer, request: Request, rid: str, created: int, model: str):

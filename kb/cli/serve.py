@@ -31,7 +31,9 @@ def cmd_serve(args) -> int:
     if s.auth != "on":
         print("sign-in is off (KB_AUTH=off): anyone who reaches this port uses public corpora. To turn it on:\n"
               "  kb user add NAME --admin && KB_AUTH=on kb serve", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    # a bounded shutdown: connections get shutdown_grace_s, then their handlers are cancelled
+    # (each aborts its request) and the engine aborts whatever is left
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(s.shutdown_grace_s) + 1)
     return 0
 
 

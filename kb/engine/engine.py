@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from kb.engine.block_manager import BlockManager
 from kb.engine.metrics import EngineMetrics
 from kb.engine.request import Delta, Finished, RequestHandle
 from kb.engine.runner import PREFILL_ROUTING, ModelRunner
-from kb.engine.sampler import sample
+from kb.engine.sampler import SamplingFailed, sample_each
 from kb.engine.scheduler import Scheduler
 from kb.engine.sequence import SamplingParams, Sequence, SeqStatus
 from kb.engine.shared_kv import SharedKV
@@ -41,8 +42,28 @@ class EngineConfig:
     cuda_graphs: bool = True
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
+def check_sampling(sp: SamplingParams) -> None:
+    """Refuse, before it enters a batch, a request whose parameters cannot run (ValueError):
+    non-finite numbers and seeds torch cannot take would otherwise fail inside the step."""
+    for name in ("temperature", "top_p"):
+        v = getattr(sp, name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number")
+    if sp.seed is not None and (not isinstance(sp.seed, int) or not SEED_MIN <= sp.seed <= SEED_MAX):
+        raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}]")
+    if not isinstance(sp.top_k, int) or not isinstance(sp.max_tokens, int):
+        raise ValueError("top_k and max_tokens must be integers")
+
+
 class QueueFull(RuntimeError):
     """More requests wait than the configured queue limit."""
+
+
+class ShuttingDown(QueueFull):
+    """The engine is stopping: no new requests (callers answer as when the queue is full)."""
 
 
 class Engine:
@@ -73,6 +94,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
+        self._closing = False  # shutdown() began: no new requests
         eos = set(loaded.config.eos_token_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -81,9 +103,15 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
                     corpus_key: str | None = None, pos_offset: int = 0,
-                    loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+                    loop: asyncio.AbstractEventLoop | None = None, *, select: bool = False,
+                    select_span: tuple[int, int] | None = None) -> RequestHandle:
+        """Queue a request; with `select` (over a corpus with a selector) it chooses the passages
+        it reads at prefill from its question's tokens prompt_ids[select_span] (kb/engine/selection.py)."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
         sampling = sampling or SamplingParams()
         sampling.validate()
+        check_sampling(sampling)
         if corpus_key is not None and corpus_key not in self.corpora:
             raise KeyError(f"corpus KV {corpus_key!r} is not loaded")
         max_pos = self.loaded.config.max_position_embeddings
@@ -91,7 +119,8 @@ class Engine:
             raise ValueError(f"the prompt ({len(prompt_ids)} tokens after position {pos_offset}) exceeds "
                              f"the model's context of {max_pos} positions")
         sampling.max_tokens = min(sampling.max_tokens, max_pos - pos_offset - len(prompt_ids))
-        seq = Sequence(list(prompt_ids), sampling, corpus_key=corpus_key, pos_offset=pos_offset)
+        seq = Sequence(list(prompt_ids), sampling, corpus_key=corpus_key, pos_offset=pos_offset,
+                       select=select and corpus_key is not None, select_span=select_span)
         handle = RequestHandle(seq, loop)
         with self._lock:
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
@@ -130,30 +159,46 @@ class Engine:
     def step(self) -> int:
         """Run one step for everything scheduled; returns the number of sequences stepped."""
         with self._lock:
+            aborted = False
             for op, seq in self._inbox:
                 if op == "abort" and not seq.is_finished:
                     self.scheduler.abort(seq)
                     self._finish(seq, "abort")
+                    aborted = True
             self._inbox.clear()
             batch = self.scheduler.schedule()
             corpora = dict(self.corpora)
+            if aborted or not batch.seqs:
+                self._gauges()
         if not batch.seqs:
             return 0
         t0 = time.perf_counter()
         try:
             logits, idx = self.runner.run(batch, corpora)
-            tokens = sample(logits, [batch.seqs[i] for i in idx]) if idx else []
+            tokens = sample_each(logits, [batch.seqs[i] for i in idx]) if idx else []
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
             self._fail(batch.seqs, e)
             return len(batch.seqs)
         with self._lock:
             for i, tok in zip(idx, tokens):
-                self._append(batch.seqs[i], tok)
+                seq = batch.seqs[i]
+                if isinstance(tok, SamplingFailed):  # this request alone fails; the others go on
+                    log.warning("request %d: %s", seq.seq_id, tok.reason)
+                    if not seq.is_finished:
+                        self._finish(seq, "error", error=tok.reason)
+                elif not seq.is_finished:
+                    self._append(seq, tok)
             self.scheduler.postprocess(batch)
             self.metrics.stepped(len(batch.seqs), batch.num_tokens, len(tokens), time.perf_counter() - t0,
                                  len(self.scheduler.waiting), len(self.scheduler.running), self.blocks.usage)
         return len(batch.seqs)
+
+    def _gauges(self) -> None:
+        """Queue, running and KV gauges as they are now (after aborts too, not only after steps)."""
+        self.metrics.waiting.set(len(self.scheduler.waiting))
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.kv_usage.set(self.blocks.usage)
 
     def _append(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
@@ -230,9 +275,25 @@ class Engine:
                 log.exception("engine loop error; failing the running requests")
                 self._fail(list(self.scheduler.running) + list(self.scheduler.waiting), e)
 
-    def shutdown(self) -> None:
+    def shutdown(self, grace_s: float = 0.0) -> None:
+        """Stop within a bound: refuse new requests, let running ones finish for up to
+        `grace_s`, then abort every request left (its caller gets Finished("abort")), so no
+        handler waits forever on a request the engine will never step again."""
+        self._closing = True
+        deadline = time.monotonic() + grace_s
+        while self._thread is not None and self.has_work and time.monotonic() < deadline:
+            time.sleep(0.02)
         self._stop = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        with self._lock:
+            left = list(self.scheduler.running) + list(self.scheduler.waiting)
+            left += [seq for op, seq in self._inbox if op == "abort"]
+            self._inbox.clear()
+            for seq in left:
+                self.scheduler.abort(seq)
+            for seq in left + [h.seq for h in self._handles.values()]:
+                self._finish(seq, "abort", error="the server is shutting down")
+            self._gauges()
