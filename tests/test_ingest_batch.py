@@ -88,7 +88,8 @@ def test_bad_files_fail_alone_and_the_batch_completes(tmp_path, broker_kind):
                 seen.append(ev.data)
         events.close()
         stages = [e["stage"] for e in seen]
-        assert stages[:2] == ["parsed", "tokenized"] and stages[-2:] == ["indexed", "ready"], stages
+        assert stages[:3] == ["stored", "parsed", "tokenized"] and stages[-2:] == ["prefilled", "ready"], stages
+        assert "indexed" not in stages  # nothing is indexed at ingestion: no such stage is claimed
         prefilled = [e for e in seen if e["stage"] == "prefilled"]
         assert prefilled[-1]["done"] == prefilled[-1]["total"] == done["ferry.md"].segments_total
         percents = [e["percent"] for e in seen]

@@ -13,7 +13,7 @@ from kb.api.auth import current_user, require
 from kb.api.deps import get_kb
 from kb.api.schemas import CorpusCreate
 from kb.auth import Forbidden, Principal, set_visibility
-from kb.ingest.pipeline import _safe_filename
+from kb.ingest.pipeline import _safe_filename, accepted_types
 from kb.service import KnowledgeBase
 
 router = APIRouter(tags=["corpora"])
@@ -47,14 +47,22 @@ async def delete_corpus(name: str, kb: KnowledgeBase = Depends(get_kb), user: Pr
 @router.get("/v1/corpora/{name}/documents")
 async def documents(name: str, kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
     await require(kb, user, name)
-    return await run_in_threadpool(kb.documents, name)
+
+    def listing() -> list[dict]:  # with each document's pages (PDF) and size in bytes
+        docs = kb.documents(name)
+        facts = kb.ingestor.document_facts([d["id"] for d in docs])
+        return [{**d, **facts.get(d["id"], {})} for d in docs]
+
+    return await run_in_threadpool(listing)
 
 @router.post("/v1/corpora/{name}/documents")
 async def upload(name: str, files: list[UploadFile] = File(...), wait: bool = True,
                  kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
     """Store the files and queue one ingest job each. By default wait for the jobs and answer
     with each document's result (200, or 422 when all failed); with `?wait=false` answer 202
-    at once with the job ids (follow them at /v1/jobs/{id})."""
+    at once with the job ids (follow them at /v1/jobs/{id}). A file of a type kb does not read
+    is refused before it is stored (code `unsupported_type`, the accepted types named); when
+    every file is refused so, the answer is 415."""
     from kb.jobs import jobs_for
 
     await require(kb, user, name, write=True)
@@ -78,6 +86,9 @@ async def upload(name: str, files: list[UploadFile] = File(...), wait: bool = Tr
             paths.append(dest)
         jobs = jobs_for(kb)
         subs = await run_in_threadpool(jobs.submit, name, paths)  # copies the files: tmp may go
+    if subs and all(s.code == "unsupported_type" for s in subs):
+        return JSONResponse({"documents": [s.to_dict() for s in subs], "jobs": [],
+                             "accepted_types": accepted_types(kb.settings.allowed_types)}, status_code=415)
     if not wait:
         accepted = any(s.status != "failed" for s in subs)
         return JSONResponse({"documents": [s.to_dict() for s in subs],

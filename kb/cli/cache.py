@@ -13,17 +13,10 @@ import json
 import sys
 
 from kb.cli.common import knowledge_base as _kb
+from kb.cli.common import human_size as _size
 from kb.cli.common import print_json_or_empty
 from kb.cli.names import require_corpus, require_job
 from kb.cli.server_client import ServerClient, explicit_url
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def cmd_cache_list(args) -> int:

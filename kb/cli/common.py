@@ -31,3 +31,20 @@ def print_json_or_empty(rows: list, as_json: bool, empty: str) -> bool:
         print(empty)
         return True
     return False
+
+
+def human_size(n: float) -> str:
+    """Bytes as people read them: 512 B, 1.5 KiB, 3.2 MiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def eta_text(eta_s: float | None) -> str:
+    """An ETA as a column shows it: "-" while unknown, else 45 s, 3 min 20 s."""
+    if eta_s is None:
+        return "-"
+    eta_s = max(0, round(eta_s))
+    return f"{eta_s} s" if eta_s < 60 else f"{eta_s // 60} min {eta_s % 60:02d} s"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from kb.cli.common import knowledge_base as _kb
-from kb.cli.common import print_json_or_empty
+from kb.cli.common import human_size, print_json_or_empty
 from kb.cli.names import require_corpus
 
 
@@ -32,16 +32,74 @@ def cmd_corpus_delete(args) -> int:
     return 0
 
 
+def cmd_corpus_documents(args) -> int:
+    """A corpus's documents: stage, pages, size, tokens, and why one failed."""
+    import json
+
+    require_corpus(args.name)
+    kb = _kb()
+    docs = kb.documents(args.name)
+    facts = kb.ingestor.document_facts([d["id"] for d in docs])
+    docs = [{**d, **facts.get(d["id"], {})} for d in docs]
+    if args.json:
+        print(json.dumps(docs, indent=2))
+        return 0
+    if not docs:
+        print(f"no documents yet: kb ingest {args.name} FILE...")
+        return 0
+    print(f"{'ID':>5} {'STAGE':8} {'PAGES':>5} {'SIZE':>10} {'TOKENS':>8}  DOCUMENT")
+    for d in docs:
+        pages = str(d["pages"]) if d.get("pages") else "-"
+        line = (f"{d['id']:5d} {d['stage']:8} {pages:>5} {human_size(d.get('size_bytes') or 0):>10} "
+                f"{d['tokens']:8d}  {d['filename']}")
+        print(line + (f"  ({d['error']})" if d.get("error") and d["stage"] == "failed" else ""))
+    return 0
+
+
+def _refuse_unsupported(files: list[str]) -> tuple[list[str], list[str]]:
+    """Split the files into those kb reads and one-line reasons for the others (named types
+    refused before anything is uploaded; a missing file is left for the store step to report)."""
+    from pathlib import Path
+
+    from kb.ingest.errors import IngestError
+    from kb.ingest.pipeline import refuse_unsupported
+    from kb.settings import Settings
+
+    allowed = Settings().allowed_types
+    keep, refused = [], []
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(8192)
+        except OSError:
+            keep.append(f)
+            continue
+        try:
+            if head:
+                refuse_unsupported(Path(f).name, head, allowed)
+            keep.append(f)
+        except IngestError as e:
+            refused.append(f"{Path(f).name}: refused: {e}")
+    return keep, refused
+
+
 def cmd_ingest(args) -> int:
     """Ingest through the job path: without KB_REDIS_URL an in-process worker runs the jobs
     until they finish; with it, `kb worker` processes do, and this waits (or not: --no-wait)."""
+    from kb.cli.ingest_progress import IngestDisplay
+
     require_corpus(args.name)  # before anything heavy loads: a typo is reported at once
+    files, refused = _refuse_unsupported(args.files)
+    for r in refused:
+        print(r, file=sys.stderr)
+    if not files:
+        return 1
     from kb.jobs import jobs_for
 
     kb = _kb()
     jobs = jobs_for(kb)
     try:
-        subs = jobs.submit(args.name, args.files, start_worker=not args.no_wait)
+        subs = jobs.submit(args.name, files, start_worker=not args.no_wait)
         ids = [s.job_id for s in subs if s.job_id]
         if args.no_wait:
             for s in subs:
@@ -51,19 +109,16 @@ def cmd_ingest(args) -> int:
                     print(f"{s.filename}: duplicate ({s.segments} segments, {s.tokens} tokens)")
                 else:
                     print(f"{s.filename}: queued (job {s.job_id})")
-            return 1 if any(s.status == "failed" for s in subs) else 0
-
-        def progress(info) -> None:
-            if not args.quiet and info.stage and info.status != "queued":
-                frac = info.segments_done / max(1, info.segments_total) if info.stage != "ready" else 1.0
-                print(f"  {info.filename}: {info.stage} {frac * 100:5.1f}%", file=sys.stderr)
-
+            return 1 if refused or any(s.status == "failed" for s in subs) else 0
         if ids and not jobs.in_process and not args.quiet:
             print(f"waiting for {len(ids)} jobs (run `kb worker` if none is running)", file=sys.stderr)
-        done = {i.id: i for i in jobs.wait(ids, progress)}
+        sizes = {i.id: i.size_bytes for i in (jobs.queue.get(j) for j in ids)}
+        draw = not args.quiet and sys.stderr.isatty()
+        with IngestDisplay(sizes, draw=draw, lines=not args.quiet and not draw) as display:
+            done = {i.id: i for i in jobs.wait(ids, display)}
     finally:
         jobs.close()
-    failed = False
+    failed = bool(refused)
     for s in subs:
         info = done.get(s.job_id) if s.job_id else None
         if s.status == "failed" or (info is not None and info.status != "done"):
@@ -71,7 +126,9 @@ def cmd_ingest(args) -> int:
             reason = s.error if info is None else (info.error or info.status)
             print(f"{s.filename}: failed: {reason}", file=sys.stderr)
         elif info is not None:
-            print(f"{s.filename}: ready ({info.segments_total} segments, {info.tokens} tokens)")
+            pages = f", {info.pages} pages" if info.pages else ""
+            print(f"{s.filename}: ready ({human_size(info.size_bytes)}{pages}, {info.segments_total} segments, "
+                  f"{info.tokens} tokens)")
         else:
             print(f"{s.filename}: {s.status} ({s.segments} segments, {s.tokens} tokens)")
     return 1 if failed else 0
@@ -85,6 +142,10 @@ def register(sub) -> None:
     c = corpus.add_parser("list", help="list corpora")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_corpus_list)
+    c = corpus.add_parser("documents", aliases=["docs"], help="a corpus's documents: stage, pages, size, tokens")
+    c.add_argument("name")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_corpus_documents)
     c = corpus.add_parser("delete", help="delete a corpus, its documents and its KV")
     c.add_argument("name")
     c.set_defaults(func=cmd_corpus_delete)

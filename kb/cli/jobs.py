@@ -7,7 +7,7 @@ import sys
 import threading
 
 from kb.cli.common import knowledge_base as _kb
-from kb.cli.common import print_json_or_empty
+from kb.cli.common import eta_text, human_size, print_json_or_empty
 from kb.cli.names import require_corpus, require_job
 
 
@@ -41,10 +41,6 @@ def cmd_worker(args) -> int:
     return 0
 
 
-def _fmt_eta(eta: float | None) -> str:
-    return "-" if eta is None else f"{eta:.0f}s"
-
-
 def cmd_jobs_list(args) -> int:
     if args.corpus:
         require_corpus(args.corpus)
@@ -53,11 +49,10 @@ def cmd_jobs_list(args) -> int:
     rows = jobs_for(_kb()).queue.list(args.corpus)
     if print_json_or_empty(rows, args.json, "no jobs"):
         return 0
-    print(f"{'ID':36} {'CORPUS':16} {'STATUS':9} {'STAGE':10} {'SEGS':>9} {'%':>6} {'ETA':>6}  DOCUMENT")
+    print(f"{'ID':36} {'CORPUS':16} {'STATUS':9} {'ACTIVITY':20} {'%':>6} {'ETA':>10} {'SIZE':>10}  DOCUMENT")
     for r in rows:
-        segs = f"{r.segments_done}/{r.segments_total}"
-        line = (f"{r.id:36} {r.corpus or '-':16} {r.status:9} {r.stage or '-':10} {segs:>9} "
-                f"{r.percent:6.1f} {_fmt_eta(r.eta_s):>6}  {r.filename or '-'}")
+        line = (f"{r.id:36} {r.corpus or '-':16} {r.status:9} {r.activity:20} "
+                f"{r.percent:6.1f} {eta_text(r.eta_s):>10} {human_size(r.size_bytes):>10}  {r.filename or '-'}")
         if r.error and r.status != "done":
             line += f"  ({r.error})"
         print(line)

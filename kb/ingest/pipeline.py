@@ -1,9 +1,11 @@
 """The ingestion pipeline: store a file, parse it, cut segments, prefill them, write their KV.
 
-Two steps a job can run apart: `store` (copy the file, create its Document row) and `build`
-(stored -> parsed -> tokenized -> prefilled k/n -> indexed -> ready, or failed with a reason).
-Each stage is recorded on the document and reported to a hook between steps and segments, so a
-crashed ingestion resumes from its last stored segment, and one bad file never stops the others.
+Two steps a job can run apart: `store` (refuse a type we cannot parse, copy the file, create its
+Document row) and `build` (stored -> parsed -> tokenized -> prefilled k/n -> ready, or failed
+with a reason). Each stage is recorded on the document and reported to a hook between steps and
+segments, so a crashed ingestion resumes from its last stored segment, and one bad file never
+stops the others. A StageUpdate says what is happening now (`activity`: parsing, prefilling k of
+n, verifying, ready) and how much work is done: tokens prefilled over tokens to prefill.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from sqlalchemy import select
 
 from kb.errors import KBError, NotFound
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import parse_bytes
+from kb.ingest.parse import HEAD_BYTES, detect_type, parse_bytes
 from kb.ingest.segment import cut_segments
 from kb.model.loader import LoadedModel
 from kb.ingest.precompute import prefill_preamble, prefill_segments
@@ -35,8 +37,38 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, str, float], None]
 
 # share of a document's progress each stage has reached; prefill spans PREFILL_FROM..PREFILL_TO
-STAGE_PERCENT = {"stored": 0.0, "parsed": 3.0, "tokenized": 5.0, "indexed": 99.0, "ready": 100.0}
-PREFILL_FROM, PREFILL_TO = 5.0, 97.0
+# by tokens prefilled, and reading its KV back (verifying) the rest up to 100
+STAGE_PERCENT = {"stored": 0.0, "parsed": 3.0, "tokenized": 5.0, "ready": 100.0}
+PREFILL_FROM, PREFILL_TO = 5.0, 99.0
+
+# what is happening after each recorded stage (the stage says how far it got)
+ACTIVITY = {"stored": "parsing", "parsed": "parsing", "tokenized": "prefilling", "ready": "ready",
+            "failed": "failed"}
+TYPE_NAMES = {"pdf": "PDF (.pdf)", "docx": "Word (.docx)", "html": "HTML (.html, .htm)",
+              "markdown": "Markdown (.md)", "text": "text (.txt and other plain text)"}
+
+
+def accepted_types(allowed: str) -> str:
+    """The accepted kinds of file, as a user reads them: "PDF (.pdf), Word (.docx), ..."."""
+    kinds = [k.strip() for k in allowed.split(",") if k.strip()]
+    return ", ".join(TYPE_NAMES.get(k, k) for k in kinds)
+
+
+def refuse_unsupported(filename: str, head: bytes, allowed: str) -> str:
+    """The kind of a file from its name and first bytes; IngestError("unsupported_type") naming
+    the accepted types when we would not parse it (checked before a file is stored or uploaded)."""
+    kinds = frozenset(k.strip() for k in allowed.split(",") if k.strip())
+    try:
+        kind = detect_type(filename, head[:HEAD_BYTES])
+    except IngestError as e:
+        if e.code not in ("unsupported_type", "binary_file"):
+            raise
+        raise IngestError("unsupported_type", f"{filename} is not a kind of file kb reads; accepted: "
+                                              f"{accepted_types(allowed)}") from e
+    if kind not in kinds:
+        raise IngestError("unsupported_type", f"{filename} is {TYPE_NAMES.get(kind, kind)}, not accepted here; "
+                                              f"accepted: {accepted_types(allowed)}")
+    return kind
 
 
 @dataclass(frozen=True)
@@ -45,22 +77,43 @@ class StageUpdate:
 
     document_id: int
     filename: str
-    stage: str  # stored|parsed|tokenized|prefilled|indexed|ready
-    done: int = 0
-    total: int = 0
+    stage: str  # stored|parsed|tokenized|prefilled|ready: how far it got
+    done: int = 0  # segments whose KV is stored
+    total: int = 0  # segments of the document
+    tokens_done: int = 0  # tokens whose KV is stored (the work unit of the prefill)
+    tokens_total: int = 0
+    size_bytes: int = 0  # the file's size (the work unit of parsing)
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the prefill done, by tokens (by segments when tokens are unknown)."""
+        if self.stage == "prefilled":
+            if self.tokens_total:
+                return self.tokens_done / self.tokens_total
+            return self.done / max(1, self.total)
+        return 1.0 if self.stage == "ready" else 0.0
 
     @property
     def percent(self) -> float:
         if self.stage == "prefilled":
-            return PREFILL_FROM + (PREFILL_TO - PREFILL_FROM) * self.done / max(1, self.total)
+            return PREFILL_FROM + (PREFILL_TO - PREFILL_FROM) * self.fraction
         return STAGE_PERCENT.get(self.stage, 0.0)
 
     @property
-    def fraction(self) -> float:
-        """Fraction of the prefill done (what `kb ingest` prints), 1.0 once past it."""
-        if self.stage == "prefilled":
-            return self.done / max(1, self.total)
-        return 1.0 if self.stage in ("indexed", "ready") else 0.0
+    def activity(self) -> str:
+        """What is happening now: parsing, prefilling k of n, verifying, ready."""
+        return activity(self.stage, self.done, self.total)
+
+
+def activity(stage: str | None, done: int = 0, total: int = 0, status: str | None = None) -> str:
+    """What a document's ingestion is doing, from its recorded stage (and its job's status)."""
+    if status == "queued":
+        return "queued"
+    if status == "cancelled":
+        return "cancelled"
+    if stage in ("tokenized", "prefilled"):
+        return f"prefilling {done} of {total}" if done < total or not total else "verifying"
+    return ACTIVITY.get(stage or "", stage or "queued")
 
 
 StageHook = Callable[[StageUpdate], None]
@@ -166,6 +219,21 @@ class Ingestor:
                 raise NotFound(f"corpus {name!r} does not exist")
             return corpus.id
 
+    def document_facts(self, document_ids: list[int]) -> dict[int, dict]:
+        """Per document: its pages (the last page its segments reach; None for formats without
+        pages, or before parsing) and its size in bytes, as listings show them."""
+        from sqlalchemy import func
+
+        if not document_ids:
+            return {}
+        with self.db.session() as sess:
+            sizes = dict(sess.execute(select(Document.id, Document.size_bytes)
+                                      .where(Document.id.in_(document_ids))).all())
+            pages = dict(sess.execute(select(Segment.document_id, func.max(Segment.page_end))
+                                      .where(Segment.document_id.in_(document_ids))
+                                      .group_by(Segment.document_id)).all())
+        return {i: {"pages": pages.get(i), "size_bytes": sizes.get(i, 0)} for i in document_ids}
+
     def ingest(self, name: str, paths: list[str | Path],
                progress: Callable[[str, str, float], None] | None = None) -> list[IngestResult]:
         """Store, parse, segment and prefill each file in this thread; one bad file never stops
@@ -204,6 +272,8 @@ class Ingestor:
         if size > max_bytes:
             raise IngestError("too_large", f"{path.name} is {size / 2**20:.1f} MiB; the limit is {s.max_upload_mb:g} MiB")
         data = path.read_bytes()
+        if data:  # an empty file fails at parsing, with its own reason
+            refuse_unsupported(path.name, data, s.allowed_types)
         digest = hashlib.sha256(data).hexdigest()
         with self.db.session() as sess:
             corpus = sess.get(Corpus, corpus_id)
@@ -260,7 +330,10 @@ class Ingestor:
         otherwise wait on our own write lock)."""
         lm, s = self.model, self.settings
         cfg = self._corpus_settings()
-        emit = lambda stage, done=0, total=0: hook(StageUpdate(doc_id, filename, stage, done, total))  # noqa: E731
+        size = len(data)
+        emit = lambda stage, done=0, total=0, tdone=0, ttotal=0: hook(  # noqa: E731
+            StageUpdate(doc_id, filename, stage, done, total, tdone, ttotal, size))
+        emit("stored")  # parsing starts
         with self.db.session() as sess:
             corpus = sess.get(Corpus, corpus_id)
             self._ensure_preamble(sess, corpus, cfg)
@@ -290,9 +363,12 @@ class Ingestor:
                     if seg.kv_file is None or seg.cache_key != self.segment_key(cfg, seg.pos_start, seg.token_ids,
                                                                                    links[seg.id])]
             total = len(segments)
+            tokens_total = sum(seg.num_tokens for seg in segments)
+            todo_tokens = {seg.id: seg.num_tokens for seg in segments}
         dtype = s.torch_kv_dtype
         done = total - len(todo)
-        emit("prefilled", done, total)
+        tokens_done = tokens_total - sum(todo_tokens[i] for i, _, _ in todo)
+        emit("prefilled", done, total, tokens_done, tokens_total)
         if todo and should_stop():
             raise Cancelled(f"ingestion of {filename} was cancelled")
         scheme = {} if s.pic == "shared" else dict(pic=s.pic, link_tokens=s.pic_link_tokens,
@@ -308,16 +384,16 @@ class Ingestor:
                 seg.kv_file, seg.kv_checksum = str(stored.path), stored.checksum
                 seg.cache_key = self.segment_key(cfg, pos_start, tokens, links[seg_id])
             done += 1
-            emit("prefilled", done, total)
+            tokens_done += todo_tokens[seg_id]
+            emit("prefilled", done, total, tokens_done, tokens_total)
             if done < total and should_stop():
                 raise Cancelled(f"ingestion of {filename} was cancelled")
-        self._verify(doc_id)
-        emit("indexed", total, total)
+        self._verify(doc_id)  # nothing is indexed at ingestion: no "indexing" stage is reported
         with self.db.session() as sess:
             doc = sess.get(Document, doc_id)
             doc.stage, doc.error, doc.percent, doc.eta_s = "ready", None, 100.0, None
             result = IngestResult(filename, "ready", doc.id, total, doc.num_tokens)
-        emit("ready", total, total)
+        emit("ready", total, total, tokens_total, tokens_total)
         return result
 
     def _verify(self, doc_id: int) -> None:

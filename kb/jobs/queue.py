@@ -13,7 +13,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, case, func, or_, select
 
 from kb.errors import Conflict, KBError, NotFound
 from kb.ingest.errors import IngestError
@@ -106,10 +106,13 @@ class JobQueue:
     def _info(self, s, job: Job) -> JobInfo:
         doc = s.get(Document, job.document_id) if job.document_id is not None else None
         corpus = s.get(Corpus, job.corpus_id) if job.corpus_id is not None else None
-        done = total = 0
+        done = total = tokens_done = 0
+        pages = None
         if doc is not None:
-            total, done = s.execute(select(func.count(Segment.id), func.count(Segment.kv_file))
-                                    .where(Segment.document_id == doc.id)).one()
+            total, done, tokens_done, pages = s.execute(
+                select(func.count(Segment.id), func.count(Segment.kv_file),
+                       func.coalesce(func.sum(case((Segment.kv_file.is_not(None), Segment.num_tokens), else_=0)), 0),
+                       func.max(Segment.page_end)).where(Segment.document_id == doc.id)).one()
         return JobInfo(
             id=job.id, kind=job.kind, corpus=corpus.name if corpus else None, document_id=job.document_id,
             filename=doc.filename if doc else None, status=job.status, stage=doc.stage if doc else None,
@@ -119,7 +122,8 @@ class JobQueue:
             attempts=job.attempts, error=job.error or (doc.error if doc and job.status != "done" else None),
             code=(job.result or {}).get("code") if job.status == "failed" else None,
             created_at=_aware(job.created_at), started_at=_aware(job.started_at),
-            finished_at=_aware(job.finished_at), heartbeat_at=_aware(job.heartbeat_at))
+            finished_at=_aware(job.finished_at), heartbeat_at=_aware(job.heartbeat_at),
+            tokens_done=int(tokens_done), size_bytes=doc.size_bytes if doc else 0, pages=pages)
 
     def get(self, job_id: str) -> JobInfo:
         with self.db.session() as s:

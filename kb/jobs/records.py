@@ -36,7 +36,7 @@ class JobInfo:
     document_id: int | None
     filename: str | None
     status: str  # queued|running|done|failed|cancelled
-    stage: str | None  # the document's: stored|parsed|tokenized|prefilled|indexed|ready|failed
+    stage: str | None  # the document's: stored|parsed|tokenized|prefilled|ready|failed (how far it got)
     percent: float
     eta_s: float | None
     segments_done: int
@@ -49,13 +49,28 @@ class JobInfo:
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+    tokens_done: int = 0  # tokens whose KV is stored: `percent` follows these over `tokens`
+    size_bytes: int = 0  # the file's size
+    pages: int | None = None  # pages of a paged format (PDF), once parsed
 
     @property
     def finished(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def activity(self) -> str:
+        """What is happening now: queued, parsing, prefilling k of n, verifying, ready, failed."""
+        from kb.ingest.pipeline import activity
+
+        if self.status == "done":
+            return "ready"
+        if self.status == "failed":
+            return "failed"
+        return activity(self.stage, self.segments_done, self.segments_total, self.status)
+
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["activity"] = self.activity
         for k in ("created_at", "started_at", "finished_at", "heartbeat_at"):
             d[k] = d[k].isoformat() if d[k] else None
         return d
