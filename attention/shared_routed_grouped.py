@@ -125,6 +125,64 @@ if HAS_TRITON:
             tl.store(LP + ent * G + g, lse, mask=row_ok)
 
 
+    @triton.jit
+    def _routed_stationary_kernel(
+        Q, K, V, KS, VS, OP, LP,
+        ORDER, OFFSETS, TILE_GROUP, TILE_START, TOTAL,
+        N, qk_scale,
+        stride_qt, stride_qh,
+        stride_kn, stride_kh, stride_vn, stride_vh,
+        stride_sc, stride_sh,
+        HKV: tl.constexpr, SLOTS: tl.constexpr, CHUNK: tl.constexpr,
+        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        RT: tl.constexpr, KV_SCALE: tl.constexpr, DOT: tl.constexpr,
+    ):
+        """Span 1, one key tile per chunk (CHUNK <= BLOCK_N): the chunk's K/V are loaded once
+        and stay on chip while the program walks up to RT row tiles of its queries; each tile is
+        one exact softmax (no running rescale: the tile sees all of the chunk's keys)."""
+        tile = tl.program_id(0)
+        if tile < tl.load(TOTAL):
+            grp = tl.load(TILE_GROUP + tile)
+            c = grp // HKV
+            h = grp % HKV
+            r_lo = tl.load(OFFSETS + grp) * G + (tile - tl.load(TILE_START + grp)) * (BLOCK_M * RT)
+            r_hi = tl.minimum(tl.load(OFFSETS + grp + 1) * G, r_lo + BLOCK_M * RT)
+            offs_d = tl.arange(0, D)
+            offs_c = tl.arange(0, BLOCK_N)
+            offs_n = c.to(tl.int64) * CHUNK + offs_c
+            n_ok = (offs_c < CHUNK) & (offs_n < N)
+            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
+                        mask=n_ok[:, None], other=0.0).to(DOT)
+            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
+                        mask=n_ok[:, None], other=0.0).to(DOT)
+            if KV_SCALE:
+                ks = tl.load(KS + c * stride_sc + h * stride_sh)
+                vs = tl.load(VS + c * stride_sc + h * stride_sh)
+            for r0 in range(r_lo, r_hi, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                row_ok = rows < r_hi
+                e = rows // G
+                g = rows % G
+                ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
+                t = ent // (HKV * SLOTS)
+                q = tl.load(Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
+                            + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(DOT)
+                qk = tl.dot(q, tl.trans(k))
+                if KV_SCALE:
+                    qk = qk * ks
+                qk = tl.where(n_ok[None, :], qk, float("-inf"))
+                m = tl.max(qk, 1) * qk_scale
+                p = tl.exp2(qk * qk_scale - m[:, None])
+                l_i = tl.sum(p, 1)
+                if KV_SCALE:
+                    p = p * vs
+                o = tl.dot(p.to(DOT), v) / l_i[:, None]
+                lse = (m + tl.log2(l_i)) * 0.6931471805599453
+                tl.store(OP + (ent * G + g)[:, None] * D + offs_d[None, :],
+                         o.to(OP.dtype.element_ty), mask=row_ok[:, None])
+                tl.store(LP + ent * G + g, lse, mask=row_ok)
+
+
 @dataclass
 class RoutedPlan:
     """Device-side routing metadata of one selection, reusable by every layer that shares it.
@@ -212,12 +270,13 @@ def choose_config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int,
     per_group = max(1, t * top_k // max(1, num_chunks))  # expected entries per (chunk, head)
     if interp:
         cfg = dict(span=1, BLOCK_M=16 if per_group * g <= 16 else 32,
-                   BLOCK_N=max(8, min(16, triton.next_power_of_2(chunk_size))), persist=False)
+                   BLOCK_N=max(8, min(16, triton.next_power_of_2(chunk_size))), persist=False,
+                   rt=0)
     else:
         block_m = max(16, min(64, triton.next_power_of_2(per_group * g)))
         cfg = dict(span=1, BLOCK_M=block_m,
                    BLOCK_N=max(16, min(128, triton.next_power_of_2(chunk_size))),
-                   num_warps=4, num_stages=2, persist=False)
+                   num_warps=4, num_stages=2, persist=False, rt=0)
     if CONFIG_OVERRIDE is not None:
         cfg.update(CONFIG_OVERRIDE)
     return cfg
@@ -231,7 +290,17 @@ def plan_for(chunk_idx: torch.Tensor, num_chunks: int, g: int, chunk_size: int,
         interp = chunk_idx.device.type != "cuda"
     t, _, top_k = chunk_idx.shape
     cfg = choose_config(t, g, top_k, num_chunks, chunk_size, interp)
-    return plan_grouped(chunk_idx, num_chunks, g, cfg["span"], cfg["BLOCK_M"])
+    return plan_grouped(chunk_idx, num_chunks, g, cfg["span"], _plan_tile(cfg, chunk_size))
+
+
+def _stationary(cfg: dict, chunk_size: int) -> bool:
+    """The K/V-stationary kernel serves spans of one chunk that fit one key tile."""
+    return cfg.get("rt", 0) > 0 and cfg["span"] == 1 and chunk_size <= cfg["BLOCK_N"]
+
+
+def _plan_tile(cfg: dict, chunk_size: int) -> int:
+    """Rows of one plan tile (one program): BLOCK_M, or RT row tiles of it (stationary)."""
+    return cfg["BLOCK_M"] * (cfg["rt"] if _stationary(cfg, chunk_size) else 1)
 
 
 def shared_attention_grouped(
@@ -253,15 +322,18 @@ def shared_attention_grouped(
     q, k, v, t, hq, d, n, hkv, top_k, g, scale, num_chunks, o, lse, interp = call.unpack()
     cfg = choose_config(t, g, top_k, num_chunks, chunk_size, interp)
     if plan is None:
-        plan = plan_grouped(chunk_idx, num_chunks, g, cfg["span"], cfg["BLOCK_M"])
+        plan = plan_grouped(chunk_idx, num_chunks, g, cfg["span"], _plan_tile(cfg, chunk_size))
     assert (plan.t, plan.hkv, plan.slots, plan.g, plan.num_chunks) == (t, hkv, top_k, g,
                                                                           num_chunks)
+    assert plan.block_m == _plan_tile(cfg, chunk_size)
+    stationary = _stationary(cfg, chunk_size)
     cfg = dict(cfg)
     cfg.pop("span")
     persist = cfg.pop("persist")
+    rt = cfg.pop("rt", 0)
     block_m = cfg.pop("BLOCK_M")
-    assert block_m == plan.block_m
-    block_n = min(cfg.pop("BLOCK_N"), triton.next_power_of_2(chunk_size))
+    # tl.dot needs K >= 16 (8 is enough under the interpreter); a short chunk masks the rest
+    block_n = min(cfg.pop("BLOCK_N"), max(8 if interp else 16, triton.next_power_of_2(chunk_size)))
     o_part = torch.empty(t, hkv, top_k, g, d, dtype=q.dtype, device=q.device)
     lse_part = torch.full((t, hkv, top_k, g), float("-inf"), dtype=torch.float32,
                           device=q.device)
@@ -275,6 +347,21 @@ def shared_attention_grouped(
         ks = vs = lse_part
         ssc = ssh = 0
     max_tiles = plan.tile_group.numel()
+    if stationary:
+        _routed_stationary_kernel[(max_tiles,)](
+            q, k, v, ks, vs, o_part, lse_part,
+            plan.order, plan.offsets, plan.tile_group, plan.tile_start, plan.total,
+            n, scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            ssc, ssh,
+            HKV=hkv, SLOTS=top_k, CHUNK=chunk_size, G=g, D=d, BLOCK_M=block_m,
+            BLOCK_N=block_n, RT=rt, KV_SCALE=k_scale is not None,
+            DOT=dot_dtype(q.dtype, q.device, k.dtype), **cfg,
+        )
+        combine(o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
+                lse_part.view(t * hkv, top_k, g).transpose(1, 2),
+                o.view(t * hq, d), lse.view(t * hq))
+        return o, lse
     grid = min(max_tiles, 4 * sms(q.device)) if persist else max_tiles
     even = chunk_size % block_n == 0 and n % chunk_size == 0
     _routed_grouped_kernel[(grid,)](

@@ -144,8 +144,9 @@ def flashinfer_peers(q, kc, vc, n):
         return {}, f"flashinfer not importable: {type(e).__name__}: {str(e)[:100]}"
     b, dev = q.shape[0], q.device
     pages = n // PAGE
-    ws = flashinfer_peers.ws = getattr(flashinfer_peers, "ws", None) or \
-        torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+    if getattr(flashinfer_peers, "ws", None) is None:
+        flashinfer_peers.ws = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+    ws = flashinfer_peers.ws
     out, notes = {}, []
     i32 = dict(dtype=torch.int32, device=dev)
     for backend in ("fa2", "fa3"):
@@ -208,6 +209,8 @@ def run(args):
     ns = [(32768, "bf16"), (131072, "bf16"), (524288, "fp8")]
     if args.quick:
         ns = ns[:2]
+    if args.focus:  # the routed study alone: dense, routed grid and granularity at 128K, B=256
+        bs, ns = [256], [(131072, "bf16")]
     if DRY:
         bs, ns = [1, 4], [(1024, "bf16"), (2048, "fp8")]
     gen = torch.Generator().manual_seed(0)
@@ -249,7 +252,7 @@ def run(args):
 
             # (a) copies: B distinct KV copies, per-request SDPA (query length G after GQA fold)
             copy_bytes = b * 2 * n * HKV * D * 2
-            if copy_bytes <= args.copies_gib * 2 ** 30:
+            if copy_bytes <= args.copies_gib * 2 ** 30 and not args.focus:
                 kb = k_t.expand(b, -1, -1, -1).contiguous()
                 vb = v_t.expand(b, -1, -1, -1).contiguous()
                 qb = q.view(b, HKV, G, D)
@@ -261,9 +264,10 @@ def run(args):
             bt = torch.arange(n // PAGE, device=dev, dtype=torch.int32).expand(b, -1).contiguous()
             seq = torch.full((b,), n, device=dev, dtype=torch.int32)
             cu = torch.arange(b + 1, device=dev, dtype=torch.int32)
-            add("paged", lambda: unique_attention_paged(q, kc, vc, bt, seq, cu, max_seqlen_q=1,
-                                                        max_seqlen_k=n), fl,
-                2 * n * HKV * D * 2 + qo_bytes, dtype="bf16")
+            if not args.focus:
+                add("paged", lambda: unique_attention_paged(q, kc, vc, bt, seq, cu,
+                                                            max_seqlen_q=1, max_seqlen_k=n),
+                    fl, 2 * n * HKV * D * 2 + qo_bytes, dtype="bf16")
             # (c) torch_fold: [1, Hkv, B*G, d] against [1, Hkv, N, d]; default dispatch and
             # the flash backend forced
             qf = q.view(b, HKV, G, D).permute(1, 0, 2, 3).reshape(1, HKV, b * G, D)
@@ -278,7 +282,8 @@ def run(args):
             except RuntimeError as e:
                 out["notes"].append(f"torch_flash N={n} B={b}: {str(e)[:100]}")
             # (c') FlashInfer over the shared pages (bf16 source KV)
-            fis, note = flashinfer_peers(q, kc, vc, n) if not DRY else ({}, "dry run")
+            fis, note = flashinfer_peers(q, kc, vc, n) if not (DRY or args.focus) else \
+                ({}, "dry run or --focus")
             if note and note not in out["notes"]:
                 out["notes"].append(note)
             for name, fn in fis.items():
@@ -388,6 +393,10 @@ def granularity_study(add, out, q, kf, vf, n, b, elt, qo_bytes, args):
             add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", "request", 2,
                        qo_bytes, tag=f"_m{bm}n{bn}w{w}s{st}",
                        cfg=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st))
+        for rt, w, st in [(2, 4, 2), (4, 4, 2), (4, 8, 2), (8, 4, 3), (4, 4, 3)]:
+            add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", "request", 2,
+                       qo_bytes, tag=f"_stationary_rt{rt}w{w}s{st}",
+                       cfg=dict(rt=rt, BLOCK_M=64, BLOCK_N=128, num_warps=w, num_stages=st))
     for per in ("token", "request"):
         add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", per, 2, qo_bytes,
                    persist=True, tag="_persist")
@@ -528,6 +537,8 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--dry", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--focus", action="store_true",
+                    help="only N=128K, B=256: dense, the routed grid and the granularity study")
     ap.add_argument("--extra-chunk", type=int, default=256,
                     help="also time routed with this chunk size at N=128K, B>=128 (0: off)")
     ap.add_argument("--sweep-only", action="store_true",

@@ -116,6 +116,26 @@ def test_grouped_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, mode, spa
 
 
 @kernels
+@pytest.mark.parametrize("t,hq,hkv,d,n,chunk,top_k,kv,rt", [
+    (6, 8, 2, 64, 200, 16, 5, "fp16", 2),
+    (9, 8, 2, 32, 300, 16, 7, "fp8c", 4),
+    (4, 6, 2, 32, 90, 24, 3, "bf16", 3),   # chunk shorter than the key tile, G=3
+])
+def test_stationary_kernel_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, rt, monkeypatch):
+    """K/V-stationary variant: a chunk's K/V loaded once for up to RT row tiles."""
+    from attention import shared_routed_grouped as grouped
+
+    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(rt=rt, BLOCK_N=32))
+    dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
+    c = (n + chunk - 1) // chunk
+    q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, dtype)
+    k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=t)
+    idx = make_selection(t, hkv, c, top_k, "token", seed=n).to(DEV)
+    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, None, ks, vs)
+    check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, None, ks, vs), dtype)
+
+
+@kernels
 @pytest.mark.parametrize("span", [1, 4])
 def test_grouped_padding_repeats_and_empty_rows(span, monkeypatch):
     from attention import shared_routed_grouped as grouped
@@ -185,14 +205,15 @@ def test_interpreter_suite_in_subprocess():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("t,top_k,mode,kv,span,persist", [
-    (1, 8, "token", "bf16", 1, False), (128, 16, "request", "bf16", 1, True),
-    (64, 40, "token", "fp8c", 2, False), (96, 24, "runs", "fp16", 4, True),
-    (256, 12, "request", "bf16", 2, False)])
-def test_gpu_grouped_llama_shape(t, top_k, mode, kv, span, persist, monkeypatch):
+@pytest.mark.parametrize("t,top_k,mode,kv,span,persist,rt", [
+    (1, 8, "token", "bf16", 1, False, 0), (128, 16, "request", "bf16", 1, True, 0),
+    (64, 40, "token", "fp8c", 2, False, 0), (96, 24, "runs", "fp16", 4, True, 0),
+    (256, 12, "request", "bf16", 2, False, 0), (256, 12, "request", "bf16", 1, False, 4),
+    (64, 40, "token", "fp8c", 1, False, 2)])
+def test_gpu_grouped_llama_shape(t, top_k, mode, kv, span, persist, rt, monkeypatch):
     from attention import shared_routed_grouped as grouped
 
-    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(span=span, persist=persist))
+    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(span=span, persist=persist, rt=rt))
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     n, chunk = 6000, 128
     c = (n + chunk - 1) // chunk
