@@ -328,7 +328,8 @@ def run(args):
 
 
 def add_routed(add, out, q, k, v, ks, vs, n, b, chunk, density, skew, per, elt, qo_bytes,
-               o_dense=None, impl="grouped", span=None, persist=None, tag="", cfg=None):
+               o_dense=None, impl="grouped", span=None, persist=None, tag="", cfg=None,
+               profile_it=False):
     """Time one routed configuration: plan (alone) and run (with the plan built beforehand)."""
     from attention import shared_routed, shared_routed_grouped as grouped
     dev = q.device
@@ -369,6 +370,8 @@ def add_routed(add, out, q, k, v, ks, vs, n, b, chunk, density, skew, per, elt, 
             out["checks"].append(dict(what=f"ours_routed {impl} (all chunks) vs ours_dense",
                                       N=n, B=b, dtype="fp8" if ks is not None else "bf16",
                                       rel_err=float(err)))
+        if profile_it and not DRY:
+            profile(fn, f"routed {impl}{tag} N={n} B={b} {density} {per}")
     finally:
         grouped.CONFIG_OVERRIDE = None
         shared_routed.IMPL = "auto"
@@ -380,7 +383,8 @@ def granularity_study(add, out, q, kf, vf, n, b, elt, qo_bytes, args):
     for chunk in (128, 256, 512):
         for per in ("token", "request"):
             add_routed(add, out, q, kf, vf, None, None, n, b, chunk, 0.25, "none", per, 2,
-                       qo_bytes, tag=f"_c{chunk}")
+                       qo_bytes, tag=f"_c{chunk}",
+                       profile_it=args.profile and chunk == 128 and per == "request")
     for span in (2, 4):
         for per in ("request", "runs"):
             add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", per, 2,
