@@ -119,8 +119,11 @@ def test_unsupported_types_are_refused_with_the_accepted_types_named():
         refuse_unsupported("photo.png", PNG, allowed)
     assert e.value.code == "unsupported_type"
     assert "accepted: PDF (.pdf), Word (.docx), HTML (.html, .htm), Markdown (.md)" in str(e.value)
-    with pytest.raises(IngestError, match="not accepted here; accepted: text"):
+    with pytest.raises(IngestError, match="spec.pdf: pdf files are not accepted here; accepted: text"):
         refuse_unsupported("spec.pdf", b"%PDF-1.4 ...", "text")
+    with pytest.raises(IngestError) as e:
+        refuse_unsupported("program.txt", bytes(range(256)) * 8, allowed)
+    assert e.value.code == "binary_file" and "Accepted: PDF (.pdf)" in str(e.value)
     assert accepted_types("pdf,text") == "PDF (.pdf), text (.txt and other plain text)"
 
 

@@ -61,12 +61,14 @@ def refuse_unsupported(filename: str, head: bytes, allowed: str) -> str:
     try:
         kind = detect_type(filename, head[:HEAD_BYTES])
     except IngestError as e:
-        if e.code not in ("unsupported_type", "binary_file"):
+        if e.code == "binary_file":  # binary bytes under a text name: say so, and what is accepted
+            raise IngestError(e.code, f"{e} Accepted: {accepted_types(allowed)}") from e
+        if e.code != "unsupported_type":
             raise
         raise IngestError("unsupported_type", f"{filename} is not a kind of file kb reads; accepted: "
                                               f"{accepted_types(allowed)}") from e
     if kind not in kinds:
-        raise IngestError("unsupported_type", f"{filename} is {TYPE_NAMES.get(kind, kind)}, not accepted here; "
+        raise IngestError("unsupported_type", f"{filename}: {kind} files are not accepted here; "
                                               f"accepted: {accepted_types(allowed)}")
     return kind
 
