@@ -396,14 +396,16 @@ def granularity_study(add, out, q, kf, vf, n, b, elt, qo_bytes, args):
                               (32, 128, 4, 2), (64, 128, 4, 3)]:
             add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", "request", 2,
                        qo_bytes, tag=f"_m{bm}n{bn}w{w}s{st}",
-                       cfg=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st))
-        for rt, w, st in [(2, 4, 2), (4, 4, 2), (4, 8, 2), (8, 4, 3), (4, 4, 3)]:
+                       cfg=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, rt=0))
+        for rt, bm, w, st in [(0, 64, 4, 2), (2, 64, 4, 2), (4, 64, 4, 3), (8, 64, 4, 3),
+                              (8, 64, 4, 4), (16, 64, 4, 3), (8, 128, 8, 3), (8, 32, 4, 3),
+                              (8, 64, 8, 3)]:
             add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", "request", 2,
-                       qo_bytes, tag=f"_stationary_rt{rt}w{w}s{st}",
-                       cfg=dict(rt=rt, BLOCK_M=64, BLOCK_N=128, num_warps=w, num_stages=st))
+                       qo_bytes, tag=f"_stationary_rt{rt}m{bm}w{w}s{st}",
+                       cfg=dict(rt=rt, BLOCK_M=bm, BLOCK_N=128, num_warps=w, num_stages=st))
     for per in ("token", "request"):
         add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", per, 2, qo_bytes,
-                   persist=True, tag="_persist")
+                   persist=True, tag="_persist", cfg=dict(rt=0))
         if not DRY:
             for impl in ("scatter", "union"):
                 add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", per, 2,

@@ -31,6 +31,8 @@ CASES = (
     ("dense fp8 N=128K B=8", 131072, 8, "fp8", 1.0, 64, "dense"),
     ("routed scatter N=128K B=256 chunk 128 25%", 131072, 256, "bf16", 0.25, 128, "scatter"),
     ("routed union N=128K B=256 chunk 64 25%", 131072, 256, "bf16", 0.25, 64, "union"),
+    ("routed grouped N=128K B=256 chunk 128 25%", 131072, 256, "bf16", 0.25, 128, "grouped"),
+    ("routed grouped N=128K B=256 chunk 128 10%", 131072, 256, "bf16", 0.10, 128, "grouped"),
 )
 
 
@@ -42,7 +44,10 @@ def run() -> None:
 
     dev = "cuda"
     g = torch.Generator(device=dev).manual_seed(0)
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
     for name, n, b, dtype, density, chunk, impl in CASES:
+        if only not in name:
+            continue
         q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16, generator=g)
         k = torch.randn(n, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)
         v = torch.randn(n, HKV, D, device=dev, dtype=torch.bfloat16, generator=g)

@@ -268,8 +268,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--density", type=float, default=0.25)
-    ap.add_argument("--select-budget", type=int, default=0,
-                    help="shared tokens per request of ours_routed_req (0: density x N)")
+    ap.add_argument("--select-budget", default="0",
+                    help="shared tokens per request of ours_routed_req, comma-separated budgets "
+                         "(0: density x N); one row set per budget")
     ap.add_argument("--modes", default="ours_dense,ours_routed,ours_routed_req,per_request,copies")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--conc", default="1,4,16,64,128,256,2,8,32")
@@ -347,9 +348,9 @@ def main() -> None:
     dense = SharedKV("corpus", k, v, chunk_size=args.chunk, pos_offset=n)
     selected = SharedKV("corpus", k, v, chunk_size=SELECT_CHUNK, pos_offset=n)
     modes = set(args.modes.split(","))
-    budget = args.select_budget or int(args.density * n)
-    sel_k = max(1, budget // SELECT_CHUNK)
-    res["select_budget_tokens"] = sel_k * SELECT_CHUNK
+    budgets = [int(x) for x in args.select_budget.split(",")]
+    sel_ks = [max(1, (bud or int(args.density * n)) // SELECT_CHUNK) for bud in budgets]
+    res["select_budget_tokens"] = [k * SELECT_CHUNK for k in sel_ks]
     t0 = time.perf_counter()
     routed = with_router(dense, args.density)
     res["router_build_s_128k"] = time.perf_counter() - t0
@@ -358,16 +359,17 @@ def main() -> None:
     for c in concs:
         if c > cmax:
             continue
-        for mode, sh in (("ours_dense", dense), ("ours_routed", routed),
-                         ("ours_routed_req", selected), ("per_request", dense)):
+        plan = [("ours_dense", dense, 0), ("ours_routed", routed, 0)]
+        plan += [("ours_routed_req", selected, k) for k in sel_ks] + [("per_request", dense, 0)]
+        for mode, sh, sel_k in plan:
             if mode not in modes:
                 continue
             r = run_config(runner, blocks, {"corpus": sh}, mode, ["corpus"] * c, args.prompt, args.gen,
-                           "synthetic", budget_s=args.budget,
-                           select=sel_k if mode == "ours_routed_req" else 0)
+                           "synthetic", budget_s=args.budget, select=sel_k)
             req = mode == "ours_routed_req"
             record(mode, n, "bf16", sh if mode != "per_request" else None, r,
                    shared_keys=sel_k * SELECT_CHUNK if req else None,
+                   select_tokens=sel_k * SELECT_CHUNK if req else None,
                    top_k=sh.top_k if mode == "ours_routed" else (sel_k if req else None),
                    chunk=SELECT_CHUNK if req else args.chunk)
     del runner, blocks, dense, routed, selected, k, v, sh
@@ -406,8 +408,8 @@ def main() -> None:
         sh8 = fp8_shared("corpus8", cfg, n8, dev, args.chunk, seed=3)
         sel8 = SharedKV("corpus8", sh8.k, sh8.v, chunk_size=SELECT_CHUNK, pos_offset=n8,
                         meta=sh8.meta)  # per-head scales: any chunk size reads them
-        sel_k8 = max(1, (args.select_budget or int(args.density * n8)) // SELECT_CHUNK)
-        res["select_budget_tokens_512k"] = sel_k8 * SELECT_CHUNK
+        sel_k8s = [max(1, (bud or int(args.density * n8)) // SELECT_CHUNK) for bud in budgets]
+        res["select_budget_tokens_512k"] = [k * SELECT_CHUNK for k in sel_k8s]
         t0 = time.perf_counter()
         routed8 = with_router(sh8, args.density) if "ours_routed" in modes else sh8
         res["router_build_s_512k"] = time.perf_counter() - t0
@@ -421,15 +423,17 @@ def main() -> None:
         blocks = BlockManager(cmax8 * unique_blocks_per_req, bs)
         fill_(runner.k_cache + runner.v_cache, seed=4)
         for c in sorted({c for c in concs if c <= cmax8} | {cmax8}):
-            for mode, sh in (("ours_dense", sh8), ("ours_routed", routed8),
-                             ("ours_routed_req", sel8)):
+            plan8 = [("ours_dense", sh8, 0), ("ours_routed", routed8, 0)]
+            plan8 += [("ours_routed_req", sel8, k) for k in sel_k8s]
+            for mode, sh, sel_k8 in plan8:
                 if mode not in modes:
                     continue
                 req = mode == "ours_routed_req"
                 r = run_config(runner, blocks, {"corpus8": sh}, mode, ["corpus8"] * c, args.prompt,
                                args.gen, "synthetic", budget_s=args.budget,
-                               select=sel_k8 if req else 0)
+                               select=sel_k8)
                 record(mode, n8, "fp8", sh, r, shared_keys=sel_k8 * SELECT_CHUNK if req else None,
+                       select_tokens=sel_k8 * SELECT_CHUNK if req else None,
                        top_k=sh.top_k if mode == "ours_routed" else (sel_k8 if req else None),
                        chunk=SELECT_CHUNK if req else args.chunk)
     save()
@@ -446,20 +450,22 @@ def summary(res: dict) -> None:
     for r in sorted(rows, key=lambda r: (r["shared_tokens"], r["kv_dtype"], r["mode"], r["concurrency"])):
         print(f"{r['mode']:12s} {r['shared_tokens']:>7d} {r['kv_dtype']:5s} {r['concurrency']:>4d} "
               f"{r['tokens_per_s']:9.1f} {r['itl_ms_p50']:8.2f} {r['itl_ms_p99']:8.2f} {r['mfu']:6.3f}")
-    tps = {(r["mode"], r["shared_tokens"], r["kv_dtype"], r["concurrency"]): r["tokens_per_s"] for r in rows}
+    lab = lambda r: f"ours_routed_req({r['select_tokens']})" if r.get("select_tokens") else r["mode"]  # noqa: E731
+    tps = {(lab(r), r["shared_tokens"], r["kv_dtype"], r["concurrency"]): r["tokens_per_s"] for r in rows}
     n = 128 * 1024
-    for mode in ("ours_routed", "ours_routed_req"):
+    reqs = sorted({lab(r) for r in rows if r.get("select_tokens")})
+    for mode in ("ours_routed", *reqs):
         for nn, kv, tgt in ((n, "bf16", 1.8), (4 * n, "fp8", 2.5)):
             a, b = tps.get((mode, nn, kv, 128)), tps.get(("ours_dense", nn, kv, 128))
             if a and b:
                 print(f"{mode} / ours_dense at N={nn} {kv} B=128: {a / b:.2f}x (target >= {tgt}x)")
-    for mode in ("ours_dense", "ours_routed", "ours_routed_req"):
+    for mode in ("ours_dense", "ours_routed", *reqs):
         a, b = tps.get((mode, n, "bf16", 128)), tps.get(("per_request", n, "bf16", 128))
         if a and b:
             print(f"{mode} / per_request at B=128: {a / b:.1f}x (target >= 20x)")
         cop = [r for r in rows if r["mode"] == "copies"]
         best = max(cop, key=lambda r: r["tokens_per_s"]) if cop else None
-        ours = [r for r in rows if r["mode"] == mode and r["shared_tokens"] == n]
+        ours = [r for r in rows if lab(r) == mode and r["shared_tokens"] == n]
         if best and ours:
             top = max(ours, key=lambda r: r["tokens_per_s"])
             print(f"{mode} best (B={top['concurrency']}) / copies best (B={best['concurrency']}): "
