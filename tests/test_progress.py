@@ -57,12 +57,13 @@ def test_eta_is_within_a_quarter_of_the_truth_once_a_tenth_is_done(tmp_path, see
     sizes = [rng.choice([40, 120, 512, 512, 512]) for _ in range(60)]
     total, s_per_token = sum(sizes), 0.004
     batches, batch = [], []
-    for i, n in enumerate(sizes):  # batches of about 2048 tokens, as KB_PREFILL_BATCH_TOKENS cuts them
+    for i in range(len(sizes)):  # batches of about 2048 tokens, as KB_PREFILL_BATCH_TOKENS cuts them
         batch.append(i)
         if sum(sizes[j] for j in batch) >= 2048:
             batches.append(batch)
             batch = []
-    batches.append(batch) if batch else None
+    if batch:
+        batches.append(batch)
     cost = [sum(sizes[j] for j in b) * s_per_token * rng.uniform(0.9, 1.1) for b in batches]
 
     writer(StageUpdate(doc_id, "spec.pdf", "prefilled", 0, len(sizes), 0, total))

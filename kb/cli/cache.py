@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from kb.cli.common import knowledge_base as _kb
 from kb.cli.common import human_size as _size
+from kb.cli.common import knowledge_base as _kb
 from kb.cli.common import print_json_or_empty
 from kb.cli.names import require_corpus, require_job
 from kb.cli.server_client import ServerClient, explicit_url

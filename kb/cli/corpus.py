@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from kb.cli.common import knowledge_base as _kb
 from kb.cli.common import human_size, print_json_or_empty
+from kb.cli.common import knowledge_base as _kb
 from kb.cli.names import require_corpus
 
 

@@ -6,8 +6,8 @@ import signal
 import sys
 import threading
 
-from kb.cli.common import knowledge_base as _kb
 from kb.cli.common import eta_text, human_size, print_json_or_empty
+from kb.cli.common import knowledge_base as _kb
 from kb.cli.names import require_corpus, require_job
 
 
