@@ -272,6 +272,7 @@ def main() -> None:
                     help="shared tokens per request of ours_routed_req, comma-separated budgets "
                          "(0: density x N); one row set per budget")
     ap.add_argument("--modes", default="ours_dense,ours_routed,ours_routed_req,per_request,copies")
+    ap.add_argument("--modes-fp8", default=None, help="modes of the 512K fp8 part (default: --modes)")
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--conc", default="1,4,16,64,128,256,2,8,32")
     ap.add_argument("--budget", type=float, default=2.5, help="timed seconds per row, at most")
@@ -411,7 +412,8 @@ def main() -> None:
         sel_k8s = [max(1, (bud or int(args.density * n8)) // SELECT_CHUNK) for bud in budgets]
         res["select_budget_tokens_512k"] = [k * SELECT_CHUNK for k in sel_k8s]
         t0 = time.perf_counter()
-        routed8 = with_router(sh8, args.density) if "ours_routed" in modes else sh8
+        modes8 = set((args.modes_fp8 or args.modes).split(","))
+        routed8 = with_router(sh8, args.density) if "ours_routed" in modes8 else sh8
         res["router_build_s_512k"] = time.perf_counter() - t0
         torch.cuda.empty_cache()
         free = torch.cuda.mem_get_info()[0]
@@ -426,7 +428,7 @@ def main() -> None:
             plan8 = [("ours_dense", sh8, 0), ("ours_routed", routed8, 0)]
             plan8 += [("ours_routed_req", sel8, k) for k in sel_k8s]
             for mode, sh, sel_k8 in plan8:
-                if mode not in modes:
+                if mode not in modes8:
                     continue
                 req = mode == "ours_routed_req"
                 r = run_config(runner, blocks, {"corpus8": sh}, mode, ["corpus8"] * c, args.prompt,
