@@ -38,10 +38,18 @@ def use_triton(q: torch.Tensor) -> bool:
 
 
 def shared_attention(q, k, v, chunk_idx=None, chunk_size=64, scale=None, k_scale=None,
-                     v_scale=None, plan=None):
-    """All queries of a step against the shared KV, dense (chunk_idx None) or routed.
-    Contract: `reference.shared_attention`. `plan` (from `plan_routed` on the same chunk_idx):
-    routing metadata built once for every layer sharing the selection (the CUDA kernel uses it)."""
+                     v_scale=None, chunk_shift=None, rope_inv_freq=None, plan=None):
+    """All queries of a step against the shared KV, dense (chunk_idx None) or routed; with
+    `chunk_shift` (virtual positions), each listed chunk at its shift. Contract:
+    `reference.shared_attention`. `plan` (from `plan_routed` on the same chunk_idx): routing
+    metadata built once for every layer sharing the selection (the CUDA kernel uses it)."""
+    if chunk_shift is not None:  # the CPU path and the reference serve it (kernels: not yet)
+        if q.device.type == "cpu":
+            return cpu_shared.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale,
+                                               v_scale, chunk_shift=chunk_shift,
+                                               rope_inv_freq=rope_inv_freq)
+        return reference.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale,
+                                          chunk_shift, rope_inv_freq)
     if use_triton(q):
         if chunk_idx is None and plan is None:
             from .shared_dense import shared_attention_dense

@@ -34,9 +34,14 @@ def shared_attention(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     block: int | None = None,
+    *,
+    chunk_shift: torch.Tensor | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q[T,Hq,d] over k,v[N,Hkv,d], dense (chunk_idx None) or routed by
-    chunk_idx[T,Hkv,top_k]. Returns (o[T,Hq,d] in q.dtype, lse[T,Hq] float32)."""
+    chunk_idx[T,Hkv,top_k]; `chunk_shift` (beside chunk_idx) attends each chunk's keys rotated
+    by its position shift (virtual positions: `reference.shared_attention`).
+    Returns (o[T,Hq,d] in q.dtype, lse[T,Hq] float32)."""
     t, hq, d = q.shape
     n, hkv, _ = k.shape
     g = hq // hkv
@@ -49,11 +54,15 @@ def shared_attention(
         return _to_tokens(o, lse, t, hq, d, q.dtype)
     o = torch.empty(hkv, t, g, d, dtype=torch.float32)
     lse = torch.empty(hkv, t, g, dtype=torch.float32)
-    for rows, sel in selection_groups(chunk_idx):
+    for rows, sel, shift in selection_groups(chunk_idx, chunk_shift):
         qr = qh if rows is None else qh.index_select(1, rows)
         r = qr.shape[1]
         blocks = _routed_blocks(k, v, k_scale, v_scale, chunk_size, block, sel)
-        o_g, lse_g = _online(qr.reshape(hkv, r * g, d), blocks)
+        qc = None
+        if shift is not None and bool((shift != 0).any()):  # virtual positions: q by R(-shift) per chunk
+            width = int((sel >= 0).sum(-1).max())
+            qc = _per_chunk_queries(qr.reshape(hkv, r * g, d), shift[:, shift.shape[1] - width:], rope_inv_freq)
+        o_g, lse_g = _online(qr.reshape(hkv, r * g, d), blocks, qc, chunk_size)
         if rows is None:
             o, lse = o_g.view(hkv, t, g, d), lse_g.view(hkv, t, g)
         else:
@@ -69,33 +78,63 @@ def block_size(rows: int, hkv: int, chunk_size: int) -> int:
     return max(chunk_size, min(MAX_BLOCK, keys // chunk_size * chunk_size))
 
 
-def selection_groups(chunk_idx: torch.Tensor) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
-    """Rows of chunk_idx[T,Hkv,k] that chose the same chunk set per KV head, as (rows, chunks):
-    rows [R] (None: all T rows), chunks [Hkv, k] ascending with repeats and -1s made -1."""
+def selection_groups(chunk_idx: torch.Tensor, chunk_shift: torch.Tensor | None = None
+                     ) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]:
+    """Rows of chunk_idx[T,Hkv,k] that chose the same chunk set per KV head (and, with
+    chunk_shift[T,Hkv,k], the same shifts), as (rows, chunks, shifts): rows [R] (None: all T
+    rows), chunks [Hkv, k] ascending with repeats and -1s made -1, shifts [Hkv, k] beside them
+    (None without chunk_shift)."""
     t, hkv, kk = chunk_idx.shape
-    s = chunk_idx.long().sort(dim=-1).values
+    s, order = chunk_idx.long().sort(dim=-1)
+    sh = None if chunk_shift is None else chunk_shift.long().gather(-1, order)
     if kk > 1:
         s[..., 1:] = s[..., 1:].masked_fill(s[..., 1:] == s[..., :-1], -1)
-    s = s.clamp_min(-1).sort(dim=-1).values  # canonical: -1s first, then the chunks ascending
+    s, order = s.clamp_min(-1).sort(dim=-1)  # canonical: -1s first, then the chunks ascending
+    if sh is not None:
+        sh = sh.gather(-1, order).masked_fill(s < 0, 0)
     flat = s.reshape(t, hkv * kk)
+    if sh is not None:
+        flat = torch.cat([flat, sh.reshape(t, hkv * kk)], dim=1)
     if t == 1 or bool((flat == flat[:1]).all()):
-        return [(None, s[0])]
+        return [(None, s[0], None if sh is None else sh[0])]
     uniq, inverse = torch.unique(flat, dim=0, return_inverse=True)
     order = inverse.argsort(stable=True)
     counts = torch.bincount(inverse, minlength=uniq.shape[0]).tolist()
-    return [(rows, u.view(hkv, kk)) for u, rows in zip(uniq, order.split(counts))]
+    n = hkv * kk
+    return [(rows, u[:n].view(hkv, kk), None if sh is None else u[n:].view(hkv, kk))
+            for u, rows in zip(uniq, order.split(counts))]
 
 
-def _online(qh: torch.Tensor, blocks: Iterator[_Block]) -> tuple[torch.Tensor, torch.Tensor]:
+def _per_chunk_queries(qh: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """qh[Hkv, M, d] rotated by R(-shift) for each chunk's shift[Hkv, m]: [Hkv, m, M, d]. A key at
+    p scored by R(-s) q scores as the key at p + s (RoPE depends on the difference only)."""
+    from .reference import rope_rotate
+
+    hkv, m = shift.shape
+    return rope_rotate(qh[:, None].expand(hkv, m, *qh.shape[1:]), -shift[:, :, None].expand(hkv, m, qh.shape[1]),
+                       inv_freq)
+
+
+def _online(qh: torch.Tensor, blocks: Iterator[_Block], qc: torch.Tensor | None = None,
+            cs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash-style softmax of qh[Hkv, M, d] (pre-scaled) over key blocks; returns (o [Hkv,M,d],
-    lse [Hkv,M]), o = 0 and lse = -inf for rows that saw no key."""
+    lse [Hkv,M]), o = 0 and lse = -inf for rows that saw no key. `qc[Hkv, m, M, d]`: the query
+    per chunk of whole-chunk blocks (virtual positions), used instead of qh."""
     hkv, m, d = qh.shape
     floor = torch.finfo(torch.float32).min
     acc = torch.zeros(hkv, m, d)
     den = torch.zeros(hkv, m, 1)
     mx = torch.full((hkv, m, 1), float("-inf"))
+    c0 = 0
     for kb, vb, bias in blocks:
-        s = torch.bmm(qh, kb.transpose(1, 2))  # [Hkv, M, B]
+        if qc is None:
+            s = torch.bmm(qh, kb.transpose(1, 2))  # [Hkv, M, B]
+        else:
+            nb = kb.shape[1] // cs
+            kc = kb.view(hkv * nb, cs, d)
+            q_b = qc[:, c0:c0 + nb].reshape(hkv * nb, m, d)
+            s = torch.bmm(q_b, kc.transpose(1, 2)).view(hkv, nb, m, cs).transpose(1, 2).reshape(hkv, m, nb * cs)
+            c0 += nb
         if bias is not None:
             s += bias
         new = torch.maximum(mx, s.amax(-1, keepdim=True)).clamp_min_(floor)
@@ -133,7 +172,7 @@ def _dense_blocks(k, v, k_scale, v_scale, cs: int, block: int) -> Iterator[_Bloc
 
 def _routed_blocks(k, v, k_scale, v_scale, cs: int, block: int, sel: torch.Tensor) -> Iterator[_Block]:
     """Blocks of the chosen chunks sel[Hkv, m] (ascending, -1 = none) of each KV head, gathered
-    row by row; slots past the corpus end or of -1 chunks get a -inf bias."""
+    row by row (whole chunks); slots past the corpus end or of -1 chunks get a -inf bias."""
     n, hkv, d = k.shape
     used = sel >= 0
     width = int(used.sum(-1).max())  # per head, the valid chunks sit last (after the -1s)

@@ -63,11 +63,17 @@ def shared_attention(
     scale: float | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    chunk_shift: torch.Tensor | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query over the shared KV, dense or routed; no causal mask.
 
     q[T,Hq,d]; k,v[N,Hkv,d]; chunk_idx[T,Hkv,top_k] (int, chunk c covers tokens
     [c*chunk_size, (c+1)*chunk_size); -1 entries are ignored) or None for dense.
+    Virtual positions: `chunk_shift[T,Hkv,top_k]` (int, beside chunk_idx) attends each listed
+    chunk's keys as if RoPE had placed them `shift` positions later, i.e. keys rotated by
+    R(shift) with the model's `rope_inv_freq[d/2]` (equivalently the query by R(-shift)); the
+    stored KV is untouched.
     Returns (o[T,Hq,d] in q.dtype, lse[T,Hq] float32).
     """
     t, hq, d = q.shape
@@ -75,6 +81,8 @@ def shared_attention(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     kf = dequantize(k, k_scale, chunk_size)
     vf = dequantize(v, v_scale, chunk_size)
+    if chunk_shift is not None and chunk_idx is not None:
+        return _shifted(q, kf, vf, chunk_idx, chunk_shift, rope_inv_freq, chunk_size, scale)
     mask = None
     if chunk_idx is not None:
         num_chunks = (n + chunk_size - 1) // chunk_size
@@ -87,6 +95,42 @@ def shared_attention(
         mask = sel[:, :, token_chunk].unsqueeze(2)  # [T, Hkv, 1, N]: one choice per GQA group
     o, lse = _attend(q, kf, vf, mask, scale)
     return o.to(q.dtype), lse
+
+
+def rope_rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x[..., d] rotated by RoPE (half-rotation layout) through shift[...] more positions, float32
+    (R(a) R(b) = R(a + b), so a post-RoPE key at p becomes one at p + shift)."""
+    freqs = shift.to(torch.float64)[..., None] * inv_freq.to(device=x.device, dtype=torch.float64)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rot = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return xf * emb.cos().float() + rot * emb.sin().float()
+
+
+def _shifted(q, kf, vf, chunk_idx, chunk_shift, inv_freq, chunk_size, scale):
+    """Routed attention with a position shift per listed chunk: each row's keys are rotated by
+    its own shifts (a per-row copy; the reference's plain way)."""
+    t, hq, d = q.shape
+    n, hkv, _ = kf.shape
+    num_chunks = (n + chunk_size - 1) // chunk_size
+    idx = chunk_idx.long().clone()
+    idx[idx < 0] = num_chunks
+    sel = torch.zeros(t, hkv, num_chunks + 1, dtype=torch.bool, device=q.device)
+    sel.scatter_(2, idx, True)
+    shift = torch.zeros(t, hkv, num_chunks + 1, dtype=torch.long, device=q.device)
+    shift.scatter_(2, idx, chunk_shift.long())
+    token_chunk = torch.arange(n, device=q.device) // chunk_size
+    keep = sel[:, :, token_chunk]  # [T, Hkv, N]
+    per_tok = shift[:, :, token_chunk]  # [T, Hkv, N]
+    kr = rope_rotate(kf.permute(1, 0, 2)[None], per_tok, inv_freq)  # [T, Hkv, N, d]
+    qg = q.float().view(t, hkv, hq // hkv, d)
+    s = torch.einsum("tkgd,tknd->tkgn", qg, kr) * scale
+    s = s.masked_fill(~keep[:, :, None, :], NEG_INF)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.nan_to_num(torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min)), nan=0.0)
+    o = torch.einsum("tkgn,nkd->tkgd", p, vf)
+    return o.reshape(t, hq, d).to(q.dtype), lse.reshape(t, hq)
 
 
 def unique_attention(

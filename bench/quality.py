@@ -28,6 +28,7 @@ Writes bench/results/quality.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import inspect
 import json
@@ -68,6 +69,8 @@ class Question:
     question: str
     expected: str
     history: tuple[tuple[str, str], ...] = ()  # worked examples: (question, answer) turns before it
+    doc: int | None = None  # multi-document tasks: which document holds the answer
+    fact: str | None = None  # the text that holds the answer (a passage hit contains it)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class TaskData:
     task: str
     text: str
     questions: tuple[Question, ...]
+    docs: tuple[str, ...] = ()  # multi-document tasks: one text per document (`text` joins them)
 
 
 # -- data generators (deterministic given the seed) ---------------------------------------------
@@ -232,10 +236,58 @@ def gen_vartrace(seed: int, n: int, size: int, hops: int = 4) -> TaskData:
     return TaskData("vartrace", "\n\n".join(out), qs)
 
 
-GENERATORS = {"kv": gen_kv, "needle": gen_needle, "vartrace": gen_vartrace}
+def gen_needle_docs(seed: int, n: int, size: int, doc_chars: int = 4500) -> TaskData:
+    """About `size` characters of real prose as documents of ~`doc_chars` characters (~1.6K tokens),
+    with n planted facts spread over them (question i's fact in document i mod the count)."""
+    rng = random.Random(f"needle-docs-{seed}")
+    count = max(1, size // doc_chars)
+    docs = [_prose(rng, doc_chars) for _ in range(count)]
+    names: set[str] = set()
+    nums: set[str] = set()
+    qs = []
+    for i in range(n):
+        name, attr, value = _name(rng, names), ATTRIBUTES[i % len(ATTRIBUTES)], _number(rng, nums)
+        fact = f"{name} works at the municipal archive. The {attr} of {name} is {value}."
+        d = i % count
+        docs[d].insert(rng.randrange(len(docs[d]) + 1), fact)
+        qs.append(Question(f"What is the {attr} of {name}?", value, doc=d, fact=fact))
+    texts = tuple("\n\n".join(p) for p in docs)
+    return TaskData("needle_docs", "\n\n".join(texts), tuple(qs), texts)
+
+
+def gen_kv_docs(seed: int, n: int, size: int, doc_pairs: int = 80, shots: int = 2) -> TaskData:
+    """About `size` key-value pairs as JSON objects of `doc_pairs` pairs each (~1.1K tokens: the
+    size at which the demo model still reads one object, docs/QUALITY.md), one per document; n
+    questions on distinct keys after `shots` worked examples from the same document."""
+    rng = random.Random(f"kv-docs-{seed}")
+    count = max(1, size // doc_pairs)
+    seen: set[str] = set()
+    docs = [[(_word(rng, seen), _number(rng, seen)) for _ in range(doc_pairs)] for _ in range(count)]
+    texts = []
+    for pairs in docs:
+        lines = ["{"]
+        for i, (k, v) in enumerate(pairs):
+            if i and i % 16 == 0:
+                lines.append("")
+            lines.append(f'  "{k}": "{v}"' + ("," if i + 1 < len(pairs) else ""))
+        lines.append("}")
+        texts.append("\n".join(lines))
+    qs = []
+    for i in range(n):
+        d = i % count
+        picks = rng.sample(range(doc_pairs), 1 + shots)
+        k, v = docs[d][picks[0]]
+        shown = tuple((KV_ASK.format(key=a), f'"{a}": "{b}"') for a, b in (docs[d][j] for j in picks[1:]))
+        qs.append(Question(KV_ASK.format(key=k), v, shown, doc=d, fact=f'"{k}": "{v}"'))
+    return TaskData("kv_docs", "\n\n".join(texts), tuple(qs), tuple(texts))
+
+
+GENERATORS = {"kv": gen_kv, "needle": gen_needle, "vartrace": gen_vartrace,
+              "needle_docs": gen_needle_docs, "kv_docs": gen_kv_docs}
 # size units: kv pairs for kv, characters of prose for the others (~ equal token counts)
-DEFAULT_SIZES = {"kv": 80, "needle": 9000, "vartrace": 9000}  # kv ~1.1K tokens (see gen_kv), others ~2.5K-3K
-QUICK_SIZES = {"kv": 60, "needle": 7000, "vartrace": 7000}
+DEFAULT_SIZES = {"kv": 80, "needle": 9000, "vartrace": 9000,  # kv ~1.1K tokens (see gen_kv), others ~2.5K-3K
+                 "needle_docs": 68000, "kv_docs": 1840}  # ~24K tokens: three times the demo model's context
+QUICK_SIZES = {"kv": 60, "needle": 7000, "vartrace": 7000, "needle_docs": 27000, "kv_docs": 480}
 
 
 def generate(task: str, seed: int, n: int, size: int | None = None) -> TaskData:
@@ -309,19 +361,19 @@ class Spec:
     router: str | None
     chunk_size: int | None
     density: float
-    pic: str | None = None  # position-independence scheme of the segments (kb.precompute)
+    pic: str | None = None  # position-independence scheme of the segments (kb.ingest.precompute)
     prefill_routing: str | None = None  # the engine runner's prefill routing, where it has one
     dense_layers: int = 0  # leading layers attended densely although routed (DenseFirstLayers)
 
 
 @contextmanager
 def pic_scheme(pic: str, link_tokens: int) -> Iterator[None]:
-    """While inside, ingestion prefills segments under scheme `pic` (kb.precompute.PIC_SCHEMES).
+    """While inside, ingestion prefills segments under scheme `pic` (kb.ingest.precompute.PIC_SCHEMES).
 
     The service has no setting for it (the default scheme is the service's); the harness swaps
     the pipeline's prefill function for one with the option bound, and restores it after."""
     import kb.ingest.pipeline as pipeline
-    from kb import precompute
+    from kb.ingest import precompute
 
     if pic not in precompute.PIC_SCHEMES:
         raise ValueError(f"unknown scheme {pic!r}")
@@ -333,17 +385,21 @@ def pic_scheme(pic: str, link_tokens: int) -> Iterator[None]:
         pipeline.prefill_segments = original
 
 
-def build_corpus(kb, name: str, path: Path, segment_len: int, chunk_size: int, pic: str = "shared",
-                 link_tokens: int = 32) -> dict:
-    """Create corpus `name` from one file with the given segmentation and scheme; its size."""
+def build_corpus(kb, name: str, path: Path | list[Path], segment_len: int, chunk_size: int,
+                 pic: str = "shared", link_tokens: int = 32) -> dict:
+    """Create corpus `name` from one file (or several documents) with the given segmentation and
+    scheme; its size."""
     kb.settings.segment_len, kb.settings.chunk_size = segment_len, chunk_size
     kb.create_corpus(name)
+    paths = path if isinstance(path, list) else [path]
     with pic_scheme(pic, link_tokens):
-        res = kb.ingest(name, [path])
-    if res[0].status != "ready":
-        raise RuntimeError(f"ingest of {name} failed: {res[0].error}")
+        res = kb.ingest(name, paths)
+    for r in res:
+        if r.status != "ready":
+            raise RuntimeError(f"ingest of {name} failed: {r.error}")
     docs = kb.documents(name)
-    return {"segments": docs[0]["segments"], "tokens": docs[0]["tokens"], "pic": pic}
+    return {"documents": len(docs), "segments": sum(d["segments"] for d in docs),
+            "tokens": sum(d["tokens"] for d in docs), "pic": pic}
 
 
 class DenseFirstLayers:
@@ -470,6 +526,146 @@ class Runner:
                     self.routed(task, name, pic, chunk, qs)
 
 
+# -- attention retrieval over corpora beyond the model's context (issue 16) ---------------------
+
+def ask_measured(kb, name: str, questions, max_tokens: int, dense: bool = False):
+    """Queue every question at once (dense: no selection); step to the end, timing each step.
+    Returns (answers, texts, median ms of the decode-only steps)."""
+    from kb.engine.sequence import SamplingParams
+
+    answers = [kb.ask(name, q.question, SamplingParams(max_tokens=max_tokens), history=_turns(q.history),
+                      dense=dense) for q in questions]
+    handles = [a.handle for a in answers]
+    engine, times = kb.engine, []
+    while any(h.result is None for h in handles):
+        decode = all(s.num_computed >= len(s.prompt_ids) for s in engine.scheduler.running) \
+            and not engine.scheduler.waiting and engine.scheduler.running
+        t0 = time.perf_counter()
+        if not engine.step():
+            raise RuntimeError("the engine has no work but requests are unfinished")
+        if decode:
+            times.append((time.perf_counter() - t0) * 1000)
+        for h in handles:
+            h.drain()
+    times.sort()
+    return answers, [h.result.text for h in handles], round(times[len(times) // 2], 1) if times else None
+
+
+def attended_tokens(shared, answers) -> int:
+    """Shared tokens one decode step of a request reads (the mean over the answers)."""
+    sel = [a.handle.seq.selection for a in answers if getattr(a.handle.seq, "selection", None) is not None]
+    if sel:
+        return round(sum(min(shared.num_tokens, s.chunks.numel() * shared.chunk_size) for s in sel) / len(sel))
+    if shared.routed:
+        return min(shared.num_tokens, shared.top_k * shared.chunk_size)
+    return shared.num_tokens
+
+
+def citation_hits(answers, questions) -> tuple[int, int]:
+    """(first citation's segment holds the fact, first citation's passage holds it) counts."""
+    seg = psg = 0
+    for a, q in zip(answers, questions):
+        cites = a.citations()
+        if not cites or q.fact is None:
+            continue
+        key = q.fact.split(". ")[-1].rstrip(".")
+        seg += key in cites[0]["segment_text"]
+        psg += key in cites[0]["text"]
+    return seg, psg
+
+
+def large(args) -> dict:
+    """The attention-retrieval grid: per task and size, contiguous (the fact's document alone),
+    dense, routed and selection at each budget; one row per mode."""
+    import torch
+
+    from kb.service import KnowledgeBase
+    from kb.settings import Settings
+
+    torch.set_num_threads(args.threads)
+    home = Path(tempfile.mkdtemp(prefix="kb-quality-large-"))
+    kb = KnowledgeBase(Settings(home=home / "home", models_dir=args.models_dir, max_tokens=args.max_tokens))
+    rows, info, t_start = [], {}, time.perf_counter()
+    result = {"model": kb.settings.model, "torch": torch.__version__, "seeds": args.seeds, "threads": args.threads,
+              "segment_len": args.segment_len, "chunk_size": args.large_chunk, "max_tokens": args.max_tokens,
+              "n": args.n, "corpora": info, "complete": False, "rows": rows}
+
+    def save() -> None:
+        result["wall_s"] = round(time.perf_counter() - t_start, 1)
+        write(args.out, result)
+
+    def record(task, size, seed, mode, budget, name, qs, answers, texts, ms, shared) -> None:
+        hits = [score(a, q.expected) for a, q in zip(texts, qs)]
+        seg, psg = citation_hits(answers, qs)
+        row = {"task": task, "size": size, "tokens": info[f"{task}-{size}-s{seed}"]["tokens"], "seed": seed,
+               "mode": mode, "budget": budget, "n": len(qs), "correct": sum(hits),
+               "accuracy": round(sum(hits) / len(qs), 4), "cite_segment_top1": round(seg / len(qs), 4),
+               "cite_passage_top1": round(psg / len(qs), 4),
+               "attended_tokens": attended_tokens(shared, answers) if shared is not None else None,
+               "ms_per_decode_step": ms, "batch": len(qs)}
+        rows.append(row)
+        print(f"  {task:11} {size:>6} s{seed} {mode:10} {str(budget or '-'):>5} acc={row['accuracy']:.3f} "
+              f"seg={row['cite_segment_top1']:.2f} psg={row['cite_passage_top1']:.2f} "
+              f"tok={row['attended_tokens']} ms={ms}", flush=True)
+        save()
+
+    try:
+        for seed in args.seeds:
+            for task in args.tasks:
+                for size in args.large_sizes[task]:
+                    data = generate(task, seed, args.n, size)
+                    qs = data.questions
+                    paths = []
+                    for i, text in enumerate(data.docs):
+                        paths.append(home / f"{task}-{size}-s{seed}-doc{i:03d}.txt")
+                        paths[-1].write_text(text)
+                    name = f"{task}-{size}-s{seed}"
+                    kb.settings.selection_budget = max(args.budgets)
+                    info[name] = build_corpus(kb, name, paths, args.segment_len, args.large_chunk)
+                    print(f"{name}: {info[name]} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+                    if "contiguous" in args.modes:  # each fact's document alone, dense: the ceiling
+                        answers, texts, ms = [], [], []
+                        for d in sorted({q.doc for q in qs}):
+                            sub = [q for q in qs if q.doc == d]
+                            cname = f"{name}-doc{d}"
+                            build_corpus(kb, cname, [paths[d]], args.segment_len, args.large_chunk)
+                            a, t, m = ask_measured(kb, cname, sub, args.max_tokens, dense=True)
+                            answers += a
+                            texts += t
+                            ms.append(m)
+                            kb.delete_corpus(cname)
+                        order = [q for d in sorted({q.doc for q in qs}) for q in qs if q.doc == d]
+                        record(task, size, seed, "contiguous", None, name, order, answers, texts, None, None)
+                    loaded = kb.load_corpus(name)
+                    if "dense" in args.modes:
+                        kb.settings.density = 1.0
+                        a, t, m = ask_measured(kb, name, qs, args.max_tokens, dense=True)
+                        record(task, size, seed, "dense", None, name, qs, a, t, m, loaded.shared)
+                    if "routed" in args.modes and loaded.shared.router is not None:
+                        kb.settings.density = args.large_density
+                        a, t, m = ask_measured(kb, name, qs, args.max_tokens)
+                        record(task, size, seed, "routed", None, name, qs, a, t, m, loaded.shared)
+                        kb.settings.density = 1.0
+                        loaded.shared.top_k = None
+                    if "select" in args.modes and loaded.shared.selector is not None:
+                        sel = loaded.shared.selector
+                        base = sel.config
+                        for budget in args.budgets:
+                            for positions in args.positions:
+                                sel.config = dataclasses.replace(base, budget=budget, positions=positions)
+                                a, t, m = ask_measured(kb, name, qs, args.max_tokens)
+                                mode = "select" if positions == "virtual" else "select_stored"
+                                record(task, size, seed, mode, budget, name, qs, a, t, m, loaded.shared)
+                        sel.config = base
+                    kb.delete_corpus(name)
+        result["complete"] = True
+        save()
+    finally:
+        kb.close()
+        shutil.rmtree(home, ignore_errors=True)
+    return result
+
+
 def run(args) -> dict:
     """The whole grid; the result (also saved to args.out after every row) as a dict."""
     import torch
@@ -542,7 +738,7 @@ def parse_args(argv=None):
     p.add_argument("--chunk-sizes", default="16,64,256")
     p.add_argument("--densities", default="0.5,0.25,0.1")
     p.add_argument("--pic", default="shared",
-                   help="segment schemes for dense mode: own (a), shared (b), linked (c); see kb/precompute.py")
+                   help="segment schemes for dense mode: own (a), shared (b), linked (c); see kb/ingest/precompute.py")
     p.add_argument("--routed-pic", default="shared", help="the schemes the routed grid runs under")
     p.add_argument("--link-tokens", type=int, default=32, help="previous-segment tokens the linked scheme prefills")
     p.add_argument("--prefill-routing", default="",
@@ -563,7 +759,39 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the temporary KB home")
     p.add_argument("-v", "--verbose", action="store_true", help="print every answer")
+    p.add_argument("--large", action="store_true",
+                   help="the attention-retrieval grid over multi-document corpora beyond the model's context "
+                        "(tasks needle_docs,kv_docs; modes contiguous,dense,routed,select); "
+                        "writes bench/results/quality_large.json")
+    p.add_argument("--large-sizes", default="needle_docs:92000,kv_docs:1840",
+                   help="task:size[:size...] (prose characters / kv pairs; ~24K tokens each by default)")
+    p.add_argument("--budgets", default="512,1024,2048,4096", help="selection budgets (shared tokens)")
+    p.add_argument("--positions", default="virtual", help="selection positions: virtual,stored")
+    p.add_argument("--seeds", default="0", help="seeds of the large grid")
+    p.add_argument("--large-chunk", type=int, default=64)
+    p.add_argument("--large-density", type=float, default=0.25, help="today's routed mode in the large grid")
     args = p.parse_args(argv)
+    if args.large:
+        if args.tasks == "kv,needle,vartrace":
+            args.tasks = "needle_docs,kv_docs"
+        if args.modes == "contiguous,dense,routed":
+            args.modes = "contiguous,dense,routed,select"
+        if args.segment_len == 512:
+            args.segment_len = 1024  # the service's default
+        if args.out == RESULTS:
+            args.out = RESULTS.with_name("quality_large.json")
+        if args.max_tokens == 24:
+            args.max_tokens = 16
+        spec, args.large_sizes = args.large_sizes, {}
+        for part in spec.split(","):
+            t, *sizes = part.split(":")
+            args.large_sizes[t] = [int(x) for x in sizes]
+        args.budgets = [int(b) for b in args.budgets.split(",") if b]
+        args.positions = [x for x in args.positions.split(",") if x]
+        args.seeds = [int(x) for x in args.seeds.split(",") if x]
+        args.tasks = [t for t in args.tasks.split(",") if t]
+        args.modes = [m for m in args.modes.split(",") if m]
+        return args
     if args.quick:
         args.n, args.chunk_sizes, args.densities = 4, "64", "0.25"
         sizes = dict(QUICK_SIZES)
@@ -597,6 +825,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.large:
+        result = large(args)
+        for r in result["rows"]:
+            print(r)
+        print(f"wrote {args.out} ({result['wall_s']} s)")
+        return
     result = run(args)
     print(table(result["rows"]))
     print(f"wrote {args.out} ({result['wall_s']} s)")

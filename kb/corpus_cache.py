@@ -25,6 +25,7 @@ from index.summaries import ChunkSummaries, chunk_summaries
 from kb.citations import CitationMap, SegmentRef
 from kb.engine.engine import Engine
 from kb.engine.routing import CorpusRouter
+from kb.engine.selection import PassageSelector, SelectionConfig, calibrate
 from kb.engine.shared_kv import SharedKV
 from kb.errors import Conflict, NotFound, NotReady, TooBusy
 from kb.ingest.pipeline import Ingestor
@@ -57,6 +58,7 @@ class _Layout:
     max_end: int
     preamble_len: int
     chunk_size: int
+    positions: torch.Tensor  # [N] int64 stored position of every shared token (RoPE was applied at it)
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ class CorpusCache:
         pk, pv = read_kv(corpus.preamble_kv_file, corpus.preamble_checksum, dequantize=True)
         ks, vs, refs = [pk], [pv], []
         pos = max_end = pk.shape[1]
+        where = [torch.arange(pk.shape[1])]
         for d in corpus.documents:
             if d.stage != "ready":
                 continue
@@ -188,13 +191,14 @@ class CorpusCache:
                 refs.append(SegmentRef(pos, seg.num_tokens, d.filename, d.id, seg.page_start,
                                        seg.page_end, seg.char_start, seg.text))
                 max_end = max(max_end, seg.pos_start + seg.num_tokens)
+                where.append(torch.arange(seg.pos_start, seg.pos_start + seg.num_tokens))
                 ks.append(k)
                 vs.append(v)
                 pos += seg.num_tokens
         dtype = torch.promote_types(ks[0].dtype, ks[-1].dtype)  # fp8 files read as 16-bit
         k_all = torch.cat([k.to(dtype) for k in ks], dim=1)  # [L, N, Hkv, d]
         v_all = torch.cat([v.to(dtype) for v in vs], dim=1)
-        return _Layout(k_all, v_all, refs, max_end, corpus.preamble_len, cfg["chunk_size"])
+        return _Layout(k_all, v_all, refs, max_end, corpus.preamble_len, cfg["chunk_size"], torch.cat(where))
 
     def _place(self, name: str, tensors: list[torch.Tensor]) -> None:
         """Hold a layout on the device, making room there; parks it in host memory and says why
@@ -235,7 +239,8 @@ class CorpusCache:
         k_all, v_all = tensors[:2]
         return SharedKV(key=key, k=list(k_all.unbind(0)), v=list(v_all.unbind(0)), chunk_size=like.chunk_size,
                         pos_offset=like.pos_offset, router=like.router, top_k=like.top_k,
-                        preamble_len=like.preamble_len, meta=self._kv_meta(tensors, like.meta))
+                        preamble_len=like.preamble_len, positions=like.positions, selector=like.selector,
+                        meta=self._kv_meta(tensors, like.meta))
 
     def _install(self, name: str, version: str, layout: _Layout, pinned: bool) -> LoadedCorpus:
         """A new version of the corpus: replace the old one (left registered while in use)."""
@@ -253,17 +258,37 @@ class CorpusCache:
         chunk = layout.chunk_size
         shared = SharedKV(key=key, k=list(tensors[0].unbind(0)), v=list(tensors[1].unbind(0)),
                           chunk_size=chunk, pos_offset=layout.max_end,
-                          preamble_len=layout.preamble_len, meta=self._kv_meta(tensors, {"corpus": name}))
+                          preamble_len=layout.preamble_len, positions=layout.positions,
+                          meta=self._kv_meta(tensors, {"corpus": name}))
         if shared.num_chunks > shared.always_chunks + 1:
             # summaries from the 16-bit keys as read (an fp8 layout's own are coarser)
             summaries = self._stored_summaries(name, version, shared, list(layout.k.unbind(0)))
             shared.router = CorpusRouter(shared.k, chunk, shared.always_chunks, self.settings.router, summaries,
                                          dense_layers=self.settings.routed_dense_layers)
+        self._attach_selector(shared, layout)
         loaded = LoadedCorpus(shared, CitationMap(layout.refs, chunk, self.model.tokenizer), version)
         self.engine.register_corpus(shared)
         self.loaded[name] = loaded
         self.tiers.touch(name)
         return loaded
+
+    def _attach_selector(self, shared: SharedKV, layout: _Layout) -> None:
+        """Attention retrieval for a corpus larger than the selection budget: re-based keys of the
+        selecting layers and the neutral questions' calibration, once per layout (a smaller
+        corpus is read whole, as before)."""
+        s = self.settings
+        if s.selection_budget <= 0 or shared.num_chunks <= shared.always_chunks + 1:
+            return
+        layers = tuple(int(x) for x in s.selection_layers.split(",") if x.strip())
+        lm = self.model
+        layers = tuple(x for x in layers if 0 <= x < lm.config.num_layers) or (lm.config.num_layers // 2,)
+        config = SelectionConfig(budget=s.selection_budget, layers=layers, positions=s.selection_positions)
+        selector = PassageSelector.build(list(layout.k.unbind(0)), layout.positions, shared.chunk_size,
+                                         shared.always_chunks, lm.model.inv_freq.cpu(), config)
+        if selector.covers_corpus:
+            return
+        shared.selector = selector
+        calibrate(shared, lm.model, lm.tokenizer, s.system_prompt)
 
     def _stored_summaries(self, name: str, version: str, shared: SharedKV, keys: list[torch.Tensor]
                           ) -> list[ChunkSummaries]:

@@ -48,3 +48,16 @@ def preamble_text(tokenizer, system_prompt: str) -> str:
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of rendered template text (its special tokens written out as text)."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def question_span(tokenizer, text: str, question: str) -> tuple[int, int] | None:
+    """[start, end) of the tokens of `encode(text)` that spell the last occurrence of `question`
+    (the question itself, not the chat template around it: what selection scores with); None
+    when the question is not found."""
+    at = text.rfind(question.strip()) if question.strip() else -1
+    if at < 0:
+        return None
+    end = at + len(question.strip())
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    toks = [i for i, (a, b) in enumerate(offsets) if b > at and a < end]
+    return (toks[0], toks[-1] + 1) if toks else None

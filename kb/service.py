@@ -308,6 +308,6 @@ class KnowledgeBase:
                 "finish_reason": res.reason}
 
     def answer(self, name: str, question: str, sampling: SamplingParams | None = None,
-               on_text: Callable[[str], None] | None = None) -> dict:
-        """Ask a corpus and wait for the whole answer."""
-        return self.wait(self.ask(name, question, sampling), on_text)
+               on_text: Callable[[str], None] | None = None, *, dense: bool = False) -> dict:
+        """Ask a corpus and wait for the whole answer (`dense`: as `ask`)."""
+        return self.wait(self.ask(name, question, sampling, dense=dense), on_text)

@@ -52,6 +52,7 @@ class LocalAnswerer:
         self.kb = knowledge_base()
         if args.dense or args.density is not None:
             self.kb.settings.density = 1.0 if args.dense else args.density
+        self.dense = bool(args.dense)  # also: no attention retrieval (kb/engine/selection.py)
         self.max_tokens = args.max_tokens or self.kb.settings.max_tokens
         self.temperature = args.temperature
 
@@ -59,7 +60,7 @@ class LocalAnswerer:
         from kb.engine.sequence import SamplingParams
 
         sp = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
-        return self.kb.wait(self.kb.ask(self.corpus, question, sp, history), on_text)
+        return self.kb.wait(self.kb.ask(self.corpus, question, sp, history, dense=self.dense), on_text)
 
     def close(self) -> None:
         self.kb.close()

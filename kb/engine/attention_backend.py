@@ -64,6 +64,7 @@ class ServeAttention:
     citation_layers: frozenset[int] = frozenset()
     max_seqlen_q: int | None = None  # longest run of new tokens (host-known: avoids a sync)
     max_seqlen_k: int | None = None  # longest KV length after this step
+    rope_inv_freq: torch.Tensor | None = None  # the model's RoPE frequencies (virtual positions)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.k_cache[layer], self.v_cache[layer]
@@ -75,13 +76,17 @@ class ServeAttention:
         for g in self.groups:
             sh = g.shared
             qg = q if g.rows is None else q.index_select(0, g.rows)
-            idx = plan = None
+            idx = plan = shift = None
             if g.selection is not None:
                 idx, plan = g.selection.for_layer(layer)
+                shift = getattr(g.selection, "chunk_shift", None) if idx is not None else None
             elif sh.routed:
                 idx = sh.router.route(layer, qg, sh.top_k, g.spans)
-            o_s, lse_s = (self._shared_partial(sh, layer, qg, idx) if plan is None else
-                          self._shared_partial(sh, layer, qg, idx, plan=plan))
+            if shift is not None:  # virtual positions: the facade's chunk_shift (no plan yet)
+                o_s, lse_s = self._shared_partial(sh, layer, qg, idx, shift=shift)
+            else:
+                o_s, lse_s = (self._shared_partial(sh, layer, qg, idx) if plan is None else
+                              self._shared_partial(sh, layer, qg, idx, plan=plan))
             if g.rows is None:
                 o_m, lse_m = attention.merge(o_s, lse_s, o, lse)
                 o = o_m.to(o.dtype)
@@ -89,19 +94,25 @@ class ServeAttention:
                 o_m, lse_m = attention.merge(o_s, lse_s, o.index_select(0, g.rows),
                                              lse.index_select(0, g.rows))
                 o.index_copy_(0, g.rows, o_m.to(o.dtype))
-            if layer in self.citation_layers and self._cites(sh):
+            # a selecting request cites from its selection's scores, not from attention mass
+            if layer in self.citation_layers and self._cites(sh) and g.selection is None:
                 self._accumulate_mass(qg, sh, layer, g.seq_of_row, lse_m)
         return o
 
     def _shared_partial(self, sh: SharedKV, layer: int, q: torch.Tensor, idx: torch.Tensor | None,
-                        plan: object | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        plan: object | None = None, shift: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Partial (o, lse) of q over one corpus's shared KV (the distributed backend asks the
-        shared ranks instead); `plan`: the step's routing metadata for idx (routed_plan.py)."""
+        shared ranks instead); `plan`: the step's routing metadata for idx (routed_plan.py);
+        `shift`: per-chunk position shifts beside idx (virtual positions)."""
         k_scale, v_scale = sh.meta.get("k_scale"), sh.meta.get("v_scale")  # fp8 KV: per layer
+        extra = {} if plan is None else {"plan": plan}
+        if shift is not None:
+            extra = {"chunk_shift": shift, "rope_inv_freq": self.rope_inv_freq}
         return attention.shared_attention(q, sh.k[layer], sh.v[layer], idx, sh.chunk_size,
                                           k_scale=None if k_scale is None else k_scale[layer],
                                           v_scale=None if v_scale is None else v_scale[layer],
-                                          **({} if plan is None else {"plan": plan}))
+                                          **extra)
 
     def _cites(self, sh: SharedKV) -> bool:
         """Whether this step can measure attention mass on the corpus's chunks (its keys are here)."""

@@ -27,6 +27,9 @@ class StepSelection:
     chunk_idx: torch.Tensor  # [T, Hkv, K] int32, -1 = padding; rows of a request share ids
     plan: object | None
     dense_layers: int = 0  # layers below this attend every chunk (CorpusRouter.dense_layers)
+    # [T, Hkv, K] int64 position shift of each listed chunk (virtual positions,
+    # kb/engine/selection.py), None: chunks at their stored positions
+    chunk_shift: torch.Tensor | None = None
 
     def for_layer(self, layer: int) -> tuple[torch.Tensor | None, object | None]:
         """(chunk_idx, plan) of `layer`; (None, None) where the layer attends every chunk."""

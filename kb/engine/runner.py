@@ -24,7 +24,9 @@ import torch
 
 from kb.engine.attention_backend import CorpusGroup, ServeAttention
 from kb.engine.cuda_graphs import DecodeGraphs
+from kb.engine.routed_plan import StepSelection, plan_step
 from kb.engine.scheduler import Batch
+from kb.engine.selection import select_for
 from kb.engine.shared_kv import SharedKV
 from kb.model.llama import Transformer
 
@@ -116,10 +118,53 @@ class ModelRunner:
             off += n
         return spans
 
+    def _select(self, batch: Batch, corpora: dict[str, SharedKV]) -> None:
+        """Attention retrieval: each selecting request that starts its prefill chooses its
+        passages now (the selection pass over its prompt, kb/engine/selection.py); its citations
+        come from the selection's scores."""
+        for seq in batch.seqs:
+            if not seq.select or seq.selection is not None:
+                continue
+            shared = corpora.get(seq.corpus_key)
+            if shared is None or shared.selector is None:
+                seq.select = False
+                continue
+            seq.selection = select_for(shared, self.model, seq.prompt_ids, seq.select_span, seq.pos_offset)
+            seq.chunk_mass = seq.selection.scores.to(self.device)
+
+    def _step_selection(self, shared: SharedKV, batch: Batch, runs: list[tuple[int, int, int]]) -> StepSelection:
+        """The rows' chunk ids (and virtual-position shifts) of a group of selecting requests,
+        [T_c, Hkv, K], the same for every layer."""
+        seqs = [batch.seqs[i] for _, _, i in runs]
+        width = max(s.selection.chunks.shape[0] for s in seqs)
+        counts = [n for _, n, _ in runs]
+        ids = torch.full((len(seqs), width), -1, dtype=torch.long)
+        shift = torch.zeros((len(seqs), width), dtype=torch.long)
+        shifted = False
+        for j, s in enumerate(seqs):
+            c = s.selection.chunks
+            ids[j, : c.shape[0]] = c
+            if s.selection.shift is not None:
+                shift[j, : c.shape[0]] = s.selection.shift
+                shifted = True
+        reps = torch.tensor(counts)
+        hkv = shared.k[0].shape[1]
+        rows = ids.repeat_interleave(reps, dim=0).to(self.device)
+        if str(self.device).startswith("cuda"):
+            step = plan_step(rows, shared, self.model.config.num_heads)
+            step.dense_layers = 0
+        else:
+            idx = rows.to(torch.int32)[:, None, :].expand(-1, hkv, -1).contiguous()
+            step = StepSelection(idx, None)
+        if shifted:
+            step.chunk_shift = shift.repeat_interleave(reps, dim=0)[:, None, :].expand(-1, hkv, -1).to(self.device)
+        return step
+
     @torch.inference_mode()
     def run(self, batch: Batch, corpora: dict[str, SharedKV]) -> tuple[torch.Tensor, list[int]]:
         """Returns (logits[S, V], indices into batch.seqs of the S sequences that sample)."""
         assert self.shared_mode in SHARED_MODES, self.shared_mode
+        self._select(batch, corpora)
         if self.graphs is not None:
             replayed = self.graphs.run(batch, corpora)
             if replayed is not None:
@@ -141,8 +186,9 @@ class ModelRunner:
                 kv_len += self.shared_pages[seq.corpus_key].shape[0] * bs
             else:
                 prefix.append(None)
-                if seq.corpus_key is not None:
-                    rows_of_corpus.setdefault(seq.corpus_key, []).append((cu[-1], n, i))
+                if seq.corpus_key is not None:  # selecting requests form their own group
+                    group = (seq.corpus_key, seq.selection is not None)
+                    rows_of_corpus.setdefault(group, []).append((cu[-1], n, i))
             cu.append(cu[-1] + n)
             seq_lens.append(kv_len)
             if batch.samples(i):
@@ -154,21 +200,23 @@ class ModelRunner:
         packed = torch.tensor(ids + pos + slots + seq_lens + cu + sample_rows, dtype=torch.long).to(dev)
         ids_d, pos_d, slots_d, lens_d, cu_d, sample_d = packed.split([t, t, t, b, b + 1, len(sample_rows)])
         groups = []
-        for key, runs in rows_of_corpus.items():
+        for (key, selecting), runs in rows_of_corpus.items():
             whole = len(runs) == b and runs[-1][0] + runs[-1][1] == t  # every row, in order
             spans = self._spans(runs, whole and not self.citation_layers)
-            if whole and not self.citation_layers:
-                groups.append(CorpusGroup(corpora[key], None, None, spans))
+            sel = self._step_selection(corpora[key], batch, runs) if selecting else None
+            if whole and (not self.citation_layers or selecting):
+                groups.append(CorpusGroup(corpora[key], None, None, spans, selection=sel))
                 continue
             rows = [r for r0, n, _ in runs for r in range(r0, r0 + n)]
             owner = [i for _, n, i in runs for _ in range(n)]
             rt = torch.tensor(rows + owner, dtype=torch.long).to(dev)
-            groups.append(CorpusGroup(corpora[key], rt[: len(rows)], rt[len(rows):], spans))
+            groups.append(CorpusGroup(corpora[key], rt[: len(rows)], rt[len(rows):], spans, selection=sel))
         attn = ServeAttention(
             k_cache=self.k_cache, v_cache=self.v_cache, slot_mapping=slots_d,
             block_table=self._block_table(batch, prefix), seq_lens=lens_d.to(torch.int32),
             cu_seqlens_q=cu_d.to(torch.int32), groups=groups, citation_layers=self.citation_layers,
-            max_seqlen_q=max(batch.num_new), max_seqlen_k=max(seq_lens))
+            max_seqlen_q=max(batch.num_new), max_seqlen_k=max(seq_lens),
+            rope_inv_freq=self.model.inv_freq)
         hidden = self.model(ids_d, pos_d, attn)
         self.forward_tokens += t
         for bi, m in attn.mass.items():

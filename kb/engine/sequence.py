@@ -53,6 +53,11 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in the unique cache
     finish_reason: str | None = None
     chunk_mass: torch.Tensor | None = None  # attention mass per shared chunk, for citations
+    # attention retrieval (kb/engine/selection.py): whether this request chooses its passages, the
+    # [start, end) of its question's tokens in the prompt, and the selection once made at prefill
+    select: bool = False
+    select_span: tuple[int, int] | None = None
+    selection: object | None = None
     generator: torch.Generator | None = None
 
     @property

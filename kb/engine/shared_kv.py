@@ -23,6 +23,8 @@ class SharedKV:
     router: ChunkRouter | None = None
     top_k: int | None = None  # chunks per query; None = dense
     preamble_len: int = 0  # leading tokens of the preamble: an attention sink, never a source to cite
+    positions: torch.Tensor | None = None  # [N] int64 stored position of every token (the layout's RoPE)
+    selector: object | None = None  # kb.engine.selection.PassageSelector: requests choose their passages
 
     @property
     def always_chunks(self) -> int:

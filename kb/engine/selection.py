@@ -1,0 +1,301 @@
+"""Attention retrieval: each request chooses, once at prefill, the passages of a corpus it reads.
+
+A request's question tokens run through the first layers of the model (a *selection pass*, over
+the preamble only, so its cost does not grow with the corpus); at a few chosen layers their
+queries score every shared key, position-neutrally: the stored keys are post-RoPE, so at load the
+selecting layers' keys are *re-based* to chunk-local positions (rotated back by their chunk's
+stored start) and each question token's query is rotated to sit right after a chunk. Every chunk
+is then scored as if it sat just before the question, which removes the bias of stored position
+and wrap-around (segments past the model's context restart their positions). Token scores (the
+softmax mass of the question's queries, summed over heads, tokens and layers) become phrase
+scores by a window sum (InfiniRetri's 1-D convolution), chunk scores by their best phrase; the
+best chunks and their neighbours (passages) fill a token budget. The preamble's chunks (the
+attention sink) and the request's own tokens are always attended.
+
+The selection is one list of chunk ids per request, the same for every layer and KV head (what
+the batched kernels serve). Positions: the chosen chunks are attended at *virtual* positions,
+laid out contiguously after the preamble in corpus order, with the request after them; that is a
+per-chunk position shift (`Selection.shift`) the attention applies by rotating keys (or,
+equivalently, the query) by the shift, leaving the stored shared KV untouched.
+
+docs/QUALITY.md has the measurements behind each choice (layers, window, neighbours, budget,
+positions, calibration).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kb.model.rope import apply_rope, cos_sin
+
+POSITIONS = ("virtual", "stored")
+CALIBRATIONS = ("ratio", "sub", "none")
+# generic questions whose scores measure what every question attends (position, sinks, style)
+NEUTRAL_QUESTIONS = ("What do the documents say?", "Summarize the documents.", "What is this about?",
+                     "Tell me something from the text.")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How passages are chosen (defaults: docs/QUALITY.md, "Attention retrieval")."""
+
+    budget: int = 2048  # shared tokens a request reads besides the preamble's chunks
+    layers: tuple[int, ...] = (17, 18)  # layers whose question queries score the corpus
+    window: int = 9  # phrase width of the score's window sum, in tokens
+    neighbours: int = 1  # chunks taken on each side of a chosen chunk (one passage)
+    positions: str = "virtual"  # "virtual" (contiguous after the preamble) or "stored"
+    # against the chunk scores of neutral questions: "ratio" (divide), "sub" (subtract), "none"
+    calibrate: str = "ratio"
+
+    def __post_init__(self) -> None:
+        assert self.positions in POSITIONS, f"positions must be one of {POSITIONS}"
+        assert self.calibrate in CALIBRATIONS, f"calibrate must be one of {CALIBRATIONS}"
+        assert self.budget > 0 and self.layers and self.window >= 1 and self.neighbours >= 0
+
+
+@dataclass
+class Selection:
+    """One request's chosen chunks and how it attends them."""
+
+    chunks: torch.Tensor  # [K] int64 ascending chunk ids, the preamble's first
+    shift: torch.Tensor | None  # [K] int64 position shift per chunk (virtual positions) or None
+    scores: torch.Tensor  # [C] float32 chunk scores (0 outside the selection), for citations
+
+
+def rotate(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x[T, H, d] rotated by RoPE through `shift[T]` more positions (R(a)R(b) = R(a + b))."""
+    cos, sin = cos_sin(shift.to(torch.float64), inv_freq)
+    return apply_rope(x.float(), cos.float(), sin.float())
+
+
+def rotate_rows(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x[..., B, d] rotated per row by shift[..., B] positions (the head-major layout of attention)."""
+    freqs = shift.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos().float(), emb.sin().float()
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rot = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    return xf * cos + rot * sin
+
+
+@dataclass
+class PassageSelector:
+    """One loaded corpus's selection state: re-based keys of the selecting layers, and the layout."""
+
+    keys: dict[int, torch.Tensor]  # layer -> [Hkv, N - P0, d] float32, chunk-local positions
+    positions: torch.Tensor  # [N] int64 stored position of every shared token
+    chunk_size: int
+    always: int  # leading chunks (the preamble's) always attended, never scored
+    inv_freq: torch.Tensor
+    config: SelectionConfig
+    calibration: torch.Tensor | None = None  # [C] chunk scores of neutral questions
+
+    @classmethod
+    def build(cls, k: list[torch.Tensor], positions: torch.Tensor, chunk_size: int, always: int,
+              inv_freq: torch.Tensor, config: SelectionConfig) -> "PassageSelector":
+        """Re-base the selecting layers' keys k[layer][N, Hkv, d] to chunk-local positions, once."""
+        n = k[0].shape[0]
+        p0 = always * chunk_size
+        idx = torch.arange(p0, n)
+        local = idx % chunk_size
+        back = -(positions[p0:] - local)  # rotate key j from stored p_j to j mod chunk_size
+        keys = {}
+        for layer in config.layers:
+            kl = k[layer][p0:]
+            keys[layer] = rotate(kl, back, inv_freq).transpose(0, 1).contiguous()  # [Hkv, N', d]
+        return cls(keys, positions.long(), chunk_size, always, inv_freq.float(), config)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_tokens // self.chunk_size)
+
+    @property
+    def budget_chunks(self) -> int:
+        return min(self.num_chunks - self.always, -(-self.config.budget // self.chunk_size))
+
+    @property
+    def covers_corpus(self) -> bool:
+        """The budget holds every chunk: selection would read the whole corpus (serve it dense)."""
+        return self.budget_chunks >= self.num_chunks - self.always
+
+    def query_position(self, stored_end: int) -> int:
+        """Where a selecting request's own tokens start: after the virtual layout of a full budget,
+        or (stored positions) after the corpus's largest stored position, as dense requests."""
+        if self.config.positions == "stored":
+            return stored_end
+        return (self.always + self.budget_chunks) * self.chunk_size
+
+    def token_scores(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """[N'] softmax mass of q[T, Hq, d] (post-RoPE at q_pos[T]) on every routed shared key,
+        each chunk scored as if it sat right before the question; averaged over heads and tokens."""
+        kr = self.keys[layer]  # [Hkv, N', d]
+        hkv, _, d = kr.shape
+        t, hq, _ = q.shape
+        g = hq // hkv
+        target = self.chunk_size + torch.arange(t)  # the question right after the chunk
+        qn = rotate(q, target - q_pos.long().cpu(), self.inv_freq) / math.sqrt(d)
+        qh = qn.view(t, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, t * g, d)
+        p = torch.softmax(torch.bmm(qh, kr.transpose(1, 2)), dim=-1)  # [Hkv, T*G, N']
+        return p.sum(dim=(0, 1)) / (t * hq)
+
+    def chunk_scores(self, queries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """[C] score of every chunk (0 for the preamble's): the best phrase (window sum of token
+        scores) inside it, token scores averaged over the selecting layers."""
+        s = sum(self.token_scores(layer, q, pos) for layer, (q, pos) in queries.items()) / len(queries)
+        return self.phrase_chunks(s)
+
+    def phrase_chunks(self, s: torch.Tensor) -> torch.Tensor:
+        """[C] chunk scores from token scores s[N'] of the routed keys: window sums, best per chunk."""
+        w = self.config.window
+        if w > 1:
+            s = F.avg_pool1d(s[None, None], w, stride=1, padding=w // 2, count_include_pad=True)[0, 0] * w
+            s = s[: self.num_tokens - self.always * self.chunk_size]
+        pad = -s.shape[0] % self.chunk_size
+        per_chunk = F.pad(s, (0, pad)).view(-1, self.chunk_size).amax(-1)
+        return torch.cat([torch.zeros(self.always), per_chunk])
+
+    def calibrated(self, scores: torch.Tensor) -> torch.Tensor:
+        """Chunk scores relative to what neutral questions give each chunk (`config.calibrate`)."""
+        base, how = self.calibration, self.config.calibrate
+        if base is None or how == "none":
+            return scores
+        if how == "sub":
+            return scores - base
+        return scores / (base + base[self.always:].mean())
+
+    def choose(self, ranked: torch.Tensor) -> torch.Tensor:
+        """[K] ascending chunk ids: the preamble's, then the best chunks by (calibrated) score
+        `ranked[C]`, with their neighbours, until the budget is full."""
+        c = ranked.shape[0]
+        ranked = ranked.clone()
+        ranked[: self.always] = float("-inf")
+        chosen: list[int] = []
+        taken = torch.zeros(c, dtype=torch.bool)
+        nb, cap = self.config.neighbours, self.budget_chunks
+        for best in ranked.argsort(descending=True, stable=True).tolist():
+            if len(chosen) >= cap or best < self.always:
+                break
+            for j in sorted(range(max(self.always, best - nb), min(c, best + nb + 1)), key=lambda j: abs(j - best)):
+                if len(chosen) < cap and not taken[j]:
+                    taken[j] = True
+                    chosen.append(j)
+        return torch.tensor(list(range(self.always)) + sorted(chosen), dtype=torch.long)
+
+    def shifts(self, chunks: torch.Tensor) -> torch.Tensor | None:
+        """[K] position shift of each chosen chunk: the virtual layout puts the routed chunks one
+        after another after the preamble's, in corpus order (None for stored positions)."""
+        if self.config.positions == "stored":
+            return None
+        cs = self.chunk_size
+        virtual = torch.arange(chunks.shape[0]) * cs  # the preamble's chunks keep their place
+        start = self.positions[(chunks * cs).clamp_max(self.num_tokens - 1)]
+        shift = virtual - start
+        shift[: self.always] = 0
+        return shift
+
+    def select(self, queries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Selection:
+        """The selection of one request from its question's queries at the selecting layers
+        ({layer: (q[T, Hq, d], positions[T])})."""
+        scores = self.calibrated(self.chunk_scores(queries))
+        chunks = self.choose(scores)
+        cited = torch.zeros_like(scores)
+        cited[chunks] = (scores[chunks] - scores[chunks[self.always:]].min()).clamp_min(0) \
+            if chunks.shape[0] > self.always else 0
+        cited[: self.always] = 0
+        return Selection(chunks, self.shifts(chunks), cited)
+
+
+def selection_queries(model, ids: list[int], positions: list[int], span: tuple[int, int],
+                      preamble_k: list[torch.Tensor], preamble_v: list[torch.Tensor],
+                      layers: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The selection pass: `ids` (a request's prompt) through the model's layers up to the last
+    selecting one, attending the preamble's KV and themselves (causal); returns the queries of
+    the question tokens ids[span[0]:span[1]] at each selecting layer, with their positions."""
+    from kb.model.rope import cos_sin as _cos_sin
+
+    dev = preamble_k[0].device
+    ids_t = torch.tensor(ids, device=dev)
+    pos_t = torch.tensor(positions, device=dev)
+    attn = _PreambleAttention(preamble_k, preamble_v, span, set(layers))
+    x = model.model.embed_tokens(ids_t)
+    cos, sin = _cos_sin(pos_t, model.inv_freq)
+    for layer in model.model.layers[: max(layers) + 1]:
+        x = layer(x, cos, sin, attn)
+    a, b = span
+    return {l: (q, pos_t[a:b].cpu()) for l, q in attn.queries.items()}
+
+
+@dataclass
+class _PreambleAttention:
+    """Attention of the selection pass: the preamble's KV, then the prompt itself, causally."""
+
+    k: list[torch.Tensor]  # per layer [P, Hkv, d]
+    v: list[torch.Tensor]
+    span: tuple[int, int]
+    layers: set[int]
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if layer in self.layers:
+            self.queries[layer] = q[self.span[0]:self.span[1]].float().cpu()
+        p, t = self.k[layer].shape[0], q.shape[0]
+        kk = torch.cat([self.k[layer].to(q.dtype), k]).transpose(0, 1)
+        vv = torch.cat([self.v[layer].to(q.dtype), v]).transpose(0, 1)
+        mask = torch.ones(t, p + t, dtype=torch.bool, device=q.device)
+        mask[:, p:] = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask, enable_gqa=True)
+        return o.transpose(0, 1)
+
+
+def preamble_kv(shared) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The preamble's k, v per layer [P, Hkv, d] of a SharedKV, dequantized where stored in fp8."""
+    from attention.reference import dequantize
+
+    p, cs = shared.preamble_len, shared.chunk_size
+    ks, vs = shared.meta.get("k_scale"), shared.meta.get("v_scale")
+    k = [x[:p] if ks is None else dequantize(x[:p], ks[i], cs) for i, x in enumerate(shared.k)]
+    v = [x[:p] if vs is None else dequantize(x[:p], vs[i], cs) for i, x in enumerate(shared.v)]
+    return k, v
+
+
+@torch.inference_mode()
+def select_for(shared, model, ids: list[int], span: tuple[int, int] | None, pos_offset: int) -> Selection:
+    """The selection of one request over corpus `shared` (its `selector`): the selection pass over
+    its prompt `ids` at positions pos_offset.., scored from the question tokens ids[span]."""
+    sel: PassageSelector = shared.selector
+    span = span or (0, len(ids))
+    pk, pv = preamble_kv(shared)
+    queries = selection_queries(model, ids, list(range(pos_offset, pos_offset + len(ids))), span, pk, pv,
+                                sel.config.layers)
+    return sel.select(queries)
+
+
+@torch.inference_mode()
+def calibrate(shared, model, tokenizer, system_prompt: str) -> torch.Tensor:
+    """[C] the chunk scores neutral questions give (measured once per corpus layout, at load):
+    what every question attends whatever it asks; stored as the selector's `calibration`."""
+    from kb.prompt import build_prompt, encode, question_span
+
+    sel: PassageSelector = shared.selector
+    pk, pv = preamble_kv(shared)
+    pos0 = sel.query_position(shared.pos_offset)
+    total = None
+    for question in NEUTRAL_QUESTIONS:
+        suffix = build_prompt(tokenizer, system_prompt, [], question).suffix
+        ids = encode(tokenizer, suffix)
+        span = question_span(tokenizer, suffix, question) or (0, len(ids))
+        queries = selection_queries(model, ids, list(range(pos0, pos0 + len(ids))), span, pk, pv,
+                                    sel.config.layers)
+        scores = sel.chunk_scores(queries)
+        total = scores if total is None else total + scores
+    sel.calibration = total / len(NEUTRAL_QUESTIONS)
+    return sel.calibration
