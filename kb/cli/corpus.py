@@ -47,10 +47,10 @@ def cmd_corpus_documents(args) -> int:
     if not docs:
         print(f"no documents yet: kb ingest {args.name} FILE...")
         return 0
-    print(f"{'ID':>5} {'STAGE':8} {'PAGES':>5} {'SIZE':>10} {'TOKENS':>8}  DOCUMENT")
+    print(f"{'ID':>5} {'STAGE':10} {'PAGES':>5} {'SIZE':>10} {'TOKENS':>8}  DOCUMENT")
     for d in docs:
         pages = str(d["pages"]) if d.get("pages") else "-"
-        line = (f"{d['id']:5d} {d['stage']:8} {pages:>5} {human_size(d.get('size_bytes') or 0):>10} "
+        line = (f"{d['id']:5d} {d['stage']:10} {pages:>5} {human_size(d.get('size_bytes') or 0):>10} "
                 f"{d['tokens']:8d}  {d['filename']}")
         print(line + (f"  ({d['error']})" if d.get("error") and d["stage"] == "failed" else ""))
     return 0
