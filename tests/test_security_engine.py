@@ -21,13 +21,19 @@ LONG = "Write a very long story about a lighthouse keeper, with many chapters."
 
 
 def _prompt(tok, q: str) -> list[int]:
-    return tok(f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False).input_ids
+    return tok(
+        f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False
+    ).input_ids
 
 
 def test_parameters_that_cannot_run_are_refused_before_the_batch():
-    for bad in (SamplingParams(temperature=0.5, seed=2**64), SamplingParams(seed=-(2**63) - 1),
-                SamplingParams(temperature=math.nan), SamplingParams(top_p=math.inf),
-                SamplingParams(temperature=math.inf)):
+    for bad in (
+        SamplingParams(temperature=0.5, seed=2**64),
+        SamplingParams(seed=-(2**63) - 1),
+        SamplingParams(temperature=math.nan),
+        SamplingParams(top_p=math.inf),
+        SamplingParams(temperature=math.inf),
+    ):
         with pytest.raises(ValueError):
             bad.validate()
             check_sampling(bad)
@@ -41,14 +47,20 @@ def test_a_sampling_error_fails_its_request_alone(demo_model):
     ids = _prompt(tok, "Name three colours.")
     sp = dict(temperature=0.5, top_p=0.9, max_tokens=6, seed=7, ignore_eos=True)
 
-    solo = Engine(demo_model, EngineConfig(unique_kv_tokens=1024, citation_layers=0, cuda_graphs=False))
+    solo = Engine(
+        demo_model, EngineConfig(unique_kv_tokens=1024, citation_layers=0, cuda_graphs=False)
+    )
     ref = solo.add_request(ids, SamplingParams(**sp))
     solo.run_until_done()
 
-    engine = Engine(demo_model, EngineConfig(unique_kv_tokens=1024, citation_layers=0, cuda_graphs=False))
+    engine = Engine(
+        demo_model, EngineConfig(unique_kv_tokens=1024, citation_layers=0, cuda_graphs=False)
+    )
     good = engine.add_request(ids, SamplingParams(**sp))
     bad = engine.add_request(ids, SamplingParams(**sp))
-    other = engine.add_request(_prompt(tok, "Say hi."), SamplingParams(max_tokens=4, ignore_eos=True))
+    other = engine.add_request(
+        _prompt(tok, "Say hi."), SamplingParams(max_tokens=4, ignore_eos=True)
+    )
     bad.seq.sampling.seed = 2**64  # as if an edge had let it through
     engine.run_until_done()
     assert bad.result.reason == "error" and "sampling failed" in bad.result.error
@@ -60,10 +72,14 @@ def test_a_sampling_error_fails_its_request_alone(demo_model):
 def test_shutdown_ends_running_requests(demo_model):
     """Shutdown with requests running: each ends (finished or aborted) and none is left open."""
     tok = demo_model.tokenizer
-    engine = Engine(demo_model, EngineConfig(unique_kv_tokens=4096, citation_layers=0, cuda_graphs=False))
+    engine = Engine(
+        demo_model, EngineConfig(unique_kv_tokens=4096, citation_layers=0, cuda_graphs=False)
+    )
     engine.start()
-    handles = [engine.add_request(_prompt(tok, LONG), SamplingParams(max_tokens=2000, ignore_eos=True))
-               for _ in range(2)]
+    handles = [
+        engine.add_request(_prompt(tok, LONG), SamplingParams(max_tokens=2000, ignore_eos=True))
+        for _ in range(2)
+    ]
     first = handles[0].get()  # generation is under way
     assert not isinstance(first, Finished)
     engine.shutdown(grace_s=0.2)
@@ -85,7 +101,11 @@ def served(handbook):
 
 
 def _body(**kw) -> dict:
-    return {"model": "kb:handbook", "messages": [{"role": "user", "content": kw.pop("q", FACT_QUESTION)}], **kw}
+    return {
+        "model": "kb:handbook",
+        "messages": [{"role": "user", "content": kw.pop("q", FACT_QUESTION)}],
+        **kw,
+    }
 
 
 def test_bad_seed_is_a_400_and_others_go_on(served):
@@ -94,15 +114,22 @@ def test_bad_seed_is_a_400_and_others_go_on(served):
     url, results = served["url"], {}
 
     def good():
-        results["good"] = httpx.post(f"{url}/v1/chat/completions", json=_body(max_tokens=8), timeout=120)
+        results["good"] = httpx.post(
+            f"{url}/v1/chat/completions", json=_body(max_tokens=8), timeout=120
+        )
 
     t = threading.Thread(target=good)
     t.start()
-    r = httpx.post(f"{url}/v1/chat/completions", json=_body(seed=2**64, temperature=0.5), timeout=60)
+    r = httpx.post(
+        f"{url}/v1/chat/completions", json=_body(seed=2**64, temperature=0.5), timeout=60
+    )
     t.join()
     assert r.status_code == 400, r.text
     assert "seed" in r.json()["error"]["message"]
-    assert results["good"].status_code == 200 and results["good"].json()["choices"][0]["finish_reason"] != "error"
+    assert (
+        results["good"].status_code == 200
+        and results["good"].json()["choices"][0]["finish_reason"] != "error"
+    )
 
 
 def _metric(kb, reason: str) -> float:
@@ -124,26 +151,45 @@ def test_non_streaming_disconnect_aborts_at_once(served):
     kb, url = served["kb"], served["url"]
     aborted = _metric(kb, "abort")
     host, port = url.removeprefix("http://").split(":")
-    body = httpx.Request("POST", f"{url}/v1/chat/completions",
-                         json=_body(q=LONG, max_tokens=4000, temperature=1.0, seed=3))
-    raw = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-           f"Content-Length: {len(body.content)}\r\n\r\n").encode() + body.content
+    body = httpx.Request(
+        "POST",
+        f"{url}/v1/chat/completions",
+        json=_body(q=LONG, max_tokens=4000, temperature=1.0, seed=3),
+    )
+    raw = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body.content)}\r\n\r\n"
+    ).encode() + body.content
     with socket.create_connection((host, int(port))) as s:
         s.sendall(raw)
         _until(lambda: kb.engine.scheduler.running, "the request to run")
     _until(lambda: _metric(kb, "abort") == aborted + 1, "the request to be aborted")
-    _until(lambda: not kb.engine.scheduler.running and kb.engine.blocks.usage == 0, "its KV to be freed")
-    _until(lambda: kb.engine.metrics.running._value.get() == 0, "the running gauge to follow the abort")
+    _until(
+        lambda: not kb.engine.scheduler.running and kb.engine.blocks.usage == 0,
+        "its KV to be freed",
+    )
+    _until(
+        lambda: kb.engine.metrics.running._value.get() == 0, "the running gauge to follow the abort"
+    )
 
 
 def test_streaming_disconnect_aborts(served):
     kb, url = served["kb"], served["url"]
     aborted = _metric(kb, "abort")
-    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
-                      json=_body(q=LONG, max_tokens=4000, temperature=1.0, seed=4, stream=True)) as r:
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        timeout=60,
+        json=_body(q=LONG, max_tokens=4000, temperature=1.0, seed=4, stream=True),
+    ) as r:
         for line in r.iter_lines():
             if '"content": "' in line and '"content": ""' not in line:
                 break  # the first token: go away
     _until(lambda: _metric(kb, "abort") == aborted + 1, "the stream to be aborted")
-    _until(lambda: not kb.engine.scheduler.running and kb.engine.blocks.usage == 0, "its KV to be freed")
-    _until(lambda: kb.engine.metrics.running._value.get() == 0, "the running gauge to follow the abort")
+    _until(
+        lambda: not kb.engine.scheduler.running and kb.engine.blocks.usage == 0,
+        "its KV to be freed",
+    )
+    _until(
+        lambda: kb.engine.metrics.running._value.get() == 0, "the running gauge to follow the abort"
+    )

@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 from sqlalchemy import select
 
+from kb.api.inputs import internal_message, text_problem
 from kb.auth import Principal, check_read
 from kb.engine.request import Delta, Finished
 from kb.errors import KBError, NotFound
@@ -47,8 +48,10 @@ def text_only(messages: list[dict]) -> list[dict]:
         content = m.get("content") if isinstance(m, dict) else None
         parts = content if isinstance(content, list) else [content]
         for p in parts:
-            if isinstance(p, str) or (isinstance(p, dict) and p.get("type") == "text"
-                                      and isinstance(p.get("text"), str)):
+            text = p if isinstance(p, str) else p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None
+            if isinstance(text, str):
+                if "\x00" in text or text_problem(text) == "contains a lone surrogate (not valid Unicode text)":
+                    raise KBError(f"messages: {text_problem(text)}")
                 continue
             raise KBError("the chat takes text only: no files or components in messages")
     return messages
@@ -202,7 +205,8 @@ class ChatHandlers:
                 await asyncio.shield(asyncio.to_thread(_save, kb, user, session_id, "assistant",
                                                        text + " …(stopped)"))
         if finished.reason == "error":
-            messages[-1] = {"role": "assistant", "content": f"⚠️ generation failed: {finished.error}"}
+            messages[-1] = {"role": "assistant",
+                            "content": f"⚠️ {internal_message('generation failed', finished.error)}"}
             await asyncio.to_thread(_save, kb, user, session_id, "assistant", messages[-1]["content"])
             yield messages, session_id, ""
             return

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import logging
 from typing import Any, Callable
 
 import gradio as gr
 
 from kb.api.auth import principal_for
+from kb.api.inputs import check_text, new_request_id
 from kb.auth import Forbidden, Principal
 from kb.errors import KBError
 from kb.service import KnowledgeBase
+
+log = logging.getLogger(__name__)
 
 
 def user_of(kb: KnowledgeBase, request: gr.Request | None) -> Principal:
@@ -28,32 +33,64 @@ def admin_of(kb: KnowledgeBase, request: gr.Request | None) -> Principal:
     return user
 
 
+def _checked(fn: Callable, args: tuple, kwargs: dict) -> None:
+    """Every text argument of a UI event is checked before the handler runs: a NUL byte, lone
+    surrogate or control character is a one-line error naming the parameter (a NUL reached
+    PostgreSQL and the user read the SQL statement). Chat history is checked by the chat
+    handlers themselves (answers may hold control characters the model wrote)."""
+    bound = inspect.signature(fn).bind_partial(*args, **kwargs).arguments
+    for name, value in bound.items():
+        if name in ("self", "messages") or isinstance(value, gr.Request):
+            continue
+        check_text(value, name)
+
+
+def _shown(e: Exception) -> gr.Error:
+    """What the user reads: a KBError's message, or for anything else an id for the admin's log
+    (never SQL, a path or a traceback)."""
+    if isinstance(e, gr.Error):
+        return e
+    if isinstance(e, KBError):
+        return gr.Error(e.message)
+    rid = new_request_id()
+    log.error("web app event %s failed", rid, exc_info=e)
+    return gr.Error(f"internal error (request id {rid}); the administrator's log has the details")
+
+
 def shown_errors(fn: Callable) -> Callable:
-    """Turn a KBError into gr.Error, so the user reads its one-line message in the UI."""
+    """Check the event's text arguments, and turn errors into gr.Error: a KBError's one-line
+    message, anything else an internal error with a request id (logged with its traceback)."""
     if inspect.isasyncgenfunction(fn):
         @functools.wraps(fn)
         async def agen(*args: Any, **kwargs: Any):
             try:
+                _checked(fn, args, kwargs)
                 async for out in fn(*args, **kwargs):
                     yield out
-            except KBError as e:
-                raise gr.Error(e.message) from e
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as e:
+                raise _shown(e) from e
         return agen
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def coro(*args: Any, **kwargs: Any):
             try:
+                _checked(fn, args, kwargs)
                 return await fn(*args, **kwargs)
-            except KBError as e:
-                raise gr.Error(e.message) from e
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                raise _shown(e) from e
         return coro
 
     @functools.wraps(fn)
     def sync(*args: Any, **kwargs: Any):
         try:
+            _checked(fn, args, kwargs)
             return fn(*args, **kwargs)
-        except KBError as e:
-            raise gr.Error(e.message) from e
+        except Exception as e:
+            raise _shown(e) from e
     return sync
 
 

@@ -7,10 +7,11 @@ import logging
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
 
-from kb.api import auth, cache, chat, corpora, jobs, ops
+from kb.api import auth, cache, chat, corpora, inputs, jobs, ops
 from kb.api.deps import error
 from kb.errors import KBError
 from kb.service import KnowledgeBase
@@ -33,8 +34,11 @@ def create_api(kb: KnowledgeBase | None = None, warm: bool = True) -> FastAPI:
 
     # /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline package, not a CDN
     app = FastAPIOffline(title="kb", version="0.1.0", lifespan=lifespan,
-                  description="Shared-context knowledge base: chat over corpora whose KV cache is computed once.")
+                  description="Shared-context knowledge base: chat over corpora whose KV cache is computed once.",
+                  dependencies=[Depends(inputs.check_params)])
     app.state.kb = kb
+    app.add_middleware(inputs.RequestIdMiddleware)
+    app.add_exception_handler(RequestValidationError, inputs.validation_error)
 
     @app.exception_handler(KBError)
     async def _kb_error(request: Request, exc: KBError):

@@ -86,7 +86,10 @@ async def login_page(error: str = ""):
 @router.post("/login", include_in_schema=False)
 async def login(request: Request, name: str = Form(...), password: str = Form(...),
                 kb: KnowledgeBase = Depends(get_kb)):
-    user = await run_in_threadpool(authenticate, kb.db, name, password)
+    from kb.api.inputs import text_problem
+
+    bad = text_problem(name, single_line=True) or text_problem(password)  # never to the database
+    user = None if bad else await run_in_threadpool(authenticate, kb.db, name, password)
     if user is None:
         return HTMLResponse(_LOGIN.format(error='<p class="err">Wrong user name or password.</p>'),
                             status_code=401)

@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from kb.api.auth import current_user
 from kb.api.deps import error as _error
 from kb.api.deps import get_kb
+from kb.api.inputs import internal_message
 from kb.api.schemas import ChatRequest
 from kb.engine.request import Delta, Finished
 from kb.engine.sequence import SamplingParams
@@ -41,6 +42,9 @@ async def chat(body: ChatRequest, request: Request, kb: KnowledgeBase = Depends(
     if msgs[-1]["role"] != "user":
         raise KBError("the last message must be the user's question")
     history = [m for m in msgs[:-1] if m["role"] in ("user", "assistant")]
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, penalty):
+            raise KBError(f"{penalty}: kb applies no penalties; send 0 or leave it out")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     max_tokens = body.max_completion_tokens or body.max_tokens or kb.settings.max_tokens
     sp = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
@@ -63,7 +67,7 @@ async def chat(body: ChatRequest, request: Request, kb: KnowledgeBase = Depends(
         return _error(499, "client closed the request")
     res = answer.handle.result
     if res.reason == "error":
-        return _error(500, f"generation failed: {res.error}", "server_error")
+        return _error(500, internal_message("generation failed", res.error), "server_error")
     return {
         "id": rid, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
@@ -115,7 +119,8 @@ async def _sse(kb: KnowledgeBase, answer: Answer, request: Request, rid: str, cr
                 usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
                          "total_tokens": ev.prompt_tokens + ev.completion_tokens}
                 if ev.reason == "error":
-                    yield f"data: {json.dumps({'error': {'message': f'generation failed: {ev.error}'}})}\n\n"
+                    msg = internal_message("generation failed", ev.error)
+                    yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n"
                 else:
                     yield chunk({}, ev.reason, usage=usage, citations=answer.citations())
         yield "data: [DONE]\n\n"
