@@ -210,7 +210,7 @@ def run(args):
     if args.quick:
         ns = ns[:2]
     if args.focus:  # the routed study alone: dense, routed grid and granularity at 128K, B=256
-        bs, ns = [256], [(131072, "bf16")]
+        bs, ns = [128, 256], [(131072, "bf16")]
     if DRY:
         bs, ns = [1, 4], [(1024, "bf16"), (2048, "fp8")]
     gen = torch.Generator().manual_seed(0)
@@ -316,6 +316,8 @@ def run(args):
             for density, skew, per in plans:
                 add_routed(add, out, q, k, v, ks, vs, n, b, args.chunk, density, skew, per, elt,
                            qo_bytes, o_d if density == 1.0 else None)
+            if args.focus and b == 128:
+                small_budget_study(add, out, q, kf, vf, n, b, qo_bytes)
             if (b == 256 and n == 131072) or (DRY and b == bs[-1] and n == ns[0][0]):
                 granularity_study(add, out, q, kf, vf, n, b, elt, qo_bytes, args)
             out["rows"].extend(rows)
@@ -375,6 +377,16 @@ def add_routed(add, out, q, k, v, ks, vs, n, b, chunk, density, skew, per, elt, 
     finally:
         grouped.CONFIG_OVERRIDE = None
         shared_routed.IMPL = "auto"
+
+
+def small_budget_study(add, out, q, kf, vf, n, b, qo_bytes):
+    """N=128K, B=128, per-request selections of 4096 tokens (32 chunks of 128, the serve
+    bench's small budget): few rows per chunk, so the kernel is memory- and latency-bound."""
+    for rt, bm, bn, w, st in [(8, 16, 128, 4, 3), (0, 16, 128, 4, 2), (0, 16, 64, 4, 3),
+                              (8, 16, 128, 2, 3), (4, 32, 128, 4, 3), (0, 16, 32, 2, 4)]:
+        add_routed(add, out, q, kf, vf, None, None, n, b, 128, 1 / 32, "none", "request", 2,
+                   qo_bytes, tag=f"_small_rt{rt}m{bm}n{bn}w{w}s{st}",
+                   cfg=dict(rt=rt, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st))
 
 
 def granularity_study(add, out, q, kf, vf, n, b, elt, qo_bytes, args):
