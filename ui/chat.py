@@ -13,6 +13,7 @@ import gradio as gr
 from sqlalchemy import select
 
 from kb.api.inputs import internal_message, text_problem
+from kb.api.ui_files import caller_owner
 from kb.auth import Principal, check_read
 from kb.engine.request import Delta, Finished
 from kb.errors import KBError, NotFound
@@ -74,39 +75,56 @@ def _ready_corpora(kb: KnowledgeBase, user: Principal) -> list[str]:
     return [c.name for c in kb.list_corpora(user=user) if c.status == "ready"]
 
 
-def _sessions(kb: KnowledgeBase, user: Principal, corpus: str | None) -> list[tuple[str, int]]:
-    if user.anonymous or not corpus:
-        return []  # anonymous chats are kept in the page only: no one else may list them
+def _mine(user: Principal, owner: str):
+    """The SQL condition for the caller's chats: a user's by id; with sign-in off, an anonymous
+    browser's by its owner key (a random cookie, never a guessable id)."""
+    if user.anonymous:
+        return (ChatSession.user_id.is_(None)) & (ChatSession.owner_key == owner)
+    return ChatSession.user_id == user.id
+
+
+def _owns(cs: ChatSession, user: Principal, owner: str) -> bool:
+    if user.anonymous:
+        return cs.user_id is None and owner.startswith("anon:") and cs.owner_key == owner
+    return cs.user_id == user.id
+
+
+def _sessions(kb: KnowledgeBase, user: Principal, owner: str, corpus: str | None) -> list[tuple[str, int]]:
+    if not corpus or (user.anonymous and not owner.startswith("anon:")):
+        return []
     with kb.db.session() as s:
         rows = s.execute(select(ChatSession.id, ChatSession.title).join(Corpus)
-                         .where(ChatSession.user_id == user.id, Corpus.name == corpus)
+                         .where(_mine(user, owner), Corpus.name == corpus)
                          .order_by(ChatSession.id.desc()).limit(50)).all()
         return [(f"#{sid} {title}", sid) for sid, title in rows]
 
 
-def _new_session(kb: KnowledgeBase, user: Principal, corpus: str, title: str) -> int:
+def _new_session(kb: KnowledgeBase, user: Principal, owner: str, corpus: str, title: str) -> int:
+    if user.anonymous and not owner.startswith("anon:"):
+        raise KBError("this browser sent no session cookie: reload the page")
     with kb.db.session() as s:
         c = s.scalar(select(Corpus).where(Corpus.name == corpus))
         if c is None:
             raise NotFound(f"corpus {corpus!r} does not exist")
         check_read(s, user, c)
-        cs = ChatSession(user_id=user.id, corpus_id=c.id, title=title[:200])
+        cs = ChatSession(user_id=user.id, owner_key=owner if user.anonymous else None, corpus_id=c.id,
+                         title=title[:200])
         s.add(cs)
         s.flush()
         return cs.id
 
 
-def _own_session(s, user: Principal, session_id: int) -> ChatSession:
+def _own_session(s, user: Principal, owner: str, session_id: int) -> ChatSession:
     cs = s.get(ChatSession, session_id)
-    if cs is None or cs.user_id != user.id:
+    if cs is None or not _owns(cs, user, owner):
         raise NotFound(f"conversation {session_id} does not exist")
     return cs
 
 
-def _save(kb: KnowledgeBase, user: Principal, session_id: int, role: str, content: str,
+def _save(kb: KnowledgeBase, user: Principal, owner: str, session_id: int, role: str, content: str,
           citations: list[dict] = ()) -> None:
     with kb.db.session() as s:
-        _own_session(s, user, session_id)
+        _own_session(s, user, owner, session_id)
         m = Message(session_id=session_id, role=role, content=content)
         s.add(m)
         s.flush()
@@ -116,10 +134,10 @@ def _save(kb: KnowledgeBase, user: Principal, session_id: int, role: str, conten
                                  score=float(c.get("score") or 0.0)))
 
 
-def _drop_last_turn(kb: KnowledgeBase, user: Principal, session_id: int) -> None:
+def _drop_last_turn(kb: KnowledgeBase, user: Principal, owner: str, session_id: int) -> None:
     """Forget the last question and its answer (retry asks it again)."""
     with kb.db.session() as s:
-        cs = _own_session(s, user, session_id)
+        cs = _own_session(s, user, owner, session_id)
         msgs = list(cs.messages)
         while msgs and msgs[-1].role == "assistant":
             s.delete(msgs.pop())
@@ -127,9 +145,9 @@ def _drop_last_turn(kb: KnowledgeBase, user: Principal, session_id: int) -> None
             s.delete(msgs.pop())
 
 
-def _load_session(kb: KnowledgeBase, user: Principal, session_id: int) -> tuple[str, list[dict]]:
+def _load_session(kb: KnowledgeBase, user: Principal, owner: str, session_id: int) -> tuple[str, list[dict]]:
     with kb.db.session() as s:
-        cs = _own_session(s, user, session_id)
+        cs = _own_session(s, user, owner, session_id)
         corpus = s.get(Corpus, cs.corpus_id)
         check_read(s, user, corpus)
         out: list[dict] = []
@@ -147,6 +165,13 @@ class ChatHandlers:
     def __init__(self, kb: KnowledgeBase):
         self.kb = kb
 
+    def caller(self, request: gr.Request | None) -> tuple[Principal, str]:
+        """Who asks, and the owner key their chats are stored under (kb.api.ui_files)."""
+        user = user_of(self.kb, request)
+        if request is None:
+            return user, f"user:{user.id}" if not user.anonymous else "nobody"
+        return user, caller_owner(self.kb, request.headers, request.cookies)
+
     @shown_errors
     async def corpora(self, current: str | None, request: gr.Request):
         user = user_of(self.kb, request)
@@ -155,16 +180,16 @@ class ChatHandlers:
 
     @shown_errors
     async def sessions(self, corpus: str | None, request: gr.Request):
-        user = user_of(self.kb, request)
-        rows = await asyncio.to_thread(_sessions, self.kb, user, corpus)
+        user, owner = await asyncio.to_thread(self.caller, request)
+        rows = await asyncio.to_thread(_sessions, self.kb, user, owner, corpus)
         return gr.Dropdown(choices=rows, value=None)
 
     @shown_errors
     async def open(self, session_id: int | None, request: gr.Request):
         if session_id is None:
             return gr.skip(), gr.skip(), gr.skip()
-        user = user_of(self.kb, request)
-        corpus, messages = await asyncio.to_thread(_load_session, self.kb, user, int(session_id))
+        user, owner = await asyncio.to_thread(self.caller, request)
+        corpus, messages = await asyncio.to_thread(_load_session, self.kb, user, owner, int(session_id))
         return messages, int(session_id), corpus
 
     async def new_chat(self):
@@ -174,7 +199,8 @@ class ChatHandlers:
     async def send(self, question: str, messages: list[dict] | None, corpus: str | None,
                    session_id: int | None, request: gr.Request):
         """Stream one answer: yields (chat messages, session id, cleared question box)."""
-        kb, user = self.kb, user_of(self.kb, request)
+        kb = self.kb
+        user, owner = await asyncio.to_thread(self.caller, request)
         question = (question or "").strip()
         if not corpus:
             raise KBError("pick a corpus first")
@@ -183,8 +209,8 @@ class ChatHandlers:
         messages = text_only(list(messages or []))
         history = model_history(messages)
         if session_id is None:
-            session_id = await asyncio.to_thread(_new_session, kb, user, corpus, question)
-        await asyncio.to_thread(_save, kb, user, session_id, "user", question)
+            session_id = await asyncio.to_thread(_new_session, kb, user, owner, corpus, question)
+        await asyncio.to_thread(_save, kb, user, owner, session_id, "user", question)
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         yield messages, session_id, ""
         loop = asyncio.get_running_loop()
@@ -202,16 +228,16 @@ class ChatHandlers:
         finally:
             if finished is None:  # stopped (cancelled) or the page went away: free its KV now
                 kb.engine.abort(answer.handle)
-                await asyncio.shield(asyncio.to_thread(_save, kb, user, session_id, "assistant",
+                await asyncio.shield(asyncio.to_thread(_save, kb, user, owner, session_id, "assistant",
                                                        text + " …(stopped)"))
         if finished.reason == "error":
             messages[-1] = {"role": "assistant",
                             "content": f"⚠️ {internal_message('generation failed', finished.error)}"}
-            await asyncio.to_thread(_save, kb, user, session_id, "assistant", messages[-1]["content"])
+            await asyncio.to_thread(_save, kb, user, owner, session_id, "assistant", messages[-1]["content"])
             yield messages, session_id, ""
             return
         cites = await asyncio.to_thread(answer.citations)
-        await asyncio.to_thread(_save, kb, user, session_id, "assistant", finished.text, cites)
+        await asyncio.to_thread(_save, kb, user, owner, session_id, "assistant", finished.text, cites)
         messages[-1] = {"role": "assistant", "content": finished.text}
         messages += [citation_message(i, c) for i, c in enumerate(cites, 1)]
         yield messages, session_id, ""
@@ -226,7 +252,8 @@ class ChatHandlers:
             raise KBError("nothing to retry yet")
         question = model_history([messages[last]])[0]["content"]
         if session_id is not None:
-            await asyncio.to_thread(_drop_last_turn, self.kb, user_of(self.kb, request), int(session_id))
+            user, owner = await asyncio.to_thread(self.caller, request)
+            await asyncio.to_thread(_drop_last_turn, self.kb, user, owner, int(session_id))
         async for out in self.send(question, messages[:last], corpus, session_id, request):
             yield out
 
