@@ -86,9 +86,9 @@ def _refuse_unsupported(files: list[str]) -> tuple[list[str], list[str]]:
 def cmd_ingest(args) -> int:
     """Ingest through the job path: without KB_REDIS_URL an in-process worker runs the jobs
     until they finish; with it, `kb worker` processes do, and this waits (or not: --no-wait)."""
+    require_corpus(args.name)  # before anything heavy loads: a typo is reported at once
     from kb.cli.ingest_progress import IngestDisplay
 
-    require_corpus(args.name)  # before anything heavy loads: a typo is reported at once
     files, refused = _refuse_unsupported(args.files)
     for r in refused:
         print(r, file=sys.stderr)
