@@ -18,6 +18,7 @@ import math
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 SCORE_BYTES = 1 << 20  # per thread: one block's scores [Hkv, rows, block] kept about L2-sized
 MAX_BLOCK = 16384
@@ -54,7 +55,15 @@ def shared_attention(
         return _to_tokens(o, lse, t, hq, d, q.dtype)
     o = torch.empty(hkv, t, g, d, dtype=torch.float32)
     lse = torch.empty(hkv, t, g, dtype=torch.float32)
-    for rows, sel, shift in selection_groups(chunk_idx, chunk_shift):
+    groups = selection_groups(chunk_idx, chunk_shift)
+    if len(groups) > 1 and k_scale is None and v_scale is None:
+        # decode: one row per request, each with its own full selection -> one batched pass
+        singles = [x for x in groups if x[0] is not None and x[0].numel() == 1 and bool((x[1] >= 0).all())]
+        if len(singles) > 1:
+            _single_rows(qh, k, v, chunk_size, singles, rope_inv_freq, o, lse)
+            done = {id(x) for x in singles}
+            groups = [x for x in groups if id(x) not in done]
+    for rows, sel, shift in groups:
         qr = qh if rows is None else qh.index_select(1, rows)
         r = qr.shape[1]
         blocks = _routed_blocks(k, v, k_scale, v_scale, chunk_size, block, sel)
@@ -69,6 +78,48 @@ def shared_attention(
             o.index_copy_(1, rows, o_g.view(hkv, r, g, d))
             lse.index_copy_(1, rows, lse_g.view(hkv, r, g))
     return _to_tokens(o.reshape(hkv, t * g, d), lse.reshape(hkv, t * g), t, hq, d, q.dtype)
+
+
+def _single_rows(qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cs: int, groups: list,
+                 inv_freq: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor,
+                 rows_per_pass: int = 16) -> None:
+    """Rows that each attend their own full chunk list (decode tokens of requests that chose their
+    passages): gathered and attended together, a few GEMMs per pass instead of a dozen small ops per
+    row; results written into o[Hkv, T, G, d], lse[Hkv, T, G]."""
+    from .reference import rope_rotate
+
+    n, hkv, d = k.shape
+    g = qh.shape[2]
+    kf, vf = _rows(k), _rows(v)
+    heads = torch.arange(hkv)[None, :, None]
+    for p0 in range(0, len(groups), rows_per_pass):
+        part = groups[p0:p0 + rows_per_pass]
+        width = max(x[1].shape[1] for x in part)
+        sel = torch.stack([F.pad(x[1], (width - x[1].shape[1], 0), value=-1) for x in part])  # [R, Hkv, K]
+        rows = torch.cat([x[0] for x in part])
+        r = rows.shape[0]
+        tok = (sel.clamp_min(0)[..., None] * cs + torch.arange(cs)).reshape(r, hkv, width * cs)
+        valid = (sel[..., None] >= 0).expand(r, hkv, width, cs).reshape(r, hkv, width * cs) & (tok < n)
+        flat = (tok.clamp_max(n - 1) * hkv + heads).reshape(-1)
+        kb = kf.index_select(0, flat).view(k.dtype).view(r, hkv, width, cs, d).float()
+        vb = vf.index_select(0, flat).view(v.dtype).view(r, hkv, width * cs, d).float()
+        q = qh.index_select(1, rows).permute(1, 0, 2, 3)  # [R, Hkv, G, d]
+        shifts = [x[2] for x in part]
+        if any(sh is not None for sh in shifts) and inv_freq is not None:
+            sh = torch.stack([F.pad(x if x is not None else torch.zeros_like(y[1]), (width - y[1].shape[1], 0))
+                              for x, y in zip(shifts, part)])  # [R, Hkv, K]
+            qc = rope_rotate(q[:, :, None].expand(r, hkv, width, g, d), -sh[..., None].expand(r, hkv, width, g),
+                             inv_freq)  # [R, Hkv, K, G, d]
+            s = torch.einsum("rhkgd,rhkcd->rhgkc", qc, kb).reshape(r, hkv, g, width * cs)
+        else:
+            s = torch.matmul(q, kb.view(r, hkv, width * cs, d).transpose(-1, -2))  # [R, Hkv, G, K*cs]
+        s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
+        mx = s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
+        pr = torch.exp(s - mx)
+        den = pr.sum(-1, keepdim=True)
+        out = torch.matmul(pr, vb) / den.clamp_min(1e-38)  # [R, Hkv, G, d]
+        o.index_copy_(1, rows, out.permute(1, 0, 2, 3))
+        lse.index_copy_(1, rows, (mx + den.log()).squeeze(-1).permute(1, 0, 2))
 
 
 def block_size(rows: int, hkv: int, chunk_size: int) -> int:

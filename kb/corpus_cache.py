@@ -273,14 +273,16 @@ class CorpusCache:
         return loaded
 
     def _attach_selector(self, shared: SharedKV, layout: _Layout) -> None:
-        """Attention retrieval for a corpus larger than the selection budget: re-based keys of the
-        selecting layers and the neutral questions' calibration, once per layout (a smaller
-        corpus is read whole, as before)."""
-        s = self.settings
-        if s.selection_budget <= 0 or shared.num_chunks <= shared.always_chunks + 1:
+        """Attention retrieval for a corpus beyond the model's context (its segments' positions
+        wrap) and the selection budget: re-based keys of the selecting layers and the neutral
+        questions' calibration, once per layout. A corpus within the context is read whole, as
+        before."""
+        s, lm = self.settings, self.model
+        max_pos = lm.config.max_position_embeddings
+        within = shared.num_tokens <= max_pos - min(2048, max_pos // 4)  # the ingestor's position limit
+        if s.selection_budget <= 0 or within or shared.num_chunks <= shared.always_chunks + 1:
             return
         layers = tuple(int(x) for x in s.selection_layers.split(",") if x.strip())
-        lm = self.model
         layers = tuple(x for x in layers if 0 <= x < lm.config.num_layers) or (lm.config.num_layers // 2,)
         config = SelectionConfig(budget=s.selection_budget, layers=layers, positions=s.selection_positions)
         selector = PassageSelector.build(list(layout.k.unbind(0)), layout.positions, shared.chunk_size,

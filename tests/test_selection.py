@@ -1,0 +1,160 @@
+"""Attention retrieval (kb/engine/selection.py): the position math against plain torch, the
+budget fill, and end to end over a corpus three times the demo model's context."""
+
+from __future__ import annotations
+
+import torch
+
+from attention import cpu_shared, reference
+from kb.engine.selection import PassageSelector, SelectionConfig
+from kb.model.rope import apply_rope, cos_sin, inv_frequencies
+from tests.conftest import FACT_ANSWER, FACT_QUESTION, MODELS_DIR
+
+INV = inv_frequencies(64, 10000.0)
+
+
+def _rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos_sin(pos, INV)
+    return apply_rope(x.float(), cos, sin)
+
+
+def test_query_rotation_equals_re_rotated_keys():
+    """Attending chunk c shifted by s (the CPU path rotates the query per chunk) equals attending
+    a copy of its keys re-rotated to p + s (K' = R(s) K), and the reference agrees."""
+    torch.manual_seed(0)
+    t, hq, hkv, d, n, cs = 4, 9, 3, 64, 512, 64
+    q = torch.randn(t, hq, d)
+    k, v = torch.randn(n, hkv, d).half(), torch.randn(n, hkv, d).half()
+    chunks = torch.tensor([0, 2, 5, 7])
+    shifts = torch.tensor([0, -120, 300, -2000])
+    idx = chunks.int()[None, None].expand(t, hkv, 4).contiguous()
+    sh = shifts[None, None].expand(t, hkv, 4).contiguous()
+    tok = (chunks[:, None] * cs + torch.arange(cs)).reshape(-1)
+    tok_shift = shifts.repeat_interleave(cs)
+    k_copy = reference.rope_rotate(k[tok].float(), tok_shift[:, None].expand(-1, hkv), INV)
+    want_o, want_lse = reference.shared_attention(q, k_copy, v[tok].float(), None, cs)
+    for o, lse in (cpu_shared.shared_attention(q, k, v, idx, cs, chunk_shift=sh, rope_inv_freq=INV, block=128),
+                   reference.shared_attention(q, k, v, idx, cs, chunk_shift=sh, rope_inv_freq=INV)):
+        torch.testing.assert_close(o, want_o, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=1e-5)
+
+
+def test_requests_with_their_own_selections_match_the_reference():
+    """Decode rows of different requests (each its own chunks and shifts, one the corpus's partial
+    last chunk) are attended together as the reference attends them one by one."""
+    torch.manual_seed(3)
+    t, hq, hkv, d, n, cs = 6, 9, 3, 64, 1000, 64
+    q = torch.randn(t, hq, d)
+    k, v = torch.randn(n, hkv, d).half(), torch.randn(n, hkv, d).half()
+    idx = torch.stack([torch.randperm(16)[:5] for _ in range(t)]).int()
+    idx[2, 4] = 15 if 15 not in idx[2, :4] else idx[2, 4]
+    idx = idx[:, None].expand(t, hkv, 5).contiguous()
+    sh = torch.randint(-3000, 3000, (t, 5))[:, None].expand(t, hkv, 5).contiguous()
+    for shift in (None, sh):
+        want = reference.shared_attention(q, k, v, idx, cs, chunk_shift=shift, rope_inv_freq=INV)
+        got = cpu_shared.shared_attention(q, k, v, idx, cs, chunk_shift=shift, rope_inv_freq=INV)
+        torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=1e-5)
+
+
+def test_rebased_keys_sit_at_chunk_local_positions():
+    """Keys stored post-RoPE at scattered positions become keys at j mod chunk_size."""
+    torch.manual_seed(1)
+    n, hkv, d, cs = 256, 3, 64, 64
+    raw = torch.randn(n, hkv, d)
+    positions = torch.cat([torch.arange(64), torch.arange(5000, 5128), torch.arange(100, 164)])
+    stored = _rope(raw, positions)
+    sel = PassageSelector.build([stored], positions, cs, 1, INV, SelectionConfig(layers=(0,), budget=64))
+    local = _rope(raw[64:], torch.arange(64, n) % cs)
+    # float32 RoPE angles at position ~5000 carry ~1e-4 error: the rotations agree to that
+    torch.testing.assert_close(sel.keys[0], local.transpose(0, 1), atol=2e-3, rtol=1e-3)
+
+
+def test_scores_ignore_stored_position():
+    """The same key content scores the same wherever it was stored (position-neutral)."""
+    torch.manual_seed(2)
+    cs, hkv, d = 64, 3, 64
+    raw = torch.randn(cs, hkv, d)
+    other = torch.randn(2 * cs, hkv, d)
+    keys = torch.cat([other[:cs], raw, other[cs:], raw])  # chunks 1 and 3 hold the same content
+    positions = torch.cat([torch.arange(2 * cs), torch.arange(7000, 7000 + cs), torch.arange(300, 300 + cs)])
+    sel = PassageSelector.build([_rope(keys, positions)], positions, cs, 1, INV,
+                                SelectionConfig(layers=(0,), budget=64, window=1, calibrate="none"))
+    q = _rope(torch.randn(5, 9, d), torch.arange(6000, 6005))
+    scores = sel.chunk_scores({0: (q, torch.arange(6000, 6005))})
+    torch.testing.assert_close(scores[1], scores[3], atol=1e-6, rtol=1e-4)
+
+
+def test_choose_fills_the_budget_with_passages_and_keeps_the_preamble():
+    cs = 64
+    positions = torch.arange(20 * cs)
+    k = [torch.randn(20 * cs, 3, 64)]
+    sel = PassageSelector.build(k, positions, cs, 2, INV, SelectionConfig(layers=(0,), budget=5 * cs, neighbours=1))
+    scores = torch.zeros(20)
+    scores[10], scores[15] = 5.0, 3.0
+    chosen = sel.choose(scores).tolist()
+    assert chosen[:2] == [0, 1] and len(chosen) == 2 + 5
+    assert {9, 10, 11, 15} <= set(chosen)  # the best chunk with both neighbours, then the next
+    shift = sel.shifts(torch.tensor(chosen))
+    virtual = torch.tensor(chosen) * cs + shift
+    assert virtual.tolist() == [i * cs for i in range(len(chosen))]  # contiguous after the preamble
+    assert sel.query_position(0) == (2 + 5) * cs
+
+
+def _large_corpus(tmp_path_factory):
+    """A KnowledgeBase with a corpus of ~25K tokens of real prose in 16 documents, one fact planted."""
+    from bench.quality import gen_needle_docs
+    from kb.service import KnowledgeBase
+    from kb.settings import Settings
+
+    root = tmp_path_factory.mktemp("selection")
+    data = gen_needle_docs(3, 1, 96000, doc_chars=6000)
+    kb = KnowledgeBase(Settings(home=root / "home", models_dir=MODELS_DIR, max_tokens=12))
+    kb.create_corpus("big")
+    paths = []
+    for i, text in enumerate(data.docs):
+        if i == data.questions[0].doc:
+            text = text + "\n\nThe archive of the Velmora Institute is kept in a vault. " \
+                          "The access code of the Velmora vault is 7341."
+        paths.append(root / f"doc{i:02d}.txt")
+        paths[-1].write_text(text)
+    assert all(r.status == "ready" for r in kb.ingest("big", paths))
+    return kb
+
+
+def test_large_corpus_fact_answered_and_cited_first_with_defaults(tmp_path_factory, demo_model_dir):
+    """Over a corpus of three times the model's context, the default (selection) answers the
+    planted fact and cites its passage first; selection is deterministic; a one-document corpus
+    (smaller than the budget) is served dense, as before."""
+    torch.set_num_threads(2)
+    kb = _large_corpus(tmp_path_factory)
+    try:
+        loaded = kb.load_corpus("big")
+        context = kb.loaded.config.max_position_embeddings
+        assert loaded.shared.num_tokens >= 3 * context
+        assert loaded.shared.selector is not None
+        out = kb.answer("big", FACT_QUESTION)
+        assert FACT_ANSWER in out["answer"]
+        assert "7341" in out["citations"][0]["text"]
+        a1 = kb.ask("big", FACT_QUESTION)
+        a2 = kb.ask("big", FACT_QUESTION)
+        kb.wait(a1)
+        kb.wait(a2)
+        s1, s2 = a1.handle.seq.selection, a2.handle.seq.selection
+        assert s1.chunks.tolist() == s2.chunks.tolist() and torch.equal(s1.shift, s2.shift)
+        assert a1.citations() == a2.citations()
+        shared_tokens = s1.chunks.numel() * loaded.shared.chunk_size
+        assert shared_tokens <= kb.settings.selection_budget + loaded.shared.always_chunks * loaded.shared.chunk_size
+        dense = kb.answer("big", FACT_QUESTION, dense=True)
+        assert dense["citations"]  # dense keeps its attention-mass citations
+
+        from tests.conftest import planted_text
+        doc = tmp_path_factory.mktemp("one") / "handbook.txt"
+        doc.write_text(planted_text())
+        kb.create_corpus("one")
+        assert kb.ingest("one", [doc])[0].status == "ready"
+        assert kb.load_corpus("one").shared.selector is None  # within the budget: read whole
+        default, dense = kb.answer("one", FACT_QUESTION), kb.answer("one", FACT_QUESTION, dense=True)
+        assert default["answer"] == dense["answer"] and default["citations"] == dense["citations"]
+    finally:
+        kb.close()
