@@ -220,8 +220,12 @@ class CorpusCache:
     def _serving(self, layout: _Layout) -> list[torch.Tensor]:
         """The tensors a corpus is served from: [k, v] 16-bit, or for `kv_dtype = float8`
         [k, v, k_scale, v_scale] in e4m3 with one scale per (layer, chunk, KV head), which halves
-        its memory on every tier (the attention kernels take the scales)."""
+        its memory on every tier (the attention kernels take the scales). On the CPU
+        (`serve_kv_dtype = auto`) a 16-bit layout is laid out once in float32, the dtype the CPU
+        attention computes in, so no decode step converts stored blocks again."""
         if self.settings.kv_dtype != "float8":
+            if self.settings.serve_kv_dtype == "auto" and str(self.settings.device) == "cpu":
+                return [layout.k.float(), layout.v.float()]
             return [layout.k, layout.v]
         (kq, ks), (vq, vs) = (quantize_fp8_chunks(x, layout.chunk_size) for x in (layout.k, layout.v))
         return [kq, vq, ks, vs]

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     selection_positions: Literal["virtual", "stored"] = Field(default="virtual", description="where the chosen "
                                                              "passages sit: contiguous after the preamble "
                                                              "(virtual) or at their stored positions")
+    serve_kv_dtype: Literal["auto", "stored"] = Field(default="auto", description="shared KV as served: auto "
+                                                      "(float32 on the CPU, which computes in it; stored "
+                                                      "dtype elsewhere) or stored (as kv_dtype)")
 
     max_tokens: int = Field(default=256, ge=1, description="default answer length")
     kv_block_size: int = Field(default=16, ge=1)
