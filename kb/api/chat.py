@@ -52,7 +52,8 @@ async def chat(body: ChatRequest, request: Request, kb: KnowledgeBase = Depends(
     name = body.corpus_name()
     loop = asyncio.get_running_loop()
     await run_in_threadpool(lambda: kb.engine.start())
-    answer: Answer = await run_in_threadpool(kb.ask, name, msgs[-1]["content"], sp, history, loop, user=user)
+    answer: Answer = await run_in_threadpool(kb.ask, name, msgs[-1]["content"], sp, history, loop, user=user,
+                                           dense=body.dense)
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), f"kb:{name}"
     if body.stream:
         return StreamingResponse(_sse(kb, answer, request, rid, created, model), media_type="text/event-stream")

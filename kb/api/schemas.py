@@ -30,6 +30,8 @@ class ChatRequest(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False,
                                      description="accepted as OpenAI defines it; kb applies no penalty, so only 0")
     stop: Text | list[Text] | None = None
+    dense: bool = Field(default=False, description="attend the whole corpus densely instead of the passages "
+                        "the question chooses (attention retrieval, the default beyond the model's context)")
 
     def corpus_name(self) -> str:
         name = self.corpus or self.model
