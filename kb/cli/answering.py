@@ -120,7 +120,10 @@ def answerer(args, corpus: str) -> Answerer:
         client.close()
         print(f"kb: the server at {client.url} takes no --dense/--density option; answering in this process",
               file=sys.stderr)
-    return LocalAnswerer(corpus, args)
+    local = LocalAnswerer(corpus, args)
+    if getattr(args, "local", False):
+        local.where = "this process (--local; loading the model here)"
+    return local
 
 
 def print_citations(citations: list[dict]) -> None:
