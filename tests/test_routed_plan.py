@@ -29,6 +29,7 @@ class _Chosen:
     """What attention retrieval leaves on a sequence: its chunk ids (kb.engine.selection)."""
 
     chunks: torch.Tensor
+    shift: torch.Tensor | None = None
 
 
 def test_stage_rows_pads_and_plan_step_expands_over_heads():
@@ -82,3 +83,13 @@ def test_replayed_selection_equals_the_corpus_cut_to_it(kept):
     assert runner.graphs.replays == 2
     for s in batch.seqs:
         blocks.release(s)
+
+
+def test_selections_with_virtual_positions_step_eagerly():
+    """A per-chunk position shift has no kernel yet: the decode graph hands the step back."""
+    runner, blocks, sh = _runner("cpu", torch.float32)
+    graphs = DecodeGraphs(runner, scratch_page=POOL + N // BS)
+    batch = _decoding(blocks, [5, 9], "corpus")
+    for s in batch.seqs:
+        s.selection = _Chosen(torch.arange(2), shift=torch.tensor([3, 3]))
+    assert graphs.run(batch, {"corpus": sh}) is None and not graphs.graphs

@@ -11,7 +11,8 @@ the real batch are padding: they read and write a scratch page only. When every 
 its own chunk selection (`seq.selection`, attention retrieval), the selections are one more
 static input (chunk ids per row, -1 padded to a power-of-two width) and the graph builds the
 routing plan from them once per replay, before the first layer, for all layers
-(kb/engine/routed_plan.py). With citations on, every
+(kb/engine/routed_plan.py). Selections with virtual positions (`selection.shift`) run eagerly:
+the kernels do not take per-chunk shifts yet. With citations on, every
 `cite_every`-th decode step runs eagerly and measures them (the mass is a sample of the steps).
 """
 
@@ -91,6 +92,9 @@ class DecodeGraphs:
             shared = corpora[key] if key is not None else None
         width = _width(max(len(s.block_table) + len(p) for s, p in zip(seqs, prefixes)))
         chunks = [seq_chunks(s) for s in seqs] if shared is not None else []
+        if any(getattr(s.selection, "shift", None) is not None for s in seqs
+               if getattr(s, "selection", None) is not None):
+            return None  # virtual positions (a per-chunk shift): no kernel serves them yet
         sel_width = _width(max(c.numel() for c in chunks)) \
             if chunks and all(c is not None for c in chunks) else 0
         gkey = (rows, width, r.shared_mode, key, id(shared), sel_width)  # _forget: [2:4], [4]
