@@ -89,7 +89,7 @@ def test_rows_with_one_chunk_set_are_one_group():
     assert len(one) == 1 and one[0][0] is None
     assert one[0][1].tolist() == [[-1, 1, 3], [-1, 0, 2]]
     two = cpu_shared.selection_groups(torch.stack([a, other, b]))
-    assert sorted(r.tolist() for r, _ in two) == [[0, 2], [1]]
+    assert sorted(r.tolist() for r, _, _ in two) == [[0, 2], [1]]
 
 
 def test_block_size_is_whole_chunks_within_bounds():
