@@ -111,7 +111,7 @@ def test_no_server_means_this_process_and_a_named_dead_one_is_an_error(no_defaul
 
 @pytest.fixture(scope="module")
 def server_url(handbook):
-    from kb.api.app import create_app
+    from kb.server import create_app
 
     with serve_in_thread(create_app(handbook, warm=False, ui=False)) as url:
         yield url

@@ -21,7 +21,7 @@ def cmd_model_fetch(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from kb.api.app import create_app
+    from kb.server import create_app
     from kb.settings import Settings
 
     s = Settings()
