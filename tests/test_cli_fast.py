@@ -138,3 +138,11 @@ def test_ask_and_chat_through_a_running_server(server_url, capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert out.count(FACT_ANSWER) >= 1 and len(out.strip().splitlines()) >= 2, out
     assert f"the server at {server_url}" in err
+
+
+def test_a_mistyped_command_gets_did_you_mean(capsys):
+    for argv, hint in ((["corpsu", "list"], "did you mean 'corpus'?"), (["corpus", "lst"], "did you mean 'list'?"),
+                       (["cache", "evcit", "x"], "did you mean 'evict'?")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and hint in capsys.readouterr().err

@@ -15,10 +15,25 @@ from kb.errors import KBError
 COMMAND_MODULES = ("kb.cli.corpus", "kb.cli.ask", "kb.cli.chat", "kb.cli.serve", "kb.cli.users", "kb.cli.jobs", "kb.cli.cache")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with "did you mean" for a mistyped command (`kb corpsu list`)."""
+
+    def error(self, message: str):
+        import re
+
+        from kb.cli.names import suggest
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            choices = re.findall(r"'([^']*)'", m.group(2)) or [c.strip() for c in m.group(2).split(",")]
+            message += suggest(m.group(1), choices)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
-    p = argparse.ArgumentParser(prog="kb", description="Shared-context knowledge base (MoSKA).")
+    p = Parser(prog="kb", description="Shared-context knowledge base (MoSKA).")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
