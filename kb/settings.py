@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = Field(default=64.0, gt=0)
+    # budgets of one document, checked while it is parsed, and token quotas (0: no quota)
+    max_inflated_mb: float = Field(default=256.0, gt=0, description="decompressed size of a DOCX "
+                                   "(ZIP-based) document, counted as it inflates")
+    max_document_pages: int = Field(default=5000, ge=1, description="pages of one PDF")
+    max_document_tokens: int = Field(default=1_000_000, ge=1, description="tokens of one document's text")
+    corpus_token_quota: int = Field(default=4_000_000, ge=0, description="tokens of one corpus, all documents; 0: none")
+    user_token_quota: int = Field(default=8_000_000, ge=0, description="tokens of all corpora a user owns (anonymous: all unowned corpora); 0: none")
     allowed_types: str = Field(default="pdf,docx,html,markdown,text",
                                description="document kinds accepted, comma-separated")
     auth: str = Field(default="off", pattern="^(on|off)$",

@@ -8,7 +8,9 @@ with a one-line message; library exceptions never escape.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import PurePath
+from typing import Any
 
 from kb.ingest.document import ParsedDocument, utf16_without_bom
 from kb.ingest.errors import IngestError
@@ -107,14 +109,45 @@ _PARSERS = {"pdf": parse_pdf, "docx": parse_docx, "html": parse_html, "markdown"
             "text": parse_text}
 
 
+@dataclass(frozen=True)
+class ParseLimits:
+    """Budgets checked while a document is parsed (each stops the parse as soon as it is passed):
+    pages (PDF), decompressed bytes (DOCX and other ZIP-based formats), characters of text."""
+
+    max_pages: int | None = None  # None: the parser's own default
+    max_inflated_bytes: int | None = None
+    max_chars: int | None = None
+
+    @classmethod
+    def from_settings(cls, s: Any) -> "ParseLimits":
+        """From KB_MAX_DOCUMENT_PAGES, KB_MAX_INFLATED_MB and KB_MAX_DOCUMENT_TOKENS (a document
+        with more than CHARS_PER_TOKEN characters per token allowed cannot fit the token limit)."""
+        tokens = getattr(s, "max_document_tokens", 0) or 0
+        return cls(max_pages=getattr(s, "max_document_pages", None),
+                   max_inflated_bytes=int(s.max_inflated_mb * 2**20) if getattr(s, "max_inflated_mb", None) else None,
+                   max_chars=tokens * CHARS_PER_TOKEN if tokens else None)
+
+
+# No tokenizer kb serves averages more characters per token than this over a document's text,
+# so text past tokens * CHARS_PER_TOKEN characters is refused before it is tokenized.
+CHARS_PER_TOKEN = 12
+
+
+def _too_much_text(filename: str) -> IngestError:
+    return IngestError("too_much_text", f"{filename} holds more text than one document may "
+                       "(KB_MAX_DOCUMENT_TOKENS); split it.")
+
+
 def parse_bytes(
     data: bytes,
     filename: str,
     *,
     max_bytes: int | None = None,
     allowed_types: frozenset[str] | None = None,
+    limits: ParseLimits | None = None,
 ) -> ParsedDocument:
     """Parse an uploaded file's bytes; `filename` gives the extension when the magic bytes don't."""
+    limits = limits or ParseLimits()
     if max_bytes is not None and len(data) > max_bytes:
         raise IngestError("too_large", f"{filename} is {len(data)} bytes; the limit is {max_bytes}.")
     if not data:
@@ -122,7 +155,18 @@ def parse_bytes(
     kind = detect_type(filename, data[:HEAD_BYTES])
     if allowed_types is not None and kind not in allowed_types:
         raise IngestError("unsupported_type", f"{kind} files are not accepted here ({filename}).")
-    doc = _PARSERS.get(kind, parse_text)(data, filename)
+    if kind == "pdf":
+        doc = parse_pdf(data, filename, max_pages=limits.max_pages, max_chars=limits.max_chars)
+    elif kind == "docx":
+        doc = parse_docx(data, filename, max_inflated=limits.max_inflated_bytes)
+    else:
+        # text and Markdown: no encoding spends more than four bytes on a character, so bytes past
+        # four per allowed character cannot be within budget: refuse before decoding
+        if kind != "html" and limits.max_chars is not None and len(data) > 4 * limits.max_chars:
+            raise _too_much_text(filename)
+        doc = _PARSERS.get(kind, parse_text)(data, filename)
+    if limits.max_chars is not None and len(doc.text) > limits.max_chars:
+        raise _too_much_text(filename)
     if not doc.text.strip():
         raise IngestError("no_text", f"No text could be extracted from {filename}.")
     assert all(0 <= p.start <= p.end <= len(doc.text) for p in doc.pages)
@@ -135,6 +179,7 @@ def parse_file(
     filename: str | None = None,
     max_bytes: int | None = None,
     allowed_types: frozenset[str] | None = None,
+    limits: ParseLimits | None = None,
 ) -> ParsedDocument:
     """Parse a stored file; its size is checked before it is read, so huge uploads cost nothing."""
     name = filename if filename is not None else os.path.basename(os.fspath(path))
@@ -144,4 +189,4 @@ def parse_file(
     with open(path, "rb") as f:
         # read at most one byte past the limit: the file may have grown since stat
         data = f.read() if max_bytes is None else f.read(max_bytes + 1)
-    return parse_bytes(data, name, max_bytes=max_bytes, allowed_types=allowed_types)
+    return parse_bytes(data, name, max_bytes=max_bytes, allowed_types=allowed_types, limits=limits)

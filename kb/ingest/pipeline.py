@@ -22,7 +22,8 @@ from sqlalchemy import select
 
 from kb.errors import KBError, NotFound
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import HEAD_BYTES, detect_type, parse_bytes
+from kb.ingest.budgets import check_token_budgets
+from kb.ingest.parse import HEAD_BYTES, ParseLimits, detect_type, parse_bytes
 from kb.ingest.segment import cut_segments
 from kb.model.loader import LoadedModel
 from kb.ingest.precompute import prefill_preamble, prefill_segments
@@ -342,10 +343,12 @@ class Ingestor:
             has_segments = sess.scalar(select(Segment.id).where(Segment.document_id == doc_id).limit(1)) is not None
         if not has_segments:
             allowed = frozenset(t.strip() for t in s.allowed_types.split(",") if t.strip())
-            parsed = parse_bytes(data, filename, max_bytes=int(s.max_upload_mb * 2**20), allowed_types=allowed)
+            parsed = parse_bytes(data, filename, max_bytes=int(s.max_upload_mb * 2**20), allowed_types=allowed,
+                                 limits=ParseLimits.from_settings(s))
             emit("parsed")
             plans = cut_segments(parsed, lm.tokenizer, s.segment_len)
             with self.db.session() as sess:
+                check_token_budgets(sess, s, corpus_id, doc_id, filename, sum(len(p.token_ids) for p in plans))
                 doc = sess.get(Document, doc_id)
                 doc.media_type = parsed.media_type
                 next_pos = self._next_position(sess, corpus_id, len(cfg["preamble"]))

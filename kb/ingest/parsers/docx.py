@@ -12,17 +12,38 @@ from kb.ingest.document import ParsedDocument, normalize_newlines, single_page
 MAX_DOCX_UNCOMPRESSED = 512 * 1024 * 1024
 
 
-def _check_zip(data: bytes, filename: str) -> None:
+def _check_zip(data: bytes, filename: str, max_inflated: int | None = None) -> None:
+    """Inflate every member as a stream, counting the bytes that really come out (a member's
+    declared size may lie), and stop at the limit: a 354 KB file that inflates to 100 MB is
+    refused after reading the limit's worth, before python-docx builds a tree of it."""
+    limit = MAX_DOCX_UNCOMPRESSED if max_inflated is None else max_inflated
+    total = 0
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            total = sum(info.file_size for info in zf.infolist())
             names = set(zf.namelist())
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
+            if "word/document.xml" not in names:
+                raise IngestError("corrupt_docx", f"{filename} is a zip file but not a Word document.")
+            for info in zf.infolist():
+                if total + info.file_size > limit:  # declared sizes alone already say too much
+                    total += info.file_size
+                    break
+                with zf.open(info) as member:
+                    while chunk := member.read(1 << 20):
+                        total += len(chunk)
+                        if total > limit:
+                            break
+                if total > limit:
+                    break
+    except IngestError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, RuntimeError,
+            NotImplementedError) as e:  # zlib.error is an Exception subclass caught below
         raise IngestError("corrupt_docx", f"{filename} is not a readable .docx file.") from e
-    if total > MAX_DOCX_UNCOMPRESSED:
-        raise IngestError("too_large", f"{filename} inflates to {total} bytes; the limit is {MAX_DOCX_UNCOMPRESSED}.")
-    if "word/document.xml" not in names:
-        raise IngestError("corrupt_docx", f"{filename} is a zip file but not a Word document.")
+    except Exception as e:  # zlib.error on a damaged stream
+        raise IngestError("corrupt_docx", f"{filename} is not a readable .docx file ({type(e).__name__}).") from e
+    if total > limit:
+        raise IngestError("too_large", f"{filename} inflates past {limit} bytes (the limit of decompressed "
+                          "size, KB_MAX_INFLATED_MB); save it smaller or split it.")
 
 
 def _table_text(table) -> str:
@@ -41,9 +62,10 @@ def _table_text(table) -> str:
     return "\n".join(lines)
 
 
-def parse_docx(data: bytes, filename: str) -> ParsedDocument:
-    """A Word document: each non-empty paragraph or table a block, blocks joined by a blank line."""
-    _check_zip(data, filename)
+def parse_docx(data: bytes, filename: str, max_inflated: int | None = None) -> ParsedDocument:
+    """A Word document: each non-empty paragraph or table a block, blocks joined by a blank line.
+    `max_inflated` bounds its decompressed size (default MAX_DOCX_UNCOMPRESSED)."""
+    _check_zip(data, filename, max_inflated)
     import docx
     from docx.table import Table
 

@@ -48,16 +48,21 @@ def _title(reader) -> str | None:
     return title or None
 
 
-def parse_pdf(data: bytes, filename: str) -> ParsedDocument:
-    """A PDF: the text of each page in order, pages joined by a blank line; empty pages get no span."""
+def parse_pdf(data: bytes, filename: str, max_pages: int | None = None,
+              max_chars: int | None = None) -> ParsedDocument:
+    """A PDF: the text of each page in order, pages joined by a blank line; empty pages get no span.
+    More than `max_pages` pages is refused before any is read; extraction stops as soon as the
+    text passes `max_chars`."""
+    max_pages = MAX_PDF_PAGES if max_pages is None else max_pages
     reader = _open(data, filename)
     try:
         pages = reader.pages
         n = len(pages)
     except Exception as e:
         raise IngestError("corrupt_pdf", f"{filename} has an unreadable page tree ({type(e).__name__}).") from e
-    if n > MAX_PDF_PAGES:
-        raise IngestError("too_large", f"{filename} has {n} pages; the limit is {MAX_PDF_PAGES}.")
+    if n > max_pages:
+        raise IngestError("too_large", f"{filename} has {n} pages; the limit is {max_pages} "
+                          "(KB_MAX_DOCUMENT_PAGES).")
     parts: list[str] = []
     spans: list[PageSpan] = []
     pos = 0
@@ -78,6 +83,9 @@ def parse_pdf(data: bytes, filename: str) -> ParsedDocument:
         parts.append(text)
         spans.append(PageSpan(number, pos, pos + len(text)))
         pos += len(text)
+        if max_chars is not None and pos > max_chars:
+            raise IngestError("too_much_text", f"{filename} holds more text than one document may "
+                              f"(stopped at page {number} of {n}; KB_MAX_DOCUMENT_TOKENS).")
     if n and failed == n:
         raise IngestError("corrupt_pdf", f"No page of {filename} could be read.")
     return ParsedDocument(text="".join(parts), pages=spans, media_type="pdf", title=_title(reader))
