@@ -43,7 +43,11 @@ def shared_attention(q, k, v, chunk_idx=None, chunk_size=64, scale=None, k_scale
     `chunk_shift` (virtual positions), each listed chunk at its shift. Contract:
     `reference.shared_attention`. `plan` (from `plan_routed` on the same chunk_idx): routing
     metadata built once for every layer sharing the selection (the CUDA kernel uses it)."""
-    if chunk_shift is not None:  # the CPU path and the reference serve it (kernels: not yet)
+    if chunk_shift is not None:  # the grouped kernel on CUDA, else the CPU path / reference
+        if use_triton(q) and chunk_idx is not None:
+            from .shared_routed_grouped import shared_attention_grouped
+            return shared_attention_grouped(q, k, v, chunk_idx, chunk_size, scale, k_scale,
+                                            v_scale, plan, chunk_shift, rope_inv_freq)
         if q.device.type == "cpu":
             return cpu_shared.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale,
                                                v_scale, chunk_shift=chunk_shift,
@@ -62,14 +66,15 @@ def shared_attention(q, k, v, chunk_idx=None, chunk_size=64, scale=None, k_scale
     return reference.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
 
 
-def plan_routed(chunk_idx, num_chunks, group_size, chunk_size):
+def plan_routed(chunk_idx, num_chunks, group_size, chunk_size, chunk_shift=None):
     """Routing metadata of chunk_idx[T, Hkv, k] for the CUDA routed kernel, built on the device
     without a host sync (graph-capturable): build once per step, hand it to every layer's
-    `shared_attention(..., plan=)`. None off the CUDA path (nothing to plan)."""
+    `shared_attention(..., plan=)`. `chunk_shift` (virtual positions, beside chunk_idx) is
+    carried in the plan. None off the CUDA path (nothing to plan)."""
     if not (_HAS_TRITON and chunk_idx.is_cuda):
         return None
     from .shared_routed_grouped import plan_for
-    return plan_for(chunk_idx, num_chunks, group_size, chunk_size)
+    return plan_for(chunk_idx, num_chunks, group_size, chunk_size, chunk_shift=chunk_shift)
 
 
 def unique_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale=None):

@@ -33,9 +33,27 @@ LOG2E = 1.4426950408889634
 if HAS_TRITON:
 
     @triton.jit
+    def _load_q(Q, SH, INV, ent, t, hq, row_ok, offs_d, stride_qt, stride_qh, D: tl.constexpr,
+                SHIFT: tl.constexpr):
+        """The tile's query rows; with SHIFT (virtual positions) each row rotated by R(-shift)
+        of its entry, so that q . k == R(-s) q . k == q . R(s) k: the chunk's keys as if RoPE had
+        put them `shift` positions later (half-rotation layout, fp32 angles)."""
+        base = Q + t[:, None] * stride_qt + hq[:, None] * stride_qh
+        q = tl.load(base + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if SHIFT:
+            HALF: tl.constexpr = D // 2
+            partner = tl.load(base + ((offs_d + HALF) % D)[None, :], mask=row_ok[:, None],
+                              other=0.0).to(tl.float32)
+            rot = tl.where((offs_d < HALF)[None, :], -partner, partner)  # cat(-q2, q1)
+            sh = tl.load(SH + ent, mask=row_ok, other=0).to(tl.float32)
+            ang = sh[:, None] * tl.load(INV + offs_d % HALF)[None, :]
+            q = q.to(tl.float32) * tl.cos(ang) - rot * tl.sin(ang)
+        return q
+
+    @triton.jit
     def _routed_grouped_kernel(
         Q, K, V, KS, VS, OP, LP,
-        ORDER, MASKS, OFFSETS, TILE_GROUP, TILE_START, TOTAL,
+        ORDER, MASKS, OFFSETS, TILE_GROUP, TILE_START, TOTAL, SH, INV,
         N, num_groups, max_tiles, qk_scale,
         stride_qt, stride_qh,
         stride_kn, stride_kh, stride_vn, stride_vh,
@@ -44,7 +62,7 @@ if HAS_TRITON:
         CHUNK_K: tl.constexpr,
         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         KV_SCALE: tl.constexpr, DOT: tl.constexpr, PERSIST: tl.constexpr,
-        EVEN: tl.constexpr,
+        EVEN: tl.constexpr, SHIFT: tl.constexpr,
     ):
         pid = tl.program_id(0)
         if PERSIST:
@@ -72,8 +90,8 @@ if HAS_TRITON:
             ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
             chose = tl.load(MASKS + ent, mask=row_ok, other=0)  # bit j: chunk sp*S+j chosen
             t = ent // (HKV * SLOTS)
-            q = tl.load(Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
-                        + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(DOT)
+            q = _load_q(Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh,
+                        D, SHIFT).to(DOT)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -128,14 +146,14 @@ if HAS_TRITON:
     @triton.jit
     def _routed_stationary_kernel(
         Q, K, V, KS, VS, OP, LP,
-        ORDER, OFFSETS, TILE_GROUP, TILE_START, TOTAL,
+        ORDER, OFFSETS, TILE_GROUP, TILE_START, TOTAL, SH, INV,
         N, qk_scale,
         stride_qt, stride_qh,
         stride_kn, stride_kh, stride_vn, stride_vh,
         stride_sc, stride_sh,
         HKV: tl.constexpr, SLOTS: tl.constexpr, CHUNK: tl.constexpr,
         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        RT: tl.constexpr, KV_SCALE: tl.constexpr, DOT: tl.constexpr,
+        RT: tl.constexpr, KV_SCALE: tl.constexpr, DOT: tl.constexpr, SHIFT: tl.constexpr,
     ):
         """Span 1, one key tile per chunk (CHUNK <= BLOCK_N): the chunk's K/V are loaded once
         and stay on chip while the program walks up to RT row tiles of its queries; each tile is
@@ -165,8 +183,8 @@ if HAS_TRITON:
                 g = rows % G
                 ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
                 t = ent // (HKV * SLOTS)
-                q = tl.load(Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
-                            + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(DOT)
+                q = _load_q(Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, stride_qt,
+                            stride_qh, D, SHIFT).to(DOT)
                 qk = tl.dot(q, tl.trans(k))
                 if KV_SCALE:
                     qk = qk * ks
@@ -207,17 +225,19 @@ class RoutedPlan:
     span: int  # S: selection chunks per kernel span
     num_chunks: int
     block_m: int
+    shifts: torch.Tensor | None = None  # [E] int32 per-entry position shift (virtual positions)
 
 
 def plan_grouped(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, span: int,
-                 block_m: int) -> RoutedPlan:
+                 block_m: int, chunk_shift: torch.Tensor | None = None) -> RoutedPlan:
     """Build the plan of `chunk_idx[T, Hkv, k]` (-1 or out of range: padding; repeats count
-    once) on its device, without a host sync."""
+    once) on its device, without a host sync. `chunk_shift[T, Hkv, k]` (beside chunk_idx,
+    virtual positions; spans of one chunk only) is carried per entry."""
     t, hkv, top_k = chunk_idx.shape
     dev = chunk_idx.device
     idx = chunk_idx.long()
     idx = torch.where((idx < 0) | (idx >= num_chunks), num_chunks, idx)
-    idx, _ = idx.sort(dim=-1)  # padding (= num_chunks) last
+    idx, perm = idx.sort(dim=-1)  # padding (= num_chunks) last
     valid = idx < num_chunks
     sp = torch.where(valid, idx // span, -1)
     first = valid.clone()
@@ -235,6 +255,13 @@ def plan_grouped(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, span
     span_of = torch.full((t, hkv, top_k + 1), n_spans, dtype=torch.int64, device=dev)
     span_of.scatter_(2, torch.where(first, slot, top_k), torch.where(first, sp, n_spans))
     masks, span_of = masks[..., :top_k], span_of[..., :top_k]
+    shifts = None
+    if chunk_shift is not None:
+        assert span == 1, "per-chunk shifts need spans of one chunk"
+        sh = chunk_shift.long().gather(-1, perm)
+        shifts = torch.zeros(t, hkv, top_k + 1, dtype=torch.int64, device=dev)
+        shifts.scatter_(2, torch.where(first, slot, top_k), torch.where(first, sh, 0))
+        shifts = shifts[..., :top_k].flatten().to(torch.int32)
     live = span_of < n_spans
     masks = torch.where(live, masks, 0)
     head = torch.arange(hkv, device=dev).view(1, hkv, 1)
@@ -256,7 +283,7 @@ def plan_grouped(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, span
     return RoutedPlan(order.to(torch.int32), masks.flatten().to(torch.int32),
                       offsets.to(torch.int32), tile_group.clamp_max(num_groups - 1).to(torch.int32),
                       tile_start.to(torch.int32), tile_end[-1:].to(torch.int32), t, hkv, top_k,
-                      group_size, span, num_chunks, block_m)
+                      group_size, span, num_chunks, block_m, shifts)
 
 
 # Bench sweeps set this ({"span", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
@@ -287,14 +314,17 @@ def choose_config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int,
 
 
 def plan_for(chunk_idx: torch.Tensor, num_chunks: int, g: int, chunk_size: int,
-             interp: bool | None = None) -> RoutedPlan:
+             interp: bool | None = None, chunk_shift: torch.Tensor | None = None) -> RoutedPlan:
     """The plan `shared_attention_grouped` would build for this selection (build it once and
     pass it to every layer)."""
     if interp is None:
         interp = chunk_idx.device.type != "cuda"
     t, _, top_k = chunk_idx.shape
     cfg = choose_config(t, g, top_k, num_chunks, chunk_size, interp)
-    return plan_grouped(chunk_idx, num_chunks, g, cfg["span"], _plan_tile(cfg, chunk_size))
+    if chunk_shift is not None:
+        cfg["span"] = 1
+    return plan_grouped(chunk_idx, num_chunks, g, cfg["span"], _plan_tile(cfg, chunk_size),
+                        chunk_shift)
 
 
 def _stationary(cfg: dict, chunk_size: int) -> bool:
@@ -311,10 +341,11 @@ def shared_attention_grouped(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor | None,
     chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None, plan: RoutedPlan | None = None,
+    chunk_shift: torch.Tensor | None = None, rope_inv_freq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of `reference.shared_attention(q, k, v, chunk_idx, ...)`; `plan` (from
-    `plan_for` on the same chunk_idx) skips the plan step. chunk_idx may be None when a plan is
-    given (only its shape is read otherwise)."""
+    """Triton twin of `reference.shared_attention(q, k, v, chunk_idx, ..., chunk_shift,
+    rope_inv_freq)`; `plan` (from `plan_for` on the same chunk_idx and chunk_shift) skips the
+    plan step. chunk_idx may be None when a plan is given (only its shape is read otherwise)."""
     from .combine import combine
 
     if chunk_idx is None:
@@ -325,8 +356,17 @@ def shared_attention_grouped(
         return call.o, call.lse
     q, k, v, t, hq, d, n, hkv, top_k, g, scale, num_chunks, o, lse, interp = call.unpack()
     cfg = choose_config(t, g, top_k, num_chunks, chunk_size, interp)
+    if chunk_shift is not None and plan is not None and plan.shifts is None:
+        plan = None  # a plan built without the shifts cannot serve them
+    if chunk_shift is not None or (plan is not None and plan.shifts is not None):
+        cfg["span"] = 1
+        assert rope_inv_freq is not None, "virtual positions need the model's rope_inv_freq"
     if plan is None:
-        plan = plan_grouped(chunk_idx, num_chunks, g, cfg["span"], _plan_tile(cfg, chunk_size))
+        plan = plan_grouped(chunk_idx, num_chunks, g, cfg["span"], _plan_tile(cfg, chunk_size),
+                            chunk_shift)
+    shift_on = plan.shifts is not None
+    sh_t = plan.shifts if shift_on else plan.order
+    inv = rope_inv_freq.to(q.device, torch.float32).contiguous() if shift_on else lse
     assert (plan.t, plan.hkv, plan.slots, plan.g, plan.num_chunks) == (t, hkv, top_k, g,
                                                                           num_chunks)
     assert plan.block_m == _plan_tile(cfg, chunk_size)
@@ -354,13 +394,13 @@ def shared_attention_grouped(
     if stationary:
         _routed_stationary_kernel[(max_tiles,)](
             q, k, v, ks, vs, o_part, lse_part,
-            plan.order, plan.offsets, plan.tile_group, plan.tile_start, plan.total,
+            plan.order, plan.offsets, plan.tile_group, plan.tile_start, plan.total, sh_t, inv,
             n, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             ssc, ssh,
             HKV=hkv, SLOTS=top_k, CHUNK=chunk_size, G=g, D=d, BLOCK_M=block_m,
             BLOCK_N=block_n, RT=rt, KV_SCALE=k_scale is not None,
-            DOT=dot_dtype(q.dtype, q.device, k.dtype), **cfg,
+            DOT=dot_dtype(q.dtype, q.device, k.dtype), SHIFT=shift_on, **cfg,
         )
         combine(o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
                 lse_part.view(t * hkv, top_k, g).transpose(1, 2),
@@ -371,13 +411,14 @@ def shared_attention_grouped(
     _routed_grouped_kernel[(grid,)](
         q, k, v, ks, vs, o_part, lse_part,
         plan.order, plan.masks, plan.offsets, plan.tile_group, plan.tile_start, plan.total,
-        n, cdiv(num_chunks, plan.span) * hkv, max_tiles, scale * LOG2E,
+        sh_t, inv, n, cdiv(num_chunks, plan.span) * hkv, max_tiles, scale * LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         ssc, ssh,
         HKV=hkv, SLOTS=top_k, S=plan.span, CHUNK=chunk_size,
         CHUNK_K=cdiv(chunk_size, block_n) * block_n, G=g, D=d,
         BLOCK_M=block_m, BLOCK_N=block_n, KV_SCALE=k_scale is not None,
-        DOT=dot_dtype(q.dtype, q.device, k.dtype), PERSIST=persist, EVEN=even, **cfg,
+        DOT=dot_dtype(q.dtype, q.device, k.dtype), PERSIST=persist, EVEN=even, SHIFT=shift_on,
+        **cfg,
     )
     combine(o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
             lse_part.view(t * hkv, top_k, g).transpose(1, 2),

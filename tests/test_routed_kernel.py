@@ -135,6 +135,40 @@ def test_stationary_kernel_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv,
     check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, None, ks, vs), dtype)
 
 
+def _inv_freq(d: int) -> torch.Tensor:
+    return 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+
+
+@kernels
+@pytest.mark.parametrize("rt,mode", [(0, "token"), (2, "request")])
+def test_virtual_positions_match_reference(rt, mode, monkeypatch):
+    """chunk_shift: each listed chunk's keys as if RoPE had put them `shift` later (the kernel
+    rotates the query by R(-shift) instead); the plan carries the shifts, and one plan serves
+    two layers."""
+    from attention import shared_routed_grouped as grouped
+
+    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(rt=rt, BLOCK_N=32))
+    t, hq, hkv, d, n, chunk = 6, 8, 2, 64, 200, 16
+    c = (n + chunk - 1) // chunk
+    idx = make_selection(t, hkv, c, 5, mode, seed=7).to(DEV)
+    idx[0, 0, -1] = -1
+    shift = torch.randint(-3000, 3000, idx.shape, generator=_gen(8)).to(DEV)
+    inv = _inv_freq(d).to(DEV)
+    plan = grouped.plan_for(idx, c, hq // hkv, chunk, chunk_shift=shift)
+    for layer in range(2):
+        q = torch.randn(t, hq, d, generator=_gen(layer)).to(DEV, torch.bfloat16)
+        k, v, _, _ = make_kv(n, hkv, d, "bf16", torch.bfloat16, chunk, seed=layer)
+        o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, plan=plan,
+                                                  chunk_shift=shift, rope_inv_freq=inv)
+        want = ref.shared_attention(q, k, v, idx, chunk, chunk_shift=shift, rope_inv_freq=inv)
+        check(o, lse, *want, torch.bfloat16)
+    # a plan built without the shifts is not used for a shifted call
+    bare = grouped.plan_for(idx, c, hq // hkv, chunk)
+    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, plan=bare, chunk_shift=shift,
+                                              rope_inv_freq=inv)
+    check(o, lse, *want, torch.bfloat16)
+
+
 @kernels
 @pytest.mark.parametrize("span", [1, 4])
 def test_grouped_padding_repeats_and_empty_rows(span, monkeypatch):
@@ -251,3 +285,18 @@ def test_gpu_plan_and_run_capture_in_a_cuda_graph():
     torch.cuda.synchronize()
     for (o, lse), (k, v) in zip(outs, kvs):
         check(o, lse, *ref.shared_attention(q, k, v, idx, chunk), torch.bfloat16)
+
+
+@gpu
+@needs_cuda
+def test_gpu_virtual_positions_through_the_facade():
+    n, chunk, t = 6000, 128, 64
+    c = (n + chunk - 1) // chunk
+    q = torch.randn(t, 32, 128, generator=_gen(1)).to(DEV, torch.bfloat16)
+    k, v, _, _ = make_kv(n, 8, 128, "bf16", torch.bfloat16, chunk, seed=2)
+    idx = make_selection(t, 8, c, 12, "request", seed=3, requests=16).to(DEV)
+    shift = torch.randint(-20000, 20000, idx.shape, generator=_gen(4)).to(DEV)
+    inv = _inv_freq(128).to(DEV)
+    o, lse = attention.shared_attention(q, k, v, idx, chunk, chunk_shift=shift, rope_inv_freq=inv)
+    check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, chunk_shift=shift,
+                                        rope_inv_freq=inv), torch.bfloat16)

@@ -30,6 +30,7 @@ class _Chosen:
 
     chunks: torch.Tensor
     shift: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
 
 
 def test_stage_rows_pads_and_plan_step_expands_over_heads():
@@ -85,11 +86,38 @@ def test_replayed_selection_equals_the_corpus_cut_to_it(kept):
         blocks.release(s)
 
 
-def test_selections_with_virtual_positions_step_eagerly():
-    """A per-chunk position shift has no kernel yet: the decode graph hands the step back."""
-    runner, blocks, sh = _runner("cpu", torch.float32)
+def test_graph_inputs_carry_the_shifts():
+    """Virtual positions: the shifts follow the chunk ids in the graph's inputs (0: stored)."""
+    runner, blocks, _ = _runner("cpu", torch.float32)
     graphs = DecodeGraphs(runner, scratch_page=POOL + N // BS)
     batch = _decoding(blocks, [5, 9], "corpus")
+    rows, width, sw = 4, 16, 16
+    chunks = [torch.arange(2), torch.arange(3)]
+    shifts = [torch.tensor([3, 4]), None]
+    host = torch.zeros(4 * rows + rows * width + 2 * rows * sw, dtype=torch.long)
+    graphs._fill(host, batch.seqs, rows, width, [[]] * 2, chunks, sw, shifts)
+    at = 4 * rows + rows * width + rows * sw
+    sh = host[at:].view(rows, sw)
+    assert sh[0, :3].tolist() == [3, 4, 0] and not sh[1:].any()
+
+
+@pytest.mark.gpu
+@cuda
+def test_replayed_shifted_selection_equals_the_eager_step():
+    runner, blocks, sh = _runner("cuda", torch.bfloat16)
+    batch = _decoding(blocks, [9, 30, 17], "corpus", seed=2)
+    g = torch.Generator().manual_seed(0)
     for s in batch.seqs:
-        s.selection = _Chosen(torch.arange(2), shift=torch.tensor([3, 3]))
-    assert graphs.run(batch, {"corpus": sh}) is None and not graphs.graphs
+        c = torch.randperm(N // CHUNK, generator=g)[:5].sort().values
+        s.selection = _Chosen(c, shift=torch.randint(-200, 200, (5,), generator=g))
+    runner.graphs = None
+    want, _ = runner.run(batch, {"corpus": sh})
+    want = want.clone()
+    runner.enable_cuda_graphs()
+    for _ in range(2):
+        got, _ = runner.run(batch, {"corpus": sh})
+        err = (got - want).abs().max().item()
+        assert err <= 0.05 * want.abs().max().item(), err
+    assert runner.graphs.replays == 2
+    for s in batch.seqs:
+        blocks.release(s)

@@ -82,8 +82,8 @@ class ServeAttention:
                 shift = getattr(g.selection, "chunk_shift", None) if idx is not None else None
             elif sh.routed:
                 idx = sh.router.route(layer, qg, sh.top_k, g.spans)
-            if shift is not None:  # virtual positions: the facade's chunk_shift (no plan yet)
-                o_s, lse_s = self._shared_partial(sh, layer, qg, idx, shift=shift)
+            if shift is not None:  # virtual positions: facade's chunk_shift (plan carries it)
+                o_s, lse_s = self._shared_partial(sh, layer, qg, idx, plan=plan, shift=shift)
             else:
                 o_s, lse_s = (self._shared_partial(sh, layer, qg, idx) if plan is None else
                               self._shared_partial(sh, layer, qg, idx, plan=plan))
@@ -108,7 +108,7 @@ class ServeAttention:
         k_scale, v_scale = sh.meta.get("k_scale"), sh.meta.get("v_scale")  # fp8 KV: per layer
         extra = {} if plan is None else {"plan": plan}
         if shift is not None:
-            extra = {"chunk_shift": shift, "rope_inv_freq": self.rope_inv_freq}
+            extra = {"chunk_shift": shift, "rope_inv_freq": self.rope_inv_freq, **extra}
         return attention.shared_attention(q, sh.k[layer], sh.v[layer], idx, sh.chunk_size,
                                           k_scale=None if k_scale is None else k_scale[layer],
                                           v_scale=None if v_scale is None else v_scale[layer],

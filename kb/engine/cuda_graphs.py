@@ -11,8 +11,8 @@ the real batch are padding: they read and write a scratch page only. When every 
 its own chunk selection (`seq.selection`, attention retrieval), the selections are one more
 static input (chunk ids per row, -1 padded to a power-of-two width) and the graph builds the
 routing plan from them once per replay, before the first layer, for all layers
-(kb/engine/routed_plan.py). Selections with virtual positions (`selection.shift`) run eagerly:
-the kernels do not take per-chunk shifts yet. With citations on, every
+(kb/engine/routed_plan.py); virtual positions (`selection.shift`, a position shift per chunk)
+are one more such input, carried by the plan into the kernel. With citations on, every
 `cite_every`-th decode step runs eagerly and measures them (the mass is a sample of the steps).
 """
 
@@ -92,19 +92,20 @@ class DecodeGraphs:
             shared = corpora[key] if key is not None else None
         width = _width(max(len(s.block_table) + len(p) for s, p in zip(seqs, prefixes)))
         chunks = [seq_chunks(s) for s in seqs] if shared is not None else []
-        if any(getattr(s.selection, "shift", None) is not None for s in seqs
-               if getattr(s, "selection", None) is not None):
-            return None  # virtual positions (a per-chunk shift): no kernel serves them yet
+        shifts = [getattr(getattr(s, "selection", None), "shift", None) for s in seqs]
+        shifted = any(x is not None for x in shifts)
         sel_width = _width(max(c.numel() for c in chunks)) \
             if chunks and all(c is not None for c in chunks) else 0
-        gkey = (rows, width, r.shared_mode, key, id(shared), sel_width)  # _forget: [2:4], [4]
+        shifted = shifted and sel_width > 0
+        gkey = (rows, width, r.shared_mode, key, id(shared), sel_width, shifted)  # _forget: [2:4], [4]
         if gkey not in self.graphs:
             self._forget(gkey)
-            self.graphs[gkey] = self._capture(rows, width, shared, sel_width)
+            self.graphs[gkey] = self._capture(rows, width, shared, sel_width, shifted)
         g = self.graphs[gkey]
         if g is None:
             return None
-        self._fill(g.host, seqs, rows, width, prefixes, chunks if sel_width else None, sel_width)
+        self._fill(g.host, seqs, rows, width, prefixes, chunks if sel_width else None, sel_width,
+                   shifts if shifted else None)
         g.meta.copy_(g.host, non_blocking=True)
         g.graph.replay()
         self.replays += 1
@@ -112,13 +113,16 @@ class DecodeGraphs:
         return g.logits[: len(seqs)], list(range(len(seqs)))
 
     # -- capture ------------------------------------------------------------------------------
-    def _capture(self, rows: int, width: int, shared: SharedKV | None, sel_width: int = 0
-                 ) -> _Graph | None:
+    def _capture(self, rows: int, width: int, shared: SharedKV | None, sel_width: int = 0,
+                 shifted: bool = False) -> _Graph | None:
         r = self.runner
         table_end = 4 * rows + rows * width
-        meta = torch.zeros(table_end + rows * sel_width, dtype=torch.long, device=r.device)
+        sel_end = table_end + rows * sel_width
+        meta = torch.zeros(sel_end + (rows * sel_width if shifted else 0), dtype=torch.long,
+                           device=r.device)
         host = torch.zeros(meta.shape, dtype=torch.long).pin_memory()
-        self._fill(host, [], rows, width, [], [] if sel_width else None, sel_width)
+        self._fill(host, [], rows, width, [], [] if sel_width else None, sel_width,
+                   [] if shifted else None)
         meta.copy_(host)
         cu = torch.arange(rows + 1, dtype=torch.int32, device=r.device)
 
@@ -126,15 +130,17 @@ class DecodeGraphs:
             groups = []
             if shared is not None:
                 # the step's plan: built here, once, for every layer
-                sel = plan_step(meta[table_end:].view(rows, sel_width), shared,
-                                r.model.config.num_heads) if sel_width else None
+                shift = meta[sel_end:].view(rows, sel_width) if shifted else None
+                sel = plan_step(meta[table_end:sel_end].view(rows, sel_width), shared,
+                                r.model.config.num_heads, shift) if sel_width else None
                 groups = [CorpusGroup(shared, None, None, selection=sel)]
             ids, pos, slots, lens = meta[:4 * rows].view(4, rows)
             attn = ServeAttention(
                 k_cache=r.k_cache, v_cache=r.v_cache, slot_mapping=slots,
                 block_table=meta[4 * rows:table_end].view(rows, width).to(torch.int32),
                 seq_lens=lens.to(torch.int32), cu_seqlens_q=cu, groups=groups,
-                max_seqlen_q=1, max_seqlen_k=width * r.block_size)
+                max_seqlen_q=1, max_seqlen_k=width * r.block_size,
+                rope_inv_freq=getattr(r.model, "inv_freq", None))
             return r.model.logits(r.model(ids, pos, attn))
 
         try:
@@ -172,13 +178,17 @@ class DecodeGraphs:
 
     # -- inputs -------------------------------------------------------------------------------
     def _fill(self, host: torch.Tensor, seqs: list, rows: int, width: int, prefixes: list[list[int]],
-              chunks: list | None = None, sel_width: int = 0) -> None:
+              chunks: list | None = None, sel_width: int = 0, shifts: list | None = None) -> None:
         """Write the step's inputs into `host`: ids, positions, slots, KV lengths, block tables
         (each row's corpus pages first, in per_request mode), then each row's chosen chunks when
         `chunks` is given; padding rows attend one token of the scratch page (and no chunk)."""
         if chunks is not None:
-            host[4 * rows + rows * width:].view(rows, sel_width).copy_(
+            at = 4 * rows + rows * width
+            host[at:at + rows * sel_width].view(rows, sel_width).copy_(
                 stage_rows(chunks, rows, sel_width))
+            if shifts is not None:  # a row without shifts (or padding) attends at stored positions
+                host[at + rows * sel_width:].view(rows, sel_width).copy_(
+                    stage_rows(shifts, rows, sel_width, fill=0))
         bs, n = self.runner.block_size, len(seqs)
         ids, pos, slots, lens = [], [], [], []
         for s, pre in zip(seqs, prefixes):

@@ -30,11 +30,18 @@ class StepSelection:
     # [T, Hkv, K] int64 position shift of each listed chunk (virtual positions,
     # kb/engine/selection.py), None: chunks at their stored positions
     chunk_shift: torch.Tensor | None = None
+    num_chunks: int = 0  # what the plan is built for (plan_step fills them in)
+    group_size: int = 0
+    chunk_size: int = 0
 
     def for_layer(self, layer: int) -> tuple[torch.Tensor | None, object | None]:
-        """(chunk_idx, plan) of `layer`; (None, None) where the layer attends every chunk."""
+        """(chunk_idx, plan) of `layer`; (None, None) where the layer attends every chunk. With
+        shifts set after planning, the plan is rebuilt once (the first layer), carrying them."""
         if layer < self.dense_layers:
             return None, None
+        if self.chunk_shift is not None and self.plan is not None and self.plan.shifts is None:
+            self.plan = attention.plan_routed(self.chunk_idx, self.num_chunks, self.group_size,
+                                              self.chunk_size, chunk_shift=self.chunk_shift)
         return self.chunk_idx, self.plan
 
 
@@ -44,9 +51,11 @@ def seq_chunks(seq) -> torch.Tensor | None:
     return None if sel is None else sel.chunks
 
 
-def stage_rows(chunks: list[torch.Tensor | None], rows: int, width: int) -> torch.Tensor:
-    """Host int64 [rows, width]: each sequence's chunk ids, -1 padded (padding rows: all -1)."""
-    out = torch.full((rows, width), -1, dtype=torch.long)
+def stage_rows(chunks: list[torch.Tensor | None], rows: int, width: int, fill: int = -1
+               ) -> torch.Tensor:
+    """Host int64 [rows, width]: each sequence's chunk ids (or shifts), `fill` padded (padding
+    rows: all `fill`)."""
+    out = torch.full((rows, width), fill, dtype=torch.long)
     for i, c in enumerate(chunks):
         if c is not None and c.numel():
             c = c[:width]
@@ -54,11 +63,16 @@ def stage_rows(chunks: list[torch.Tensor | None], rows: int, width: int) -> torc
     return out
 
 
-def plan_step(rows_chunks: torch.Tensor, shared: SharedKV, num_q_heads: int) -> StepSelection:
+def plan_step(rows_chunks: torch.Tensor, shared: SharedKV, num_q_heads: int,
+              rows_shift: torch.Tensor | None = None) -> StepSelection:
     """StepSelection of rows_chunks[T, K] (device, -1 padded): one id list per row for all KV
-    heads. Torch ops and the plan kernel's prologue only: graph-capturable."""
+    heads; `rows_shift[T, K]` their virtual-position shifts, or None. Torch ops and the plan
+    kernel's prologue only: graph-capturable."""
     hkv = shared.k[0].shape[1]
     idx = rows_chunks.to(torch.int32)[:, None, :].expand(-1, hkv, -1).contiguous()
-    plan = attention.plan_routed(idx, shared.num_chunks, num_q_heads // hkv, shared.chunk_size)
+    g = num_q_heads // hkv
+    shift = None if rows_shift is None else rows_shift[:, None, :].expand(-1, hkv, -1)
+    plan = attention.plan_routed(idx, shared.num_chunks, g, shared.chunk_size, chunk_shift=shift)
     dense = getattr(shared.router, "dense_layers", 0) if shared.router is not None else 0
-    return StepSelection(idx, plan, dense)
+    return StepSelection(idx, plan, dense, chunk_shift=shift, num_chunks=shared.num_chunks,
+                         group_size=g, chunk_size=shared.chunk_size)
