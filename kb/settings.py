@@ -85,8 +85,10 @@ class Settings(BaseSettings):
     port: int = 8000
     max_upload_mb: float = Field(default=64.0, gt=0)
     # budgets of one document, checked while it is parsed, and token quotas (0: no quota)
-    max_inflated_mb: float = Field(default=256.0, gt=0, description="decompressed size of a DOCX "
-                                   "(ZIP-based) document, counted as it inflates")
+    max_inflated_mb: float = Field(default=128.0, gt=0, description="decompressed size of a DOCX "
+                                   "(ZIP-based) document, all parts, counted as it inflates")
+    max_inflated_xml_mb: float = Field(default=8.0, gt=0, description="of that, the XML parts "
+                                       "(parsed into trees of ~100 times their size)")
     max_document_pages: int = Field(default=5000, ge=1, description="pages of one PDF")
     max_document_tokens: int = Field(default=1_000_000, ge=1, description="tokens of one document's text")
     corpus_token_quota: int = Field(default=4_000_000, ge=0, description="tokens of one corpus, all documents; 0: none")

@@ -56,6 +56,13 @@ def test_docx_bomb_is_refused_while_inflating():
     assert peak < 12 * MiB, peak
 
 
+def test_docx_xml_budget_holds_on_its_own():
+    """The XML parts have their own, smaller budget (their trees take ~100 times their size)."""
+    code, _ = _refused(docx_bomb(12), "xml.docx", ParseLimits(max_inflated_bytes=64 * MiB,
+                                                              max_inflated_xml_bytes=4 * MiB))
+    assert code == "too_large"
+
+
 def test_docx_within_the_limit_still_parses():
     doc = parse_bytes(docx_bomb(2), "fine.docx", limits=ParseLimits(max_inflated_bytes=8 * MiB))
     assert "lorem ipsum" in doc.text
@@ -79,8 +86,10 @@ def test_long_text_is_refused_before_it_is_decoded():
 def test_budgets_come_from_settings():
     from kb.settings import Settings
 
-    lim = ParseLimits.from_settings(Settings(max_inflated_mb=3, max_document_pages=7, max_document_tokens=100))
-    assert lim.max_inflated_bytes == 3 * MiB and lim.max_pages == 7 and lim.max_chars == 100 * 12
+    lim = ParseLimits.from_settings(Settings(max_inflated_mb=3, max_inflated_xml_mb=1, max_document_pages=7,
+                                             max_document_tokens=100))
+    assert lim.max_inflated_bytes == 3 * MiB and lim.max_inflated_xml_bytes == MiB
+    assert lim.max_pages == 7 and lim.max_chars == 100 * 12
 
 
 @pytest.fixture

@@ -116,15 +116,19 @@ class ParseLimits:
 
     max_pages: int | None = None  # None: the parser's own default
     max_inflated_bytes: int | None = None
+    max_inflated_xml_bytes: int | None = None
     max_chars: int | None = None
 
     @classmethod
     def from_settings(cls, s: Any) -> "ParseLimits":
-        """From KB_MAX_DOCUMENT_PAGES, KB_MAX_INFLATED_MB and KB_MAX_DOCUMENT_TOKENS (a document
+        """From KB_MAX_DOCUMENT_PAGES, KB_MAX_INFLATED_MB, KB_MAX_INFLATED_XML_MB and
+        KB_MAX_DOCUMENT_TOKENS (a document
         with more than CHARS_PER_TOKEN characters per token allowed cannot fit the token limit)."""
         tokens = getattr(s, "max_document_tokens", 0) or 0
         return cls(max_pages=getattr(s, "max_document_pages", None),
                    max_inflated_bytes=int(s.max_inflated_mb * 2**20) if getattr(s, "max_inflated_mb", None) else None,
+                   max_inflated_xml_bytes=(int(s.max_inflated_xml_mb * 2**20)
+                                           if getattr(s, "max_inflated_xml_mb", None) else None),
                    max_chars=tokens * CHARS_PER_TOKEN if tokens else None)
 
 
@@ -158,7 +162,8 @@ def parse_bytes(
     if kind == "pdf":
         doc = parse_pdf(data, filename, max_pages=limits.max_pages, max_chars=limits.max_chars)
     elif kind == "docx":
-        doc = parse_docx(data, filename, max_inflated=limits.max_inflated_bytes)
+        doc = parse_docx(data, filename, max_inflated=limits.max_inflated_bytes,
+                         max_xml=limits.max_inflated_xml_bytes)
     else:
         # text and Markdown: no encoding spends more than four bytes on a character, so bytes past
         # four per allowed character cannot be within budget: refuse before decoding

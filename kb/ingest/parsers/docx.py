@@ -10,40 +10,43 @@ from kb.ingest.document import ParsedDocument, normalize_newlines, single_page
 
 # A .docx is a zip: refuse one that inflates past this (a zip bomb) before python-docx reads it.
 MAX_DOCX_UNCOMPRESSED = 512 * 1024 * 1024
+MAX_DOCX_XML = 64 * 1024 * 1024  # of that, the XML parts (defaults; settings pass their own)
 
 
-def _check_zip(data: bytes, filename: str, max_inflated: int | None = None) -> None:
-    """Inflate every member as a stream, counting the bytes that really come out (a member's
-    declared size may lie), and stop at the limit: a 354 KB file that inflates to 100 MB is
-    refused after reading the limit's worth, before python-docx builds a tree of it."""
-    limit = MAX_DOCX_UNCOMPRESSED if max_inflated is None else max_inflated
-    total = 0
+def _check_zip(data: bytes, filename: str, max_inflated: int | None = None, max_xml: int | None = None) -> None:
+    """Inflate every member as a stream, counting the bytes that really come out, and stop at
+    the limits: all members together (`max_inflated`), and the XML parts python-docx builds
+    trees of (`max_xml`: a tree takes ~100 times its text). A 354 KB file inflating to 100 MB
+    of XML is refused having read the limit's worth, before python-docx sees it."""
+    limits = {"all": MAX_DOCX_UNCOMPRESSED if max_inflated is None else max_inflated,
+              "xml": MAX_DOCX_XML if max_xml is None else max_xml}
+    used = {"all": 0, "xml": 0}
+
+    def over() -> str | None:
+        return next((k for k in used if used[k] > limits[k]), None)
+
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             names = set(zf.namelist())
             if "word/document.xml" not in names:
                 raise IngestError("corrupt_docx", f"{filename} is a zip file but not a Word document.")
             for info in zf.infolist():
-                if total + info.file_size > limit:  # declared sizes alone already say too much
-                    total += info.file_size
-                    break
+                kinds = ("all", "xml") if info.filename.endswith((".xml", ".rels")) else ("all",)
                 with zf.open(info) as member:
-                    while chunk := member.read(1 << 20):
-                        total += len(chunk)
-                        if total > limit:
-                            break
-                if total > limit:
+                    while not over() and (chunk := member.read(1 << 20)):
+                        for k in kinds:
+                            used[k] += len(chunk)
+                if over():
                     break
     except IngestError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError, RuntimeError,
-            NotImplementedError) as e:  # zlib.error is an Exception subclass caught below
-        raise IngestError("corrupt_docx", f"{filename} is not a readable .docx file.") from e
-    except Exception as e:  # zlib.error on a damaged stream
+    except Exception as e:  # BadZipFile, zlib.error, EOFError, NotImplementedError on odd members
         raise IngestError("corrupt_docx", f"{filename} is not a readable .docx file ({type(e).__name__}).") from e
-    if total > limit:
-        raise IngestError("too_large", f"{filename} inflates past {limit} bytes (the limit of decompressed "
-                          "size, KB_MAX_INFLATED_MB); save it smaller or split it.")
+    kind = over()
+    if kind:
+        what = "its XML parts inflate" if kind == "xml" else "it inflates"
+        raise IngestError("too_large", f"{filename}: {what} past {limits[kind]} bytes (KB_MAX_INFLATED_"
+                          f"{'XML_' if kind == 'xml' else ''}MB); save it smaller or split it.")
 
 
 def _table_text(table) -> str:
@@ -62,10 +65,11 @@ def _table_text(table) -> str:
     return "\n".join(lines)
 
 
-def parse_docx(data: bytes, filename: str, max_inflated: int | None = None) -> ParsedDocument:
+def parse_docx(data: bytes, filename: str, max_inflated: int | None = None,
+               max_xml: int | None = None) -> ParsedDocument:
     """A Word document: each non-empty paragraph or table a block, blocks joined by a blank line.
-    `max_inflated` bounds its decompressed size (default MAX_DOCX_UNCOMPRESSED)."""
-    _check_zip(data, filename, max_inflated)
+    `max_inflated` and `max_xml` bound its decompressed size (all parts, XML parts)."""
+    _check_zip(data, filename, max_inflated, max_xml)
     import docx
     from docx.table import Table
 
