@@ -100,9 +100,18 @@ def _single_rows(qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cs: int, gr
         r = rows.shape[0]
         tok = (sel.clamp_min(0)[..., None] * cs + torch.arange(cs)).reshape(r, hkv, width * cs)
         valid = (sel[..., None] >= 0).expand(r, hkv, width, cs).reshape(r, hkv, width * cs) & (tok < n)
-        flat = (tok.clamp_max(n - 1) * hkv + heads).reshape(-1)
-        kb = kf.index_select(0, flat).view(k.dtype).view(r, hkv, width, cs, d).float()
-        vb = vf.index_select(0, flat).view(v.dtype).view(r, hkv, width * cs, d).float()
+        full = n // cs
+        if bool((sel == sel[:, :1]).all()) and bool((sel < full).all()) and k.element_size() > 1:
+            # one list for all KV heads (a request's selection): gather whole chunks, not rows
+            ids = sel[:, 0].reshape(-1)
+            kb = k[:full * cs].view(full, cs, hkv, d).index_select(0, ids).float()
+            vb = v[:full * cs].view(full, cs, hkv, d).index_select(0, ids).float()
+            kb = kb.view(r, width, cs, hkv, d).permute(0, 3, 1, 2, 4)  # [R, Hkv, K, cs, d]
+            vb = vb.view(r, width * cs, hkv, d).transpose(1, 2)
+        else:
+            flat = (tok.clamp_max(n - 1) * hkv + heads).reshape(-1)
+            kb = kf.index_select(0, flat).view(k.dtype).view(r, hkv, width, cs, d).float()
+            vb = vf.index_select(0, flat).view(v.dtype).view(r, hkv, width * cs, d).float()
         q = qh.index_select(1, rows).permute(1, 0, 2, 3)  # [R, Hkv, G, d]
         shifts = [x[2] for x in part]
         if any(sh is not None for sh in shifts) and inv_freq is not None:
@@ -112,7 +121,7 @@ def _single_rows(qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cs: int, gr
                              inv_freq)  # [R, Hkv, K, G, d]
             s = torch.einsum("rhkgd,rhkcd->rhgkc", qc, kb).reshape(r, hkv, g, width * cs)
         else:
-            s = torch.matmul(q, kb.view(r, hkv, width * cs, d).transpose(-1, -2))  # [R, Hkv, G, K*cs]
+            s = torch.matmul(q, kb.reshape(r, hkv, width * cs, d).transpose(-1, -2))  # [R, Hkv, G, K*cs]
         s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
         mx = s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
         pr = torch.exp(s - mx)
