@@ -15,7 +15,7 @@ import torch
 from kb.engine.cuda_graphs import DecodeGraphs
 from kb.engine.routed_plan import StepSelection, plan_step, seq_chunks, stage_rows
 from kb.engine.shared_kv import SharedKV
-from tests.test_cuda_graphs import BS, CHUNK, N, POOL, _decoding, _runner
+from tests.test_cuda_graphs import BS, CHUNK, POOL, N, _decoding, _runner
 
 _spec = importlib.util.spec_from_file_location(
     "bench_serve", os.path.join(os.path.dirname(__file__), "..", "bench", "serve.py"))

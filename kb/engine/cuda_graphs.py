@@ -97,7 +97,8 @@ class DecodeGraphs:
         sel_width = _width(max(c.numel() for c in chunks)) \
             if chunks and all(c is not None for c in chunks) else 0
         shifted = shifted and sel_width > 0
-        gkey = (rows, width, r.shared_mode, key, id(shared), sel_width, shifted)  # _forget: [2:4], [4]
+        # _forget reads [2:4] and [4]
+        gkey = (rows, width, r.shared_mode, key, id(shared), sel_width, shifted)
         if gkey not in self.graphs:
             self._forget(gkey)
             self.graphs[gkey] = self._capture(rows, width, shared, sel_width, shifted)
