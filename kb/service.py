@@ -32,11 +32,11 @@ from kb.model.loader import LoadedModel, load_model
 from kb.prompt import build_prompt, encode, question_span
 from kb.settings import Settings
 from storage.db import Database
-from storage.models import Corpus
+from storage.models import Corpus, CorpusShare, User
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" let "name\n" through
 
 
 @dataclass
@@ -143,8 +143,11 @@ class KnowledgeBase:
             raise NotFound(f"corpus {name!r} does not exist")
         return corpus
 
-    def create_corpus(self, name: str, *, owner: int | None = None, visibility: str = "public") -> CorpusInfo:
-        """A new empty corpus; `owner` (a user id) and `visibility` decide who may read it."""
+    def create_corpus(self, name: str, *, owner: int | None = None, visibility: str = "public",
+                      share_with: list[str] | None = None) -> CorpusInfo:
+        """A new empty corpus; `owner` (a user id), `visibility` and, when shared, the users it
+        is shared with decide who may read it. One transaction: an unknown user in `share_with`
+        leaves no corpus behind."""
         if not NAME_RE.match(name or ""):
             raise KBError("a corpus name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         if visibility not in ("private", "public", "shared"):
@@ -156,6 +159,12 @@ class KnowledgeBase:
                             owner_id=owner, visibility=visibility)
             s.add(corpus)
             s.flush()
+            if visibility == "shared":
+                for uname in dict.fromkeys(n.strip() for n in share_with or [] if n.strip()):
+                    uid = s.scalar(select(User.id).where(User.name == uname))
+                    if uid is None:
+                        raise NotFound(f"user {uname!r} does not exist")  # rolls the corpus back
+                    s.add(CorpusShare(corpus_id=corpus.id, user_id=uid))
             return self._info(corpus)
 
     def _info(self, c: Corpus, key: str | None = None) -> CorpusInfo:

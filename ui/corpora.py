@@ -20,8 +20,8 @@ import pandas as pd
 from sqlalchemy import select
 
 from kb.api.ui_files import UploadRegistry, caller_owner
-from kb.auth import Principal, check_write, set_visibility
-from kb.errors import KBError, NotFound
+from kb.auth import Principal, check_write
+from kb.errors import Conflict, KBError, NotFound
 from kb.ingest.pipeline import _safe_filename
 from kb.service import KnowledgeBase
 from storage.models import Corpus, Document
@@ -215,10 +215,13 @@ def rebuild(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str) -> 
 def create_corpus(kb: KnowledgeBase, user: Principal, name: str, visibility: str, share_with: str) -> str:
     if user.anonymous and visibility != "public":
         raise KBError("anonymous users make public corpora only; sign in for private or shared ones")
-    kb.create_corpus((name or "").strip(), owner=user.id, visibility=visibility)
-    if visibility == "shared":
-        set_visibility(kb.db, user, name.strip(), "shared", share_with.split(","))
-    return f"created corpus {name.strip()} ({visibility})"
+    name = (name or "").strip()
+    try:  # one transaction with its shares: an unknown user leaves no corpus behind
+        kb.create_corpus(name, owner=user.id, visibility=visibility,
+                         share_with=share_with.split(",") if visibility == "shared" else None)
+    except Conflict as e:  # the same answer whether or not the caller may see the corpus of that name
+        raise Conflict(f"the corpus name {name!r} is not available; choose another") from e
+    return f"created corpus {name} ({visibility})"
 
 
 def own_uploads(uploads: UploadRegistry, owner: str, files: list[str]) -> list[str]:

@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from kb.api.auth import current_user, require
 from kb.api.deps import get_kb
 from kb.api.schemas import CorpusCreate
-from kb.auth import Forbidden, Principal, set_visibility
+from kb.auth import Forbidden, Principal
+from kb.errors import Conflict
 from kb.ingest.pipeline import _safe_filename, accepted_types
 from kb.service import KnowledgeBase
 
@@ -29,9 +30,11 @@ async def create_corpus(body: CorpusCreate, kb: KnowledgeBase = Depends(get_kb),
     visibility = body.visibility or ("public" if user.anonymous else "private")
     if user.anonymous and visibility != "public":
         raise Forbidden("anonymous users make public corpora only; sign in for private or shared ones")
-    info = await run_in_threadpool(lambda: kb.create_corpus(body.name, owner=user.id, visibility=visibility))
-    if visibility == "shared":
-        await run_in_threadpool(set_visibility, kb.db, user, body.name, visibility, body.share_with)
+    try:  # one transaction with its shares: an unknown user leaves no corpus behind
+        info = await run_in_threadpool(lambda: kb.create_corpus(body.name, owner=user.id, visibility=visibility,
+                                                                share_with=body.share_with))
+    except Conflict as e:  # the same answer whether or not the caller may see the corpus of that name
+        raise Conflict(f"the corpus name {body.name!r} is not available; choose another") from e
     return info.to_dict()
 
 @router.get("/v1/corpora/{name}")
