@@ -1,6 +1,6 @@
 """Attention for shared-context serving (DESIGN.md, `attention/`).
 
-The four entry points the engine calls take tensors on any device: CUDA tensors (fp16/bf16
+The entry points the engine calls take tensors on any device: CUDA tensors (fp16/bf16
 queries) go to the Triton kernels; on the CPU `shared_attention` takes `attention.cpu_shared`
 (blocked, and routed attention reads only the chosen chunks); everything else goes to the torch
 references in `attention.reference`, which define the contracts.
@@ -9,10 +9,14 @@ references in `attention.reference`, which define the contracts.
     o_u, lse_u = unique_attention(q, k_pages, v_pages, block_table, seq_lens, cu_seqlens_q)
     o, lse = merge(o_s, lse_s, o_u, lse_u)
     chunk_idx = route(q, centroids, top_k)
+    mass = chunk_mass(q, k_shared, lse, chunk_size)  # [T, C] attention mass per chunk
 
-Kernel modules: shared_dense.py, shared_routed.py, paged.py, lse_merge.py, combine.py (the
-split reduction), routing.py. (Not `merge.py` / `route.py`: importing a submodule binds its name
-on the package and would shadow these functions.)
+Kernel modules: shared_dense.py, shared_routed*.py, paged.py, lse_merge.py, combine.py (the
+split reduction), routing.py; mass.py (chunk_mass, torch). The kernels' online softmax is one
+`@triton.jit` pair in _triton.py (`softmax_update`, `softmax_finish`). (Not `merge.py` /
+`route.py`: importing a submodule binds its name on the package and would shadow these
+functions.) Options are arguments (`max_seqlen_q/k` here; a kernel's `impl=` / `config=`), never
+module globals.
 
 Triton is imported only when a CUDA tensor arrives, so a CPU process never loads it (and a test
 can still choose Triton's interpreter with TRITON_INTERPRET=1 before that).
@@ -26,7 +30,8 @@ import torch
 
 from . import cpu_shared, reference
 
-__all__ = ["shared_attention", "plan_routed", "unique_attention", "merge", "route", "reference", "use_triton"]
+__all__ = ["shared_attention", "plan_routed", "unique_attention", "chunk_mass", "merge", "route",
+           "reference", "use_triton"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -77,15 +82,26 @@ def plan_routed(chunk_idx, num_chunks, group_size, chunk_size, chunk_shift=None)
     return plan_for(chunk_idx, num_chunks, group_size, chunk_size, chunk_shift=chunk_shift)
 
 
-def unique_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale=None):
+def unique_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale=None,
+                     max_seqlen_q=None, max_seqlen_k=None):
     """Causal attention of each request's new tokens over its paged KV.
-    Contract: `reference.unique_attention`."""
+    Contract: `reference.unique_attention`. `max_seqlen_q` / `max_seqlen_k` (the longest run of
+    new tokens, the longest KV length; the engine knows them) spare the CUDA kernel reading them
+    back from the device, a host sync per call that would also rule out CUDA-graph capture."""
     if use_triton(q) and k_cache.dtype == q.dtype:
         from .paged import unique_attention_paged
         return unique_attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                      scale)
+                                      scale, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
     return reference.unique_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
                                       scale)
+
+
+def chunk_mass(q, k, lse, chunk_size, skip=0, k_scale=None):
+    """[T, C] softmax mass of each query on each shared chunk, summed over heads (citations),
+    with lse the normalizer of the whole attention. Contract: `reference.chunk_mass`; blocked
+    torch on every device (attention/mass.py)."""
+    from .mass import chunk_mass as blocked
+    return blocked(q, k, lse, chunk_size, skip, k_scale)
 
 
 def merge(o1, lse1, o2, lse2):

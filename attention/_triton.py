@@ -100,3 +100,42 @@ def dot_dtype(q_dtype: torch.dtype, device: torch.device, kv_dtype: torch.dtype 
     if kv_dtype is not None and kv_dtype.itemsize == 1:
         return tl.float16
     return tl.bfloat16 if q_dtype == torch.bfloat16 else tl.float16
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def softmax_update(m_i, l_i, acc, qk, v, qk_scale, vs, DOT: tl.constexpr,
+                       KV_SCALE: tl.constexpr, MAY_BE_EMPTY: tl.constexpr):
+        """One K/V tile of the online softmax, in log2 units (exp2 is the native instruction):
+        (m, l, acc) of the rows so far and the tile's raw scores qk (masked keys -inf) ->
+        the updated (m, l, acc). The scale is folded into one FMA per score (qk * scale - m);
+        `vs` (KV_SCALE: fp8 values' scale, broadcastable to p) multiplies the probabilities
+        after they are summed. MAY_BE_EMPTY: a row may have seen no key yet (m = -inf), so the
+        reference point is 0 there and exp2 stays finite."""
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        if MAY_BE_EMPTY:
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new
+        alpha = tl.exp2(m_i - m_ref)  # rescales what was summed so far
+        p = tl.exp2(qk * qk_scale - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if KV_SCALE:
+            p = p * vs
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
+        return m_new, l_i, acc
+
+    @triton.jit
+    def softmax_finish(m_i, l_i, acc, MAY_BE_EMPTY: tl.constexpr):
+        """(m, l, acc) -> (o, lse): the normalized output and the natural-log normalizer.
+        MAY_BE_EMPTY: a row that saw no key (l = 0) gets o = 0 and lse = -inf (merges skip it)."""
+        if MAY_BE_EMPTY:
+            has = l_i > 0
+            o = acc / tl.where(has, l_i, 1.0)[:, None]
+            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
+                           float("-inf"))
+        else:
+            o = acc / l_i[:, None]
+            lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        return o, lse

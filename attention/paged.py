@@ -15,6 +15,9 @@ import torch
 
 from ._triton import HAS_TRITON, cdiv, check_device, dot_dtype, sms, tl, triton
 
+if HAS_TRITON:
+    from ._triton import softmax_finish, softmax_update
+
 LOG2E = 1.4426950408889634
 
 if HAS_TRITON:
@@ -72,19 +75,10 @@ if HAS_TRITON:
             qk = tl.dot(q, tl.trans(k.to(DOT))) * qk_scale
             vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
             qk = tl.where(vis, qk, float("-inf"))
-            # online softmax; a row may have seen nothing yet (m = -inf): keep exp2 finite
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(qk - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
-            m_i = m_new
+            # qk is already scaled (scale 1.0 here: exact); a row may have seen nothing yet
+            m_i, l_i, acc = softmax_update(m_i, l_i, acc, qk, v, 1.0, 1.0, DOT, False, True)
 
-        has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
+        o, lse = softmax_finish(m_i, l_i, acc, True)
         hq = h * G + g
         tl.store(O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os
                  + offs_d[None, :], o, mask=row_ok[:, None])

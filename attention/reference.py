@@ -205,3 +205,20 @@ def route(q: torch.Tensor, centroids: torch.Tensor, top_k: int) -> torch.Tensor:
     scores = torch.einsum("thd,chd->thc", qg, centroids.float())
     k = min(top_k, c)
     return scores.topk(k, dim=-1).indices.to(torch.int32)
+
+
+def chunk_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, chunk_size: int, skip: int = 0,
+               k_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, C] softmax mass of q[T, Hq, d] on each chunk of k[N, Hkv, d] (scale 1/sqrt(d)), summed
+    over query heads: exp(score - lse) summed over the chunk's keys, lse[T, Hq] the normalizer of
+    the whole attention; the first `skip` keys count nothing. One [T, Hq, N] score matrix."""
+    t, hq, d = q.shape
+    kf = dequantize(k, k_scale, chunk_size)
+    n, hkv, _ = kf.shape
+    kf = kf.repeat_interleave(hq // hkv, dim=1)  # [N, Hq, d]
+    scores = torch.einsum("thd,nhd->thn", q.float(), kf) / math.sqrt(d)
+    p = torch.exp(scores - lse.float()[..., None]).sum(1)  # [T, N]
+    p[:, :skip] = 0
+    c = (n + chunk_size - 1) // chunk_size
+    p = torch.cat([p, p.new_zeros(t, c * chunk_size - n)], dim=1)
+    return p.view(t, c, chunk_size).sum(-1)

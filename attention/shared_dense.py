@@ -19,6 +19,9 @@ import torch
 from ._triton import HAS_TRITON, cdiv, check_device, dot_dtype, sms, tl, triton
 
 if HAS_TRITON:
+    from ._triton import softmax_finish, softmax_update
+
+if HAS_TRITON:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
@@ -91,23 +94,15 @@ if HAS_TRITON:
                 qk = qk * ks[None, :]
             if not EVEN_N:
                 qk = tl.where(n_ok[None, :], qk, float("-inf"))
-            # online softmax in log2 units (exp2 is the native instruction); the scale is
-            # folded into one FMA per score: qk * scale - m
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            alpha = tl.exp2(m_i - m_new)  # rescales what was summed so far
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if KV_SCALE:
-                p = p * vs[None, :]
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
-            m_i = m_new
+            # every tile holds a key of every row (EVEN_N or not), so no row is ever empty
+            m_i, l_i, acc = softmax_update(m_i, l_i, acc, qk, v, qk_scale,
+                                           vs[None, :] if KV_SCALE else 1.0, DOT, KV_SCALE, False)
             if not USE_TMA:
                 k_ptrs += BLOCK_N * stride_kn
                 v_ptrs += BLOCK_N * stride_vn
 
         # every split holds at least one key, so l_i > 0 on every row
-        o = acc / l_i[:, None]
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        o, lse = softmax_finish(m_i, l_i, acc, False)
         hq = h * G + g
         o_ptrs = O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os + offs_d[None, :]
         tl.store(o_ptrs, o, mask=row_ok[:, None])
@@ -150,14 +145,11 @@ def _plan(rows: int, n: int, hkv: int, device: torch.device, block_n: int
     return block_m, splits, split_len
 
 
-# Bench sweeps set this to try launch configurations ({"BLOCK_N", "num_warps", "num_stages"}
-# per "small" / "large" row block); None keeps the tuned defaults below.
-CONFIG_OVERRIDE: dict | None = None
-
-
-def _config(block_m: int, interp: bool, fp8: bool = False) -> dict:
-    if CONFIG_OVERRIDE is not None and not interp:
-        return dict(CONFIG_OVERRIDE["large" if block_m >= 128 else "small"])
+def _config(block_m: int, interp: bool, fp8: bool = False, config: dict | None = None) -> dict:
+    """Launch configuration of a row block; `config` (bench sweeps: {"BLOCK_N", "num_warps",
+    "num_stages", "USE_TMA", "WARP_SPEC"}) replaces the tuned default on the GPU."""
+    if config is not None and not interp:
+        return dict(config)
     if interp:  # both load paths, on small shapes
         return dict(BLOCK_N=16 if block_m <= 16 else 32, USE_TMA=block_m >= 32)
     # H100 sweeps (docs/KERNELS.md): 128-key tiles, 8 warps, 3 stages everywhere; TMA loads
@@ -171,12 +163,13 @@ def _config(block_m: int, interp: bool, fp8: bool = False) -> dict:
 def shared_attention_dense(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int = 64,
     scale: float | None = None, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None, splits: int | None = None,
+    v_scale: torch.Tensor | None = None, splits: int | None = None, config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `reference.shared_attention(q, k, v, None, ...)`.
 
     q[T,Hq,d] fp16/bf16; k, v[N,Hkv,d] in q's dtype or fp8 e4m3 with `k_scale`, `v_scale` of
-    shape [Hkv] or [C, Hkv]. `splits` forces the number of key-range splits (tests).
+    shape [Hkv] or [C, Hkv]. `splits` forces the number of key-range splits (tests); `config`
+    a launch configuration in place of the tuned one (bench sweeps; see `_config`).
     Returns (o[T,Hq,d] in q.dtype, lse[T,Hq] float32).
     """
     from .combine import combine
@@ -198,7 +191,7 @@ def shared_attention_dense(
     check_device(q)
     interp = q.device.type != "cuda"
     rows = t * g
-    cfg = _config(_block_m(rows), interp, k.dtype.itemsize == 1)
+    cfg = _config(_block_m(rows), interp, k.dtype.itemsize == 1, config)
     block_m, n_splits, split_len = _plan(rows, n, hkv, q.device, cfg["BLOCK_N"])
     if splits is not None:
         n_splits = max(1, min(splits, cdiv(n, cfg["BLOCK_N"])))

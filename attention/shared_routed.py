@@ -20,6 +20,9 @@ import torch
 from .routed_call import prepare_routed
 from ._triton import HAS_TRITON, cdiv, dot_dtype, tl, triton
 
+if HAS_TRITON:
+    from ._triton import softmax_finish, softmax_update
+
 LOG2E = 1.4426950408889634
 
 if HAS_TRITON:
@@ -83,21 +86,11 @@ if HAS_TRITON:
                 vs = tl.load(VS + c * stride_sc + h * stride_sh)
                 qk = qk * ks
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
-            # online softmax over the chunk's key tiles (log2 units, scale folded in an FMA)
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(qk * qk_scale - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if KV_SCALE:
-                p = p * vs
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
-            m_i = m_new
+            # online softmax over the chunk's key tiles (an idle tile's rows see nothing)
+            m_i, l_i, acc = softmax_update(m_i, l_i, acc, qk, v, qk_scale,
+                                           vs if KV_SCALE else 1.0, DOT, KV_SCALE, True)
 
-        has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
+        o, lse = softmax_finish(m_i, l_i, acc, True)
         # partials: OP[entry, g, :], LP[entry, g]
         tl.store(OP + (ent * G + g)[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None])
         tl.store(LP + ent * G + g, lse, mask=row_ok)
@@ -143,13 +136,12 @@ def plan_routing(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, bloc
             tile_start.to(torch.int32), idx)
 
 
-# Bench sweeps set this ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}); None: defaults.
-CONFIG_OVERRIDE: dict | None = None
-
-
-def _config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int, interp: bool) -> dict:
-    if CONFIG_OVERRIDE is not None and not interp:
-        return dict(CONFIG_OVERRIDE)
+def _config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int, interp: bool,
+            config: dict | None = None) -> dict:
+    """Launch configuration; `config` (bench sweeps: {"BLOCK_M", "BLOCK_N", "num_warps",
+    "num_stages"}) replaces the default on the GPU."""
+    if config is not None and not interp:
+        return dict(config)
     # expected entries per group ~ T * k / C: size the entry block to it, 16..128 rows a tile
     # H100 sweep at N=128K, B=256, 25% (docs/KERNELS.md): 64-row blocks, 64-key tiles and 4
     # warps (1.37 ms) beat 128-row blocks with 8 warps (1.64 ms): these programs are short
@@ -164,9 +156,10 @@ def _config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int, interp
                 num_stages=3)
 
 
-# "auto": the rule below; "grouped": shared_routed_grouped.py (plan/run, spans of chunks);
-# "union": shared_routed_union.py; "scatter": this module's kernel (the first design).
-IMPL = "auto"
+# `impl` of shared_attention_routed: "auto": the rule below; "grouped":
+# shared_routed_grouped.py (plan/run, spans of chunks); "union": shared_routed_union.py;
+# "scatter": this module's kernel (the first design).
+IMPLS = ("auto", "grouped", "union", "scatter")
 
 
 def _use_grouped(q, chunk_idx) -> bool:
@@ -188,10 +181,13 @@ def _use_union(q, k, chunk_idx, chunk_size) -> bool:
 def shared_attention_routed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor,
     chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None, plan=None,
+    v_scale: torch.Tensor | None = None, plan=None, impl: str = "auto",
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `reference.shared_attention(q, k, v, chunk_idx, ...)`.
     `plan` (a `shared_routed_grouped.RoutedPlan` of this chunk_idx) runs the grouped kernel.
+    `impl` (one of IMPLS) picks the design, "auto" the served one; `config`: the chosen
+    kernel's launch configuration in place of its default (bench sweeps).
 
     q[T,Hq,d] fp16/bf16; k, v[N,Hkv,d] in q's dtype or fp8 e4m3 with scales [Hkv] or [C,Hkv];
     chunk_idx[T,Hkv,top_k] int (-1 = padding). Returns (o[T,Hq,d] q.dtype, lse[T,Hq] float32).
@@ -200,19 +196,20 @@ def shared_attention_routed(
     """
     from .combine import combine
 
-    if plan is not None or IMPL == "grouped" or (IMPL == "auto" and _use_grouped(q, chunk_idx)):
+    assert impl in IMPLS, impl
+    if plan is not None or impl == "grouped" or (impl == "auto" and _use_grouped(q, chunk_idx)):
         from .shared_routed_grouped import shared_attention_grouped
         return shared_attention_grouped(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale,
-                                        plan)
-    if IMPL == "union" or (IMPL == "auto" and _use_union(q, k, chunk_idx, chunk_size)):
+                                        plan, config=config)
+    if impl == "union" or (impl == "auto" and _use_union(q, k, chunk_idx, chunk_size)):
         from .shared_routed_union import shared_attention_routed_union
         return shared_attention_routed_union(q, k, v, chunk_idx, chunk_size, scale, k_scale,
-                                             v_scale)
+                                             v_scale, config=config)
     call, done = prepare_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
     if done:
         return call.o, call.lse
     q, k, v, t, hq, d, n, hkv, top_k, g, scale, num_chunks, o, lse, interp = call.unpack()
-    cfg = _config(t, g, top_k, num_chunks, chunk_size, interp)
+    cfg = _config(t, g, top_k, num_chunks, chunk_size, interp, config)
     order, offsets, tile_group, tile_start, _ = plan_routing(chunk_idx, num_chunks, g, cfg["BLOCK_M"])
     # partials per (token, KV head, slot, g); padding slots are never written: their lse
     # stays -inf and the merge skips them

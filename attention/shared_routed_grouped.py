@@ -26,6 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, tl, triton
+
+if HAS_TRITON:
+    from ._triton import softmax_finish, softmax_update
 from .routed_call import prepare_routed
 
 LOG2E = 1.4426950408889634
@@ -124,20 +127,11 @@ if HAS_TRITON:
                                 qk = tl.where(sel[:, None], qk, float("-inf"))
                         else:
                             qk = tl.where(sel[:, None] & n_ok[None, :], qk, float("-inf"))
-                        # online softmax (log2 units, scale folded in one FMA per score)
-                        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                        alpha = tl.exp2(m_i - m_ref)
-                        p = tl.exp2(qk * qk_scale - m_ref[:, None])
-                        l_i = l_i * alpha + tl.sum(p, 1)
-                        if KV_SCALE:
-                            p = p * vs
-                        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
-                        m_i = m_new
-            has = l_i > 0
-            o = acc / tl.where(has, l_i, 1.0)[:, None]
-            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
-                           float("-inf"))
+                        # rows masked off (chunks they did not choose) may see nothing
+                        m_i, l_i, acc = softmax_update(m_i, l_i, acc, qk, v, qk_scale,
+                                                       vs if KV_SCALE else 1.0, DOT, KV_SCALE,
+                                                       True)
+            o, lse = softmax_finish(m_i, l_i, acc, True)
             tl.store(OP + (ent * G + g)[:, None] * D + offs_d[None, :], o.to(OP.dtype.element_ty),
                      mask=row_ok[:, None])
             tl.store(LP + ent * G + g, lse, mask=row_ok)
@@ -194,8 +188,8 @@ if HAS_TRITON:
                 l_i = tl.sum(p, 1)
                 if KV_SCALE:
                     p = p * vs
-                o = tl.dot(p.to(DOT), v) / l_i[:, None]
-                lse = (m + tl.log2(l_i)) * 0.6931471805599453
+                # one exact softmax: the tile's (m, l, acc) are final
+                o, lse = softmax_finish(m, l_i, tl.dot(p.to(DOT), v), False)
                 tl.store(OP + (ent * G + g)[:, None] * D + offs_d[None, :],
                          o.to(OP.dtype.element_ty), mask=row_ok[:, None])
                 tl.store(LP + ent * G + g, lse, mask=row_ok)
@@ -286,14 +280,11 @@ def plan_grouped(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, span
                       group_size, span, num_chunks, block_m, shifts)
 
 
-# Bench sweeps set this ({"span", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages",
-# "persist"}); None: the defaults of `choose_config`.
-CONFIG_OVERRIDE: dict | None = None
-
-
 def choose_config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int,
-                  interp: bool) -> dict:
-    """Launch configuration from shapes alone (so that plan and run agree, and nothing syncs)."""
+                  interp: bool, config: dict | None = None) -> dict:
+    """Launch configuration from shapes alone (so that plan and run agree, and nothing syncs);
+    `config` ({"span", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "persist", "rt"}:
+    bench sweeps, tests) updates the default; plan and run must be given the same."""
     per_group = max(1, t * top_k // max(1, num_chunks))  # expected entries per (chunk, head)
     if interp:
         cfg = dict(span=1, BLOCK_M=16 if per_group * g <= 16 else 32,
@@ -308,19 +299,20 @@ def choose_config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int,
         stationary = chunk_size <= block_n
         cfg = dict(span=1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
                    num_stages=3 if stationary else 2, persist=False, rt=8 if stationary else 0)
-    if CONFIG_OVERRIDE is not None:
-        cfg.update(CONFIG_OVERRIDE)
+    if config is not None:
+        cfg.update(config)
     return cfg
 
 
 def plan_for(chunk_idx: torch.Tensor, num_chunks: int, g: int, chunk_size: int,
-             interp: bool | None = None, chunk_shift: torch.Tensor | None = None) -> RoutedPlan:
+             interp: bool | None = None, chunk_shift: torch.Tensor | None = None,
+             config: dict | None = None) -> RoutedPlan:
     """The plan `shared_attention_grouped` would build for this selection (build it once and
-    pass it to every layer)."""
+    pass it to every layer, with the same `config`)."""
     if interp is None:
         interp = chunk_idx.device.type != "cuda"
     t, _, top_k = chunk_idx.shape
-    cfg = choose_config(t, g, top_k, num_chunks, chunk_size, interp)
+    cfg = choose_config(t, g, top_k, num_chunks, chunk_size, interp, config)
     if chunk_shift is not None:
         cfg["span"] = 1
     return plan_grouped(chunk_idx, num_chunks, g, cfg["span"], _plan_tile(cfg, chunk_size),
@@ -342,10 +334,12 @@ def shared_attention_grouped(
     chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None, plan: RoutedPlan | None = None,
     chunk_shift: torch.Tensor | None = None, rope_inv_freq: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `reference.shared_attention(q, k, v, chunk_idx, ..., chunk_shift,
-    rope_inv_freq)`; `plan` (from `plan_for` on the same chunk_idx and chunk_shift) skips the
-    plan step. chunk_idx may be None when a plan is given (only its shape is read otherwise)."""
+    rope_inv_freq)`; `plan` (from `plan_for` on the same chunk_idx, chunk_shift and `config`)
+    skips the plan step. chunk_idx may be None when a plan is given (only its shape is read
+    otherwise). `config`: see `choose_config`."""
     from .combine import combine
 
     if chunk_idx is None:
@@ -355,7 +349,7 @@ def shared_attention_grouped(
     if done:
         return call.o, call.lse
     q, k, v, t, hq, d, n, hkv, top_k, g, scale, num_chunks, o, lse, interp = call.unpack()
-    cfg = choose_config(t, g, top_k, num_chunks, chunk_size, interp)
+    cfg = choose_config(t, g, top_k, num_chunks, chunk_size, interp, config)
     if chunk_shift is not None and plan is not None and plan.shifts is None:
         plan = None  # a plan built without the shifts cannot serve them
     if chunk_shift is not None or (plan is not None and plan.shifts is not None):

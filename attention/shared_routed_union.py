@@ -27,6 +27,9 @@ import torch
 from .routed_call import prepare_routed
 from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, tl, triton
 
+if HAS_TRITON:
+    from ._triton import softmax_finish, softmax_update
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -116,19 +119,11 @@ if HAS_TRITON:
                 qk = tl.where(chose[:, None], qk, float("-inf"))
             else:
                 qk = tl.where(chose[:, None] & n_ok[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_ref)
-            p = tl.exp2(qk * qk_scale - m_ref[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if KV_SCALE:
-                p = p * vs
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT))
-            m_i = m_new
+            # a row whose token chose none of the block's chunks so far has seen nothing
+            m_i, l_i, acc = softmax_update(m_i, l_i, acc, qk, v, qk_scale,
+                                           vs if KV_SCALE else 1.0, DOT, KV_SCALE, True)
 
-        has = l_i > 0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        o, lse = softmax_finish(m_i, l_i, acc, True)
         hq = h * G + g
         tl.store(O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os
                  + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -198,11 +193,9 @@ def plan_union(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_
     return perm_pad, sel, clist, count, used.contiguous(), nblk, t_pad
 
 
-# Bench sweeps set this ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "slices"}).
-CONFIG_OVERRIDE: dict | None = None
-
-
-def _config(rows_per_head: int, chunk_size: int, interp: bool) -> dict:
+def _config(rows_per_head: int, chunk_size: int, interp: bool, config: dict | None = None) -> dict:
+    """Launch configuration; `config` (bench sweeps: {"BLOCK_M", "BLOCK_N", "num_warps",
+    "num_stages", "slices", "contig"}) updates the default on the GPU."""
     if interp:
         block_m = 16 if rows_per_head <= 16 else 32
         return dict(BLOCK_M=block_m, BLOCK_N=max(8, min(16, triton.next_power_of_2(chunk_size))))
@@ -213,8 +206,8 @@ def _config(rows_per_head: int, chunk_size: int, interp: bool) -> dict:
     # H100 sweep, B=256, chunk 128 (bench/results/attention_routed.json "sweep"): 3 stages
     # 1.71 ms vs 2 stages 1.92 ms; BLOCK_N 64 1.80; slices 4 / 9 (auto) / 16: 1.77 / 1.92 / 1.79
     cfg["num_stages"] = 3
-    if CONFIG_OVERRIDE is not None:
-        cfg.update(CONFIG_OVERRIDE)
+    if config is not None:
+        cfg.update(config)
     return cfg
 
 
@@ -222,18 +215,18 @@ def shared_attention_routed_union(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor,
     chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None, order: str = "minhash", slices: int | None = None,
-    contig: bool | None = None,
+    contig: bool | None = None, config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `shared_routed.shared_attention_routed` (and the reference).
     contig: walk contiguous chunk ranges with unused chunks masked (True) or the union lists
-    (False); None: the config's choice."""
+    (False); None: the config's choice. `config`: see `_config` (bench sweeps)."""
     from .combine import combine
 
     call, done = prepare_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
     if done:
         return call.o, call.lse
     q, k, v, t, hq, d, n, hkv, top_k, g, scale, num_chunks, o, lse, interp = call.unpack()
-    cfg = _config(t * g, chunk_size, interp)
+    cfg = _config(t * g, chunk_size, interp, config)
     block_m = cfg.pop("BLOCK_M")
     block_m = max(block_m, triton.next_power_of_2(g))
     use_contig = cfg.pop("contig", True) if contig is None else contig

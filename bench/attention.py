@@ -29,6 +29,7 @@ bytes = the KV the row's data layout must read once (B copies for `copies`, one 
 others; for routed, the chunks some query chose) plus q and o.
 
 Usage (GPU): python3 bench/attention.py [--quick] [--sweep] [--out PATH]
+             [--ns 131072 --bs 1,256 --ours-only]  (a subset: our rows at those shapes)
 """
 
 from __future__ import annotations
@@ -213,6 +214,11 @@ def run(args):
         bs, ns = [128, 256], [(131072, "bf16")]
     if DRY:
         bs, ns = [1, 4], [(1024, "bf16"), (2048, "fp8")]
+    if args.ns:
+        ns = [(n, kvt) for n, kvt in ns if str(n) in args.ns.split(",")]
+    if args.bs:
+        bs = [b for b in bs if str(b) in args.bs.split(",")]
+    peers = not (args.focus or args.ours_only)
     gen = torch.Generator().manual_seed(0)
     for n, kvt in ns:
         c = n // args.chunk
@@ -252,7 +258,7 @@ def run(args):
 
             # (a) copies: B distinct KV copies, per-request SDPA (query length G after GQA fold)
             copy_bytes = b * 2 * n * HKV * D * 2
-            if copy_bytes <= args.copies_gib * 2 ** 30 and not args.focus:
+            if copy_bytes <= args.copies_gib * 2 ** 30 and peers:
                 kb = k_t.expand(b, -1, -1, -1).contiguous()
                 vb = v_t.expand(b, -1, -1, -1).contiguous()
                 qb = q.view(b, HKV, G, D)
@@ -272,18 +278,21 @@ def run(args):
             # the flash backend forced
             qf = q.view(b, HKV, G, D).permute(1, 0, 2, 3).reshape(1, HKV, b * G, D)
             fold = lambda: F.scaled_dot_product_attention(qf, k_t, v_t)  # noqa: E731
-            add("torch_fold", fold, fl, 2 * n * HKV * D * 2 + qo_bytes, dtype="bf16")
+            if not args.ours_only:
+                add("torch_fold", fold, fl, 2 * n * HKV * D * 2 + qo_bytes, dtype="bf16")
 
             def fold_flash():
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return F.scaled_dot_product_attention(qf, k_t, v_t)
             try:
-                add("torch_flash", fold_flash, fl, 2 * n * HKV * D * 2 + qo_bytes, dtype="bf16")
+                if not args.ours_only:
+                    add("torch_flash", fold_flash, fl, 2 * n * HKV * D * 2 + qo_bytes,
+                        dtype="bf16")
             except RuntimeError as e:
                 out["notes"].append(f"torch_flash N={n} B={b}: {str(e)[:100]}")
             # (c') FlashInfer over the shared pages (bf16 source KV)
-            fis, note = flashinfer_peers(q, kc, vc, n) if not (DRY or args.focus) else \
-                ({}, "dry run or --focus")
+            fis, note = flashinfer_peers(q, kc, vc, n) if not DRY and peers else \
+                ({}, "dry run, --focus or --ours-only")
             if note and note not in out["notes"]:
                 out["notes"].append(note)
             for name, fn in fis.items():
@@ -318,7 +327,9 @@ def run(args):
                            qo_bytes, o_d if density == 1.0 else None)
             if args.focus and b == 128:
                 small_budget_study(add, out, q, kf, vf, n, b, qo_bytes)
-            if (b == 256 and n == 131072) or (DRY and b == bs[-1] and n == ns[0][0]):
+            studies = not args.ours_only and ((b == 256 and n == 131072)
+                                              or (DRY and b == bs[-1] and n == ns[0][0]))
+            if studies:
                 granularity_study(add, out, q, kf, vf, n, b, elt, qo_bytes, args)
             out["rows"].extend(rows)
             with open(args.out, "w") as f:  # what is measured survives a later failure
@@ -349,34 +360,33 @@ def add_routed(add, out, q, k, v, ks, vs, n, b, chunk, density, skew, per, elt, 
         over["span"] = span
     if persist is not None:
         over["persist"] = persist
-    grouped.CONFIG_OVERRIDE = over or None
+    over = over or None  # the grouped kernel's config, handed to its plan and its run
     skew_name = "uniform" if skew == "none" else skew
     flops = 4.0 * b * HQ * top_k * chunk * D
     extra = dict(top_k=top_k, chunk_size=chunk, selection=per, kernel=impl + tag, **(cfg or {}))
-    try:
-        if impl == "grouped":
-            plan = attention.plan_routed(idx, c, G, chunk) if not DRY else \
-                grouped.plan_for(idx, c, G, chunk)
-            plan_ms, _ = timed(lambda: grouped.plan_for(idx, c, G, chunk))
-            extra.update(plan_ms=round(plan_ms, 4), span=plan.span, block_m=plan.block_m,
-                         persist=grouped.choose_config(b, G, top_k, c, chunk, DRY)["persist"])
-            fn = lambda: attention.shared_attention(q, k, v, None, chunk, None, ks, vs, plan=plan)  # noqa: E731
-        if impl != "grouped" or DRY:  # (dry: CPU tensors take attention.cpu_shared)
-            shared_routed.IMPL = impl
-            fn = lambda: attention.shared_attention(q, k, v, idx, chunk, None, ks, vs)  # noqa: E731
-        add("ours_routed" if impl == "grouped" else f"ours_routed_{impl}", fn, flops,
-            union_bytes + qo_bytes, density, skew_name, **extra)
-        if o_dense is not None:
-            o_r, _ = fn()
-            err = (o_r.float() - o_dense.float()).norm() / o_dense.float().norm()
-            out["checks"].append(dict(what=f"ours_routed {impl} (all chunks) vs ours_dense",
-                                      N=n, B=b, dtype="fp8" if ks is not None else "bf16",
-                                      rel_err=float(err)))
-        if profile_it and not DRY:
-            profile(fn, f"routed {impl}{tag} N={n} B={b} {density} {per}")
-    finally:
-        grouped.CONFIG_OVERRIDE = None
-        shared_routed.IMPL = "auto"
+    if impl == "grouped":
+        plan = grouped.plan_for(idx, c, G, chunk, config=over)
+        plan_ms, _ = timed(lambda: grouped.plan_for(idx, c, G, chunk, config=over))
+        extra.update(plan_ms=round(plan_ms, 4), span=plan.span, block_m=plan.block_m,
+                     persist=grouped.choose_config(b, G, top_k, c, chunk, DRY,
+                                                   over)["persist"])
+        fn = lambda: grouped.shared_attention_grouped(  # noqa: E731
+            q, k, v, None, chunk, None, ks, vs, plan=plan, config=over)
+    if impl != "grouped":
+        fn = lambda: shared_routed.shared_attention_routed(  # noqa: E731
+            q, k, v, idx, chunk, None, ks, vs, impl=impl)
+    if DRY:  # CPU tensors take attention.cpu_shared
+        fn = lambda: attention.shared_attention(q, k, v, idx, chunk, None, ks, vs)  # noqa: E731
+    add("ours_routed" if impl == "grouped" else f"ours_routed_{impl}", fn, flops,
+        union_bytes + qo_bytes, density, skew_name, **extra)
+    if o_dense is not None:
+        o_r, _ = fn()
+        err = (o_r.float() - o_dense.float()).norm() / o_dense.float().norm()
+        out["checks"].append(dict(what=f"ours_routed {impl} (all chunks) vs ours_dense",
+                                  N=n, B=b, dtype="fp8" if ks is not None else "bf16",
+                                  rel_err=float(err)))
+    if profile_it and not DRY:
+        profile(fn, f"routed {impl}{tag} N={n} B={b} {density} {per}")
 
 
 def small_budget_study(add, out, q, kf, vf, n, b, qo_bytes):
@@ -456,11 +466,12 @@ def sweep(dev, args):
         q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16)
         for bn, w, st, tma, ws in cands:
             cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma, WARP_SPEC=ws)
-            shared_dense.CONFIG_OVERRIDE = {"small": cfg, "large": cfg}
             if kv == "fp8":
-                fn = lambda: attention.shared_attention(q, k8, v8, None, args.chunk, None, s8, s8)  # noqa: E731
+                fn = lambda cfg=cfg: shared_dense.shared_attention_dense(  # noqa: E731
+                    q, k8, v8, args.chunk, None, s8, s8, config=cfg)
             else:
-                fn = lambda: attention.shared_attention(q, k, v)  # noqa: E731
+                fn = lambda cfg=cfg: shared_dense.shared_attention_dense(  # noqa: E731
+                    q, k, v, config=cfg)
             try:
                 ms, _ = timed(fn)
             except Exception as e:  # out of shared memory, ...
@@ -468,7 +479,6 @@ def sweep(dev, args):
                 print("sweep", cfg, "failed:", type(e).__name__, flush=True)
             res.append(dict(B=b, kv=kv, **cfg, ms=round(ms, 4)))
             print(f"sweep N={n} B={b} {kv} {cfg} {ms:.4f} ms", flush=True)
-    shared_dense.CONFIG_OVERRIDE = None
     del k8, v8
     # routed: row-block size and occupancy at B=256, 25% uniform
     from attention import shared_routed
@@ -478,15 +488,14 @@ def sweep(dev, args):
     for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3),
                           (32, 128, 4, 2)]:
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
-        shared_routed.CONFIG_OVERRIDE = cfg
-        try:
-            ms, _ = timed(lambda: attention.shared_attention(q, k, v, idx, args.chunk))
+        try:  # the scatter kernel's configurations (the design these keys belong to)
+            ms, _ = timed(lambda cfg=cfg: shared_routed.shared_attention_routed(
+                q, k, v, idx, args.chunk, impl="scatter", config=cfg))
         except Exception as e:
             ms = float("nan")
             print("sweep routed", cfg, "failed:", type(e).__name__, flush=True)
-        res.append(dict(B=256, kv="bf16", routed=True, **cfg, ms=round(ms, 4)))
+        res.append(dict(B=256, kv="bf16", routed=True, kernel="scatter", **cfg, ms=round(ms, 4)))
         print(f"sweep routed N={n} B=256 25% {cfg} {ms:.4f} ms", flush=True)
-    shared_routed.CONFIG_OVERRIDE = None
     del k, v
     torch.cuda.empty_cache()
     return res
@@ -559,6 +568,11 @@ def main():
                     help="only N=128K, B=256: dense, the routed grid and the granularity study")
     ap.add_argument("--extra-chunk", type=int, default=256,
                     help="also time routed with this chunk size at N=128K, B>=128 (0: off)")
+    ap.add_argument("--ns", default="", help="only these of the run's shared lengths (commas)")
+    ap.add_argument("--bs", default="", help="only these of the run's batches (commas)")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="our kernels' rows only (paged, ours_dense, ours_routed grid): no peers, "
+                         "no granularity study")
     ap.add_argument("--sweep-only", action="store_true",
                     help="only the launch-configuration sweep (its own process: a config that "
                          "faults cannot take the main run down)")

@@ -64,10 +64,8 @@ def run() -> None:
             c = math.ceil(n / chunk)
             top = max(1, math.ceil(density * c))
             idx = torch.rand(b, HKV, c, device=dev, generator=g).topk(top, dim=-1).indices
-            routed.IMPL = impl
-
-            def call(idx=idx, chunk=chunk):
-                return routed.shared_attention_routed(q, k, v, idx, chunk)
+            def call(idx=idx, chunk=chunk, impl=impl):
+                return routed.shared_attention_routed(q, k, v, idx, chunk, impl=impl)
         for _ in range(2):
             call()
         torch.cuda.synchronize()

@@ -101,11 +101,13 @@ def main():
                 res = {}
                 outs = {}
                 for impl in ("scatter", "union"):
-                    shared_routed.IMPL = impl
-                    fn = lambda: attention.shared_attention(q, k, v, idx, chunk)  # noqa: E731
+                    def fn(impl=impl, q=q, idx=idx, chunk=chunk):
+                        if args.dry:  # CPU tensors: the facade's CPU path
+                            return attention.shared_attention(q, k, v, idx, chunk)
+                        return shared_routed.shared_attention_routed(q, k, v, idx, chunk,
+                                                                     impl=impl)
                     res[impl] = timed(fn, args.dry)
                     outs[impl] = fn()[0].float()
-                shared_routed.IMPL = "auto"
                 err = ((outs["union"] - outs["scatter"]).norm() / outs["scatter"].norm()).item()
                 bm = shared_routed_union._config(b * HQ // HKV, chunk, args.dry)["BLOCK_M"]
                 st = shared_routed_union.union_stats(idx, c, HQ // HKV, bm, "minhash")
@@ -125,16 +127,15 @@ def main():
         b, chunk = 256, 128
         q = torch.randn(b, HQ, D, generator=gen).to(dev, torch.bfloat16)
         idx = make_idx(b, n // chunk, n // chunk // 4, "uniform", dev, seed=1)
-        shared_routed.IMPL = "union"
         for cfg in (dict(contig=True),
                     dict(contig=True, BLOCK_N=64, num_stages=3),
                     dict(contig=True, num_stages=3),
                     dict(contig=True, slices=4),
                     dict(contig=True, slices=16),
                     dict(contig=False, slices=8)):
-            shared_routed_union.CONFIG_OVERRIDE = cfg
             try:
-                ms = timed(lambda: attention.shared_attention(q, k, v, idx, chunk), False)
+                ms = timed(lambda cfg=cfg: shared_routed.shared_attention_routed(
+                    q, k, v, idx, chunk, impl="union", config=cfg), False)
             except Exception as e:  # noqa: BLE001 - a config may not fit shared memory
                 print("sweep", cfg, "failed:", type(e).__name__, flush=True)
                 continue
@@ -142,8 +143,6 @@ def main():
                                      ms=round(ms, 4)))
             save()
             print(f"sweep union B=256 chunk 128 uniform {cfg}: {ms:.4f} ms", flush=True)
-        shared_routed_union.CONFIG_OVERRIDE = None
-        shared_routed.IMPL = "auto"
     save()
 
 

@@ -138,12 +138,8 @@ ROUTED_GRID = [
 @kernels
 @pytest.mark.parametrize("impl", ["scatter", "union"])
 @pytest.mark.parametrize("t,hq,hkv,d,n,chunk,top_k,kv,skew", ROUTED_GRID)
-def test_shared_routed_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, skew, impl,
-                                         monkeypatch):
-    from attention import shared_routed
+def test_shared_routed_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, skew, impl):
     from attention.shared_routed import shared_attention_routed
-
-    monkeypatch.setattr(shared_routed, "IMPL", impl)
 
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     c = (n + chunk - 1) // chunk
@@ -151,7 +147,7 @@ def test_shared_routed_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, ske
     q = torch.randn(t, hq, d, generator=_gen(n + 1)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=n)
     idx = make_idx(t, hkv, c, top_k, skew, seed=t).to(DEV)
-    o, lse = shared_attention_routed(q, k, v, idx, chunk, None, ks, vs)
+    o, lse = shared_attention_routed(q, k, v, idx, chunk, None, ks, vs, impl=impl)
     ro, rlse = ref.shared_attention(q, k, v, idx, chunk, None, ks, vs)
     check(o, lse, ro, rlse, dtype)
 
@@ -183,19 +179,16 @@ def test_routed_union_blocks_orders_and_slices(t, hq, hkv, d, n, chunk, top_k, o
 
 @kernels
 @pytest.mark.parametrize("impl", ["scatter", "union"])
-def test_routed_all_chunks_equals_dense_and_handles_repeats_and_empty_rows(impl, monkeypatch):
-    from attention import shared_routed
+def test_routed_all_chunks_equals_dense_and_handles_repeats_and_empty_rows(impl):
     from attention.shared_dense import shared_attention_dense
     from attention.shared_routed import shared_attention_routed
-
-    monkeypatch.setattr(shared_routed, "IMPL", impl)
 
     t, hq, hkv, d, n, chunk = 4, 8, 2, 64, 75, 16
     c = (n + chunk - 1) // chunk
     q = torch.randn(t, hq, d, generator=_gen(3)).to(DEV, torch.float16)
     k, v, _, _ = make_kv(n, hkv, d, "fp16", torch.float16, chunk, seed=4)
     idx = make_idx(t, hkv, c, c, False, seed=5, pad=False).to(DEV)
-    o_r, lse_r = shared_attention_routed(q, k, v, idx, chunk)
+    o_r, lse_r = shared_attention_routed(q, k, v, idx, chunk, impl=impl)
     o_d, lse_d = shared_attention_dense(q, k, v, chunk)
     check(o_r, lse_r, o_d, lse_d, torch.float16)
     # a row that repeats a chunk sees it once; a row of padding only sees nothing
@@ -203,13 +196,36 @@ def test_routed_all_chunks_equals_dense_and_handles_repeats_and_empty_rows(impl,
     idx2[0, 0, 1] = idx2[0, 0, 0]
     idx2[1, 1, :] = -1
     idx2[2, 0, 2] = c + 7  # out of range: ignored like padding
-    o, lse = shared_attention_routed(q, k, v, idx2, chunk)
+    o, lse = shared_attention_routed(q, k, v, idx2, chunk, impl=impl)
     ref_idx = idx2.clone()
     ref_idx[0, 0, 1] = -1
     ref_idx[2, 0, 2] = -1
     ro, rlse = ref.shared_attention(q, k, v, ref_idx, chunk)
     check(o, lse, ro, rlse, torch.float16)
     assert torch.isinf(lse[1, 4:]).all() and (o[1, 4:] == 0).all()
+
+
+# ---------------------------------------------------------------- attention mass per chunk
+
+@pytest.mark.parametrize("kv,n,chunk,skip", [("bf16", 5000, 64, 0), ("fp8c", 4100, 128, 300),
+                                             ("fp8h", 700, 32, 40)])
+def test_chunk_mass_matches_reference_and_sums_to_heads(kv, n, chunk, skip):
+    """attention.chunk_mass (blocked, a few chunks of keys at a time on the CPU) against the
+    one-matrix reference; with the shared attention's own lse and nothing skipped, each row's
+    mass over all chunks is one per query head."""
+    t, hq, hkv, d = 64, 8, 2, 64
+    q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, torch.bfloat16)
+    k, v, ks, vs = make_kv(n, hkv, d, kv, torch.bfloat16, chunk, seed=n + 1)
+    _, lse = ref.shared_attention(q, k, v, None, chunk, None, ks, vs)
+    mass = attention.chunk_mass(q, k, lse, chunk, skip=skip, k_scale=ks)
+    want = ref.chunk_mass(q, k, lse, chunk, skip=skip, k_scale=ks)
+    assert mass.shape == (t, (n + chunk - 1) // chunk)
+    torch.testing.assert_close(mass, want, atol=1e-4, rtol=1e-4)
+    if skip == 0:
+        torch.testing.assert_close(mass.sum(1), torch.full((t,), float(hq), device=mass.device),
+                                   atol=1e-3, rtol=1e-4)
+    else:
+        assert (mass[:, : skip // chunk] == 0).all() and (mass[:, skip // chunk + 1:] > 0).all()
 
 
 # ---------------------------------------------------------------- unique (paged) attention
@@ -345,17 +361,16 @@ def test_gpu_shared_dense_llama_shape(t, kv):
 @pytest.mark.parametrize("t,top_k,skew,kv", [(1, 8, False, "bf16"), (128, 16, True, "bf16"),
                                              (64, 40, False, "fp8c"), (33, 40, True, "fp16")])
 @pytest.mark.parametrize("impl", ["scatter", "union"])
-def test_gpu_shared_routed_llama_shape(t, top_k, skew, kv, impl, monkeypatch):
-    from attention import shared_routed
+def test_gpu_shared_routed_llama_shape(t, top_k, skew, kv, impl):
+    from attention.shared_routed import shared_attention_routed
 
-    monkeypatch.setattr(shared_routed, "IMPL", impl)
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     n, chunk = 5000, 128
     c = (n + chunk - 1) // chunk
     q = torch.randn(t, 32, 128, generator=_gen(t)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, 8, 128, kv, dtype, chunk, seed=t)
     idx = make_idx(t, 8, c, min(top_k, c), skew, seed=t).to(DEV)
-    o, lse = attention.shared_attention(q, k, v, idx, chunk, None, ks, vs)
+    o, lse = shared_attention_routed(q, k, v, idx, chunk, None, ks, vs, impl=impl)
     check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, None, ks, vs), dtype)
 
 

@@ -102,16 +102,16 @@ GRID = [
 
 @kernels
 @pytest.mark.parametrize("t,hq,hkv,d,n,chunk,top_k,kv,mode,span", GRID)
-def test_grouped_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, mode, span, monkeypatch):
+def test_grouped_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, mode, span):
     from attention import shared_routed_grouped as grouped
 
-    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(span=span))
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     c = (n + chunk - 1) // chunk
     q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=t + n)
     idx = make_selection(t, hkv, c, min(top_k, c), mode, seed=t).to(DEV)
-    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, None, ks, vs)
+    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, None, ks, vs,
+                                              config=dict(span=span))
     check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, None, ks, vs), dtype)
 
 
@@ -121,17 +121,17 @@ def test_grouped_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, mode, spa
     (9, 8, 2, 32, 300, 16, 7, "fp8c", 4),
     (4, 6, 2, 32, 90, 24, 3, "bf16", 3),   # chunk shorter than the key tile, G=3
 ])
-def test_stationary_kernel_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, rt, monkeypatch):
+def test_stationary_kernel_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, rt):
     """K/V-stationary variant: a chunk's K/V loaded once for up to RT row tiles."""
     from attention import shared_routed_grouped as grouped
 
-    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(rt=rt, BLOCK_N=32))
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     c = (n + chunk - 1) // chunk
     q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=t)
     idx = make_selection(t, hkv, c, top_k, "token", seed=n).to(DEV)
-    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, None, ks, vs)
+    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, None, ks, vs,
+                                              config=dict(rt=rt, BLOCK_N=32))
     check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, None, ks, vs), dtype)
 
 
@@ -141,40 +141,40 @@ def _inv_freq(d: int) -> torch.Tensor:
 
 @kernels
 @pytest.mark.parametrize("rt,mode", [(0, "token"), (2, "request")])
-def test_virtual_positions_match_reference(rt, mode, monkeypatch):
+def test_virtual_positions_match_reference(rt, mode):
     """chunk_shift: each listed chunk's keys as if RoPE had put them `shift` later (the kernel
     rotates the query by R(-shift) instead); the plan carries the shifts, and one plan serves
     two layers."""
     from attention import shared_routed_grouped as grouped
 
-    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(rt=rt, BLOCK_N=32))
+    cfg = dict(rt=rt, BLOCK_N=32)
     t, hq, hkv, d, n, chunk = 6, 8, 2, 64, 200, 16
     c = (n + chunk - 1) // chunk
     idx = make_selection(t, hkv, c, 5, mode, seed=7).to(DEV)
     idx[0, 0, -1] = -1
     shift = torch.randint(-3000, 3000, idx.shape, generator=_gen(8)).to(DEV)
     inv = _inv_freq(d).to(DEV)
-    plan = grouped.plan_for(idx, c, hq // hkv, chunk, chunk_shift=shift)
+    plan = grouped.plan_for(idx, c, hq // hkv, chunk, chunk_shift=shift, config=cfg)
     for layer in range(2):
         q = torch.randn(t, hq, d, generator=_gen(layer)).to(DEV, torch.bfloat16)
         k, v, _, _ = make_kv(n, hkv, d, "bf16", torch.bfloat16, chunk, seed=layer)
         o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, plan=plan,
-                                                  chunk_shift=shift, rope_inv_freq=inv)
+                                                  chunk_shift=shift, rope_inv_freq=inv,
+                                                  config=cfg)
         want = ref.shared_attention(q, k, v, idx, chunk, chunk_shift=shift, rope_inv_freq=inv)
         check(o, lse, *want, torch.bfloat16)
     # a plan built without the shifts is not used for a shifted call
-    bare = grouped.plan_for(idx, c, hq // hkv, chunk)
+    bare = grouped.plan_for(idx, c, hq // hkv, chunk, config=cfg)
     o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, plan=bare, chunk_shift=shift,
-                                              rope_inv_freq=inv)
+                                              rope_inv_freq=inv, config=cfg)
     check(o, lse, *want, torch.bfloat16)
 
 
 @kernels
 @pytest.mark.parametrize("span", [1, 4])
-def test_grouped_padding_repeats_and_empty_rows(span, monkeypatch):
+def test_grouped_padding_repeats_and_empty_rows(span):
     from attention import shared_routed_grouped as grouped
 
-    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(span=span))
     t, hq, hkv, d, n, chunk = 4, 8, 2, 64, 150, 16
     c = (n + chunk - 1) // chunk
     q = torch.randn(t, hq, d, generator=_gen(3)).to(DEV, torch.float16)
@@ -183,7 +183,7 @@ def test_grouped_padding_repeats_and_empty_rows(span, monkeypatch):
     idx[0, 0, 1] = idx[0, 0, 0]   # a repeat: attended once
     idx[1, 1, :] = -1             # nothing chosen: o = 0, lse = -inf
     idx[2, 0, 2] = c + 7          # out of range: padding
-    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk)
+    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, config=dict(span=span))
     want = idx.clone()
     want[0, 0, 1] = -1
     want[2, 0, 2] = -1
@@ -192,19 +192,19 @@ def test_grouped_padding_repeats_and_empty_rows(span, monkeypatch):
 
 
 @kernels
-def test_plan_built_once_serves_every_layer(monkeypatch):
+def test_plan_built_once_serves_every_layer():
     """The plan depends on the selection only: one plan, several layers' q/K/V."""
     from attention import shared_routed_grouped as grouped
 
-    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(span=2))
+    cfg = dict(span=2)
     t, hq, hkv, d, n, chunk = 6, 8, 2, 32, 160, 16
     c = n // chunk
     idx = make_selection(t, hkv, c, 4, "request", seed=1).to(DEV)
-    plan = grouped.plan_for(idx, c, hq // hkv, chunk)
+    plan = grouped.plan_for(idx, c, hq // hkv, chunk, config=cfg)
     for layer in range(2):
         q = torch.randn(t, hq, d, generator=_gen(10 + layer)).to(DEV, torch.bfloat16)
         k, v, _, _ = make_kv(n, hkv, d, "bf16", torch.bfloat16, chunk, seed=20 + layer)
-        o, lse = grouped.shared_attention_grouped(q, k, v, None, chunk, plan=plan)
+        o, lse = grouped.shared_attention_grouped(q, k, v, None, chunk, plan=plan, config=cfg)
         check(o, lse, *ref.shared_attention(q, k, v, idx, chunk), torch.bfloat16)
 
 
@@ -244,19 +244,19 @@ def test_interpreter_suite_in_subprocess():
     (64, 40, "token", "fp8c", 2, False, 0), (96, 24, "runs", "fp16", 4, True, 0),
     (256, 12, "request", "bf16", 2, False, 0), (256, 12, "request", "bf16", 1, False, 4),
     (64, 40, "token", "fp8c", 1, False, 2)])
-def test_gpu_grouped_llama_shape(t, top_k, mode, kv, span, persist, rt, monkeypatch):
+def test_gpu_grouped_llama_shape(t, top_k, mode, kv, span, persist, rt):
     from attention import shared_routed_grouped as grouped
 
-    monkeypatch.setattr(grouped, "CONFIG_OVERRIDE", dict(span=span, persist=persist, rt=rt))
+    cfg = dict(span=span, persist=persist, rt=rt)
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     n, chunk = 6000, 128
     c = (n + chunk - 1) // chunk
     q = torch.randn(t, 32, 128, generator=_gen(t)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, 8, 128, kv, dtype, chunk, seed=t)
     idx = make_selection(t, 8, c, min(top_k, c), mode, seed=t, requests=max(1, t // 2)).to(DEV)
-    o, lse = attention.shared_attention(q, k, v, idx, chunk, None, ks, vs)
+    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, None, ks, vs, config=cfg)
     check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, None, ks, vs), dtype)
-    o2, lse2 = attention.shared_attention(q, k, v, idx, chunk, None, ks, vs)
+    o2, lse2 = grouped.shared_attention_grouped(q, k, v, idx, chunk, None, ks, vs, config=cfg)
     assert torch.equal(o, o2) and torch.equal(lse, lse2)  # no race: same inputs, same bits
 
 

@@ -9,14 +9,11 @@ prefill of corpus segments has its own, `kb.ingest.precompute.SegmentPrefill`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 import attention
-from attention import cpu_shared
 from kb.engine.shared_kv import SharedKV
 
 
@@ -34,16 +31,6 @@ class CorpusGroup:
     # per-request chunk selections of these rows, planned once for all layers
     # (kb.engine.routed_plan.StepSelection); None: the corpus router chooses per layer
     selection: object | None = None
-
-
-def _unique(q, kc, vc, block_table, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
-    """attention.unique_attention, handing the kernel the lengths the runner already knows so
-    that no layer reads them back from the device (a host sync per layer)."""
-    if max_seqlen_k is not None and attention.use_triton(q) and kc.dtype == q.dtype:
-        from attention.paged import unique_attention_paged
-        return unique_attention_paged(q, kc, vc, block_table, seq_lens, cu_seqlens_q,
-                                      max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-    return attention.unique_attention(q, kc, vc, block_table, seq_lens, cu_seqlens_q)
 
 
 @dataclass
@@ -71,8 +58,10 @@ class ServeAttention:
         hkv, d = kc.shape[2], kc.shape[3]
         kc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, k.to(kc.dtype))
         vc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, v.to(vc.dtype))
-        o, lse = _unique(q, kc, vc, self.block_table, self.seq_lens, self.cu_seqlens_q,
-                         self.max_seqlen_q, self.max_seqlen_k)
+        # the lengths the runner already knows: no layer reads them back (a host sync)
+        o, lse = attention.unique_attention(q, kc, vc, self.block_table, self.seq_lens,
+                                            self.cu_seqlens_q, max_seqlen_q=self.max_seqlen_q,
+                                            max_seqlen_k=self.max_seqlen_k)
         for g in self.groups:
             sh = g.shared
             qg = q if g.rows is None else q.index_select(0, g.rows)
@@ -123,36 +112,11 @@ class ServeAttention:
         """Add each row's softmax mass on every shared chunk (summed over heads) to its sequence."""
         # the preamble soaks up attention (a sink); it is no source
         k_scale = sh.meta.get("k_scale")  # an fp8 layout: per-layer [C, Hkv] scales
-        per_chunk = chunk_mass(q, sh.k[layer], lse_total, sh.chunk_size, skip=sh.preamble_len,
-                               k_scale=None if k_scale is None else k_scale[layer])
+        per_chunk = attention.chunk_mass(q, sh.k[layer], lse_total, sh.chunk_size,
+                                         skip=sh.preamble_len,
+                                         k_scale=None if k_scale is None else k_scale[layer])
         for b in seq_of_row.unique().tolist():
             rows = (seq_of_row == b).nonzero().squeeze(1)
             m = per_chunk.index_select(0, rows).sum(0)
             self.mass[b] = self.mass[b] + m if b in self.mass else m
 
-
-def chunk_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, chunk_size: int, skip: int = 0,
-               k_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """[T, C] softmax mass of q[T, Hq, d] on each chunk of k[N, Hkv, d], summed over heads, with
-    lse[T, Hq] the normalizer; the first `skip` keys count nothing. Walks the keys a block of
-    whole chunks at a time (16-bit or fp8 keys, with `k_scale` [Hkv] or [C, Hkv], dequantized per
-    block; GQA groups as rows of one GEMM per KV head), never a [T, Hq, N] score matrix or a
-    float32 copy of all keys."""
-    t, hq, d = q.shape
-    n, hkv, _ = k.shape
-    g = hq // hkv
-    qh = (q.float() / math.sqrt(d)).view(t, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, t * g, d)
-    norm = lse.float().view(t, hkv, g).permute(1, 0, 2).reshape(hkv, t * g, 1)
-    block = n if k.is_cuda else cpu_shared.block_size(t * g, hkv, chunk_size)
-    block = max(chunk_size, block // chunk_size * chunk_size)
-    out = []
-    for s in range(0, n, block):
-        ks = k_scale if k_scale is None or k_scale.dim() == 1 else k_scale[s // chunk_size:]
-        kb = attention.reference.dequantize(k[s:s + block], ks, chunk_size).transpose(0, 1)  # [Hkv, B, d]
-        p = torch.exp(torch.bmm(qh, kb.transpose(1, 2)) - norm)  # [Hkv, T*G, B]
-        p = p.view(hkv, t, g, -1).sum(dim=(0, 2))  # [T, B]
-        if s < skip:
-            p[:, : skip - s] = 0
-        pad = -p.shape[1] % chunk_size
-        out.append(F.pad(p, (0, pad)).view(t, -1, chunk_size).sum(-1))
-    return torch.cat(out, dim=1)
