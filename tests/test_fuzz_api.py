@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
+import json
+import math
 import zlib
 
 import pytest
 import schemathesis
 from schemathesis import GenerationMode
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
 from tests.conftest import FACT_ANSWER, FACT_QUESTION, serve_in_thread
@@ -88,6 +91,65 @@ def test_no_server_error_on_any_operation(served):
     print("FUZZ statuses " + " ".join(f"{k}:{v}" for k, v in sorted(statuses.items())))
     assert not failures, "\n\n".join(failures)
     assert all(calls.values()), calls
+
+
+_HOSTILE_TEXT = st.text(min_size=1, max_size=20).flatmap(
+    lambda t: st.sampled_from(["\x00", "\ud800", "\udfff", "\x07", "\x1b", "\x7f"]).map(
+        lambda bad: t[: len(t) // 2] + bad + t[len(t) // 2:]))
+_HOSTILE_FLOAT = st.sampled_from([math.nan, math.inf, -math.inf])
+_FIELDS = {"temperature": _HOSTILE_FLOAT, "top_p": _HOSTILE_FLOAT, "presence_penalty": _HOSTILE_FLOAT,
+           "frequency_penalty": _HOSTILE_FLOAT, "model": _HOSTILE_TEXT, "corpus": _HOSTILE_TEXT,
+           "stop": _HOSTILE_TEXT, "messages.0.content": _HOSTILE_TEXT}
+
+
+@st.composite
+def _hostile_chat(draw):
+    field = draw(st.sampled_from(sorted(_FIELDS)))
+    body = {"model": "kb:handbook", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    value = draw(_FIELDS[field])
+    if field == "messages.0.content":
+        body["messages"][0]["content"] = value
+    else:
+        body[field] = value
+    return field, body
+
+
+def test_hostile_values_in_chat_fields_are_400_naming_the_field(served):
+    """NaN/Infinity, lone surrogates, NUL bytes and control characters (issue 15, point 6): each
+    in any field of a chat request is a 400 whose error names that field, never a 5xx."""
+    import httpx
+
+    with httpx.Client(base_url=served, timeout=60) as client:
+        @given(_hostile_chat())
+        @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(case):
+            field, body = case
+            raw = json.dumps(body, allow_nan=True).encode()  # NaN literals and \ud800 escapes
+            r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400, (field, r.status_code, r.text[:300])
+            assert r.json()["error"].get("param", field) == field or field in r.json()["error"]["message"]
+        check()
+
+
+def test_hostile_path_and_query_values_are_400(served):
+    """The same values in path and query parameters (a NUL on PostgreSQL was a driver 500)."""
+    import urllib.parse
+
+    import httpx
+
+    with httpx.Client(base_url=served, timeout=60) as client:
+        @given(_HOSTILE_TEXT.filter(lambda t: "/" not in t and "\ud800" not in t and "\udfff" not in t))
+        @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def check(value):
+            q = urllib.parse.quote(value, safe="")
+            for method, path in (("GET", f"/v1/corpora/{q}"), ("GET", f"/v1/corpora/{q}/documents"),
+                                 ("DELETE", f"/v1/corpora/{q}"), ("GET", f"/v1/jobs?corpus={q}"),
+                                 ("GET", f"/v1/jobs/{q}"), ("POST", f"/v1/cache/{q}/pin")):
+                r = client.request(method, path)
+                assert r.status_code == 400, (method, path, r.status_code, r.text[:300])
+        check()
 
 
 def test_service_still_answers_after_fuzzing(served, handbook):
