@@ -28,7 +28,9 @@ def docx_bomb(inflated_mb: int) -> bytes:
         for info in src.infolist():
             data = src.read(info)
             if info.filename == "word/document.xml":
-                data = data.replace(b"</w:body>", para * (inflated_mb * MiB // len(para)) + b"</w:body>")
+                data = data.replace(
+                    b"</w:body>", para * (inflated_mb * MiB // len(para)) + b"</w:body>"
+                )
             dst.writestr(info.filename, data)
     return out.getvalue()
 
@@ -58,8 +60,11 @@ def test_docx_bomb_is_refused_while_inflating():
 
 def test_docx_xml_budget_holds_on_its_own():
     """The XML parts have their own, smaller budget (their trees take ~100 times their size)."""
-    code, _ = _refused(docx_bomb(12), "xml.docx", ParseLimits(max_inflated_bytes=64 * MiB,
-                                                              max_inflated_xml_bytes=4 * MiB))
+    code, _ = _refused(
+        docx_bomb(12),
+        "xml.docx",
+        ParseLimits(max_inflated_bytes=64 * MiB, max_inflated_xml_bytes=4 * MiB),
+    )
     assert code == "too_large"
 
 
@@ -72,7 +77,10 @@ def test_pdf_pages_and_text_budgets():
     pdf = make_pdf([[f"page {i} " + "word " * 30] for i in range(12)])
     assert _refused(pdf, "long.pdf", ParseLimits(max_pages=10))[0] == "too_large"
     assert _refused(pdf, "wordy.pdf", ParseLimits(max_chars=500))[0] == "too_much_text"
-    assert len(parse_bytes(pdf, "ok.pdf", limits=ParseLimits(max_pages=12, max_chars=10_000)).pages) == 12
+    assert (
+        len(parse_bytes(pdf, "ok.pdf", limits=ParseLimits(max_pages=12, max_chars=10_000)).pages)
+        == 12
+    )
 
 
 def test_long_text_is_refused_before_it_is_decoded():
@@ -86,8 +94,11 @@ def test_long_text_is_refused_before_it_is_decoded():
 def test_budgets_come_from_settings():
     from kb.settings import Settings
 
-    lim = ParseLimits.from_settings(Settings(max_inflated_mb=3, max_inflated_xml_mb=1, max_document_pages=7,
-                                             max_document_tokens=100))
+    lim = ParseLimits.from_settings(
+        Settings(
+            max_inflated_mb=3, max_inflated_xml_mb=1, max_document_pages=7, max_document_tokens=100
+        )
+    )
     assert lim.max_inflated_bytes == 3 * MiB and lim.max_inflated_xml_bytes == MiB
     assert lim.max_pages == 7 and lim.max_chars == 100 * 12
 
@@ -100,9 +111,12 @@ def make_kb(tmp_path, demo_model_dir):
     made = []
 
     def make(**kw):
-        kb = KnowledgeBase(Settings(home=tmp_path / f"home{len(made)}", models_dir=MODELS_DIR, **kw))
+        kb = KnowledgeBase(
+            Settings(home=tmp_path / f"home{len(made)}", models_dir=MODELS_DIR, **kw)
+        )
         made.append(kb)
         return kb
+
     yield make
     for kb in made:
         kb.close()
@@ -110,15 +124,21 @@ def make_kb(tmp_path, demo_model_dir):
 
 def _doc(tmp_path, name: str, words: int):
     p = tmp_path / name
-    p.write_text(f"{name}: " + " ".join(f"word{i % 97}" for i in range(words)) + "\n")  # unique bytes
+    p.write_text(
+        f"{name}: " + " ".join(f"word{i % 97}" for i in range(words)) + "\n"
+    )  # unique bytes
     return p
 
 
 def test_token_limit_per_document(make_kb, tmp_path):
     kb = make_kb(max_document_tokens=200)
     kb.create_corpus("c")
-    (r,) = kb.ingest("c", [_doc(tmp_path, "long.txt", 300)])  # ~2100 characters: tokenized, then refused
-    assert r.status == "failed" and r.code == "too_many_tokens" and "KB_MAX_DOCUMENT_TOKENS" in r.error
+    (r,) = kb.ingest(
+        "c", [_doc(tmp_path, "long.txt", 300)]
+    )  # ~2100 characters: tokenized, then refused
+    assert (
+        r.status == "failed" and r.code == "too_many_tokens" and "KB_MAX_DOCUMENT_TOKENS" in r.error
+    )
     (ok,) = kb.ingest("c", [_doc(tmp_path, "short.txt", 20)])
     assert ok.status == "ready"
 

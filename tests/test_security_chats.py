@@ -37,8 +37,12 @@ def _turns(kb, sid: int) -> list[tuple[str, str]]:
 
     with kb.db.session() as s:
         assert s.get(ChatSession, sid) is not None
-        return [(m.role, m.content) for m in s.scalars(select(Message).where(Message.session_id == sid)
-                                                        .order_by(Message.id))]
+        return [
+            (m.role, m.content)
+            for m in s.scalars(
+                select(Message).where(Message.session_id == sid).order_by(Message.id)
+            )
+        ]
 
 
 def _session_ids(kb) -> list[int]:

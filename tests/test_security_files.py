@@ -26,8 +26,8 @@ SECRET = "the-secret-of-the-server-is-9271"
 def _site(root: Path, auth: str):
     """A served KB: users ann and bob (sign-in on), each with a private corpus; a secret file
     outside every upload folder."""
-    from kb.server import create_app
     from kb.auth import create_api_key, create_user
+    from kb.server import create_app
     from kb.service import KnowledgeBase
     from kb.settings import Settings
 

@@ -24,9 +24,14 @@ def site(tmp_path_factory, demo_model_dir):
     create_user(kb.db, "bob", "pw-bob-1234")
     kb.create_corpus("ann-secret", owner=ann.id, visibility="private")
     with serve_in_thread(create_app(kb, warm=False)) as url:
-        clients = {n: httpx.Client(base_url=url, timeout=30,
-                                   headers={"Authorization": f"Bearer {create_api_key(kb.db, n)}"})
-                   for n in ("ann", "bob")}
+        clients = {
+            n: httpx.Client(
+                base_url=url,
+                timeout=30,
+                headers={"Authorization": f"Bearer {create_api_key(kb.db, n)}"},
+            )
+            for n in ("ann", "bob")
+        }
         yield {"kb": kb, **clients}
     kb.close()
 
@@ -58,9 +63,13 @@ def test_names_end_where_they_end(site):
 
 def test_shared_corpus_with_an_unknown_user_leaves_nothing_behind(site):
     ann = site["ann"]
-    r = ann.post("/v1/corpora", json={"name": "team", "visibility": "shared", "share_with": ["bob", "ghost"]})
+    r = ann.post(
+        "/v1/corpora", json={"name": "team", "visibility": "shared", "share_with": ["bob", "ghost"]}
+    )
     assert r.status_code == 404 and "ghost" in r.json()["error"]["message"]
     assert ann.get("/v1/corpora/team").status_code == 404
-    r = ann.post("/v1/corpora", json={"name": "team", "visibility": "shared", "share_with": ["bob"]})
+    r = ann.post(
+        "/v1/corpora", json={"name": "team", "visibility": "shared", "share_with": ["bob"]}
+    )
     assert r.status_code == 201, r.text
     assert site["bob"].get("/v1/corpora/team").status_code == 200
