@@ -61,7 +61,7 @@ class Settings(BaseSettings):
                                      "layers still attend every chunk (docs/QUALITY.md: it spends the "
                                      "density where routing loses most answers)")
 
-    selection_budget: int = Field(default=2048, ge=0, description="attention retrieval: shared tokens each "
+    selection_budget: int = Field(default=512, ge=0, description="attention retrieval: shared tokens each "
                                   "request reads (the passages its question chooses at prefill) over a corpus "
                                   "larger than this; 0 = off (dense); docs/QUALITY.md")
     selection_layers: str = Field(default="17,18", description="layers whose question queries choose the "

@@ -109,7 +109,7 @@ def _large_corpus(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("selection")
     data = gen_needle_docs(3, 1, 96000, doc_chars=6000)
-    kb = KnowledgeBase(Settings(home=root / "home", models_dir=MODELS_DIR, max_tokens=12))
+    kb = KnowledgeBase(Settings(home=root / "home", models_dir=MODELS_DIR, max_tokens=24))
     kb.create_corpus("big")
     paths = []
     for i, text in enumerate(data.docs):

@@ -43,7 +43,7 @@ NEUTRAL_QUESTIONS = ("What do the documents say?", "Summarize the documents.", "
 class SelectionConfig:
     """How passages are chosen (defaults: docs/QUALITY.md, "Attention retrieval")."""
 
-    budget: int = 2048  # shared tokens a request reads besides the preamble's chunks
+    budget: int = 512  # shared tokens a request reads besides the preamble's chunks (docs/QUALITY.md)
     layers: tuple[int, ...] = (17, 18)  # layers whose question queries score the corpus
     window: int = 9  # phrase width of the score's window sum, in tokens
     neighbours: int = 1  # chunks taken on each side of a chosen chunk (one passage)
