@@ -13,14 +13,17 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from kb.errors import Conflict, KBError, NotFound
+from kb.settings import Settings
 from storage.db import Database
 from storage.models import ApiKey, Corpus, CorpusShare, User, utcnow
 
@@ -296,3 +299,51 @@ def readable_names(db: Database, user: Principal) -> set[str]:
     """Names of the corpora this user may read."""
     with db.session() as s:
         return {c.name for c in s.scalars(select(Corpus)) if can_read(s, user, c)}
+
+
+# -- who is calling (shared by the HTTP API and the web app) ----------------------------------
+class AuthContext(Protocol):
+    """What resolving a caller needs of the knowledge base: its settings, database and home."""
+
+    settings: Settings
+    db: Database
+    home: Path
+
+
+_secrets: dict[Path, bytes] = {}
+
+
+def auth_on(kb: AuthContext) -> bool:
+    """Whether sign-in is required (KB_AUTH=on)."""
+    return kb.settings.auth == "on"
+
+
+def secret_of(kb: AuthContext) -> bytes:
+    """The session cookies' signing secret of this home, read once per process."""
+    home = kb.home
+    if home not in _secrets:
+        _secrets[home] = session_secret(home)
+    return _secrets[home]
+
+
+def resolve(kb: AuthContext, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Principal | None:
+    """The signed-in user named by a bearer key or session cookie, or None."""
+    authz = headers.get("authorization") or ""
+    if authz.lower().startswith("bearer "):
+        user = verify_api_key(kb.db, authz[7:].strip())
+        if user is not None:
+            return user
+    token = cookies.get(SESSION_COOKIE)
+    if token:
+        return verify_session_token(kb.db, secret_of(kb), token)
+    return None
+
+
+def principal_for(kb: AuthContext, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Principal:
+    """The caller, anonymous when auth is off and no credentials are given; else 401."""
+    user = resolve(kb, headers, cookies)
+    if user is not None:
+        return user
+    if auth_on(kb):
+        raise Unauthorized("sign in, or send `Authorization: Bearer <API key>` (kb user key NAME)")
+    return ANONYMOUS

@@ -9,10 +9,10 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse
 
-from kb.api import auth
+from kb import auth
 from kb.api.app import create_api
-from kb.api.ui_files import GradioFileGuard, UploadRegistry, caller_owner
 from kb.service import KnowledgeBase
+from kb.uploads import GradioFileGuard, UploadRegistry, caller_owner
 
 _PRIVATE = ("kb.sqlite3", "session.secret", "kv", "files", "models")  # never served by Gradio
 

@@ -17,7 +17,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -26,6 +26,8 @@ from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kb.auth import AuthContext, principal_for
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +61,10 @@ def browser_owner(key: str) -> str:
     return "anon:" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def caller_owner(kb: Any, headers: Any, cookies: Any) -> str:
+def caller_owner(kb: AuthContext, headers: Mapping[str, str], cookies: Mapping[str, str]) -> str:
     """The owner key of a request: "user:ID" when signed in; with sign-in off, the anonymous
     browser's key from its cookie ("nobody" without one). Raises Unauthorized with sign-in on
     and no credentials."""
-    from kb.api.auth import principal_for
-
     user = principal_for(kb, headers, cookies)
     if not user.anonymous:
         return f"user:{user.id}"

@@ -224,7 +224,7 @@ def test_generic_routes_serve_nothing_of_the_server(site):
 
 def test_path_rule_refuses_links_out_of_the_upload_folder(tmp_path):
     """Our own rule: inside the upload folder, no symlink on the way, uploaded by this caller."""
-    from kb.api.ui_files import UploadRegistry
+    from kb.uploads import UploadRegistry
 
     folder = tmp_path / "uploads"
     (folder / "abc").mkdir(parents=True)
@@ -248,7 +248,7 @@ def test_path_rule_refuses_links_out_of_the_upload_folder(tmp_path):
 
 def test_event_bodies_name_no_foreign_file(tmp_path):
     """The body check finds a file object at any depth of an event's data."""
-    from kb.api.ui_files import file_paths
+    from kb.uploads import file_paths
 
     data = {
         "data": [

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kb.api.inputs import check_text, text_problem
 from kb.errors import KBError
+from kb.inputs import check_text, text_problem
 from tests.conftest import MODELS_DIR, serve_in_thread
 
 CHAT = "/v1/chat/completions"

@@ -1,4 +1,5 @@
-"""Who is calling: `Authorization: Bearer <API key>` or the session cookie; sign-in pages.
+"""Who is calling, as FastAPI dependencies (the resolving itself is kb/auth.py, shared with the
+web app): `Authorization: Bearer <API key>` or the session cookie; sign-in pages.
 
 With KB_AUTH=on a request without valid credentials gets 401 (the UI page redirects to
 /login). With KB_AUTH=off valid credentials still name the user (so an admin can sign in),
@@ -8,56 +9,26 @@ and everyone else is the anonymous user, who reads public corpora and makes publ
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from kb.api.deps import get_kb
-from kb.errors import KBError
-from kb.auth import (ANONYMOUS, SESSION_COOKIE, SESSION_TTL_S, Principal, Unauthorized, authenticate,
-                     make_session_token, session_secret, verify_api_key, verify_session_token)
+from kb.auth import (
+    SESSION_COOKIE,
+    SESSION_TTL_S,
+    Forbidden,
+    Principal,
+    auth_on,
+    authenticate,
+    make_session_token,
+    principal_for,
+    secret_of,
+)
 from kb.service import KnowledgeBase
 
 router = APIRouter(tags=["auth"])
-
-_secrets: dict[Path, bytes] = {}
-
-
-def auth_on(kb: KnowledgeBase) -> bool:
-    return kb.settings.auth == "on"
-
-
-def secret_of(kb: KnowledgeBase) -> bytes:
-    home = kb.home
-    if home not in _secrets:
-        _secrets[home] = session_secret(home)
-    return _secrets[home]
-
-
-def resolve(kb: KnowledgeBase, headers, cookies) -> Principal | None:
-    """The signed-in user named by a bearer key or session cookie, or None."""
-    authz = headers.get("authorization") or ""
-    if authz.lower().startswith("bearer "):
-        user = verify_api_key(kb.db, authz[7:].strip())
-        if user is not None:
-            return user
-    token = cookies.get(SESSION_COOKIE)
-    if token:
-        return verify_session_token(kb.db, secret_of(kb), token)
-    return None
-
-
-def principal_for(kb: KnowledgeBase, headers, cookies) -> Principal:
-    """The caller, anonymous when auth is off and no credentials are given; else 401."""
-    user = resolve(kb, headers, cookies)
-    if user is not None:
-        return user
-    if auth_on(kb):
-        raise Unauthorized("sign in, or send `Authorization: Bearer <API key>` (kb user key NAME)")
-    return ANONYMOUS
-
 
 async def current_user(request: Request, kb: KnowledgeBase = Depends(get_kb)) -> Principal:
     """FastAPI dependency: the Principal making this request."""
@@ -86,7 +57,7 @@ async def login_page(error: str = ""):
 @router.post("/login", include_in_schema=False)
 async def login(request: Request, name: str = Form(...), password: str = Form(...),
                 kb: KnowledgeBase = Depends(get_kb)):
-    from kb.api.inputs import text_problem
+    from kb.inputs import text_problem
 
     bad = text_problem(name, single_line=True) or text_problem(password)  # never to the database
     user = None if bad else await run_in_threadpool(authenticate, kb.db, name, password)
@@ -130,10 +101,6 @@ def _check(kb: KnowledgeBase, user: Principal, name: str, write: bool) -> None:
 async def require(kb: KnowledgeBase, user: Principal, name: str, write: bool = False) -> None:
     """Raise unless `user` may read (or, with write, change) corpus `name`."""
     await run_in_threadpool(_check, kb, user, name, write)
-
-
-class Forbidden(KBError):
-    status = 403
 
 
 async def require_admin(user: Principal = Depends(current_user), kb: KnowledgeBase = Depends(get_kb)) -> Principal:

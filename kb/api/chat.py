@@ -16,12 +16,12 @@ from fastapi.responses import StreamingResponse
 from kb.api.auth import current_user
 from kb.api.deps import error as _error
 from kb.api.deps import get_kb
-from kb.api.inputs import internal_message
 from kb.api.schemas import ChatRequest
+from kb.auth import Principal
 from kb.engine.request import Delta, Finished
 from kb.engine.sequence import SamplingParams
 from kb.errors import KBError
-from kb.auth import Principal
+from kb.inputs import internal_message
 from kb.service import Answer, KnowledgeBase
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from kb.api.deps import get_kb
 from kb.api.schemas import CorpusCreate
 from kb.auth import Forbidden, Principal
 from kb.errors import Conflict
-from kb.ingest.pipeline import _safe_filename, accepted_types
+from kb.filenames import safe_filename
+from kb.ingest.pipeline import accepted_types
 from kb.service import KnowledgeBase
 
 router = APIRouter(tags=["corpora"])
@@ -76,7 +77,7 @@ async def upload(name: str, files: list[UploadFile] = File(...), wait: bool = Tr
         for f in files:
             # the ingest's own sanitiser: no separators, no "..", no control characters, at most
             # 120 characters (a bare Path().name let ".." and 300-character names through: 500)
-            safe = _safe_filename(f.filename or "upload")
+            safe = safe_filename(f.filename or "upload")
             dest = Path(tmp) / str(len(paths)) / safe  # one folder each: names may repeat
             dest.parent.mkdir()
             with open(dest, "wb") as out:  # copy at most limit+1 bytes: the size check needs no more

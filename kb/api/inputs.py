@@ -1,5 +1,5 @@
-"""What every input must be before it reaches the engine or the database: finite numbers, and
-text with no NUL byte, no lone surrogate and no control character (tab and newlines aside in
+"""The API's side of the input checks (the checks themselves are kb/inputs.py): finite numbers,
+and text with no NUL byte, no lone surrogate and no control character (tab and newlines aside in
 free text). A bad field is a 400 that names it; the answer never echoes the bad value (a NaN
 echoed in FastAPI's 422 made it a 500: "Out of range float values are not JSON compliant").
 """
@@ -7,77 +7,22 @@ echoed in FastAPI's 422 made it a 500: "Out of range float values are not JSON c
 from __future__ import annotations
 
 import logging
-import re
-import uuid
-from contextvars import ContextVar
-from typing import Annotated, Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator
-from pydantic_core import PydanticCustomError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kb.errors import KBError
+from kb.inputs import new_request_id, request_id, text_problem
 
 log = logging.getLogger(__name__)
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # free text keeps \t \n \r
-_CONTROL_ANY = re.compile(r"[\x00-\x1f\x7f]")  # names, ids, paths: no control character at all
 BAD_INPUT_TYPES = {
     "finite_number",
     "bad_text",
     "string_unicode",
 }  # validation errors answered 400, not 422
-request_id: ContextVar[str | None] = ContextVar("kb_request_id", default=None)
-
-
-def text_problem(value: str, single_line: bool = False) -> str | None:
-    """Why `value` may not be stored or tokenized, or None when it is fine."""
-    if "\x00" in value:
-        return "contains a NUL byte"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return "contains a lone surrogate (not valid Unicode text)"
-    if (_CONTROL_ANY if single_line else _CONTROL).search(value):
-        return "contains a control character"
-    return None
-
-
-def check_text(value: Any, field: str, single_line: bool = False) -> Any:
-    """Raise KBError (400) naming `field` if any string in `value` (at any depth) is bad."""
-    if isinstance(value, str):
-        problem = text_problem(value, single_line)
-        if problem:
-            raise KBError(f"{field} {problem}")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_text(k, field, single_line)
-            check_text(
-                v,
-                f"{field}.{k}" if isinstance(k, str) and not text_problem(k) else field,
-                single_line,
-            )
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            check_text(v, f"{field}[{i}]", single_line)
-    return value
-
-
-def _validator(single_line: bool):
-    def check(value: str) -> str:
-        problem = text_problem(value, single_line)
-        if problem:
-            raise PydanticCustomError("bad_text", problem)
-        return value
-
-    return check
-
-
-Text = Annotated[str, AfterValidator(_validator(False))]  # free text: questions, answers
-Name = Annotated[str, AfterValidator(_validator(True))]  # one line: names, model ids, stops
 
 
 def _where(loc: tuple) -> str:
@@ -126,10 +71,6 @@ async def check_params(request: Request) -> None:
                 problem = text_problem(value, single_line=True)
                 if problem:
                     raise KBError(f"{where} parameter {key!r} {problem}")
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 class RequestIdMiddleware:
@@ -182,10 +123,3 @@ class RequestIdMiddleware:
             await resp(scope, receive, send_with_id)
         finally:
             request_id.reset(token)
-
-
-def internal_message(what: str, detail: str | None = None) -> str:
-    """A user-facing line for a failure whose details are for the admin: logged with an id."""
-    rid = request_id.get() or new_request_id()
-    log.error("request %s: %s: %s", rid, what, detail)
-    return f"{what} (request id {rid})"

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from kb.api.inputs import Name, Text
+from kb.inputs import Name, Text
 
 
 class ChatMessage(BaseModel):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ import torch
 from sqlalchemy import select
 
 from kb.errors import KBError, NotFound
+from kb.filenames import safe_filename
 from kb.ingest.errors import IngestError
 from kb.ingest.budgets import check_token_budgets
 from kb.ingest.parse import HEAD_BYTES, ParseLimits, detect_type, parse_bytes
@@ -159,12 +159,6 @@ class IngestResult:
     code: str | None = None
 
 
-def _safe_filename(name: str) -> str:
-    base = Path(name.replace("\\", "/")).name
-    base = re.sub(r"[^\w.\- ]", "_", base).strip(" .") or "document"
-    return base[:120]
-
-
 
 class Ingestor:
     """Builds corpora's stored KV with the serving model (loaded on first use)."""
@@ -284,10 +278,10 @@ class Ingestor:
             if doc is not None and doc.stage == "ready":
                 return StoredDocument(path.name, doc.id, True, "ready", len(doc.segments), doc.num_tokens)
             if doc is None:
-                stored = s.files_dir / str(corpus_id) / f"{digest[:16]}_{_safe_filename(path.name)}"
+                stored = s.files_dir / str(corpus_id) / f"{digest[:16]}_{safe_filename(path.name)}"
                 stored.parent.mkdir(parents=True, exist_ok=True)
                 stored.write_bytes(data)
-                doc = Document(corpus_id=corpus_id, filename=_safe_filename(path.name), content_hash=digest,
+                doc = Document(corpus_id=corpus_id, filename=safe_filename(path.name), content_hash=digest,
                                size_bytes=size, file_path=str(stored), stage="stored")
                 sess.add(doc)
             corpus.status = "building"
