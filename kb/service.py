@@ -18,7 +18,8 @@ from typing import Callable
 
 from sqlalchemy import select
 
-from kb.auth import Principal, can_read, check_read
+from kb.auth import Principal, can_read, can_write, check_read, check_write
+from kb.chats import Chats
 from kb.citations import CitationMap
 from kb.corpus_cache import CorpusCache, LoadedCorpus, model_identity, settings_key
 from kb.engine.engine import Engine, EngineConfig, QueueFull
@@ -32,7 +33,7 @@ from kb.model.loader import LoadedModel, load_model
 from kb.prompt import build_prompt, encode, question_span
 from kb.settings import Settings
 from storage.db import Database
-from storage.models import Corpus, CorpusShare, User
+from storage.models import Corpus, CorpusShare, Document, User
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,32 @@ class CorpusInfo:
         return {"name": self.name, "status": self.status, "model": self.model, "documents": self.documents,
                 "segments": self.segments, "tokens": self.tokens, "stale": self.stale,
                 "created_at": self.created_at.isoformat() if self.created_at else None}
+
+
+@dataclass
+class DocumentProgress:
+    """One document's row in the web app: its stage, stored percent and ETA, tokens, error."""
+
+    id: int
+    filename: str
+    stage: str
+    percent: float
+    eta_s: float | None
+    tokens: int
+    error: str | None
+
+
+@dataclass
+class CorpusPlacement:
+    """Where a corpus's KV is, for the admin: its state columns and its stored KV files."""
+
+    name: str
+    status: str
+    pinned: bool
+    hits: int
+    last_used_at: datetime | None
+    tokens: int  # of its ready documents
+    kv_files: list[str]  # the preamble's and each ready document's segments'
 
 
 @dataclass
@@ -85,6 +112,7 @@ class KnowledgeBase:
         self._lock = threading.RLock()
         self.ingestor = Ingestor(self.settings, self.db, lambda: self.loaded)
         self.cache = CorpusCache(self.settings, self.db, lambda: self.loaded, lambda: self.engine)
+        self.chats = Chats(self.db)
 
     # -- model and engine -------------------------------------------------------------------
     def model_folder(self, name: str | None = None) -> Path:
@@ -118,6 +146,11 @@ class KnowledgeBase:
                     device=s.device, block_size=s.kv_block_size, unique_kv_tokens=s.unique_kv_tokens,
                     max_running=s.max_running, max_queue=s.max_queue))
             return self._engine
+
+    @property
+    def started_engine(self) -> Engine | None:
+        """The engine if a request has started it, else None (never starts one)."""
+        return self._engine
 
     @property
     def jobs(self):
@@ -208,6 +241,80 @@ class KnowledgeBase:
             return [{"id": d.id, "filename": d.filename, "stage": d.stage, "error": d.error,
                      "tokens": d.num_tokens, "segments": len(d.segments), "media_type": d.media_type}
                     for d in c.documents]
+
+    def writable_corpora(self, user: Principal) -> list[str]:
+        """The names of the corpora `user` may read and change, in name order."""
+        with self.db.session() as s:
+            return [c.name for c in s.scalars(select(Corpus).order_by(Corpus.name))
+                    if can_read(s, user, c) and can_write(user, c)]
+
+    def check_write(self, name: str, user: Principal) -> None:
+        """Raise unless corpus `name` exists, `user` may read it and change it."""
+        with self.db.session() as s:
+            check_write(s, user, self._corpus(s, name))
+
+    def document_progress(self, name: str, *, user: Principal) -> list[DocumentProgress]:
+        """Each document of a corpus `user` may read, with its stored progress."""
+        with self.db.session() as s:
+            c = self._corpus(s, name)
+            check_read(s, user, c)
+            return [DocumentProgress(d.id, d.filename, d.stage, d.percent or 0.0, d.eta_s, d.num_tokens, d.error)
+                    for d in c.documents]
+
+    def delete_document(self, name: str, doc_id: int, *, user: Principal) -> str:
+        """Remove a document, its stored file and its KV (the next question loads the new
+        layout); returns its file name."""
+        with self.db.session() as s:
+            corpus = self._corpus(s, name)
+            check_write(s, user, corpus)
+            cid = corpus.id
+        with self.db.session() as s:
+            d = s.get(Document, doc_id)
+            if d is None or d.corpus_id != cid:
+                raise NotFound(f"document {doc_id} is not in corpus {name!r}")
+            fname, file_path = d.filename, d.file_path
+            s.delete(d)
+        shutil.rmtree(self.settings.kv_dir / str(cid) / str(doc_id), ignore_errors=True)
+        if file_path:
+            Path(file_path).unlink(missing_ok=True)
+        self.ingestor.refresh_status(cid)
+        return fname
+
+    def reset_for_rebuild(self, name: str) -> list[Path]:
+        """Drop a corpus from the serving cache (refused while it answers questions) and mark
+        its documents, segments and preamble to be prefilled again; returns its stored files
+        still on disk, for ingesting again."""
+        self.cache.drop(name)
+        with self.db.session() as s:
+            c = self._corpus(s, name)
+            paths = [Path(d.file_path) for d in c.documents if d.file_path and Path(d.file_path).exists()]
+            for d in c.documents:
+                d.stage, d.error = "stored", None
+            c.cache_key, c.status = None, "building"  # the preamble is prefilled again too
+            for d in c.documents:
+                for seg in d.segments:
+                    seg.cache_key = None
+        return paths
+
+    def placements(self) -> list[CorpusPlacement]:
+        """Every corpus's cache state columns and stored KV files, in name order (admin)."""
+        with self.db.session() as s:
+            out = []
+            for c in s.scalars(select(Corpus).order_by(Corpus.name)):
+                ready = [d for d in c.documents if d.stage == "ready"]
+                files = [c.preamble_kv_file] + [seg.kv_file for d in ready for seg in d.segments]
+                out.append(CorpusPlacement(c.name, c.status, bool(c.pinned), c.hits or 0, c.last_used_at,
+                                           sum(d.num_tokens for d in ready), [f for f in files if f]))
+            return out
+
+    def set_placement(self, name: str, *, pinned: bool | None = None, tier: str | None = None) -> None:
+        """Record a corpus's pinned flag and tier (admin operations)."""
+        with self.db.session() as s:
+            c = self._corpus(s, name)
+            if pinned is not None:
+                c.pinned = pinned
+            if tier is not None:
+                c.tier = tier
 
     def delete_corpus(self, name: str) -> None:
         with self._lock:

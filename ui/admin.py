@@ -15,11 +15,9 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
-from sqlalchemy import select
 
 from kb.errors import Conflict, KBError, NotFound
 from kb.service import KnowledgeBase
-from storage.models import Corpus
 from ui.common import admin_of, fmt_bytes, shown_errors
 from ui.corpora import Tracker, rebuild
 
@@ -80,31 +78,19 @@ def corpus_rows(kb: KnowledgeBase) -> list[CorpusRow]:
                 for r in m.lookup(kb)]
     device_tier = "gpu" if kb.settings.device.startswith("cuda") else "cpu"
     rows = []
-    with kb.db.session() as s:
-        for c in s.scalars(select(Corpus).order_by(Corpus.name)):
-            loaded = kb.cache.loaded.get(c.name)
-            dev = sum(t.numel() * t.element_size() for t in (loaded.shared.k + loaded.shared.v)) if loaded else 0
-            ready = [d for d in c.documents if d.stage == "ready"]
-            disk = _files_bytes([c.preamble_kv_file] + [seg.kv_file for d in ready for seg in d.segments])
-            if c.status != "ready":
-                state = c.status
-            elif c.pinned:
-                state = "pinned"
-            else:
-                state = "ready" if loaded else "evicted"
-            gpu, cpu = (dev, 0) if device_tier == "gpu" else (0, dev)
-            rows.append(CorpusRow(c.name, state, sum(d.num_tokens for d in ready), gpu, cpu, disk, c.hits or 0,
-                                  _when(c.last_used_at), device_tier if loaded else "disk", bool(c.pinned)))
+    for c in kb.placements():
+        loaded = kb.cache.loaded.get(c.name)
+        dev = sum(t.numel() * t.element_size() for t in (loaded.shared.k + loaded.shared.v)) if loaded else 0
+        if c.status != "ready":
+            state = c.status
+        elif c.pinned:
+            state = "pinned"
+        else:
+            state = "ready" if loaded else "evicted"
+        gpu, cpu = (dev, 0) if device_tier == "gpu" else (0, dev)
+        rows.append(CorpusRow(c.name, state, c.tokens, gpu, cpu, _files_bytes(c.kv_files), c.hits,
+                              _when(c.last_used_at), device_tier if loaded else "disk", c.pinned))
     return rows
-
-
-def _set(kb: KnowledgeBase, name: str, **values: Any) -> None:
-    with kb.db.session() as s:
-        c = s.scalar(select(Corpus).where(Corpus.name == name))
-        if c is None:
-            raise NotFound(f"corpus {name!r} does not exist")
-        for k, v in values.items():
-            setattr(c, k, v)
 
 
 def cache_op(kb: KnowledgeBase, tracker: Tracker, user, op: str, name: str, tier: str | None = None) -> str:
@@ -124,22 +110,22 @@ def cache_op(kb: KnowledgeBase, tracker: Tracker, user, op: str, name: str, tier
         raise NotFound(f"corpus {name!r} does not exist")
     if op == "pin":
         kb.load_corpus(name)
-        _set(kb, name, pinned=True, tier=device_tier)
+        kb.set_placement(name, pinned=True, tier=device_tier)
         return f"pinned {name} on {device_tier}"
     if op == "unpin":
-        _set(kb, name, pinned=False)
+        kb.set_placement(name, pinned=False)
         return f"unpinned {name}"
     if op == "evict" or (op == "move" and tier == "disk"):
         if pinned:
             raise Conflict(f"corpus {name!r} is pinned; unpin it first")
         kb.cache.drop(name)  # refuses while it answers questions
-        _set(kb, name, tier="disk")
+        kb.set_placement(name, tier="disk")
         return f"evicted {name}: its KV is on disk only"
     if op == "move":
         if tier != device_tier:
             raise KBError(f"this server serves from {device_tier}; its tiers are {device_tier} and disk")
         kb.load_corpus(name)
-        _set(kb, name, tier=device_tier)
+        kb.set_placement(name, tier=device_tier)
         return f"moved {name} to {device_tier}"
     return rebuild(kb, tracker, user, name)
 
@@ -157,7 +143,7 @@ class EngineSample:
 
 def engine_sample(kb: KnowledgeBase) -> EngineSample | None:
     """The engine's figures now (None until the engine has started)."""
-    eng = kb._engine
+    eng = kb.started_engine
     if eng is None:
         return None
     m = eng.metrics

@@ -5,8 +5,8 @@ import asyncio
 
 import gradio as gr
 
-from kb.api.ui_files import UploadRegistry
 from kb.service import KnowledgeBase
+from kb.uploads import UploadRegistry
 from ui.admin import build_admin_tab
 from ui.chat import build_chat_tab
 from ui.common import user_of
@@ -20,7 +20,7 @@ CSS = """  /* passed to mount_gradio_app (Gradio 6 takes css at launch/mount) */
 
 def build_ui(kb: KnowledgeBase, uploads: UploadRegistry | None = None) -> gr.Blocks:
     """The Blocks app; each event resolves its user from the request (cookie or API key).
-    `uploads` names the files each caller uploaded (kb.api.ui_files); without it no event
+    `uploads` names the files each caller uploaded (kb.uploads); without it no event
     accepts a file."""
     uploads = uploads or UploadRegistry(kb.home / "ui-uploads")
     with gr.Blocks(title="kb: shared-context knowledge base", analytics_enabled=False) as demo:

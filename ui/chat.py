@@ -2,7 +2,7 @@
 
 Handlers are async and hand each question straight to the engine (no Gradio concurrency limit
 in front of it: the engine batches every running request into one step). Conversations are
-stored per user (ChatSession, Message, CitationRecord), so they survive a reload.
+stored per user (`kb.chats`), so they survive a reload.
 """
 
 import asyncio
@@ -10,15 +10,11 @@ import html
 from typing import Any
 
 import gradio as gr
-from sqlalchemy import select
-
-from kb.api.inputs import internal_message, text_problem
-from kb.api.ui_files import caller_owner
-from kb.auth import Principal, check_read
-from kb.engine.request import Delta, Finished
-from kb.errors import KBError, NotFound
-from kb.service import KnowledgeBase
-from storage.models import ChatSession, CitationRecord, Corpus, Message
+from kb.auth import Principal
+from kb.errors import KBError
+from kb.inputs import internal_message, text_problem
+from kb.service import Delta, Finished, KnowledgeBase
+from kb.uploads import caller_owner
 from ui.common import shown_errors, user_of
 
 CONTEXT_CHARS = 240  # passage context shown around the cited part
@@ -75,88 +71,17 @@ def _ready_corpora(kb: KnowledgeBase, user: Principal) -> list[str]:
     return [c.name for c in kb.list_corpora(user=user) if c.status == "ready"]
 
 
-def _mine(user: Principal, owner: str):
-    """The SQL condition for the caller's chats: a user's by id; with sign-in off, an anonymous
-    browser's by its owner key (a random cookie, never a guessable id)."""
-    if user.anonymous:
-        return (ChatSession.user_id.is_(None)) & (ChatSession.owner_key == owner)
-    return ChatSession.user_id == user.id
-
-
-def _owns(cs: ChatSession, user: Principal, owner: str) -> bool:
-    if user.anonymous:
-        return cs.user_id is None and owner.startswith("anon:") and cs.owner_key == owner
-    return cs.user_id == user.id
-
-
 def _sessions(kb: KnowledgeBase, user: Principal, owner: str, corpus: str | None) -> list[tuple[str, int]]:
-    if not corpus or (user.anonymous and not owner.startswith("anon:")):
-        return []
-    with kb.db.session() as s:
-        rows = s.execute(select(ChatSession.id, ChatSession.title).join(Corpus)
-                         .where(_mine(user, owner), Corpus.name == corpus)
-                         .order_by(ChatSession.id.desc()).limit(50)).all()
-        return [(f"#{sid} {title}", sid) for sid, title in rows]
-
-
-def _new_session(kb: KnowledgeBase, user: Principal, owner: str, corpus: str, title: str) -> int:
-    if user.anonymous and not owner.startswith("anon:"):
-        raise KBError("this browser sent no session cookie: reload the page")
-    with kb.db.session() as s:
-        c = s.scalar(select(Corpus).where(Corpus.name == corpus))
-        if c is None:
-            raise NotFound(f"corpus {corpus!r} does not exist")
-        check_read(s, user, c)
-        cs = ChatSession(user_id=user.id, owner_key=owner if user.anonymous else None, corpus_id=c.id,
-                         title=title[:200])
-        s.add(cs)
-        s.flush()
-        return cs.id
-
-
-def _own_session(s, user: Principal, owner: str, session_id: int) -> ChatSession:
-    cs = s.get(ChatSession, session_id)
-    if cs is None or not _owns(cs, user, owner):
-        raise NotFound(f"conversation {session_id} does not exist")
-    return cs
-
-
-def _save(kb: KnowledgeBase, user: Principal, owner: str, session_id: int, role: str, content: str,
-          citations: list[dict] = ()) -> None:
-    with kb.db.session() as s:
-        _own_session(s, user, owner, session_id)
-        m = Message(session_id=session_id, role=role, content=content)
-        s.add(m)
-        s.flush()
-        for rank, c in enumerate(citations):
-            s.add(CitationRecord(message_id=m.id, rank=rank, document_id=c.get("document_id"),
-                                 document=c["document"], page=c.get("page"), text=c["text"],
-                                 score=float(c.get("score") or 0.0)))
-
-
-def _drop_last_turn(kb: KnowledgeBase, user: Principal, owner: str, session_id: int) -> None:
-    """Forget the last question and its answer (retry asks it again)."""
-    with kb.db.session() as s:
-        cs = _own_session(s, user, owner, session_id)
-        msgs = list(cs.messages)
-        while msgs and msgs[-1].role == "assistant":
-            s.delete(msgs.pop())
-        if msgs and msgs[-1].role == "user":
-            s.delete(msgs.pop())
+    return [(f"#{c.id} {c.title}", c.id) for c in kb.chats.list(user, owner, corpus)]
 
 
 def _load_session(kb: KnowledgeBase, user: Principal, owner: str, session_id: int) -> tuple[str, list[dict]]:
-    with kb.db.session() as s:
-        cs = _own_session(s, user, owner, session_id)
-        corpus = s.get(Corpus, cs.corpus_id)
-        check_read(s, user, corpus)
-        out: list[dict] = []
-        for m in cs.messages:
-            out.append({"role": m.role, "content": m.content})
-            for i, c in enumerate(m.citations, 1):
-                out.append(citation_message(i, {"document": c.document, "page": c.page, "text": c.text,
-                                                "score": c.score}))
-        return corpus.name, out
+    history = kb.chats.load(user, owner, session_id)
+    out: list[dict] = []
+    for m in history.messages:
+        out.append({"role": m.role, "content": m.content})
+        out.extend(citation_message(i, c) for i, c in enumerate(m.citations, 1))
+    return history.corpus, out
 
 
 class ChatHandlers:
@@ -166,7 +91,7 @@ class ChatHandlers:
         self.kb = kb
 
     def caller(self, request: gr.Request | None) -> tuple[Principal, str]:
-        """Who asks, and the owner key their chats are stored under (kb.api.ui_files)."""
+        """Who asks, and the owner key their chats are stored under (kb.uploads)."""
         user = user_of(self.kb, request)
         if request is None:
             return user, f"user:{user.id}" if not user.anonymous else "nobody"
@@ -209,8 +134,8 @@ class ChatHandlers:
         messages = text_only(list(messages or []))
         history = model_history(messages)
         if session_id is None:
-            session_id = await asyncio.to_thread(_new_session, kb, user, owner, corpus, question)
-        await asyncio.to_thread(_save, kb, user, owner, session_id, "user", question)
+            session_id = await asyncio.to_thread(kb.chats.create, user, owner, corpus, question)
+        await asyncio.to_thread(kb.chats.append, user, owner, session_id, "user", question)
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         yield messages, session_id, ""
         loop = asyncio.get_running_loop()
@@ -228,16 +153,16 @@ class ChatHandlers:
         finally:
             if finished is None:  # stopped (cancelled) or the page went away: free its KV now
                 kb.engine.abort(answer.handle)
-                await asyncio.shield(asyncio.to_thread(_save, kb, user, owner, session_id, "assistant",
+                await asyncio.shield(asyncio.to_thread(kb.chats.append, user, owner, session_id, "assistant",
                                                        text + " …(stopped)"))
         if finished.reason == "error":
             messages[-1] = {"role": "assistant",
                             "content": f"⚠️ {internal_message('generation failed', finished.error)}"}
-            await asyncio.to_thread(_save, kb, user, owner, session_id, "assistant", messages[-1]["content"])
+            await asyncio.to_thread(kb.chats.append, user, owner, session_id, "assistant", messages[-1]["content"])
             yield messages, session_id, ""
             return
         cites = await asyncio.to_thread(answer.citations)
-        await asyncio.to_thread(_save, kb, user, owner, session_id, "assistant", finished.text, cites)
+        await asyncio.to_thread(kb.chats.append, user, owner, session_id, "assistant", finished.text, cites)
         messages[-1] = {"role": "assistant", "content": finished.text}
         messages += [citation_message(i, c) for i, c in enumerate(cites, 1)]
         yield messages, session_id, ""
@@ -253,7 +178,7 @@ class ChatHandlers:
         question = model_history([messages[last]])[0]["content"]
         if session_id is not None:
             user, owner = await asyncio.to_thread(self.caller, request)
-            await asyncio.to_thread(_drop_last_turn, self.kb, user, owner, int(session_id))
+            await asyncio.to_thread(self.kb.chats.drop_last_turn, user, owner, int(session_id))
         async for out in self.send(question, messages[:last], corpus, session_id, request):
             yield out
 

@@ -10,10 +10,9 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from kb.api.auth import principal_for
-from kb.api.inputs import check_text, new_request_id
-from kb.auth import Forbidden, Principal
+from kb.auth import Forbidden, Principal, principal_for
 from kb.errors import KBError
+from kb.inputs import check_text, new_request_id
 from kb.service import KnowledgeBase
 
 log = logging.getLogger(__name__)

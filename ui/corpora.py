@@ -17,14 +17,12 @@ from typing import Any
 
 import gradio as gr
 import pandas as pd
-from sqlalchemy import select
 
-from kb.api.ui_files import UploadRegistry, caller_owner
-from kb.auth import Principal, check_write
-from kb.errors import Conflict, KBError, NotFound
-from kb.ingest.pipeline import _safe_filename
+from kb.auth import Principal
+from kb.errors import Conflict, KBError
+from kb.filenames import safe_filename
 from kb.service import KnowledgeBase
-from storage.models import Corpus, Document
+from kb.uploads import UploadRegistry, caller_owner
 from ui.common import shown_errors, user_of
 
 log = logging.getLogger(__name__)
@@ -59,11 +57,11 @@ class Tracker:
     def queued(self, corpus: str, names: list[str]) -> None:
         with self._lock:
             for n in names:
-                self._live[(corpus, _safe_filename(n))] = Live()
+                self._live[(corpus, safe_filename(n))] = Live()
 
     def update(self, corpus: str, filename: str, stage: str, frac: float) -> None:
         with self._lock:
-            live = self._live.setdefault((corpus, _safe_filename(filename)), Live())
+            live = self._live.setdefault((corpus, safe_filename(filename)), Live())
             if stage == "prefilled" and live.prefill_started is None:
                 live.prefill_started = time.monotonic()
             live.stage, live.frac = stage, frac
@@ -71,28 +69,15 @@ class Tracker:
     def done(self, corpus: str, names: list[str]) -> None:
         with self._lock:
             for n in names:
-                self._live.pop((corpus, _safe_filename(n)), None)
+                self._live.pop((corpus, safe_filename(n)), None)
 
     def of(self, corpus: str) -> dict[str, Live]:
         with self._lock:
             return {f: live for (c, f), live in self._live.items() if c == corpus}
 
 
-def _corpus_for_write(kb: KnowledgeBase, user: Principal, name: str) -> Corpus:
-    with kb.db.session() as s:
-        c = s.scalar(select(Corpus).where(Corpus.name == name))
-        if c is None:
-            raise NotFound(f"corpus {name!r} does not exist")
-        check_write(s, user, c)
-        return c
-
-
 def _writable(kb: KnowledgeBase, user: Principal) -> list[str]:
-    from kb.auth import can_read, can_write
-
-    with kb.db.session() as s:
-        return [c.name for c in s.scalars(select(Corpus).order_by(Corpus.name))
-                if can_read(s, user, c) and can_write(user, c)]
+    return kb.writable_corpora(user)
 
 
 def _pct(stage: str, db_percent: float, live: Live | None) -> float:
@@ -107,14 +92,8 @@ def _pct(stage: str, db_percent: float, live: Live | None) -> float:
 
 def document_rows(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str) -> list[list]:
     """One row per document (and per file still waiting): stage, percent, ETA, error."""
-    with kb.db.session() as s:
-        c = s.scalar(select(Corpus).where(Corpus.name == name))
-        if c is None:
-            raise NotFound(f"corpus {name!r} does not exist")
-        from kb.auth import check_read
-
-        check_read(s, user, c)
-        docs = [(d.id, d.filename, d.stage, d.percent or 0.0, d.eta_s, d.num_tokens, d.error) for d in c.documents]
+    docs = [(d.id, d.filename, d.stage, d.percent, d.eta_s, d.tokens, d.error)
+            for d in kb.document_progress(name, user=user)]
     live = tracker.of(name)
     rows = []
     for did, fname, stage, pct, eta, toks, err in docs:
@@ -147,7 +126,7 @@ def _ingest_in_thread(kb: KnowledgeBase, tracker: Tracker, name: str, folder: Pa
 
 def start_ingest(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str, files: list[str]) -> str:
     """Queue the files for ingestion and return at once; progress shows in the document table."""
-    _corpus_for_write(kb, user, name)
+    kb.check_write(name, user)
     if not files:
         raise KBError("drop one or more files first")
     folder = Path(tempfile.mkdtemp(prefix="ui-upload-", dir=kb.home))
@@ -173,40 +152,21 @@ def start_ingest(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str
 
 def delete_document(kb: KnowledgeBase, user: Principal, name: str, doc_id: int) -> str:
     """Remove a document, its stored file and its KV; the next question loads the new layout."""
-    corpus = _corpus_for_write(kb, user, name)
-    with kb.db.session() as s:
-        d = s.get(Document, doc_id)
-        if d is None or d.corpus_id != corpus.id:
-            raise NotFound(f"document {doc_id} is not in corpus {name!r}")
-        fname, file_path = d.filename, d.file_path
-        s.delete(d)
-    shutil.rmtree(kb.settings.kv_dir / str(corpus.id) / str(doc_id), ignore_errors=True)
-    if file_path:
-        Path(file_path).unlink(missing_ok=True)
-    kb.ingestor.refresh_status(corpus.id)
+    fname = kb.delete_document(name, doc_id, user=user)
     return f"deleted {fname} from {name}"
 
 
 def rebuild(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str) -> str:
     """Recompute a corpus's KV from its stored files (after a model or settings change, or a
     damaged KV file): segments whose cache key no longer matches are prefilled again."""
-    corpus = _corpus_for_write(kb, user, name)
+    kb.check_write(name, user)
     try:
         import kb.cache_admin as cache_admin
     except ImportError:
         cache_admin = None
     if cache_admin is not None and hasattr(cache_admin, "submit"):  # the tier manager's rebuild job
         return f"rebuilding {name} (event {cache_admin.submit(kb, 'rebuild', name)})"
-    kb.cache.drop(name)  # refuses while it answers questions
-    with kb.db.session() as s:
-        c = s.get(Corpus, corpus.id)
-        paths = [Path(d.file_path) for d in c.documents if d.file_path and Path(d.file_path).exists()]
-        for d in c.documents:
-            d.stage, d.error = "stored", None
-        c.cache_key, c.status = None, "building"  # the preamble is prefilled again too
-        for d in c.documents:
-            for seg in d.segments:
-                seg.cache_key = None
+    paths = kb.reset_for_rebuild(name)  # refuses while it answers questions
     folder = Path(tempfile.mkdtemp(prefix="ui-rebuild-", dir=kb.home))
     _ingest_in_thread(kb, tracker, name, folder, paths)
     return f"rebuilding {name} from {len(paths)} stored file(s)"
