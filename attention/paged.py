@@ -13,10 +13,17 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, check_device, dot_dtype, sms, tl, triton
-
-if HAS_TRITON:
-    from ._triton import softmax_finish, softmax_update
+from ._triton import (
+    HAS_TRITON,
+    cdiv,
+    check_device,
+    dot_dtype,
+    sms,
+    softmax_finish,
+    softmax_update,
+    tl,
+    triton,
+)
 
 LOG2E = 1.4426950408889634
 

@@ -14,14 +14,10 @@ is an upper bound known from shapes alone, so nothing waits on the host.
 
 from __future__ import annotations
 
-
 import torch
 
+from ._triton import HAS_TRITON, cdiv, dot_dtype, softmax_finish, softmax_update, tl, triton
 from .routed_call import prepare_routed
-from ._triton import HAS_TRITON, cdiv, dot_dtype, tl, triton
-
-if HAS_TRITON:
-    from ._triton import softmax_finish, softmax_update
 
 LOG2E = 1.4426950408889634
 

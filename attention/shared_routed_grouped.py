@@ -25,10 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, tl, triton
-
-if HAS_TRITON:
-    from ._triton import softmax_finish, softmax_update
+from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, softmax_finish, softmax_update, tl, triton
 from .routed_call import prepare_routed
 
 LOG2E = 1.4426950408889634

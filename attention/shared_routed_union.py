@@ -21,14 +21,10 @@ structure; with independent uniform choices there is none and the union is every
 
 from __future__ import annotations
 
-
 import torch
 
+from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, softmax_finish, softmax_update, tl, triton
 from .routed_call import prepare_routed
-from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, tl, triton
-
-if HAS_TRITON:
-    from ._triton import softmax_finish, softmax_update
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
