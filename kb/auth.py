@@ -326,7 +326,9 @@ def secret_of(kb: AuthContext) -> bytes:
     return _secrets[home]
 
 
-def resolve(kb: AuthContext, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Principal | None:
+def resolve(
+    kb: AuthContext, headers: Mapping[str, str], cookies: Mapping[str, str]
+) -> Principal | None:
     """The signed-in user named by a bearer key or session cookie, or None."""
     authz = headers.get("authorization") or ""
     if authz.lower().startswith("bearer "):
@@ -339,7 +341,9 @@ def resolve(kb: AuthContext, headers: Mapping[str, str], cookies: Mapping[str, s
     return None
 
 
-def principal_for(kb: AuthContext, headers: Mapping[str, str], cookies: Mapping[str, str]) -> Principal:
+def principal_for(
+    kb: AuthContext, headers: Mapping[str, str], cookies: Mapping[str, str]
+) -> Principal:
     """The caller, anonymous when auth is off and no credentials are given; else 401."""
     user = resolve(kb, headers, cookies)
     if user is not None:

@@ -79,9 +79,13 @@ class Chats:
         if not corpus or _no_browser_key(user, owner):
             return []
         with self.db.session() as s:
-            rows = s.execute(select(ChatSession.id, ChatSession.title).join(Corpus)
-                             .where(_mine(user, owner), Corpus.name == corpus)
-                             .order_by(ChatSession.id.desc()).limit(LIST_LIMIT)).all()
+            rows = s.execute(
+                select(ChatSession.id, ChatSession.title)
+                .join(Corpus)
+                .where(_mine(user, owner), Corpus.name == corpus)
+                .order_by(ChatSession.id.desc())
+                .limit(LIST_LIMIT)
+            ).all()
             return [ChatSummary(sid, title) for sid, title in rows]
 
     def create(self, user: Principal, owner: str, corpus: str, title: str) -> int:
@@ -93,14 +97,25 @@ class Chats:
             if c is None:
                 raise NotFound(f"corpus {corpus!r} does not exist")
             check_read(s, user, c)
-            cs = ChatSession(user_id=user.id, owner_key=owner if user.anonymous else None,
-                             corpus_id=c.id, title=title[:TITLE_CHARS])
+            cs = ChatSession(
+                user_id=user.id,
+                owner_key=owner if user.anonymous else None,
+                corpus_id=c.id,
+                title=title[:TITLE_CHARS],
+            )
             s.add(cs)
             s.flush()
             return cs.id
 
-    def append(self, user: Principal, owner: str, session_id: int, role: str, content: str,
-               citations: Sequence[dict] = ()) -> None:
+    def append(
+        self,
+        user: Principal,
+        owner: str,
+        session_id: int,
+        role: str,
+        content: str,
+        citations: Sequence[dict] = (),
+    ) -> None:
         """Store one turn (and an answer's citations) at the end of the caller's conversation."""
         with self.db.session() as s:
             self._own(s, user, owner, session_id)
@@ -108,9 +123,17 @@ class Chats:
             s.add(m)
             s.flush()
             for rank, c in enumerate(citations):
-                s.add(CitationRecord(message_id=m.id, rank=rank, document_id=c.get("document_id"),
-                                     document=c["document"], page=c.get("page"), text=c["text"],
-                                     score=float(c.get("score") or 0.0)))
+                s.add(
+                    CitationRecord(
+                        message_id=m.id,
+                        rank=rank,
+                        document_id=c.get("document_id"),
+                        document=c["document"],
+                        page=c.get("page"),
+                        text=c["text"],
+                        score=float(c.get("score") or 0.0),
+                    )
+                )
 
     def drop_last_turn(self, user: Principal, owner: str, session_id: int) -> None:
         """Forget the last question and its answer (retry asks it again)."""
@@ -128,10 +151,25 @@ class Chats:
             cs = self._own(s, user, owner, session_id)
             corpus = s.get(Corpus, cs.corpus_id)
             check_read(s, user, corpus)
-            return ChatHistory(corpus.name, [
-                StoredMessage(m.role, m.content, [{"document": c.document, "page": c.page, "text": c.text,
-                                                   "score": c.score} for c in m.citations])
-                for m in cs.messages])
+            return ChatHistory(
+                corpus.name,
+                [
+                    StoredMessage(
+                        m.role,
+                        m.content,
+                        [
+                            {
+                                "document": c.document,
+                                "page": c.page,
+                                "text": c.text,
+                                "score": c.score,
+                            }
+                            for c in m.citations
+                        ],
+                    )
+                    for m in cs.messages
+                ],
+            )
 
     def rename(self, user: Principal, owner: str, session_id: int, title: str) -> None:
         """Give the caller's conversation a new title."""

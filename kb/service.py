@@ -258,8 +258,8 @@ class KnowledgeBase:
         with self.db.session() as s:
             c = self._corpus(s, name)
             check_read(s, user, c)
-            return [DocumentProgress(d.id, d.filename, d.stage, d.percent or 0.0, d.eta_s, d.num_tokens, d.error)
-                    for d in c.documents]
+            return [DocumentProgress(d.id, d.filename, d.stage, d.percent or 0.0, d.eta_s,
+                                     d.num_tokens, d.error) for d in c.documents]
 
     def delete_document(self, name: str, doc_id: int, *, user: Principal) -> str:
         """Remove a document, its stored file and its KV (the next question loads the new
@@ -287,7 +287,8 @@ class KnowledgeBase:
         self.cache.drop(name)
         with self.db.session() as s:
             c = self._corpus(s, name)
-            paths = [Path(d.file_path) for d in c.documents if d.file_path and Path(d.file_path).exists()]
+            paths = [Path(d.file_path) for d in c.documents
+                     if d.file_path and Path(d.file_path).exists()]
             for d in c.documents:
                 d.stage, d.error = "stored", None
             c.cache_key, c.status = None, "building"  # the preamble is prefilled again too
@@ -303,11 +304,13 @@ class KnowledgeBase:
             for c in s.scalars(select(Corpus).order_by(Corpus.name)):
                 ready = [d for d in c.documents if d.stage == "ready"]
                 files = [c.preamble_kv_file] + [seg.kv_file for d in ready for seg in d.segments]
-                out.append(CorpusPlacement(c.name, c.status, bool(c.pinned), c.hits or 0, c.last_used_at,
-                                           sum(d.num_tokens for d in ready), [f for f in files if f]))
+                tokens = sum(d.num_tokens for d in ready)
+                out.append(CorpusPlacement(c.name, c.status, bool(c.pinned), c.hits or 0,
+                                           c.last_used_at, tokens, [f for f in files if f]))
             return out
 
-    def set_placement(self, name: str, *, pinned: bool | None = None, tier: str | None = None) -> None:
+    def set_placement(self, name: str, *, pinned: bool | None = None,
+                      tier: str | None = None) -> None:
         """Record a corpus's pinned flag and tier (admin operations)."""
         with self.db.session() as s:
             c = self._corpus(s, name)

@@ -21,7 +21,18 @@ from kb.service import KnowledgeBase
 from ui.common import admin_of, fmt_bytes, shown_errors
 from ui.corpora import Tracker, rebuild
 
-CORPUS_COLUMNS = ["corpus", "state", "tokens", "GPU KV", "CPU KV", "disk KV", "hits", "last use", "tier", "pinned"]
+CORPUS_COLUMNS = [
+    "corpus",
+    "state",
+    "tokens",
+    "GPU KV",
+    "CPU KV",
+    "disk KV",
+    "hits",
+    "last use",
+    "tier",
+    "pinned",
+]
 OPS = ("pin", "unpin", "evict", "move", "rebuild")
 HISTORY = 120  # engine samples kept for the plots
 
@@ -40,9 +51,18 @@ class CorpusRow:
     pinned: bool
 
     def cells(self) -> list:
-        return [self.name, self.state, self.tokens, fmt_bytes(self.gpu_bytes), fmt_bytes(self.cpu_bytes),
-                fmt_bytes(self.disk_bytes),
-                self.hits, self.last_used, self.tier, "yes" if self.pinned else ""]
+        return [
+            self.name,
+            self.state,
+            self.tokens,
+            fmt_bytes(self.gpu_bytes),
+            fmt_bytes(self.cpu_bytes),
+            fmt_bytes(self.disk_bytes),
+            self.hits,
+            self.last_used,
+            self.tier,
+            "yes" if self.pinned else "",
+        ]
 
 
 def _files_bytes(paths: list[str | None]) -> int:
@@ -73,14 +93,30 @@ def corpus_rows(kb: KnowledgeBase) -> list[CorpusRow]:
     """Every corpus with where its KV is: per tier bytes, state, hits, last use."""
     m = cache_admin()
     if m is not None:
-        return [CorpusRow(r.name, r.state, r.tokens, r.bytes.get("gpu", 0), r.bytes.get("cpu", 0),
-                          r.bytes.get("disk", 0), r.hits, _when(r.last_used_at), r.tier, r.pinned)
-                for r in m.lookup(kb)]
+        return [
+            CorpusRow(
+                r.name,
+                r.state,
+                r.tokens,
+                r.bytes.get("gpu", 0),
+                r.bytes.get("cpu", 0),
+                r.bytes.get("disk", 0),
+                r.hits,
+                _when(r.last_used_at),
+                r.tier,
+                r.pinned,
+            )
+            for r in m.lookup(kb)
+        ]
     device_tier = "gpu" if kb.settings.device.startswith("cuda") else "cpu"
     rows = []
     for c in kb.placements():
         loaded = kb.cache.loaded.get(c.name)
-        dev = sum(t.numel() * t.element_size() for t in (loaded.shared.k + loaded.shared.v)) if loaded else 0
+        dev = (
+            sum(t.numel() * t.element_size() for t in (loaded.shared.k + loaded.shared.v))
+            if loaded
+            else 0
+        )
         if c.status != "ready":
             state = c.status
         elif c.pinned:
@@ -88,12 +124,26 @@ def corpus_rows(kb: KnowledgeBase) -> list[CorpusRow]:
         else:
             state = "ready" if loaded else "evicted"
         gpu, cpu = (dev, 0) if device_tier == "gpu" else (0, dev)
-        rows.append(CorpusRow(c.name, state, c.tokens, gpu, cpu, _files_bytes(c.kv_files), c.hits,
-                              _when(c.last_used_at), device_tier if loaded else "disk", c.pinned))
+        rows.append(
+            CorpusRow(
+                c.name,
+                state,
+                c.tokens,
+                gpu,
+                cpu,
+                _files_bytes(c.kv_files),
+                c.hits,
+                _when(c.last_used_at),
+                device_tier if loaded else "disk",
+                c.pinned,
+            )
+        )
     return rows
 
 
-def cache_op(kb: KnowledgeBase, tracker: Tracker, user, op: str, name: str, tier: str | None = None) -> str:
+def cache_op(
+    kb: KnowledgeBase, tracker: Tracker, user, op: str, name: str, tier: str | None = None
+) -> str:
     """Run one admin operation on a corpus's cache; returns what happened, in words."""
     if op not in OPS:
         raise KBError(f"unknown operation {op!r}: one of {', '.join(OPS)}")
@@ -101,9 +151,13 @@ def cache_op(kb: KnowledgeBase, tracker: Tracker, user, op: str, name: str, tier
         raise KBError("pick a corpus first")
     m = cache_admin()
     if m is not None:
-        if op == "rebuild":  # long: runs as a cache job; the Corpora tab shows its documents' progress
+        if (
+            op == "rebuild"
+        ):  # long: runs as a cache job; the Corpora tab shows its documents' progress
             return f"rebuilding {name} (event {m.submit(kb, 'rebuild', name)})"
-        return f"{op} {name}: " + ", ".join(f"{k} {v}" for k, v in m.run_op(kb, op, name, tier).items())
+        return f"{op} {name}: " + ", ".join(
+            f"{k} {v}" for k, v in m.run_op(kb, op, name, tier).items()
+        )
     device_tier = "gpu" if kb.settings.device.startswith("cuda") else "cpu"
     pinned = next((r.pinned for r in corpus_rows(kb) if r.name == name), None)
     if pinned is None:
@@ -123,7 +177,9 @@ def cache_op(kb: KnowledgeBase, tracker: Tracker, user, op: str, name: str, tier
         return f"evicted {name}: its KV is on disk only"
     if op == "move":
         if tier != device_tier:
-            raise KBError(f"this server serves from {device_tier}; its tiers are {device_tier} and disk")
+            raise KBError(
+                f"this server serves from {device_tier}; its tiers are {device_tier} and disk"
+            )
         kb.load_corpus(name)
         kb.set_placement(name, tier=device_tier)
         return f"moved {name} to {device_tier}"
@@ -148,23 +204,38 @@ def engine_sample(kb: KnowledgeBase) -> EngineSample | None:
         return None
     m = eng.metrics
     n = m.registry.get_sample_value("kb_time_to_first_token_seconds_count") or 0
-    ttft = (m.registry.get_sample_value("kb_time_to_first_token_seconds_sum") or 0) / n if n else None
-    return EngineSample(time.time(), len(eng.scheduler.waiting), len(eng.scheduler.running), m.last_batch_size,
-                        m.max_batch_size, round(m.tokens_per_s(), 2), ttft)
+    ttft = (
+        (m.registry.get_sample_value("kb_time_to_first_token_seconds_sum") or 0) / n if n else None
+    )
+    return EngineSample(
+        time.time(),
+        len(eng.scheduler.waiting),
+        len(eng.scheduler.running),
+        m.last_batch_size,
+        m.max_batch_size,
+        round(m.tokens_per_s(), 2),
+        ttft,
+    )
 
 
 class AdminHandlers:
     def __init__(self, kb: KnowledgeBase, tracker: Tracker):
         self.kb, self.tracker = kb, tracker
-        self.history: deque[EngineSample] = deque(maxlen=HISTORY)  # shared: every admin sees the same
+        self.history: deque[EngineSample] = deque(
+            maxlen=HISTORY
+        )  # shared: every admin sees the same
 
     @shown_errors
     async def corpora(self, current: str | None, request: gr.Request):
         admin_of(self.kb, request)
         rows = await asyncio.to_thread(corpus_rows, self.kb)
         names = [r.name for r in rows]
-        return (pd.DataFrame([r.cells() for r in rows], columns=CORPUS_COLUMNS),
-                gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None)))
+        return (
+            pd.DataFrame([r.cells() for r in rows], columns=CORPUS_COLUMNS),
+            gr.Dropdown(
+                choices=names, value=current if current in names else (names[0] if names else None)
+            ),
+        )
 
     @shown_errors
     async def op(self, op: str, name: str | None, tier: str | None, request: gr.Request):
@@ -181,13 +252,25 @@ class AdminHandlers:
         if not self.history or now.t - self.history[-1].t >= 0.5:
             self.history.append(now)
         ttft = f"{now.ttft_s * 1000:.0f} ms" if now.ttft_s is not None else "–"
-        figures = (f"**queue** {now.waiting} · **running** {now.running} · **batch** {now.batch} "
-                   f"(max {now.max_batch}) · **tokens/s** {now.tokens_per_s:.1f} · **time to first token** {ttft}")
+        figures = (
+            f"**queue** {now.waiting} · **running** {now.running} · **batch** {now.batch} "
+            f"(max {now.max_batch}) · **tokens/s** {now.tokens_per_s:.1f} "
+            f"· **time to first token** {ttft}"
+        )
         t0 = self.history[0].t
-        load = pd.DataFrame([{"time": round(x.t - t0, 1), "value": v, "series": k} for x in self.history
-                             for k, v in (("queue", x.waiting), ("running", x.running), ("batch", x.batch))])
-        speed = pd.DataFrame([{"time": round(x.t - t0, 1), "value": x.tokens_per_s, "series": "tokens/s"}
-                              for x in self.history])
+        load = pd.DataFrame(
+            [
+                {"time": round(x.t - t0, 1), "value": v, "series": k}
+                for x in self.history
+                for k, v in (("queue", x.waiting), ("running", x.running), ("batch", x.batch))
+            ]
+        )
+        speed = pd.DataFrame(
+            [
+                {"time": round(x.t - t0, 1), "value": x.tokens_per_s, "series": "tokens/s"}
+                for x in self.history
+            ]
+        )
         return figures, load, speed
 
 
@@ -195,23 +278,42 @@ def build_admin_tab(kb: KnowledgeBase, tracker: Tracker) -> dict[str, Any]:
     h = AdminHandlers(kb, tracker)
     table = gr.Dataframe(headers=CORPUS_COLUMNS, interactive=False, elem_id="admin-corpora")
     with gr.Row():
-        corpus = gr.Dropdown(label="Corpus", choices=[], elem_id="admin-corpus", scale=2, allow_custom_value=True)
-        tier = gr.Dropdown(["gpu", "cpu", "disk"], value="cpu", label="Move to tier", elem_id="admin-tier", scale=1)
+        corpus = gr.Dropdown(
+            label="Corpus", choices=[], elem_id="admin-corpus", scale=2, allow_custom_value=True
+        )
+        tier = gr.Dropdown(
+            ["gpu", "cpu", "disk"], value="cpu", label="Move to tier", elem_id="admin-tier", scale=1
+        )
     with gr.Row():
         buttons = {op: gr.Button(op.capitalize(), elem_id=f"admin-{op}", size="sm") for op in OPS}
     status = gr.Markdown(elem_id="admin-status")
     gr.Markdown("### Engine")
     figures = gr.Markdown(elem_id="engine-figures")
     with gr.Row():
-        load_plot = gr.LinePlot(x="time", y="value", color="series", title="Queue, running, batch size",
-                                x_title="seconds", height=220)
-        speed_plot = gr.LinePlot(x="time", y="value", color="series", title="Tokens per second",
-                                 x_title="seconds", height=220)
+        load_plot = gr.LinePlot(
+            x="time",
+            y="value",
+            color="series",
+            title="Queue, running, batch size",
+            x_title="seconds",
+            height=220,
+        )
+        speed_plot = gr.LinePlot(
+            x="time",
+            y="value",
+            color="series",
+            title="Tokens per second",
+            x_title="seconds",
+            height=220,
+        )
     for op, btn in buttons.items():  # one named event per operation, for API clients and tests
         btn.click(h.op, [gr.State(op), corpus, tier], [status], api_name=f"admin_{op}").then(
-            h.corpora, [corpus], [table, corpus], api_name=False)
+            h.corpora, [corpus], [table, corpus], api_name=False
+        )
     gr.Timer(3.0).tick(h.corpora, [corpus], [table, corpus], api_name=False, show_progress="hidden")
-    gr.Timer(2.0).tick(h.engine, None, [figures, load_plot, speed_plot], api_name=False, show_progress="hidden")
+    gr.Timer(2.0).tick(
+        h.engine, None, [figures, load_plot, speed_plot], api_name=False, show_progress="hidden"
+    )
     refresh = gr.Button("Refresh", size="sm", elem_id="admin-refresh")
     refresh.click(h.corpora, [corpus], [table, corpus], api_name="admin_corpora")
     refresh.click(h.engine, None, [figures, load_plot, speed_plot], api_name="engine_stats")

@@ -40,7 +40,8 @@ def build_ui(kb: KnowledgeBase, uploads: UploadRegistry | None = None) -> gr.Blo
             if user.anonymous:
                 who = "anonymous (KB_AUTH=off) · [Sign in](login)"
             else:
-                who = f"signed in as **{user.name}**{' (admin)' if user.is_admin else ''} · [Sign out](logout)"
+                role = " (admin)" if user.is_admin else ""
+                who = f"signed in as **{user.name}**{role} · [Sign out](logout)"
             return who, gr.Tab(visible=user.is_admin)
 
         demo.load(on_load, None, [whoami, admin_tab], api_name="whoami")
@@ -48,7 +49,11 @@ def build_ui(kb: KnowledgeBase, uploads: UploadRegistry | None = None) -> gr.Blo
         demo.load(corpora["load"], [corpora["corpus"]], [corpora["corpus"]], api_name="corpora")
         # opening a tab refreshes its corpus picker (a corpus may have become ready meanwhile)
         chat_tab.select(chat["load"], [chat["corpus"]], [chat["corpus"]], api_name=False)
-        corpora_tab.select(corpora["load"], [corpora["corpus"]], [corpora["corpus"]], api_name=False)
-        admin_tab.select(admin["load"], [admin["corpus"]], [admin["table"], admin["corpus"]], api_name=False)
+        corpora_tab.select(
+            corpora["load"], [corpora["corpus"]], [corpora["corpus"]], api_name=False
+        )
+        admin_tab.select(
+            admin["load"], [admin["corpus"]], [admin["table"], admin["corpus"]], api_name=False
+        )
     demo.queue(default_concurrency_limit=None)
     return demo

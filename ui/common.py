@@ -6,7 +6,8 @@ import asyncio
 import functools
 import inspect
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gradio as gr
 
@@ -60,6 +61,7 @@ def shown_errors(fn: Callable) -> Callable:
     """Check the event's text arguments, and turn errors into gr.Error: a KBError's one-line
     message, anything else an internal error with a request id (logged with its traceback)."""
     if inspect.isasyncgenfunction(fn):
+
         @functools.wraps(fn)
         async def agen(*args: Any, **kwargs: Any):
             try:
@@ -70,8 +72,10 @@ def shown_errors(fn: Callable) -> Callable:
                 raise
             except Exception as e:
                 raise _shown(e) from e
+
         return agen
     if inspect.iscoroutinefunction(fn):
+
         @functools.wraps(fn)
         async def coro(*args: Any, **kwargs: Any):
             try:
@@ -81,6 +85,7 @@ def shown_errors(fn: Callable) -> Callable:
                 raise
             except Exception as e:
                 raise _shown(e) from e
+
         return coro
 
     @functools.wraps(fn)
@@ -90,6 +95,7 @@ def shown_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except Exception as e:
             raise _shown(e) from e
+
     return sync
 
 

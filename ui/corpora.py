@@ -92,8 +92,10 @@ def _pct(stage: str, db_percent: float, live: Live | None) -> float:
 
 def document_rows(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str) -> list[list]:
     """One row per document (and per file still waiting): stage, percent, ETA, error."""
-    docs = [(d.id, d.filename, d.stage, d.percent, d.eta_s, d.tokens, d.error)
-            for d in kb.document_progress(name, user=user)]
+    docs = [
+        (d.id, d.filename, d.stage, d.percent, d.eta_s, d.tokens, d.error)
+        for d in kb.document_progress(name, user=user)
+    ]
     live = tracker.of(name)
     rows = []
     for did, fname, stage, pct, eta, toks, err in docs:
@@ -101,14 +103,25 @@ def document_rows(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: st
         if lv is not None and stage not in ("ready", "failed"):
             stage = lv.stage if lv.stage != "queued" else stage
             eta = eta if eta is not None else lv.eta_s()
-        rows.append([did, fname, stage, _pct(stage, pct, lv), "" if eta is None else f"{eta:.0f} s",
-                     toks, err or ""])
+        rows.append(
+            [
+                did,
+                fname,
+                stage,
+                _pct(stage, pct, lv),
+                "" if eta is None else f"{eta:.0f} s",
+                toks,
+                err or "",
+            ]
+        )
     for fname, lv in live.items():  # not yet stored
         rows.append(["", fname, lv.stage, 0.0, "", 0, lv.error or ""])
     return rows
 
 
-def _ingest_in_thread(kb: KnowledgeBase, tracker: Tracker, name: str, folder: Path, paths: list[Path]) -> None:
+def _ingest_in_thread(
+    kb: KnowledgeBase, tracker: Tracker, name: str, folder: Path, paths: list[Path]
+) -> None:
     names = [p.name for p in paths]
 
     def run() -> None:
@@ -124,14 +137,18 @@ def _ingest_in_thread(kb: KnowledgeBase, tracker: Tracker, name: str, folder: Pa
     threading.Thread(target=run, daemon=True, name=f"kb-ui-ingest-{name}").start()
 
 
-def start_ingest(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str, files: list[str]) -> str:
+def start_ingest(
+    kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str, files: list[str]
+) -> str:
     """Queue the files for ingestion and return at once; progress shows in the document table."""
     kb.check_write(name, user)
     if not files:
         raise KBError("drop one or more files first")
     folder = Path(tempfile.mkdtemp(prefix="ui-upload-", dir=kb.home))
     paths = []
-    for i, f in enumerate(files):  # copy: Gradio's cache may be cleaned before the ingest reaches it
+    for i, f in enumerate(
+        files
+    ):  # copy: Gradio's cache may be cleaned before the ingest reaches it
         src = Path(f)
         dest = folder / str(i) / src.name
         dest.parent.mkdir()
@@ -147,7 +164,9 @@ def start_ingest(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     failed = [f"{s.filename}: {s.error}" for s in subs if s.status == "failed"]
-    return f"queued {len(subs) - len(failed)} file(s) into {name}" + ("; " + "; ".join(failed) if failed else "")
+    return f"queued {len(subs) - len(failed)} file(s) into {name}" + (
+        "; " + "; ".join(failed) if failed else ""
+    )
 
 
 def delete_document(kb: KnowledgeBase, user: Principal, name: str, doc_id: int) -> str:
@@ -172,14 +191,24 @@ def rebuild(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str) -> 
     return f"rebuilding {name} from {len(paths)} stored file(s)"
 
 
-def create_corpus(kb: KnowledgeBase, user: Principal, name: str, visibility: str, share_with: str) -> str:
+def create_corpus(
+    kb: KnowledgeBase, user: Principal, name: str, visibility: str, share_with: str
+) -> str:
     if user.anonymous and visibility != "public":
-        raise KBError("anonymous users make public corpora only; sign in for private or shared ones")
+        raise KBError(
+            "anonymous users make public corpora only; sign in for private or shared ones"
+        )
     name = (name or "").strip()
     try:  # one transaction with its shares: an unknown user leaves no corpus behind
-        kb.create_corpus(name, owner=user.id, visibility=visibility,
-                         share_with=share_with.split(",") if visibility == "shared" else None)
-    except Conflict as e:  # the same answer whether or not the caller may see the corpus of that name
+        kb.create_corpus(
+            name,
+            owner=user.id,
+            visibility=visibility,
+            share_with=share_with.split(",") if visibility == "shared" else None,
+        )
+    except (
+        Conflict
+    ) as e:  # the same answer whether or not the caller may see the corpus of that name
         raise Conflict(f"the corpus name {name!r} is not available; choose another") from e
     return f"created corpus {name} ({visibility})"
 
@@ -205,7 +234,9 @@ class CorporaHandlers:
     @shown_errors
     async def corpora(self, current: str | None, request: gr.Request):
         names = await self._run(_writable, request)
-        return gr.Dropdown(choices=names, value=current if current in names else (names[0] if names else None))
+        return gr.Dropdown(
+            choices=names, value=current if current in names else (names[0] if names else None)
+        )
 
     @shown_errors
     async def create(self, name: str, visibility: str, share_with: str, request: gr.Request):
@@ -227,9 +258,13 @@ class CorporaHandlers:
     async def documents(self, name: str | None, request: gr.Request):
         if not name:
             return pd.DataFrame([], columns=DOC_COLUMNS), ""
-        rows = await asyncio.to_thread(document_rows, self.kb, self.tracker, user_of(self.kb, request), name)
+        rows = await asyncio.to_thread(
+            document_rows, self.kb, self.tracker, user_of(self.kb, request), name
+        )
         info = await asyncio.to_thread(self.kb.corpus_info, name)
-        summary = f"**{info.name}**: {info.status} · {info.documents} documents · {info.tokens} tokens"
+        summary = (
+            f"**{info.name}**: {info.status} · {info.documents} documents · {info.tokens} tokens"
+        )
         return pd.DataFrame(rows, columns=DOC_COLUMNS), summary
 
     @shown_errors
@@ -242,7 +277,9 @@ class CorporaHandlers:
     async def rebuild(self, name: str | None, request: gr.Request):
         if not name:
             raise KBError("pick a corpus first")
-        return await asyncio.to_thread(rebuild, self.kb, self.tracker, user_of(self.kb, request), name)
+        return await asyncio.to_thread(
+            rebuild, self.kb, self.tracker, user_of(self.kb, request), name
+        )
 
 
 def build_corpora_tab(kb: KnowledgeBase, uploads: UploadRegistry | None = None) -> dict[str, Any]:
@@ -251,25 +288,42 @@ def build_corpora_tab(kb: KnowledgeBase, uploads: UploadRegistry | None = None) 
         with gr.Column(scale=1):
             gr.Markdown("### New corpus")
             new_name = gr.Textbox(label="Name", placeholder="handbook", elem_id="new-corpus-name")
-            visibility = gr.Radio(["private", "public", "shared"], value="private", label="Who may read it",
-                                  elem_id="new-corpus-visibility")
-            share_with = gr.Textbox(label="Shared with (user names, comma-separated)", elem_id="share-with")
+            visibility = gr.Radio(
+                ["private", "public", "shared"],
+                value="private",
+                label="Who may read it",
+                elem_id="new-corpus-visibility",
+            )
+            share_with = gr.Textbox(
+                label="Shared with (user names, comma-separated)", elem_id="share-with"
+            )
             create_btn = gr.Button("Create", elem_id="create-corpus")
         with gr.Column(scale=2):
-            corpus = gr.Dropdown(label="Corpus", choices=[], elem_id="corpora-corpus", allow_custom_value=True)
-            files = gr.File(label="Drop files here (PDF, DOCX, HTML, Markdown, text)", file_count="multiple",
-                            elem_id="upload")
+            corpus = gr.Dropdown(
+                label="Corpus", choices=[], elem_id="corpora-corpus", allow_custom_value=True
+            )
+            files = gr.File(
+                label="Drop files here (PDF, DOCX, HTML, Markdown, text)",
+                file_count="multiple",
+                elem_id="upload",
+            )
             status = gr.Markdown(elem_id="corpora-status")
     summary = gr.Markdown(elem_id="corpus-summary")
     table = gr.Dataframe(headers=DOC_COLUMNS, interactive=False, elem_id="documents", wrap=True)
     with gr.Row():
         doc_id = gr.Number(label="Document id", precision=0, elem_id="doc-id", scale=1)
-        delete_btn = gr.Button("Delete document", variant="stop", elem_id="delete-document", scale=0)
+        delete_btn = gr.Button(
+            "Delete document", variant="stop", elem_id="delete-document", scale=0
+        )
         rebuild_btn = gr.Button("Rebuild corpus", elem_id="rebuild-corpus", scale=0)
     timer = gr.Timer(1.0)
 
-    create_btn.click(h.create, [new_name, visibility, share_with], [status, corpus, new_name],
-                     api_name="create_corpus")
+    create_btn.click(
+        h.create,
+        [new_name, visibility, share_with],
+        [status, corpus, new_name],
+        api_name="create_corpus",
+    )
     files.upload(h.upload, [corpus, files], [status, files], api_name="upload")
     corpus.change(h.documents, [corpus], [table, summary], api_name="documents")
     timer.tick(h.documents, [corpus], [table, summary], api_name=False, show_progress="hidden")
