@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export KB_HOME ?= $(CURDIR)/data
 
-.PHONY: run test install model clean-venv
+.PHONY: run test lint install model clean-venv
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,13 @@ model: install
 run: model
 	$(BIN)/kb serve
 
-test: install
+# the structure (import-linter contracts in pyproject.toml) and the style (ruff) first: seconds
+lint: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean-venv:

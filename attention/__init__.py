@@ -30,8 +30,16 @@ import torch
 
 from . import cpu_shared, reference
 
-__all__ = ["shared_attention", "plan_routed", "unique_attention", "chunk_mass", "merge", "route",
-           "reference", "use_triton"]
+__all__ = [
+    "shared_attention",
+    "plan_routed",
+    "unique_attention",
+    "chunk_mass",
+    "merge",
+    "route",
+    "reference",
+    "use_triton",
+]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -42,8 +50,19 @@ def use_triton(q: torch.Tensor) -> bool:
     return _HAS_TRITON and q.is_cuda and q.dtype in _KERNEL_DTYPES
 
 
-def shared_attention(q, k, v, chunk_idx=None, chunk_size=64, scale=None, k_scale=None,
-                     v_scale=None, chunk_shift=None, rope_inv_freq=None, plan=None):
+def shared_attention(
+    q,
+    k,
+    v,
+    chunk_idx=None,
+    chunk_size=64,
+    scale=None,
+    k_scale=None,
+    v_scale=None,
+    chunk_shift=None,
+    rope_inv_freq=None,
+    plan=None,
+):
     """All queries of a step against the shared KV, dense (chunk_idx None) or routed; with
     `chunk_shift` (virtual positions), each listed chunk at its shift. Contract:
     `reference.shared_attention`. `plan` (from `plan_routed` on the same chunk_idx): routing
@@ -51,21 +70,46 @@ def shared_attention(q, k, v, chunk_idx=None, chunk_size=64, scale=None, k_scale
     if chunk_shift is not None:  # the grouped kernel on CUDA, else the CPU path / reference
         if use_triton(q) and chunk_idx is not None:
             from .shared_routed_grouped import shared_attention_grouped
-            return shared_attention_grouped(q, k, v, chunk_idx, chunk_size, scale, k_scale,
-                                            v_scale, plan, chunk_shift, rope_inv_freq)
+
+            return shared_attention_grouped(
+                q,
+                k,
+                v,
+                chunk_idx,
+                chunk_size,
+                scale,
+                k_scale,
+                v_scale,
+                plan,
+                chunk_shift,
+                rope_inv_freq,
+            )
         if q.device.type == "cpu":
-            return cpu_shared.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale,
-                                               v_scale, chunk_shift=chunk_shift,
-                                               rope_inv_freq=rope_inv_freq)
-        return reference.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale,
-                                          chunk_shift, rope_inv_freq)
+            return cpu_shared.shared_attention(
+                q,
+                k,
+                v,
+                chunk_idx,
+                chunk_size,
+                scale,
+                k_scale,
+                v_scale,
+                chunk_shift=chunk_shift,
+                rope_inv_freq=rope_inv_freq,
+            )
+        return reference.shared_attention(
+            q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale, chunk_shift, rope_inv_freq
+        )
     if use_triton(q):
         if chunk_idx is None and plan is None:
             from .shared_dense import shared_attention_dense
+
             return shared_attention_dense(q, k, v, chunk_size, scale, k_scale, v_scale)
         from .shared_routed import shared_attention_routed
-        return shared_attention_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale,
-                                       plan)
+
+        return shared_attention_routed(
+            q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale, plan
+        )
     if q.device.type == "cpu":
         return cpu_shared.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
     return reference.shared_attention(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
@@ -79,21 +123,42 @@ def plan_routed(chunk_idx, num_chunks, group_size, chunk_size, chunk_shift=None)
     if not (_HAS_TRITON and chunk_idx.is_cuda):
         return None
     from .shared_routed_grouped import plan_for
+
     return plan_for(chunk_idx, num_chunks, group_size, chunk_size, chunk_shift=chunk_shift)
 
 
-def unique_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale=None,
-                     max_seqlen_q=None, max_seqlen_k=None):
+def unique_attention(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    seq_lens,
+    cu_seqlens_q,
+    scale=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+):
     """Causal attention of each request's new tokens over its paged KV.
     Contract: `reference.unique_attention`. `max_seqlen_q` / `max_seqlen_k` (the longest run of
     new tokens, the longest KV length; the engine knows them) spare the CUDA kernel reading them
     back from the device, a host sync per call that would also rule out CUDA-graph capture."""
     if use_triton(q) and k_cache.dtype == q.dtype:
         from .paged import unique_attention_paged
-        return unique_attention_paged(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                      scale, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
-    return reference.unique_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q,
-                                      scale)
+
+        return unique_attention_paged(
+            q,
+            k_cache,
+            v_cache,
+            block_table,
+            seq_lens,
+            cu_seqlens_q,
+            scale,
+            max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k,
+        )
+    return reference.unique_attention(
+        q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale
+    )
 
 
 def chunk_mass(q, k, lse, chunk_size, skip=0, k_scale=None):
@@ -101,6 +166,7 @@ def chunk_mass(q, k, lse, chunk_size, skip=0, k_scale=None):
     with lse the normalizer of the whole attention. Contract: `reference.chunk_mass`; blocked
     torch on every device (attention/mass.py)."""
     from .mass import chunk_mass as blocked
+
     return blocked(q, k, lse, chunk_size, skip, k_scale)
 
 
@@ -108,6 +174,7 @@ def merge(o1, lse1, o2, lse2):
     """Log-sum-exp merge of two partial attentions. Contract: `reference.merge`."""
     if use_triton(o1):
         from .lse_merge import merge_triton
+
         return merge_triton(o1, lse1, o2, lse2)
     return reference.merge(o1, lse1, o2, lse2)
 
@@ -117,5 +184,6 @@ def route(q, centroids, top_k):
     torch (bmm + topk, no host sync); see routing.py for why there is no fused kernel."""
     if q.is_cuda:
         from .routing import route as route_device
+
         return route_device(q, centroids, top_k)
     return reference.route(q, centroids, top_k)

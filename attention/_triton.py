@@ -67,8 +67,10 @@ def check_device(t: torch.Tensor) -> None:
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed: use attention.reference")
     if t.device.type != "cuda" and not interpreting():
-        raise RuntimeError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
-                           "triton is imported (CPU interpreter)")
+        raise RuntimeError(
+            "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
+            "triton is imported (CPU interpreter)"
+        )
 
 
 @functools.cache
@@ -105,8 +107,18 @@ def dot_dtype(q_dtype: torch.dtype, device: torch.device, kv_dtype: torch.dtype 
 if HAS_TRITON:
 
     @triton.jit
-    def softmax_update(m_i, l_i, acc, qk, v, qk_scale, vs, DOT: tl.constexpr,
-                       KV_SCALE: tl.constexpr, MAY_BE_EMPTY: tl.constexpr):
+    def softmax_update(
+        m_i,
+        l_i,
+        acc,
+        qk,
+        v,
+        qk_scale,
+        vs,
+        DOT: tl.constexpr,
+        KV_SCALE: tl.constexpr,
+        MAY_BE_EMPTY: tl.constexpr,
+    ):
         """One K/V tile of the online softmax, in log2 units (exp2 is the native instruction):
         (m, l, acc) of the rows so far and the tile's raw scores qk (masked keys -inf) ->
         the updated (m, l, acc). The scale is folded into one FMA per score (qk * scale - m);
@@ -133,8 +145,9 @@ if HAS_TRITON:
         if MAY_BE_EMPTY:
             has = l_i > 0
             o = acc / tl.where(has, l_i, 1.0)[:, None]
-            lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453,
-                           float("-inf"))
+            lse = tl.where(
+                has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf")
+            )
         else:
             o = acc / l_i[:, None]
             lse = (m_i + tl.log2(l_i)) * 0.6931471805599453

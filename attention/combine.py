@@ -17,9 +17,22 @@ if HAS_TRITON:
 
     @triton.jit
     def _combine_kernel(
-        OP, LP, O, LSE, R2, P,
-        s_o1, s_o2, s_op, s_l1, s_l2, s_lp, s_or, s_lr,
-        D: tl.constexpr, BLOCK_P: tl.constexpr,
+        OP,
+        LP,
+        O,
+        LSE,
+        R2,
+        P,
+        s_o1,
+        s_o2,
+        s_op,
+        s_l1,
+        s_l2,
+        s_lp,
+        s_or,
+        s_lr,
+        D: tl.constexpr,
+        BLOCK_P: tl.constexpr,
     ):
         r = tl.program_id(0)  # one output row per program: P x d partials in, d out
         r1 = (r // R2).to(tl.int64)  # rows x parts x d can pass 2^31 elements
@@ -43,8 +56,9 @@ if HAS_TRITON:
             offs_p = p0 + offs_p0
             lse = tl.load(lp + offs_p * s_lp, mask=offs_p < P, other=float("-inf"))
             live = lse > float("-inf")
-            o = tl.load(op + offs_p[:, None] * s_op + offs_d[None, :], mask=live[:, None],
-                        other=0.0).to(tl.float32)
+            o = tl.load(
+                op + offs_p[:, None] * s_op + offs_d[None, :], mask=live[:, None], other=0.0
+            ).to(tl.float32)
             w = tl.where(live, tl.exp(lse - m_ref), 0.0)
             l_sum += w
             acc += tl.sum(w[:, None] * o, 0)
@@ -56,8 +70,9 @@ if HAS_TRITON:
         tl.store(LSE + r * s_lr, lse_out)
 
 
-def combine(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: torch.Tensor
-            ) -> None:
+def combine(
+    o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: torch.Tensor
+) -> None:
     """o_part[R, P, d] or [R1, R2, P, d] (any strides, d contiguous), lse_part[R(1,R2), P]
     float32 -> writes o[R1*R2, d] (its dtype) and lse[R1*R2] in place."""
     if o_part.dim() == 3:
@@ -69,9 +84,20 @@ def combine(o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: 
     # enough parts per step to keep ~16 KB of loads in flight per program
     block_p = max(2, min(max(2, 8192 // d), triton.next_power_of_2(p)))
     _combine_kernel[(r1 * r2,)](
-        o_part, lse_part, o, lse, r2, p,
-        o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-        o.stride(0), lse.stride(0),
-        D=d, BLOCK_P=block_p,
+        o_part,
+        lse_part,
+        o,
+        lse,
+        r2,
+        p,
+        o_part.stride(0),
+        o_part.stride(1),
+        o_part.stride(2),
+        lse_part.stride(0),
+        lse_part.stride(1),
+        lse_part.stride(2),
+        o.stride(0),
+        lse.stride(0),
+        D=d,
+        BLOCK_P=block_p,
     )

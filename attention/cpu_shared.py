@@ -15,7 +15,7 @@ scores every query against every key and masks, this path:
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +48,23 @@ def shared_attention(
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     block = block_size(t * g, hkv, chunk_size) if block is None else block
-    block = max(chunk_size, block // chunk_size * chunk_size)  # whole chunks: per-chunk scales align
+    block = max(
+        chunk_size, block // chunk_size * chunk_size
+    )  # whole chunks: per-chunk scales align
     qh = (q.float() * scale).view(t, hkv, g, d).permute(1, 0, 2, 3)  # [Hkv, T, G, d]
     if chunk_idx is None:
-        o, lse = _online(qh.reshape(hkv, t * g, d), _dense_blocks(k, v, k_scale, v_scale, chunk_size, block))
+        o, lse = _online(
+            qh.reshape(hkv, t * g, d), _dense_blocks(k, v, k_scale, v_scale, chunk_size, block)
+        )
         return _to_tokens(o, lse, t, hq, d, q.dtype)
     o = torch.empty(hkv, t, g, d, dtype=torch.float32)
     lse = torch.empty(hkv, t, g, dtype=torch.float32)
     groups = selection_groups(chunk_idx, chunk_shift)
     if len(groups) > 1 and k_scale is None and v_scale is None:
         # decode: one row per request, each with its own full selection -> one batched pass
-        singles = [x for x in groups if x[0] is not None and x[0].numel() == 1 and bool((x[1] >= 0).all())]
+        singles = [
+            x for x in groups if x[0] is not None and x[0].numel() == 1 and bool((x[1] >= 0).all())
+        ]
         if len(singles) > 1:
             _single_rows(qh, k, v, chunk_size, singles, rope_inv_freq, o, lse)
             done = {id(x) for x in singles}
@@ -68,9 +74,13 @@ def shared_attention(
         r = qr.shape[1]
         blocks = _routed_blocks(k, v, k_scale, v_scale, chunk_size, block, sel)
         qc = None
-        if shift is not None and bool((shift != 0).any()):  # virtual positions: q by R(-shift) per chunk
+        if shift is not None and bool(
+            (shift != 0).any()
+        ):  # virtual positions: q by R(-shift) per chunk
             width = int((sel >= 0).sum(-1).max())
-            qc = _per_chunk_queries(qr.reshape(hkv, r * g, d), shift[:, shift.shape[1] - width:], rope_inv_freq)
+            qc = _per_chunk_queries(
+                qr.reshape(hkv, r * g, d), shift[:, shift.shape[1] - width :], rope_inv_freq
+            )
         o_g, lse_g = _online(qr.reshape(hkv, r * g, d), blocks, qc, chunk_size)
         if rows is None:
             o, lse = o_g.view(hkv, t, g, d), lse_g.view(hkv, t, g)
@@ -80,9 +90,17 @@ def shared_attention(
     return _to_tokens(o.reshape(hkv, t * g, d), lse.reshape(hkv, t * g), t, hq, d, q.dtype)
 
 
-def _single_rows(qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cs: int, groups: list,
-                 inv_freq: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor,
-                 rows_per_pass: int = 16) -> None:
+def _single_rows(
+    qh: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cs: int,
+    groups: list,
+    inv_freq: torch.Tensor | None,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    rows_per_pass: int = 16,
+) -> None:
     """Rows that each attend their own full chunk list (decode tokens of requests that chose their
     passages): gathered and attended together, a few GEMMs per pass instead of a dozen small ops per
     row; results written into o[Hkv, T, G, d], lse[Hkv, T, G]."""
@@ -93,19 +111,23 @@ def _single_rows(qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cs: int, gr
     kf, vf = _rows(k), _rows(v)
     heads = torch.arange(hkv)[None, :, None]
     for p0 in range(0, len(groups), rows_per_pass):
-        part = groups[p0:p0 + rows_per_pass]
+        part = groups[p0 : p0 + rows_per_pass]
         width = max(x[1].shape[1] for x in part)
-        sel = torch.stack([F.pad(x[1], (width - x[1].shape[1], 0), value=-1) for x in part])  # [R, Hkv, K]
+        sel = torch.stack(
+            [F.pad(x[1], (width - x[1].shape[1], 0), value=-1) for x in part]
+        )  # [R, Hkv, K]
         rows = torch.cat([x[0] for x in part])
         r = rows.shape[0]
         tok = (sel.clamp_min(0)[..., None] * cs + torch.arange(cs)).reshape(r, hkv, width * cs)
-        valid = (sel[..., None] >= 0).expand(r, hkv, width, cs).reshape(r, hkv, width * cs) & (tok < n)
+        valid = (sel[..., None] >= 0).expand(r, hkv, width, cs).reshape(r, hkv, width * cs) & (
+            tok < n
+        )
         full = n // cs
         if bool((sel == sel[:, :1]).all()) and bool((sel < full).all()) and k.element_size() > 1:
             # one list for all KV heads (a request's selection): gather whole chunks, not rows
             ids = sel[:, 0].reshape(-1)
-            kb = k[:full * cs].view(full, cs, hkv, d).index_select(0, ids).float()
-            vb = v[:full * cs].view(full, cs, hkv, d).index_select(0, ids).float()
+            kb = k[: full * cs].view(full, cs, hkv, d).index_select(0, ids).float()
+            vb = v[: full * cs].view(full, cs, hkv, d).index_select(0, ids).float()
             kb = kb.view(r, width, cs, hkv, d).permute(0, 3, 1, 2, 4)  # [R, Hkv, K, cs, d]
             vb = vb.view(r, width * cs, hkv, d).transpose(1, 2)
         else:
@@ -115,13 +137,24 @@ def _single_rows(qh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cs: int, gr
         q = qh.index_select(1, rows).permute(1, 0, 2, 3)  # [R, Hkv, G, d]
         shifts = [x[2] for x in part]
         if any(sh is not None for sh in shifts) and inv_freq is not None:
-            sh = torch.stack([F.pad(x if x is not None else torch.zeros_like(y[1]), (width - y[1].shape[1], 0))
-                              for x, y in zip(shifts, part)])  # [R, Hkv, K]
-            qc = rope_rotate(q[:, :, None].expand(r, hkv, width, g, d), -sh[..., None].expand(r, hkv, width, g),
-                             inv_freq)  # [R, Hkv, K, G, d]
+            sh = torch.stack(
+                [
+                    F.pad(
+                        x if x is not None else torch.zeros_like(y[1]), (width - y[1].shape[1], 0)
+                    )
+                    for x, y in zip(shifts, part)
+                ]
+            )  # [R, Hkv, K]
+            qc = rope_rotate(
+                q[:, :, None].expand(r, hkv, width, g, d),
+                -sh[..., None].expand(r, hkv, width, g),
+                inv_freq,
+            )  # [R, Hkv, K, G, d]
             s = torch.einsum("rhkgd,rhkcd->rhgkc", qc, kb).reshape(r, hkv, g, width * cs)
         else:
-            s = torch.matmul(q, kb.reshape(r, hkv, width * cs, d).transpose(-1, -2))  # [R, Hkv, G, K*cs]
+            s = torch.matmul(
+                q, kb.reshape(r, hkv, width * cs, d).transpose(-1, -2)
+            )  # [R, Hkv, G, K*cs]
         s = s.masked_fill(~valid[:, :, None, :], float("-inf"))
         mx = s.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).min)
         pr = torch.exp(s - mx)
@@ -138,8 +171,9 @@ def block_size(rows: int, hkv: int, chunk_size: int) -> int:
     return max(chunk_size, min(MAX_BLOCK, keys // chunk_size * chunk_size))
 
 
-def selection_groups(chunk_idx: torch.Tensor, chunk_shift: torch.Tensor | None = None
-                     ) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]:
+def selection_groups(
+    chunk_idx: torch.Tensor, chunk_shift: torch.Tensor | None = None
+) -> list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]]:
     """Rows of chunk_idx[T,Hkv,k] that chose the same chunk set per KV head (and, with
     chunk_shift[T,Hkv,k], the same shifts), as (rows, chunks, shifts): rows [R] (None: all T
     rows), chunks [Hkv, k] ascending with repeats and -1s made -1, shifts [Hkv, k] beside them
@@ -161,22 +195,30 @@ def selection_groups(chunk_idx: torch.Tensor, chunk_shift: torch.Tensor | None =
     order = inverse.argsort(stable=True)
     counts = torch.bincount(inverse, minlength=uniq.shape[0]).tolist()
     n = hkv * kk
-    return [(rows, u[:n].view(hkv, kk), None if sh is None else u[n:].view(hkv, kk))
-            for u, rows in zip(uniq, order.split(counts))]
+    return [
+        (rows, u[:n].view(hkv, kk), None if sh is None else u[n:].view(hkv, kk))
+        for u, rows in zip(uniq, order.split(counts))
+    ]
 
 
-def _per_chunk_queries(qh: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+def _per_chunk_queries(
+    qh: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor
+) -> torch.Tensor:
     """qh[Hkv, M, d] rotated by R(-shift) for each chunk's shift[Hkv, m]: [Hkv, m, M, d]. A key at
     p scored by R(-s) q scores as the key at p + s (RoPE depends on the difference only)."""
     from .reference import rope_rotate
 
     hkv, m = shift.shape
-    return rope_rotate(qh[:, None].expand(hkv, m, *qh.shape[1:]), -shift[:, :, None].expand(hkv, m, qh.shape[1]),
-                       inv_freq)
+    return rope_rotate(
+        qh[:, None].expand(hkv, m, *qh.shape[1:]),
+        -shift[:, :, None].expand(hkv, m, qh.shape[1]),
+        inv_freq,
+    )
 
 
-def _online(qh: torch.Tensor, blocks: Iterator[_Block], qc: torch.Tensor | None = None,
-            cs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _online(
+    qh: torch.Tensor, blocks: Iterator[_Block], qc: torch.Tensor | None = None, cs: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Flash-style softmax of qh[Hkv, M, d] (pre-scaled) over key blocks; returns (o [Hkv,M,d],
     lse [Hkv,M]), o = 0 and lse = -inf for rows that saw no key. `qc[Hkv, m, M, d]`: the query
     per chunk of whole-chunk blocks (virtual positions), used instead of qh."""
@@ -192,8 +234,13 @@ def _online(qh: torch.Tensor, blocks: Iterator[_Block], qc: torch.Tensor | None 
         else:
             nb = kb.shape[1] // cs
             kc = kb.view(hkv * nb, cs, d)
-            q_b = qc[:, c0:c0 + nb].reshape(hkv * nb, m, d)
-            s = torch.bmm(q_b, kc.transpose(1, 2)).view(hkv, nb, m, cs).transpose(1, 2).reshape(hkv, m, nb * cs)
+            q_b = qc[:, c0 : c0 + nb].reshape(hkv * nb, m, d)
+            s = (
+                torch.bmm(q_b, kc.transpose(1, 2))
+                .view(hkv, nb, m, cs)
+                .transpose(1, 2)
+                .reshape(hkv, m, nb * cs)
+            )
             c0 += nb
         if bias is not None:
             s += bias
@@ -209,7 +256,9 @@ def _online(qh: torch.Tensor, blocks: Iterator[_Block], qc: torch.Tensor | None 
     return o, lse.squeeze(-1)
 
 
-def _dequant(x: torch.Tensor, scale: torch.Tensor | None, chunks: torch.Tensor | slice) -> torch.Tensor:
+def _dequant(
+    x: torch.Tensor, scale: torch.Tensor | None, chunks: torch.Tensor | slice
+) -> torch.Tensor:
     """Float32 of a block x[B, Hkv, d]; `scale` None, [Hkv] or [C, Hkv] indexed by `chunks`."""
     xf = x.float()
     if scale is None:
@@ -230,7 +279,9 @@ def _dense_blocks(k, v, k_scale, v_scale, cs: int, block: int) -> Iterator[_Bloc
         yield kb.transpose(0, 1), vb.transpose(0, 1), None
 
 
-def _routed_blocks(k, v, k_scale, v_scale, cs: int, block: int, sel: torch.Tensor) -> Iterator[_Block]:
+def _routed_blocks(
+    k, v, k_scale, v_scale, cs: int, block: int, sel: torch.Tensor
+) -> Iterator[_Block]:
     """Blocks of the chosen chunks sel[Hkv, m] (ascending, -1 = none) of each KV head, gathered
     row by row (whole chunks); slots past the corpus end or of -1 chunks get a -inf bias."""
     n, hkv, d = k.shape
@@ -238,7 +289,7 @@ def _routed_blocks(k, v, k_scale, v_scale, cs: int, block: int, sel: torch.Tenso
     width = int(used.sum(-1).max())  # per head, the valid chunks sit last (after the -1s)
     if width == 0:
         return
-    sel = sel[:, sel.shape[1] - width:]
+    sel = sel[:, sel.shape[1] - width :]
     tok = (sel.clamp_min(0)[:, :, None] * cs + torch.arange(cs)).reshape(hkv, width * cs)
     valid = (sel[:, :, None] >= 0).expand(hkv, width, cs).reshape(hkv, width * cs) & (tok < n)
     tok = tok.clamp_max(n - 1)
@@ -247,16 +298,20 @@ def _routed_blocks(k, v, k_scale, v_scale, cs: int, block: int, sel: torch.Tenso
     heads = torch.arange(hkv)[:, None]
     masked = not bool(valid.all())
     for s in range(0, width * cs, block):
-        r = rows[:, s:s + block]
+        r = rows[:, s : s + block]
         flat = r.reshape(-1)
         kb = kf.index_select(0, flat).view(k.dtype).view(hkv, -1, d).float()
         vb = vf.index_select(0, flat).view(v.dtype).view(hkv, -1, d).float()
         if k_scale is not None or v_scale is not None:
-            kb, vb = _scale_gathered(kb, k_scale, tok[:, s:s + block] // cs, heads), \
-                _scale_gathered(vb, v_scale, tok[:, s:s + block] // cs, heads)
+            kb, vb = (
+                _scale_gathered(kb, k_scale, tok[:, s : s + block] // cs, heads),
+                _scale_gathered(vb, v_scale, tok[:, s : s + block] // cs, heads),
+            )
         bias = None
         if masked:
-            bias = torch.zeros(hkv, 1, r.shape[1]).masked_fill_(~valid[:, None, s:s + block], float("-inf"))
+            bias = torch.zeros(hkv, 1, r.shape[1]).masked_fill_(
+                ~valid[:, None, s : s + block], float("-inf")
+            )
         yield kb, vb, bias
 
 
@@ -266,8 +321,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.uint8) if x.element_size() == 1 else x
 
 
-def _scale_gathered(x: torch.Tensor, scale: torch.Tensor | None, chunks: torch.Tensor,
-                    heads: torch.Tensor) -> torch.Tensor:
+def _scale_gathered(
+    x: torch.Tensor, scale: torch.Tensor | None, chunks: torch.Tensor, heads: torch.Tensor
+) -> torch.Tensor:
     """x[Hkv, B, d] gathered fp8 values times their scale ([Hkv] or [C, Hkv])."""
     if scale is None:
         return x
@@ -277,8 +333,9 @@ def _scale_gathered(x: torch.Tensor, scale: torch.Tensor | None, chunks: torch.T
     return x * scale[chunks, heads][:, :, None]
 
 
-def _to_tokens(o: torch.Tensor, lse: torch.Tensor, t: int, hq: int, d: int, dtype: torch.dtype
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_tokens(
+    o: torch.Tensor, lse: torch.Tensor, t: int, hq: int, d: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[Hkv, T*G, d] head-major results back to o[T, Hq, d], lse[T, Hq]."""
     hkv = o.shape[0]
     g = hq // hkv

@@ -27,18 +27,22 @@ if HAS_TRITON:
         has = tot > 0
         inv = 1.0 / tl.where(has, tot, 1.0)
         # an empty side's o is not read: it may be anything
-        o1 = tl.load(O1 + rows[:, None] * D + offs_d[None, :], mask=(ok & (w1 > 0))[:, None],
-                     other=0.0).to(tl.float32)
-        o2 = tl.load(O2 + rows[:, None] * D + offs_d[None, :], mask=(ok & (w2 > 0))[:, None],
-                     other=0.0).to(tl.float32)
+        o1 = tl.load(
+            O1 + rows[:, None] * D + offs_d[None, :], mask=(ok & (w1 > 0))[:, None], other=0.0
+        ).to(tl.float32)
+        o2 = tl.load(
+            O2 + rows[:, None] * D + offs_d[None, :], mask=(ok & (w2 > 0))[:, None], other=0.0
+        ).to(tl.float32)
         o = o1 * (w1 * inv)[:, None] + o2 * (w2 * inv)[:, None]
         tl.store(O + rows[:, None] * D + offs_d[None, :], o, mask=ok[:, None])
-        tl.store(L + rows, tl.where(has, m_ref + tl.log(tl.where(has, tot, 1.0)), float("-inf")),
-                 mask=ok)
+        tl.store(
+            L + rows, tl.where(has, m_ref + tl.log(tl.where(has, tot, 1.0)), float("-inf")), mask=ok
+        )
 
 
-def merge_triton(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_triton(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `reference.merge`: o*[T,H,d], lse*[T,H] float32 -> (o in o1.dtype, lse)."""
     check_device(o1)
     t, h, d = o1.shape

@@ -17,8 +17,14 @@ from .cpu_shared import block_size
 from .reference import dequantize
 
 
-def chunk_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, chunk_size: int, skip: int = 0,
-               k_scale: torch.Tensor | None = None) -> torch.Tensor:
+def chunk_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    chunk_size: int,
+    skip: int = 0,
+    k_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[T, C] softmax mass of q[T, Hq, d] on each chunk of k[N, Hkv, d] (scale 1/sqrt(d)),
     summed over heads, with lse[T, Hq] the normalizer; the first `skip` keys count nothing.
     `k_scale` [Hkv] or [C, Hkv]: fp8 keys' scales. On CUDA one block holds every key; on the CPU
@@ -32,8 +38,8 @@ def chunk_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, chunk_size: 
     block = max(chunk_size, block // chunk_size * chunk_size)
     out = []
     for s in range(0, n, block):
-        ks = k_scale if k_scale is None or k_scale.dim() == 1 else k_scale[s // chunk_size:]
-        kb = dequantize(k[s:s + block], ks, chunk_size).transpose(0, 1)  # [Hkv, B, d]
+        ks = k_scale if k_scale is None or k_scale.dim() == 1 else k_scale[s // chunk_size :]
+        kb = dequantize(k[s : s + block], ks, chunk_size).transpose(0, 1)  # [Hkv, B, d]
         p = torch.exp(torch.bmm(qh, kb.transpose(1, 2)) - norm)  # [Hkv, T*G, B]
         p = p.view(hkv, t, g, -1).sum(dim=(0, 2))  # [T, B]
         if s < skip:

@@ -31,14 +31,38 @@ if HAS_TRITON:
 
     @triton.jit
     def _paged_kernel(
-        Q, KC, VC, BT, SEQ, CUQ, O, LSE,
-        split_len, qk_scale,
-        stride_qt, stride_qh,
-        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+        Q,
+        KC,
+        VC,
+        BT,
+        SEQ,
+        CUQ,
+        O,
+        LSE,
+        split_len,
+        qk_scale,
+        stride_qt,
+        stride_qh,
+        stride_kb,
+        stride_ks,
+        stride_kh,
+        stride_vb,
+        stride_vs,
+        stride_vh,
         stride_bt,
-        stride_ot, stride_oh, stride_os, stride_lt, stride_lh, stride_ls,
-        HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT: tl.constexpr,
+        stride_ot,
+        stride_oh,
+        stride_os,
+        stride_lt,
+        stride_lh,
+        stride_ls,
+        HKV: tl.constexpr,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        DOT: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
@@ -57,8 +81,11 @@ if HAS_TRITON:
         pos = kv_len - q_len + i  # absolute position of each new token: sees keys <= pos
         offs_d = tl.arange(0, D)
         t = q_lo + i
-        q = tl.load(Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0).to(DOT)
+        q = tl.load(
+            Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        ).to(DOT)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -75,10 +102,24 @@ if HAS_TRITON:
             # gather: position -> (page from the block table, slot in the page)
             page = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
             slot = offs_n % PAGE
-            k = tl.load(KC + page[:, None] * stride_kb + slot[:, None] * stride_ks + h * stride_kh
-                        + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(VC + page[:, None] * stride_vb + slot[:, None] * stride_vs + h * stride_vh
-                        + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            k = tl.load(
+                KC
+                + page[:, None] * stride_kb
+                + slot[:, None] * stride_ks
+                + h * stride_kh
+                + offs_d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                VC
+                + page[:, None] * stride_vb
+                + slot[:, None] * stride_vs
+                + h * stride_vh
+                + offs_d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            )
             qk = tl.dot(q, tl.trans(k.to(DOT))) * qk_scale
             vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
             qk = tl.where(vis, qk, float("-inf"))
@@ -87,15 +128,25 @@ if HAS_TRITON:
 
         o, lse = softmax_finish(m_i, l_i, acc, True)
         hq = h * G + g
-        tl.store(O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os
-                 + offs_d[None, :], o, mask=row_ok[:, None])
+        tl.store(
+            O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os + offs_d[None, :],
+            o,
+            mask=row_ok[:, None],
+        )
         tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
 
 
 def unique_attention_paged(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, scale: float | None = None,
-    splits: int | None = None, max_seqlen_q: int | None = None, max_seqlen_k: int | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float | None = None,
+    splits: int | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `reference.unique_attention` (same arguments; `splits` forces the number
     of key-range splits, for tests). The grid is sized by the longest query run and KV length:
@@ -142,17 +193,45 @@ def unique_attention_paged(
         so, sl = o_part.stride(2), lse_part.stride(2)
     cfg = {} if interp else dict(num_warps=8 if block_m >= 128 else 4, num_stages=3)
     _paged_kernel[(num_m, b * hkv, splits)](
-        q, k_cache, v_cache, bt, seq, cu, o_part, lse_part,
-        split_len, scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        bt,
+        seq,
+        cu,
+        o_part,
+        lse_part,
+        split_len,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         bt.stride(0),
-        o_part.stride(0), o_part.stride(1), so, lse_part.stride(0), lse_part.stride(1), sl,
-        HKV=hkv, G=g, D=d, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT=dot_dtype(q.dtype, q.device), **cfg,
+        o_part.stride(0),
+        o_part.stride(1),
+        so,
+        lse_part.stride(0),
+        lse_part.stride(1),
+        sl,
+        HKV=hkv,
+        G=g,
+        D=d,
+        PAGE=page,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT=dot_dtype(q.dtype, q.device),
+        **cfg,
     )
     if splits > 1:
-        combine(o_part.view(t * hq, splits, d), lse_part.view(t * hq, splits),
-                o.view(t * hq, d), lse.view(t * hq))
+        combine(
+            o_part.view(t * hq, splits, d),
+            lse_part.view(t * hq, splits),
+            o.view(t * hq, d),
+            lse.view(t * hq),
+        )
     return o, lse

@@ -35,8 +35,9 @@ def dequantize(x: torch.Tensor, scale: torch.Tensor | None, chunk_size: int) -> 
     return xf * per_token[:, :, None]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention in float32 with GQA by grouping the queries (no copy of K/V).
 
     q[T,Hq,d], k/v[N,Hkv,d], mask broadcastable to [T,Hkv,1,N] (True = keep).
@@ -128,7 +129,9 @@ def _shifted(q, kf, vf, chunk_idx, chunk_shift, inv_freq, chunk_size, scale):
     s = torch.einsum("tkgd,tknd->tkgn", qg, kr) * scale
     s = s.masked_fill(~keep[:, :, None, :], NEG_INF)
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.nan_to_num(torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min)), nan=0.0)
+    p = torch.nan_to_num(
+        torch.exp(s - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min)), nan=0.0
+    )
     o = torch.einsum("tkgn,nkd->tkgd", p, vf)
     return o.reshape(t, hq, d).to(q.dtype), lse.reshape(t, hq)
 
@@ -159,7 +162,7 @@ def unique_attention(
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
     for b in range(len(lens)):
-        q_b = q[cu[b]:cu[b + 1]]
+        q_b = q[cu[b] : cu[b + 1]]
         q_len, kv_len = q_b.shape[0], lens[b]
         if q_len == 0 or kv_len == 0:
             continue
@@ -171,13 +174,14 @@ def unique_attention(
         kv_pos = torch.arange(kv_len, device=q.device)
         mask = (kv_pos[None, :] <= q_pos[:, None])[:, None, None, :]  # causal: [T, 1, 1, N]
         o_b, lse_b = _attend(q_b, k_b, v_b, mask, scale)
-        o[cu[b]:cu[b + 1]] = o_b
-        lse[cu[b]:cu[b + 1]] = lse_b
+        o[cu[b] : cu[b + 1]] = o_b
+        lse[cu[b] : cu[b + 1]] = lse_b
     return o.to(q.dtype), lse
 
 
-def merge(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def merge(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine two partial attentions over disjoint key sets by log-sum-exp.
 
     o*[T,H,d], lse*[T,H]. Either side may be empty (lse = -inf).
@@ -207,8 +211,14 @@ def route(q: torch.Tensor, centroids: torch.Tensor, top_k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1).indices.to(torch.int32)
 
 
-def chunk_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, chunk_size: int, skip: int = 0,
-               k_scale: torch.Tensor | None = None) -> torch.Tensor:
+def chunk_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    chunk_size: int,
+    skip: int = 0,
+    k_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[T, C] softmax mass of q[T, Hq, d] on each chunk of k[N, Hkv, d] (scale 1/sqrt(d)), summed
     over query heads: exp(score - lse) summed over the chunk's keys, lse[T, Hq] the normalizer of
     the whole attention; the first `skip` keys count nothing. One [T, Hq, N] score matrix."""

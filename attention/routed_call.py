@@ -29,13 +29,35 @@ class RoutedCall:
     interp: bool  # running under Triton's interpreter
 
     def unpack(self) -> tuple:
-        return (self.q, self.k, self.v, self.t, self.hq, self.d, self.n, self.hkv, self.top_k, self.g,
-                self.scale, self.num_chunks, self.o, self.lse, self.interp)
+        return (
+            self.q,
+            self.k,
+            self.v,
+            self.t,
+            self.hq,
+            self.d,
+            self.n,
+            self.hkv,
+            self.top_k,
+            self.g,
+            self.scale,
+            self.num_chunks,
+            self.o,
+            self.lse,
+            self.interp,
+        )
 
 
-def prepare_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor,
-                   chunk_size: int, scale: float | None, k_scale: torch.Tensor | None,
-                   v_scale: torch.Tensor | None) -> tuple[RoutedCall, bool]:
+def prepare_routed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_idx: torch.Tensor,
+    chunk_size: int,
+    scale: float | None,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> tuple[RoutedCall, bool]:
     """Check a routed call's shapes and allocate its outputs; `done` is True when the outputs
     are already the answer (no query tokens, no keys, or no chunk chosen)."""
     check_device(q)
@@ -49,8 +71,23 @@ def prepare_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx:
     assert scale > 0, "the kernel takes row maxima of unscaled scores"
     o = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(t, hq, dtype=torch.float32, device=q.device)
-    call = RoutedCall(q.contiguous(), k.contiguous(), v.contiguous(), t, hq, d, n, hkv, top_k, hq // hkv,
-                      scale, cdiv(n, chunk_size), o, lse, q.device.type != "cuda")
+    call = RoutedCall(
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        t,
+        hq,
+        d,
+        n,
+        hkv,
+        top_k,
+        hq // hkv,
+        scale,
+        cdiv(n, chunk_size),
+        o,
+        lse,
+        q.device.type != "cuda",
+    )
     if t == 0:
         return call, True
     if n == 0 or top_k == 0:

@@ -38,20 +38,45 @@ if HAS_TRITON:
 
     @triton.jit
     def _shared_dense_kernel(
-        Q, K, V, KS, VS, O, LSE,
-        T, N, chunk_size, split_len, qk_scale,
-        stride_qt, stride_qh,
-        stride_kn, stride_kh, stride_vn, stride_vh,
-        stride_sc, stride_sh,
-        stride_ot, stride_oh, stride_os,
-        stride_lt, stride_lh, stride_ls,
-        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        KV_SCALE: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr,
-        USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+        Q,
+        K,
+        V,
+        KS,
+        VS,
+        O,
+        LSE,
+        T,
+        N,
+        chunk_size,
+        split_len,
+        qk_scale,
+        stride_qt,
+        stride_qh,
+        stride_kn,
+        stride_kh,
+        stride_vn,
+        stride_vh,
+        stride_sc,
+        stride_sh,
+        stride_ot,
+        stride_oh,
+        stride_os,
+        stride_lt,
+        stride_lh,
+        stride_ls,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        KV_SCALE: tl.constexpr,
+        EVEN_N: tl.constexpr,
+        DOT: tl.constexpr,
+        USE_TMA: tl.constexpr,
+        WARP_SPEC: tl.constexpr,
     ):
         pid_m = tl.program_id(0)  # row block: fastest, so blocks sharing a KV range run together
-        h = tl.program_id(1)      # KV head
-        s = tl.program_id(2)      # split of the key range
+        h = tl.program_id(1)  # KV head
+        s = tl.program_id(2)  # split of the key range
 
         # rows of this block: (token t, member g of the GQA group) -> q head h * G + g
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -64,7 +89,7 @@ if HAS_TRITON:
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(DOT)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 units)
-        l_i = tl.zeros([BLOCK_M], tl.float32)                 # running sum of exp2
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2
         acc = tl.zeros([BLOCK_M, D], tl.float32)
 
         # this split's keys [n_lo, n_hi); the host sized splits so that none is empty.
@@ -73,10 +98,20 @@ if HAS_TRITON:
         n_hi = tl.minimum(n_lo + split_len, N)
         offs_n0 = tl.arange(0, BLOCK_N)
         if not USE_TMA:
-            k_ptrs = K + n_lo.to(tl.int64) * stride_kn + h * stride_kh \
-                + offs_n0[:, None] * stride_kn + offs_d[None, :]
-            v_ptrs = V + n_lo.to(tl.int64) * stride_vn + h * stride_vh \
-                + offs_n0[:, None] * stride_vn + offs_d[None, :]
+            k_ptrs = (
+                K
+                + n_lo.to(tl.int64) * stride_kn
+                + h * stride_kh
+                + offs_n0[:, None] * stride_kn
+                + offs_d[None, :]
+            )
+            v_ptrs = (
+                V
+                + n_lo.to(tl.int64) * stride_vn
+                + h * stride_vh
+                + offs_n0[:, None] * stride_vn
+                + offs_d[None, :]
+            )
         for start in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WARP_SPEC):
             offs_n = start + offs_n0
             n_ok = offs_n < N
@@ -102,8 +137,18 @@ if HAS_TRITON:
             if not EVEN_N:
                 qk = tl.where(n_ok[None, :], qk, float("-inf"))
             # every tile holds a key of every row (EVEN_N or not), so no row is ever empty
-            m_i, l_i, acc = softmax_update(m_i, l_i, acc, qk, v, qk_scale,
-                                           vs[None, :] if KV_SCALE else 1.0, DOT, KV_SCALE, False)
+            m_i, l_i, acc = softmax_update(
+                m_i,
+                l_i,
+                acc,
+                qk,
+                v,
+                qk_scale,
+                vs[None, :] if KV_SCALE else 1.0,
+                DOT,
+                KV_SCALE,
+                False,
+            )
             if not USE_TMA:
                 k_ptrs += BLOCK_N * stride_kn
                 v_ptrs += BLOCK_N * stride_vn
@@ -111,7 +156,9 @@ if HAS_TRITON:
         # every split holds at least one key, so l_i > 0 on every row
         o, lse = softmax_finish(m_i, l_i, acc, False)
         hq = h * G + g
-        o_ptrs = O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os + offs_d[None, :]
+        o_ptrs = (
+            O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os + offs_d[None, :]
+        )
         tl.store(o_ptrs, o, mask=row_ok[:, None])
         tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
 
@@ -122,8 +169,7 @@ def _block_m(rows: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _plan(rows: int, n: int, hkv: int, device: torch.device, block_n: int
-          ) -> tuple[int, int, int]:
+def _plan(rows: int, n: int, hkv: int, device: torch.device, block_n: int) -> tuple[int, int, int]:
     """(BLOCK_M, splits, split_len). Enough programs to fill every SM a few times over; each
     split a whole number of key tiles and at least 4 of them (so partials stay a small share
     of the traffic); pick the split count whose last wave is fullest."""
@@ -168,9 +214,15 @@ def _config(block_m: int, interp: bool, fp8: bool = False, config: dict | None =
 
 
 def shared_attention_dense(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int = 64,
-    scale: float | None = None, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None, splits: int | None = None, config: dict | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int = 64,
+    scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    splits: int | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `reference.shared_attention(q, k, v, None, ...)`.
 
@@ -230,17 +282,48 @@ def shared_attention_dense(
         kk = TensorDescriptor.from_tensor(k.view(n, hkv * d), box)
         vv = TensorDescriptor.from_tensor(v.view(n, hkv * d), box)
     _shared_dense_kernel[grid](
-        q, kk, vv, ks, vs, o_part, lse_part,
-        t, n, chunk_size, split_len, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        ssc, ssh,
-        o_part.stride(0), o_part.stride(1), so,
-        lse_part.stride(0), lse_part.stride(1), sl,
-        G=g, D=d, BLOCK_M=block_m, KV_SCALE=k_scale is not None, EVEN_N=n % cfg["BLOCK_N"] == 0,
-        DOT=dot_dtype(q.dtype, q.device, k.dtype), USE_TMA=use_tma, WARP_SPEC=warp_spec, **cfg,
+        q,
+        kk,
+        vv,
+        ks,
+        vs,
+        o_part,
+        lse_part,
+        t,
+        n,
+        chunk_size,
+        split_len,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        ssc,
+        ssh,
+        o_part.stride(0),
+        o_part.stride(1),
+        so,
+        lse_part.stride(0),
+        lse_part.stride(1),
+        sl,
+        G=g,
+        D=d,
+        BLOCK_M=block_m,
+        KV_SCALE=k_scale is not None,
+        EVEN_N=n % cfg["BLOCK_N"] == 0,
+        DOT=dot_dtype(q.dtype, q.device, k.dtype),
+        USE_TMA=use_tma,
+        WARP_SPEC=warp_spec,
+        **cfg,
     )
     if n_splits > 1:
         # partials [T*Hq rows, S parts, d] -> o, lse
-        combine(o_part.view(t * hq, n_splits, d), lse_part.view(t * hq, n_splits),
-                o.view(t * hq, d), lse.view(t * hq))
+        combine(
+            o_part.view(t * hq, n_splits, d),
+            lse_part.view(t * hq, n_splits),
+            o.view(t * hq, d),
+            lse.view(t * hq),
+        )
     return o, lse

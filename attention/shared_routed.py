@@ -25,15 +25,37 @@ if HAS_TRITON:
 
     @triton.jit
     def _shared_routed_kernel(
-        Q, K, V, KS, VS, OP, LP,
-        ORDER, OFFSETS, TILE_GROUP, TILE_START,
-        N, chunk_size, num_groups, qk_scale,
-        stride_qt, stride_qh,
-        stride_kn, stride_kh, stride_vn, stride_vh,
-        stride_sc, stride_sh,
-        HKV: tl.constexpr, TOPK: tl.constexpr,
-        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        KV_SCALE: tl.constexpr, DOT: tl.constexpr,
+        Q,
+        K,
+        V,
+        KS,
+        VS,
+        OP,
+        LP,
+        ORDER,
+        OFFSETS,
+        TILE_GROUP,
+        TILE_START,
+        N,
+        chunk_size,
+        num_groups,
+        qk_scale,
+        stride_qt,
+        stride_qh,
+        stride_kn,
+        stride_kh,
+        stride_vn,
+        stride_vh,
+        stride_sc,
+        stride_sh,
+        HKV: tl.constexpr,
+        TOPK: tl.constexpr,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        KV_SCALE: tl.constexpr,
+        DOT: tl.constexpr,
     ):
         tile = tl.program_id(0)
         # which (chunk, KV head) group this tile serves; tiles past the last are idle
@@ -57,8 +79,11 @@ if HAS_TRITON:
         ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
         t = ent // (HKV * TOPK)
         offs_d = tl.arange(0, D)
-        q = tl.load(Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0).to(DOT)
+        q = tl.load(
+            Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        ).to(DOT)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -71,10 +96,16 @@ if HAS_TRITON:
         for start in range(n_lo, n_hi, BLOCK_N):
             offs_n = start + offs_n0
             n_ok = offs_n < n_end
-            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
-                        mask=n_ok[:, None], other=0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
-                        mask=n_ok[:, None], other=0.0)
+            k = tl.load(
+                K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            )
             qk = tl.dot(q, tl.trans(k.to(DOT)))
             if KV_SCALE:
                 # fp8: one scale per (chunk, head) folds into the score scale and into p
@@ -83,8 +114,9 @@ if HAS_TRITON:
                 qk = qk * ks
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
             # online softmax over the chunk's key tiles (an idle tile's rows see nothing)
-            m_i, l_i, acc = softmax_update(m_i, l_i, acc, qk, v, qk_scale,
-                                           vs if KV_SCALE else 1.0, DOT, KV_SCALE, True)
+            m_i, l_i, acc = softmax_update(
+                m_i, l_i, acc, qk, v, qk_scale, vs if KV_SCALE else 1.0, DOT, KV_SCALE, True
+            )
 
         o, lse = softmax_finish(m_i, l_i, acc, True)
         # partials: OP[entry, g, :], LP[entry, g]
@@ -128,12 +160,24 @@ def plan_routing(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, bloc
     entries = t * hkv * top_k
     max_tiles = max(1, cdiv(entries * group_size, block_m) + min(num_groups, entries))
     tile_group = torch.searchsorted(tile_end, torch.arange(max_tiles, device=dev), right=True)
-    return (order, offsets.to(torch.int32), tile_group.to(torch.int32),
-            tile_start.to(torch.int32), idx)
+    return (
+        order,
+        offsets.to(torch.int32),
+        tile_group.to(torch.int32),
+        tile_start.to(torch.int32),
+        idx,
+    )
 
 
-def _config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int, interp: bool,
-            config: dict | None = None) -> dict:
+def _config(
+    t: int,
+    g: int,
+    top_k: int,
+    num_chunks: int,
+    chunk_size: int,
+    interp: bool,
+    config: dict | None = None,
+) -> dict:
     """Launch configuration; `config` (bench sweeps: {"BLOCK_M", "BLOCK_N", "num_warps",
     "num_stages"}) replaces the default on the GPU."""
     if config is not None and not interp:
@@ -148,8 +192,9 @@ def _config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int, interp
     block_n = max(16, min(widest, triton.next_power_of_2(chunk_size)))
     if interp:
         return dict(BLOCK_M=block_m, BLOCK_N=block_n)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m >= 128 else 4,
-                num_stages=3)
+    return dict(
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8 if block_m >= 128 else 4, num_stages=3
+    )
 
 
 # `impl` of shared_attention_routed: "auto": the rule below; "grouped":
@@ -175,9 +220,16 @@ def _use_union(q, k, chunk_idx, chunk_size) -> bool:
 
 
 def shared_attention_routed(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor,
-    chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None, plan=None, impl: str = "auto",
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_idx: torch.Tensor,
+    chunk_size: int = 64,
+    scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    plan=None,
+    impl: str = "auto",
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `reference.shared_attention(q, k, v, chunk_idx, ...)`.
@@ -195,18 +247,24 @@ def shared_attention_routed(
     assert impl in IMPLS, impl
     if plan is not None or impl == "grouped" or (impl == "auto" and _use_grouped(q, chunk_idx)):
         from .shared_routed_grouped import shared_attention_grouped
-        return shared_attention_grouped(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale,
-                                        plan, config=config)
+
+        return shared_attention_grouped(
+            q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale, plan, config=config
+        )
     if impl == "union" or (impl == "auto" and _use_union(q, k, chunk_idx, chunk_size)):
         from .shared_routed_union import shared_attention_routed_union
-        return shared_attention_routed_union(q, k, v, chunk_idx, chunk_size, scale, k_scale,
-                                             v_scale, config=config)
+
+        return shared_attention_routed_union(
+            q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale, config=config
+        )
     call, done = prepare_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
     if done:
         return call.o, call.lse
     q, k, v, t, hq, d, n, hkv, top_k, g, scale, num_chunks, o, lse, interp = call.unpack()
     cfg = _config(t, g, top_k, num_chunks, chunk_size, interp, config)
-    order, offsets, tile_group, tile_start, _ = plan_routing(chunk_idx, num_chunks, g, cfg["BLOCK_M"])
+    order, offsets, tile_group, tile_start, _ = plan_routing(
+        chunk_idx, num_chunks, g, cfg["BLOCK_M"]
+    )
     # partials per (token, KV head, slot, g); padding slots are never written: their lse
     # stays -inf and the merge skips them
     o_part = torch.empty(t, hkv, top_k, g, d, dtype=q.dtype, device=q.device)
@@ -223,16 +281,42 @@ def shared_attention_routed(
         ks = vs = lse_part
         ssc = ssh = 0
     _shared_routed_kernel[(tile_group.numel(),)](
-        q, k, v, ks, vs, o_part, lse_part,
-        order, offsets, tile_group, tile_start,
-        n, chunk_size, num_chunks * hkv, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        ssc, ssh,
-        HKV=hkv, TOPK=top_k, G=g, D=d, KV_SCALE=k_scale is not None,
-        DOT=dot_dtype(q.dtype, q.device, k.dtype), **cfg,
+        q,
+        k,
+        v,
+        ks,
+        vs,
+        o_part,
+        lse_part,
+        order,
+        offsets,
+        tile_group,
+        tile_start,
+        n,
+        chunk_size,
+        num_chunks * hkv,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        ssc,
+        ssh,
+        HKV=hkv,
+        TOPK=top_k,
+        G=g,
+        D=d,
+        KV_SCALE=k_scale is not None,
+        DOT=dot_dtype(q.dtype, q.device, k.dtype),
+        **cfg,
     )
     # merge each (token, head)'s k slots: rows (t*Hkv+h, g), parts = slots
-    combine(o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
-            lse_part.view(t * hkv, top_k, g).transpose(1, 2),
-            o.view(t * hq, d), lse.view(t * hq))
+    combine(
+        o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
+        lse_part.view(t * hkv, top_k, g).transpose(1, 2),
+        o.view(t * hq, d),
+        lse.view(t * hq),
+    )
     return o, lse

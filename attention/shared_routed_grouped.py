@@ -33,8 +33,20 @@ LOG2E = 1.4426950408889634
 if HAS_TRITON:
 
     @triton.jit
-    def _load_q(Q, SH, INV, ent, t, hq, row_ok, offs_d, stride_qt, stride_qh, D: tl.constexpr,
-                SHIFT: tl.constexpr):
+    def _load_q(
+        Q,
+        SH,
+        INV,
+        ent,
+        t,
+        hq,
+        row_ok,
+        offs_d,
+        stride_qt,
+        stride_qh,
+        D: tl.constexpr,
+        SHIFT: tl.constexpr,
+    ):
         """The tile's query rows; with SHIFT (virtual positions) each row rotated by R(-shift)
         of its entry, so that q . k == R(-s) q . k == q . R(s) k: the chunk's keys as if RoPE had
         put them `shift` positions later (half-rotation layout, fp32 angles)."""
@@ -42,8 +54,9 @@ if HAS_TRITON:
         q = tl.load(base + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         if SHIFT:
             HALF: tl.constexpr = D // 2
-            partner = tl.load(base + ((offs_d + HALF) % D)[None, :], mask=row_ok[:, None],
-                              other=0.0).to(tl.float32)
+            partner = tl.load(
+                base + ((offs_d + HALF) % D)[None, :], mask=row_ok[:, None], other=0.0
+            ).to(tl.float32)
             rot = tl.where((offs_d < HALF)[None, :], -partner, partner)  # cat(-q2, q1)
             sh = tl.load(SH + ent, mask=row_ok, other=0).to(tl.float32)
             ang = sh[:, None] * tl.load(INV + offs_d % HALF)[None, :]
@@ -52,17 +65,47 @@ if HAS_TRITON:
 
     @triton.jit
     def _routed_grouped_kernel(
-        Q, K, V, KS, VS, OP, LP,
-        ORDER, MASKS, OFFSETS, TILE_GROUP, TILE_START, TOTAL, SH, INV,
-        N, num_groups, max_tiles, qk_scale,
-        stride_qt, stride_qh,
-        stride_kn, stride_kh, stride_vn, stride_vh,
-        stride_sc, stride_sh,
-        HKV: tl.constexpr, SLOTS: tl.constexpr, S: tl.constexpr, CHUNK: tl.constexpr,
+        Q,
+        K,
+        V,
+        KS,
+        VS,
+        OP,
+        LP,
+        ORDER,
+        MASKS,
+        OFFSETS,
+        TILE_GROUP,
+        TILE_START,
+        TOTAL,
+        SH,
+        INV,
+        N,
+        num_groups,
+        max_tiles,
+        qk_scale,
+        stride_qt,
+        stride_qh,
+        stride_kn,
+        stride_kh,
+        stride_vn,
+        stride_vh,
+        stride_sc,
+        stride_sh,
+        HKV: tl.constexpr,
+        SLOTS: tl.constexpr,
+        S: tl.constexpr,
+        CHUNK: tl.constexpr,
         CHUNK_K: tl.constexpr,
-        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        KV_SCALE: tl.constexpr, DOT: tl.constexpr, PERSIST: tl.constexpr,
-        EVEN: tl.constexpr, SHIFT: tl.constexpr,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        KV_SCALE: tl.constexpr,
+        DOT: tl.constexpr,
+        PERSIST: tl.constexpr,
+        EVEN: tl.constexpr,
+        SHIFT: tl.constexpr,
     ):
         pid = tl.program_id(0)
         if PERSIST:
@@ -90,8 +133,9 @@ if HAS_TRITON:
             ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
             chose = tl.load(MASKS + ent, mask=row_ok, other=0)  # bit j: chunk sp*S+j chosen
             t = ent // (HKV * SLOTS)
-            q = _load_q(Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh,
-                        D, SHIFT).to(DOT)
+            q = _load_q(
+                Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh, D, SHIFT
+            ).to(DOT)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, D], tl.float32)
@@ -106,16 +150,24 @@ if HAS_TRITON:
                     for start in tl.static_range(0, CHUNK_K, BLOCK_N):
                         offs_n = base + start + offs_n0
                         if EVEN:
-                            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh
-                                        + offs_d[None, :])
-                            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh
-                                        + offs_d[None, :])
+                            k = tl.load(
+                                K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :]
+                            )
+                            v = tl.load(
+                                V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :]
+                            )
                         else:
                             n_ok = (start + offs_n0 < CHUNK) & (offs_n < N)
-                            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh
-                                        + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-                            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh
-                                        + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+                            k = tl.load(
+                                K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
+                                mask=n_ok[:, None],
+                                other=0.0,
+                            )
+                            v = tl.load(
+                                V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
+                                mask=n_ok[:, None],
+                                other=0.0,
+                            )
                         qk = tl.dot(q, tl.trans(k.to(DOT)))
                         if KV_SCALE:
                             qk = qk * ks
@@ -125,26 +177,63 @@ if HAS_TRITON:
                         else:
                             qk = tl.where(sel[:, None] & n_ok[None, :], qk, float("-inf"))
                         # rows masked off (chunks they did not choose) may see nothing
-                        m_i, l_i, acc = softmax_update(m_i, l_i, acc, qk, v, qk_scale,
-                                                       vs if KV_SCALE else 1.0, DOT, KV_SCALE,
-                                                       True)
+                        m_i, l_i, acc = softmax_update(
+                            m_i,
+                            l_i,
+                            acc,
+                            qk,
+                            v,
+                            qk_scale,
+                            vs if KV_SCALE else 1.0,
+                            DOT,
+                            KV_SCALE,
+                            True,
+                        )
             o, lse = softmax_finish(m_i, l_i, acc, True)
-            tl.store(OP + (ent * G + g)[:, None] * D + offs_d[None, :], o.to(OP.dtype.element_ty),
-                     mask=row_ok[:, None])
+            tl.store(
+                OP + (ent * G + g)[:, None] * D + offs_d[None, :],
+                o.to(OP.dtype.element_ty),
+                mask=row_ok[:, None],
+            )
             tl.store(LP + ent * G + g, lse, mask=row_ok)
-
 
     @triton.jit
     def _routed_stationary_kernel(
-        Q, K, V, KS, VS, OP, LP,
-        ORDER, OFFSETS, TILE_GROUP, TILE_START, TOTAL, SH, INV,
-        N, qk_scale,
-        stride_qt, stride_qh,
-        stride_kn, stride_kh, stride_vn, stride_vh,
-        stride_sc, stride_sh,
-        HKV: tl.constexpr, SLOTS: tl.constexpr, CHUNK: tl.constexpr,
-        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        RT: tl.constexpr, KV_SCALE: tl.constexpr, DOT: tl.constexpr, SHIFT: tl.constexpr,
+        Q,
+        K,
+        V,
+        KS,
+        VS,
+        OP,
+        LP,
+        ORDER,
+        OFFSETS,
+        TILE_GROUP,
+        TILE_START,
+        TOTAL,
+        SH,
+        INV,
+        N,
+        qk_scale,
+        stride_qt,
+        stride_qh,
+        stride_kn,
+        stride_kh,
+        stride_vn,
+        stride_vh,
+        stride_sc,
+        stride_sh,
+        HKV: tl.constexpr,
+        SLOTS: tl.constexpr,
+        CHUNK: tl.constexpr,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        RT: tl.constexpr,
+        KV_SCALE: tl.constexpr,
+        DOT: tl.constexpr,
+        SHIFT: tl.constexpr,
     ):
         """Span 1, one key tile per chunk (CHUNK <= BLOCK_N): the chunk's K/V are loaded once
         and stay on chip while the program walks up to RT row tiles of its queries; each tile is
@@ -160,10 +249,16 @@ if HAS_TRITON:
             offs_c = tl.arange(0, BLOCK_N)
             offs_n = c.to(tl.int64) * CHUNK + offs_c
             n_ok = (offs_c < CHUNK) & (offs_n < N)
-            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
-                        mask=n_ok[:, None], other=0.0).to(DOT)
-            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
-                        mask=n_ok[:, None], other=0.0).to(DOT)
+            k = tl.load(
+                K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            ).to(DOT)
+            v = tl.load(
+                V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            ).to(DOT)
             if KV_SCALE:
                 ks = tl.load(KS + c * stride_sc + h * stride_sh)
                 vs = tl.load(VS + c * stride_sc + h * stride_sh)
@@ -174,8 +269,9 @@ if HAS_TRITON:
                 g = rows % G
                 ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
                 t = ent // (HKV * SLOTS)
-                q = _load_q(Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, stride_qt,
-                            stride_qh, D, SHIFT).to(DOT)
+                q = _load_q(
+                    Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh, D, SHIFT
+                ).to(DOT)
                 qk = tl.dot(q, tl.trans(k))
                 if KV_SCALE:
                     qk = qk * ks
@@ -187,8 +283,11 @@ if HAS_TRITON:
                     p = p * vs
                 # one exact softmax: the tile's (m, l, acc) are final
                 o, lse = softmax_finish(m, l_i, tl.dot(p.to(DOT), v), False)
-                tl.store(OP + (ent * G + g)[:, None] * D + offs_d[None, :],
-                         o.to(OP.dtype.element_ty), mask=row_ok[:, None])
+                tl.store(
+                    OP + (ent * G + g)[:, None] * D + offs_d[None, :],
+                    o.to(OP.dtype.element_ty),
+                    mask=row_ok[:, None],
+                )
                 tl.store(LP + ent * G + g, lse, mask=row_ok)
 
 
@@ -219,8 +318,14 @@ class RoutedPlan:
     shifts: torch.Tensor | None = None  # [E] int32 per-entry position shift (virtual positions)
 
 
-def plan_grouped(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, span: int,
-                 block_m: int, chunk_shift: torch.Tensor | None = None) -> RoutedPlan:
+def plan_grouped(
+    chunk_idx: torch.Tensor,
+    num_chunks: int,
+    group_size: int,
+    span: int,
+    block_m: int,
+    chunk_shift: torch.Tensor | None = None,
+) -> RoutedPlan:
     """Build the plan of `chunk_idx[T, Hkv, k]` (-1 or out of range: padding; repeats count
     once) on its device, without a host sync. `chunk_shift[T, Hkv, k]` (beside chunk_idx,
     virtual positions; spans of one chunk only) is carried per entry."""
@@ -271,22 +376,45 @@ def plan_grouped(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, span
     entries = t * hkv * top_k
     max_tiles = max(1, cdiv(entries * group_size, block_m) + min(num_groups, entries))
     tile_group = torch.searchsorted(tile_end, torch.arange(max_tiles, device=dev), right=True)
-    return RoutedPlan(order.to(torch.int32), masks.flatten().to(torch.int32),
-                      offsets.to(torch.int32), tile_group.clamp_max(num_groups - 1).to(torch.int32),
-                      tile_start.to(torch.int32), tile_end[-1:].to(torch.int32), t, hkv, top_k,
-                      group_size, span, num_chunks, block_m, shifts)
+    return RoutedPlan(
+        order.to(torch.int32),
+        masks.flatten().to(torch.int32),
+        offsets.to(torch.int32),
+        tile_group.clamp_max(num_groups - 1).to(torch.int32),
+        tile_start.to(torch.int32),
+        tile_end[-1:].to(torch.int32),
+        t,
+        hkv,
+        top_k,
+        group_size,
+        span,
+        num_chunks,
+        block_m,
+        shifts,
+    )
 
 
-def choose_config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int,
-                  interp: bool, config: dict | None = None) -> dict:
+def choose_config(
+    t: int,
+    g: int,
+    top_k: int,
+    num_chunks: int,
+    chunk_size: int,
+    interp: bool,
+    config: dict | None = None,
+) -> dict:
     """Launch configuration from shapes alone (so that plan and run agree, and nothing syncs);
     `config` ({"span", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "persist", "rt"}:
     bench sweeps, tests) updates the default; plan and run must be given the same."""
     per_group = max(1, t * top_k // max(1, num_chunks))  # expected entries per (chunk, head)
     if interp:
-        cfg = dict(span=1, BLOCK_M=16 if per_group * g <= 16 else 32,
-                   BLOCK_N=max(8, min(16, triton.next_power_of_2(chunk_size))), persist=False,
-                   rt=0)
+        cfg = dict(
+            span=1,
+            BLOCK_M=16 if per_group * g <= 16 else 32,
+            BLOCK_N=max(8, min(16, triton.next_power_of_2(chunk_size))),
+            persist=False,
+            rt=0,
+        )
     else:
         block_m = max(16, min(64, triton.next_power_of_2(per_group * g)))
         block_n = max(16, min(128, triton.next_power_of_2(chunk_size)))
@@ -294,16 +422,29 @@ def choose_config(t: int, g: int, top_k: int, num_chunks: int, chunk_size: int,
         # K/V-stationary programs of up to 8 row tiles of 64, 4 warps, 3 stages beat one tile
         # per program (0.79x -> 1.16x of dense); chunks past one key tile walk the key tiles
         stationary = chunk_size <= block_n
-        cfg = dict(span=1, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
-                   num_stages=3 if stationary else 2, persist=False, rt=8 if stationary else 0)
+        cfg = dict(
+            span=1,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            num_warps=4,
+            num_stages=3 if stationary else 2,
+            persist=False,
+            rt=8 if stationary else 0,
+        )
     if config is not None:
         cfg.update(config)
     return cfg
 
 
-def plan_for(chunk_idx: torch.Tensor, num_chunks: int, g: int, chunk_size: int,
-             interp: bool | None = None, chunk_shift: torch.Tensor | None = None,
-             config: dict | None = None) -> RoutedPlan:
+def plan_for(
+    chunk_idx: torch.Tensor,
+    num_chunks: int,
+    g: int,
+    chunk_size: int,
+    interp: bool | None = None,
+    chunk_shift: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> RoutedPlan:
     """The plan `shared_attention_grouped` would build for this selection (build it once and
     pass it to every layer, with the same `config`)."""
     if interp is None:
@@ -312,8 +453,9 @@ def plan_for(chunk_idx: torch.Tensor, num_chunks: int, g: int, chunk_size: int,
     cfg = choose_config(t, g, top_k, num_chunks, chunk_size, interp, config)
     if chunk_shift is not None:
         cfg["span"] = 1
-    return plan_grouped(chunk_idx, num_chunks, g, cfg["span"], _plan_tile(cfg, chunk_size),
-                        chunk_shift)
+    return plan_grouped(
+        chunk_idx, num_chunks, g, cfg["span"], _plan_tile(cfg, chunk_size), chunk_shift
+    )
 
 
 def _stationary(cfg: dict, chunk_size: int) -> bool:
@@ -327,10 +469,17 @@ def _plan_tile(cfg: dict, chunk_size: int) -> int:
 
 
 def shared_attention_grouped(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor | None,
-    chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None, plan: RoutedPlan | None = None,
-    chunk_shift: torch.Tensor | None = None, rope_inv_freq: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_idx: torch.Tensor | None,
+    chunk_size: int = 64,
+    scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    plan: RoutedPlan | None = None,
+    chunk_shift: torch.Tensor | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of `reference.shared_attention(q, k, v, chunk_idx, ..., chunk_shift,
@@ -353,13 +502,13 @@ def shared_attention_grouped(
         cfg["span"] = 1
         assert rope_inv_freq is not None, "virtual positions need the model's rope_inv_freq"
     if plan is None:
-        plan = plan_grouped(chunk_idx, num_chunks, g, cfg["span"], _plan_tile(cfg, chunk_size),
-                            chunk_shift)
+        plan = plan_grouped(
+            chunk_idx, num_chunks, g, cfg["span"], _plan_tile(cfg, chunk_size), chunk_shift
+        )
     shift_on = plan.shifts is not None
     sh_t = plan.shifts if shift_on else plan.order
     inv = rope_inv_freq.to(q.device, torch.float32).contiguous() if shift_on else lse
-    assert (plan.t, plan.hkv, plan.slots, plan.g, plan.num_chunks) == (t, hkv, top_k, g,
-                                                                          num_chunks)
+    assert (plan.t, plan.hkv, plan.slots, plan.g, plan.num_chunks) == (t, hkv, top_k, g, num_chunks)
     assert plan.block_m == _plan_tile(cfg, chunk_size)
     stationary = _stationary(cfg, chunk_size)
     cfg = dict(cfg)
@@ -370,8 +519,7 @@ def shared_attention_grouped(
     # tl.dot needs K >= 16 (8 is enough under the interpreter); a short chunk masks the rest
     block_n = min(cfg.pop("BLOCK_N"), max(8 if interp else 16, triton.next_power_of_2(chunk_size)))
     o_part = torch.empty(t, hkv, top_k, g, d, dtype=q.dtype, device=q.device)
-    lse_part = torch.full((t, hkv, top_k, g), float("-inf"), dtype=torch.float32,
-                          device=q.device)
+    lse_part = torch.full((t, hkv, top_k, g), float("-inf"), dtype=torch.float32, device=q.device)
     if k_scale is not None:
         ks, vs = k_scale.float(), v_scale.float()
         if ks.dim() == 1:  # per head: the same factor for every chunk
@@ -384,34 +532,100 @@ def shared_attention_grouped(
     max_tiles = plan.tile_group.numel()
     if stationary:
         _routed_stationary_kernel[(max_tiles,)](
-            q, k, v, ks, vs, o_part, lse_part,
-            plan.order, plan.offsets, plan.tile_group, plan.tile_start, plan.total, sh_t, inv,
-            n, scale * LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            ssc, ssh,
-            HKV=hkv, SLOTS=top_k, CHUNK=chunk_size, G=g, D=d, BLOCK_M=block_m,
-            BLOCK_N=block_n, RT=rt, KV_SCALE=k_scale is not None,
-            DOT=dot_dtype(q.dtype, q.device, k.dtype), SHIFT=shift_on, **cfg,
+            q,
+            k,
+            v,
+            ks,
+            vs,
+            o_part,
+            lse_part,
+            plan.order,
+            plan.offsets,
+            plan.tile_group,
+            plan.tile_start,
+            plan.total,
+            sh_t,
+            inv,
+            n,
+            scale * LOG2E,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            ssc,
+            ssh,
+            HKV=hkv,
+            SLOTS=top_k,
+            CHUNK=chunk_size,
+            G=g,
+            D=d,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            RT=rt,
+            KV_SCALE=k_scale is not None,
+            DOT=dot_dtype(q.dtype, q.device, k.dtype),
+            SHIFT=shift_on,
+            **cfg,
         )
-        combine(o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
-                lse_part.view(t * hkv, top_k, g).transpose(1, 2),
-                o.view(t * hq, d), lse.view(t * hq))
+        combine(
+            o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
+            lse_part.view(t * hkv, top_k, g).transpose(1, 2),
+            o.view(t * hq, d),
+            lse.view(t * hq),
+        )
         return o, lse
     grid = min(max_tiles, 4 * sms(q.device)) if persist else max_tiles
     even = chunk_size % block_n == 0 and n % chunk_size == 0
     _routed_grouped_kernel[(grid,)](
-        q, k, v, ks, vs, o_part, lse_part,
-        plan.order, plan.masks, plan.offsets, plan.tile_group, plan.tile_start, plan.total,
-        sh_t, inv, n, cdiv(num_chunks, plan.span) * hkv, max_tiles, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        ssc, ssh,
-        HKV=hkv, SLOTS=top_k, S=plan.span, CHUNK=chunk_size,
-        CHUNK_K=cdiv(chunk_size, block_n) * block_n, G=g, D=d,
-        BLOCK_M=block_m, BLOCK_N=block_n, KV_SCALE=k_scale is not None,
-        DOT=dot_dtype(q.dtype, q.device, k.dtype), PERSIST=persist, EVEN=even, SHIFT=shift_on,
+        q,
+        k,
+        v,
+        ks,
+        vs,
+        o_part,
+        lse_part,
+        plan.order,
+        plan.masks,
+        plan.offsets,
+        plan.tile_group,
+        plan.tile_start,
+        plan.total,
+        sh_t,
+        inv,
+        n,
+        cdiv(num_chunks, plan.span) * hkv,
+        max_tiles,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        ssc,
+        ssh,
+        HKV=hkv,
+        SLOTS=top_k,
+        S=plan.span,
+        CHUNK=chunk_size,
+        CHUNK_K=cdiv(chunk_size, block_n) * block_n,
+        G=g,
+        D=d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        KV_SCALE=k_scale is not None,
+        DOT=dot_dtype(q.dtype, q.device, k.dtype),
+        PERSIST=persist,
+        EVEN=even,
+        SHIFT=shift_on,
         **cfg,
     )
-    combine(o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
-            lse_part.view(t * hkv, top_k, g).transpose(1, 2),
-            o.view(t * hq, d), lse.view(t * hq))
+    combine(
+        o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
+        lse_part.view(t * hkv, top_k, g).transpose(1, 2),
+        o.view(t * hq, d),
+        lse.view(t * hq),
+    )
     return o, lse

@@ -33,21 +33,53 @@ if HAS_TRITON:
 
     @triton.jit
     def _routed_union_kernel(
-        Q, K, V, KS, VS, O, LSE,
-        PERM, SEL, CLIST, CCOUNT, USED,
-        T, N, chunk_size, tiles_per_chunk, n_slices, num_chunks, t_pad, qk_scale,
-        stride_qt, stride_qh,
-        stride_kn, stride_kh, stride_vn, stride_vh,
-        stride_sc, stride_sh,
-        stride_ot, stride_oh, stride_os,
-        stride_lt, stride_lh, stride_ls,
-        NBLK: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        KV_SCALE: tl.constexpr, DOT: tl.constexpr, CONTIG: tl.constexpr, EVEN: tl.constexpr,
+        Q,
+        K,
+        V,
+        KS,
+        VS,
+        O,
+        LSE,
+        PERM,
+        SEL,
+        CLIST,
+        CCOUNT,
+        USED,
+        T,
+        N,
+        chunk_size,
+        tiles_per_chunk,
+        n_slices,
+        num_chunks,
+        t_pad,
+        qk_scale,
+        stride_qt,
+        stride_qh,
+        stride_kn,
+        stride_kh,
+        stride_vn,
+        stride_vh,
+        stride_sc,
+        stride_sh,
+        stride_ot,
+        stride_oh,
+        stride_os,
+        stride_lt,
+        stride_lh,
+        stride_ls,
+        NBLK: tl.constexpr,
+        G: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        KV_SCALE: tl.constexpr,
+        DOT: tl.constexpr,
+        CONTIG: tl.constexpr,
+        EVEN: tl.constexpr,
     ):
         pid_m = tl.program_id(0)  # query block (of the head's token order)
-        h = tl.program_id(1)      # KV head
-        s = tl.program_id(2)      # slice of the block's chunk list
+        h = tl.program_id(1)  # KV head
+        s = tl.program_id(2)  # slice of the block's chunk list
 
         # rows: (position p in head h's token order, member g of the GQA group)
         # (G need not divide BLOCK_M: the block's last BLOCK_M % G rows idle)
@@ -58,8 +90,11 @@ if HAS_TRITON:
         row_ok = (r < TPB * G) & (pos < T)
         t = tl.load(PERM + h * t_pad + pos, mask=row_ok, other=0).to(tl.int64)
         offs_d = tl.arange(0, D)
-        q = tl.load(Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh
-                    + offs_d[None, :], mask=row_ok[:, None], other=0.0).to(DOT)
+        q = tl.load(
+            Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        ).to(DOT)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -91,8 +126,11 @@ if HAS_TRITON:
                 if EVEN:
                     n_ok = tl.load(USED + lst * num_chunks + c + offs_n0 * 0) != 0
                 else:
-                    n_ok = ((in_chunk < chunk_size) & (offs_n < N)
-                            & (tl.load(USED + lst * num_chunks + c + offs_n0 * 0) != 0))
+                    n_ok = (
+                        (in_chunk < chunk_size)
+                        & (offs_n < N)
+                        & (tl.load(USED + lst * num_chunks + c + offs_n0 * 0) != 0)
+                    )
             else:
                 c = tl.load(CLIST + lst * num_chunks + e)
                 offs_n = c.to(tl.int64) * chunk_size + in_chunk
@@ -100,10 +138,16 @@ if HAS_TRITON:
                     n_ok = offs_n0 >= 0
                 else:
                     n_ok = (in_chunk < chunk_size) & (offs_n < N)
-            k = tl.load(K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
-                        mask=n_ok[:, None], other=0.0)
-            v = tl.load(V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
-                        mask=n_ok[:, None], other=0.0)
+            k = tl.load(
+                K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            )
+            v = tl.load(
+                V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
+                mask=n_ok[:, None],
+                other=0.0,
+            )
             # which rows' tokens chose chunk c: SEL[h, c, pos] (contiguous over the block)
             chose = tl.load(sel_row + c * t_pad, mask=row_ok, other=0) != 0
             qk = tl.dot(q, tl.trans(k.to(DOT)))
@@ -116,15 +160,18 @@ if HAS_TRITON:
             else:
                 qk = tl.where(chose[:, None] & n_ok[None, :], qk, float("-inf"))
             # a row whose token chose none of the block's chunks so far has seen nothing
-            m_i, l_i, acc = softmax_update(m_i, l_i, acc, qk, v, qk_scale,
-                                           vs if KV_SCALE else 1.0, DOT, KV_SCALE, True)
+            m_i, l_i, acc = softmax_update(
+                m_i, l_i, acc, qk, v, qk_scale, vs if KV_SCALE else 1.0, DOT, KV_SCALE, True
+            )
 
         o, lse = softmax_finish(m_i, l_i, acc, True)
         hq = h * G + g
-        tl.store(O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os
-                 + offs_d[None, :], o.to(O.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(
+            O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os + offs_d[None, :],
+            o.to(O.dtype.element_ty),
+            mask=row_ok[:, None],
+        )
         tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
-
 
 
 def sanitize(chunk_idx: torch.Tensor, num_chunks: int) -> torch.Tensor:
@@ -155,8 +202,14 @@ def token_order(idx: torch.Tensor, num_chunks: int, order: str) -> torch.Tensor:
     return perm.to(torch.int32)
 
 
-def plan_union(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_m: int,
-               order: str = "minhash", lists: bool = True):
+def plan_union(
+    chunk_idx: torch.Tensor,
+    num_chunks: int,
+    group_size: int,
+    block_m: int,
+    order: str = "minhash",
+    lists: bool = True,
+):
     """Device-side plan (no host sync). Returns (perm[Hkv,T_pad] int32, sel[Hkv,C+1,T_pad] uint8 (row C: padding),
     clist[Hkv,NBLK,C] int32 sorted union per block padded with C (None unless lists),
     count[Hkv,NBLK] int32, used[Hkv,NBLK,C] uint8, nblk, t_pad)."""
@@ -171,13 +224,15 @@ def plan_union(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_
     inv.scatter_(1, perm.long(), torch.arange(t, device=dev, dtype=torch.int32).expand(hkv, t))
     # sel[h, c, pos] = token at position pos of head h's order chose chunk c (row C: padding)
     sel = torch.zeros(hkv, num_chunks + 1, t_pad, dtype=torch.uint8, device=dev)
-    c_ = torch.where(idx >= 0, idx, num_chunks)                     # [T, Hkv, k]
-    pos = inv.t().long().unsqueeze(-1).expand(t, hkv, top_k)        # [T, Hkv, k]
+    c_ = torch.where(idx >= 0, idx, num_chunks)  # [T, Hkv, k]
+    pos = inv.t().long().unsqueeze(-1).expand(t, hkv, top_k)  # [T, Hkv, k]
     head = torch.arange(hkv, device=dev).view(1, hkv, 1)
     flat = (head * (num_chunks + 1) + c_) * t_pad + pos
     sel.view(-1).index_fill_(0, flat.flatten(), 1)
     # union per block, as a sorted list padded with C (sort of [chunk id | C] keys)
-    used = sel[:, :num_chunks].reshape(hkv, num_chunks, nblk, tpb).amax(-1).transpose(1, 2)  # [Hkv, NBLK, C]
+    used = (
+        sel[:, :num_chunks].reshape(hkv, num_chunks, nblk, tpb).amax(-1).transpose(1, 2)
+    )  # [Hkv, NBLK, C]
     count = (used > 0).sum(-1, dtype=torch.int32)
     clist = None
     if lists:
@@ -195,9 +250,12 @@ def _config(rows_per_head: int, chunk_size: int, interp: bool, config: dict | No
     if interp:
         block_m = 16 if rows_per_head <= 16 else 32
         return dict(BLOCK_M=block_m, BLOCK_N=max(8, min(16, triton.next_power_of_2(chunk_size))))
-    cfg = dict(BLOCK_M=128 if rows_per_head >= 512 else 64,
-               BLOCK_N=max(16, min(128 if rows_per_head >= 512 else 64,
-                                   triton.next_power_of_2(chunk_size))))
+    cfg = dict(
+        BLOCK_M=128 if rows_per_head >= 512 else 64,
+        BLOCK_N=max(
+            16, min(128 if rows_per_head >= 512 else 64, triton.next_power_of_2(chunk_size))
+        ),
+    )
     cfg["num_warps"] = 8 if cfg["BLOCK_M"] >= 128 else 4
     # H100 sweep, B=256, chunk 128 (bench/results/attention_routed.json "sweep"): 3 stages
     # 1.71 ms vs 2 stages 1.92 ms; BLOCK_N 64 1.80; slices 4 / 9 (auto) / 16: 1.77 / 1.92 / 1.79
@@ -208,10 +266,18 @@ def _config(rows_per_head: int, chunk_size: int, interp: bool, config: dict | No
 
 
 def shared_attention_routed_union(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_idx: torch.Tensor,
-    chunk_size: int = 64, scale: float | None = None, k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None, order: str = "minhash", slices: int | None = None,
-    contig: bool | None = None, config: dict | None = None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_idx: torch.Tensor,
+    chunk_size: int = 64,
+    scale: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    order: str = "minhash",
+    slices: int | None = None,
+    contig: bool | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `shared_routed.shared_attention_routed` (and the reference).
     contig: walk contiguous chunk ranges with unused chunks masked (True) or the union lists
@@ -227,8 +293,9 @@ def shared_attention_routed_union(
     block_m = max(block_m, triton.next_power_of_2(g))
     use_contig = cfg.pop("contig", True) if contig is None else contig
     cfg.pop("contig", None)
-    perm, sel, clist, count, used, nblk, t_pad = plan_union(chunk_idx, num_chunks, g, block_m,
-                                                            order, lists=not use_contig)
+    perm, sel, clist, count, used, nblk, t_pad = plan_union(
+        chunk_idx, num_chunks, g, block_m, order, lists=not use_contig
+    )
     if clist is None:
         clist = count
     # slices of each block's chunk list: enough programs for ~2 per SM, each slice >= 4 chunks
@@ -262,31 +329,72 @@ def shared_attention_routed_union(
         ks = vs = lse
         ssc = ssh = 0
     _routed_union_kernel[(nblk, hkv, n_slices)](
-        q, k, v, ks, vs, o_part, lse_part,
-        perm, sel, clist, count, used,
-        t, n, chunk_size, tiles_per_chunk, n_slices, num_chunks, t_pad, scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        ssc, ssh, *so, *sl,
-        NBLK=nblk, G=g, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        KV_SCALE=k_scale is not None, DOT=dot_dtype(q.dtype, q.device, k.dtype),
-        CONTIG=use_contig, EVEN=(chunk_size % block_n == 0 and n % chunk_size == 0), **cfg,
+        q,
+        k,
+        v,
+        ks,
+        vs,
+        o_part,
+        lse_part,
+        perm,
+        sel,
+        clist,
+        count,
+        used,
+        t,
+        n,
+        chunk_size,
+        tiles_per_chunk,
+        n_slices,
+        num_chunks,
+        t_pad,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        ssc,
+        ssh,
+        *so,
+        *sl,
+        NBLK=nblk,
+        G=g,
+        D=d,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        KV_SCALE=k_scale is not None,
+        DOT=dot_dtype(q.dtype, q.device, k.dtype),
+        CONTIG=use_contig,
+        EVEN=(chunk_size % block_n == 0 and n % chunk_size == 0),
+        **cfg,
     )
     if n_slices > 1:
-        combine(o_part.view(t * hq, n_slices, d), lse_part.view(t * hq, n_slices),
-                o.view(t * hq, d), lse.view(t * hq))
+        combine(
+            o_part.view(t * hq, n_slices, d),
+            lse_part.view(t * hq, n_slices),
+            o.view(t * hq, d),
+            lse.view(t * hq),
+        )
     return o, lse
 
 
-def union_stats(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_m: int,
-                order: str) -> dict:
+def union_stats(
+    chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_m: int, order: str
+) -> dict:
     """Mean union size per query block as a fraction of C, and useful/computed work (the share
     of (row, chunk) products that a row chose). Syncs: for benches and docs only."""
-    _, _, _, count, _, nblk, _ = plan_union(chunk_idx, num_chunks, group_size, block_m, order,
-                                            lists=False)
+    _, _, _, count, _, nblk, _ = plan_union(
+        chunk_idx, num_chunks, group_size, block_m, order, lists=False
+    )
     idx = sanitize(chunk_idx, num_chunks)
     chosen = (idx >= 0).sum().item()
     tpb = block_m // group_size
     computed = count.sum().item() * tpb
-    return dict(order=order, block_m=block_m, union_frac=round(count.float().mean().item()
-                                                                 / num_chunks, 4),
-                useful_frac=round(chosen / max(1, computed), 4))
+    return dict(
+        order=order,
+        block_m=block_m,
+        union_frac=round(count.float().mean().item() / num_chunks, 4),
+        useful_frac=round(chosen / max(1, computed), 4),
+    )

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -52,8 +51,15 @@ from attention import shared_dense  # noqa: E402
 from attention.paged import unique_attention_paged  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
-PEERS = ("paged", "torch_fold", "torch_flash", "fi_cascade_fa2", "fi_cascade_fa3", "fi_decode",
-         "fi_decode_tc")
+PEERS = (
+    "paged",
+    "torch_fold",
+    "torch_flash",
+    "fi_cascade_fa2",
+    "fi_cascade_fa3",
+    "fi_decode",
+    "fi_decode_tc",
+)
 G = HQ // HKV
 PAGE = 16
 
@@ -67,6 +73,7 @@ def bench(fn, rep_ms=200):
         fn()
         return (time.perf_counter() - t0) * 1e3
     import triton.testing as tt
+
     # median of event-timed runs; do_bench clears L2 before each run
     return tt.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
@@ -101,7 +108,7 @@ def measure_peaks(dev):
     a = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
     b = torch.randn(m, m, device=dev, dtype=torch.bfloat16)
     ms = bench(lambda: a @ b, 300)
-    tflops = 2 * m ** 3 / ms / 1e9
+    tflops = 2 * m**3 / ms / 1e9
     src = torch.randn(1 << (29 if not DRY else 20), device=dev, dtype=torch.float32)  # 2 GiB
     dst = torch.empty_like(src)
     ms_c = bench(lambda: dst.copy_(src), 300)
@@ -124,13 +131,19 @@ def make_idx(b, c, top_k, skew, dev, seed, per="token"):
     w = zipf_weights(c, 1.1, gen) if skew else torch.ones(c)
     if per == "runs":
         run = 8
-        starts = torch.multinomial(w[::run].contiguous().expand(b, c // run).contiguous(),
-                                   max(1, top_k // run), replacement=False, generator=gen) * run
+        starts = (
+            torch.multinomial(
+                w[::run].contiguous().expand(b, c // run).contiguous(),
+                max(1, top_k // run),
+                replacement=False,
+                generator=gen,
+            )
+            * run
+        )
         idx = (starts[:, :, None] + torch.arange(run)).flatten(1)[:, :top_k]
         return idx[:, None, :].expand(b, HKV, idx.shape[1]).contiguous().int().to(dev)
     rows = b * HKV if per == "token" else b
-    idx = torch.multinomial(w.expand(rows, c).contiguous(), top_k, replacement=False,
-                            generator=gen)
+    idx = torch.multinomial(w.expand(rows, c).contiguous(), top_k, replacement=False, generator=gen)
     if per == "request":
         return idx[:, None, :].expand(b, HKV, top_k).contiguous().int().to(dev)
     return idx.view(b, HKV, top_k).int().to(dev)
@@ -153,20 +166,38 @@ def flashinfer_peers(q, kc, vc, n):
     for backend in ("fa2", "fa3"):
         try:
             w = flashinfer.BatchPrefillWithPagedKVCacheWrapper(ws, "NHD", backend=backend)
-            w.plan(torch.tensor([0, b], **i32), torch.tensor([0, pages], **i32),
-                   torch.arange(pages, **i32), torch.tensor([PAGE], **i32), HQ, HKV, D, PAGE,
-                   causal=False, q_data_type=torch.bfloat16)
-            out[f"fi_cascade_{backend}"] = (lambda w=w: w.run(q, (kc, vc), return_lse=True))
+            w.plan(
+                torch.tensor([0, b], **i32),
+                torch.tensor([0, pages], **i32),
+                torch.arange(pages, **i32),
+                torch.tensor([PAGE], **i32),
+                HQ,
+                HKV,
+                D,
+                PAGE,
+                causal=False,
+                q_data_type=torch.bfloat16,
+            )
+            out[f"fi_cascade_{backend}"] = lambda w=w: w.run(q, (kc, vc), return_lse=True)
         except Exception as e:  # noqa: BLE001
             notes.append(f"cascade {backend}: {type(e).__name__}: {str(e)[:100]}")
     for tc in (False, True):
         try:
             w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD", use_tensor_cores=tc)
-            w.plan(torch.arange(b + 1, **i32) * pages, torch.arange(pages, **i32).repeat(b),
-                   torch.full((b,), PAGE, **i32), HQ, HKV, D, PAGE, q_data_type=torch.bfloat16,
-                   kv_data_type=torch.bfloat16)
-            out["fi_decode_tc" if tc else "fi_decode"] = (
-                lambda w=w: w.run(q, (kc, vc), return_lse=True))
+            w.plan(
+                torch.arange(b + 1, **i32) * pages,
+                torch.arange(pages, **i32).repeat(b),
+                torch.full((b,), PAGE, **i32),
+                HQ,
+                HKV,
+                D,
+                PAGE,
+                q_data_type=torch.bfloat16,
+                kv_data_type=torch.bfloat16,
+            )
+            out["fi_decode_tc" if tc else "fi_decode"] = lambda w=w: w.run(
+                q, (kc, vc), return_lse=True
+            )
         except Exception as e:  # noqa: BLE001
             notes.append(f"decode tc={tc}: {type(e).__name__}: {str(e)[:100]}")
     return out, "; ".join(notes)
@@ -174,9 +205,19 @@ def flashinfer_peers(q, kc, vc, n):
 
 def row(impl, n, b, density, skew, dtype, ms, flops, nbytes, peak_tflops, peak_tbps, **extra):
     floor_ms = max(flops / peak_tflops / 1e9, nbytes / peak_tbps / 1e9)
-    return dict(impl=impl, N=n, B=b, density=density, skew=skew, dtype=dtype, ms=round(ms, 4),
-                tflops=round(flops / ms / 1e9, 2), tbps=round(nbytes / ms / 1e9, 3),
-                roofline_frac=round(floor_ms / ms, 3), **extra)
+    return dict(
+        impl=impl,
+        N=n,
+        B=b,
+        density=density,
+        skew=skew,
+        dtype=dtype,
+        ms=round(ms, 4),
+        tflops=round(flops / ms / 1e9, 2),
+        tbps=round(nbytes / ms / 1e9, 3),
+        roofline_frac=round(floor_ms / ms, 3),
+        **extra,
+    )
 
 
 def empty_cache():
@@ -187,6 +228,7 @@ def empty_cache():
 def fi_version():
     try:
         import flashinfer
+
         return flashinfer.__version__
     except Exception as e:  # noqa: BLE001 - optional peer
         return f"not importable ({type(e).__name__})"
@@ -195,15 +237,30 @@ def fi_version():
 def run(args):
     dev = torch.device("cuda" if not DRY else "cpu")
     import triton
+
     peak_tflops, peak_tbps = measure_peaks(dev)
     name = torch.cuda.get_device_name() if not DRY else "cpu (dry run)"
-    print(f"device {name}  bf16 matmul {peak_tflops:.0f} TFLOP/s  "
-          f"copy {peak_tbps:.2f} TB/s", flush=True)
-    out = dict(device=name, torch=torch.__version__,
-               triton=triton.__version__, peak_tflops=round(peak_tflops, 1),
-               peak_tbps=round(peak_tbps, 3), chunk_size=args.chunk, hq=HQ, hkv=HKV, d=D,
-               zipf_s=1.1, rows=[], checks=[], notes=[], flashinfer=fi_version(),
-               date=time.strftime("%Y-%m-%d"))
+    print(
+        f"device {name}  bf16 matmul {peak_tflops:.0f} TFLOP/s  copy {peak_tbps:.2f} TB/s",
+        flush=True,
+    )
+    out = dict(
+        device=name,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        peak_tflops=round(peak_tflops, 1),
+        peak_tbps=round(peak_tbps, 3),
+        chunk_size=args.chunk,
+        hq=HQ,
+        hkv=HKV,
+        d=D,
+        zipf_s=1.1,
+        rows=[],
+        checks=[],
+        notes=[],
+        flashinfer=fi_version(),
+        date=time.strftime("%Y-%m-%d"),
+    )
     if args.sweep:
         out["sweep"] = sweep(dev, args)
     bs = [1, 8, 32, 128, 256] if not args.quick else [1, 256]
@@ -247,23 +304,44 @@ def run(args):
 
             def add(impl, fn, flops, nbytes, density=1.0, skew="none", dtype=kvt, **extra):
                 ms, graphed = timed(fn)
-                r = row(impl, n, b, density, skew, dtype, ms, flops, nbytes, peak_tflops,
-                        peak_tbps, graph=graphed, **extra)
+                r = row(
+                    impl,
+                    n,
+                    b,
+                    density,
+                    skew,
+                    dtype,
+                    ms,
+                    flops,
+                    nbytes,
+                    peak_tflops,
+                    peak_tbps,
+                    graph=graphed,
+                    **extra,
+                )
                 rows.append(r)
-                print(f"{impl:14s} N={n:7d} B={b:4d} dens={density:4.2f} skew={skew:5s} "
-                      f"{dtype:4s} {r['ms']:9.4f} ms {r['tflops']:7.1f} TF/s {r['tbps']:6.3f} "
-                      f"TB/s  roof {r['roofline_frac']:.3f} {extra.get('selection', '')} "
-                      f"{extra.get('kernel', '')} {extra.get('chunk_size', '')} "
-                      f"plan {extra.get('plan_ms', '')}", flush=True)
+                print(
+                    f"{impl:14s} N={n:7d} B={b:4d} dens={density:4.2f} skew={skew:5s} "
+                    f"{dtype:4s} {r['ms']:9.4f} ms {r['tflops']:7.1f} TF/s {r['tbps']:6.3f} "
+                    f"TB/s  roof {r['roofline_frac']:.3f} {extra.get('selection', '')} "
+                    f"{extra.get('kernel', '')} {extra.get('chunk_size', '')} "
+                    f"plan {extra.get('plan_ms', '')}",
+                    flush=True,
+                )
 
             # (a) copies: B distinct KV copies, per-request SDPA (query length G after GQA fold)
             copy_bytes = b * 2 * n * HKV * D * 2
-            if copy_bytes <= args.copies_gib * 2 ** 30 and peers:
+            if copy_bytes <= args.copies_gib * 2**30 and peers:
                 kb = k_t.expand(b, -1, -1, -1).contiguous()
                 vb = v_t.expand(b, -1, -1, -1).contiguous()
                 qb = q.view(b, HKV, G, D)
-                add("copies", lambda: F.scaled_dot_product_attention(qb, kb, vb), fl,
-                    copy_bytes + qo_bytes, dtype="bf16")
+                add(
+                    "copies",
+                    lambda: F.scaled_dot_product_attention(qb, kb, vb),
+                    fl,
+                    copy_bytes + qo_bytes,
+                    dtype="bf16",
+                )
                 del kb, vb
                 empty_cache()
             # (b) paged: all block tables point at the one shared copy
@@ -271,9 +349,15 @@ def run(args):
             seq = torch.full((b,), n, device=dev, dtype=torch.int32)
             cu = torch.arange(b + 1, device=dev, dtype=torch.int32)
             if not args.focus:
-                add("paged", lambda: unique_attention_paged(q, kc, vc, bt, seq, cu,
-                                                            max_seqlen_q=1, max_seqlen_k=n),
-                    fl, 2 * n * HKV * D * 2 + qo_bytes, dtype="bf16")
+                add(
+                    "paged",
+                    lambda: unique_attention_paged(
+                        q, kc, vc, bt, seq, cu, max_seqlen_q=1, max_seqlen_k=n
+                    ),
+                    fl,
+                    2 * n * HKV * D * 2 + qo_bytes,
+                    dtype="bf16",
+                )
             # (c) torch_fold: [1, Hkv, B*G, d] against [1, Hkv, N, d]; default dispatch and
             # the flash backend forced
             qf = q.view(b, HKV, G, D).permute(1, 0, 2, 3).reshape(1, HKV, b * G, D)
@@ -284,21 +368,29 @@ def run(args):
             def fold_flash():
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return F.scaled_dot_product_attention(qf, k_t, v_t)
+
             try:
                 if not args.ours_only:
-                    add("torch_flash", fold_flash, fl, 2 * n * HKV * D * 2 + qo_bytes,
-                        dtype="bf16")
+                    add("torch_flash", fold_flash, fl, 2 * n * HKV * D * 2 + qo_bytes, dtype="bf16")
             except RuntimeError as e:
                 out["notes"].append(f"torch_flash N={n} B={b}: {str(e)[:100]}")
             # (c') FlashInfer over the shared pages (bf16 source KV)
-            fis, note = flashinfer_peers(q, kc, vc, n) if not DRY and peers else \
-                ({}, "dry run, --focus or --ours-only")
+            fis, note = (
+                flashinfer_peers(q, kc, vc, n)
+                if not DRY and peers
+                else ({}, "dry run, --focus or --ours-only")
+            )
             if note and note not in out["notes"]:
                 out["notes"].append(note)
             for name, fn in fis.items():
                 try:
-                    add(name, fn, fl, 2 * n * HKV * D * 2 * (b if "decode" in name else 1)
-                        + qo_bytes, dtype="bf16")
+                    add(
+                        name,
+                        fn,
+                        fl,
+                        2 * n * HKV * D * 2 * (b if "decode" in name else 1) + qo_bytes,
+                        dtype="bf16",
+                    )
                 except Exception as e:  # noqa: BLE001 - a peer that fails is noted, not fatal
                     out["notes"].append(f"{name} N={n} B={b}: {type(e).__name__} {str(e)[:100]}")
             # (d) ours dense
@@ -307,28 +399,55 @@ def run(args):
             o_d, _ = dense()
             o_f = fold().view(HKV, b, G, D).permute(1, 0, 2, 3).reshape(b, HQ, D)
             err = (o_d.float() - o_f.float()).norm() / o_f.float().norm()
-            out["checks"].append(dict(what="ours_dense vs torch_fold (bf16 source KV)", N=n, B=b,
-                                      dtype=kvt, rel_err=float(err)))
+            out["checks"].append(
+                dict(
+                    what="ours_dense vs torch_fold (bf16 source KV)",
+                    N=n,
+                    B=b,
+                    dtype=kvt,
+                    rel_err=float(err),
+                )
+            )
             if "fi_cascade_fa2" in fis:
                 o_fi = fis["fi_cascade_fa2"]()[0]
                 err = (o_d.float() - o_fi.float()).norm() / o_fi.float().norm()
-                out["checks"].append(dict(what="ours_dense vs fi_cascade_fa2", N=n, B=b,
-                                          dtype=kvt, rel_err=float(err)))
+                out["checks"].append(
+                    dict(
+                        what="ours_dense vs fi_cascade_fa2", N=n, B=b, dtype=kvt, rel_err=float(err)
+                    )
+                )
             del fis
             # (e) ours routed: the plan built once (as the engine does per step), the run timed
             full = n == 131072 or DRY
             plans = [(1.0, "none", "token")]
-            for density in ((0.5, 0.25, 0.1) if full else (0.25, 0.1)):
-                for skew in (("none", "zipf") if full else ("none",)):
+            for density in (0.5, 0.25, 0.1) if full else (0.25, 0.1):
+                for skew in ("none", "zipf") if full else ("none",):
                     for per in ("token", "request"):
                         plans.append((density, skew, per))
             for density, skew, per in plans:
-                add_routed(add, out, q, k, v, ks, vs, n, b, args.chunk, density, skew, per, elt,
-                           qo_bytes, o_d if density == 1.0 else None)
+                add_routed(
+                    add,
+                    out,
+                    q,
+                    k,
+                    v,
+                    ks,
+                    vs,
+                    n,
+                    b,
+                    args.chunk,
+                    density,
+                    skew,
+                    per,
+                    elt,
+                    qo_bytes,
+                    o_d if density == 1.0 else None,
+                )
             if args.focus and b == 128:
                 small_budget_study(add, out, q, kf, vf, n, b, qo_bytes)
-            studies = not args.ours_only and ((b == 256 and n == 131072)
-                                              or (DRY and b == bs[-1] and n == ns[0][0]))
+            studies = not args.ours_only and (
+                (b == 256 and n == 131072) or (DRY and b == bs[-1] and n == ns[0][0])
+            )
             if studies:
                 granularity_study(add, out, q, kf, vf, n, b, elt, qo_bytes, args)
             out["rows"].extend(rows)
@@ -340,11 +459,34 @@ def run(args):
     return out
 
 
-def add_routed(add, out, q, k, v, ks, vs, n, b, chunk, density, skew, per, elt, qo_bytes,
-               o_dense=None, impl="grouped", span=None, persist=None, tag="", cfg=None,
-               profile_it=False):
+def add_routed(
+    add,
+    out,
+    q,
+    k,
+    v,
+    ks,
+    vs,
+    n,
+    b,
+    chunk,
+    density,
+    skew,
+    per,
+    elt,
+    qo_bytes,
+    o_dense=None,
+    impl="grouped",
+    span=None,
+    persist=None,
+    tag="",
+    cfg=None,
+    profile_it=False,
+):
     """Time one routed configuration: plan (alone) and run (with the plan built beforehand)."""
-    from attention import shared_routed, shared_routed_grouped as grouped
+    from attention import shared_routed
+    from attention import shared_routed_grouped as grouped
+
     dev = q.device
     c = n // chunk
     top_k = max(1, int(round(density * c)))
@@ -367,24 +509,42 @@ def add_routed(add, out, q, k, v, ks, vs, n, b, chunk, density, skew, per, elt, 
     if impl == "grouped":
         plan = grouped.plan_for(idx, c, G, chunk, config=over)
         plan_ms, _ = timed(lambda: grouped.plan_for(idx, c, G, chunk, config=over))
-        extra.update(plan_ms=round(plan_ms, 4), span=plan.span, block_m=plan.block_m,
-                     persist=grouped.choose_config(b, G, top_k, c, chunk, DRY,
-                                                   over)["persist"])
+        extra.update(
+            plan_ms=round(plan_ms, 4),
+            span=plan.span,
+            block_m=plan.block_m,
+            persist=grouped.choose_config(b, G, top_k, c, chunk, DRY, over)["persist"],
+        )
         fn = lambda: grouped.shared_attention_grouped(  # noqa: E731
-            q, k, v, None, chunk, None, ks, vs, plan=plan, config=over)
+            q, k, v, None, chunk, None, ks, vs, plan=plan, config=over
+        )
     if impl != "grouped":
         fn = lambda: shared_routed.shared_attention_routed(  # noqa: E731
-            q, k, v, idx, chunk, None, ks, vs, impl=impl)
+            q, k, v, idx, chunk, None, ks, vs, impl=impl
+        )
     if DRY:  # CPU tensors take attention.cpu_shared
         fn = lambda: attention.shared_attention(q, k, v, idx, chunk, None, ks, vs)  # noqa: E731
-    add("ours_routed" if impl == "grouped" else f"ours_routed_{impl}", fn, flops,
-        union_bytes + qo_bytes, density, skew_name, **extra)
+    add(
+        "ours_routed" if impl == "grouped" else f"ours_routed_{impl}",
+        fn,
+        flops,
+        union_bytes + qo_bytes,
+        density,
+        skew_name,
+        **extra,
+    )
     if o_dense is not None:
         o_r, _ = fn()
         err = (o_r.float() - o_dense.float()).norm() / o_dense.float().norm()
-        out["checks"].append(dict(what=f"ours_routed {impl} (all chunks) vs ours_dense",
-                                  N=n, B=b, dtype="fp8" if ks is not None else "bf16",
-                                  rel_err=float(err)))
+        out["checks"].append(
+            dict(
+                what=f"ours_routed {impl} (all chunks) vs ours_dense",
+                N=n,
+                B=b,
+                dtype="fp8" if ks is not None else "bf16",
+                rel_err=float(err),
+            )
+        )
     if profile_it and not DRY:
         profile(fn, f"routed {impl}{tag} N={n} B={b} {density} {per}")
 
@@ -392,11 +552,33 @@ def add_routed(add, out, q, k, v, ks, vs, n, b, chunk, density, skew, per, elt, 
 def small_budget_study(add, out, q, kf, vf, n, b, qo_bytes):
     """N=128K, B=128, per-request selections of 4096 tokens (32 chunks of 128, the serve
     bench's small budget): few rows per chunk, so the kernel is memory- and latency-bound."""
-    for rt, bm, bn, w, st in [(8, 16, 128, 4, 3), (0, 16, 128, 4, 2), (0, 16, 64, 4, 3),
-                              (8, 16, 128, 2, 3), (4, 32, 128, 4, 3), (0, 16, 32, 2, 4)]:
-        add_routed(add, out, q, kf, vf, None, None, n, b, 128, 1 / 32, "none", "request", 2,
-                   qo_bytes, tag=f"_small_rt{rt}m{bm}n{bn}w{w}s{st}",
-                   cfg=dict(rt=rt, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st))
+    for rt, bm, bn, w, st in [
+        (8, 16, 128, 4, 3),
+        (0, 16, 128, 4, 2),
+        (0, 16, 64, 4, 3),
+        (8, 16, 128, 2, 3),
+        (4, 32, 128, 4, 3),
+        (0, 16, 32, 2, 4),
+    ]:
+        add_routed(
+            add,
+            out,
+            q,
+            kf,
+            vf,
+            None,
+            None,
+            n,
+            b,
+            128,
+            1 / 32,
+            "none",
+            "request",
+            2,
+            qo_bytes,
+            tag=f"_small_rt{rt}m{bm}n{bn}w{w}s{st}",
+            cfg=dict(rt=rt, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st),
+        )
 
 
 def granularity_study(add, out, q, kf, vf, n, b, elt, qo_bytes, args):
@@ -404,39 +586,154 @@ def granularity_study(add, out, q, kf, vf, n, b, elt, qo_bytes, args):
     passages (contiguous runs), and the two earlier routed designs."""
     for chunk in (128, 256, 512):
         for per in ("token", "request"):
-            add_routed(add, out, q, kf, vf, None, None, n, b, chunk, 0.25, "none", per, 2,
-                       qo_bytes, tag=f"_c{chunk}",
-                       profile_it=args.profile and chunk == 128 and per == "request")
+            add_routed(
+                add,
+                out,
+                q,
+                kf,
+                vf,
+                None,
+                None,
+                n,
+                b,
+                chunk,
+                0.25,
+                "none",
+                per,
+                2,
+                qo_bytes,
+                tag=f"_c{chunk}",
+                profile_it=args.profile and chunk == 128 and per == "request",
+            )
     for span in (2, 4):
         for per in ("request", "runs"):
-            add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", per, 2,
-                       qo_bytes, span=span, tag=f"_span{span}")
-    add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", "runs", 2, qo_bytes,
-               tag="_span1")
+            add_routed(
+                add,
+                out,
+                q,
+                kf,
+                vf,
+                None,
+                None,
+                n,
+                b,
+                128,
+                0.25,
+                "none",
+                per,
+                2,
+                qo_bytes,
+                span=span,
+                tag=f"_span{span}",
+            )
+    add_routed(
+        add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", "runs", 2, qo_bytes, tag="_span1"
+    )
     if not DRY:  # launch configurations of the grouped kernel
-        for bm, bn, w, st in [(64, 64, 4, 2), (64, 128, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3),
-                              (32, 128, 4, 2), (64, 128, 4, 3)]:
-            add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", "request", 2,
-                       qo_bytes, tag=f"_m{bm}n{bn}w{w}s{st}",
-                       cfg=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, rt=0))
-        for rt, bm, w, st in [(0, 64, 4, 2), (2, 64, 4, 2), (4, 64, 4, 3), (8, 64, 4, 3),
-                              (8, 64, 4, 4), (16, 64, 4, 3), (8, 128, 8, 3), (8, 32, 4, 3),
-                              (8, 64, 8, 3)]:
-            add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", "request", 2,
-                       qo_bytes, tag=f"_stationary_rt{rt}m{bm}w{w}s{st}",
-                       cfg=dict(rt=rt, BLOCK_M=bm, BLOCK_N=128, num_warps=w, num_stages=st))
+        for bm, bn, w, st in [
+            (64, 64, 4, 2),
+            (64, 128, 8, 2),
+            (128, 128, 8, 2),
+            (128, 64, 8, 3),
+            (32, 128, 4, 2),
+            (64, 128, 4, 3),
+        ]:
+            add_routed(
+                add,
+                out,
+                q,
+                kf,
+                vf,
+                None,
+                None,
+                n,
+                b,
+                128,
+                0.25,
+                "none",
+                "request",
+                2,
+                qo_bytes,
+                tag=f"_m{bm}n{bn}w{w}s{st}",
+                cfg=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, rt=0),
+            )
+        for rt, bm, w, st in [
+            (0, 64, 4, 2),
+            (2, 64, 4, 2),
+            (4, 64, 4, 3),
+            (8, 64, 4, 3),
+            (8, 64, 4, 4),
+            (16, 64, 4, 3),
+            (8, 128, 8, 3),
+            (8, 32, 4, 3),
+            (8, 64, 8, 3),
+        ]:
+            add_routed(
+                add,
+                out,
+                q,
+                kf,
+                vf,
+                None,
+                None,
+                n,
+                b,
+                128,
+                0.25,
+                "none",
+                "request",
+                2,
+                qo_bytes,
+                tag=f"_stationary_rt{rt}m{bm}w{w}s{st}",
+                cfg=dict(rt=rt, BLOCK_M=bm, BLOCK_N=128, num_warps=w, num_stages=st),
+            )
     for per in ("token", "request"):
-        add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", per, 2, qo_bytes,
-                   persist=True, tag="_persist", cfg=dict(rt=0))
+        add_routed(
+            add,
+            out,
+            q,
+            kf,
+            vf,
+            None,
+            None,
+            n,
+            b,
+            128,
+            0.25,
+            "none",
+            per,
+            2,
+            qo_bytes,
+            persist=True,
+            tag="_persist",
+            cfg=dict(rt=0),
+        )
         if not DRY:
             for impl in ("scatter", "union"):
-                add_routed(add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", per, 2,
-                           qo_bytes, impl=impl)
+                add_routed(
+                    add,
+                    out,
+                    q,
+                    kf,
+                    vf,
+                    None,
+                    None,
+                    n,
+                    b,
+                    128,
+                    0.25,
+                    "none",
+                    per,
+                    2,
+                    qo_bytes,
+                    impl=impl,
+                )
 
 
 def profile(fn, what):
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
+
     fn()
     torch.cuda.synchronize()
     with prof(activities=[ProfilerActivity.CUDA]) as p:
@@ -459,8 +756,12 @@ def sweep(dev, args):
     v8 = (v.float() / s8[tok][:, :, None]).to(torch.float8_e4m3fn)
     # (BLOCK_N, num_warps, num_stages, TMA descriptors, warp specialization)
     small = [(128, 8, 3, False, False), (64, 4, 3, False, False)]
-    large = [(128, 8, 3, False, False), (128, 8, 3, True, False), (128, 8, 3, True, True),
-             (128, 8, 4, True, False)]
+    large = [
+        (128, 8, 3, False, False),
+        (128, 8, 3, True, False),
+        (128, 8, 3, True, True),
+        (128, 8, 4, True, False),
+    ]
     fp8 = [(128, 8, 3, False, False), (64, 8, 3, False, False), (128, 4, 3, False, False)]
     for b, kv, cands in [(1, "bf16", small), (256, "bf16", large), (64, "fp8", fp8)]:
         q = torch.randn(b, HQ, D, device=dev, dtype=torch.bfloat16)
@@ -468,10 +769,12 @@ def sweep(dev, args):
             cfg = dict(BLOCK_N=bn, num_warps=w, num_stages=st, USE_TMA=tma, WARP_SPEC=ws)
             if kv == "fp8":
                 fn = lambda cfg=cfg: shared_dense.shared_attention_dense(  # noqa: E731
-                    q, k8, v8, args.chunk, None, s8, s8, config=cfg)
+                    q, k8, v8, args.chunk, None, s8, s8, config=cfg
+                )
             else:
                 fn = lambda cfg=cfg: shared_dense.shared_attention_dense(  # noqa: E731
-                    q, k, v, config=cfg)
+                    q, k, v, config=cfg
+                )
             try:
                 ms, _ = timed(fn)
             except Exception as e:  # out of shared memory, ...
@@ -482,15 +785,24 @@ def sweep(dev, args):
     del k8, v8
     # routed: row-block size and occupancy at B=256, 25% uniform
     from attention import shared_routed
+
     c = n // args.chunk
     q = torch.randn(256, HQ, D, device=dev, dtype=torch.bfloat16)
     idx = make_idx(256, c, c // 4, False, dev, seed=1)
-    for bm, bn, w, st in [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 4, 2), (64, 64, 4, 3),
-                          (32, 128, 4, 2)]:
+    for bm, bn, w, st in [
+        (128, 128, 8, 3),
+        (128, 64, 8, 3),
+        (64, 128, 4, 2),
+        (64, 64, 4, 3),
+        (32, 128, 4, 2),
+    ]:
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st)
         try:  # the scatter kernel's configurations (the design these keys belong to)
-            ms, _ = timed(lambda cfg=cfg: shared_routed.shared_attention_routed(
-                q, k, v, idx, args.chunk, impl="scatter", config=cfg))
+            ms, _ = timed(
+                lambda cfg=cfg: shared_routed.shared_attention_routed(
+                    q, k, v, idx, args.chunk, impl="scatter", config=cfg
+                )
+            )
         except Exception as e:
             ms = float("nan")
             print("sweep routed", cfg, "failed:", type(e).__name__, flush=True)
@@ -502,19 +814,35 @@ def sweep(dev, args):
 
 
 def table(out):
-    print(f"\n{out['device']}  torch {out['torch']}  triton {out['triton']}  "
-          f"flashinfer {out.get('flashinfer')}  "
-          f"peak {out['peak_tflops']} TFLOP/s  {out['peak_tbps']} TB/s  chunk {out['chunk_size']}")
-    print(f"{'impl':12s} {'N':>7s} {'B':>4s} {'dens':>5s} {'skew':>7s} {'chunk':>5s} {'dt':>4s} "
-          f"{'ms':>9s} {'TF/s':>7s} {'TB/s':>6s} {'roof':>5s}")
+    print(
+        f"\n{out['device']}  torch {out['torch']}  triton {out['triton']}  "
+        f"flashinfer {out.get('flashinfer')}  "
+        f"peak {out['peak_tflops']} TFLOP/s  {out['peak_tbps']} TB/s  chunk {out['chunk_size']}"
+    )
+    print(
+        f"{'impl':12s} {'N':>7s} {'B':>4s} {'dens':>5s} {'skew':>7s} {'chunk':>5s} {'dt':>4s} "
+        f"{'ms':>9s} {'TF/s':>7s} {'TB/s':>6s} {'roof':>5s}"
+    )
     for r in out["rows"]:
-        print(f"{r['impl']:12s} {r['N']:7d} {r['B']:4d} {r['density']:5.2f} {r['skew']:>7s} "
-              f"{str(r.get('chunk_size', '')):>5s} {r['dtype']:>4s} {r['ms']:9.4f} "
-              f"{r['tflops']:7.1f} {r['tbps']:6.3f} {r['roofline_frac']:5.3f} "
-              f"{r.get('selection', '')} {r.get('kernel', '')} {r.get('plan_ms', '')}")
-    idx = {(r["impl"], r["N"], r["B"], r["density"], r["skew"],
-            r.get("chunk_size", out["chunk_size"]), r.get("selection"), r.get("kernel")): r
-           for r in out["rows"]}
+        print(
+            f"{r['impl']:12s} {r['N']:7d} {r['B']:4d} {r['density']:5.2f} {r['skew']:>7s} "
+            f"{str(r.get('chunk_size', '')):>5s} {r['dtype']:>4s} {r['ms']:9.4f} "
+            f"{r['tflops']:7.1f} {r['tbps']:6.3f} {r['roofline_frac']:5.3f} "
+            f"{r.get('selection', '')} {r.get('kernel', '')} {r.get('plan_ms', '')}"
+        )
+    idx = {
+        (
+            r["impl"],
+            r["N"],
+            r["B"],
+            r["density"],
+            r["skew"],
+            r.get("chunk_size", out["chunk_size"]),
+            r.get("selection"),
+            r.get("kernel"),
+        ): r
+        for r in out["rows"]
+    }
     ch = out["chunk_size"]
 
     def ms(impl, n, b, dens=1.0, skew="none", chunk=ch, sel=None, kernel=None):
@@ -526,8 +854,10 @@ def table(out):
     bs = sorted({r["B"] for r in out["rows"]})
     for n in ns:
         fr = [idx[k]["roofline_frac"] for k in idx if k[0] == "ours_dense" and k[1] == n]
-        print(f"  N={n}: ours_dense roofline_frac {', '.join(f'{x:.3f}' for x in fr)}"
-              f"{' (target >= 0.80)' if n >= 131072 else ''}")
+        print(
+            f"  N={n}: ours_dense roofline_frac {', '.join(f'{x:.3f}' for x in fr)}"
+            f"{' (target >= 0.80)' if n >= 131072 else ''}"
+        )
     peers = [p for p in PEERS]
     for n in ns:
         for b in bs:
@@ -535,54 +865,83 @@ def table(out):
             got = [(ms(p, n, b), p) for p in peers if ms(p, n, b)]
             if d and got:
                 best, name = min(got)
-                print(f"  N={n} B={b}: best peer {name} {best:.4f} ms / ours_dense {d:.4f} ms = "
-                      f"{best / d:.2f}x (target >= 1.25x); torch default {ms('torch_fold', n, b)}")
+                print(
+                    f"  N={n} B={b}: best peer {name} {best:.4f} ms / ours_dense {d:.4f} ms = "
+                    f"{best / d:.2f}x (target >= 1.25x); torch default {ms('torch_fold', n, b)}"
+                )
     c, d = ms("copies", 32768, 256), ms("ours_dense", 32768, 256)
     if c and d:
         print(f"  N=32768 B=256: copies / ours_dense = {c / d:.1f}x")
     d = ms("ours_dense", 131072, 256)
     for r in out["rows"]:
-        if r["impl"].startswith("ours_routed") and r["N"] == 131072 and r["B"] == 256 and d \
-                and r["density"] < 1:
+        if (
+            r["impl"].startswith("ours_routed")
+            and r["N"] == 131072
+            and r["B"] == 256
+            and d
+            and r["density"] < 1
+        ):
             tgt = {0.25: 3.0 if r["skew"] == "zipf" else 2.5, 0.1: 5.0}.get(r["density"])
-            print(f"  N=131072 B=256 {r['impl']} {r.get('kernel')} {r.get('selection')} "
-                  f"{r['skew']} chunk {r.get('chunk_size')} dens {r['density']}: dense/routed = "
-                  f"{d / r['ms']:.2f}x (plan {r.get('plan_ms')} ms once per step)"
-                  f"{f' target >= {tgt}x' if tgt else ''}")
+            print(
+                f"  N=131072 B=256 {r['impl']} {r.get('kernel')} {r.get('selection')} "
+                f"{r['skew']} chunk {r.get('chunk_size')} dens {r['density']}: dense/routed = "
+                f"{d / r['ms']:.2f}x (plan {r.get('plan_ms')} ms once per step)"
+                f"{f' target >= {tgt}x' if tgt else ''}"
+            )
     for ch in out["checks"]:
-        print(f"  check {ch['what']} N={ch['N']} B={ch['B']} {ch['dtype']}: rel_err "
-              f"{ch['rel_err']:.2e}")
+        print(
+            f"  check {ch['what']} N={ch['N']} B={ch['B']} {ch['dtype']}: rel_err "
+            f"{ch['rel_err']:.2e}"
+        )
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                  "attention.json"))
+    ap.add_argument(
+        "--out", default=os.path.join(os.path.dirname(__file__), "results", "attention.json")
+    )
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--copies-gib", type=float, default=40.0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--dry", action="store_true")
     ap.add_argument("--profile", action="store_true")
-    ap.add_argument("--focus", action="store_true",
-                    help="only N=128K, B=256: dense, the routed grid and the granularity study")
-    ap.add_argument("--extra-chunk", type=int, default=256,
-                    help="also time routed with this chunk size at N=128K, B>=128 (0: off)")
+    ap.add_argument(
+        "--focus",
+        action="store_true",
+        help="only N=128K, B=256: dense, the routed grid and the granularity study",
+    )
+    ap.add_argument(
+        "--extra-chunk",
+        type=int,
+        default=256,
+        help="also time routed with this chunk size at N=128K, B>=128 (0: off)",
+    )
     ap.add_argument("--ns", default="", help="only these of the run's shared lengths (commas)")
     ap.add_argument("--bs", default="", help="only these of the run's batches (commas)")
-    ap.add_argument("--ours-only", action="store_true",
-                    help="our kernels' rows only (paged, ours_dense, ours_routed grid): no peers, "
-                         "no granularity study")
-    ap.add_argument("--sweep-only", action="store_true",
-                    help="only the launch-configuration sweep (its own process: a config that "
-                         "faults cannot take the main run down)")
+    ap.add_argument(
+        "--ours-only",
+        action="store_true",
+        help="our kernels' rows only (paged, ours_dense, ours_routed grid): no peers, "
+        "no granularity study",
+    )
+    ap.add_argument(
+        "--sweep-only",
+        action="store_true",
+        help="only the launch-configuration sweep (its own process: a config that "
+        "faults cannot take the main run down)",
+    )
     args = ap.parse_args()
     global DRY
     DRY = args.dry
     if args.sweep_only:
         import triton
-        res = dict(device=torch.cuda.get_device_name(), triton=triton.__version__,
-                   sweep=sweep(torch.device("cuda"), args))
+
+        res = dict(
+            device=torch.cuda.get_device_name(),
+            triton=triton.__version__,
+            sweep=sweep(torch.device("cuda"), args),
+        )
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
         return

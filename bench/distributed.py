@@ -90,7 +90,9 @@ class LoopbackLink(ShardLink):
         placement = place(shared.num_tokens, shared.chunk_size, [0])
         cid = self._next_id
         self._next_id += 1
-        self._slices[cid] = CorpusSlice(placement, placement.shard(0), shared.k, shared.v, shared.k[0].shape[-1])
+        self._slices[cid] = CorpusSlice(
+            placement, placement.shard(0), shared.k, shared.v, shared.k[0].shape[-1]
+        )
         return remote_view(shared, placement, cid)
 
     def shared_attention(self, view, layer, q, chunk_idx):
@@ -98,13 +100,18 @@ class LoopbackLink(ShardLink):
         part = attend_slice(self._slices[view.meta["corpus_id"]], layer, q, chunk_idx)
         d = q.shape[-1]
         # count what one shared rank would have been sent and returned (the protocol counts 0 peers)
-        self.stats.bytes_out += 8 * 8 + q.numel() * q.element_size() + (
-            0 if chunk_idx is None else chunk_idx.numel() * 8)
+        self.stats.bytes_out += (
+            8 * 8
+            + q.numel() * q.element_size()
+            + (0 if chunk_idx is None else chunk_idx.numel() * 8)
+        )
         self.stats.bytes_in += part.numel() * part.element_size()
         return attention.merge(o, lse, part[..., :d].to(q.dtype), part[..., d])
 
 
-def random_corpus(cfg, n: int, device: str, dtype: torch.dtype, chunk: int, density: float) -> SharedKV:
+def random_corpus(
+    cfg, n: int, device: str, dtype: torch.dtype, chunk: int, density: float
+) -> SharedKV:
     """Random keys and values [n, Hkv, d] per layer (normal, never zeros); routed below density 1."""
     ks, vs = [], []
     # a corpus staged in host memory is still drawn on the GPU (a layer at a time): CPU randn of
@@ -113,7 +120,9 @@ def random_corpus(cfg, n: int, device: str, dtype: torch.dtype, chunk: int, dens
     for layer in range(cfg.num_layers):
         for out, s in ((ks, 2 * layer), (vs, 2 * layer + 1)):
             gen = torch.Generator(device=make).manual_seed(1000 + s)
-            x = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, device=make, dtype=dtype, generator=gen)
+            x = torch.randn(
+                n, cfg.num_kv_heads, cfg.head_dim, device=make, dtype=dtype, generator=gen
+            )
             out.append(x.to(device))
     sh = SharedKV("corpus", ks, vs, chunk_size=chunk, pos_offset=n)
     if density < 1.0:
@@ -128,6 +137,7 @@ class LocalLink:
 
     def __init__(self):
         from kb.engine.distributed.protocol import CommStats
+
         self.stats = CommStats()
 
     def register(self, shared: SharedKV) -> SharedKV:
@@ -137,15 +147,23 @@ class LocalLink:
         pass
 
 
-def run_config(lm, link: ShardLink | LocalLink, view: SharedKV, conc: int, args, device: str) -> dict:
+def run_config(
+    lm, link: ShardLink | LocalLink, view: SharedKV, conc: int, args, device: str
+) -> dict:
     """B = conc requests through the distributed engine: prefill, warm up, time decode steps."""
     bs = 16
     per_seq = args.prompt + args.warmup + args.steps + 4 + conc * args.prompt // 2048 + 4
     # no citation measurement: a sharded corpus has none (its keys are remote); the plain engine
     # must not pay for it either
-    cfg = EngineConfig(device=device, block_size=bs, unique_kv_tokens=conc * bs * -(-per_seq // bs),
-                       max_running=conc, max_batch_tokens=max(conc, 2048), max_queue=max(256, conc),
-                       citation_layers=0)
+    cfg = EngineConfig(
+        device=device,
+        block_size=bs,
+        unique_kv_tokens=conc * bs * -(-per_seq // bs),
+        max_running=conc,
+        max_batch_tokens=max(conc, 2048),
+        max_queue=max(256, conc),
+        citation_layers=0,
+    )
     engine = Engine(lm, cfg) if isinstance(link, LocalLink) else distributed_engine(lm, link, cfg)
     engine.register_corpus(view)
     rng = torch.Generator().manual_seed(conc)
@@ -154,9 +172,15 @@ def run_config(lm, link: ShardLink | LocalLink, view: SharedKV, conc: int, args,
     lead = -(-conc * args.prompt // cfg.max_batch_tokens) + 2
     max_tokens = args.warmup + args.steps + lead + 2
     vocab = lm.config.vocab_size
-    handles = [engine.add_request(torch.randint(0, vocab, (args.prompt,), generator=rng).tolist(),
-                                  SamplingParams(max_tokens=max_tokens, ignore_eos=True),
-                                  view.key, view.pos_offset) for _ in range(conc)]
+    handles = [
+        engine.add_request(
+            torch.randint(0, vocab, (args.prompt,), generator=rng).tolist(),
+            SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+            view.key,
+            view.pos_offset,
+        )
+        for _ in range(conc)
+    ]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def check():
@@ -186,10 +210,12 @@ def run_config(lm, link: ShardLink | LocalLink, view: SharedKV, conc: int, args,
         check()
         made = sum(len(h.seq.output_ids) for h in handles) - before_tok
         if stepped != conc or made != conc:
-            raise RuntimeError(f"a timed step ran {stepped} sequences and made {made} tokens, not {conc} "
-                               f"(running {len(engine.scheduler.running)}, waiting {len(engine.scheduler.waiting)}, "
-                               f"outputs {sorted({len(h.seq.output_ids) for h in handles})}, "
-                               f"free blocks {engine.blocks.num_free})")
+            raise RuntimeError(
+                f"a timed step ran {stepped} sequences and made {made} tokens, not {conc} "
+                f"(running {len(engine.scheduler.running)}, waiting {len(engine.scheduler.waiting)}, "
+                f"outputs {sorted({len(h.seq.output_ids) for h in handles})}, "
+                f"free blocks {engine.blocks.num_free})"
+            )
         times.append(dt)
         bytes_.append((a["bytes_out"] - b["bytes_out"], a["bytes_in"] - b["bytes_in"]))
         comm_s.append(a["seconds"] - b["seconds"])
@@ -206,11 +232,21 @@ def run_config(lm, link: ShardLink | LocalLink, view: SharedKV, conc: int, args,
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return dict(concurrency=conc, tokens_per_s=conc * len(times) / sum(times), itl_ms_p50=pct(0.5),
-                itl_ms_p99=pct(0.99), comm_bytes_per_step=int(out_b + in_b), comm_bytes_out_per_step=int(out_b),
-                comm_bytes_in_per_step=int(in_b), comm_ms_per_step=comm_ms, comm_ms_per_layer=comm_ms / L,
-                comm_frac_of_step=comm_ms / (1e3 * sum(times) / len(times)),
-                exchanges_per_step=sum(exchanges) / len(exchanges), steps=len(times), prefill_s=prefill_s)
+    return dict(
+        concurrency=conc,
+        tokens_per_s=conc * len(times) / sum(times),
+        itl_ms_p50=pct(0.5),
+        itl_ms_p99=pct(0.99),
+        comm_bytes_per_step=int(out_b + in_b),
+        comm_bytes_out_per_step=int(out_b),
+        comm_bytes_in_per_step=int(in_b),
+        comm_ms_per_step=comm_ms,
+        comm_ms_per_layer=comm_ms / L,
+        comm_frac_of_step=comm_ms / (1e3 * sum(times) / len(times)),
+        exchanges_per_step=sum(exchanges) / len(exchanges),
+        steps=len(times),
+        prefill_s=prefill_s,
+    )
 
 
 def engine_kind(row: dict) -> str:
@@ -239,8 +275,10 @@ def merge_rows(path: Path, res: dict) -> dict:
         k = run_key(r)
         if k in old_runs or str(r["world_size"]) in old_runs:
             runs[k] = old_runs.get(k) or old_runs[str(r["world_size"])]
-    res["rows"] = sorted(keep + res["rows"], key=lambda r: (r["world_size"], engine_kind(r), r["shared_tokens"],
-                                                           r["concurrency"]))
+    res["rows"] = sorted(
+        keep + res["rows"],
+        key=lambda r: (r["world_size"], engine_kind(r), r["shared_tokens"], r["concurrency"]),
+    )
     res["runs"] = {**runs, **res["runs"]}
     return res
 
@@ -267,6 +305,7 @@ def run_bench_rank(world: World, args) -> int:
     link.stats.timing = True
     try:
         import triton
+
         triton_v = triton.__version__
     except ImportError:
         triton_v = None
@@ -277,33 +316,60 @@ def run_bench_rank(world: World, args) -> int:
         if cuda:
             torch.cuda.empty_cache()
         register_s = time.perf_counter() - t0
-        print(f"rank 0: {torch.cuda.get_device_name() if cuda else 'cpu'}, {backend}, world {world.world_size}, "
-              f"{view.num_tokens} shared tokens registered in {register_s:.1f}s", flush=True)
+        print(
+            f"rank 0: {torch.cuda.get_device_name() if cuda else 'cpu'}, {backend}, world {world.world_size}, "
+            f"{view.num_tokens} shared tokens registered in {register_s:.1f}s",
+            flush=True,
+        )
         rows = []
         device = torch.cuda.get_device_name() if cuda else "cpu"
         out = Path(args.out) / "distributed.json"
 
         def write(rows: list[dict], partial: bool) -> None:
-            run = dict(device=device, torch=torch.__version__, triton=triton_v, backend=backend,
-                       model=("tiny test shape, float32" if args.tiny else "Llama-3.1-8B shape, random bf16 weights"),
-                       prompt_tokens=args.prompt, warmup_steps=args.warmup, timed_steps=args.steps, chunk_size=args.chunk,
-                       density=args.density, kv_dtype=str(dtype).replace("torch.", ""), register_s=register_s, partial=partial)
-            res = dict(device=device, torch=torch.__version__, triton=triton_v, world_size=world.world_size, backend=backend,
-                       rows=rows, runs={key: run},
-                       notes=("Rows keyed by (engine, world_size, shared_tokens); runs[engine-wW-nN] says how each was "
-                              "made. engine: local = the plain one-GPU Engine, no link (the single-GPU baseline); "
-                              "loopback = world size 1 through the protocol without peers; sharded = rank 0 runs the "
-                              "model and unique KV, ranks 1..S hold the shared KV. Sharded steps go through "
-                              "backend.distributed_engine; decode timed per step (wall clock, synchronised; ends with the "
-                              "sampler's host read), after prefill of random prompts and warm-up steps. comm_bytes_per_step: "
-                              "bytes of the ATTEND messages per step from the shapes sent: header (64 B) + q bf16 (+ chunk ids "
-                              "int64 when routed) to each shared rank, plus each shared rank's float32 partial [T, Hq, d+1]; "
-                              "at world_size 1 (shared_ranks 0) rank 0 is its own shared rank (LoopbackLink) and the bytes "
-                              "are those one shared rank would exchange, while the collectives run over the process group "
-                              "with no peer. comm_ms_per_step: time inside ShardLink.shared_attention's exchange on rank 0 "
-                              "(CUDA events on the current stream, from before the header is made until the gather "
-                              "returns: header H2D copy with its stream sync, collective launches and kernels, waits for "
-                              "the shared ranks' attention when S > 0). Random weights and KV: timing only."))
+            run = dict(
+                device=device,
+                torch=torch.__version__,
+                triton=triton_v,
+                backend=backend,
+                model=(
+                    "tiny test shape, float32"
+                    if args.tiny
+                    else "Llama-3.1-8B shape, random bf16 weights"
+                ),
+                prompt_tokens=args.prompt,
+                warmup_steps=args.warmup,
+                timed_steps=args.steps,
+                chunk_size=args.chunk,
+                density=args.density,
+                kv_dtype=str(dtype).replace("torch.", ""),
+                register_s=register_s,
+                partial=partial,
+            )
+            res = dict(
+                device=device,
+                torch=torch.__version__,
+                triton=triton_v,
+                world_size=world.world_size,
+                backend=backend,
+                rows=rows,
+                runs={key: run},
+                notes=(
+                    "Rows keyed by (engine, world_size, shared_tokens); runs[engine-wW-nN] says how each was "
+                    "made. engine: local = the plain one-GPU Engine, no link (the single-GPU baseline); "
+                    "loopback = world size 1 through the protocol without peers; sharded = rank 0 runs the "
+                    "model and unique KV, ranks 1..S hold the shared KV. Sharded steps go through "
+                    "backend.distributed_engine; decode timed per step (wall clock, synchronised; ends with the "
+                    "sampler's host read), after prefill of random prompts and warm-up steps. comm_bytes_per_step: "
+                    "bytes of the ATTEND messages per step from the shapes sent: header (64 B) + q bf16 (+ chunk ids "
+                    "int64 when routed) to each shared rank, plus each shared rank's float32 partial [T, Hq, d+1]; "
+                    "at world_size 1 (shared_ranks 0) rank 0 is its own shared rank (LoopbackLink) and the bytes "
+                    "are those one shared rank would exchange, while the collectives run over the process group "
+                    "with no peer. comm_ms_per_step: time inside ShardLink.shared_attention's exchange on rank 0 "
+                    "(CUDA events on the current stream, from before the header is made until the gather "
+                    "returns: header H2D copy with its stream sync, collective launches and kernels, waits for "
+                    "the shared ranks' attention when S > 0). Random weights and KV: timing only."
+                ),
+            )
             out.parent.mkdir(parents=True, exist_ok=True)
             res = merge_rows(out, res)
             out.write_text(json.dumps(res, indent=1))
@@ -312,64 +378,103 @@ def run_bench_rank(world: World, args) -> int:
         key = run_key(dict(engine=kind, world_size=world.world_size, shared_tokens=view.num_tokens))
         for c in [int(x) for x in args.conc.split(",")]:
             r = run_config(lm, link, view, c, args, dev)
-            row = dict(engine=kind, world_size=world.world_size, backend=backend, shared_ranks=S,
-                       shared_tokens=view.num_tokens, top_k=view.top_k if view.routed else None, **r)
+            row = dict(
+                engine=kind,
+                world_size=world.world_size,
+                backend=backend,
+                shared_ranks=S,
+                shared_tokens=view.num_tokens,
+                top_k=view.top_k if view.routed else None,
+                **r,
+            )
             rows.append(row)
             write(rows, partial=True)  # a later failure keeps the rows measured so far
-            print(f"B={c:>4d} {row['tokens_per_s']:9.1f} tok/s  itl p50 {row['itl_ms_p50']:8.2f} ms  "
-                  f"comm {row['comm_bytes_per_step'] / 2**20:8.2f} MiB {row['comm_ms_per_step']:7.2f} ms/step "
-                  f"({100 * row['comm_frac_of_step']:.1f}%)", flush=True)
+            print(
+                f"B={c:>4d} {row['tokens_per_s']:9.1f} tok/s  itl p50 {row['itl_ms_p50']:8.2f} ms  "
+                f"comm {row['comm_bytes_per_step'] / 2**20:8.2f} MiB {row['comm_ms_per_step']:7.2f} ms/step "
+                f"({100 * row['comm_frac_of_step']:.1f}%)",
+                flush=True,
+            )
     finally:
         link.shutdown()
     write(rows, partial=False)
-    print(f"\n{device}  torch {torch.__version__}  triton {triton_v}  {backend}  world {world.world_size}  -> {out}")
-    print(f"{'S':>2s} {'N':>8s} {'B':>4s} {'tok/s':>9s} {'itl p50':>8s} {'MiB/step':>9s} {'KiB/layer':>9s} "
-          f"{'comm ms':>8s} {'comm %':>6s}")
+    print(
+        f"\n{device}  torch {torch.__version__}  triton {triton_v}  {backend}  world {world.world_size}  -> {out}"
+    )
+    print(
+        f"{'S':>2s} {'N':>8s} {'B':>4s} {'tok/s':>9s} {'itl p50':>8s} {'MiB/step':>9s} {'KiB/layer':>9s} "
+        f"{'comm ms':>8s} {'comm %':>6s}"
+    )
     for r in rows:
-        print(f"{r['shared_ranks']:>2d} {r['shared_tokens']:>8d} {r['concurrency']:>4d} {r['tokens_per_s']:9.1f} "
-              f"{r['itl_ms_p50']:8.2f} {r['comm_bytes_per_step'] / 2**20:9.2f} "
-              f"{r['comm_bytes_per_step'] / cfg.num_layers / 1024:9.1f} {r['comm_ms_per_step']:8.2f} "
-              f"{100 * r['comm_frac_of_step']:6.1f}")
+        print(
+            f"{r['shared_ranks']:>2d} {r['shared_tokens']:>8d} {r['concurrency']:>4d} {r['tokens_per_s']:9.1f} "
+            f"{r['itl_ms_p50']:8.2f} {r['comm_bytes_per_step'] / 2**20:9.2f} "
+            f"{r['comm_bytes_per_step'] / cfg.num_layers / 1024:9.1f} {r['comm_ms_per_step']:8.2f} "
+            f"{100 * r['comm_frac_of_step']:6.1f}"
+        )
     return 0
 
 
 def plot(json_path: str, png_path: str) -> None:
     """Decode tokens/s against concurrency, one line per (engine, world size, corpus size)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     res = json.loads(Path(json_path).read_text())
     series: dict[str, list[dict]] = {}
     for r in res["rows"]:
         series.setdefault(run_key(r), []).append(r)
-    names = {"local": "one GPU, plain engine", "loopback": "one GPU, protocol loopback",
-             "sharded": "2 GPUs: unique rank + shared rank"}
+    names = {
+        "local": "one GPU, plain engine",
+        "loopback": "one GPU, protocol loopback",
+        "sharded": "2 GPUs: unique rank + shared rank",
+    }
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, rs in sorted(series.items()):
+    for _key, rs in sorted(series.items()):
         rs.sort(key=lambda r: r["concurrency"])
         r0 = rs[0]
-        ax.plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o",
-                linestyle="-" if engine_kind(r0) == "sharded" else "--",
-                label=f"{names[engine_kind(r0)]}, {r0['shared_tokens'] // 1024}K shared")
-    serve.finish_throughput_plot(fig, ax, f"Llama-3.1-8B shape, bf16, {res['device']}, NCCL", png_path)
+        ax.plot(
+            [r["concurrency"] for r in rs],
+            [r["tokens_per_s"] for r in rs],
+            marker="o",
+            linestyle="-" if engine_kind(r0) == "sharded" else "--",
+            label=f"{names[engine_kind(r0)]}, {r0['shared_tokens'] // 1024}K shared",
+        )
+    serve.finish_throughput_plot(
+        fig, ax, f"Llama-3.1-8B shape, bf16, {res['device']}, NCCL", png_path
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) == 4 and sys.argv[1] == "--plot":
         plot(sys.argv[2], sys.argv[3])
         return 0
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shared-ranks", type=int, required=True, help="ranks holding shared KV (world size - 1)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--shared-ranks", type=int, required=True, help="ranks holding shared KV (world size - 1)"
+    )
     ap.add_argument("--shared-tokens", type=int, default=131072)
     ap.add_argument("--conc", default="1,8,32,128", help="concurrent requests per configuration")
     ap.add_argument("--prompt", type=int, default=32, help="random prompt tokens per request")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12, help="timed decode steps per configuration")
     ap.add_argument("--chunk", type=int, default=64)
-    ap.add_argument("--density", type=float, default=1.0, help="below 1: routed (quest) at this density")
-    ap.add_argument("--tiny", action="store_true", help="tiny float32 model (CPU / gloo smoke runs)")
-    ap.add_argument("--plain-engine", dest="local", action="store_true",
-                    help="with --shared-ranks 0: the plain one-GPU engine, no link (the single-GPU baseline)")
+    ap.add_argument(
+        "--density", type=float, default=1.0, help="below 1: routed (quest) at this density"
+    )
+    ap.add_argument(
+        "--tiny", action="store_true", help="tiny float32 model (CPU / gloo smoke runs)"
+    )
+    ap.add_argument(
+        "--plain-engine",
+        dest="local",
+        action="store_true",
+        help="with --shared-ranks 0: the plain one-GPU engine, no link (the single-GPU baseline)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results"))
     ap.add_argument("--timeout", type=float, default=120.0)
     args = ap.parse_args(argv)
@@ -379,8 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--plain-engine is the one-GPU baseline: it needs --shared-ranks 0")
     world = init_world("env://", timeout_s=args.timeout)
     if world.world_size != args.shared_ranks + 1:
-        raise SystemExit(f"--shared-ranks {args.shared_ranks} needs a world of {args.shared_ranks + 1} "
-                         f"processes, torchrun started {world.world_size}")
+        raise SystemExit(
+            f"--shared-ranks {args.shared_ranks} needs a world of {args.shared_ranks + 1} "
+            f"processes, torchrun started {world.world_size}"
+        )
     try:
         if world.rank == 0:
             with torch.inference_mode():

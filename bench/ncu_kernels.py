@@ -64,8 +64,10 @@ def run() -> None:
             c = math.ceil(n / chunk)
             top = max(1, math.ceil(density * c))
             idx = torch.rand(b, HKV, c, device=dev, generator=g).topk(top, dim=-1).indices
+
             def call(idx=idx, chunk=chunk, impl=impl):
                 return routed.shared_attention_routed(q, k, v, idx, chunk, impl=impl)
+
         for _ in range(2):
             call()
         torch.cuda.synchronize()
@@ -101,14 +103,22 @@ def summarize(path: str) -> None:
         m = r["Metric Name"]
         if m in METRICS:
             row[METRICS[m]] = r["Metric Value"]
-        if r["Section Name"] == "Warp State Statistics" and m == "Warp Cycles Per Issued Instruction":
+        if (
+            r["Section Name"] == "Warp State Statistics"
+            and m == "Warp Cycles Per Issued Instruction"
+        ):
             row["cycles/issue"] = r["Metric Value"]
-    print(f"{'id':>3s} {'kernel':28s} " + " ".join(f"{v:>11s}" for v in list(METRICS.values()) + ["cycles/issue"]))
+    print(
+        f"{'id':>3s} {'kernel':28s} "
+        + " ".join(f"{v:>11s}" for v in list(METRICS.values()) + ["cycles/issue"])
+    )
     for (i, name), row in rows.items():
         if not name.startswith("_"):
             continue  # torch's own kernels (sort, copies) are in the CSV too
-        print(f"{i:>3s} {name[:28]:28s} " + " ".join(f"{row.get(v, ''):>11s}" for v in list(METRICS.values())
-                                                   + ["cycles/issue"]))
+        print(
+            f"{i:>3s} {name[:28]:28s} "
+            + " ".join(f"{row.get(v, ''):>11s}" for v in list(METRICS.values()) + ["cycles/issue"])
+        )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,9 @@ def _kernel_rows(prof, steps: int, top: int) -> tuple[float, int, list[dict]]:
             dev_us = e.self_cuda_time_total
         if dev_us <= 0 or e.device_type != torch.autograd.DeviceType.CPU:
             continue
-        rows.append(dict(name=e.key[:90], ms_per_step=dev_us / 1e3 / steps, calls_per_step=e.count / steps))
+        rows.append(
+            dict(name=e.key[:90], ms_per_step=dev_us / 1e3 / steps, calls_per_step=e.count / steps)
+        )
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     for e in kernels:
         total_us += e.time_range.elapsed_us()
@@ -56,14 +58,22 @@ def _kernel_rows(prof, steps: int, top: int) -> tuple[float, int, list[dict]]:
 
 
 def _host_rows(prof, steps: int, top: int) -> list[dict]:
-    rows = [dict(name=e.key[:90], self_cpu_ms_per_step=e.self_cpu_time_total / 1e3 / steps,
-                 calls_per_step=e.count / steps) for e in prof.key_averages()]
+    rows = [
+        dict(
+            name=e.key[:90],
+            self_cpu_ms_per_step=e.self_cpu_time_total / 1e3 / steps,
+            calls_per_step=e.count / steps,
+        )
+        for e in prof.key_averages()
+    ]
     rows.sort(key=lambda r: -r["self_cpu_ms_per_step"])
     return rows[:top]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shared", type=int, default=32768)
     ap.add_argument("--conc", default="1,32,128")
     ap.add_argument("--modes", default="ours_dense,ours_routed,ours_routed_req,per_request")
@@ -93,43 +103,92 @@ def main() -> None:
     sel_k = max(1, int(args.density * n) // serve.SELECT_CHUNK)
     blocks = BlockManager(max(concs) * per_req, bs)
     import triton
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               shared_tokens=n, prompt_tokens=args.prompt, cuda_graphs=args.graphs, rows=[])
+
+    res = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        shared_tokens=n,
+        prompt_tokens=args.prompt,
+        cuda_graphs=args.graphs,
+        rows=[],
+    )
     for c in concs:
         for mode in args.modes.split(","):
             sh = {"ours_routed": routed, "ours_routed_req": selected}.get(mode, dense)
             sel = sel_k if mode == "ours_routed_req" else 0
             # warm run (compiles, autotunes), then the profiled run of the same shape
-            serve.run_config(runner, blocks, {"corpus": sh}, mode, ["corpus"] * c, args.prompt, 64,
-                             "synthetic", warmup=2, max_steps=3, select=sel)
+            serve.run_config(
+                runner,
+                blocks,
+                {"corpus": sh},
+                mode,
+                ["corpus"] * c,
+                args.prompt,
+                64,
+                "synthetic",
+                warmup=2,
+                max_steps=3,
+                select=sel,
+            )
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 t0 = time.perf_counter()
-                r = serve.run_config(runner, blocks, {"corpus": sh}, mode, ["corpus"] * c, args.prompt, 64,
-                                     "synthetic", warmup=0, max_steps=args.steps, budget_s=1e9,
-                                     select=sel)
+                r = serve.run_config(
+                    runner,
+                    blocks,
+                    {"corpus": sh},
+                    mode,
+                    ["corpus"] * c,
+                    args.prompt,
+                    64,
+                    "synthetic",
+                    warmup=0,
+                    max_steps=args.steps,
+                    budget_s=1e9,
+                    select=sel,
+                )
                 torch.cuda.synchronize()
                 wall = time.perf_counter() - t0
             steps = r["steps"]
             kern_ms, nkern, top_k = _kernel_rows(prof, steps, args.top)
-            row = dict(mode=mode, concurrency=c, steps=steps, itl_ms_p50=r["itl_ms_p50"],
-                       profiled_wall_ms_per_step=1e3 * wall / steps, kernel_ms_per_step=kern_ms,
-                       kernels_per_step=nkern, top_kernels=top_k, top_host=_host_rows(prof, steps, args.top))
+            row = dict(
+                mode=mode,
+                concurrency=c,
+                steps=steps,
+                itl_ms_p50=r["itl_ms_p50"],
+                profiled_wall_ms_per_step=1e3 * wall / steps,
+                kernel_ms_per_step=kern_ms,
+                kernels_per_step=nkern,
+                top_kernels=top_k,
+                top_host=_host_rows(prof, steps, args.top),
+            )
             res["rows"].append(row)
-            print(f"\n== {mode} B={c}: itl p50 {r['itl_ms_p50']:.2f} ms (unprofiled-equivalent), kernels "
-                  f"{kern_ms:.2f} ms/step, {nkern} kernels/step", flush=True)
+            print(
+                f"\n== {mode} B={c}: itl p50 {r['itl_ms_p50']:.2f} ms (unprofiled-equivalent), kernels "
+                f"{kern_ms:.2f} ms/step, {nkern} kernels/step",
+                flush=True,
+            )
             for t in top_k[:8]:
-                print(f"   dev {t['ms_per_step']:8.3f} ms  x{t['calls_per_step']:6.1f}  {t['name']}")
+                print(
+                    f"   dev {t['ms_per_step']:8.3f} ms  x{t['calls_per_step']:6.1f}  {t['name']}"
+                )
             for t in row["top_host"][:8]:
-                print(f"   cpu {t['self_cpu_ms_per_step']:8.3f} ms  x{t['calls_per_step']:6.1f}  {t['name']}")
+                print(
+                    f"   cpu {t['self_cpu_ms_per_step']:8.3f} ms  x{t['calls_per_step']:6.1f}  {t['name']}"
+                )
     os.makedirs(args.out, exist_ok=True)
     name = "profile_step_graphs.json" if args.graphs else "profile_step.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(res, f, indent=1)
-    print(f"\n{'mode':12s} {'B':>4s} {'itl ms':>8s} {'kernel ms':>10s} {'kernels':>8s} {'host-bound':>10s}")
+    print(
+        f"\n{'mode':12s} {'B':>4s} {'itl ms':>8s} {'kernel ms':>10s} {'kernels':>8s} {'host-bound':>10s}"
+    )
     for r in res["rows"]:
-        print(f"{r['mode']:12s} {r['concurrency']:>4d} {r['itl_ms_p50']:8.2f} {r['kernel_ms_per_step']:10.2f} "
-              f"{r['kernels_per_step']:>8d} {r['itl_ms_p50'] / max(1e-9, r['kernel_ms_per_step']):9.1f}x")
+        print(
+            f"{r['mode']:12s} {r['concurrency']:>4d} {r['itl_ms_p50']:8.2f} {r['kernel_ms_per_step']:10.2f} "
+            f"{r['kernels_per_step']:>8d} {r['itl_ms_p50'] / max(1e-9, r['kernel_ms_per_step']):9.1f}x"
+        )
 
 
 if __name__ == "__main__":

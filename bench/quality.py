@@ -39,29 +39,87 @@ import string
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-DEFAULT_MODELS_DIR = Path(os.environ.get("KB_TEST_MODELS_DIR", Path.home() / ".cache" / "kb-moska" / "models"))
+DEFAULT_MODELS_DIR = Path(
+    os.environ.get("KB_TEST_MODELS_DIR", Path.home() / ".cache" / "kb-moska" / "models")
+)
 RESULTS = ROOT / "bench" / "results" / "quality.json"
 
 # Standard-library modules whose docstrings serve as real prose (fixed order: reproducible).
-PROSE_MODULES = ("json", "argparse", "logging", "collections", "re", "string", "textwrap", "functools",
-                 "subprocess", "pickle", "csv", "datetime", "decimal", "difflib", "email", "heapq",
-                 "http.client", "inspect", "pdb", "pydoc", "shutil", "tarfile", "threading", "unittest",
-                 "urllib.parse", "zipfile", "calendar", "configparser", "contextlib", "dataclasses",
-                 "enum", "fractions", "locale", "optparse", "pprint", "sched", "shlex", "tempfile",
-                 "timeit", "typing", "uuid", "warnings", "weakref", "xml.dom.minidom", "zipimport")
+PROSE_MODULES = (
+    "json",
+    "argparse",
+    "logging",
+    "collections",
+    "re",
+    "string",
+    "textwrap",
+    "functools",
+    "subprocess",
+    "pickle",
+    "csv",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "heapq",
+    "http.client",
+    "inspect",
+    "pdb",
+    "pydoc",
+    "shutil",
+    "tarfile",
+    "threading",
+    "unittest",
+    "urllib.parse",
+    "zipfile",
+    "calendar",
+    "configparser",
+    "contextlib",
+    "dataclasses",
+    "enum",
+    "fractions",
+    "locale",
+    "optparse",
+    "pprint",
+    "sched",
+    "shlex",
+    "tempfile",
+    "timeit",
+    "typing",
+    "uuid",
+    "warnings",
+    "weakref",
+    "xml.dom.minidom",
+    "zipimport",
+)
 
-ATTRIBUTES = ("locker number", "badge number", "room number", "access code", "account number",
-              "ticket number", "ledger number", "parcel number", "permit number", "seat number",
-              "vault code", "pager number", "license number", "crate number", "gate code", "file number")
+ATTRIBUTES = (
+    "locker number",
+    "badge number",
+    "room number",
+    "access code",
+    "account number",
+    "ticket number",
+    "ledger number",
+    "parcel number",
+    "permit number",
+    "seat number",
+    "vault code",
+    "pager number",
+    "license number",
+    "crate number",
+    "gate code",
+    "file number",
+)
 
 
 @dataclass(frozen=True)
@@ -82,6 +140,7 @@ class TaskData:
 
 
 # -- data generators (deterministic given the seed) ---------------------------------------------
+
 
 def _prose_paragraphs() -> list[str]:
     import importlib
@@ -127,7 +186,7 @@ def _name(rng: random.Random, used: set[str]) -> str:
 
 def _number(rng: random.Random, used: set[str], digits: int = 5) -> str:
     while True:
-        v = str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+        v = str(rng.randrange(10 ** (digits - 1), 10**digits))
         if v not in used:
             used.add(v)
             return v
@@ -136,7 +195,9 @@ def _number(rng: random.Random, used: set[str], digits: int = 5) -> str:
 def _word(rng: random.Random, used: set[str]) -> str:
     """An invented lowercase id of three syllables and a final consonant ("kavomir"), unique in `used`."""
     while True:
-        k = "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3)) + rng.choice("nrstl")
+        k = "".join(
+            rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3)
+        ) + rng.choice("nrstl")
         if k not in used:
             used.add(k)
             return k
@@ -170,9 +231,14 @@ def gen_kv(seed: int, n: int, size: int, shots: int = 2) -> TaskData:
     asked, examples = order[:n], order[n:]
     qs = []
     for qi, i in enumerate(asked):
-        shown = [pairs[e] for e in examples[qi * shots:(qi + 1) * shots]]
-        qs.append(Question(KV_ASK.format(key=pairs[i][0]), pairs[i][1],
-                           tuple((KV_ASK.format(key=k), f'"{k}": "{v}"') for k, v in shown)))
+        shown = [pairs[e] for e in examples[qi * shots : (qi + 1) * shots]]
+        qs.append(
+            Question(
+                KV_ASK.format(key=pairs[i][0]),
+                pairs[i][1],
+                tuple((KV_ASK.format(key=k), f'"{k}": "{v}"') for k, v in shown),
+            )
+        )
     return TaskData("kv", "\n".join(lines), tuple(qs))
 
 
@@ -187,10 +253,14 @@ def gen_needle(seed: int, n: int, size: int) -> TaskData:
         name, attr, value = _name(rng, names), ATTRIBUTES[i % len(ATTRIBUTES)], _number(rng, nums)
         facts.append((name, attr, value))
     # spread the needles over the document: one per equal slice, at a random place inside it
-    slots = sorted(rng.randrange(i * len(paras) // n, max(i * len(paras) // n + 1, (i + 1) * len(paras) // n))
-                   for i in range(n))
+    slots = sorted(
+        rng.randrange(i * len(paras) // n, max(i * len(paras) // n + 1, (i + 1) * len(paras) // n))
+        for i in range(n)
+    )
     for off, (slot, (name, attr, value)) in enumerate(zip(slots, facts)):
-        paras.insert(slot + off, f"{name} works at the municipal archive. The {attr} of {name} is {value}.")
+        paras.insert(
+            slot + off, f"{name} works at the municipal archive. The {attr} of {name} is {value}."
+        )
     qs = tuple(Question(f"What is the {attr} of {name}?", value) for name, attr, value in facts)
     return TaskData("needle", "\n\n".join(paras), qs)
 
@@ -214,7 +284,9 @@ def gen_vartrace(seed: int, n: int, size: int, hops: int = 4) -> TaskData:
     for _ in range(n):
         names = [var() for _ in range(hops)]
         value = _number(rng, nums)
-        stmts = [f"VAR {names[0]} = {value}."] + [f"VAR {names[j]} = {names[j - 1]}." for j in range(1, hops)]
+        stmts = [f"VAR {names[0]} = {value}."] + [
+            f"VAR {names[j]} = {names[j - 1]}." for j in range(1, hops)
+        ]
         chains.append((names[-1], value, stmts))
     # interleave the chains, keeping each chain's order, then scatter statements through the prose
     order = [c for c in range(n) for _ in range(hops)]
@@ -232,7 +304,9 @@ def gen_vartrace(seed: int, n: int, size: int, hops: int = 4) -> TaskData:
             si += 1
         if pi < len(paras):
             out.append(paras[pi])
-    qs = tuple(Question(f"What is the value of the variable {last}?", value) for last, value, _ in chains)
+    qs = tuple(
+        Question(f"What is the value of the variable {last}?", value) for last, value, _ in chains
+    )
     return TaskData("vartrace", "\n\n".join(out), qs)
 
 
@@ -262,7 +336,9 @@ def gen_kv_docs(seed: int, n: int, size: int, doc_pairs: int = 80, shots: int = 
     rng = random.Random(f"kv-docs-{seed}")
     count = max(1, size // doc_pairs)
     seen: set[str] = set()
-    docs = [[(_word(rng, seen), _number(rng, seen)) for _ in range(doc_pairs)] for _ in range(count)]
+    docs = [
+        [(_word(rng, seen), _number(rng, seen)) for _ in range(doc_pairs)] for _ in range(count)
+    ]
     texts = []
     for pairs in docs:
         lines = ["{"]
@@ -277,16 +353,28 @@ def gen_kv_docs(seed: int, n: int, size: int, doc_pairs: int = 80, shots: int = 
         d = i % count
         picks = rng.sample(range(doc_pairs), 1 + shots)
         k, v = docs[d][picks[0]]
-        shown = tuple((KV_ASK.format(key=a), f'"{a}": "{b}"') for a, b in (docs[d][j] for j in picks[1:]))
+        shown = tuple(
+            (KV_ASK.format(key=a), f'"{a}": "{b}"') for a, b in (docs[d][j] for j in picks[1:])
+        )
         qs.append(Question(KV_ASK.format(key=k), v, shown, doc=d, fact=f'"{k}": "{v}"'))
     return TaskData("kv_docs", "\n\n".join(texts), tuple(qs), tuple(texts))
 
 
-GENERATORS = {"kv": gen_kv, "needle": gen_needle, "vartrace": gen_vartrace,
-              "needle_docs": gen_needle_docs, "kv_docs": gen_kv_docs}
+GENERATORS = {
+    "kv": gen_kv,
+    "needle": gen_needle,
+    "vartrace": gen_vartrace,
+    "needle_docs": gen_needle_docs,
+    "kv_docs": gen_kv_docs,
+}
 # size units: kv pairs for kv, characters of prose for the others (~ equal token counts)
-DEFAULT_SIZES = {"kv": 80, "needle": 9000, "vartrace": 9000,  # kv ~1.1K tokens (see gen_kv), others ~2.5K-3K
-                 "needle_docs": 68000, "kv_docs": 1840}  # ~24K tokens: three times the demo model's context
+DEFAULT_SIZES = {
+    "kv": 80,
+    "needle": 9000,
+    "vartrace": 9000,  # kv ~1.1K tokens (see gen_kv), others ~2.5K-3K
+    "needle_docs": 68000,
+    "kv_docs": 1840,
+}  # ~24K tokens: three times the demo model's context
 QUICK_SIZES = {"kv": 60, "needle": 7000, "vartrace": 7000, "needle_docs": 27000, "kv_docs": 480}
 
 
@@ -300,6 +388,7 @@ def score(answer: str, expected: str) -> bool:
 
 # -- running against the service -----------------------------------------------------------------
 
+
 def use_router(kb, name: str, kind: str):
     """Serve corpus `name` with router `kind` from now on; returns the loaded corpus.
 
@@ -311,8 +400,11 @@ def use_router(kb, name: str, kind: str):
     """
     kb.settings.router = kind
     cached = kb.cache.loaded.get(name)
-    if cached is not None and getattr(cached.shared.router, "router", None) is not None \
-            and cached.shared.router.router.kind == kind:
+    if (
+        cached is not None
+        and getattr(cached.shared.router, "router", None) is not None
+        and cached.shared.router.router.kind == kind
+    ):
         return cached
     kb.cache.drop(name)
     return kb.load_corpus(name)
@@ -325,7 +417,11 @@ def position_limit(kb) -> int:
 
 
 def _turns(history: tuple[tuple[str, str], ...]) -> list[dict]:
-    return [{"role": role, "content": text} for qa in history for role, text in zip(("user", "assistant"), qa)]
+    return [
+        {"role": role, "content": text}
+        for qa in history
+        for role, text in zip(("user", "assistant"), qa)
+    ]
 
 
 def ask_all(kb, name: str, questions, max_tokens: int) -> list[str]:
@@ -333,8 +429,10 @@ def ask_all(kb, name: str, questions, max_tokens: int) -> list[str]:
     until all finish, and return the greedy answers in order."""
     from kb.engine.sequence import SamplingParams
 
-    answers = [kb.ask(name, q.question, SamplingParams(max_tokens=max_tokens), history=_turns(q.history))
-               for q in questions]
+    answers = [
+        kb.ask(name, q.question, SamplingParams(max_tokens=max_tokens), history=_turns(q.history))
+        for q in questions
+    ]
     return _collect(kb.engine, [a.handle for a in answers])
 
 
@@ -378,15 +476,24 @@ def pic_scheme(pic: str, link_tokens: int) -> Iterator[None]:
     if pic not in precompute.PIC_SCHEMES:
         raise ValueError(f"unknown scheme {pic!r}")
     original = pipeline.prefill_segments
-    pipeline.prefill_segments = functools.partial(precompute.prefill_segments, pic=pic, link_tokens=link_tokens)
+    pipeline.prefill_segments = functools.partial(
+        precompute.prefill_segments, pic=pic, link_tokens=link_tokens
+    )
     try:
         yield
     finally:
         pipeline.prefill_segments = original
 
 
-def build_corpus(kb, name: str, path: Path | list[Path], segment_len: int, chunk_size: int,
-                 pic: str = "shared", link_tokens: int = 32) -> dict:
+def build_corpus(
+    kb,
+    name: str,
+    path: Path | list[Path],
+    segment_len: int,
+    chunk_size: int,
+    pic: str = "shared",
+    link_tokens: int = 32,
+) -> dict:
     """Create corpus `name` from one file (or several documents) with the given segmentation and
     scheme; its size."""
     kb.settings.segment_len, kb.settings.chunk_size = segment_len, chunk_size
@@ -398,8 +505,12 @@ def build_corpus(kb, name: str, path: Path | list[Path], segment_len: int, chunk
         if r.status != "ready":
             raise RuntimeError(f"ingest of {name} failed: {r.error}")
     docs = kb.documents(name)
-    return {"documents": len(docs), "segments": sum(d["segments"] for d in docs),
-            "tokens": sum(d["tokens"] for d in docs), "pic": pic}
+    return {
+        "documents": len(docs),
+        "segments": sum(d["segments"] for d in docs),
+        "tokens": sum(d["tokens"] for d in docs),
+        "pic": pic,
+    }
 
 
 class DenseFirstLayers:
@@ -451,9 +562,17 @@ class Runner:
             self.runner.prefill_routing = spec.prefill_routing or self.default_prefill
         answers = ask_all(self.kb, name, qs, args.max_tokens)
         hits = [score(a, q.expected) for a, q in zip(answers, qs)]
-        row = {"task": spec.task, "mode": spec.mode, "pic": spec.pic, "router": spec.router,
-               "chunk_size": spec.chunk_size, "density": spec.density, "n": len(qs),
-               "accuracy": round(sum(hits) / len(qs), 4), "correct": sum(hits)}
+        row = {
+            "task": spec.task,
+            "mode": spec.mode,
+            "pic": spec.pic,
+            "router": spec.router,
+            "chunk_size": spec.chunk_size,
+            "density": spec.density,
+            "n": len(qs),
+            "accuracy": round(sum(hits) / len(qs), 4),
+            "correct": sum(hits),
+        }
         if self.runner is not None and spec.mode == "routed":
             row["prefill_routing"] = spec.prefill_routing or self.default_prefill
         if spec.dense_layers:
@@ -463,11 +582,14 @@ class Runner:
         if args.verbose:
             for a, q, h in zip(answers, qs, hits):
                 print(f"    [{'+' if h else '-'}] {q.expected:>10}  {a.strip()[:70]!r}", flush=True)
-        print(f"  {spec.mode:10} pic={str(spec.pic or '-'):6} {str(spec.router or '-'):5} "
-              f"chunk={str(spec.chunk_size or '-'):>4} density={spec.density:<5} "
-              f"{'' if spec.prefill_routing is None else f'prefill={spec.prefill_routing} '}"
-              f"{f'dense_layers={spec.dense_layers} ' if spec.dense_layers else ''}"
-              f"acc={row['accuracy']:.3f}  ({row['wall_s']}s)", flush=True)
+        print(
+            f"  {spec.mode:10} pic={str(spec.pic or '-'):6} {str(spec.router or '-'):5} "
+            f"chunk={str(spec.chunk_size or '-'):>4} density={spec.density:<5} "
+            f"{'' if spec.prefill_routing is None else f'prefill={spec.prefill_routing} '}"
+            f"{f'dense_layers={spec.dense_layers} ' if spec.dense_layers else ''}"
+            f"acc={row['accuracy']:.3f}  ({row['wall_s']}s)",
+            flush=True,
+        )
         self.save()
         return row
 
@@ -482,7 +604,11 @@ class Runner:
             for density in args.densities:
                 kb.settings.density = density
                 values = [None]
-                if self.runner is not None and args.prefill_routing and density in args.prefill_routing_densities:
+                if (
+                    self.runner is not None
+                    and args.prefill_routing
+                    and density in args.prefill_routing_densities
+                ):
                     values = args.prefill_routing
                 for value in values:
                     for layers in args.dense_layers:
@@ -506,8 +632,11 @@ class Runner:
             info[name] = meta = build_corpus(kb, name, path, limit, 64)
             print(f"{task}: contiguous corpus {meta}", flush=True)
             if meta["segments"] != 1 or meta["tokens"] > limit:
-                print(f"  contiguous skipped: {meta['tokens']} tokens do not fit one segment "
-                      f"within {limit} positions", flush=True)
+                print(
+                    f"  contiguous skipped: {meta['tokens']} tokens do not fit one segment "
+                    f"within {limit} positions",
+                    flush=True,
+                )
             else:
                 kb.settings.density = 1.0
                 self.evaluate(name, Spec(task, "contiguous", None, None, 1.0), qs)
@@ -517,9 +646,13 @@ class Runner:
             route = "routed" in args.modes and pic in args.routed_pic
             for ci, chunk in enumerate(args.chunk_sizes if route else args.chunk_sizes[:1]):
                 name = f"{task}-{pic}-seg{args.segment_len}-c{chunk}"
-                info[name] = meta = build_corpus(kb, name, path, args.segment_len, chunk, pic, args.link_tokens)
+                info[name] = meta = build_corpus(
+                    kb, name, path, args.segment_len, chunk, pic, args.link_tokens
+                )
                 print(f"{task}: segmented corpus {name} {meta}", flush=True)
-                if ci == 0 and "dense" in args.modes:  # dense attention does not depend on the chunk size
+                if (
+                    ci == 0 and "dense" in args.modes
+                ):  # dense attention does not depend on the chunk size
                     kb.settings.density = 1.0
                     self.evaluate(name, Spec(task, "dense", None, None, 1.0, pic), qs)
                 if route:
@@ -528,18 +661,30 @@ class Runner:
 
 # -- attention retrieval over corpora beyond the model's context (issue 16) ---------------------
 
+
 def ask_measured(kb, name: str, questions, max_tokens: int, dense: bool = False):
     """Queue every question at once (dense: no selection); step to the end, timing each step.
     Returns (answers, texts, median ms of the decode-only steps)."""
     from kb.engine.sequence import SamplingParams
 
-    answers = [kb.ask(name, q.question, SamplingParams(max_tokens=max_tokens), history=_turns(q.history),
-                      dense=dense) for q in questions]
+    answers = [
+        kb.ask(
+            name,
+            q.question,
+            SamplingParams(max_tokens=max_tokens),
+            history=_turns(q.history),
+            dense=dense,
+        )
+        for q in questions
+    ]
     handles = [a.handle for a in answers]
     engine, times = kb.engine, []
     while any(h.result is None for h in handles):
-        decode = all(s.num_computed >= len(s.prompt_ids) for s in engine.scheduler.running) \
-            and not engine.scheduler.waiting and engine.scheduler.running
+        decode = (
+            all(s.num_computed >= len(s.prompt_ids) for s in engine.scheduler.running)
+            and not engine.scheduler.waiting
+            and engine.scheduler.running
+        )
         t0 = time.perf_counter()
         if not engine.step():
             raise RuntimeError("the engine has no work but requests are unfinished")
@@ -548,14 +693,25 @@ def ask_measured(kb, name: str, questions, max_tokens: int, dense: bool = False)
         for h in handles:
             h.drain()
     times.sort()
-    return answers, [h.result.text for h in handles], round(times[len(times) // 2], 1) if times else None
+    return (
+        answers,
+        [h.result.text for h in handles],
+        round(times[len(times) // 2], 1) if times else None,
+    )
 
 
 def attended_tokens(shared, answers) -> int:
     """Shared tokens one decode step of a request reads (the mean over the answers)."""
-    sel = [a.handle.seq.selection for a in answers if getattr(a.handle.seq, "selection", None) is not None]
+    sel = [
+        a.handle.seq.selection
+        for a in answers
+        if getattr(a.handle.seq, "selection", None) is not None
+    ]
     if sel:
-        return round(sum(min(shared.num_tokens, s.chunks.numel() * shared.chunk_size) for s in sel) / len(sel))
+        return round(
+            sum(min(shared.num_tokens, s.chunks.numel() * shared.chunk_size) for s in sel)
+            / len(sel)
+        )
     if shared.routed:
         return min(shared.num_tokens, shared.top_k * shared.chunk_size)
     return shared.num_tokens
@@ -584,11 +740,23 @@ def large(args) -> dict:
 
     torch.set_num_threads(args.threads)
     home = Path(tempfile.mkdtemp(prefix="kb-quality-large-"))
-    kb = KnowledgeBase(Settings(home=home / "home", models_dir=args.models_dir, max_tokens=args.max_tokens))
+    kb = KnowledgeBase(
+        Settings(home=home / "home", models_dir=args.models_dir, max_tokens=args.max_tokens)
+    )
     rows, info, t_start = [], {}, time.perf_counter()
-    result = {"model": kb.settings.model, "torch": torch.__version__, "seeds": args.seeds, "threads": args.threads,
-              "segment_len": args.segment_len, "chunk_size": args.large_chunk, "max_tokens": args.max_tokens,
-              "n": args.n, "corpora": info, "complete": False, "rows": rows}
+    result = {
+        "model": kb.settings.model,
+        "torch": torch.__version__,
+        "seeds": args.seeds,
+        "threads": args.threads,
+        "segment_len": args.segment_len,
+        "chunk_size": args.large_chunk,
+        "max_tokens": args.max_tokens,
+        "n": args.n,
+        "corpora": info,
+        "complete": False,
+        "rows": rows,
+    }
 
     def save() -> None:
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -597,16 +765,29 @@ def large(args) -> dict:
     def record(task, size, seed, mode, budget, name, qs, answers, texts, ms, shared) -> None:
         hits = [score(a, q.expected) for a, q in zip(texts, qs)]
         seg, psg = citation_hits(answers, qs)
-        row = {"task": task, "size": size, "tokens": info[f"{task}-{size}-s{seed}"]["tokens"], "seed": seed,
-               "mode": mode, "budget": budget, "n": len(qs), "correct": sum(hits),
-               "accuracy": round(sum(hits) / len(qs), 4), "cite_segment_top1": round(seg / len(qs), 4),
-               "cite_passage_top1": round(psg / len(qs), 4),
-               "attended_tokens": attended_tokens(shared, answers) if shared is not None else None,
-               "ms_per_decode_step": ms, "batch": len(qs)}
+        row = {
+            "task": task,
+            "size": size,
+            "tokens": info[f"{task}-{size}-s{seed}"]["tokens"],
+            "seed": seed,
+            "mode": mode,
+            "budget": budget,
+            "n": len(qs),
+            "correct": sum(hits),
+            "accuracy": round(sum(hits) / len(qs), 4),
+            "cite_segment_top1": round(seg / len(qs), 4),
+            "cite_passage_top1": round(psg / len(qs), 4),
+            "attended_tokens": attended_tokens(shared, answers) if shared is not None else None,
+            "ms_per_decode_step": ms,
+            "batch": len(qs),
+        }
         rows.append(row)
-        print(f"  {task:11} {size:>6} s{seed} {mode:10} {str(budget or '-'):>5} acc={row['accuracy']:.3f} "
-              f"seg={row['cite_segment_top1']:.2f} psg={row['cite_passage_top1']:.2f} "
-              f"tok={row['attended_tokens']} ms={ms}", flush=True)
+        print(
+            f"  {task:11} {size:>6} s{seed} {mode:10} {str(budget or '-'):>5} acc={row['accuracy']:.3f} "
+            f"seg={row['cite_segment_top1']:.2f} psg={row['cite_passage_top1']:.2f} "
+            f"tok={row['attended_tokens']} ms={ms}",
+            flush=True,
+        )
         save()
 
     try:
@@ -622,7 +803,9 @@ def large(args) -> dict:
                     name = f"{task}-{size}-s{seed}"
                     kb.settings.selection_budget = max(args.budgets)
                     info[name] = build_corpus(kb, name, paths, args.segment_len, args.large_chunk)
-                    print(f"{name}: {info[name]} ({time.perf_counter() - t_start:.0f} s)", flush=True)
+                    print(
+                        f"{name}: {info[name]} ({time.perf_counter() - t_start:.0f} s)", flush=True
+                    )
                     if "contiguous" in args.modes:  # each fact's document alone, dense: the ceiling
                         answers, texts, ms = [], [], []
                         for d in sorted({q.doc for q in qs}):
@@ -635,7 +818,19 @@ def large(args) -> dict:
                             ms.append(m)
                             kb.delete_corpus(cname)
                         order = [q for d in sorted({q.doc for q in qs}) for q in qs if q.doc == d]
-                        record(task, size, seed, "contiguous", None, name, order, answers, texts, None, None)
+                        record(
+                            task,
+                            size,
+                            seed,
+                            "contiguous",
+                            None,
+                            name,
+                            order,
+                            answers,
+                            texts,
+                            None,
+                            None,
+                        )
                     loaded = kb.load_corpus(name)
                     if "dense" in args.modes:
                         kb.settings.density = 1.0
@@ -652,10 +847,14 @@ def large(args) -> dict:
                         base = sel.config
                         for budget in args.budgets:
                             for positions in args.positions:
-                                sel.config = dataclasses.replace(base, budget=budget, positions=positions)
+                                sel.config = dataclasses.replace(
+                                    base, budget=budget, positions=positions
+                                )
                                 a, t, m = ask_measured(kb, name, qs, args.max_tokens)
                                 mode = "select" if positions == "virtual" else "select_stored"
-                                record(task, size, seed, mode, budget, name, qs, a, t, m, loaded.shared)
+                                record(
+                                    task, size, seed, mode, budget, name, qs, a, t, m, loaded.shared
+                                )
                         sel.config = base
                     kb.delete_corpus(name)
         result["complete"] = True
@@ -675,12 +874,24 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     home = Path(tempfile.mkdtemp(prefix="kb-quality-"))
-    kb = KnowledgeBase(Settings(home=home / "home", models_dir=args.models_dir, max_tokens=args.max_tokens))
+    kb = KnowledgeBase(
+        Settings(home=home / "home", models_dir=args.models_dir, max_tokens=args.max_tokens)
+    )
     rows, info = [], {}
     t_start = time.perf_counter()
-    result = {"model": kb.settings.model, "torch": torch.__version__, "seed": args.seed, "threads": args.threads,
-              "segment_len": args.segment_len, "max_tokens": args.max_tokens, "link_tokens": args.link_tokens,
-              "sizes": {t: args.sizes[t] for t in args.tasks}, "corpora": info, "complete": False, "rows": rows}
+    result = {
+        "model": kb.settings.model,
+        "torch": torch.__version__,
+        "seed": args.seed,
+        "threads": args.threads,
+        "segment_len": args.segment_len,
+        "max_tokens": args.max_tokens,
+        "link_tokens": args.link_tokens,
+        "sizes": {t: args.sizes[t] for t in args.tasks},
+        "corpora": info,
+        "complete": False,
+        "rows": rows,
+    }
 
     def save() -> None:
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
@@ -714,10 +925,15 @@ def table(rows: list[dict]) -> str:
     cols += [("n", 3), ("accuracy", 8)]
     names = {"chunk_size": "chunk", "prefill_routing": "prefill", "dense_layers": "dense_l"}
     cols = [(c, max(w, len(names.get(c, c)))) for c, w in cols]
-    lines = ["| " + " | ".join(f"{names.get(c, c):{w}}" for c, w in cols) + " |",
-             "|" + "|".join("-" * (w + 2) for _, w in cols) + "|"]
+    lines = [
+        "| " + " | ".join(f"{names.get(c, c):{w}}" for c, w in cols) + " |",
+        "|" + "|".join("-" * (w + 2) for _, w in cols) + "|",
+    ]
     for r in rows:
-        cells = [f"{r[c]:.3f}" if c == "accuracy" else str(r.get(c) if r.get(c) is not None else "-") for c, _ in cols]
+        cells = [
+            f"{r[c]:.3f}" if c == "accuracy" else str(r.get(c) if r.get(c) is not None else "-")
+            for c, _ in cols
+        ]
         lines.append("| " + " | ".join(f"{x:{w}}" for x, (_, w) in zip(cells, cols)) + " |")
     return "\n".join(lines)
 
@@ -737,39 +953,70 @@ def parse_args(argv=None):
     p.add_argument("--routers", default="mean,quest")
     p.add_argument("--chunk-sizes", default="16,64,256")
     p.add_argument("--densities", default="0.5,0.25,0.1")
-    p.add_argument("--pic", default="shared",
-                   help="segment schemes for dense mode: own (a), shared (b), linked (c); see kb/ingest/precompute.py")
+    p.add_argument(
+        "--pic",
+        default="shared",
+        help="segment schemes for dense mode: own (a), shared (b), linked (c); see kb/ingest/precompute.py",
+    )
     p.add_argument("--routed-pic", default="shared", help="the schemes the routed grid runs under")
-    p.add_argument("--link-tokens", type=int, default=32, help="previous-segment tokens the linked scheme prefills")
-    p.add_argument("--prefill-routing", default="",
-                   help="values of the engine runner's prefill_routing to compare in routed mode (where it has one), "
-                        "e.g. request,token")
+    p.add_argument(
+        "--link-tokens",
+        type=int,
+        default=32,
+        help="previous-segment tokens the linked scheme prefills",
+    )
+    p.add_argument(
+        "--prefill-routing",
+        default="",
+        help="values of the engine runner's prefill_routing to compare in routed mode (where it has one), "
+        "e.g. request,token",
+    )
     p.add_argument("--prefill-routing-densities", default="0.25")
-    p.add_argument("--dense-layers", default="0",
-                   help="routed mode: leading layers attended densely (an experiment; the service routes all)")
+    p.add_argument(
+        "--dense-layers",
+        default="0",
+        help="routed mode: leading layers attended densely (an experiment; the service routes all)",
+    )
     p.add_argument("--segment-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=None,
-                   help="corpus size for every task (kv pairs for kv, prose characters otherwise)")
-    p.add_argument("--quick", action="store_true",
-                   help="the smallest grid: n=4, smaller corpora, chunk 64, density 0.25, both routers")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="corpus size for every task (kv pairs for kv, prose characters otherwise)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the smallest grid: n=4, smaller corpora, chunk 64, density 0.25, both routers",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--keep", action="store_true", help="keep the temporary KB home")
     p.add_argument("-v", "--verbose", action="store_true", help="print every answer")
-    p.add_argument("--large", action="store_true",
-                   help="the attention-retrieval grid over multi-document corpora beyond the model's context "
-                        "(tasks needle_docs,kv_docs; modes contiguous,dense,routed,select); "
-                        "writes bench/results/quality_large.json")
-    p.add_argument("--large-sizes", default="needle_docs:92000,kv_docs:1840",
-                   help="task:size[:size...] (prose characters / kv pairs; ~24K tokens each by default)")
-    p.add_argument("--budgets", default="512,1024,2048,4096", help="selection budgets (shared tokens)")
+    p.add_argument(
+        "--large",
+        action="store_true",
+        help="the attention-retrieval grid over multi-document corpora beyond the model's context "
+        "(tasks needle_docs,kv_docs; modes contiguous,dense,routed,select); "
+        "writes bench/results/quality_large.json",
+    )
+    p.add_argument(
+        "--large-sizes",
+        default="needle_docs:92000,kv_docs:1840",
+        help="task:size[:size...] (prose characters / kv pairs; ~24K tokens each by default)",
+    )
+    p.add_argument(
+        "--budgets", default="512,1024,2048,4096", help="selection budgets (shared tokens)"
+    )
     p.add_argument("--positions", default="virtual", help="selection positions: virtual,stored")
     p.add_argument("--seeds", default="0", help="seeds of the large grid")
     p.add_argument("--large-chunk", type=int, default=64)
-    p.add_argument("--large-density", type=float, default=0.25, help="today's routed mode in the large grid")
+    p.add_argument(
+        "--large-density", type=float, default=0.25, help="today's routed mode in the large grid"
+    )
     args = p.parse_args(argv)
     if args.large:
         if args.tasks == "kv,needle,vartrace":
@@ -808,7 +1055,9 @@ def parse_args(argv=None):
     args.pic, args.routed_pic = _pics(args.pic), _pics(args.routed_pic)
     args.prefill_routing = [x for x in args.prefill_routing.split(",") if x]
     args.dense_layers = [int(x) for x in args.dense_layers.split(",") if x]
-    args.prefill_routing_densities = [float(d) for d in args.prefill_routing_densities.split(",") if d]
+    args.prefill_routing_densities = [
+        float(d) for d in args.prefill_routing_densities.split(",") if d
+    ]
     for t in args.tasks:
         if t not in GENERATORS:
             p.error(f"unknown task {t!r}; choose from {', '.join(GENERATORS)}")

@@ -31,6 +31,7 @@ def timed(fn, dry):
         fn()
         return (time.perf_counter() - t0) * 1e3
     import triton.testing as tt
+
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -75,9 +76,20 @@ def main():
     n = 1024 if args.dry else 131072
     batches = [2, 8] if args.dry else [int(x) for x in args.batches.split(",")]
     chunks = [32, 64] if args.dry else [int(x) for x in args.chunks.split(",")]
-    out = dict(device=("cpu-interpreter" if args.dry else torch.cuda.get_device_name()),
-               torch=torch.__version__, triton=triton.__version__, N=n, Hq=HQ, Hkv=HKV, d=D,
-               dtype="bf16", density=0.25, date=time.strftime("%Y-%m-%d"), rows=[], sweep=[])
+    out = dict(
+        device=("cpu-interpreter" if args.dry else torch.cuda.get_device_name()),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        N=n,
+        Hq=HQ,
+        Hkv=HKV,
+        d=D,
+        dtype="bf16",
+        density=0.25,
+        date=time.strftime("%Y-%m-%d"),
+        rows=[],
+        sweep=[],
+    )
 
     def save():
         with open(args.out, "w") as f:
@@ -86,8 +98,11 @@ def main():
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(n, HKV, D, generator=gen).to(dev, torch.bfloat16)
     v = torch.randn(n, HKV, D, generator=gen).to(dev, torch.bfloat16)
-    print(f"{'B':>4} {'chunk':>5} {'routing':>9} {'dense ms':>9} {'scatter':>8} {'union':>8} "
-          f"{'dense/union':>11} {'dense/scatter':>13} {'union_frac':>10} {'useful':>7}", flush=True)
+    print(
+        f"{'B':>4} {'chunk':>5} {'routing':>9} {'dense ms':>9} {'scatter':>8} {'union':>8} "
+        f"{'dense/union':>11} {'dense/scatter':>13} {'union_frac':>10} {'useful':>7}",
+        flush=True,
+    )
     for b in batches:
         q = torch.randn(b, HQ, D, generator=gen).to(dev, torch.bfloat16)
         dense_ms = timed(lambda: attention.shared_attention(q, k, v, None, 128), args.dry)
@@ -101,46 +116,62 @@ def main():
                 res = {}
                 outs = {}
                 for impl in ("scatter", "union"):
+
                     def fn(impl=impl, q=q, idx=idx, chunk=chunk):
                         if args.dry:  # CPU tensors: the facade's CPU path
                             return attention.shared_attention(q, k, v, idx, chunk)
-                        return shared_routed.shared_attention_routed(q, k, v, idx, chunk,
-                                                                     impl=impl)
+                        return shared_routed.shared_attention_routed(q, k, v, idx, chunk, impl=impl)
+
                     res[impl] = timed(fn, args.dry)
                     outs[impl] = fn()[0].float()
                 err = ((outs["union"] - outs["scatter"]).norm() / outs["scatter"].norm()).item()
                 bm = shared_routed_union._config(b * HQ // HKV, chunk, args.dry)["BLOCK_M"]
                 st = shared_routed_union.union_stats(idx, c, HQ // HKV, bm, "minhash")
-                row = dict(B=b, chunk=chunk, routing=skew, dense_ms=round(dense_ms, 4),
-                           scatter_ms=round(res["scatter"], 4), union_ms=round(res["union"], 4),
-                           dense_over_union=round(dense_ms / res["union"], 3),
-                           dense_over_scatter=round(dense_ms / res["scatter"], 3),
-                           union_vs_scatter_rel_err=round(err, 5), **st)
+                row = dict(
+                    B=b,
+                    chunk=chunk,
+                    routing=skew,
+                    dense_ms=round(dense_ms, 4),
+                    scatter_ms=round(res["scatter"], 4),
+                    union_ms=round(res["union"], 4),
+                    dense_over_union=round(dense_ms / res["union"], 3),
+                    dense_over_scatter=round(dense_ms / res["scatter"], 3),
+                    union_vs_scatter_rel_err=round(err, 5),
+                    **st,
+                )
                 out["rows"].append(row)
                 save()
-                print(f"{b:>4} {chunk:>5} {skew:>9} {dense_ms:>9.4f} {res['scatter']:>8.4f} "
-                      f"{res['union']:>8.4f} {row['dense_over_union']:>11.3f} "
-                      f"{row['dense_over_scatter']:>13.3f} {st['union_frac']:>10.4f} "
-                      f"{st['useful_frac']:>7.4f}", flush=True)
+                print(
+                    f"{b:>4} {chunk:>5} {skew:>9} {dense_ms:>9.4f} {res['scatter']:>8.4f} "
+                    f"{res['union']:>8.4f} {row['dense_over_union']:>11.3f} "
+                    f"{row['dense_over_scatter']:>13.3f} {st['union_frac']:>10.4f} "
+                    f"{st['useful_frac']:>7.4f}",
+                    flush=True,
+                )
     # union kernel launch configs at the headline shape (B=256, chunk 128, uniform)
     if not args.dry:
         b, chunk = 256, 128
         q = torch.randn(b, HQ, D, generator=gen).to(dev, torch.bfloat16)
         idx = make_idx(b, n // chunk, n // chunk // 4, "uniform", dev, seed=1)
-        for cfg in (dict(contig=True),
-                    dict(contig=True, BLOCK_N=64, num_stages=3),
-                    dict(contig=True, num_stages=3),
-                    dict(contig=True, slices=4),
-                    dict(contig=True, slices=16),
-                    dict(contig=False, slices=8)):
+        for cfg in (
+            dict(contig=True),
+            dict(contig=True, BLOCK_N=64, num_stages=3),
+            dict(contig=True, num_stages=3),
+            dict(contig=True, slices=4),
+            dict(contig=True, slices=16),
+            dict(contig=False, slices=8),
+        ):
             try:
-                ms = timed(lambda cfg=cfg: shared_routed.shared_attention_routed(
-                    q, k, v, idx, chunk, impl="union", config=cfg), False)
+                ms = timed(
+                    lambda cfg=cfg: shared_routed.shared_attention_routed(
+                        q, k, v, idx, chunk, impl="union", config=cfg
+                    ),
+                    False,
+                )
             except Exception as e:  # noqa: BLE001 - a config may not fit shared memory
                 print("sweep", cfg, "failed:", type(e).__name__, flush=True)
                 continue
-            out["sweep"].append(dict(B=b, chunk=chunk, routing="uniform", **cfg,
-                                     ms=round(ms, 4)))
+            out["sweep"].append(dict(B=b, chunk=chunk, routing="uniform", **cfg, ms=round(ms, 4)))
             save()
             print(f"sweep union B=256 chunk 128 uniform {cfg}: {ms:.4f} ms", flush=True)
     save()

@@ -33,13 +33,14 @@ import torch
 
 from index.faiss_index import IndexSettings, build_layer, faiss_module
 from index.router import Router
-from index.summaries import ChunkSummaries, group_query, query_vectors
+from index.summaries import ChunkSummaries
 
 OUT = Path(__file__).parent / "results" / "routing.json"
 
 
-def make_data(c: int, hkv: int, d: int, t: int, group: int, clusters: int, seed: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def make_data(
+    c: int, hkv: int, d: int, t: int, group: int, clusters: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunk vectors [C, Hkv, d] and decode queries [T, Hkv*group, d] near random clusters."""
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(clusters, hkv, d, generator=g)
@@ -67,27 +68,38 @@ def timed(fn, reps: int, sync, min_s: float = 0.2) -> tuple[float, float]:
 def recall(got: torch.Tensor, want: torch.Tensor) -> float:
     """Mean share of the exact top-k found, per (token, KV head)."""
     g, w = got.long().cpu().numpy(), want.long().cpu().numpy()
-    hits = [len(set(a) & set(b)) / len(b) for a, b in zip(g.reshape(-1, g.shape[-1]),
-                                                        w.reshape(-1, w.shape[-1]))]
+    hits = [
+        len(set(a) & set(b)) / len(b)
+        for a, b in zip(g.reshape(-1, g.shape[-1]), w.reshape(-1, w.shape[-1]))
+    ]
     return float(np.mean(hits))
 
 
 def host_info(device: torch.device) -> dict:
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "numpy": np.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
     try:
         import faiss
+
         versions["faiss"] = faiss.__version__
     except ImportError:
         versions["faiss"] = None
     return {
-        "host": socket.gethostname(), "cpu": cpu, "cpu_threads": torch.get_num_threads(),
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "cpu_threads": torch.get_num_threads(),
         "cpu_cores": os.cpu_count(),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
@@ -111,8 +123,9 @@ def run(args: argparse.Namespace) -> dict:
     rows = []
     sizes = [s for s in args.sizes if s <= args.max_chunks]
     for c in sizes:
-        x, q_all = make_data(c, args.kv_heads, args.dim, max(args.batch), args.group,
-                             args.clusters, c)
+        x, q_all = make_data(
+            c, args.kv_heads, args.dim, max(args.batch), args.group, args.clusters, c
+        )
         s = ChunkSummaries(x, x, x, chunk_size=1, num_tokens=c)  # one key per chunk: mean = x
         router = Router.from_summaries([s], "mean", device=device)
         indexes = {}
@@ -125,13 +138,26 @@ def run(args: argparse.Namespace) -> dict:
             ivf_s = time.perf_counter() - t0
         for t in args.batch:
             q = q_all[:t]
-            base = dict(chunks=c, batch=t, top_k=args.top_k, kv_heads=args.kv_heads,
-                        q_heads=args.kv_heads * args.group, dim=args.dim)
+            base = dict(
+                chunks=c,
+                batch=t,
+                top_k=args.top_k,
+                kv_heads=args.kv_heads,
+                q_heads=args.kv_heads * args.group,
+                dim=args.dim,
+            )
             qd = q.to(device)
             ours = router.route(0, qd, args.top_k)
             ms, ms_min = timed(lambda: router.route(0, qd, args.top_k), args.reps, sync)
-            rows.append(dict(method="torch", device=str(device), **base, ms=round(ms, 3),
-                             ms_min=round(ms_min, 3)))
+            rows.append(
+                dict(
+                    method="torch",
+                    device=str(device),
+                    **base,
+                    ms=round(ms, 3),
+                    ms_min=round(ms_min, 3),
+                )
+            )
             if not have_faiss:
                 print(rows[-1])
                 continue
@@ -140,18 +166,36 @@ def run(args: argparse.Namespace) -> dict:
             rows[-1]["recall"] = round(recall(ours, exact), 4)  # device path vs exact FAISS
             print(rows[-1])
             ms, ms_min = timed(lambda: flat.search(q, args.top_k), args.reps, lambda: None)
-            rows.append(dict(method="faiss_flat", device="cpu", **base, ms=round(ms, 3),
-                             ms_min=round(ms_min, 3), recall=1.0, build_s=round(flat_s, 3)))
+            rows.append(
+                dict(
+                    method="faiss_flat",
+                    device="cpu",
+                    **base,
+                    ms=round(ms, 3),
+                    ms_min=round(ms_min, 3),
+                    recall=1.0,
+                    build_s=round(flat_s, 3),
+                )
+            )
             print(rows[-1])
             nlist = ivf.indexes[0].nlist
             for nprobe in sorted({min(n, nlist) for n in args.nprobe}):
                 ivf.set_nprobe(nprobe)
                 got, _ = ivf.search(q, args.top_k)
                 ms, ms_min = timed(lambda: ivf.search(q, args.top_k), args.reps, lambda: None)
-                rows.append(dict(method="faiss_ivf", device="cpu", **base, ms=round(ms, 3),
-                                 ms_min=round(ms_min, 3),
-                                 recall=round(recall(got, exact), 4), nlist=nlist,
-                                 nprobe=nprobe, build_s=round(ivf_s, 3)))
+                rows.append(
+                    dict(
+                        method="faiss_ivf",
+                        device="cpu",
+                        **base,
+                        ms=round(ms, 3),
+                        ms_min=round(ms_min, 3),
+                        recall=round(recall(got, exact), 4),
+                        nlist=nlist,
+                        nprobe=nprobe,
+                        build_s=round(ivf_s, 3),
+                    )
+                )
                 print(rows[-1])
         del router, indexes, s, x
     config = {k: v for k, v in vars(args).items() if k not in ("out", "append")}
@@ -159,20 +203,25 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'method':<11}{'device':>7}{'chunks':>9}{'batch':>6}{'nprobe':>7}{'ms':>10}"
-          f"{'ms_min':>10}{'recall':>8}")
+    print(
+        f"{'method':<11}{'device':>7}{'chunks':>9}{'batch':>6}{'nprobe':>7}{'ms':>10}"
+        f"{'ms_min':>10}{'recall':>8}"
+    )
     for r in rows:
-        print(f"{r['method']:<11}{r['device']:>7}{r['chunks']:>9}{r['batch']:>6}"
-              f"{r.get('nprobe', ''):>7}{r['ms']:>10.3f}{r['ms_min']:>10.3f}"
-              f"{r.get('recall', float('nan')):>8.3f}")
+        print(
+            f"{r['method']:<11}{r['device']:>7}{r['chunks']:>9}{r['batch']:>6}"
+            f"{r.get('nprobe', ''):>7}{r['ms']:>10.3f}{r['ms_min']:>10.3f}"
+            f"{r.get('recall', float('nan')):>8.3f}"
+        )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
     p.add_argument("--max-chunks", type=int, default=1_000_000, help="skip larger sizes")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64],
-                   help="decode tokens routed together")
+    p.add_argument(
+        "--batch", type=int, nargs="+", default=[1, 16, 64], help="decode tokens routed together"
+    )
     p.add_argument("--top-k", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=1)
     p.add_argument("--group", type=int, default=4, help="query heads per KV head")
@@ -180,19 +229,29 @@ def main() -> None:
     p.add_argument("--clusters", type=int, default=256)
     p.add_argument("--nprobe", type=int, nargs="+", default=[8, 32, 128])
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads for torch and faiss (0: their defaults). 1 by default: on a "
-                   "small shared host two OpenMP pools of all cores stall on scheduler slices")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch and faiss (0: their defaults). 1 by default: on a "
+        "small shared host two OpenMP pools of all cores stall on scheduler slices",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--append", action="store_true",
-                   help="add this run to the file's runs, replacing one on the same device name")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run to the file's runs, replacing one on the same device name",
+    )
     args = p.parse_args()
     result = run(args)
     runs = []
     if args.append and args.out.exists():
-        runs = [r for r in json.loads(args.out.read_text())["runs"]
-                if r["device_name"] != result["device_name"]]
+        runs = [
+            r
+            for r in json.loads(args.out.read_text())["runs"]
+            if r["device_name"] != result["device_name"]
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"bench": "routing", "runs": runs + [result]}, indent=1) + "\n")
     print_table(result["rows"])

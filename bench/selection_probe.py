@@ -18,7 +18,6 @@ Writes bench/results/selection_probe.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -33,8 +32,12 @@ if str(ROOT) not in sys.path:
 
 from bench.quality import DEFAULT_MODELS_DIR, _turns, build_corpus, generate, write  # noqa: E402
 
-NEUTRAL = ("What do the documents say?", "Summarize the documents.", "What is this about?",
-           "Tell me something from the text.")
+NEUTRAL = (
+    "What do the documents say?",
+    "Summarize the documents.",
+    "What is this about?",
+    "Tell me something from the text.",
+)
 
 
 def answer_chunks(cmap, tokenizer, q) -> set[int]:
@@ -45,7 +48,9 @@ def answer_chunks(cmap, tokenizer, q) -> set[int]:
         if at < 0:
             continue
         at = seg.text.find(q.expected, at)
-        offs = tokenizer(seg.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offs = tokenizer(seg.text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
         for i, (a, b) in enumerate(offs):
             if b > at and a < at + len(q.expected):
                 out.add((seg.layout_start + i) // cmap.chunk_size)
@@ -85,10 +90,16 @@ def main(argv=None) -> None:
         loaded = kb.load_corpus("probe")
         sh, cmap, lm = loaded.shared, loaded.citation_map, kb.loaded
         layers = tuple(range(lm.config.num_layers))
-        sel = PassageSelector.build(sh.k, sh.positions, sh.chunk_size, sh.always_chunks,
-                                    lm.model.inv_freq, SelectionConfig(layers=layers, window=1))
+        sel = PassageSelector.build(
+            sh.k,
+            sh.positions,
+            sh.chunk_size,
+            sh.always_chunks,
+            lm.model.inv_freq,
+            SelectionConfig(layers=layers, window=1),
+        )
         p0 = sh.always_chunks * sh.chunk_size
-        raw = {l: sh.k[l][p0:].float().transpose(0, 1).contiguous() for l in layers}
+        raw = {li: sh.k[li][p0:].float().transpose(0, 1).contiguous() for li in layers}
         q_pos0 = sel.query_position(sh.pos_offset)
 
         def passes(question: str, history) -> dict:
@@ -96,23 +107,32 @@ def main(argv=None) -> None:
             ids = encode(lm.tokenizer, parts.suffix)
             span = question_span(lm.tokenizer, parts.suffix, question) or (0, len(ids))
             pos = list(range(q_pos0, q_pos0 + len(ids)))
-            return selection_queries(lm.model, ids, pos, span, [k[:sh.preamble_len] for k in sh.k],
-                                     [v[:sh.preamble_len] for v in sh.v], layers)
+            return selection_queries(
+                lm.model,
+                ids,
+                pos,
+                span,
+                [k[: sh.preamble_len] for k in sh.k],
+                [v[: sh.preamble_len] for v in sh.v],
+                layers,
+            )
 
         def token_scores(queries: dict, mode: str) -> torch.Tensor:
             """[L, N'] per-layer token scores."""
             out = []
-            for l in layers:
-                q, pos = queries[l]
+            for li in layers:
+                q, pos = queries[li]
                 if mode == "virtual":
-                    out.append(sel.token_scores(l, q, pos))
+                    out.append(sel.token_scores(li, q, pos))
                     continue
                 t, hq, d = q.shape
-                hkv = raw[l].shape[0]
+                hkv = raw[li].shape[0]
                 real = sh.pos_offset + (pos - pos[0]) + (pos[0] - q_pos0)
-                qr = rotate(q, real - pos, lm.model.inv_freq) / d ** 0.5
+                qr = rotate(q, real - pos, lm.model.inv_freq) / d**0.5
                 qh = qr.view(t, hkv, hq // hkv, d).permute(1, 0, 2, 3).reshape(hkv, -1, d)
-                out.append(torch.softmax(torch.bmm(qh, raw[l].transpose(1, 2)), -1).sum((0, 1)) / (t * hq))
+                out.append(
+                    torch.softmax(torch.bmm(qh, raw[li].transpose(1, 2)), -1).sum((0, 1)) / (t * hq)
+                )
             return torch.stack(out)
 
         targets, scores = [], {"virtual": [], "stored": []}
@@ -121,7 +141,10 @@ def main(argv=None) -> None:
             qs = passes(q.question, q.history)
             for m in scores:
                 scores[m].append(token_scores(qs, m))
-        neutral = {m: torch.stack([token_scores(passes(t, ()), m) for t in NEUTRAL]).mean(0) for m in scores}
+        neutral = {
+            m: torch.stack([token_scores(passes(t, ()), m) for t in NEUTRAL]).mean(0)
+            for m in scores
+        }
         print(f"scored {len(targets)} questions ({time.perf_counter() - t0:.0f} s)", flush=True)
 
         def evaluate(mode: str, lset: tuple[int, ...], window: int, calibrate: bool) -> dict:
@@ -133,14 +156,18 @@ def main(argv=None) -> None:
                 cs = sel.phrase_chunks(s)
                 if calibrate:
                     base = sel.phrase_chunks(neutral[mode][list(lset)].mean(0))
-                    cs = cs - base if calibrate == "sub" else cs / (base + base[sel.always:].mean())
+                    cs = (
+                        cs - base if calibrate == "sub" else cs / (base + base[sel.always :].mean())
+                    )
                 cs[: sel.always] = float("-inf")
                 order = cs.argsort(descending=True).tolist()
                 rank = min(order.index(c) for c in tgt)
                 ranks.append(rank)
                 top1 += rank == 0
                 for budget, acc in ((1024, "r1k"), (2048, "r2k")):
-                    sel.config = SelectionConfig(budget=budget, layers=layers, window=window, neighbours=1)
+                    sel.config = SelectionConfig(
+                        budget=budget, layers=layers, window=window, neighbours=1
+                    )
                     chosen = set(sel.choose(cs).tolist())
                     if tgt & chosen:
                         if acc == "r1k":
@@ -148,29 +175,53 @@ def main(argv=None) -> None:
                         else:
                             r2k += 1
             n = len(targets)
-            return {"mode": mode, "layers": list(lset), "window": window, "calibrate": calibrate,
-                    "top1": round(top1 / n, 3), "recall_1024": round(r1k / n, 3),
-                    "recall_2048": round(r2k / n, 3), "median_rank": sorted(ranks)[n // 2]}
+            return {
+                "mode": mode,
+                "layers": list(lset),
+                "window": window,
+                "calibrate": calibrate,
+                "top1": round(top1 / n, 3),
+                "recall_1024": round(r1k / n, 3),
+                "recall_2048": round(r2k / n, 3),
+                "median_rank": sorted(ranks)[n // 2],
+            }
 
         rows = []
         windows = [int(w) for w in args.windows.split(",")]
-        sets = [(l,) for l in layers] + [tuple(range(a, b)) for a, b in ((0, 30), (5, 15), (8, 16), (10, 20),
-                                                                         (15, 25), (20, 30))]
+        sets = [(li,) for li in layers] + [
+            tuple(range(a, b)) for a, b in ((0, 30), (5, 15), (8, 16), (10, 20), (15, 25), (20, 30))
+        ]
         for mode in scores:
             for lset in sets:
                 for w in windows if len(lset) > 1 else (9,):
                     for cal in (None, "sub", "ratio"):
                         rows.append(evaluate(mode, lset, w, cal))
-        result = {"task": args.task, "n": len(targets), "seed": args.seed, "corpus": meta,
-                  "chunk_size": args.chunk_size, "segment_len": args.segment_len, "rows": rows,
-                  "wall_s": round(time.perf_counter() - t0, 1)}
+        result = {
+            "task": args.task,
+            "n": len(targets),
+            "seed": args.seed,
+            "corpus": meta,
+            "chunk_size": args.chunk_size,
+            "segment_len": args.segment_len,
+            "rows": rows,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
         write(args.out, result)
         best = sorted(rows, key=lambda r: (-r["recall_2048"], -r["top1"]))[:15]
         for r in best:
             print(r)
         for mode in scores:
-            single = [r for r in rows if r["mode"] == mode and len(r["layers"]) == 1 and not r["calibrate"]]
-            print(mode, " ".join(f"L{r['layers'][0]}:{r['top1']:.2f}/{r['recall_2048']:.2f}" for r in single))
+            single = [
+                r
+                for r in rows
+                if r["mode"] == mode and len(r["layers"]) == 1 and not r["calibrate"]
+            ]
+            print(
+                mode,
+                " ".join(
+                    f"L{r['layers'][0]}:{r['top1']:.2f}/{r['recall_2048']:.2f}" for r in single
+                ),
+            )
     finally:
         kb.close()
         shutil.rmtree(home, ignore_errors=True)

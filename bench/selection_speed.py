@@ -33,15 +33,21 @@ def measure(engine, shared, batch: int, steps: int, selections) -> float:
 
     handles = []
     for b in range(batch):
-        h = engine.add_request(list(range(100, 130)), SamplingParams(max_tokens=steps + 1, ignore_eos=True),
-                               shared.key, shared.pos_offset if selections is None else 2200)
+        h = engine.add_request(
+            list(range(100, 130)),
+            SamplingParams(max_tokens=steps + 1, ignore_eos=True),
+            shared.key,
+            shared.pos_offset if selections is None else 2200,
+        )
         if selections is not None:
             h.seq.select, h.seq.selection = True, selections[b]
         handles.append(h)
     times = []
     while engine.has_work:
-        decoding = all(s.num_computed >= len(s.prompt_ids) for s in engine.scheduler.running) \
+        decoding = (
+            all(s.num_computed >= len(s.prompt_ids) for s in engine.scheduler.running)
             and not engine.scheduler.waiting
+        )
         t0 = time.perf_counter()
         engine.step()
         if decoding:
@@ -77,30 +83,59 @@ def main(argv=None) -> None:
     gen = torch.Generator().manual_seed(0)
     cs, preamble = 64, 40
     for n in [int(x) for x in args.sizes.split(",")]:
-        k = [torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gen) for _ in range(cfg.num_layers)]
-        v = [torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gen) for _ in range(cfg.num_layers)]
-        shared = SharedKV(key=f"speed-{n}", k=k, v=v, chunk_size=cs, pos_offset=6144, preamble_len=preamble)
+        k = [
+            torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gen)
+            for _ in range(cfg.num_layers)
+        ]
+        v = [
+            torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=gen)
+            for _ in range(cfg.num_layers)
+        ]
+        shared = SharedKV(
+            key=f"speed-{n}", k=k, v=v, chunk_size=cs, pos_offset=6144, preamble_len=preamble
+        )
         engine.register_corpus(shared)
         num_chunks = shared.num_chunks
         want = args.budget // cs
         for batch in [int(x) for x in args.batch.split(",")]:
             sels = []
             for _ in range(batch):
-                chunks = torch.cat([torch.tensor([0]), (torch.randperm(num_chunks - 1, generator=gen)[:want] + 1).sort().values])
+                chunks = torch.cat(
+                    [
+                        torch.tensor([0]),
+                        (torch.randperm(num_chunks - 1, generator=gen)[:want] + 1).sort().values,
+                    ]
+                )
                 shift = torch.arange(chunks.numel()) * cs - chunks * cs
                 sels.append(Selection(chunks, shift, torch.zeros(num_chunks)))
             for mode in args.modes.split(","):
                 ms = measure(engine, shared, batch, args.steps, sels if mode == "select" else None)
                 attended = (want + 1) * cs if mode == "select" else n
-                row = {"shared_tokens": n, "batch": batch, "mode": mode, "attended_tokens": attended,
-                       "ms_per_decode_step": round(ms, 1), "tokens_per_s": round(batch * 1000 / ms, 1),
-                       "threads": args.threads}
+                row = {
+                    "shared_tokens": n,
+                    "batch": batch,
+                    "mode": mode,
+                    "attended_tokens": attended,
+                    "ms_per_decode_step": round(ms, 1),
+                    "tokens_per_s": round(batch * 1000 / ms, 1),
+                    "threads": args.threads,
+                }
                 rows.append(row)
                 print(row, flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "torch": torch.__version__,
-                                                "budget": args.budget, "steps": args.steps, "rows": rows},
-                                               indent=1) + "\n")
+                args.out.write_text(
+                    json.dumps(
+                        {
+                            "model": "SmolLM2-135M-Instruct",
+                            "torch": torch.__version__,
+                            "budget": args.budget,
+                            "steps": args.steps,
+                            "rows": rows,
+                        },
+                        indent=1,
+                    )
+                    + "\n"
+                )
         engine.unregister_corpus(shared.key)
         del k, v, shared
 

@@ -39,7 +39,6 @@ import argparse
 import collections.abc
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -54,7 +53,7 @@ from kb.engine.routing import CorpusRouter  # noqa: E402
 from kb.engine.runner import ModelRunner  # noqa: E402
 from kb.engine.sampler import sample  # noqa: E402
 from kb.engine.scheduler import Scheduler  # noqa: E402
-from kb.engine.sequence import SamplingParams, Sequence, SeqStatus  # noqa: E402
+from kb.engine.sequence import SamplingParams, SeqStatus, Sequence  # noqa: E402
 from kb.engine.shared_kv import SharedKV  # noqa: E402
 from kb.model.config import ModelConfig  # noqa: E402
 from kb.model.llama import Transformer  # noqa: E402
@@ -66,25 +65,54 @@ GIB = 1 << 30
 
 def llama31_8b() -> ModelConfig:
     return ModelConfig(
-        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5,
-        rope_theta=500000.0, max_position_embeddings=131072,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
 
 
 def tiny() -> ModelConfig:
     """The test's shape: same structure (GQA, llama3 RoPE scaling), tiny dims."""
     return ModelConfig(
-        model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-        num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=500000.0,
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
         max_position_embeddings=1 << 20,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
 
 
-def build_model(cfg: ModelConfig, device: str, dtype: torch.dtype, seed: int = 0,
-                std: float = 0.02) -> Transformer:
+def build_model(
+    cfg: ModelConfig, device: str, dtype: torch.dtype, seed: int = 0, std: float = 0.02
+) -> Transformer:
     """Random weights built directly on `device` in `dtype` (normal, never zeros)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -128,27 +156,44 @@ class _Dequantized(collections.abc.Sequence):
         return (self.keys[i].float() * self.scales[i][None, :, None]).to(torch.bfloat16)
 
 
-def fp8_shared(key: str, cfg: ModelConfig, n: int, device: str, chunk_size: int, seed: int) -> SharedKV:
+def fp8_shared(
+    key: str, cfg: ModelConfig, n: int, device: str, chunk_size: int, seed: int
+) -> SharedKV:
     """Random shared KV stored as e4m3 with one scale per layer and KV head."""
     ks, vs, kss, vss = [], [], [], []
     for layer in range(cfg.num_layers):
         for out, scales, s in ((ks, kss, 2 * layer), (vs, vss, 2 * layer + 1)):
             gen = torch.Generator(device=device).manual_seed(seed * 1000 + s)
-            x = torch.randn(n, cfg.num_kv_heads, cfg.head_dim, device=device, dtype=torch.bfloat16,
-                            generator=gen)
+            x = torch.randn(
+                n,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                device=device,
+                dtype=torch.bfloat16,
+                generator=gen,
+            )
             scale = x.abs().amax(dim=(0, 2)).float() / 448.0
             out.append((x / scale[None, :, None]).to(torch.float8_e4m3fn))
             scales.append(scale)
             del x
-    return SharedKV(key, ks, vs, chunk_size=chunk_size, pos_offset=n,
-                    meta={"k_scale": kss, "v_scale": vss})
+    return SharedKV(
+        key, ks, vs, chunk_size=chunk_size, pos_offset=n, meta={"k_scale": kss, "v_scale": vss}
+    )
 
 
 def with_router(sh: SharedKV, density: float, kind: str = "quest") -> SharedKV:
     keys = _Dequantized(sh.k, sh.meta["k_scale"]) if "k_scale" in sh.meta else sh.k
     router = CorpusRouter(keys, sh.chunk_size, always=0, kind=kind)
-    return SharedKV(sh.key, sh.k, sh.v, sh.chunk_size, sh.pos_offset, router=router,
-                    top_k=router.top_k(density), meta=sh.meta)
+    return SharedKV(
+        sh.key,
+        sh.k,
+        sh.v,
+        sh.chunk_size,
+        sh.pos_offset,
+        router=router,
+        top_k=router.top_k(density),
+        meta=sh.meta,
+    )
 
 
 # -- one configuration ---------------------------------------------------------------------------
@@ -177,9 +222,21 @@ class ChosenChunks:
     chunks: torch.Tensor  # [K] int64, host
 
 
-def run_config(runner: ModelRunner, blocks: BlockManager, corpora: dict[str, SharedKV], mode: str,
-               keys: list[str], prompt_len: int, gen: int, prefill: str, warmup: int = 2,
-               max_steps: int = 32, budget_s: float = 2.5, seed: int = 0, select: int = 0) -> dict:
+def run_config(
+    runner: ModelRunner,
+    blocks: BlockManager,
+    corpora: dict[str, SharedKV],
+    mode: str,
+    keys: list[str],
+    prompt_len: int,
+    gen: int,
+    prefill: str,
+    warmup: int = 2,
+    max_steps: int = 32,
+    budget_s: float = 2.5,
+    seed: int = 0,
+    select: int = 0,
+) -> dict:
     """Admit one request per entry of `keys` (its corpus), prefill, then time decode steps;
     `select` > 0: each request chooses that many random chunks of its corpus (per-request
     selection). Returns timing figures and every request's generated tokens."""
@@ -191,9 +248,14 @@ def run_config(runner: ModelRunner, blocks: BlockManager, corpora: dict[str, Sha
     seqs = []
     for key in keys:
         prompt = torch.randint(0, vocab, (prompt_len,), generator=rng).tolist()
-        seq = Sequence(prompt, SamplingParams(max_tokens=gen, ignore_eos=True), corpus_key=key,
-                       pos_offset=corpora[key].pos_offset if key in corpora else
-                       runner.shared_pages[key].shape[0] * runner.block_size)
+        seq = Sequence(
+            prompt,
+            SamplingParams(max_tokens=gen, ignore_eos=True),
+            corpus_key=key,
+            pos_offset=corpora[key].pos_offset
+            if key in corpora
+            else runner.shared_pages[key].shape[0] * runner.block_size,
+        )
         if select:
             c = corpora[key].num_chunks
             seq.selection = ChosenChunks(torch.randperm(c, generator=rng)[:select].sort().values)
@@ -235,10 +297,17 @@ def run_config(runner: ModelRunner, blocks: BlockManager, corpora: dict[str, Sha
     st = sorted(times)
     pct = lambda p: st[min(len(st) - 1, int(round(p * (len(st) - 1))))] * 1e3  # noqa: E731
     graphs = getattr(runner, "graphs", None)
-    return dict(concurrency=conc, steps=len(times), graph_replays=graphs.replays if graphs else 0, tokens_per_s=produced / sum(times) if times else 0.0,
-                itl_ms_p50=pct(0.5) if st else None, itl_ms_p99=pct(0.99) if st else None,
-                prefill_s=prefill_s, sched_ms_mean=1e3 * sum(sched_times) / max(1, len(sched_times)),
-                outputs=[s.output_ids for s in seqs])
+    return dict(
+        concurrency=conc,
+        steps=len(times),
+        graph_replays=graphs.replays if graphs else 0,
+        tokens_per_s=produced / sum(times) if times else 0.0,
+        itl_ms_p50=pct(0.5) if st else None,
+        itl_ms_p99=pct(0.99) if st else None,
+        prefill_s=prefill_s,
+        sched_ms_mean=1e3 * sum(sched_times) / max(1, len(sched_times)),
+        outputs=[s.output_ids for s in seqs],
+    )
 
 
 def attended_keys(sh: SharedKV | None, shared_tokens: int, unique_len: float) -> float:
@@ -253,11 +322,12 @@ def attended_keys(sh: SharedKV | None, shared_tokens: int, unique_len: float) ->
 # -- the device run ------------------------------------------------------------------------------
 def measure_peak(dev: str) -> float:
     import triton.testing as tt
+
     n = 8192
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     ms = tt.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
-    return 2 * n ** 3 / ms / 1e9  # TFLOP/s
+    return 2 * n**3 / ms / 1e9  # TFLOP/s
 
 
 def main() -> None:
@@ -268,21 +338,29 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--density", type=float, default=0.25)
-    ap.add_argument("--select-budget", default="0",
-                    help="shared tokens per request of ours_routed_req, comma-separated budgets "
-                         "(0: density x N); one row set per budget")
+    ap.add_argument(
+        "--select-budget",
+        default="0",
+        help="shared tokens per request of ours_routed_req, comma-separated budgets "
+        "(0: density x N); one row set per budget",
+    )
     ap.add_argument("--modes", default="ours_dense,ours_routed,ours_routed_req,per_request,copies")
-    ap.add_argument("--modes-fp8", default=None, help="modes of the 512K fp8 part (default: --modes)")
+    ap.add_argument(
+        "--modes-fp8", default=None, help="modes of the 512K fp8 part (default: --modes)"
+    )
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--conc", default="1,4,16,64,128,256,2,8,32")
     ap.add_argument("--budget", type=float, default=2.5, help="timed seconds per row, at most")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--eager", action="store_true", help="no CUDA graphs (every mode steps eagerly)")
+    ap.add_argument(
+        "--eager", action="store_true", help="no CUDA graphs (every mode steps eagerly)"
+    )
     ap.add_argument("--plot", nargs=2, metavar=("JSON", "PNG"))
     args = ap.parse_args()
     if args.plot:
         return plot(*args.plot)
     import triton
+
     dev = "cuda"
     os.makedirs(args.out, exist_ok=True)
     out_json = os.path.join(args.out, "serve.json")
@@ -292,22 +370,37 @@ def main() -> None:
     params = matmul_params(model)
     bs = 16
     per_tok = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * 2  # bf16 K+V bytes
-    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-               peak_bf16_tflops=peak, model="Llama-3.1-8B shape, random bf16 weights",
-               matmul_params=params, prompt_tokens=args.prompt, gen_tokens=args.gen,
-               density=args.density, chunk_size=args.chunk, router="quest", block_size=bs,
-               cuda_graphs=not args.eager,
-               notes=("Random weights and random shared KV (after-RoPE keys need no model prefill "
-                      "for timing); unique prompts prefilled synthetically (random pages), decode "
-                      "timed from the 3rd generated token for up to 32 steps or ~2.5 s per row. "
-                      "Steps run the engine's scheduler, runner and sampler (no detokenization). "
-                      "sched_ms_mean: host time in Scheduler.schedule+postprocess per step (inside the ITL). "
-                      "cuda_graphs: decode steps of one corpus replayed from CUDA graphs (kb/engine/"
-                      "cuda_graphs.py) in every mode alike (per_request and copies graph the block tables of "
-                      "their shared pages). MFU = (2*matmul_params + 4*Hq*d*layers*"
-                      "keys_attended) * tokens/s / measured bf16 matmul peak."),
-               rows=[])
-    print(f"{res['device']} peak bf16 {peak:.0f} TFLOP/s, {params / 1e9:.2f}B matmul params", flush=True)
+    res = dict(
+        device=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        peak_bf16_tflops=peak,
+        model="Llama-3.1-8B shape, random bf16 weights",
+        matmul_params=params,
+        prompt_tokens=args.prompt,
+        gen_tokens=args.gen,
+        density=args.density,
+        chunk_size=args.chunk,
+        router="quest",
+        block_size=bs,
+        cuda_graphs=not args.eager,
+        notes=(
+            "Random weights and random shared KV (after-RoPE keys need no model prefill "
+            "for timing); unique prompts prefilled synthetically (random pages), decode "
+            "timed from the 3rd generated token for up to 32 steps or ~2.5 s per row. "
+            "Steps run the engine's scheduler, runner and sampler (no detokenization). "
+            "sched_ms_mean: host time in Scheduler.schedule+postprocess per step (inside the ITL). "
+            "cuda_graphs: decode steps of one corpus replayed from CUDA graphs (kb/engine/"
+            "cuda_graphs.py) in every mode alike (per_request and copies graph the block tables of "
+            "their shared pages). MFU = (2*matmul_params + 4*Hq*d*layers*"
+            "keys_attended) * tokens/s / measured bf16 matmul peak."
+        ),
+        rows=[],
+    )
+    print(
+        f"{res['device']} peak bf16 {peak:.0f} TFLOP/s, {params / 1e9:.2f}B matmul params",
+        flush=True,
+    )
 
     def save():
         with open(out_json, "w") as f:
@@ -315,20 +408,36 @@ def main() -> None:
 
     def record(mode, shared_tokens, kv_dtype, sh, r, shared_keys=None, **extra):
         unique_len = args.prompt + 2 + r["steps"] / 2
-        keys = attended_keys(sh, shared_tokens, unique_len) if shared_keys is None else \
-            shared_keys + unique_len
+        keys = (
+            attended_keys(sh, shared_tokens, unique_len)
+            if shared_keys is None
+            else shared_keys + unique_len
+        )
         flops_tok = 2 * params + 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers * keys
-        row = dict(mode=mode, shared_tokens=shared_tokens, concurrency=r["concurrency"],
-                   tokens_per_s=r["tokens_per_s"], itl_ms_p50=r["itl_ms_p50"], itl_ms_p99=r["itl_ms_p99"],
-                   mfu=flops_tok * r["tokens_per_s"] / (peak * 1e12), kv_dtype=kv_dtype,
-                   steps=r["steps"], keys_attended=keys, sched_ms_mean=r["sched_ms_mean"],
-                   graph_replays=r["graph_replays"], **extra)
+        row = dict(
+            mode=mode,
+            shared_tokens=shared_tokens,
+            concurrency=r["concurrency"],
+            tokens_per_s=r["tokens_per_s"],
+            itl_ms_p50=r["itl_ms_p50"],
+            itl_ms_p99=r["itl_ms_p99"],
+            mfu=flops_tok * r["tokens_per_s"] / (peak * 1e12),
+            kv_dtype=kv_dtype,
+            steps=r["steps"],
+            keys_attended=keys,
+            sched_ms_mean=r["sched_ms_mean"],
+            graph_replays=r["graph_replays"],
+            **extra,
+        )
         res["rows"].append(row)
         save()
-        print(f"{mode:12s} N={shared_tokens:>7d} {kv_dtype:5s} B={row['concurrency']:>3d} "
-              f"{row['tokens_per_s']:9.1f} tok/s  itl p50 {row['itl_ms_p50']:8.2f} ms  "
-              f"p99 {row['itl_ms_p99']:8.2f} ms  mfu {row['mfu']:.3f}  sched {row['sched_ms_mean']:.1f} ms "
-              f"({row['steps']} steps)", flush=True)
+        print(
+            f"{mode:12s} N={shared_tokens:>7d} {kv_dtype:5s} B={row['concurrency']:>3d} "
+            f"{row['tokens_per_s']:9.1f} tok/s  itl p50 {row['itl_ms_p50']:8.2f} ms  "
+            f"p99 {row['itl_ms_p99']:8.2f} ms  mfu {row['mfu']:.3f}  sched {row['sched_ms_mean']:.1f} ms "
+            f"({row['steps']} steps)",
+            flush=True,
+        )
 
     concs = [int(c) for c in args.conc.split(",")]
     if args.quick:
@@ -365,14 +474,30 @@ def main() -> None:
         for mode, sh, sel_k in plan:
             if mode not in modes:
                 continue
-            r = run_config(runner, blocks, {"corpus": sh}, mode, ["corpus"] * c, args.prompt, args.gen,
-                           "synthetic", budget_s=args.budget, select=sel_k)
+            r = run_config(
+                runner,
+                blocks,
+                {"corpus": sh},
+                mode,
+                ["corpus"] * c,
+                args.prompt,
+                args.gen,
+                "synthetic",
+                budget_s=args.budget,
+                select=sel_k,
+            )
             req = mode == "ours_routed_req"
-            record(mode, n, "bf16", sh if mode != "per_request" else None, r,
-                   shared_keys=sel_k * SELECT_CHUNK if req else None,
-                   select_tokens=sel_k * SELECT_CHUNK if req else None,
-                   top_k=sh.top_k if mode == "ours_routed" else (sel_k if req else None),
-                   chunk=SELECT_CHUNK if req else args.chunk)
+            record(
+                mode,
+                n,
+                "bf16",
+                sh if mode != "per_request" else None,
+                r,
+                shared_keys=sel_k * SELECT_CHUNK if req else None,
+                select_tokens=sel_k * SELECT_CHUNK if req else None,
+                top_k=sh.top_k if mode == "ours_routed" else (sel_k if req else None),
+                chunk=SELECT_CHUNK if req else args.chunk,
+            )
     del runner, blocks, dense, routed, selected, k, v, sh
     gc.collect()
     torch.cuda.empty_cache()
@@ -383,7 +508,9 @@ def main() -> None:
     ncopy = int((free - headroom) // per_req)
     res["max_concurrency_copies_128k"] = ncopy
     if ncopy >= 1 and "copies" in modes:
-        runner = ModelRunner(model, ncopy * unique_blocks_per_req, bs, dev, shared_blocks=ncopy * n // bs)
+        runner = ModelRunner(
+            model, ncopy * unique_blocks_per_req, bs, dev, shared_blocks=ncopy * n // bs
+        )
         if not args.eager:
             runner.enable_cuda_graphs()
         blocks = BlockManager(ncopy * unique_blocks_per_req, bs)
@@ -396,8 +523,17 @@ def main() -> None:
                     a.copy_(b)
             copies[f"copy{i}"] = SharedKV(f"copy{i}", ck, cv, chunk_size=args.chunk, pos_offset=n)
         for c in sorted({c for c in concs if c <= ncopy} | {ncopy}):
-            r = run_config(runner, blocks, copies, "copies", [f"copy{i}" for i in range(c)], args.prompt,
-                           args.gen, "synthetic", budget_s=args.budget)
+            r = run_config(
+                runner,
+                blocks,
+                copies,
+                "copies",
+                [f"copy{i}" for i in range(c)],
+                args.prompt,
+                args.gen,
+                "synthetic",
+                budget_s=args.budget,
+            )
             record("copies", n, "bf16", None, r)
         del runner, blocks, copies, ck, cv
         gc.collect()
@@ -407,8 +543,9 @@ def main() -> None:
     n8 = args.shared_fp8
     if n8:
         sh8 = fp8_shared("corpus8", cfg, n8, dev, args.chunk, seed=3)
-        sel8 = SharedKV("corpus8", sh8.k, sh8.v, chunk_size=SELECT_CHUNK, pos_offset=n8,
-                        meta=sh8.meta)  # per-head scales: any chunk size reads them
+        sel8 = SharedKV(
+            "corpus8", sh8.k, sh8.v, chunk_size=SELECT_CHUNK, pos_offset=n8, meta=sh8.meta
+        )  # per-head scales: any chunk size reads them
         sel_k8s = [max(1, (bud or int(args.density * n8)) // SELECT_CHUNK) for bud in budgets]
         res["select_budget_tokens_512k"] = [k * SELECT_CHUNK for k in sel_k8s]
         t0 = time.perf_counter()
@@ -431,13 +568,29 @@ def main() -> None:
                 if mode not in modes8:
                     continue
                 req = mode == "ours_routed_req"
-                r = run_config(runner, blocks, {"corpus8": sh}, mode, ["corpus8"] * c, args.prompt,
-                               args.gen, "synthetic", budget_s=args.budget,
-                               select=sel_k8)
-                record(mode, n8, "fp8", sh, r, shared_keys=sel_k8 * SELECT_CHUNK if req else None,
-                       select_tokens=sel_k8 * SELECT_CHUNK if req else None,
-                       top_k=sh.top_k if mode == "ours_routed" else (sel_k8 if req else None),
-                       chunk=SELECT_CHUNK if req else args.chunk)
+                r = run_config(
+                    runner,
+                    blocks,
+                    {"corpus8": sh},
+                    mode,
+                    ["corpus8"] * c,
+                    args.prompt,
+                    args.gen,
+                    "synthetic",
+                    budget_s=args.budget,
+                    select=sel_k8,
+                )
+                record(
+                    mode,
+                    n8,
+                    "fp8",
+                    sh,
+                    r,
+                    shared_keys=sel_k8 * SELECT_CHUNK if req else None,
+                    select_tokens=sel_k8 * SELECT_CHUNK if req else None,
+                    top_k=sh.top_k if mode == "ours_routed" else (sel_k8 if req else None),
+                    chunk=SELECT_CHUNK if req else args.chunk,
+                )
     save()
     summary(res)
     try:
@@ -448,12 +601,23 @@ def main() -> None:
 
 def summary(res: dict) -> None:
     rows = res["rows"]
-    print(f"\n{'mode':12s} {'N':>7s} {'kv':5s} {'B':>4s} {'tok/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'mfu':>6s}")
-    for r in sorted(rows, key=lambda r: (r["shared_tokens"], r["kv_dtype"], r["mode"], r["concurrency"])):
-        print(f"{r['mode']:12s} {r['shared_tokens']:>7d} {r['kv_dtype']:5s} {r['concurrency']:>4d} "
-              f"{r['tokens_per_s']:9.1f} {r['itl_ms_p50']:8.2f} {r['itl_ms_p99']:8.2f} {r['mfu']:6.3f}")
-    lab = lambda r: f"ours_routed_req({r['select_tokens']})" if r.get("select_tokens") else r["mode"]  # noqa: E731
-    tps = {(lab(r), r["shared_tokens"], r["kv_dtype"], r["concurrency"]): r["tokens_per_s"] for r in rows}
+    print(
+        f"\n{'mode':12s} {'N':>7s} {'kv':5s} {'B':>4s} {'tok/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'mfu':>6s}"
+    )
+    for r in sorted(
+        rows, key=lambda r: (r["shared_tokens"], r["kv_dtype"], r["mode"], r["concurrency"])
+    ):
+        print(
+            f"{r['mode']:12s} {r['shared_tokens']:>7d} {r['kv_dtype']:5s} {r['concurrency']:>4d} "
+            f"{r['tokens_per_s']:9.1f} {r['itl_ms_p50']:8.2f} {r['itl_ms_p99']:8.2f} {r['mfu']:6.3f}"
+        )
+    lab = lambda r: (
+        f"ours_routed_req({r['select_tokens']})" if r.get("select_tokens") else r["mode"]
+    )  # noqa: E731
+    tps = {
+        (lab(r), r["shared_tokens"], r["kv_dtype"], r["concurrency"]): r["tokens_per_s"]
+        for r in rows
+    }
     n = 128 * 1024
     reqs = sorted({lab(r) for r in rows if r.get("select_tokens")})
     for mode in ("ours_routed", *reqs):
@@ -470,14 +634,18 @@ def summary(res: dict) -> None:
         ours = [r for r in rows if lab(r) == mode and r["shared_tokens"] == n]
         if best and ours:
             top = max(ours, key=lambda r: r["tokens_per_s"])
-            print(f"{mode} best (B={top['concurrency']}) / copies best (B={best['concurrency']}): "
-                  f"{top['tokens_per_s'] / best['tokens_per_s']:.1f}x (target >= 50x)")
+            print(
+                f"{mode} best (B={top['concurrency']}) / copies best (B={best['concurrency']}): "
+                f"{top['tokens_per_s'] / best['tokens_per_s']:.1f}x (target >= 50x)"
+            )
 
 
 def plot(json_path: str, png_path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     res = json.load(open(json_path))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {}
@@ -485,10 +653,20 @@ def plot(json_path: str, png_path: str) -> None:
         series.setdefault((r["mode"], r["shared_tokens"], r["kv_dtype"]), []).append(r)
     for (mode, n, kv), rs in sorted(series.items()):
         rs.sort(key=lambda r: r["concurrency"])
-        ax.plot([r["concurrency"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o",
-                linestyle="--" if kv == "fp8" else "-", label=f"{mode}, {n // 1024}K {kv}")
-    finish_throughput_plot(fig, ax, f"Llama-3.1-8B shape, {res['device']}\n{res['prompt_tokens']} unique + "
-                           f"{res['gen_tokens']} generated tokens per request", png_path)
+        ax.plot(
+            [r["concurrency"] for r in rs],
+            [r["tokens_per_s"] for r in rs],
+            marker="o",
+            linestyle="--" if kv == "fp8" else "-",
+            label=f"{mode}, {n // 1024}K {kv}",
+        )
+    finish_throughput_plot(
+        fig,
+        ax,
+        f"Llama-3.1-8B shape, {res['device']}\n{res['prompt_tokens']} unique + "
+        f"{res['gen_tokens']} generated tokens per request",
+        png_path,
+    )
 
 
 def finish_throughput_plot(fig, ax, title: str, png_path: str) -> None:

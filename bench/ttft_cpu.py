@@ -32,9 +32,9 @@ from kb.engine.engine import Engine, EngineConfig  # noqa: E402
 from kb.engine.routing import CorpusRouter  # noqa: E402
 from kb.engine.sequence import SamplingParams  # noqa: E402
 from kb.engine.shared_kv import SharedKV  # noqa: E402
+from kb.ingest.precompute import prefill_preamble, prefill_segments  # noqa: E402
 from kb.model.demo import ensure_demo_model  # noqa: E402
 from kb.model.loader import load_model  # noqa: E402
-from kb.ingest.precompute import prefill_preamble, prefill_segments  # noqa: E402
 from kb.prompt import build_prompt, encode, preamble_text  # noqa: E402
 from kb.settings import Settings  # noqa: E402
 
@@ -49,7 +49,7 @@ def corpus_kv(lm, tokens: int, segment_len: int = 1024) -> tuple[SharedKV, list[
     system = Settings().system_prompt
     preamble = encode(tok, preamble_text(tok, system))
     ids = encode(tok, text)
-    segs = [ids[i:i + segment_len] for i in range(0, len(ids), segment_len)]
+    segs = [ids[i : i + segment_len] for i in range(0, len(ids), segment_len)]
     pk, pv = prefill_preamble(lm.model, preamble)
     parts = [(k, v) for _, k, v in prefill_segments(lm.model, preamble, segs)]
     seg_k = torch.cat([k for k, _ in parts], 1)
@@ -57,8 +57,14 @@ def corpus_kv(lm, tokens: int, segment_len: int = 1024) -> tuple[SharedKV, list[
     reps = -(-(tokens - len(preamble)) // seg_k.shape[1])
     k = torch.cat([pk, seg_k.repeat(1, reps, 1, 1)], 1)[:, :tokens].to(torch.float16)
     v = torch.cat([pv, seg_v.repeat(1, reps, 1, 1)], 1)[:, :tokens].to(torch.float16)
-    shared = SharedKV("bench", list(k.unbind(0)), list(v.unbind(0)), chunk_size=64,
-                      pos_offset=len(preamble) + min(tokens, 6144), preamble_len=len(preamble))
+    shared = SharedKV(
+        "bench",
+        list(k.unbind(0)),
+        list(v.unbind(0)),
+        chunk_size=64,
+        pos_offset=len(preamble) + min(tokens, 6144),
+        preamble_len=len(preamble),
+    )
     parts_q = build_prompt(tok, system, [], "What is the access code of the Velmora vault?")
     return shared, encode(tok, parts_q.suffix)
 
@@ -72,9 +78,15 @@ def ttft(engine: Engine, shared: SharedKV, question: list[int]) -> float:
 
 
 # (mode, density, citation layers, prefill routing)
-CASES = (("dense", 1.0, 4, "request"), ("dense", 1.0, 0, "request"), ("routed", 0.5, 0, "request"),
-         ("routed", 0.25, 0, "request"), ("routed", 0.1, 0, "request"), ("routed", 0.25, 4, "request"),
-         ("routed", 0.25, 0, "token"))
+CASES = (
+    ("dense", 1.0, 4, "request"),
+    ("dense", 1.0, 0, "request"),
+    ("routed", 0.5, 0, "request"),
+    ("routed", 0.25, 0, "request"),
+    ("routed", 0.1, 0, "request"),
+    ("routed", 0.25, 4, "request"),
+    ("routed", 0.25, 0, "token"),
+)
 
 
 def load() -> list[float]:
@@ -99,26 +111,47 @@ def main() -> int:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for mode, density, cite, prefill in CASES:
-            engine = Engine(lm, EngineConfig(unique_kv_tokens=1024, citation_layers=cite, prefill_routing=prefill))
+            engine = Engine(
+                lm,
+                EngineConfig(unique_kv_tokens=1024, citation_layers=cite, prefill_routing=prefill),
+            )
             shared.router = router if density < 1 else None
             shared.top_k = router.top_k(density) if density < 1 else None
             engine.register_corpus(shared)
             before = load()
             ttft(engine, shared, question)  # warm-up
             times = [ttft(engine, shared, question) for _ in range(args.repeats)]
-            rows.append({"mode": mode, "density": density, "prefill_routing": prefill if density < 1 else None,
-                         "citation_layers": cite, "threads": threads, "shared_tokens": args.tokens,
-                         "question_tokens": len(question), "ttft_s_median": round(statistics.median(times), 3),
-                         "ttft_s_all": [round(t, 3) for t in times], "load_before": before, "load_after": load()})
+            rows.append(
+                {
+                    "mode": mode,
+                    "density": density,
+                    "prefill_routing": prefill if density < 1 else None,
+                    "citation_layers": cite,
+                    "threads": threads,
+                    "shared_tokens": args.tokens,
+                    "question_tokens": len(question),
+                    "ttft_s_median": round(statistics.median(times), 3),
+                    "ttft_s_all": [round(t, 3) for t in times],
+                    "load_before": before,
+                    "load_after": load(),
+                }
+            )
             r = rows[-1]
-            print(f"{threads} thr {mode:6s} density {density:4.2f} {r['prefill_routing'] or '':7s} "
-                  f"citations {cite}: first token in {r['ttft_s_median']:6.2f} s (median of {args.repeats}; "
-                  f"load {before[0]:.2f})", flush=True)
-    out = {"host": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "torch": torch.__version__, "model": "SmolLM2-135M-Instruct",
-           "notes": "corpus KV: real prefilled prose tiled to the size; fp16 stored, each block of keys "
-                    "dequantized to float32 as it is attended (attention/cpu_shared.py). " + args.note,
-           "rows": rows}
+            print(
+                f"{threads} thr {mode:6s} density {density:4.2f} {r['prefill_routing'] or '':7s} "
+                f"citations {cite}: first token in {r['ttft_s_median']:6.2f} s (median of {args.repeats}; "
+                f"load {before[0]:.2f})",
+                flush=True,
+            )
+    out = {
+        "host": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "model": "SmolLM2-135M-Instruct",
+        "notes": "corpus KV: real prefilled prose tiled to the size; fp16 stored, each block of keys "
+        "dequantized to float32 as it is attended (attention/cpu_shared.py). " + args.note,
+        "rows": rows,
+    }
     Path(args.out).write_text(json.dumps(out, indent=1))
     return 0
 

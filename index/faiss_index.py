@@ -27,8 +27,10 @@ def faiss_module() -> Any:
     try:
         import faiss
     except ImportError as e:  # the GPU serving machine has no faiss; only index building needs it
-        raise ImportError("index.faiss_index needs faiss (pip install faiss-cpu); "
-                          "routing on the device (index.router.Router) does not") from e
+        raise ImportError(
+            "index.faiss_index needs faiss (pip install faiss-cpu); "
+            "routing on the device (index.router.Router) does not"
+        ) from e
     return faiss
 
 
@@ -55,8 +57,11 @@ class IndexSettings:
         return max(1, min(round(math.sqrt(num_chunks)), num_chunks // 32))
 
 
-def build_index(vectors: np.ndarray | torch.Tensor, settings: IndexSettings = IndexSettings(),
-                ivf: bool | None = None) -> Any:
+def build_index(
+    vectors: np.ndarray | torch.Tensor,
+    settings: IndexSettings = IndexSettings(),
+    ivf: bool | None = None,
+) -> Any:
     """An inner-product index over vectors[C, D]: IVF when `ivf` (None: C > ivf_threshold)."""
     faiss = faiss_module()
     x = _as_f32(vectors)
@@ -138,8 +143,12 @@ class LayerIndex:
         return self._gpu
 
 
-def build_layer(summaries: ChunkSummaries, kind: str = "mean",
-                settings: IndexSettings = IndexSettings(), ivf: bool | None = None) -> LayerIndex:
+def build_layer(
+    summaries: ChunkSummaries,
+    kind: str = "mean",
+    settings: IndexSettings = IndexSettings(),
+    ivf: bool | None = None,
+) -> LayerIndex:
     """One index per KV head over a layer's `kind` vectors."""
     vectors = summaries.vectors(kind)  # [C, Hkv, D]
     indexes = [build_index(vectors[:, h], settings, ivf) for h in range(vectors.shape[1])]
@@ -147,9 +156,12 @@ def build_layer(summaries: ChunkSummaries, kind: str = "mean",
     return LayerIndex(kind, indexes, use_gpu)
 
 
-def build_layers(summaries: list[ChunkSummaries], kinds: tuple[str, ...] = ("mean",),
-                 settings: IndexSettings = IndexSettings(), ivf: bool | None = None
-                 ) -> dict[str, list[LayerIndex]]:
+def build_layers(
+    summaries: list[ChunkSummaries],
+    kinds: tuple[str, ...] = ("mean",),
+    settings: IndexSettings = IndexSettings(),
+    ivf: bool | None = None,
+) -> dict[str, list[LayerIndex]]:
     """Indexes of a whole corpus: per router kind, one `LayerIndex` per layer."""
     return {kind: [build_layer(s, kind, settings, ivf) for s in summaries] for kind in kinds}
 

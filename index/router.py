@@ -1,17 +1,17 @@
 """The device path of routing: per-layer chunk vectors on the device, scored with torch each step.
 
 `Router.route` ranks through `attention.route` (group-summed queries, inner product, top-k per
-token and KV head: torch bmm + topk on CUDA, `attention.reference.route` elsewhere) and selects exactly what FAISS's exact search
-selects over the same vectors (tests/test_index.py). It needs no FAISS, so the GPU serving path
-runs without it.
+token and KV head: torch bmm + topk on CUDA, `attention.reference.route` elsewhere) and selects
+exactly what FAISS's exact search selects over the same vectors (tests/test_index.py). It needs
+no FAISS, so the GPU serving path runs without it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -39,9 +39,13 @@ class Router:
         assert len({tuple(v.shape) for v in self.vectors}) <= 1, "layers disagree on shape"
 
     @classmethod
-    def from_summaries(cls, summaries: Sequence[ChunkSummaries], kind: str = "mean",
-                       device: torch.device | str = "cpu",
-                       dtype: torch.dtype = torch.float32) -> "Router":
+    def from_summaries(
+        cls,
+        summaries: Sequence[ChunkSummaries],
+        kind: str = "mean",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Router:
         """Move one vector set per layer to `device`; float32 keeps exact agreement with FAISS."""
         assert summaries, "no layers"
         s0 = summaries[0]
@@ -49,10 +53,16 @@ class Router:
         return cls(kind, s0.chunk_size, s0.num_tokens, vectors)
 
     @classmethod
-    def load(cls, folder: str | Path, kind: str = "mean", device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> "Router":
+    def load(
+        cls,
+        folder: str | Path,
+        kind: str = "mean",
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Router:
         """Read the summaries a corpus stored with `index.store.save` (no FAISS needed)."""
         from index.store import load_summaries
+
         return cls.from_summaries(load_summaries(folder), kind, device, dtype)
 
     @property

@@ -9,8 +9,8 @@ would route to rank first.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +31,12 @@ def passage_query(keys: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([k.float().mean(dim=0) for k in keys])
 
 
-def chunk_scores(summaries: Sequence[ChunkSummaries], query: torch.Tensor,
-                 layers: Sequence[int] | None = None, metric: str = "ip") -> torch.Tensor:
+def chunk_scores(
+    summaries: Sequence[ChunkSummaries],
+    query: torch.Tensor,
+    layers: Sequence[int] | None = None,
+    metric: str = "ip",
+) -> torch.Tensor:
     """Score of every chunk: sum over layers and KV heads of query[l, h] . mean_l[c, h] -> [C].
 
     `metric="cos"` uses cosine similarity per (layer, head), so no layer or head with large key
@@ -40,7 +44,9 @@ def chunk_scores(summaries: Sequence[ChunkSummaries], query: torch.Tensor,
     """
     assert metric in ("ip", "cos"), f"unknown metric {metric!r}"
     layers = range(len(summaries)) if layers is None else layers
-    total = torch.zeros(summaries[0].num_chunks, dtype=torch.float32, device=summaries[0].mean.device)
+    total = torch.zeros(
+        summaries[0].num_chunks, dtype=torch.float32, device=summaries[0].mean.device
+    )
     for li in layers:
         m, q = summaries[li].mean, query[li].float().to(total.device)  # [C, Hkv, d], [Hkv, d]
         if metric == "cos":
@@ -49,17 +55,27 @@ def chunk_scores(summaries: Sequence[ChunkSummaries], query: torch.Tensor,
     return total
 
 
-def find_chunks(summaries: Sequence[ChunkSummaries], query: torch.Tensor, top_k: int,
-                layers: Sequence[int] | None = None, metric: str = "ip") -> Hits:
+def find_chunks(
+    summaries: Sequence[ChunkSummaries],
+    query: torch.Tensor,
+    top_k: int,
+    layers: Sequence[int] | None = None,
+    metric: str = "ip",
+) -> Hits:
     """The corpus's top chunks for `query[L, Hkv, d]`."""
     s = chunk_scores(summaries, query, layers, metric)
     top = s.topk(min(top_k, s.numel()))
     return Hits(top.indices, top.values)
 
 
-def find_documents(summaries: Sequence[ChunkSummaries], query: torch.Tensor,
-                   chunk_doc: torch.Tensor, top_k: int, layers: Sequence[int] | None = None,
-                   metric: str = "ip") -> Hits:
+def find_documents(
+    summaries: Sequence[ChunkSummaries],
+    query: torch.Tensor,
+    chunk_doc: torch.Tensor,
+    top_k: int,
+    layers: Sequence[int] | None = None,
+    metric: str = "ip",
+) -> Hits:
     """Top documents, each scored by its best chunk; `chunk_doc[C]` maps chunk -> document id."""
     s = chunk_scores(summaries, query, layers, metric)
     chunk_doc = chunk_doc.long().to(s.device)

@@ -14,9 +14,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -58,15 +58,19 @@ class CorpusIndex:
     layers: dict[str, list]  # kind -> list[index.faiss_index.LayerIndex]
 
 
-def save(folder: str | Path, summaries: Sequence[ChunkSummaries],
-         layers: dict[str, list] | None = None) -> Manifest:
+def save(
+    folder: str | Path, summaries: Sequence[ChunkSummaries], layers: dict[str, list] | None = None
+) -> Manifest:
     """Write summaries (and FAISS `layers` from `faiss_index.build_layers`, if given) to `folder`."""
     assert summaries, "no layers"
     folder = Path(folder)
     s0 = summaries[0]
     for s in summaries:
-        assert (s.mean.shape, s.chunk_size, s.num_tokens) == (s0.mean.shape, s0.chunk_size,
-                                                              s0.num_tokens), "layers differ"
+        assert (s.mean.shape, s.chunk_size, s.num_tokens) == (
+            s0.mean.shape,
+            s0.chunk_size,
+            s0.num_tokens,
+        ), "layers differ"
     layers = layers or {}
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -75,7 +79,9 @@ def save(folder: str | Path, summaries: Sequence[ChunkSummaries],
     tensors = {}
     for li, s in enumerate(summaries):
         for name in ("mean", "kmin", "kmax"):
-            tensors[f"L{li}.{name}"] = getattr(s, name).detach().to("cpu", torch.float32).contiguous()
+            tensors[f"L{li}.{name}"] = (
+                getattr(s, name).detach().to("cpu", torch.float32).contiguous()
+            )
     save_file(tensors, str(tmp / SUMMARIES), metadata={"format_version": str(FORMAT_VERSION)})
 
     index_types: dict[str, list[str]] = {}
@@ -94,9 +100,19 @@ def save(folder: str | Path, summaries: Sequence[ChunkSummaries],
                 nprobe[kind] = max(nprobe[kind], getattr(ix, "nprobe", 0))
 
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    manifest = Manifest(FORMAT_VERSION, s0.chunk_size, s0.num_tokens, len(summaries),
-                        s0.num_chunks, s0.num_kv_heads, s0.head_dim, sorted(layers),
-                        index_types, nprobe, {f: _sha256(tmp / f) for f in files})
+    manifest = Manifest(
+        FORMAT_VERSION,
+        s0.chunk_size,
+        s0.num_tokens,
+        len(summaries),
+        s0.num_chunks,
+        s0.num_kv_heads,
+        s0.head_dim,
+        sorted(layers),
+        index_types,
+        nprobe,
+        {f: _sha256(tmp / f) for f in files},
+    )
     (tmp / MANIFEST).write_text(json.dumps(asdict(manifest), indent=1))
 
     old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -117,12 +133,14 @@ def read_manifest(folder: str | Path) -> Manifest:
     if version != FORMAT_VERSION:
         raise IndexFormatError(
             f"index at {folder} has format version {version!r}; this code reads version "
-            f"{FORMAT_VERSION}. Rebuild the corpus index (precompute) to upgrade it.")
+            f"{FORMAT_VERSION}. Rebuild the corpus index (precompute) to upgrade it."
+        )
     return Manifest(**raw)
 
 
-def load_summaries(folder: str | Path, device: torch.device | str = "cpu",
-                   verify: bool = True) -> list[ChunkSummaries]:
+def load_summaries(
+    folder: str | Path, device: torch.device | str = "cpu", verify: bool = True
+) -> list[ChunkSummaries]:
     """Per-layer summaries of a stored index, checked against the manifest; needs no faiss."""
     folder = Path(folder)
     m = read_manifest(folder)
@@ -131,17 +149,24 @@ def load_summaries(folder: str | Path, device: torch.device | str = "cpu",
     t = load_file(str(folder / SUMMARIES), device=str(device))
     out = []
     for li in range(m.num_layers):
-        s = ChunkSummaries(t[f"L{li}.mean"], t[f"L{li}.kmin"], t[f"L{li}.kmax"], m.chunk_size,
-                           m.num_tokens)
+        s = ChunkSummaries(
+            t[f"L{li}.mean"], t[f"L{li}.kmin"], t[f"L{li}.kmax"], m.chunk_size, m.num_tokens
+        )
         if s.mean.shape != (m.num_chunks, m.num_kv_heads, m.head_dim):
-            raise IndexFormatError(f"layer {li} summaries have shape {tuple(s.mean.shape)}, "
-                                   f"manifest says {(m.num_chunks, m.num_kv_heads, m.head_dim)}")
+            raise IndexFormatError(
+                f"layer {li} summaries have shape {tuple(s.mean.shape)}, "
+                f"manifest says {(m.num_chunks, m.num_kv_heads, m.head_dim)}"
+            )
         out.append(s)
     return out
 
 
-def load(folder: str | Path, kinds: Sequence[str] | None = None, verify: bool = True,
-         use_gpu: bool | None = None) -> CorpusIndex:
+def load(
+    folder: str | Path,
+    kinds: Sequence[str] | None = None,
+    verify: bool = True,
+    use_gpu: bool | None = None,
+) -> CorpusIndex:
     """Summaries and FAISS indexes of `kinds` (None: all stored) from a stored index folder."""
     from index.faiss_index import LayerIndex, faiss_has_gpu, load_index
 
@@ -150,17 +175,28 @@ def load(folder: str | Path, kinds: Sequence[str] | None = None, verify: bool = 
     kinds = list(m.kinds if kinds is None else kinds)
     missing = [k for k in kinds if k not in m.kinds]
     if missing:
-        raise IndexFormatError(f"index at {folder} has no FAISS indexes for {missing}; "
-                               f"it stores {m.kinds}")
-    names = [_faiss_name(k, li, h) for k in kinds for li in range(m.num_layers)
-             for h in range(m.num_kv_heads)]
+        raise IndexFormatError(
+            f"index at {folder} has no FAISS indexes for {missing}; it stores {m.kinds}"
+        )
+    names = [
+        _faiss_name(k, li, h)
+        for k in kinds
+        for li in range(m.num_layers)
+        for h in range(m.num_kv_heads)
+    ]
     if verify:
         _verify(folder, m, names)
     summaries = load_summaries(folder, verify=verify)
     gpu = faiss_has_gpu() if use_gpu is None else use_gpu
-    layers = {k: [LayerIndex(k, [load_index(folder / _faiss_name(k, li, h))
-                                 for h in range(m.num_kv_heads)], gpu)
-                  for li in range(m.num_layers)] for k in kinds}
+    layers = {
+        k: [
+            LayerIndex(
+                k, [load_index(folder / _faiss_name(k, li, h)) for h in range(m.num_kv_heads)], gpu
+            )
+            for li in range(m.num_layers)
+        ]
+        for k in kinds
+    }
     return CorpusIndex(m, summaries, layers)
 
 

@@ -55,9 +55,14 @@ class ChunkSummaries:
             return torch.cat([self.kmax, self.kmin], dim=-1)
         raise ValueError(f"unknown router kind {kind!r}; expected one of {KINDS}")
 
-    def to(self, device: torch.device | str) -> "ChunkSummaries":
-        return ChunkSummaries(self.mean.to(device), self.kmin.to(device), self.kmax.to(device),
-                              self.chunk_size, self.num_tokens)
+    def to(self, device: torch.device | str) -> ChunkSummaries:
+        return ChunkSummaries(
+            self.mean.to(device),
+            self.kmin.to(device),
+            self.kmax.to(device),
+            self.chunk_size,
+            self.num_tokens,
+        )
 
 
 def num_chunks_for(num_tokens: int, chunk_size: int) -> int:
@@ -65,7 +70,9 @@ def num_chunks_for(num_tokens: int, chunk_size: int) -> int:
     return (num_tokens + chunk_size - 1) // chunk_size
 
 
-def chunk_summaries(keys: torch.Tensor, chunk_size: int, block_chunks: int = 4096) -> ChunkSummaries:
+def chunk_summaries(
+    keys: torch.Tensor, chunk_size: int, block_chunks: int = 4096
+) -> ChunkSummaries:
     """Mean, min and max key of every chunk of one layer's shared keys `[N, Hkv, d]` (after RoPE).
 
     Computed in float32 over blocks of `block_chunks` chunks, so a bf16 layer of millions of
@@ -75,8 +82,10 @@ def chunk_summaries(keys: torch.Tensor, chunk_size: int, block_chunks: int = 409
     assert chunk_size > 0
     n, hkv, d = keys.shape
     c = num_chunks_for(n, chunk_size)
-    out = {name: torch.empty(c, hkv, d, dtype=torch.float32, device=keys.device)
-           for name in ("mean", "kmin", "kmax")}
+    out = {
+        name: torch.empty(c, hkv, d, dtype=torch.float32, device=keys.device)
+        for name in ("mean", "kmin", "kmax")
+    }
     for c0 in range(0, c, block_chunks):
         c1 = min(c, c0 + block_chunks)
         t0, t1 = c0 * chunk_size, min(n, c1 * chunk_size)
@@ -84,11 +93,11 @@ def chunk_summaries(keys: torch.Tensor, chunk_size: int, block_chunks: int = 409
         full = (t1 - t0) // chunk_size  # complete chunks in this block
         if full:
             xb = x[: full * chunk_size].view(full, chunk_size, hkv, d)
-            out["mean"][c0:c0 + full] = xb.mean(dim=1)
-            out["kmin"][c0:c0 + full] = xb.amin(dim=1)
-            out["kmax"][c0:c0 + full] = xb.amax(dim=1)
+            out["mean"][c0 : c0 + full] = xb.mean(dim=1)
+            out["kmin"][c0 : c0 + full] = xb.amin(dim=1)
+            out["kmax"][c0 : c0 + full] = xb.amax(dim=1)
         if c0 + full < c1:  # the corpus's partial last chunk
-            tail = x[full * chunk_size:]
+            tail = x[full * chunk_size :]
             out["mean"][c1 - 1] = tail.mean(dim=0)
             out["kmin"][c1 - 1] = tail.amin(dim=0)
             out["kmax"][c1 - 1] = tail.amax(dim=0)

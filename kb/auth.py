@@ -75,7 +75,9 @@ def verify_password(password: str, stored: str) -> bool:
         return False
     if algo != "scrypt":
         return False
-    got = hashlib.scrypt(password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32)
+    got = hashlib.scrypt(
+        password.encode(), salt=bytes.fromhex(salt), n=int(n), r=int(r), p=int(p), dklen=32
+    )
     return hmac.compare_digest(got.hex(), digest)
 
 
@@ -133,8 +135,14 @@ def create_api_key(db: Database, user_name: str, label: str = "") -> str:
         u = s.scalar(select(User).where(User.name == user_name))
         if u is None:
             raise NotFound(f"user {user_name!r} does not exist")
-        s.add(ApiKey(user_id=u.id, prefix=key[:10], key_hash=hashlib.sha256(key.encode()).hexdigest(),
-                     name=label[:64]))
+        s.add(
+            ApiKey(
+                user_id=u.id,
+                prefix=key[:10],
+                key_hash=hashlib.sha256(key.encode()).hexdigest(),
+                name=label[:64],
+            )
+        )
     return key
 
 
@@ -164,9 +172,13 @@ def revoke_api_key(db: Database, prefix: str) -> str:
     included); returns its owner's name. The key stops working at once; its row stays for the
     record."""
     if len(prefix) < 6:
-        raise KBError("give at least the first 6 characters of the key (as `kb user keys` lists them)")
+        raise KBError(
+            "give at least the first 6 characters of the key (as `kb user keys` lists them)"
+        )
     with db.session() as s:
-        rows = list(s.scalars(select(ApiKey).where(ApiKey.prefix.startswith(prefix[:10], autoescape=True))))
+        rows = list(
+            s.scalars(select(ApiKey).where(ApiKey.prefix.startswith(prefix[:10], autoescape=True)))
+        )
         if not rows:
             raise NotFound(f"no API key starts with {prefix!r}")
         if len(rows) > 1:
@@ -209,7 +221,9 @@ def _sign(secret: bytes, uid: int, exp: int, password_hash: str) -> str:
     return hmac.new(secret, f"{uid}.{exp}.{password_hash}".encode(), hashlib.sha256).hexdigest()
 
 
-def make_session_token(db: Database, secret: bytes, user: Principal, ttl_s: int = SESSION_TTL_S) -> str:
+def make_session_token(
+    db: Database, secret: bytes, user: Principal, ttl_s: int = SESSION_TTL_S
+) -> str:
     assert user.id is not None, "the anonymous user has no session"
     with db.session() as s:
         u = s.get(User, user.id)
@@ -247,8 +261,14 @@ def can_read(s: Session, user: Principal, corpus: Corpus) -> bool:
     if corpus.owner_id == user.id:
         return True
     if corpus.visibility == "shared":
-        return s.scalar(select(CorpusShare).where(CorpusShare.corpus_id == corpus.id,
-                                                  CorpusShare.user_id == user.id)) is not None
+        return (
+            s.scalar(
+                select(CorpusShare).where(
+                    CorpusShare.corpus_id == corpus.id, CorpusShare.user_id == user.id
+                )
+            )
+            is not None
+        )
     return False
 
 
@@ -273,8 +293,9 @@ def check_write(s: Session, user: Principal, corpus: Corpus) -> None:
         raise Forbidden(f"only the owner of corpus {corpus.name!r} or an admin may change it")
 
 
-def set_visibility(db: Database, user: Principal, name: str, visibility: str,
-                   share_with: list[str] | None = None) -> None:
+def set_visibility(
+    db: Database, user: Principal, name: str, visibility: str, share_with: list[str] | None = None
+) -> None:
     """Make a corpus private, public, or shared with the named users (replacing the list)."""
     if visibility not in VISIBILITIES:
         raise KBError(f"visibility is one of {', '.join(VISIBILITIES)}")

@@ -110,7 +110,9 @@ def lookup(kb: KnowledgeBase, name: str | None = None) -> list[CacheRow]:
         for c in corpora:
             info = kb._info(c, key)
             ready = [d for d in c.documents if d.stage == "ready"]
-            disk = _file_size(c.preamble_kv_file) + sum(_file_size(g.kv_file) for d in ready for g in d.segments)
+            disk = _file_size(c.preamble_kv_file) + sum(
+                _file_size(g.kv_file) for d in ready for g in d.segments
+            )
             entry = kb.cache.tiers.entries.get(c.name)
             tier = entry.tier if entry is not None else (c.tier or "disk")
             resident = entry.bytes_per_tier() if entry is not None else {"gpu": 0, "cpu": 0}
@@ -124,8 +126,18 @@ def lookup(kb: KnowledgeBase, name: str | None = None) -> list[CacheRow]:
                 state = "evicted"
             else:
                 state = "ready"
-            rows.append(CacheRow(c.name, state, tier, info.tokens + (c.preamble_len or 0) * bool(ready),
-                                 {**resident, "disk": disk}, c.hits or 0, c.last_used_at, bool(c.pinned)))
+            rows.append(
+                CacheRow(
+                    c.name,
+                    state,
+                    tier,
+                    info.tokens + (c.preamble_len or 0) * bool(ready),
+                    {**resident, "disk": disk},
+                    c.hits or 0,
+                    c.last_used_at,
+                    bool(c.pinned),
+                )
+            )
     return rows
 
 
@@ -159,8 +171,15 @@ def submit(kb: KnowledgeBase, op: str, name: str, tier: str | None = None) -> st
     with kb.db.session() as s:
         corpus = kb._corpus(s, name)
         # a delete would cascade to a job row tied to the corpus: that one keeps only the name
-        s.add(Job(id=job_id, kind="cache", corpus_id=None if op == "delete" else corpus.id,
-                  payload={"op": op, "corpus": name, "tier": tier}, status="queued"))
+        s.add(
+            Job(
+                id=job_id,
+                kind="cache",
+                corpus_id=None if op == "delete" else corpus.id,
+                payload={"op": op, "corpus": name, "tier": tier},
+                status="queued",
+            )
+        )
     threading.Thread(target=_run, args=(kb, job_id, op, name, tier), name=f"kb-cache-{op}").start()
     return job_id
 
@@ -188,11 +207,22 @@ def event(kb: KnowledgeBase, event_id: str) -> CacheEvent:
         if job is None or job.kind != "cache":
             raise NotFound(f"no cache event {event_id!r}")
         p = job.payload or {}
-        return CacheEvent(job.id, p.get("op", ""), p.get("corpus", ""), p.get("tier"), job.status, job.error,
-                          job.result, job.created_at, job.finished_at)
+        return CacheEvent(
+            job.id,
+            p.get("op", ""),
+            p.get("corpus", ""),
+            p.get("tier"),
+            job.status,
+            job.error,
+            job.result,
+            job.created_at,
+            job.finished_at,
+        )
 
 
-def wait(kb: KnowledgeBase, event_id: str, timeout_s: float | None = None, poll_s: float = 0.05) -> CacheEvent:
+def wait(
+    kb: KnowledgeBase, event_id: str, timeout_s: float | None = None, poll_s: float = 0.05
+) -> CacheEvent:
     """Poll an event until it finishes (or `timeout_s` passes); returns its last status."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
@@ -224,11 +254,14 @@ def rebuild(kb: KnowledgeBase, name: str) -> RebuildResult:
         ing._ensure_preamble(s, corpus, cfg)
         docs = [d.id for d in corpus.documents if d.stage != "failed"]
         for doc_id in docs:
-            segments = s.scalars(select(Segment).where(Segment.document_id == doc_id).order_by(Segment.seq)).all()
+            segments = s.scalars(
+                select(Segment).where(Segment.document_id == doc_id).order_by(Segment.seq)
+            ).all()
             links = ing.links(segments)
             for seg in segments:
-                if seg.kv_file is None or seg.cache_key != ing.segment_key(cfg, seg.pos_start, seg.token_ids,
-                                                                            links[seg.id]):
+                if seg.kv_file is None or seg.cache_key != ing.segment_key(
+                    cfg, seg.pos_start, seg.token_ids, links[seg.id]
+                ):
                     continue  # prefilled again anyway
                 try:
                     read_kv(seg.kv_file, seg.kv_checksum)
@@ -242,6 +275,7 @@ def rebuild(kb: KnowledgeBase, name: str) -> RebuildResult:
         def hook(u, seen=seen) -> None:
             if u.stage == "prefilled":
                 seen.append(u.done)
+
         try:
             out = ing.build(doc_id, hook=hook)
         except KBError as e:
@@ -258,12 +292,27 @@ def rebuild(kb: KnowledgeBase, name: str) -> RebuildResult:
     ing.refresh_status(corpus_id)
     with kb.db.session() as s:
         res.status = s.get(Corpus, corpus_id).status
-    log.info("rebuilt %s: %d segments prefilled, %d reused, %d damaged", name, res.prefilled, res.reused,
-             res.damaged)
+    log.info(
+        "rebuilt %s: %d segments prefilled, %d reused, %d damaged",
+        name,
+        res.prefilled,
+        res.reused,
+        res.damaged,
+    )
     return res
 
 
 def _busy(session, corpus_id: int) -> bool:
     """Whether an unfinished job other than cache reads is building this corpus."""
-    return session.scalar(select(Job.id).where(Job.corpus_id == corpus_id, Job.kind.in_(("ingest", "rebuild")),
-                                               Job.status.in_(("queued", "running"))).limit(1)) is not None
+    return (
+        session.scalar(
+            select(Job.id)
+            .where(
+                Job.corpus_id == corpus_id,
+                Job.kind.in_(("ingest", "rebuild")),
+                Job.status.in_(("queued", "running")),
+            )
+            .limit(1)
+        )
+        is not None
+    )

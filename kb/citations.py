@@ -48,11 +48,15 @@ class CitationMap:
 
     def _token_offsets(self, i: int) -> list[tuple[int, int]]:
         if i not in self._offsets:
-            enc = self.tokenizer(self.segments[i].text, add_special_tokens=False, return_offsets_mapping=True)
+            enc = self.tokenizer(
+                self.segments[i].text, add_special_tokens=False, return_offsets_mapping=True
+            )
             self._offsets[i] = [tuple(o) for o in enc["offset_mapping"]]
         return self._offsets[i]
 
-    def cite(self, chunk_mass: list[tuple[int, float]], top: int = 3, min_share: float = 0.05) -> list[Citation]:
+    def cite(
+        self, chunk_mass: list[tuple[int, float]], top: int = 3, min_share: float = 0.05
+    ) -> list[Citation]:
         """The heaviest passages, merged per segment, strongest first."""
         total = sum(m for _, m in chunk_mass) or 1.0
         per_segment: dict[int, list[tuple[int, int, float]]] = {}
@@ -65,7 +69,9 @@ class CitationMap:
                     a, b = max(lo, s.layout_start), min(hi, s.layout_start + s.num_tokens)
                     if a < b:
                         share = mass * (b - a) / (hi - lo)
-                        per_segment.setdefault(i, []).append((a - s.layout_start, b - s.layout_start, share))
+                        per_segment.setdefault(i, []).append(
+                            (a - s.layout_start, b - s.layout_start, share)
+                        )
                 i += 1
         ranked = sorted(per_segment.items(), key=lambda kv: -max(x[2] for x in kv[1]))
         out = []
@@ -81,8 +87,17 @@ class CitationMap:
             else:
                 ca, cb = 0, len(seg.text)
             ca, cb = _widen_to_sentences(seg.text, ca, cb)
-            out.append(Citation(seg.document, seg.document_id, seg.page_start, seg.text[ca:cb].strip(),
-                                seg.text, (ca, cb), round(share / total, 4)))
+            out.append(
+                Citation(
+                    seg.document,
+                    seg.document_id,
+                    seg.page_start,
+                    seg.text[ca:cb].strip(),
+                    seg.text,
+                    (ca, cb),
+                    round(share / total, 4),
+                )
+            )
         return out
 
 

@@ -13,9 +13,9 @@ import hashlib
 import logging
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from sqlalchemy import select
@@ -58,7 +58,9 @@ class _Layout:
     max_end: int
     preamble_len: int
     chunk_size: int
-    positions: torch.Tensor  # [N] int64 stored position of every shared token (RoPE was applied at it)
+    positions: (
+        torch.Tensor
+    )  # [N] int64 stored position of every shared token (RoPE was applied at it)
 
 
 @dataclass(frozen=True)
@@ -89,15 +91,23 @@ def _budget(gb: float) -> int:
 
 
 class CorpusCache:
-    def __init__(self, settings: Settings, db: Database, model: Callable[[], LoadedModel],
-                 engine: Callable[[], Engine]):
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        model: Callable[[], LoadedModel],
+        engine: Callable[[], Engine],
+    ):
         self.settings, self.db = settings, db
         self._model, self._engine = model, engine
         self._engine_made = False
         self.loaded: dict[str, LoadedCorpus] = {}
         self.lock = threading.RLock()
-        self.tiers = TierManager({"gpu": _budget(settings.gpu_cache_gb), "cpu": _budget(settings.cpu_cache_gb)},
-                                 settings.device, on_move=self._on_move)
+        self.tiers = TierManager(
+            {"gpu": _budget(settings.gpu_cache_gb), "cpu": _budget(settings.cpu_cache_gb)},
+            settings.device,
+            on_move=self._on_move,
+        )
 
     @property
     def model(self) -> LoadedModel:
@@ -119,7 +129,9 @@ class CorpusCache:
                 return
             if self._in_use(old.shared.key):
                 self.loaded[name] = old
-                raise Conflict(f"corpus {name!r} is answering questions; try again when they finish")
+                raise Conflict(
+                    f"corpus {name!r} is answering questions; try again when they finish"
+                )
             if self._engine_made:
                 self.engine.unregister_corpus(old.shared.key)
             self.tiers.remove(name)
@@ -154,14 +166,23 @@ class CorpusCache:
                 cached = self.loaded.get(name)
                 entry = self.tiers.entries.get(name)
                 layout, damaged = None, None
-                if cached is None or cached.version != version or entry is None or entry.tensors is None:
+                if (
+                    cached is None
+                    or cached.version != version
+                    or entry is None
+                    or entry.tensors is None
+                ):
                     try:
                         layout = self._read(name, corpus)
-                    except KVCorruptError as e:  # recorded on commit: raising here would roll it back
+                    except (
+                        KVCorruptError
+                    ) as e:  # recorded on commit: raising here would roll it back
                         corpus.status, damaged = "stale", e
                         log.error("corpus %s: %s; marked stale for rebuild", name, e)
             if damaged is not None:
-                raise NotReady(f"corpus {name!r} has a damaged KV file and must be rebuilt") from damaged
+                raise NotReady(
+                    f"corpus {name!r} has a damaged KV file and must be rebuilt"
+                ) from damaged
             if cached is not None and cached.version == version and entry is not None:
                 if entry.tier != "gpu":
                     if layout is not None:  # evicted to disk: the same layout from its files
@@ -188,8 +209,18 @@ class CorpusCache:
                 continue
             for seg in d.segments:
                 k, v = read_kv(seg.kv_file, seg.kv_checksum, dequantize=True)
-                refs.append(SegmentRef(pos, seg.num_tokens, d.filename, d.id, seg.page_start,
-                                       seg.page_end, seg.char_start, seg.text))
+                refs.append(
+                    SegmentRef(
+                        pos,
+                        seg.num_tokens,
+                        d.filename,
+                        d.id,
+                        seg.page_start,
+                        seg.page_end,
+                        seg.char_start,
+                        seg.text,
+                    )
+                )
                 max_end = max(max_end, seg.pos_start + seg.num_tokens)
                 where.append(torch.arange(seg.pos_start, seg.pos_start + seg.num_tokens))
                 ks.append(k)
@@ -198,7 +229,9 @@ class CorpusCache:
         dtype = torch.promote_types(ks[0].dtype, ks[-1].dtype)  # fp8 files read as 16-bit
         k_all = torch.cat([k.to(dtype) for k in ks], dim=1)  # [L, N, Hkv, d]
         v_all = torch.cat([v.to(dtype) for v in vs], dim=1)
-        return _Layout(k_all, v_all, refs, max_end, corpus.preamble_len, cfg["chunk_size"], torch.cat(where))
+        return _Layout(
+            k_all, v_all, refs, max_end, corpus.preamble_len, cfg["chunk_size"], torch.cat(where)
+        )
 
     def _place(self, name: str, tensors: list[torch.Tensor]) -> None:
         """Hold a layout on the device, making room there; parks it in host memory and says why
@@ -207,9 +240,13 @@ class CorpusCache:
         if tier != "gpu":
             need = self.tiers.get(name).nbytes
             if not self.tiers.fits("gpu", need):
-                raise Conflict(f"corpus {name!r} needs {need / 2**20:.1f} MiB of shared KV on the device; "
-                               f"KB_GPU_CACHE_GB is {self.settings.gpu_cache_gb:g}")
-            raise TooBusy(f"no room on the device for corpus {name!r}: the others there are pinned or in use")
+                raise Conflict(
+                    f"corpus {name!r} needs {need / 2**20:.1f} MiB of shared KV on the device; "
+                    f"KB_GPU_CACHE_GB is {self.settings.gpu_cache_gb:g}"
+                )
+            raise TooBusy(
+                f"no room on the device for corpus {name!r}: the others there are pinned or in use"
+            )
 
     def _move_up(self, name: str) -> None:
         try:
@@ -227,7 +264,9 @@ class CorpusCache:
             if self.settings.serve_kv_dtype == "auto" and str(self.settings.device) == "cpu":
                 return [layout.k.float(), layout.v.float()]
             return [layout.k, layout.v]
-        (kq, ks), (vq, vs) = (quantize_fp8_chunks(x, layout.chunk_size) for x in (layout.k, layout.v))
+        (kq, ks), (vq, vs) = (
+            quantize_fp8_chunks(x, layout.chunk_size) for x in (layout.k, layout.v)
+        )
         return [kq, vq, ks, vs]
 
     @staticmethod
@@ -235,16 +274,28 @@ class CorpusCache:
         """`meta` with the per-layer scales of an fp8 layout ([C, Hkv] each), or without any."""
         meta = {k: v for k, v in meta.items() if k not in ("k_scale", "v_scale")}
         if len(tensors) == 4:
-            meta["k_scale"], meta["v_scale"] = list(tensors[2].unbind(0)), list(tensors[3].unbind(0))
+            meta["k_scale"], meta["v_scale"] = (
+                list(tensors[2].unbind(0)),
+                list(tensors[3].unbind(0)),
+            )
         return meta
 
     def _shared(self, key: str, like: SharedKV, tensors: list[torch.Tensor]) -> SharedKV:
         """A SharedKV over the entry's current tensors, keeping the router and the metadata."""
         k_all, v_all = tensors[:2]
-        return SharedKV(key=key, k=list(k_all.unbind(0)), v=list(v_all.unbind(0)), chunk_size=like.chunk_size,
-                        pos_offset=like.pos_offset, router=like.router, top_k=like.top_k,
-                        preamble_len=like.preamble_len, positions=like.positions, selector=like.selector,
-                        meta=self._kv_meta(tensors, like.meta))
+        return SharedKV(
+            key=key,
+            k=list(k_all.unbind(0)),
+            v=list(v_all.unbind(0)),
+            chunk_size=like.chunk_size,
+            pos_offset=like.pos_offset,
+            router=like.router,
+            top_k=like.top_k,
+            preamble_len=like.preamble_len,
+            positions=like.positions,
+            selector=like.selector,
+            meta=self._kv_meta(tensors, like.meta),
+        )
 
     def _install(self, name: str, version: str, layout: _Layout, pinned: bool) -> LoadedCorpus:
         """A new version of the corpus: replace the old one (left registered while in use)."""
@@ -260,17 +311,31 @@ class CorpusCache:
             raise
         tensors = self.tiers.get(name).tensors
         chunk = layout.chunk_size
-        shared = SharedKV(key=key, k=list(tensors[0].unbind(0)), v=list(tensors[1].unbind(0)),
-                          chunk_size=chunk, pos_offset=layout.max_end,
-                          preamble_len=layout.preamble_len, positions=layout.positions,
-                          meta=self._kv_meta(tensors, {"corpus": name}))
+        shared = SharedKV(
+            key=key,
+            k=list(tensors[0].unbind(0)),
+            v=list(tensors[1].unbind(0)),
+            chunk_size=chunk,
+            pos_offset=layout.max_end,
+            preamble_len=layout.preamble_len,
+            positions=layout.positions,
+            meta=self._kv_meta(tensors, {"corpus": name}),
+        )
         if shared.num_chunks > shared.always_chunks + 1:
             # summaries from the 16-bit keys as read (an fp8 layout's own are coarser)
             summaries = self._stored_summaries(name, version, shared, list(layout.k.unbind(0)))
-            shared.router = CorpusRouter(shared.k, chunk, shared.always_chunks, self.settings.router, summaries,
-                                         dense_layers=self.settings.routed_dense_layers)
+            shared.router = CorpusRouter(
+                shared.k,
+                chunk,
+                shared.always_chunks,
+                self.settings.router,
+                summaries,
+                dense_layers=self.settings.routed_dense_layers,
+            )
         self._attach_selector(shared, layout)
-        loaded = LoadedCorpus(shared, CitationMap(layout.refs, chunk, self.model.tokenizer), version)
+        loaded = LoadedCorpus(
+            shared, CitationMap(layout.refs, chunk, self.model.tokenizer), version
+        )
         self.engine.register_corpus(shared)
         self.loaded[name] = loaded
         self.tiers.touch(name)
@@ -283,27 +348,43 @@ class CorpusCache:
         before."""
         s, lm = self.settings, self.model
         max_pos = lm.config.max_position_embeddings
-        within = shared.num_tokens <= max_pos - min(2048, max_pos // 4)  # the ingestor's position limit
+        within = shared.num_tokens <= max_pos - min(
+            2048, max_pos // 4
+        )  # the ingestor's position limit
         if s.selection_budget <= 0 or within or shared.num_chunks <= shared.always_chunks + 1:
             return
         layers = tuple(int(x) for x in s.selection_layers.split(",") if x.strip())
-        layers = tuple(x for x in layers if 0 <= x < lm.config.num_layers) or (lm.config.num_layers // 2,)
-        config = SelectionConfig(budget=s.selection_budget, layers=layers, positions=s.selection_positions)
-        selector = PassageSelector.build(list(layout.k.unbind(0)), layout.positions, shared.chunk_size,
-                                         shared.always_chunks, lm.model.inv_freq.cpu(), config)
+        layers = tuple(x for x in layers if 0 <= x < lm.config.num_layers) or (
+            lm.config.num_layers // 2,
+        )
+        config = SelectionConfig(
+            budget=s.selection_budget, layers=layers, positions=s.selection_positions
+        )
+        selector = PassageSelector.build(
+            list(layout.k.unbind(0)),
+            layout.positions,
+            shared.chunk_size,
+            shared.always_chunks,
+            lm.model.inv_freq.cpu(),
+            config,
+        )
         if selector.covers_corpus:
             return
         shared.selector = selector
         calibrate(shared, lm.model, lm.tokenizer, s.system_prompt)
 
-    def _stored_summaries(self, name: str, version: str, shared: SharedKV, keys: list[torch.Tensor]
-                          ) -> list[ChunkSummaries]:
+    def _stored_summaries(
+        self, name: str, version: str, shared: SharedKV, keys: list[torch.Tensor]
+    ) -> list[ChunkSummaries]:
         """The layout's chunk summaries from its stored index, made and stored on first load of
         this version (older versions' indexes are removed); a damaged index is rebuilt."""
         with self.db.session() as sess:
             corpus = sess.scalar(select(Corpus).where(Corpus.name == name))
-            row = sess.scalar(select(ChunkIndex).where(ChunkIndex.corpus_id == corpus.id,
-                                                       ChunkIndex.version == version))
+            row = sess.scalar(
+                select(ChunkIndex).where(
+                    ChunkIndex.corpus_id == corpus.id, ChunkIndex.version == version
+                )
+            )
             corpus_id, path = corpus.id, (row.path if row is not None else None)
         if path is not None:
             try:
@@ -320,9 +401,17 @@ class CorpusCache:
                     shutil.rmtree(old.path, ignore_errors=True)
                 sess.delete(old)
             sess.flush()
-            sess.add(ChunkIndex(corpus_id=corpus_id, version=version, path=str(folder),
-                                format_version=manifest.format_version, chunk_size=manifest.chunk_size,
-                                num_chunks=manifest.num_chunks, num_tokens=manifest.num_tokens))
+            sess.add(
+                ChunkIndex(
+                    corpus_id=corpus_id,
+                    version=version,
+                    path=str(folder),
+                    format_version=manifest.format_version,
+                    chunk_size=manifest.chunk_size,
+                    num_chunks=manifest.num_chunks,
+                    num_tokens=manifest.num_tokens,
+                )
+            )
         return summaries
 
     def move(self, name: str, tier: str) -> str:
@@ -331,7 +420,9 @@ class CorpusCache:
         if tier not in ("gpu", "cpu", "disk"):
             raise Conflict(f"unknown tier {tier!r}: one of gpu, cpu, disk")
         with self.lock:
-            if tier != "disk" and (name not in self.tiers.entries or self.tiers.get(name).tier == "disk"):
+            if tier != "disk" and (
+                name not in self.tiers.entries or self.tiers.get(name).tier == "disk"
+            ):
                 self.load(name)  # from its files, onto the device
             if name not in self.tiers.entries:
                 return "disk"  # never loaded here: its KV is only on disk already

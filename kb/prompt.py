@@ -28,10 +28,18 @@ def build_prompt(tokenizer, system_prompt: str, history: list[dict], question: s
     turns = [*history, {"role": "user", "content": question}]
     if getattr(tokenizer, "chat_template", None):
         try:
-            text = _render(tokenizer, [{"role": "system", "content": f"{system_prompt}\n\nDocuments:\n{SENTINEL}"},
-                                       *turns])
+            text = _render(
+                tokenizer,
+                [
+                    {"role": "system", "content": f"{system_prompt}\n\nDocuments:\n{SENTINEL}"},
+                    *turns,
+                ],
+            )
         except Exception:  # templates without a system role: documents go in the first user turn
-            first = {"role": "user", "content": f"{system_prompt}\n\nDocuments:\n{SENTINEL}\n\n{turns[0]['content']}"}
+            first = {
+                "role": "user",
+                "content": f"{system_prompt}\n\nDocuments:\n{SENTINEL}\n\n{turns[0]['content']}",
+            }
             text = _render(tokenizer, [first, *turns[1:]])
     else:
         convo = "".join(f"\n{t['role'].capitalize()}: {t['content']}" for t in turns)
@@ -58,6 +66,8 @@ def question_span(tokenizer, text: str, question: str) -> tuple[int, int] | None
     if at < 0:
         return None
     end = at + len(question.strip())
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
+        "offset_mapping"
+    ]
     toks = [i for i, (a, b) in enumerate(offsets) if b > at and a < end]
     return (toks[0], toks[-1] + 1) if toks else None

@@ -49,18 +49,32 @@ def mount_ui(app: FastAPI, kb: KnowledgeBase) -> None:
 
     @app.middleware("http")
     async def _login_first(request: Request, call_next):
-        if (request.method == "GET" and request.url.path == "/" and auth.auth_on(kb)
-                and await run_in_threadpool(auth.resolve, kb, request.headers, request.cookies) is None):
+        if (
+            request.method == "GET"
+            and request.url.path == "/"
+            and auth.auth_on(kb)
+            and await run_in_threadpool(auth.resolve, kb, request.headers, request.cookies) is None
+        ):
             return RedirectResponse("login", status_code=303)
         return await call_next(request)
 
     blocks = build_ui(kb, uploads)
-    gr.mount_gradio_app(app, blocks, path="/", footer_links=["api"], css=CSS,
-                        auth_dependency=ui_user if auth.auth_on(kb) else None,
-                        max_file_size=int(kb.settings.max_upload_mb * 2**20), run_history=False,
-                        allowed_paths=[], blocked_paths=[str(kb.home / n) for n in _PRIVATE])
+    gr.mount_gradio_app(
+        app,
+        blocks,
+        path="/",
+        footer_links=["api"],
+        css=CSS,
+        auth_dependency=ui_user if auth.auth_on(kb) else None,
+        max_file_size=int(kb.settings.max_upload_mb * 2**20),
+        run_history=False,
+        allowed_paths=[],
+        blocked_paths=[str(kb.home / n) for n in _PRIVATE],
+    )
     # mounted, the Blocks are never "launched": Gradio's check that an event's file was really
     # uploaded (processing_utils._check_allowed) would return early. Mark them as launch() does.
     blocks.has_launched = True
     blocks.is_running = True
-    app.add_middleware(GradioFileGuard, registry=uploads, owner_of=owner_of, browser_keys=not auth.auth_on(kb))
+    app.add_middleware(
+        GradioFileGuard, registry=uploads, owner_of=owner_of, browser_keys=not auth.auth_on(kb)
+    )

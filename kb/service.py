@@ -11,10 +11,10 @@ import logging
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 from sqlalchemy import select
 
@@ -26,7 +26,7 @@ from kb.engine.engine import Engine, EngineConfig, QueueFull
 from kb.engine.request import Delta, Finished, RequestHandle
 from kb.engine.sequence import SamplingParams
 from kb.errors import Conflict, KBError, NotFound, TooBusy
-from kb.ingest.pipeline import IngestResult, Ingestor, Progress
+from kb.ingest.pipeline import Ingestor, IngestResult, Progress
 from kb.model.config import UnsupportedModelError
 from kb.model.demo import DEMO_NAME, demo_folder, ensure_demo_model, is_converted
 from kb.model.loader import LoadedModel, load_model
@@ -52,9 +52,16 @@ class CorpusInfo:
     stale: bool = False  # its stored KV was built with other settings (or is damaged): rebuild it
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "status": self.status, "model": self.model, "documents": self.documents,
-                "segments": self.segments, "tokens": self.tokens, "stale": self.stale,
-                "created_at": self.created_at.isoformat() if self.created_at else None}
+        return {
+            "name": self.name,
+            "status": self.status,
+            "model": self.model,
+            "documents": self.documents,
+            "segments": self.segments,
+            "tokens": self.tokens,
+            "stale": self.stale,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+        }
 
 
 @dataclass
@@ -97,7 +104,9 @@ class Answer:
         if self.handle.result is None or self.citation_map is None:
             return []
         if self._citations is None:
-            self._citations = [c.to_dict() for c in self.citation_map.cite(self.handle.result.chunk_mass, top)]
+            self._citations = [
+                c.to_dict() for c in self.citation_map.cite(self.handle.result.chunk_mass, top)
+            ]
         return self._citations
 
 
@@ -122,7 +131,9 @@ class KnowledgeBase:
         path = Path(name).expanduser()
         if path.is_dir():
             return path.resolve()
-        raise KBError(f"unknown model {name!r}: not the demo model ({DEMO_NAME}) and not a local folder")
+        raise KBError(
+            f"unknown model {name!r}: not the demo model ({DEMO_NAME}) and not a local folder"
+        )
 
     @property
     def loaded(self) -> LoadedModel:
@@ -130,11 +141,17 @@ class KnowledgeBase:
             if self._loaded is None:
                 folder = self.model_folder()
                 try:
-                    self._loaded = load_model(folder, self.settings.torch_dtype, self.settings.device)
+                    self._loaded = load_model(
+                        folder, self.settings.torch_dtype, self.settings.device
+                    )
                 except UnsupportedModelError as e:
                     raise KBError(str(e)) from e
-                log.info("loaded model %s (%s, %d layers)", folder.name, self._loaded.config.model_type,
-                         self._loaded.config.num_layers)
+                log.info(
+                    "loaded model %s (%s, %d layers)",
+                    folder.name,
+                    self._loaded.config.model_type,
+                    self._loaded.config.num_layers,
+                )
             return self._loaded
 
     @property
@@ -142,9 +159,16 @@ class KnowledgeBase:
         with self._lock:
             if self._engine is None:
                 s = self.settings
-                self._engine = Engine(self.loaded, EngineConfig(
-                    device=s.device, block_size=s.kv_block_size, unique_kv_tokens=s.unique_kv_tokens,
-                    max_running=s.max_running, max_queue=s.max_queue))
+                self._engine = Engine(
+                    self.loaded,
+                    EngineConfig(
+                        device=s.device,
+                        block_size=s.kv_block_size,
+                        unique_kv_tokens=s.unique_kv_tokens,
+                        max_running=s.max_running,
+                        max_queue=s.max_queue,
+                    ),
+                )
             return self._engine
 
     @property
@@ -176,20 +200,34 @@ class KnowledgeBase:
             raise NotFound(f"corpus {name!r} does not exist")
         return corpus
 
-    def create_corpus(self, name: str, *, owner: int | None = None, visibility: str = "public",
-                      share_with: list[str] | None = None) -> CorpusInfo:
+    def create_corpus(
+        self,
+        name: str,
+        *,
+        owner: int | None = None,
+        visibility: str = "public",
+        share_with: list[str] | None = None,
+    ) -> CorpusInfo:
         """A new empty corpus; `owner` (a user id), `visibility` and, when shared, the users it
         is shared with decide who may read it. One transaction: an unknown user in `share_with`
         leaves no corpus behind."""
         if not NAME_RE.match(name or ""):
-            raise KBError("a corpus name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+            raise KBError(
+                "a corpus name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
         if visibility not in ("private", "public", "shared"):
             raise KBError("visibility is one of private, public, shared")
         with self.db.session() as s:
             if s.scalar(select(Corpus).where(Corpus.name == name)) is not None:
                 raise Conflict(f"corpus {name!r} already exists")
-            corpus = Corpus(name=name, model=self.settings.model, status="empty", settings={},
-                            owner_id=owner, visibility=visibility)
+            corpus = Corpus(
+                name=name,
+                model=self.settings.model,
+                status="empty",
+                settings={},
+                owner_id=owner,
+                visibility=visibility,
+            )
             s.add(corpus)
             s.flush()
             if visibility == "shared":
@@ -205,9 +243,13 @@ class KnowledgeBase:
         settings shows status `stale`."""
         segs = sum(len(d.segments) for d in c.documents)
         toks = sum(d.num_tokens for d in c.documents if d.stage == "ready")
-        stale = c.status == "stale" or (c.status == "ready" and key is not None and c.cache_key != key)
+        stale = c.status == "stale" or (
+            c.status == "ready" and key is not None and c.cache_key != key
+        )
         status = "stale" if stale else c.status
-        return CorpusInfo(c.name, status, c.model, len(c.documents), segs, toks, c.created_at, stale)
+        return CorpusInfo(
+            c.name, status, c.model, len(c.documents), segs, toks, c.created_at, stale
+        )
 
     def settings_key(self) -> str | None:
         """The cache key a corpus built now would get; None when the model is not on this
@@ -217,7 +259,11 @@ class KnowledgeBase:
         ident = getattr(self, "_identity", None)
         if ident is None:
             name = self.settings.model
-            folder = demo_folder(self.settings.resolved_models_dir) if name == DEMO_NAME else Path(name).expanduser()
+            folder = (
+                demo_folder(self.settings.resolved_models_dir)
+                if name == DEMO_NAME
+                else Path(name).expanduser()
+            )
             if not (is_converted(folder) if name == DEMO_NAME else folder.is_dir()):
                 return None
             ident = self._identity = model_identity(folder)
@@ -227,8 +273,11 @@ class KnowledgeBase:
         """All corpora, or only those `user` may read."""
         with self.db.session() as s:
             key = self.settings_key()
-            return [self._info(c, key) for c in s.scalars(select(Corpus).order_by(Corpus.name))
-                    if user is None or can_read(s, user, c)]
+            return [
+                self._info(c, key)
+                for c in s.scalars(select(Corpus).order_by(Corpus.name))
+                if user is None or can_read(s, user, c)
+            ]
 
     def corpus_info(self, name: str) -> CorpusInfo:
         key = self.settings_key()
@@ -238,15 +287,27 @@ class KnowledgeBase:
     def documents(self, name: str) -> list[dict]:
         with self.db.session() as s:
             c = self._corpus(s, name)
-            return [{"id": d.id, "filename": d.filename, "stage": d.stage, "error": d.error,
-                     "tokens": d.num_tokens, "segments": len(d.segments), "media_type": d.media_type}
-                    for d in c.documents]
+            return [
+                {
+                    "id": d.id,
+                    "filename": d.filename,
+                    "stage": d.stage,
+                    "error": d.error,
+                    "tokens": d.num_tokens,
+                    "segments": len(d.segments),
+                    "media_type": d.media_type,
+                }
+                for d in c.documents
+            ]
 
     def writable_corpora(self, user: Principal) -> list[str]:
         """The names of the corpora `user` may read and change, in name order."""
         with self.db.session() as s:
-            return [c.name for c in s.scalars(select(Corpus).order_by(Corpus.name))
-                    if can_read(s, user, c) and can_write(user, c)]
+            return [
+                c.name
+                for c in s.scalars(select(Corpus).order_by(Corpus.name))
+                if can_read(s, user, c) and can_write(user, c)
+            ]
 
     def check_write(self, name: str, user: Principal) -> None:
         """Raise unless corpus `name` exists, `user` may read it and change it."""
@@ -258,8 +319,12 @@ class KnowledgeBase:
         with self.db.session() as s:
             c = self._corpus(s, name)
             check_read(s, user, c)
-            return [DocumentProgress(d.id, d.filename, d.stage, d.percent or 0.0, d.eta_s,
-                                     d.num_tokens, d.error) for d in c.documents]
+            return [
+                DocumentProgress(
+                    d.id, d.filename, d.stage, d.percent or 0.0, d.eta_s, d.num_tokens, d.error
+                )
+                for d in c.documents
+            ]
 
     def delete_document(self, name: str, doc_id: int, *, user: Principal) -> str:
         """Remove a document, its stored file and its KV (the next question loads the new
@@ -287,8 +352,9 @@ class KnowledgeBase:
         self.cache.drop(name)
         with self.db.session() as s:
             c = self._corpus(s, name)
-            paths = [Path(d.file_path) for d in c.documents
-                     if d.file_path and Path(d.file_path).exists()]
+            paths = [
+                Path(d.file_path) for d in c.documents if d.file_path and Path(d.file_path).exists()
+            ]
             for d in c.documents:
                 d.stage, d.error = "stored", None
             c.cache_key, c.status = None, "building"  # the preamble is prefilled again too
@@ -305,12 +371,22 @@ class KnowledgeBase:
                 ready = [d for d in c.documents if d.stage == "ready"]
                 files = [c.preamble_kv_file] + [seg.kv_file for d in ready for seg in d.segments]
                 tokens = sum(d.num_tokens for d in ready)
-                out.append(CorpusPlacement(c.name, c.status, bool(c.pinned), c.hits or 0,
-                                           c.last_used_at, tokens, [f for f in files if f]))
+                out.append(
+                    CorpusPlacement(
+                        c.name,
+                        c.status,
+                        bool(c.pinned),
+                        c.hits or 0,
+                        c.last_used_at,
+                        tokens,
+                        [f for f in files if f],
+                    )
+                )
             return out
 
-    def set_placement(self, name: str, *, pinned: bool | None = None,
-                      tier: str | None = None) -> None:
+    def set_placement(
+        self, name: str, *, pinned: bool | None = None, tier: str | None = None
+    ) -> None:
         """Record a corpus's pinned flag and tier (admin operations)."""
         with self.db.session() as s:
             c = self._corpus(s, name)
@@ -330,7 +406,9 @@ class KnowledgeBase:
                 shutil.rmtree(d, ignore_errors=True)
 
     # -- ingestion --------------------------------------------------------------------------
-    def ingest(self, name: str, paths: list[str | Path], progress: Progress | None = None) -> list[IngestResult]:
+    def ingest(
+        self, name: str, paths: list[str | Path], progress: Progress | None = None
+    ) -> list[IngestResult]:
         """Store, parse, segment and prefill each file; one bad file never stops the others."""
         return self.ingestor.ingest(name, paths, progress)  # the next question loads the new layout
 
@@ -338,9 +416,17 @@ class KnowledgeBase:
     def load_corpus(self, name: str) -> LoadedCorpus:
         return self.cache.load(name)
 
-    def ask(self, name: str, question: str, sampling: SamplingParams | None = None,
-            history: list[dict] | None = None, loop: asyncio.AbstractEventLoop | None = None,
-            *, user: Principal | None = None, dense: bool = False) -> Answer:
+    def ask(
+        self,
+        name: str,
+        question: str,
+        sampling: SamplingParams | None = None,
+        history: list[dict] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        user: Principal | None = None,
+        dense: bool = False,
+    ) -> Answer:
         """Queue a question over a corpus; the returned Answer streams from the engine.
         With `user`, a corpus they may not read answers as if it did not exist. By default a
         request over a corpus larger than the selection budget chooses the passages it reads
@@ -361,21 +447,33 @@ class KnowledgeBase:
             loaded = self.load_corpus(name)
             shared = loaded.shared
             if shared.router is not None:  # density applies to requests queued from now on
-                shared.top_k = None if self.settings.density >= 1.0 else shared.router.top_k(self.settings.density)
+                shared.top_k = (
+                    None
+                    if self.settings.density >= 1.0
+                    else shared.router.top_k(self.settings.density)
+                )
             selects = shared.selector is not None and not dense and self.settings.density >= 1.0
-            pos = shared.selector.query_position(shared.pos_offset) if selects else shared.pos_offset
+            pos = (
+                shared.selector.query_position(shared.pos_offset) if selects else shared.pos_offset
+            )
             span = question_span(lm.tokenizer, parts.suffix, question) if selects else None
             try:
-                handle = self.engine.add_request(ids, sampling, shared.key, pos, loop, select=selects,
-                                                 select_span=span)
+                handle = self.engine.add_request(
+                    ids, sampling, shared.key, pos, loop, select=selects, select_span=span
+                )
             except QueueFull as e:
                 raise TooBusy(str(e)) from e
             except ValueError as e:
                 raise KBError(str(e)) from e
         return Answer(handle, name, loaded.citation_map, len(ids))
 
-    def chat(self, messages: list[dict], corpus: str | None = None, sampling: SamplingParams | None = None,
-             loop: asyncio.AbstractEventLoop | None = None) -> Answer:
+    def chat(
+        self,
+        messages: list[dict],
+        corpus: str | None = None,
+        sampling: SamplingParams | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Answer:
         """A chat turn, `messages` in OpenAI's shape ending with the user's. Over a corpus: its shared
         KV is the context (`ask`); without one: the model alone, with the chat template."""
         if not messages or messages[-1].get("role") != "user":
@@ -384,12 +482,19 @@ class KnowledgeBase:
         if corpus is not None:
             return self.ask(corpus, messages[-1]["content"], sampling, history, loop)
         tok = self.loaded.tokenizer
-        text = (tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                if getattr(tok, "chat_template", None) else messages[-1]["content"])
+        text = (
+            tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            if getattr(tok, "chat_template", None)
+            else messages[-1]["content"]
+        )
         return self._generate(encode(tok, text), sampling, loop)
 
-    def generate(self, prompt: str, sampling: SamplingParams | None = None,
-                 loop: asyncio.AbstractEventLoop | None = None) -> Answer:
+    def generate(
+        self,
+        prompt: str,
+        sampling: SamplingParams | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Answer:
         """Continue a raw prompt with the model alone (no corpus, no template)."""
         return self._generate(encode(self.loaded.tokenizer, prompt), sampling, loop)
 
@@ -421,12 +526,25 @@ class KnowledgeBase:
         res = handle.result
         if res.reason == "error":
             raise KBError(f"generation failed: {res.error}")
-        return {"answer": res.text, "citations": ans.citations(),
-                "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-                          "total_tokens": res.prompt_tokens + res.completion_tokens},
-                "finish_reason": res.reason}
+        return {
+            "answer": res.text,
+            "citations": ans.citations(),
+            "usage": {
+                "prompt_tokens": res.prompt_tokens,
+                "completion_tokens": res.completion_tokens,
+                "total_tokens": res.prompt_tokens + res.completion_tokens,
+            },
+            "finish_reason": res.reason,
+        }
 
-    def answer(self, name: str, question: str, sampling: SamplingParams | None = None,
-               on_text: Callable[[str], None] | None = None, *, dense: bool = False) -> dict:
+    def answer(
+        self,
+        name: str,
+        question: str,
+        sampling: SamplingParams | None = None,
+        on_text: Callable[[str], None] | None = None,
+        *,
+        dense: bool = False,
+    ) -> dict:
         """Ask a corpus and wait for the whole answer (`dense`: as `ask`)."""
         return self.wait(self.ask(name, question, sampling, dense=dense), on_text)

@@ -35,74 +35,143 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KB_", extra="ignore")
 
     home: Path = Field(default=Path("./data"), description="all state: database, KV files, models")
-    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in home")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default SQLite in home"
+    )
     redis_url: str | None = Field(default=None, description="unset: in-process broker")
-    redis_prefix: str = Field(default="kb:", description="prefix of every Redis key (one per deployment or test)")
-    model: str = Field(default=DEMO_NAME, description="the demo model's name or a local checkpoint folder")
-    models_dir: Path | None = Field(default=None, description="where converted models live; default home/models")
+    redis_prefix: str = Field(
+        default="kb:", description="prefix of every Redis key (one per deployment or test)"
+    )
+    model: str = Field(
+        default=DEMO_NAME, description="the demo model's name or a local checkpoint folder"
+    )
+    models_dir: Path | None = Field(
+        default=None, description="where converted models live; default home/models"
+    )
     device: str = Field(default="cpu", description="cpu, cuda or cuda:N")
-    dtype: str = Field(default="auto", description="model weights: auto (float32 on CPU, bfloat16 on GPU)")
-    kv_dtype: str = Field(default="float16", description="stored shared KV: float16, bfloat16 or float8")
-    gpu_cache_gb: float = Field(default=16.0, ge=0, description="shared KV held on the serving device (the CPU "
-                                "on CPU-only machines), GiB")
-    cpu_cache_gb: float = Field(default=32.0, ge=0, description="shared KV parked in (pinned) host memory, GiB")
+    dtype: str = Field(
+        default="auto", description="model weights: auto (float32 on CPU, bfloat16 on GPU)"
+    )
+    kv_dtype: str = Field(
+        default="float16", description="stored shared KV: float16, bfloat16 or float8"
+    )
+    gpu_cache_gb: float = Field(
+        default=16.0,
+        ge=0,
+        description="shared KV held on the serving device (the CPU on CPU-only machines), GiB",
+    )
+    cpu_cache_gb: float = Field(
+        default=32.0, ge=0, description="shared KV parked in (pinned) host memory, GiB"
+    )
 
     segment_len: int = Field(default=1024, ge=16, description="max tokens per segment")
-    pic: Literal["shared", "linked"] = Field(default="shared", description="how segments are prefilled: "
-                                             "shared (after the preamble) or linked (also after the previous "
-                                             "segment's last pic_link_tokens tokens); docs/QUALITY.md")
-    pic_link_tokens: int = Field(default=32, ge=1, description="tokens of the previous segment a linked "
-                                 "segment is prefilled after")
+    pic: Literal["shared", "linked"] = Field(
+        default="shared",
+        description="how segments are prefilled: "
+        "shared (after the preamble) or linked (also after the previous "
+        "segment's last pic_link_tokens tokens); docs/QUALITY.md",
+    )
+    pic_link_tokens: int = Field(
+        default=32,
+        ge=1,
+        description="tokens of the previous segment a linked segment is prefilled after",
+    )
     chunk_size: int = Field(default=64, ge=1, description="shared tokens per routing chunk")
     prefill_batch_tokens: int = Field(default=4096, ge=64, description="tokens per prefill batch")
-    density: float = Field(default=1.0, gt=0, le=1, description="fraction of chunks each query attends")
+    density: float = Field(
+        default=1.0, gt=0, le=1, description="fraction of chunks each query attends"
+    )
     router: str = Field(default="quest", description="quest (min/max bound) or mean (MoBA)")
-    routed_dense_layers: int = Field(default=0, ge=0, description="when routing (density < 1), the first N "
-                                     "layers still attend every chunk (docs/QUALITY.md: it spends the "
-                                     "density where routing loses most answers)")
+    routed_dense_layers: int = Field(
+        default=0,
+        ge=0,
+        description="when routing (density < 1), the first N "
+        "layers still attend every chunk (docs/QUALITY.md: it spends the "
+        "density where routing loses most answers)",
+    )
 
-    selection_budget: int = Field(default=512, ge=0, description="attention retrieval: shared tokens each "
-                                  "request reads (the passages its question chooses at prefill) over a corpus "
-                                  "larger than this; 0 = off (dense); docs/QUALITY.md")
-    selection_layers: str = Field(default="17,18", description="layers whose question queries choose the "
-                                  "passages (comma-separated; docs/QUALITY.md)")
-    selection_positions: Literal["virtual", "stored"] = Field(default="virtual", description="where the chosen "
-                                                             "passages sit: contiguous after the preamble "
-                                                             "(virtual) or at their stored positions")
-    serve_kv_dtype: Literal["auto", "stored"] = Field(default="auto", description="shared KV as served: auto "
-                                                      "(float32 on the CPU, which computes in it; stored "
-                                                      "dtype elsewhere) or stored (as kv_dtype)")
+    selection_budget: int = Field(
+        default=512,
+        ge=0,
+        description="attention retrieval: shared tokens each "
+        "request reads (the passages its question chooses at prefill) over a corpus "
+        "larger than this; 0 = off (dense); docs/QUALITY.md",
+    )
+    selection_layers: str = Field(
+        default="17,18",
+        description="layers whose question queries choose the "
+        "passages (comma-separated; docs/QUALITY.md)",
+    )
+    selection_positions: Literal["virtual", "stored"] = Field(
+        default="virtual",
+        description="where the chosen "
+        "passages sit: contiguous after the preamble "
+        "(virtual) or at their stored positions",
+    )
+    serve_kv_dtype: Literal["auto", "stored"] = Field(
+        default="auto",
+        description="shared KV as served: auto "
+        "(float32 on the CPU, which computes in it; stored "
+        "dtype elsewhere) or stored (as kv_dtype)",
+    )
 
     max_tokens: int = Field(default=256, ge=1, description="default answer length")
     kv_block_size: int = Field(default=16, ge=1)
-    unique_kv_tokens: int = Field(default=16384, ge=256, description="unique-KV budget, in tokens (all requests)")
+    unique_kv_tokens: int = Field(
+        default=16384, ge=256, description="unique-KV budget, in tokens (all requests)"
+    )
     max_running: int = Field(default=64, ge=1, description="requests stepped together at most")
     max_queue: int = Field(default=256, ge=1, description="waiting requests before 429")
-    shutdown_grace_s: float = Field(default=10.0, ge=0, description="on shutdown, running requests get "
-                                    "this long to finish before they are aborted")
+    shutdown_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="on shutdown, running requests get this long to finish before they are aborted",
+    )
 
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = Field(default=64.0, gt=0)
     # budgets of one document, checked while it is parsed, and token quotas (0: no quota)
-    max_inflated_mb: float = Field(default=128.0, gt=0, description="decompressed size of a DOCX "
-                                   "(ZIP-based) document, all parts, counted as it inflates")
-    max_inflated_xml_mb: float = Field(default=8.0, gt=0, description="of that, the XML parts "
-                                       "(parsed into trees of ~100 times their size)")
+    max_inflated_mb: float = Field(
+        default=128.0,
+        gt=0,
+        description="decompressed size of a DOCX "
+        "(ZIP-based) document, all parts, counted as it inflates",
+    )
+    max_inflated_xml_mb: float = Field(
+        default=8.0,
+        gt=0,
+        description="of that, the XML parts (parsed into trees of ~100 times their size)",
+    )
     max_document_pages: int = Field(default=5000, ge=1, description="pages of one PDF")
-    max_document_tokens: int = Field(default=1_000_000, ge=1, description="tokens of one document's text")
-    corpus_token_quota: int = Field(default=4_000_000, ge=0, description="tokens of one corpus, all documents; 0: none")
-    user_token_quota: int = Field(default=8_000_000, ge=0, description="tokens of all corpora a user owns (anonymous: all unowned corpora); 0: none")
-    allowed_types: str = Field(default="pdf,docx,html,markdown,text",
-                               description="document kinds accepted, comma-separated")
-    auth: str = Field(default="off", pattern="^(on|off)$",
-                      description="on: sign-in and API keys required; off: anonymous use of public corpora")
-    system_prompt: str = ("You are a helpful assistant. Answer the question using only the documents "
-                          "below. Be brief.")
+    max_document_tokens: int = Field(
+        default=1_000_000, ge=1, description="tokens of one document's text"
+    )
+    corpus_token_quota: int = Field(
+        default=4_000_000, ge=0, description="tokens of one corpus, all documents; 0: none"
+    )
+    user_token_quota: int = Field(
+        default=8_000_000,
+        ge=0,
+        description="tokens of all corpora a user owns (anonymous: all unowned corpora); 0: none",
+    )
+    allowed_types: str = Field(
+        default="pdf,docx,html,markdown,text",
+        description="document kinds accepted, comma-separated",
+    )
+    auth: str = Field(
+        default="off",
+        pattern="^(on|off)$",
+        description="on: sign-in and API keys required; off: anonymous use of public corpora",
+    )
+    system_prompt: str = (
+        "You are a helpful assistant. Answer the question using only the documents below. Be brief."
+    )
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         return init_settings, env_settings, _TomlSource(settings_cls), file_secret_settings
 
     @property
@@ -137,8 +206,12 @@ class Settings(BaseSettings):
     def torch_kv_dtype(self):
         import torch
 
-        return {"float16": torch.float16, "bfloat16": torch.bfloat16,
-                "float8": torch.float8_e4m3fn, "float32": torch.float32}[self.kv_dtype]
+        return {
+            "float16": torch.float16,
+            "bfloat16": torch.bfloat16,
+            "float8": torch.float8_e4m3fn,
+            "float32": torch.float32,
+        }[self.kv_dtype]
 
 
 def get_settings(**overrides: Any) -> Settings:

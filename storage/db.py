@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
@@ -27,13 +27,55 @@ BASELINE_REVISION = "0001"
 # The tables and columns of that revision: a database that has them but no alembic_version table
 # was made by create_all and is stamped at the baseline instead of being created again.
 BASELINE_COLUMNS: dict[str, frozenset[str]] = {
-    "corpora": frozenset({"id", "name", "model", "status", "settings", "cache_key", "preamble_kv_file",
-                          "preamble_checksum", "preamble_len", "hits", "created_at", "last_used_at"}),
-    "documents": frozenset({"id", "corpus_id", "filename", "media_type", "content_hash", "size_bytes",
-                            "file_path", "stage", "error", "num_tokens", "created_at"}),
-    "segments": frozenset({"id", "document_id", "seq", "char_start", "char_end", "page_start",
-                           "page_end", "num_tokens", "pos_start", "text", "token_ids", "kv_file",
-                           "kv_checksum", "cache_key"}),
+    "corpora": frozenset(
+        {
+            "id",
+            "name",
+            "model",
+            "status",
+            "settings",
+            "cache_key",
+            "preamble_kv_file",
+            "preamble_checksum",
+            "preamble_len",
+            "hits",
+            "created_at",
+            "last_used_at",
+        }
+    ),
+    "documents": frozenset(
+        {
+            "id",
+            "corpus_id",
+            "filename",
+            "media_type",
+            "content_hash",
+            "size_bytes",
+            "file_path",
+            "stage",
+            "error",
+            "num_tokens",
+            "created_at",
+        }
+    ),
+    "segments": frozenset(
+        {
+            "id",
+            "document_id",
+            "seq",
+            "char_start",
+            "char_end",
+            "page_start",
+            "page_end",
+            "num_tokens",
+            "pos_start",
+            "text",
+            "token_ids",
+            "kv_file",
+            "kv_checksum",
+            "cache_key",
+        }
+    ),
 }
 # Any fixed 64-bit key: serializes concurrent starts (API and workers) on one PostgreSQL database.
 _PG_MIGRATION_LOCK = 0x6B62_6D69_6772_6174
@@ -125,8 +167,10 @@ def _adopt_create_all_schema(connection: Connection, config: Config) -> None:
         if missing:
             problems.append(f"{table} lacks {', '.join(sorted(missing))}")
     if problems:
-        raise RuntimeError("the database has an unversioned schema that is not the baseline "
-                           f"{BASELINE_REVISION} ({'; '.join(problems)}); migrate it by hand")
+        raise RuntimeError(
+            "the database has an unversioned schema that is not the baseline "
+            f"{BASELINE_REVISION} ({'; '.join(problems)}); migrate it by hand"
+        )
     command.stamp(config, BASELINE_REVISION)
 
 

@@ -20,7 +20,6 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 
@@ -77,7 +76,9 @@ def quantize_fp8_chunks(x: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor,
     return q, scale
 
 
-def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+def dequantize_fp8(
+    q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype = torch.float16
+) -> torch.Tensor:
     """e4m3 [L, n, Hkv, d] with scale [L, Hkv] (None: 1) -> `dtype`; bfloat16 where float16 would overflow."""
     xf = q.float()
     if scale is not None:
@@ -87,8 +88,13 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dty
     return xf.to(dtype)
 
 
-def write_kv(path: str | os.PathLike, k: torch.Tensor, v: torch.Tensor, metadata: dict[str, str] | None = None,
-             dtype: torch.dtype | None = None) -> StoredKV:
+def write_kv(
+    path: str | os.PathLike,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    metadata: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> StoredKV:
     """Write k, v [L, n, Hkv, d] to `path` atomically (temporary file, fsync, rename).
 
     `dtype` converts first; float8_e4m3fn quantizes with per-(layer, head) scales stored beside."""
@@ -99,7 +105,10 @@ def write_kv(path: str | os.PathLike, k: torch.Tensor, v: torch.Tensor, metadata
         (kq, ks), (vq, vs) = quantize_fp8(k), quantize_fp8(v)
         tensors = {"k": kq, "v": vq, "k_scale": ks, "v_scale": vs}
     else:
-        tensors = {"k": k if dtype is None else k.to(dtype), "v": v if dtype is None else v.to(dtype)}
+        tensors = {
+            "k": k if dtype is None else k.to(dtype),
+            "v": v if dtype is None else v.to(dtype),
+        }
     data = st_save({n: t.contiguous().cpu() for n, t in tensors.items()}, metadata=metadata or {})
     checksum = hashlib.sha256(data).hexdigest()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -116,8 +125,9 @@ def write_kv(path: str | os.PathLike, k: torch.Tensor, v: torch.Tensor, metadata
     return StoredKV(path=path, checksum=checksum, nbytes=len(data))
 
 
-def read_kv(path: str | os.PathLike, checksum: str | None, dequantize: bool = False
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def read_kv(
+    path: str | os.PathLike, checksum: str | None, dequantize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Read k, v from `path`; raise KVCorruptError unless the bytes hash to `checksum`.
     fp8 tensors come back as stored (e4m3) unless `dequantize`, which applies their scales and
     returns float16 (read_kv_tensors gives the scales themselves)."""

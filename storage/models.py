@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Base(DeclarativeBase):
@@ -24,8 +34,12 @@ class Corpus(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True, index=True)
     model: Mapped[str] = mapped_column(String(512))
-    status: Mapped[str] = mapped_column(String(16), default="empty")  # empty|building|ready|stale|failed
-    settings: Mapped[dict] = mapped_column(JSON, default=dict)  # segment_len, chunk_size, kv_dtype, ...
+    status: Mapped[str] = mapped_column(
+        String(16), default="empty"
+    )  # empty|building|ready|stale|failed
+    settings: Mapped[dict] = mapped_column(
+        JSON, default=dict
+    )  # segment_len, chunk_size, kv_dtype, ...
     cache_key: Mapped[str | None] = mapped_column(String(64))
     preamble_kv_file: Mapped[str | None] = mapped_column(String(512))
     preamble_checksum: Mapped[str | None] = mapped_column(String(64))
@@ -33,13 +47,18 @@ class Corpus(Base):
     hits: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    owner_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"), index=True)
+    owner_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
     visibility: Mapped[str] = mapped_column(String(16), default="public")  # private|public|shared
     pinned: Mapped[bool] = mapped_column(Boolean, default=False)  # never evicted from its tier
-    tier: Mapped[str] = mapped_column(String(16), default="disk")  # where its shared KV lives: gpu|cpu|disk
+    tier: Mapped[str] = mapped_column(
+        String(16), default="disk"
+    )  # where its shared KV lives: gpu|cpu|disk
 
-    documents: Mapped[list["Document"]] = relationship(
-        back_populates="corpus", cascade="all, delete-orphan", order_by="Document.id")
+    documents: Mapped[list[Document]] = relationship(
+        back_populates="corpus", cascade="all, delete-orphan", order_by="Document.id"
+    )
 
 
 class Document(Base):
@@ -55,7 +74,9 @@ class Document(Base):
     content_hash: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
     file_path: Mapped[str | None] = mapped_column(String(1024))
-    stage: Mapped[str] = mapped_column(String(16), default="stored")  # stored|parsed|prefilled|ready|failed
+    stage: Mapped[str] = mapped_column(
+        String(16), default="stored"
+    )  # stored|parsed|prefilled|ready|failed
     error: Mapped[str | None] = mapped_column(Text)
     percent: Mapped[float] = mapped_column(Float, default=0.0)
     eta_s: Mapped[float | None] = mapped_column(Float)
@@ -64,8 +85,9 @@ class Document(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     corpus: Mapped[Corpus] = relationship(back_populates="documents")
-    segments: Mapped[list["Segment"]] = relationship(
-        back_populates="document", cascade="all, delete-orphan", order_by="Segment.seq")
+    segments: Mapped[list[Segment]] = relationship(
+        back_populates="document", cascade="all, delete-orphan", order_by="Segment.seq"
+    )
 
 
 class Segment(Base):
@@ -75,7 +97,9 @@ class Segment(Base):
     __table_args__ = (UniqueConstraint("document_id", "seq"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    document_id: Mapped[int] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    document_id: Mapped[int] = mapped_column(
+        ForeignKey("documents.id", ondelete="CASCADE"), index=True
+    )
     seq: Mapped[int] = mapped_column(Integer)
     char_start: Mapped[int] = mapped_column(Integer)
     char_end: Mapped[int] = mapped_column(Integer)
@@ -138,10 +162,16 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))  # ingest|rebuild|cache
-    corpus_id: Mapped[int | None] = mapped_column(ForeignKey("corpora.id", ondelete="CASCADE"), index=True)
-    document_id: Mapped[int | None] = mapped_column(ForeignKey("documents.id", ondelete="CASCADE"), index=True)
+    corpus_id: Mapped[int | None] = mapped_column(
+        ForeignKey("corpora.id", ondelete="CASCADE"), index=True
+    )
+    document_id: Mapped[int | None] = mapped_column(
+        ForeignKey("documents.id", ondelete="CASCADE"), index=True
+    )
     payload: Mapped[dict] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)  # queued|running|done|failed|cancelled
+    status: Mapped[str] = mapped_column(
+        String(16), default="queued", index=True
+    )  # queued|running|done|failed|cancelled
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict | None] = mapped_column(JSON)
@@ -157,27 +187,34 @@ class ChatSession(Base):
     __tablename__ = "chat_sessions"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), index=True
+    )
     # an anonymous chat's owner (sign-in off): a hash of its browser's random cookie; None for users
     owner_key: Mapped[str | None] = mapped_column(String(64), index=True)
     corpus_id: Mapped[int] = mapped_column(ForeignKey("corpora.id", ondelete="CASCADE"), index=True)
     title: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    messages: Mapped[list["Message"]] = relationship(cascade="all, delete-orphan", order_by="Message.id")
+    messages: Mapped[list[Message]] = relationship(
+        cascade="all, delete-orphan", order_by="Message.id"
+    )
 
 
 class Message(Base):
     __tablename__ = "messages"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    session_id: Mapped[int] = mapped_column(ForeignKey("chat_sessions.id", ondelete="CASCADE"), index=True)
+    session_id: Mapped[int] = mapped_column(
+        ForeignKey("chat_sessions.id", ondelete="CASCADE"), index=True
+    )
     role: Mapped[str] = mapped_column(String(16))  # user|assistant
     content: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    citations: Mapped[list["CitationRecord"]] = relationship(cascade="all, delete-orphan",
-                                                             order_by="CitationRecord.rank")
+    citations: Mapped[list[CitationRecord]] = relationship(
+        cascade="all, delete-orphan", order_by="CitationRecord.rank"
+    )
 
 
 class CitationRecord(Base):
@@ -186,7 +223,9 @@ class CitationRecord(Base):
     __tablename__ = "citations"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    message_id: Mapped[int] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), index=True
+    )
     rank: Mapped[int] = mapped_column(Integer)
     document_id: Mapped[int | None] = mapped_column(ForeignKey("documents.id", ondelete="SET NULL"))
     document: Mapped[str] = mapped_column(String(512))

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 import torch
 
@@ -60,8 +60,12 @@ def tensors_nbytes(tensors: list[torch.Tensor]) -> int:
 class TierManager:
     """Places entries on tiers under `budgets` (bytes per memory tier; None = unbounded)."""
 
-    def __init__(self, budgets: dict[str, int | None], device: str = "cpu",
-                 on_move: Callable[[Move], None] | None = None):
+    def __init__(
+        self,
+        budgets: dict[str, int | None],
+        device: str = "cpu",
+        on_move: Callable[[Move], None] | None = None,
+    ):
         self.budgets = {"gpu": budgets.get("gpu"), "cpu": budgets.get("cpu"), "disk": None}
         self.device = torch.device(device)
         self.on_move = on_move or (lambda _m: None)
@@ -78,8 +82,9 @@ class TierManager:
         budget = self.budgets[tier]
         return budget is None or nbytes <= budget
 
-    def track(self, name: str, nbytes: int, in_use: Callable[[], bool] | None = None,
-              pinned: bool = False) -> TierEntry:
+    def track(
+        self, name: str, nbytes: int, in_use: Callable[[], bool] | None = None, pinned: bool = False
+    ) -> TierEntry:
         """Start (or restart) bookkeeping of `name`, on disk; a previous entry's memory is freed."""
         with self._lock:
             self.entries.pop(name, None)
@@ -134,22 +139,30 @@ class TierManager:
         free = budget - self.used(tier)
         if free >= nbytes:
             return True
-        victims = sorted((e for e in self.entries.values() if e.tier == tier and e.name != keep and self._evictable(e)),
-                         key=lambda e: e.last_use)
+        victims = sorted(
+            (
+                e
+                for e in self.entries.values()
+                if e.tier == tier and e.name != keep and self._evictable(e)
+            ),
+            key=lambda e: e.last_use,
+        )
         if free + sum(e.nbytes for e in victims) < nbytes:
             return False
         for v in victims:
             if free >= nbytes:
                 break
             below = TIERS[TIERS.index(tier) + 1]
-            self._relocate(v, below if below == "disk" or self._make_room(below, v.nbytes, keep) else "disk")
+            self._relocate(
+                v, below if below == "disk" or self._make_room(below, v.nbytes, keep) else "disk"
+            )
             free += v.nbytes
         return True
 
     def place(self, name: str, nbytes: int, want: str = "gpu") -> str:
         """The fastest tier at or below `want` where `nbytes` fit, making room there first."""
         with self._lock:
-            for tier in TIERS[TIERS.index(want):]:
+            for tier in TIERS[TIERS.index(want) :]:
                 if tier == "disk" or self._make_room(tier, nbytes, keep=name):
                     return tier
             return "disk"
@@ -183,12 +196,16 @@ class TierManager:
             if not down and entry.tensors is None:
                 raise TierError(f"{name!r} is on disk: load it to move it up")
             if not down:
-                entry.tier = "disk"  # its old place counts as free: promotion may swap with a victim
+                entry.tier = (
+                    "disk"  # its old place counts as free: promotion may swap with a victim
+                )
             room = tier == "disk" or self._make_room(tier, entry.nbytes, keep=name)
             entry.tier = src
             if not room:
-                raise TierError(f"no room for {name!r} ({entry.nbytes / 2**20:.1f} MiB) on {tier}: "
-                                f"budget {self._budget_text(tier)}, the rest pinned or in use")
+                raise TierError(
+                    f"no room for {name!r} ({entry.nbytes / 2**20:.1f} MiB) on {tier}: "
+                    f"budget {self._budget_text(tier)}, the rest pinned or in use"
+                )
             self._relocate(entry, tier)
             return Move(name, src, tier)
 
@@ -198,7 +215,11 @@ class TierManager:
 
     def _budget_text(self, tier: str) -> str:
         b = self.budgets[tier]
-        return "unbounded" if b is None else f"{b / 2**20:.1f} MiB, {self.used(tier) / 2**20:.1f} MiB used"
+        return (
+            "unbounded"
+            if b is None
+            else f"{b / 2**20:.1f} MiB, {self.used(tier) / 2**20:.1f} MiB used"
+        )
 
     def _relocate(self, entry: TierEntry, dst: str, announce_from: str | None = None) -> None:
         """Move the tensors (torch) and the bookkeeping, then tell the owner."""

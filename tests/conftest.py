@@ -6,9 +6,9 @@ from __future__ import annotations
 import inspect
 import os
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -16,7 +16,9 @@ import pytest
 os.environ.setdefault("KB_UNIQUE_KV_TOKENS", "8192")
 
 PG_URL = os.environ.get("KB_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-MODELS_DIR = Path(os.environ.get("KB_TEST_MODELS_DIR", Path.home() / ".cache" / "kb-moska" / "models"))
+MODELS_DIR = Path(
+    os.environ.get("KB_TEST_MODELS_DIR", Path.home() / ".cache" / "kb-moska" / "models")
+)
 FACT_QUESTION = "What is the access code of the Velmora vault?"
 FACT_ANSWER = "7341"
 
@@ -51,9 +53,14 @@ def planted_text() -> str:
     import json
     import logging
 
-    paras = "\n\n".join(inspect.getdoc(m) for m in (json, argparse, logging, collections)).split("\n\n")
-    paras.insert(len(paras) // 2, "The archive of the Velmora Institute is kept in a vault. "
-                                  "The access code of the Velmora vault is 7341.")
+    paras = "\n\n".join(inspect.getdoc(m) for m in (json, argparse, logging, collections)).split(
+        "\n\n"
+    )
+    paras.insert(
+        len(paras) // 2,
+        "The archive of the Velmora Institute is kept in a vault. "
+        "The access code of the Velmora vault is 7341.",
+    )
     return "\n\n".join(paras)
 
 
@@ -63,7 +70,14 @@ def kb_env(tmp_path, demo_model_dir, monkeypatch) -> Path:
     home = tmp_path / "home"
     monkeypatch.setenv("KB_HOME", str(home))
     monkeypatch.setenv("KB_MODELS_DIR", str(MODELS_DIR))
-    for var in ("KB_DATABASE_URL", "KB_REDIS_URL", "KB_MODEL", "KB_DEVICE", "KB_CONFIG", "KB_SEGMENT_LEN"):
+    for var in (
+        "KB_DATABASE_URL",
+        "KB_REDIS_URL",
+        "KB_MODEL",
+        "KB_DEVICE",
+        "KB_CONFIG",
+        "KB_SEGMENT_LEN",
+    ):
         monkeypatch.delenv(var, raising=False)
     return home
 

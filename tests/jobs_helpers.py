@@ -40,9 +40,11 @@ def delete_prefix(prefix: str) -> int:
 
 def paragraphs(topic: str, n: int) -> str:
     """Distinct prose of about 40 tokens a paragraph, so each document cuts into several segments."""
-    return "\n\n".join(f"Note {i} on {topic}: the {topic} ledger for week {i} records {i * 7 + 3} crates "
-                       f"shipped from the northern depot, checked twice by the night clerk."
-                       for i in range(n))
+    return "\n\n".join(
+        f"Note {i} on {topic}: the {topic} ledger for week {i} records {i * 7 + 3} crates "
+        f"shipped from the northern depot, checked twice by the night clerk."
+        for i in range(n)
+    )
 
 
 def make_settings(home: Path, **over):

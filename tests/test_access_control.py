@@ -58,8 +58,10 @@ def _prose(extra: str) -> str:
 
 
 def secret_text() -> str:
-    return _prose("The archive of the Quillfeather Society is kept in a vault. "
-                  "The access code of the Quillfeather vault is 9062.")
+    return _prose(
+        "The archive of the Quillfeather Society is kept in a vault. "
+        "The access code of the Quillfeather vault is 9062."
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +70,8 @@ def site(tmp_path_factory, demo_model_dir):
     that must hold nothing but `home`; the documents to upload live in a separate folder."""
     import httpx
 
-    from kb.server import create_app
     from kb.auth import create_api_key, create_user, set_visibility
+    from kb.server import create_app
     from kb.service import KnowledgeBase
     from kb.settings import Settings
 
@@ -77,14 +79,18 @@ def site(tmp_path_factory, demo_model_dir):
     docs = tmp_path_factory.mktemp("acl-docs")
     home = root / "home"
     kb = KnowledgeBase(Settings(home=home, models_dir=MODELS_DIR, auth="on", max_tokens=16))
-    users = {n: create_user(kb.db, n, PASSWORDS[n], admin=(n == "root")) for n in ("ann", "ben", "root")}
+    users = {
+        n: create_user(kb.db, n, PASSWORDS[n], admin=(n == "root")) for n in ("ann", "ben", "root")
+    }
     ann = users["ann"]
     kb.create_corpus(PRIVATE, owner=ann.id, visibility="private")
     kb.create_corpus(TEAM, owner=ann.id, visibility="private")
     set_visibility(kb.db, ann, TEAM, "shared", ["ben"])
     kb.create_corpus(OPEN, owner=ann.id, visibility="public")
-    for name, text in ((TEAM, "The team garden has eleven apple trees and a pond."),
-                       (OPEN, "The public library opens at nine and closes at six.")):
+    for name, text in (
+        (TEAM, "The team garden has eleven apple trees and a pond."),
+        (OPEN, "The public library opens at nine and closes at six."),
+    ):
         f = docs / f"{name}.txt"
         f.write_text(_prose(text))
         assert kb.ingest(name, [f])[0].status == "ready"
@@ -95,15 +101,29 @@ def site(tmp_path_factory, demo_model_dir):
         f = docs / SECRET_FILE
         f.write_text(secret_text())
         with open(f, "rb") as fh:
-            r = http.post(f"/v1/corpora/{PRIVATE}/documents", headers=_bearer(keys["ann"]),
-                          files=[("files", (SECRET_FILE, fh, "text/plain"))])
+            r = http.post(
+                f"/v1/corpora/{PRIVATE}/documents",
+                headers=_bearer(keys["ann"]),
+                files=[("files", (SECRET_FILE, fh, "text/plain"))],
+            )
         assert r.status_code == 200 and r.json()["documents"][0]["status"] == "ready", r.text
         job_id = r.json()["documents"][0]["job_id"]
         doc_id = r.json()["documents"][0]["document_id"]
         cookies = {n: _login(url, n) for n in users}
         assert not http.cookies  # the shared client carries no credentials of its own
-        yield {"url": url, "kb": kb, "http": http, "keys": keys, "cookies": cookies, "users": users,
-               "root": root, "home": home, "docs": docs, "job_id": job_id, "doc_id": doc_id}
+        yield {
+            "url": url,
+            "kb": kb,
+            "http": http,
+            "keys": keys,
+            "cookies": cookies,
+            "users": users,
+            "root": root,
+            "home": home,
+            "docs": docs,
+            "job_id": job_id,
+            "doc_id": doc_id,
+        }
         http.close()
     kb.close()
 
@@ -117,7 +137,9 @@ def _login(url: str, name: str) -> str:
     import httpx
 
     with httpx.Client(base_url=url) as c:
-        r = c.post("/login", data={"name": name, "password": PASSWORDS[name]}, follow_redirects=False)
+        r = c.post(
+            "/login", data={"name": name, "password": PASSWORDS[name]}, follow_redirects=False
+        )
     assert r.status_code == 303, r.text
     return r.cookies["kb_session"]
 
@@ -128,8 +150,11 @@ class As:
 
     def __init__(self, site, user: str, cookie: bool = False, may_see_secret: bool = False):
         self.http, self.may = site["http"], may_see_secret
-        self.headers = ({"Cookie": f"kb_session={site['cookies'][user]}"} if cookie
-                        else _bearer(site["keys"][user]))
+        self.headers = (
+            {"Cookie": f"kb_session={site['cookies'][user]}"}
+            if cookie
+            else _bearer(site["keys"][user])
+        )
         self.seen: list[str] = []
 
     def __call__(self, method: str, path: str, **kw):
@@ -137,13 +162,19 @@ class As:
         r = self.http.request(method, path, **kw)
         self.seen.append(r.text)
         if not self.may:
-            assert SECRET not in r.text and SECRET_FILE not in r.text, f"{method} {path} leaked: {r.text[:300]}"
+            assert SECRET not in r.text and SECRET_FILE not in r.text, (
+                f"{method} {path} leaked: {r.text[:300]}"
+            )
         return r
 
 
 def _chat(name: str, stream: bool = False, field: bool = False) -> dict:
-    body = {"model": "whatever" if field else f"kb:{name}", "stream": stream, "max_tokens": 16,
-            "messages": [{"role": "user", "content": QUESTION}]}
+    body = {
+        "model": "whatever" if field else f"kb:{name}",
+        "stream": stream,
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": QUESTION}],
+    }
     if field:
         body["corpus"] = name
     return body
@@ -165,14 +196,19 @@ def test_api_other_user_cannot_reach_the_private_corpus(site, cookie):
     ben = As(site, "ben", cookie=cookie)
     kb = site["kb"]
     assert {c["name"] for c in ben("GET", "/v1/corpora").json()} == {TEAM, OPEN}
-    assert {m["id"] for m in ben("GET", "/v1/models").json()["data"]} == {f"kb:{TEAM}", f"kb:{OPEN}"}
+    assert {m["id"] for m in ben("GET", "/v1/models").json()["data"]} == {
+        f"kb:{TEAM}",
+        f"kb:{OPEN}",
+    }
 
     # a private corpus answers exactly like one that does not exist
     def same_as_missing(method: str, path: str, **kw):
         r = ben(method, path.format(PRIVATE), **kw)
         missing = ben(method, path.format("no-such-corpus"), **kw)
         assert r.status_code == missing.status_code == 404, (path, r.status_code, r.text)
-        assert r.json()["error"]["message"] == missing.json()["error"]["message"].replace("no-such-corpus", PRIVATE)
+        assert r.json()["error"]["message"] == missing.json()["error"]["message"].replace(
+            "no-such-corpus", PRIVATE
+        )
 
     same_as_missing("GET", "/v1/corpora/{}")
     same_as_missing("GET", "/v1/corpora/{}/documents")
@@ -183,11 +219,17 @@ def test_api_other_user_cannot_reach_the_private_corpus(site, cookie):
         r = ben("POST", "/v1/chat/completions", json=_chat(PRIVATE, stream, field=True))
         assert r.status_code == 404, r.text
     docs_before = kb.documents(PRIVATE)
-    r = ben("POST", f"/v1/corpora/{PRIVATE}/documents",
-            files=[("files", ("ben.txt", b"Ben was here. The vault code is 0000.", "text/plain"))])
+    r = ben(
+        "POST",
+        f"/v1/corpora/{PRIVATE}/documents",
+        files=[("files", ("ben.txt", b"Ben was here. The vault code is 0000.", "text/plain"))],
+    )
     assert r.status_code == 404
-    r = ben("POST", f"/v1/corpora/{PRIVATE}/documents?wait=false",
-            files=[("files", ("ben2.txt", b"Ben was here again.", "text/plain"))])
+    r = ben(
+        "POST",
+        f"/v1/corpora/{PRIVATE}/documents?wait=false",
+        files=[("files", ("ben2.txt", b"Ben was here again.", "text/plain"))],
+    )
     assert r.status_code == 404
     assert ben("DELETE", f"/v1/corpora/{PRIVATE}").status_code == 404
     assert kb.documents(PRIVATE) == docs_before  # nothing stored, nothing deleted
@@ -196,8 +238,11 @@ def test_api_other_user_cannot_reach_the_private_corpus(site, cookie):
     job = site["job_id"]
     assert job not in {j["id"] for j in ben("GET", "/v1/jobs").json()}
     assert all(j["corpus"] != PRIVATE for j in ben("GET", "/v1/jobs").json())
-    for method, path in (("GET", f"/v1/jobs/{job}"), ("POST", f"/v1/jobs/{job}/cancel"),
-                         ("POST", f"/v1/jobs/{job}/retry")):
+    for method, path in (
+        ("GET", f"/v1/jobs/{job}"),
+        ("POST", f"/v1/jobs/{job}/cancel"),
+        ("POST", f"/v1/jobs/{job}/retry"),
+    ):
         assert ben(method, path).status_code == 404, path
     assert kb.jobs.queue.get(job).status == "done"  # untouched
     assert site["doc_id"] in [d["id"] for d in kb.documents(PRIVATE)]
@@ -209,7 +254,11 @@ def test_api_shared_corpus_is_readable_not_writable(site):
     assert ben("GET", f"/v1/corpora/{TEAM}/documents").status_code == 200
     r = ben("POST", "/v1/chat/completions", json=_chat(TEAM))
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant"
-    r = ben("POST", f"/v1/corpora/{TEAM}/documents", files=[("files", ("b.txt", b"hi there", "text/plain"))])
+    r = ben(
+        "POST",
+        f"/v1/corpora/{TEAM}/documents",
+        files=[("files", ("b.txt", b"hi there", "text/plain"))],
+    )
     assert r.status_code == 403
     assert ben("DELETE", f"/v1/corpora/{TEAM}").status_code == 403
     assert ben("DELETE", f"/v1/corpora/{OPEN}").status_code == 403
@@ -219,10 +268,18 @@ def test_api_shared_corpus_is_readable_not_writable(site):
 def test_api_unauthenticated_gets_401_everywhere(site):
     http = site["http"]
     job = site["job_id"]
-    for method, path in (("GET", "/v1/corpora"), ("GET", "/v1/models"), ("GET", f"/v1/corpora/{OPEN}"),
-                         ("GET", f"/v1/corpora/{PRIVATE}/documents"), ("DELETE", f"/v1/corpora/{PRIVATE}"),
-                         ("GET", "/v1/jobs"), ("GET", f"/v1/jobs/{job}"), ("POST", f"/v1/jobs/{job}/retry"),
-                         ("GET", "/v1/cache"), ("POST", f"/v1/cache/{PRIVATE}/evict")):
+    for method, path in (
+        ("GET", "/v1/corpora"),
+        ("GET", "/v1/models"),
+        ("GET", f"/v1/corpora/{OPEN}"),
+        ("GET", f"/v1/corpora/{PRIVATE}/documents"),
+        ("DELETE", f"/v1/corpora/{PRIVATE}"),
+        ("GET", "/v1/jobs"),
+        ("GET", f"/v1/jobs/{job}"),
+        ("POST", f"/v1/jobs/{job}/retry"),
+        ("GET", "/v1/cache"),
+        ("POST", f"/v1/cache/{PRIVATE}/evict"),
+    ):
         r = http.request(method, path)
         assert r.status_code == 401 and SECRET not in r.text, (method, path, r.status_code)
     r = http.post("/v1/chat/completions", json=_chat(PRIVATE))
@@ -292,12 +349,24 @@ def test_ui_other_user_cannot_reach_the_private_corpus(site):
     assert ben.predict(PRIVATE, api_name="/chat_sessions")["choices"] == []
 
     _refused(ben, QUESTION, [], PRIVATE, None, api_name="/send", match="does not exist")
-    _refused(ben, [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}], PRIVATE, None, api_name="/retry",
-             match="does not exist")
+    _refused(
+        ben,
+        [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}],
+        PRIVATE,
+        None,
+        api_name="/retry",
+        match="does not exist",
+    )
     _refused(ben, QUESTION, [], PRIVATE, ann_session, api_name="/send", match="does not exist")
     _refused(ben, ann_session, api_name="/open_chat", match="does not exist")
-    _refused(ben, [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}], PRIVATE, ann_session, api_name="/retry",
-             match="does not exist")
+    _refused(
+        ben,
+        [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}],
+        PRIVATE,
+        ann_session,
+        api_name="/retry",
+        match="does not exist",
+    )
     _refused(ben, PRIVATE, api_name="/documents", match="does not exist")
     upload = site["docs"] / "ben-upload.txt"
     upload.write_text("Ben's note. The vault code is 0000.")
@@ -316,14 +385,19 @@ def test_ui_other_user_cannot_reach_the_private_corpus(site):
     assert kb.documents(PRIVATE) == docs_before and len(kb.documents(TEAM)) == 1
     # ann's conversation is still whole: ben's retry did not drop her last turn
     reopened, _corpus = ann.predict(ann_session, api_name="/open_chat")
-    assert [m["role"] for m in reopened if not (m.get("metadata") or {}).get("title")] == ["user", "assistant"]
+    assert [m["role"] for m in reopened if not (m.get("metadata") or {}).get("title")] == [
+        "user",
+        "assistant",
+    ]
     blob = json.dumps(outputs, default=str)
     assert SECRET not in blob and SECRET_FILE not in blob
 
 
 def test_ui_admin_events_refuse_non_admins(site):
     events = [((None,), "/admin_corpora"), ((), "/engine_stats")]
-    events += [((OPEN, "cpu"), f"/admin_{op}") for op in ("pin", "unpin", "evict", "move", "rebuild")]
+    events += [
+        ((OPEN, "cpu"), f"/admin_{op}") for op in ("pin", "unpin", "evict", "move", "rebuild")
+    ]
     for user in ("ann", "ben"):
         c = _ui(site, user)
         for args, name in events:
@@ -354,7 +428,12 @@ def test_tampered_or_foreign_session_cookies_are_rejected(site):
         assert r.status_code == 303 and r.headers["location"] == "login", what
     with pytest.raises(Exception):  # the Gradio app refuses to hand its config to a forged session
         _ui(site, "ben", cookie=forged["other uid"])
-    assert http.get("/v1/me", headers={"Cookie": f"kb_session={site['cookies']['ben']}"}).json()["name"] == "ben"
+    assert (
+        http.get("/v1/me", headers={"Cookie": f"kb_session={site['cookies']['ben']}"}).json()[
+            "name"
+        ]
+        == "ben"
+    )
 
 
 def test_api_keys_are_stored_hashed_and_revocable(site):
@@ -399,15 +478,31 @@ def test_api_keys_are_stored_hashed_and_revocable(site):
 def _ui_whoami(site, key: str) -> str:
     from gradio_client import Client
 
-    return Client(f"{site['url']}/", headers=_bearer(key), verbose=False).predict(api_name="/whoami")
+    return Client(f"{site['url']}/", headers=_bearer(key), verbose=False).predict(
+        api_name="/whoami"
+    )
 
 
 # -- uploads stay inside KB_HOME -----------------------------------------------------------------
 HOSTILE_NAMES = [
-    "../../escape-a.txt", "../../../escape-b.txt", "../../../../../../escape-c.txt",
-    "/etc/passwd", "/tmp/escape-d.txt", "..\\..\\escape-win.txt", "C:\\Windows\\escape-e.txt",
-    "ok\x00../../escape-f.txt", "ctl\x01\x1b[2J\x7fname.txt", "new\nline.txt", "tab\tname.txt",
-    "x" * 300, ("y" * 296) + ".txt", "..", ".", "", "  ", "....//....//escape-g.txt",
+    "../../escape-a.txt",
+    "../../../escape-b.txt",
+    "../../../../../../escape-c.txt",
+    "/etc/passwd",
+    "/tmp/escape-d.txt",
+    "..\\..\\escape-win.txt",
+    "C:\\Windows\\escape-e.txt",
+    "ok\x00../../escape-f.txt",
+    "ctl\x01\x1b[2J\x7fname.txt",
+    "new\nline.txt",
+    "tab\tname.txt",
+    "x" * 300,
+    ("y" * 296) + ".txt",
+    "..",
+    ".",
+    "",
+    "  ",
+    "....//....//escape-g.txt",
 ]
 
 
@@ -415,7 +510,9 @@ def _inside(path: Path, home: Path) -> bool:
     return path.resolve().is_relative_to(home.resolve())
 
 
-@pytest.mark.parametrize("idx", range(len(HOSTILE_NAMES)), ids=[repr(n)[:40] for n in HOSTILE_NAMES])
+@pytest.mark.parametrize(
+    "idx", range(len(HOSTILE_NAMES)), ids=[repr(n)[:40] for n in HOSTILE_NAMES]
+)
 def test_uploaded_files_never_escape_kb_home(site, idx):
     name = HOSTILE_NAMES[idx]
     kb, home, root = site["kb"], site["home"], site["root"]
@@ -423,13 +520,25 @@ def test_uploaded_files_never_escape_kb_home(site, idx):
     body = f"Upload number {idx} with a hostile name.\n\nIt says nothing else.".encode()
     ann = As(site, "ann", may_see_secret=True)
     if "\n" in name or "\r" in name:  # cannot stand raw in a header line: httpx percent-encodes it
-        r = ann("POST", f"/v1/corpora/{OPEN}/documents", files=[("files", (name, body, "text/plain"))])
+        r = ann(
+            "POST", f"/v1/corpora/{OPEN}/documents", files=[("files", (name, body, "text/plain"))]
+        )
     else:  # raw bytes in the filename (httpx would percent-encode NUL and other control characters)
         boundary = "acl-boundary-5f1e"
-        raw = (f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-               f"Content-Type: text/plain\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()
-        r = ann("POST", f"/v1/corpora/{OPEN}/documents", content=raw,
-                headers={**ann.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+        raw = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+                f"Content-Type: text/plain\r\n\r\n"
+            ).encode()
+            + body
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        r = ann(
+            "POST",
+            f"/v1/corpora/{OPEN}/documents",
+            content=raw,
+            headers={**ann.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
     assert r.status_code in (200, 422), (name, r.status_code, r.text[:300])  # handled, not a crash
     # nothing outside KB_HOME: the sentinel parent holds only the home, and no escape-* file
     # appeared anywhere under the test's temporary root
@@ -437,7 +546,9 @@ def test_uploaded_files_never_escape_kb_home(site, idx):
     base = root.parent
     strays = [p for p in base.rglob("escape-*") if not _inside(p, home)]
     assert strays == []
-    assert not any(Path(p).exists() for p in ("/tmp/escape-d.txt", "/escape-a.txt", "/escape-c.txt"))
+    assert not any(
+        Path(p).exists() for p in ("/tmp/escape-d.txt", "/escape-a.txt", "/escape-c.txt")
+    )
     if passwd is not None:
         assert Path("/etc/passwd").read_bytes() == passwd
     # everything under KB_HOME resolves inside it, and no symlinks were made
@@ -449,7 +560,9 @@ def test_uploaded_files_never_escape_kb_home(site, idx):
         from storage.models import Document
 
         for d in s.scalars(select(Document)):
-            assert d.file_path is None or _inside(Path(d.file_path), kb.settings.files_dir), d.file_path
+            assert d.file_path is None or _inside(Path(d.file_path), kb.settings.files_dir), (
+                d.file_path
+            )
             assert not any(ch in d.filename for ch in "/\\\x00\n\r") and len(d.filename) <= 255
 
 
@@ -484,7 +597,9 @@ def test_cli_enforces_user_rules(kb_env, monkeypatch, capsys):
     kb = KnowledgeBase()
     try:
         with kb.db.session() as s:
-            stored = [str(v) for row in s.execute(text("SELECT * FROM api_keys")).all() for v in row]
+            stored = [
+                str(v) for row in s.execute(text("SELECT * FROM api_keys")).all() for v in row
+            ]
         assert not any(key[10:] in v for v in stored)
         ann = authenticate(kb.db, "ann", "pw-ann-1234")
         secret = session_secret(kb.home)

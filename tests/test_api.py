@@ -23,8 +23,9 @@ def test_openai_client_non_streaming(server):
 
     client = OpenAI(base_url=f"{server}/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == ["kb:handbook"]
-    r = client.chat.completions.create(model="kb:handbook", max_tokens=24,
-                                       messages=[{"role": "user", "content": FACT_QUESTION}])
+    r = client.chat.completions.create(
+        model="kb:handbook", max_tokens=24, messages=[{"role": "user", "content": FACT_QUESTION}]
+    )
     assert FACT_ANSWER in r.choices[0].message.content
     assert r.usage.completion_tokens > 0
     citations = r.model_extra["citations"]
@@ -35,8 +36,12 @@ def test_openai_client_streaming(server):
     from openai import OpenAI
 
     client = OpenAI(base_url=f"{server}/v1", api_key="unused")
-    stream = client.chat.completions.create(model="kb:handbook", max_tokens=24, stream=True,
-                                            messages=[{"role": "user", "content": FACT_QUESTION}])
+    stream = client.chat.completions.create(
+        model="kb:handbook",
+        max_tokens=24,
+        stream=True,
+        messages=[{"role": "user", "content": FACT_QUESTION}],
+    )
     parts, last = [], None
     for chunk in stream:
         if chunk.choices[0].delta.content:
@@ -50,14 +55,33 @@ def test_openai_client_streaming(server):
 def test_errors_and_operational_endpoints(server):
     with httpx.Client(base_url=server) as c:
         assert c.get("/healthz").json()["status"] == "ok"
-        r = c.post("/v1/chat/completions", json={"model": "kb:nope", "messages": [{"role": "user", "content": "hi"}]})
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": "kb:nope", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
-        r = c.post("/v1/chat/completions", json={"model": "kb:handbook", "messages": [],})
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "kb:handbook",
+                "messages": [],
+            },
+        )
         assert r.status_code == 422
-        r = c.post("/v1/chat/completions", json={"model": "kb:handbook", "temperature": -1,
-                                                 "messages": [{"role": "user", "content": "hi"}]})
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "kb:handbook",
+                "temperature": -1,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
         assert r.status_code == 422
-        r = c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        r = c.post(
+            "/v1/chat/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 422
         assert c.get("/openapi.json").json()["paths"]["/v1/chat/completions"]
         metrics = c.get("/metrics").text
@@ -67,8 +91,13 @@ def test_errors_and_operational_endpoints(server):
 def test_upload_and_corpus_endpoints(server):
     with httpx.Client(base_url=server, timeout=300) as c:
         assert c.post("/v1/corpora", json={"name": "notes"}).status_code == 201
-        files = [("files", ("ferry.md", b"# Ferry\n\nThe ferry to Osk leaves at nine.\n", "text/markdown")),
-                 ("files", ("empty.txt", b"", "text/plain"))]
+        files = [
+            (
+                "files",
+                ("ferry.md", b"# Ferry\n\nThe ferry to Osk leaves at nine.\n", "text/markdown"),
+            ),
+            ("files", ("empty.txt", b"", "text/plain")),
+        ]
         r = c.post("/v1/corpora/notes/documents", files=files)
         assert r.status_code == 200
         docs = {d["filename"]: d for d in r.json()["documents"]}
@@ -81,8 +110,13 @@ def test_upload_and_corpus_endpoints(server):
 
 def test_client_disconnect_mid_stream_frees_its_kv(server, handbook):
     engine = handbook.engine
-    body = {"model": "kb:handbook", "stream": True, "max_tokens": 200, "temperature": 0.0,
-            "messages": [{"role": "user", "content": "Summarise the documents in detail."}]}
+    body = {
+        "model": "kb:handbook",
+        "stream": True,
+        "max_tokens": 200,
+        "temperature": 0.0,
+        "messages": [{"role": "user", "content": "Summarise the documents in detail."}],
+    }
     with httpx.Client(base_url=server, timeout=120) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as r:
             lines = r.iter_lines()

@@ -38,7 +38,8 @@ KERNELS_RUN_HERE = HAS_TRITON and (CUDA or interpreting())
 DEV = "cuda" if CUDA else "cpu"
 kernels = pytest.mark.skipif(
     not KERNELS_RUN_HERE,
-    reason="triton was imported before TRITON_INTERPRET=1 could be set: see the subprocess test")
+    reason="triton was imported before TRITON_INTERPRET=1 could be set: see the subprocess test",
+)
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
@@ -87,7 +88,7 @@ DENSE_GRID = [
     (7, 8, 2, 64, 90, "fp8h", None),
     (2, 8, 1, 64, 70, "fp8c", 4),
     (3, 4, 1, 128, 65, "fp8c", None),
-    (2, 8, 2, 64, 64, "bf16", None),   # N a multiple of the key tile: the unmasked path
+    (2, 8, 2, 64, 64, "bf16", None),  # N a multiple of the key tile: the unmasked path
     (6, 8, 1, 64, 96, "fp8h", 2),
 ]
 
@@ -108,13 +109,17 @@ def test_shared_dense_matches_reference(t, hq, hkv, d, n, kv, splits):
 
 # ---------------------------------------------------------------- shared attention, routed
 
+
 def make_idx(t, hkv, num_chunks, top_k, skew, seed, pad=True):
     """chunk_idx[T,Hkv,top_k]: distinct chunks per row, uniform or Zipf-popular; a few -1
     paddings and (routed kernel only dedupes) one repeated chunk when there is room."""
     g = _gen(seed)
     w = torch.ones(num_chunks) if not skew else 1.0 / torch.arange(1, num_chunks + 1) ** 1.2
-    idx = torch.multinomial(w.expand(t * hkv, num_chunks), top_k, replacement=False,
-                            generator=g).view(t, hkv, top_k).int()
+    idx = (
+        torch.multinomial(w.expand(t * hkv, num_chunks), top_k, replacement=False, generator=g)
+        .view(t, hkv, top_k)
+        .int()
+    )
     if pad and top_k > 1:
         idx[0, 0, -1] = -1
         idx[-1, -1, 0] = -1
@@ -153,15 +158,19 @@ def test_shared_routed_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, ske
 
 
 @kernels
-@pytest.mark.parametrize("t,hq,hkv,d,n,chunk,top_k,order,slices", [
-    (20, 6, 2, 32, 400, 16, 3, "minhash", None),  # G=3: BLOCK_M % G rows idle per block
-    (20, 6, 2, 32, 400, 16, 3, "none", 3),
-    (40, 4, 1, 32, 512, 16, 4, "minhash", 2),
-    (9, 8, 2, 64, 300, 24, 5, "minhash", 1),      # chunk not a multiple of the key tile
-])
+@pytest.mark.parametrize(
+    "t,hq,hkv,d,n,chunk,top_k,order,slices",
+    [
+        (20, 6, 2, 32, 400, 16, 3, "minhash", None),  # G=3: BLOCK_M % G rows idle per block
+        (20, 6, 2, 32, 400, 16, 3, "none", 3),
+        (40, 4, 1, 32, 512, 16, 4, "minhash", 2),
+        (9, 8, 2, 64, 300, 24, 5, "minhash", 1),  # chunk not a multiple of the key tile
+    ],
+)
 @pytest.mark.parametrize("contig", [True, False])
-def test_routed_union_blocks_orders_and_slices(t, hq, hkv, d, n, chunk, top_k, order, slices,
-                                               contig):
+def test_routed_union_blocks_orders_and_slices(
+    t, hq, hkv, d, n, chunk, top_k, order, slices, contig
+):
     """Union kernel: several query blocks with different unions, token orders, slices, both
     walks (contiguous range with unused chunks masked; the union lists)."""
     from attention.shared_routed_union import shared_attention_routed_union, union_stats
@@ -170,8 +179,9 @@ def test_routed_union_blocks_orders_and_slices(t, hq, hkv, d, n, chunk, top_k, o
     q = torch.randn(t, hq, d, generator=_gen(1)).to(DEV, torch.bfloat16)
     k, v, _, _ = make_kv(n, hkv, d, "bf16", torch.bfloat16, chunk, seed=2)
     idx = make_idx(t, hkv, c, top_k, True, seed=3).to(DEV)
-    o, lse = shared_attention_routed_union(q, k, v, idx, chunk, order=order, slices=slices,
-                                            contig=contig)
+    o, lse = shared_attention_routed_union(
+        q, k, v, idx, chunk, order=order, slices=slices, contig=contig
+    )
     check(o, lse, *ref.shared_attention(q, k, v, idx, chunk), torch.bfloat16)
     st = union_stats(idx, c, hq // hkv, 16, order)
     assert 0 < st["union_frac"] <= 1 and 0 < st["useful_frac"] <= 1
@@ -207,8 +217,10 @@ def test_routed_all_chunks_equals_dense_and_handles_repeats_and_empty_rows(impl)
 
 # ---------------------------------------------------------------- attention mass per chunk
 
-@pytest.mark.parametrize("kv,n,chunk,skip", [("bf16", 5000, 64, 0), ("fp8c", 4100, 128, 300),
-                                             ("fp8h", 700, 32, 40)])
+
+@pytest.mark.parametrize(
+    "kv,n,chunk,skip", [("bf16", 5000, 64, 0), ("fp8c", 4100, 128, 300), ("fp8h", 700, 32, 40)]
+)
 def test_chunk_mass_matches_reference_and_sums_to_heads(kv, n, chunk, skip):
     """attention.chunk_mass (blocked, a few chunks of keys at a time on the CPU) against the
     one-matrix reference; with the shared attention's own lse and nothing skipped, each row's
@@ -222,13 +234,15 @@ def test_chunk_mass_matches_reference_and_sums_to_heads(kv, n, chunk, skip):
     assert mass.shape == (t, (n + chunk - 1) // chunk)
     torch.testing.assert_close(mass, want, atol=1e-4, rtol=1e-4)
     if skip == 0:
-        torch.testing.assert_close(mass.sum(1), torch.full((t,), float(hq), device=mass.device),
-                                   atol=1e-3, rtol=1e-4)
+        torch.testing.assert_close(
+            mass.sum(1), torch.full((t,), float(hq), device=mass.device), atol=1e-3, rtol=1e-4
+        )
     else:
-        assert (mass[:, : skip // chunk] == 0).all() and (mass[:, skip // chunk + 1:] > 0).all()
+        assert (mass[:, : skip // chunk] == 0).all() and (mass[:, skip // chunk + 1 :] > 0).all()
 
 
 # ---------------------------------------------------------------- unique (paged) attention
+
 
 def make_paged(q_lens, kv_lens, hq, hkv, d, page, dtype, seed):
     g = _gen(seed)
@@ -240,7 +254,7 @@ def make_paged(q_lens, kv_lens, hq, hkv, d, page, dtype, seed):
     bt = torch.zeros(len(kv_lens), max(blocks) + 1, dtype=torch.int32)
     at = 0
     for i, nb in enumerate(blocks):
-        bt[i, :nb] = perm[at:at + nb]
+        bt[i, :nb] = perm[at : at + nb]
         at += nb
     cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(torch.tensor(q_lens), 0)
@@ -251,10 +265,10 @@ def make_paged(q_lens, kv_lens, hq, hkv, d, page, dtype, seed):
 PAGED_GRID = [
     # (q_lens, kv_lens, Hq, Hkv, d, page, dtype, splits)
     ([1, 1, 1], [5, 40, 17], 8, 2, 64, 16, torch.float16, None),  # decode
-    ([3, 1, 7], [5, 40, 17], 12, 4, 64, 8, torch.bfloat16, 3),      # mixed prefill/decode
-    ([4, 2], [4, 33], 4, 4, 128, 16, torch.float16, 1),             # prefill = whole sequence
-    ([1, 5], [70, 9], 24, 3, 64, 16, torch.bfloat16, 4),            # GQA 8
-    ([2, 0, 1], [30, 12, 1], 4, 1, 128, 4, torch.bfloat16, None),   # a request with no new token
+    ([3, 1, 7], [5, 40, 17], 12, 4, 64, 8, torch.bfloat16, 3),  # mixed prefill/decode
+    ([4, 2], [4, 33], 4, 4, 128, 16, torch.float16, 1),  # prefill = whole sequence
+    ([1, 5], [70, 9], 24, 3, 64, 16, torch.bfloat16, 4),  # GQA 8
+    ([2, 0, 1], [30, 12, 1], 4, 1, 128, 4, torch.bfloat16, None),  # a request with no new token
 ]
 
 
@@ -271,6 +285,7 @@ def test_unique_paged_matches_reference(q_lens, kv_lens, hq, hkv, d, page, dtype
 
 # ---------------------------------------------------------------- merge and route
 
+
 @kernels
 @pytest.mark.parametrize("dtype,d", [(torch.float16, 64), (torch.bfloat16, 128)])
 def test_merge_matches_reference(dtype, d):
@@ -283,7 +298,7 @@ def test_merge_matches_reference(dtype, d):
     l1 = (torch.randn(t, h, generator=g) * 4).to(DEV)
     l2 = (torch.randn(t, h, generator=g) * 4).to(DEV)
     l1[0, 0] = l2[0, 0] = float("-inf")  # both empty
-    l2[1, 1] = float("-inf")             # one side empty: its o is garbage and must be ignored
+    l2[1, 1] = float("-inf")  # one side empty: its o is garbage and must be ignored
     o2[1, 1] = float("nan")
     o, lse = merge_triton(o1, l1, o2, l2)
     ro, rlse = ref.merge(o1, l1, o2, l2)
@@ -321,8 +336,9 @@ def test_public_api_dispatches_to_reference_off_gpu():
     for got, want in zip(attention.shared_attention(q, k, v), ref.shared_attention(q, k, v)):
         torch.testing.assert_close(got, want)
     idx = torch.tensor([[[0, 2], [1, -1]]] * 3, dtype=torch.int32)
-    for got, want in zip(attention.shared_attention(q, k, v, idx, 16),
-                         ref.shared_attention(q, k, v, idx, 16)):
+    for got, want in zip(
+        attention.shared_attention(q, k, v, idx, 16), ref.shared_attention(q, k, v, idx, 16)
+    ):
         torch.testing.assert_close(got, want)
     assert set(attention.__all__) >= {"shared_attention", "unique_attention", "merge", "route"}
 
@@ -332,19 +348,36 @@ def test_interpreter_suite_in_subprocess():
     if KERNELS_RUN_HERE or not HAS_TRITON:
         pytest.skip("kernel tests ran in this process" if HAS_TRITON else "no triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "-m", "not gpu", __file__], env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not gpu",
+            __file__,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout
 
 
 # ---------------------------------------------------------------- larger shapes, on the GPU
 
+
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("t,kv", [(1, "bf16"), (64, "bf16"), (300, "fp16"), (16, "fp8c"),
-                                  (200, "fp8h")])
+@pytest.mark.parametrize(
+    "t,kv", [(1, "bf16"), (64, "bf16"), (300, "fp16"), (16, "fp8c"), (200, "fp8h")]
+)
 def test_gpu_shared_dense_llama_shape(t, kv):
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     n, chunk = 5000, 128
@@ -358,8 +391,15 @@ def test_gpu_shared_dense_llama_shape(t, kv):
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("t,top_k,skew,kv", [(1, 8, False, "bf16"), (128, 16, True, "bf16"),
-                                             (64, 40, False, "fp8c"), (33, 40, True, "fp16")])
+@pytest.mark.parametrize(
+    "t,top_k,skew,kv",
+    [
+        (1, 8, False, "bf16"),
+        (128, 16, True, "bf16"),
+        (64, 40, False, "fp8c"),
+        (33, 40, True, "fp16"),
+    ],
+)
 @pytest.mark.parametrize("impl", ["scatter", "union"])
 def test_gpu_shared_routed_llama_shape(t, top_k, skew, kv, impl):
     from attention.shared_routed import shared_attention_routed

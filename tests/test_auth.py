@@ -36,14 +36,23 @@ def test_password_hashing_and_users(kb):
     assert authenticate(kb.db, "alice", "nope") is None
     assert authenticate(kb.db, "nobody", "pw-alice-1") is None
     set_password(kb.db, "alice", "pw-alice-2")
-    assert authenticate(kb.db, "alice", "pw-alice-1") is None and authenticate(kb.db, "alice", "pw-alice-2")
+    assert authenticate(kb.db, "alice", "pw-alice-1") is None and authenticate(
+        kb.db, "alice", "pw-alice-2"
+    )
 
 
 def test_api_keys_and_session_tokens(kb):
     from sqlalchemy import select
 
-    from kb.auth import (create_api_key, create_user, make_session_token, session_secret, set_password,
-                         verify_api_key, verify_session_token)
+    from kb.auth import (
+        create_api_key,
+        create_user,
+        make_session_token,
+        session_secret,
+        set_password,
+        verify_api_key,
+        verify_session_token,
+    )
     from storage.models import ApiKey
 
     bob = create_user(kb.db, "bob", "pw-bob-123")
@@ -63,7 +72,10 @@ def test_api_keys_and_session_tokens(kb):
     uid, exp, sig = token.split(".")
     assert verify_session_token(kb.db, secret, f"{uid}.{int(exp) + 1}.{sig}") is None  # tampered
     assert verify_session_token(kb.db, b"another secret" * 2, token) is None
-    assert verify_session_token(kb.db, secret, make_session_token(kb.db, secret, bob, ttl_s=-1)) is None
+    assert (
+        verify_session_token(kb.db, secret, make_session_token(kb.db, secret, bob, ttl_s=-1))
+        is None
+    )
     set_password(kb.db, "bob", "pw-bob-456")  # a new password ends old sessions
     assert verify_session_token(kb.db, secret, token) is None
 
@@ -99,7 +111,11 @@ def test_visibility_rules(kb):
         legacy = s.scalar(select(Corpus).where(Corpus.name == "legacy"))
         assert can_read(s, ben, team) and not can_write(ben, team) and can_write(ann, team)
         assert can_write(admin, team) and not can_read(s, cat, team)
-        assert can_write(ANONYMOUS, legacy) and not can_write(ann, legacy) and not can_write(ANONYMOUS, team)
+        assert (
+            can_write(ANONYMOUS, legacy)
+            and not can_write(ann, legacy)
+            and not can_write(ANONYMOUS, team)
+        )
     with pytest.raises(NotFound):  # asking about a corpus you may not read: as if it did not exist
         kb.ask("mine", "hello?", user=cat)
 
@@ -109,8 +125,8 @@ def _login(client: TestClient, name: str, password: str):
 
 
 def test_api_with_auth_on(kb):
-    from kb.server import create_app
     from kb.auth import create_api_key, create_user
+    from kb.server import create_app
 
     create_user(kb.db, "ann", "pw-ann-1234")
     create_user(kb.db, "ben", "pw-ben-1234")
@@ -120,21 +136,40 @@ def test_api_with_auth_on(kb):
         assert c.get("/v1/corpora", headers={"Authorization": "Bearer nope"}).status_code == 401
         ann = {"Authorization": f"Bearer {key_ann}"}
         ben = {"Authorization": f"Bearer {key_ben}"}
-        assert c.get("/v1/me", headers=ann).json() == {"name": "ann", "admin": False, "anonymous": False}
+        assert c.get("/v1/me", headers=ann).json() == {
+            "name": "ann",
+            "admin": False,
+            "anonymous": False,
+        }
         r = c.post("/v1/corpora", json={"name": "notes"}, headers=ann)
         assert r.status_code == 201
-        r = c.post("/v1/corpora", json={"name": "shared-notes", "visibility": "shared", "share_with": ["ben"]},
-                   headers=ann)
+        r = c.post(
+            "/v1/corpora",
+            json={"name": "shared-notes", "visibility": "shared", "share_with": ["ben"]},
+            headers=ann,
+        )
         assert r.status_code == 201
-        assert {x["name"] for x in c.get("/v1/corpora", headers=ann).json()} == {"notes", "shared-notes"}
+        assert {x["name"] for x in c.get("/v1/corpora", headers=ann).json()} == {
+            "notes",
+            "shared-notes",
+        }
         assert {x["name"] for x in c.get("/v1/corpora", headers=ben).json()} == {"shared-notes"}
         assert c.get("/v1/corpora/notes", headers=ben).status_code == 404  # private: not revealed
         assert c.get("/v1/corpora/shared-notes/documents", headers=ben).status_code == 200
-        assert c.delete("/v1/corpora/shared-notes", headers=ben).status_code == 403  # reader, not owner
-        r = c.post("/v1/corpora/shared-notes/documents", headers=ben, files=[("files", ("a.txt", b"hi", "text/plain"))])
+        assert (
+            c.delete("/v1/corpora/shared-notes", headers=ben).status_code == 403
+        )  # reader, not owner
+        r = c.post(
+            "/v1/corpora/shared-notes/documents",
+            headers=ben,
+            files=[("files", ("a.txt", b"hi", "text/plain"))],
+        )
         assert r.status_code == 403
-        r = c.post("/v1/chat/completions", headers=ben,
-                   json={"model": "kb:notes", "messages": [{"role": "user", "content": "hi"}]})
+        r = c.post(
+            "/v1/chat/completions",
+            headers=ben,
+            json={"model": "kb:notes", "messages": [{"role": "user", "content": "hi"}]},
+        )
         assert r.status_code == 404
 
         # cache administration is for admins only
@@ -143,7 +178,10 @@ def test_api_with_auth_on(kb):
         assert c.get("/v1/cache", headers=ann).status_code == 403
         assert c.post("/v1/cache/notes/pin", headers=ann).status_code == 403
         assert c.get("/v1/cache").status_code == 401
-        assert {x["name"] for x in c.get("/v1/cache", headers=root).json()} >= {"notes", "shared-notes"}
+        assert {x["name"] for x in c.get("/v1/cache", headers=root).json()} >= {
+            "notes",
+            "shared-notes",
+        }
         event = c.post("/v1/cache/notes/pin", headers=root).json()["event_id"]
         assert c.get(f"/v1/cache/events/{event}", headers=root).status_code == 200
 
@@ -162,8 +200,8 @@ def test_api_with_auth_on(kb):
 
 
 def test_api_with_auth_off_is_anonymous(tmp_path):
-    from kb.server import create_app
     from kb.auth import create_api_key, create_user
+    from kb.server import create_app
     from kb.service import KnowledgeBase
     from kb.settings import Settings
 
@@ -173,11 +211,15 @@ def test_api_with_auth_off_is_anonymous(tmp_path):
     key = create_api_key(kb.db, "root")
     kb.create_corpus("secret", owner=1, visibility="private")
     with TestClient(create_app(kb, warm=False, ui=False)) as c:
-        assert c.get("/v1/me", headers={"Authorization": "Bearer unused"}).json()["anonymous"] is True
+        assert (
+            c.get("/v1/me", headers={"Authorization": "Bearer unused"}).json()["anonymous"] is True
+        )
         assert c.get("/v1/me", headers={"Authorization": f"Bearer {key}"}).json()["admin"] is True
         assert c.get("/v1/corpora").json() == []
         assert c.post("/v1/corpora", json={"name": "pub"}).status_code == 201
-        assert c.post("/v1/corpora", json={"name": "priv", "visibility": "private"}).status_code == 403
+        assert (
+            c.post("/v1/corpora", json={"name": "priv", "visibility": "private"}).status_code == 403
+        )
         assert [x["name"] for x in c.get("/v1/corpora").json()] == ["pub"]
         assert c.get("/").status_code == 404  # ui=False: the API alone
     kb.close()

@@ -24,12 +24,19 @@ def client(handbook):
 
 
 def _ask(question: str = "hi", **extra) -> dict:
-    return {"model": "kb:handbook", "max_tokens": 8, "messages": [{"role": "user", "content": question}], **extra}
+    return {
+        "model": "kb:handbook",
+        "max_tokens": 8,
+        "messages": [{"role": "user", "content": question}],
+        **extra,
+    }
 
 
 def _upload(client, *files: tuple[str, bytes]) -> dict[str, dict]:
-    r = client.post("/v1/corpora/inbox/documents", files=[("files", (n, d, "application/octet-stream"))
-                                                          for n, d in files])
+    r = client.post(
+        "/v1/corpora/inbox/documents",
+        files=[("files", (n, d, "application/octet-stream")) for n, d in files],
+    )
     return {d["filename"]: d | {"http": r.status_code} for d in r.json()["documents"]}
 
 
@@ -40,7 +47,11 @@ UPLOADS = [  # (name, bytes, expected error code)
     ("program.txt", bytes(range(256)) * 8, "binary_file"),
     ("blank.pdf", None, "no_text"),
     ("tool.exe", b"MZ\x90\x00" + b"\x00" * 64, "unsupported_type"),
-    ("latin.txt", "d\xe9j\xe0 vu \u2014 caf\xe9".encode("utf-16-le")[:7], None),  # odd bytes: undecodable or text
+    (
+        "latin.txt",
+        "d\xe9j\xe0 vu \u2014 caf\xe9".encode("utf-16-le")[:7],
+        None,
+    ),  # odd bytes: undecodable or text
 ]
 
 
@@ -80,7 +91,11 @@ def test_types_outside_the_allowed_list_are_refused(client, handbook):
     allowed = handbook.settings.allowed_types
     handbook.settings.allowed_types = "pdf,markdown"
     try:
-        out = _upload(client, ("notes.txt", b"Plain text is not accepted here."), ("ok2.md", b"# Fine\n\nYes.\n"))
+        out = _upload(
+            client,
+            ("notes.txt", b"Plain text is not accepted here."),
+            ("ok2.md", b"# Fine\n\nYes.\n"),
+        )
     finally:
         handbook.settings.allowed_types = allowed
     assert out["notes.txt"]["status"] == "failed" and out["notes.txt"]["code"] == "unsupported_type"
@@ -90,8 +105,10 @@ def test_types_outside_the_allowed_list_are_refused(client, handbook):
 
 def test_hostile_file_names_stay_inside_home(client, handbook):
     name = "../../etc/\x07evil\r\n.md"
-    r = client.post("/v1/corpora/inbox/documents",
-                    files=[("files", (name, b"# Note\n\nInside only.\n", "text/markdown"))])
+    r = client.post(
+        "/v1/corpora/inbox/documents",
+        files=[("files", (name, b"# Note\n\nInside only.\n", "text/markdown"))],
+    )
     assert r.status_code == 200
     home = handbook.home.resolve()
     for path in home.rglob("*"):
@@ -107,18 +124,29 @@ def test_duplicate_upload_is_detected(client):
     assert again["document_id"] == first["document_id"]
 
 
-@pytest.mark.parametrize("body,status,fragment", [
-    (b"{not json", 422, ""),
-    (json.dumps({"model": "kb:handbook", "messages": "hello"}).encode(), 422, ""),
-    (json.dumps({"model": "kb:handbook", "messages": []}).encode(), 422, ""),
-    (json.dumps(_ask(temperature=-1)).encode(), 422, ""),
-    (json.dumps(_ask(max_tokens=10**9)).encode(), 422, ""),
-    (json.dumps(_ask(top_p=0)).encode(), 422, ""),
-    (json.dumps({**_ask(), "messages": [{"role": "wizard", "content": "x"}]}).encode(), 422, ""),
-    (json.dumps({**_ask(), "messages": [{"role": "assistant", "content": "x"}]}).encode(), 400, "last message"),
-    (json.dumps(_ask("   ")).encode(), 400, "empty"),
-    (json.dumps({**_ask(), "model": "kb:nope"}).encode(), 404, "does not exist"),
-])
+@pytest.mark.parametrize(
+    "body,status,fragment",
+    [
+        (b"{not json", 422, ""),
+        (json.dumps({"model": "kb:handbook", "messages": "hello"}).encode(), 422, ""),
+        (json.dumps({"model": "kb:handbook", "messages": []}).encode(), 422, ""),
+        (json.dumps(_ask(temperature=-1)).encode(), 422, ""),
+        (json.dumps(_ask(max_tokens=10**9)).encode(), 422, ""),
+        (json.dumps(_ask(top_p=0)).encode(), 422, ""),
+        (
+            json.dumps({**_ask(), "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+            422,
+            "",
+        ),
+        (
+            json.dumps({**_ask(), "messages": [{"role": "assistant", "content": "x"}]}).encode(),
+            400,
+            "last message",
+        ),
+        (json.dumps(_ask("   ")).encode(), 400, "empty"),
+        (json.dumps({**_ask(), "model": "kb:nope"}).encode(), 404, "does not exist"),
+    ],
+)
 def test_malformed_chat_requests(client, body, status, fragment):
     r = client.post(CHAT, content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
@@ -138,9 +166,17 @@ def test_not_ready_corpus_and_bad_corpus_requests(client):
     assert client.post("/v1/corpora", json={"name": "hollow"}).status_code == 409
     assert client.post("/v1/corpora", json={"name": "../x"}).status_code == 400
     assert client.post("/v1/corpora", json={"name": 5}).status_code == 422
-    assert client.post("/v1/corpora", content=b"[]", headers={"content-type": "application/json"}).status_code == 422
+    assert (
+        client.post(
+            "/v1/corpora", content=b"[]", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
     assert client.delete("/v1/corpora/never").status_code == 404
-    assert client.post("/v1/corpora/never/documents", files=[("files", ("a.md", b"x"))]).status_code == 404
+    assert (
+        client.post("/v1/corpora/never/documents", files=[("files", ("a.md", b"x"))]).status_code
+        == 404
+    )
 
 
 def test_service_still_answers_after_all_that(client):

@@ -84,7 +84,13 @@ def test_enqueue_receive_ack(broker: Broker) -> None:
 
     m1 = broker.receive(Q, "w1", timeout_s=1.0)
     assert m1 is not None
-    assert (m1.job_id, m1.kind, m1.payload, m1.attempt, m1.error) == ("job-1", "ingest", payload, 0, "")
+    assert (m1.job_id, m1.kind, m1.payload, m1.attempt, m1.error) == (
+        "job-1",
+        "ingest",
+        payload,
+        0,
+        "",
+    )
     assert broker.depth(Q) == 1 and broker.pending(Q) == 1
 
     m2 = broker.receive(Q, "w1", timeout_s=1.0)
@@ -118,7 +124,12 @@ def test_dead_consumer_job_is_reclaimed(broker: Broker) -> None:
     time.sleep(0.25)
     again = broker.receive(Q, "survivor", timeout_s=0, reclaim_idle_s=0.2)
     assert again is not None
-    assert (again.id, again.job_id, again.payload, again.attempt) == (first.id, "job-1", {"n": 1}, 0)
+    assert (again.id, again.job_id, again.payload, again.attempt) == (
+        first.id,
+        "job-1",
+        {"n": 1},
+        0,
+    )
     assert broker.pending(Q) == 1
     # reclaim_idle_s=None never reclaims
     time.sleep(0.25)
@@ -219,7 +230,11 @@ def test_dead_letter_after_max_attempts(broker: Broker) -> None:
     dead = broker.dead_letters(Q)
     assert len(dead) == 1
     assert (dead[0].job_id, dead[0].kind, dead[0].payload, dead[0].attempt, dead[0].error) == (
-        "job-1", "precompute", {"corpus": "c"}, 1, "oom 2",
+        "job-1",
+        "precompute",
+        {"corpus": "c"},
+        1,
+        "oom 2",
     )
     # a dead job id is free again: the database may re-submit it
     broker.enqueue(Q, "job-1", "precompute", {"corpus": "c"})
@@ -373,7 +388,9 @@ def test_redis_restart_loses_keys_but_broker_recovers() -> None:
         # "UNBLOCKED the stream key no longer exists"): it keeps waiting and gets the next job
         got_late: list[Message | None] = []
         waiter = threading.Thread(
-            target=lambda: got_late.append(broker.receive(Q, "w3", timeout_s=3.0, reclaim_idle_s=None))
+            target=lambda: got_late.append(
+                broker.receive(Q, "w3", timeout_s=3.0, reclaim_idle_s=None)
+            )
         )
         waiter.start()
         time.sleep(0.3)

@@ -17,8 +17,14 @@ import pytest
 from tests.conftest import MODELS_DIR, serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 FACT = "The lighthouse of Brannock Point was built in 1873.\n\nIts keeper, Ida Morrow, logged every storm."
 QUESTION = "When was the lighthouse of Brannock Point built?"
 
@@ -33,14 +39,16 @@ def _browser_or_skip():
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, demo_model_dir):
-    from kb.server import create_app
     from kb.auth import create_user
+    from kb.server import create_app
     from kb.service import KnowledgeBase
     from kb.settings import Settings
 
     _browser_or_skip()
     root = tmp_path_factory.mktemp("browser")
-    kb = KnowledgeBase(Settings(home=root / "home", models_dir=MODELS_DIR, auth="on", max_tokens=24))
+    kb = KnowledgeBase(
+        Settings(home=root / "home", models_dir=MODELS_DIR, auth="on", max_tokens=24)
+    )
     create_user(kb.db, "root", "pw-root-123", admin=True)
     create_user(kb.db, "ann", "pw-ann-1234")
     with serve_in_thread(create_app(kb, warm=False)) as url:

@@ -95,7 +95,9 @@ def test_device_budget_moves_the_least_recently_used_corpus_to_host_and_back(han
 
 
 def test_a_corpus_in_use_is_never_evicted(handbook):
-    ans = handbook.ask("handbook", FACT_QUESTION, SamplingParams(max_tokens=4))  # queued, not stepped
+    ans = handbook.ask(
+        "handbook", FACT_QUESTION, SamplingParams(max_tokens=4)
+    )  # queued, not stepped
     ev = run(handbook, "evict", "handbook")
     assert ev.status == "failed" and "answering" in ev.error
     assert row(handbook, "handbook").tier == "gpu"
@@ -122,8 +124,8 @@ def test_events_and_list_through_the_cli(handbook, capsys):
 
 def test_cli_evicts_in_a_running_server(handbook, capsys, monkeypatch):
     """`kb cache evict --server URL` frees the server's KV (a CLI process holds none of its own)."""
-    from kb.server import create_app
     from kb.cli import main
+    from kb.server import create_app
     from tests.conftest import serve_in_thread
 
     handbook.answer("handbook", FACT_QUESTION, GREEDY)  # loaded in the server's process
@@ -215,7 +217,9 @@ def test_stale_after_a_settings_change_and_a_resumable_rebuild(tmp_path, demo_mo
     kb2.close()
 
 
-def test_a_damaged_kv_file_marks_the_corpus_stale_and_rebuild_repairs_only_it(tmp_path, demo_model_dir):
+def test_a_damaged_kv_file_marks_the_corpus_stale_and_rebuild_repairs_only_it(
+    tmp_path, demo_model_dir
+):
     kb = make_kb(tmp_path / "home")
     kb.create_corpus("c")
     kb.ingest("c", two_docs(tmp_path))
@@ -246,7 +250,9 @@ def test_fp8_kv_keeps_the_planted_fact(tmp_path, demo_model_dir):
     from kb.service import KnowledgeBase
     from kb.settings import Settings
 
-    kb = KnowledgeBase(Settings(home=tmp_path / "home", models_dir=MODELS_DIR, kv_dtype="float8"))  # as `handbook`
+    kb = KnowledgeBase(
+        Settings(home=tmp_path / "home", models_dir=MODELS_DIR, kv_dtype="float8")
+    )  # as `handbook`
     doc = tmp_path / "handbook.txt"
     doc.write_text(planted_text())
     kb.create_corpus("h")
@@ -260,17 +266,25 @@ def test_fp8_kv_keeps_the_planted_fact(tmp_path, demo_model_dir):
     shared = kb.load_corpus("h").shared
     assert shared.k[0].dtype == FP8 and shared.v[-1].dtype == FP8  # ... and served as e4m3,
     c = shared.num_chunks  # with one scale per (layer, chunk, KV head)
-    assert shared.meta["k_scale"][0].shape == (c, shared.k[0].shape[1]) == shared.meta["v_scale"][-1].shape
+    assert (
+        shared.meta["k_scale"][0].shape
+        == (c, shared.k[0].shape[1])
+        == shared.meta["v_scale"][-1].shape
+    )
     tokens = shared.num_tokens
     per_token_16 = 2 * len(shared.k) * shared.k[0].shape[1] * shared.k[0].shape[2] * 2
     assert row(kb, "h").bytes["gpu"] < 0.6 * tokens * per_token_16  # half the memory of 16-bit
     out = kb.answer("h", FACT_QUESTION, SamplingParams(max_tokens=24))
     assert FACT_ANSWER in out["answer"]
-    assert out["citations"] and out["citations"][0]["document"] == "handbook.txt"  # mass from fp8 keys
+    assert (
+        out["citations"] and out["citations"][0]["document"] == "handbook.txt"
+    )  # mass from fp8 keys
     kb.close()
 
 
-def test_linked_segments_follow_their_predecessor_and_a_rebuild_links_them_alike(tmp_path, demo_model_dir):
+def test_linked_segments_follow_their_predecessor_and_a_rebuild_links_them_alike(
+    tmp_path, demo_model_dir
+):
     """KB_PIC=linked: each segment is prefilled after the last tokens of the document's previous
     segment (read back from the database, so rebuilding one segment alone gives what the whole
     build gave); only the segments' own tokens are stored."""
@@ -283,12 +297,17 @@ def test_linked_segments_follow_their_predecessor_and_a_rebuild_links_them_alike
     kb.create_corpus("h")
     assert kb.ingest("h", [doc])[0].status == "ready"
     with kb.db.session() as s:
-        segs = [(g.token_ids, g.pos_start, g.kv_file, g.kv_checksum) for g in s.scalars(select_segments())]
+        segs = [
+            (g.token_ids, g.pos_start, g.kv_file, g.kv_checksum)
+            for g in s.scalars(select_segments())
+        ]
     assert len(segs) >= 3
     model, pre = kb.ingestor.model.model, kb.ingestor._corpus_settings()["preamble"]
 
     def alone(j: int, **scheme) -> torch.Tensor:
-        [(_, k, _)] = list(prefill_segments(model, pre, [segs[j][0]], starts=[segs[j][1]], **scheme))
+        [(_, k, _)] = list(
+            prefill_segments(model, pre, [segs[j][0]], starts=[segs[j][1]], **scheme)
+        )
         return k.to(torch.float16).float()
 
     stored = read_kv(segs[1][2], segs[1][3])[0].float()
@@ -304,7 +323,9 @@ def test_linked_segments_follow_their_predecessor_and_a_rebuild_links_them_alike
     with kb.db.session() as s:
         seg2 = s.scalars(select_segments()).all()[2]
         rebuilt = read_kv(seg2.kv_file, seg2.kv_checksum)[0].float()
-    assert (rebuilt - alone(2, pic="linked", link_tokens=24, links=[segs[1][0][-24:]])).abs().max() < 2e-2
+    assert (
+        rebuilt - alone(2, pic="linked", link_tokens=24, links=[segs[1][0][-24:]])
+    ).abs().max() < 2e-2
     shared = kb.load_corpus("h").shared  # served as laid out: the segments' own tokens only
     assert shared.num_tokens == len(pre) + sum(len(t) for t, *_ in segs)
     kb.close()

@@ -11,8 +11,13 @@ from tests.conftest import FACT_ANSWER, FACT_QUESTION, planted_text
 
 
 def kb(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "kb.cli", *args], capture_output=True, text=True,
-                          env=os.environ.copy(), timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "kb.cli", *args],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+        timeout=600,
+    )
     if check:
         assert done.returncode == 0, done.stderr
     return done
@@ -25,7 +30,11 @@ def test_planted_fact_through_the_cli(kb_env, tmp_path):
     out = kb("ingest", "handbook", str(doc)).stdout
     assert "handbook.txt: ready" in out
     listed = json.loads(kb("corpus", "list", "--json").stdout)
-    assert listed[0]["name"] == "handbook" and listed[0]["status"] == "ready" and listed[0]["tokens"] > 1000
+    assert (
+        listed[0]["name"] == "handbook"
+        and listed[0]["status"] == "ready"
+        and listed[0]["tokens"] > 1000
+    )
     answer = json.loads(kb("ask", "handbook", FACT_QUESTION, "--json", "--max-tokens", "24").stdout)
     assert FACT_ANSWER in answer["answer"]
     assert answer["usage"]["completion_tokens"] > 0
@@ -39,7 +48,9 @@ def test_planted_fact_through_the_cli(kb_env, tmp_path):
 
 def test_failures_exit_nonzero_with_one_line(kb_env, tmp_path):
     done = kb("ask", "nope", "hello?", check=False)
-    assert done.returncode == 1 and done.stderr.strip().startswith("kb: corpus 'nope' does not exist")
+    assert done.returncode == 1 and done.stderr.strip().startswith(
+        "kb: corpus 'nope' does not exist"
+    )
     assert len(done.stderr.strip().splitlines()) == 1
     kb("corpus", "create", "c1")
     done = kb("corpus", "create", "c1", check=False)

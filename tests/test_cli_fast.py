@@ -38,10 +38,14 @@ def no_default_server(monkeypatch):
 
 def _modules_loaded_by(argv: list[str], env: dict) -> tuple[int, set[str], str]:
     """Run `kb argv` in a fresh interpreter; its exit code, the heavy modules it imported, stderr."""
-    code = ("import sys\nfrom kb.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    rc = e.code\nprint('LOADED', ','.join(m for m in %r if m in sys.modules), file=sys.stderr)\n"
-            "sys.exit(rc)\n" % (HEAVY,))
-    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=120)
+    code = (
+        "import sys\nfrom kb.cli import main\ntry:\n    rc = main(sys.argv[1:])\nexcept SystemExit as e:\n"
+        f"    rc = e.code\nprint('LOADED', ','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=120
+    )
     loaded = done.stderr.strip().splitlines()[-1].removeprefix("LOADED").strip()
     return done.returncode, {m for m in loaded.split(",") if m}, done.stderr
 
@@ -55,15 +59,17 @@ def test_help_and_unknown_names_import_nothing_heavy(kb_env, no_default_server):
     env = os.environ.copy()
     rc, loaded, _ = _modules_loaded_by(["--help"], env)
     assert rc == 0 and not loaded, loaded
-    for argv, expect in ([["ask", "handbok", "q?"], "did you mean 'handbook'?"],
-                         [["chat", "handbok"], "did you mean 'handbook'?"],
-                         [["ingest", "handbok", "x.txt"], "did you mean 'handbook'?"],
-                         [["corpus", "delete", "HandBook"], "did you mean 'handbook'?"],
-                         [["jobs", "list", "hand"], "does not exist"],
-                         [["jobs", "cancel", "no-such-job"], "job 'no-such-job' does not exist"],
-                         [["cache", "evict", "handbok"], "did you mean 'handbook'?"],
-                         [["cache", "status", "no-such-event"], "no cache event"],
-                         [["user", "key", "nobody"], "user 'nobody' does not exist"]):
+    for argv, expect in (
+        [["ask", "handbok", "q?"], "did you mean 'handbook'?"],
+        [["chat", "handbok"], "did you mean 'handbook'?"],
+        [["ingest", "handbok", "x.txt"], "did you mean 'handbook'?"],
+        [["corpus", "delete", "HandBook"], "did you mean 'handbook'?"],
+        [["jobs", "list", "hand"], "does not exist"],
+        [["jobs", "cancel", "no-such-job"], "job 'no-such-job' does not exist"],
+        [["cache", "evict", "handbok"], "did you mean 'handbook'?"],
+        [["cache", "status", "no-such-event"], "no cache event"],
+        [["user", "key", "nobody"], "user 'nobody' does not exist"],
+    ):
         rc, loaded, err = _modules_loaded_by(argv, env)
         assert rc == 1 and expect in err, (argv, err)
         assert not loaded, (argv, loaded)
@@ -73,7 +79,10 @@ def test_suggestions():
     assert suggest("handbok", ["handbook", "notes"]) == "; did you mean 'handbook'?"
     assert suggest("HANDBOOK", ["handbook"]) == "; did you mean 'handbook'?"
     assert suggest("zzz", ["handbook"]) == ""
-    assert unknown_corpus("zzz", []) == "corpus 'zzz' does not exist; there are no corpora yet: kb corpus create NAME"
+    assert (
+        unknown_corpus("zzz", [])
+        == "corpus 'zzz' does not exist; there are no corpora yet: kb corpus create NAME"
+    )
     assert "(corpora: a1, b2)" in unknown_corpus("zzz", ["b2", "a1"])
 
 
@@ -92,7 +101,11 @@ def test_require_corpus_reads_sqlite_and_postgresql(db_url):
 
 def test_only_options_the_server_accepts_are_forwarded():
     args = argparse.Namespace(temperature=0.0, max_tokens=16, dense=True, density=None)
-    assert _server_options(args, {"dense", "temperature"}) == {"temperature": 0.0, "max_tokens": 16, "dense": True}
+    assert _server_options(args, {"dense", "temperature"}) == {
+        "temperature": 0.0,
+        "max_tokens": 16,
+        "dense": True,
+    }
     assert _server_options(args, {"density"})["density"] == 1.0
     assert _server_options(args, {"temperature"}) is None  # the caller answers in-process instead
     args.dense, args.density = False, 0.25
@@ -141,8 +154,11 @@ def test_ask_and_chat_through_a_running_server(server_url, capsys, monkeypatch):
 
 
 def test_a_mistyped_command_gets_did_you_mean(capsys):
-    for argv, hint in ((["corpsu", "list"], "did you mean 'corpus'?"), (["corpus", "lst"], "did you mean 'list'?"),
-                       (["cache", "evcit", "x"], "did you mean 'evict'?")):
+    for argv, hint in (
+        (["corpsu", "list"], "did you mean 'corpus'?"),
+        (["corpus", "lst"], "did you mean 'list'?"),
+        (["cache", "evcit", "x"], "did you mean 'evict'?"),
+    ):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 2 and hint in capsys.readouterr().err

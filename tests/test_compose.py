@@ -34,7 +34,10 @@ def test_app_and_worker_share_database_broker_and_home():
     for name in ("app", "worker"):
         env = services[name]["environment"]
         url = env["KB_DATABASE_URL"]
-        assert url == f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
+        assert (
+            url
+            == f"postgresql://{pg['POSTGRES_USER']}:{pg['POSTGRES_PASSWORD']}@postgres:5432/{pg['POSTGRES_DB']}"
+        )
         assert env["KB_REDIS_URL"].startswith("redis://redis:6379")
         assert env["KB_HOME"] == "/var/lib/kb"
         assert "kbhome:/var/lib/kb" in services[name]["volumes"]

@@ -31,13 +31,19 @@ def _kv(n: int, hkv: int, d: int, kv: str, chunk: int, g: torch.Generator):
     return k8, v8, ks, vs
 
 
-def _idx(kind: str, t: int, hkv: int, top_k: int, c: int, g: torch.Generator) -> torch.Tensor | None:
+def _idx(
+    kind: str, t: int, hkv: int, top_k: int, c: int, g: torch.Generator
+) -> torch.Tensor | None:
     """chunk_idx of a kind: None (dense), 'token' (each row its own), 'request' (one shared row),
     'mixed' (two requests' prefills and a decode token), 'messy' (repeats and -1 padding)."""
     if kind == "dense":
         return None
+
     def pick(rows: int) -> torch.Tensor:
-        return torch.stack([torch.randperm(c, generator=g)[:top_k] for _ in range(rows * hkv)]).view(rows, hkv, -1)
+        return torch.stack(
+            [torch.randperm(c, generator=g)[:top_k] for _ in range(rows * hkv)]
+        ).view(rows, hkv, -1)
+
     if kind == "token":
         return pick(t).int()
     if kind == "request":

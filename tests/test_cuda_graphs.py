@@ -16,13 +16,14 @@ from kb.engine.cuda_graphs import DecodeGraphs
 from kb.engine.engine import Engine, EngineConfig
 from kb.engine.runner import ModelRunner
 from kb.engine.scheduler import Batch
-from kb.engine.sequence import SamplingParams, Sequence, SeqStatus
+from kb.engine.sequence import SamplingParams, SeqStatus, Sequence
 from kb.engine.shared_kv import SharedKV
 from kb.model.loader import LoadedModel
 from tests.conftest import DigitTokenizer
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_serve", os.path.join(os.path.dirname(__file__), "..", "bench", "serve.py"))
+    "bench_serve", os.path.join(os.path.dirname(__file__), "..", "bench", "serve.py")
+)
 serve = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve)
 
@@ -45,15 +46,21 @@ def _tiny_lm(device: str, dtype: torch.dtype) -> LoadedModel:
     return LoadedModel(model, DigitTokenizer(), model.config, Path("."), "tiny", "digits")
 
 
-def _decoding(blocks: BlockManager, prompts: list[int], key: str | None | list, seed: int = 0) -> Batch:
+def _decoding(
+    blocks: BlockManager, prompts: list[int], key: str | None | list, seed: int = 0
+) -> Batch:
     """Sequences whose prompts are in the cache but for the last token: the next step decodes it.
     `key`: every sequence's corpus, or a list of one per sequence."""
     g = torch.Generator().manual_seed(seed)
     seqs = []
     keys = key if isinstance(key, list) else [key] * len(prompts)
     for n, kk in zip(prompts, keys):
-        s = Sequence(torch.randint(0, 256, (n,), generator=g).tolist(), SamplingParams(max_tokens=4),
-                     corpus_key=kk, pos_offset=N if kk else 0)
+        s = Sequence(
+            torch.randint(0, 256, (n,), generator=g).tolist(),
+            SamplingParams(max_tokens=4),
+            corpus_key=kk,
+            pos_offset=N if kk else 0,
+        )
         blocks.allocate(s, n)
         s.num_computed, s.status = n - 1, SeqStatus.RUNNING
         seqs.append(s)
@@ -71,36 +78,47 @@ def test_inputs_layout_pads_to_the_scratch_page():
     seqs = batch.seqs
     assert ids[:3] == [s.prompt_ids[-1] for s in seqs] and ids[3] == 0
     assert pos == [N + 4, N + 19, N + 32, 0]
-    assert slots[:3] == [s.block_table[(s.num_computed) // BS] * BS + s.num_computed % BS for s in seqs]
+    assert slots[:3] == [
+        s.block_table[(s.num_computed) // BS] * BS + s.num_computed % BS for s in seqs
+    ]
     assert slots[3] == graphs.scratch * BS and lens == [5, 20, 33, 1]
     table = host[16:].view(rows, width)
     for i, s in enumerate(seqs):
-        assert table[i, :len(s.block_table)].tolist() == s.block_table
-        assert not table[i, len(s.block_table):].any()
+        assert table[i, : len(s.block_table)].tolist() == s.block_table
+        assert not table[i, len(s.block_table) :].any()
     assert table[3].tolist() == [graphs.scratch] + [0] * (width - 1)
     # per_request: the corpus's shared pages head every real row; lengths count them
     prefix = runner.shared_pages["corpus"].tolist()
     host = torch.zeros(4 * rows + rows * 32, dtype=torch.long)
     graphs._fill(host, seqs, rows, 32, [prefix] * 3)
     table = host[16:].view(rows, 32)
-    assert table[1, :len(prefix)].tolist() == prefix
-    assert table[1, len(prefix):len(prefix) + 2].tolist() == seqs[1].block_table
+    assert table[1, : len(prefix)].tolist() == prefix
+    assert table[1, len(prefix) : len(prefix) + 2].tolist() == seqs[1].block_table
     assert host[12:16].tolist() == [N + 5, N + 20, N + 33, 1]
     # copies: each row its own corpus's pages (here: the first row none)
     graphs._fill(host, seqs, rows, 32, [[], prefix[:3], prefix])
     table = host[16:].view(rows, 32)
     assert table[0, :1].tolist() == seqs[0].block_table[:1] and table[1, :3].tolist() == prefix[:3]
-    assert table[2, :len(prefix)].tolist() == prefix and host[12:16].tolist() == [5, 3 * BS + 20, N + 33, 1]
+    assert table[2, : len(prefix)].tolist() == prefix and host[12:16].tolist() == [
+        5,
+        3 * BS + 20,
+        N + 33,
+        1,
+    ]
 
 
 def test_cpu_engine_has_no_graphs():
-    engine = Engine(_tiny_lm("cpu", torch.float32), EngineConfig(cuda_graphs=True, unique_kv_tokens=256))
+    engine = Engine(
+        _tiny_lm("cpu", torch.float32), EngineConfig(cuda_graphs=True, unique_kv_tokens=256)
+    )
     assert engine.runner.graphs is None
 
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("mode", ["ours_dense", "ours_routed", "per_request", "copies", "no_corpus"])
+@pytest.mark.parametrize(
+    "mode", ["ours_dense", "ours_routed", "per_request", "copies", "no_corpus"]
+)
 def test_replayed_decode_equals_eager(mode):
     runner, blocks, sh = _runner("cuda", torch.bfloat16)
     corpora = {"corpus": serve.with_router(sh, 0.25) if mode == "ours_routed" else sh}
@@ -152,10 +170,18 @@ def test_engine_generates_through_graphs():
     lm = _tiny_lm("cuda", torch.bfloat16)
     outs = {}
     for graphs in (False, True):
-        engine = Engine(lm, EngineConfig(device="cuda", unique_kv_tokens=1024, cuda_graphs=graphs,
-                                         citation_layers=0))
-        hs = [engine.add_request(list(range(3 + i, 9 + 2 * i)), SamplingParams(max_tokens=12, ignore_eos=True))
-              for i in range(5)]
+        engine = Engine(
+            lm,
+            EngineConfig(
+                device="cuda", unique_kv_tokens=1024, cuda_graphs=graphs, citation_layers=0
+            ),
+        )
+        hs = [
+            engine.add_request(
+                list(range(3 + i, 9 + 2 * i)), SamplingParams(max_tokens=12, ignore_eos=True)
+            )
+            for i in range(5)
+        ]
         engine.run_until_done()
         outs[graphs] = [h.seq.output_ids for h in hs]
         if graphs:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import queue
-from datetime import timedelta
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -30,9 +30,19 @@ def _tiny_loaded(device: str = "cpu"):
     from kb.model.llama import Transformer
     from kb.model.loader import LoadedModel
 
-    cfg = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      max_position_embeddings=1024)
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=1024,
+    )
     torch.manual_seed(0)
     model = Transformer(cfg).eval().requires_grad_(False).to(device)
     return LoadedModel(model, DigitTokenizer(), cfg, Path("."), "tiny", "digits")
@@ -60,8 +70,12 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16], [3, 1, 4, 1, 5, 9]]
 def _generate(engine, corpora, max_tokens: int = 6) -> list[list[int]]:
     from kb.engine.sequence import SamplingParams
 
-    hs = [engine.add_request(p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), c.key, c.pos_offset)
-          for p, c in zip(PROMPTS, corpora * len(PROMPTS))]
+    hs = [
+        engine.add_request(
+            p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), c.key, c.pos_offset
+        )
+        for p, c in zip(PROMPTS, corpora * len(PROMPTS))
+    ]
     engine.run_until_done()
     return [h.seq.output_ids for h in hs]
 
@@ -94,7 +108,10 @@ def _unique_rank_compare(world) -> dict:
     idx = routed.router.route(1, q, routed.top_k)
     diffs = {}
     with torch.inference_mode():
-        for name, sh, view, i in (("dense", dense, views[0], None), ("routed", routed, views[1], idx)):
+        for name, sh, view, i in (
+            ("dense", dense, views[0], None),
+            ("routed", routed, views[1], idx),
+        ):
             o_ref, lse_ref = attention.shared_attention(q, sh.k[1], sh.v[1], i, sh.chunk_size)
             o, lse = link.shared_attention(view, 1, q, i)
             diffs[name] = (float((o - o_ref).abs().max()), float((lse - lse_ref).abs().max()))
@@ -114,8 +131,12 @@ def _unique_rank_kill(world) -> dict:
     engine = distributed_engine(lm, link, EngineConfig(unique_kv_tokens=512, block_size=8))
     view = link.register(_corpus("dense", 1, False))
     engine.register_corpus(view)
-    hs = [engine.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True), view.key, view.pos_offset)
-          for p in PROMPTS[:2]]
+    hs = [
+        engine.add_request(
+            p, SamplingParams(max_tokens=40, ignore_eos=True), view.key, view.pos_offset
+        )
+        for p in PROMPTS[:2]
+    ]
     for _ in range(3):
         engine.step()
     tokens_before = [len(h.seq.output_ids) for h in hs]
@@ -133,7 +154,9 @@ def _unique_rank_kill(world) -> dict:
     return {"tokens_before": tokens_before, "results": results, "raised": raised}
 
 
-def _rank_main(rank: int, world_size: int, init: str, scenario: str, out, backend: str = "gloo") -> None:
+def _rank_main(
+    rank: int, world_size: int, init: str, scenario: str, out, backend: str = "gloo"
+) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     from kb.engine.distributed.protocol import init_world
@@ -178,8 +201,12 @@ def _spawn(world_size: int, scenario: str, tmp_path: Path, backend: str = "gloo"
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, init, scenario, out, backend), daemon=True)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(
+            target=_rank_main, args=(r, world_size, init, scenario, out, backend), daemon=True
+        )
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     try:
@@ -220,7 +247,9 @@ def test_sharded_shared_kv_answers_as_one_process(world_size, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (run on a multi-GPU device kind)")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs 2 CUDA devices (run on a multi-GPU device kind)"
+)
 def test_sharded_shared_kv_over_nccl_answers_as_one_process(tmp_path):
     """The same over NCCL, rank r on cuda:r: greedy tokens equal the one-process engine on cuda:0."""
     res = _spawn(2, "compare", tmp_path, backend="nccl")

@@ -40,7 +40,9 @@ def docs_server(tmp_path, no_network):
 
 def _assets(html: str) -> list[str]:
     """The URLs a page loads by itself: script sources, stylesheets, icons."""
-    return re.findall(r'<script[^>]+src="([^"]+)"', html) + re.findall(r'<link[^>]+href="([^"]+)"', html)
+    return re.findall(r'<script[^>]+src="([^"]+)"', html) + re.findall(
+        r'<link[^>]+href="([^"]+)"', html
+    )
 
 
 @pytest.mark.parametrize("page, marker", [("/docs", "SwaggerUIBundle"), ("/redoc", "<redoc")])
@@ -52,7 +54,9 @@ def test_docs_page_and_its_assets_come_from_the_app(docs_server, page, marker):
         assert any(a.endswith(".js") for a in assets), assets
         for a in assets:
             url = urljoin(docs_server + page, a)
-            assert urlsplit(url).netloc == urlsplit(docs_server).netloc, f"{page} loads {a} from elsewhere"
+            assert urlsplit(url).netloc == urlsplit(docs_server).netloc, (
+                f"{page} loads {a} from elsewhere"
+            )
             asset = client.get(url)
             assert asset.status_code == 200 and len(asset.content) > 1000, (a, asset.status_code)
         spec = client.get("/openapi.json")

@@ -19,13 +19,18 @@ def _shared(lm, preamble, segment) -> SharedKV:
     pk, pv = prefill_preamble(lm.model, preamble)
     [(_, k, v)] = list(prefill_segments(lm.model, preamble, [segment]))
     k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
-    return SharedKV("c", list(k.unbind(0)), list(v.unbind(0)), chunk_size=16,
-                    pos_offset=len(preamble) + len(segment))
+    return SharedKV(
+        "c",
+        list(k.unbind(0)),
+        list(v.unbind(0)),
+        chunk_size=16,
+        pos_offset=len(preamble) + len(segment),
+    )
 
 
 def _greedy_hf(hf, ids: list[int], n: int) -> list[int]:
     out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def test_shared_plus_unique_equals_one_contiguous_prompt(demo_model_dir, demo_model):
@@ -36,14 +41,19 @@ def test_shared_plus_unique_equals_one_contiguous_prompt(demo_model_dir, demo_mo
     lm = demo_model
     tok = lm.tokenizer
     preamble = tok("<|im_start|>system\nRead this.\n", add_special_tokens=False).input_ids
-    segment = tok("Otters hold hands while sleeping so they do not drift apart. " * 4,
-                  add_special_tokens=False).input_ids
-    question = tok("<|im_end|>\n<|im_start|>user\nWhy do otters hold hands?<|im_end|>\n<|im_start|>assistant\n",
-                   add_special_tokens=False).input_ids
+    segment = tok(
+        "Otters hold hands while sleeping so they do not drift apart. " * 4,
+        add_special_tokens=False,
+    ).input_ids
+    question = tok(
+        "<|im_end|>\n<|im_start|>user\nWhy do otters hold hands?<|im_end|>\n<|im_start|>assistant\n",
+        add_special_tokens=False,
+    ).input_ids
     engine = Engine(lm, EngineConfig(unique_kv_tokens=1024, citation_layers=0))
     engine.register_corpus(_shared(lm, preamble, segment))
-    h = engine.add_request(question, SamplingParams(max_tokens=12, ignore_eos=True), "c",
-                           len(preamble) + len(segment))
+    h = engine.add_request(
+        question, SamplingParams(max_tokens=12, ignore_eos=True), "c", len(preamble) + len(segment)
+    )
     engine.run_until_done()
     hf = AutoModelForCausalLM.from_pretrained(str(demo_model_dir), dtype=torch.float32).eval()
     ref = _greedy_hf(hf, preamble + segment + question, 12)
@@ -55,11 +65,16 @@ def test_concurrent_requests_equal_sequential(demo_model):
     lm = demo_model
     tok = lm.tokenizer
     preamble = tok("<|im_start|>system\nFacts:\n", add_special_tokens=False).input_ids
-    segment = tok("The river Wend flows north. The tower of Ilsa is 90 metres tall.",
-                  add_special_tokens=False).input_ids
-    qs = [tok(f"<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
-              add_special_tokens=False).input_ids
-          for q in ("Where does the Wend flow?", "How tall is the tower?", "Name a river.", "Hi")]
+    segment = tok(
+        "The river Wend flows north. The tower of Ilsa is 90 metres tall.", add_special_tokens=False
+    ).input_ids
+    qs = [
+        tok(
+            f"<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n",
+            add_special_tokens=False,
+        ).input_ids
+        for q in ("Where does the Wend flow?", "How tall is the tower?", "Name a river.", "Hi")
+    ]
     shared = _shared(lm, preamble, segment)
 
     def run(together: bool) -> list[list[int]]:
@@ -95,7 +110,9 @@ def test_late_arrival_joins_running_batch(demo_model):
 
 
 def test_abort_frees_blocks(demo_model):
-    engine = Engine(demo_model, EngineConfig(unique_kv_tokens=256, block_size=16, citation_layers=0))
+    engine = Engine(
+        demo_model, EngineConfig(unique_kv_tokens=256, block_size=16, citation_layers=0)
+    )
     free0 = engine.blocks.num_free
     h = engine.add_request(list(range(1, 40)), SamplingParams(max_tokens=100, ignore_eos=True))
     engine.step()
@@ -143,8 +160,10 @@ def test_two_corpora_share_one_step(demo_model):
     a = _shared(lm, pre, tok("Cats purr.", add_special_tokens=False).input_ids)
     b = _shared(lm, pre, tok("Dogs bark loudly at night.", add_special_tokens=False).input_ids)
     a.key, b.key = "a", "b"
-    q = tok("<|im_end|>\n<|im_start|>user\nWhat do they do?<|im_end|>\n<|im_start|>assistant\n",
-            add_special_tokens=False).input_ids
+    q = tok(
+        "<|im_end|>\n<|im_start|>user\nWhat do they do?<|im_end|>\n<|im_start|>assistant\n",
+        add_special_tokens=False,
+    ).input_ids
 
     def answer(together: bool) -> list[list[int]]:
         engine = Engine(lm, EngineConfig(unique_kv_tokens=1024, citation_layers=0))
@@ -174,13 +193,21 @@ def test_python_api_chat_and_generate_without_a_corpus(handbook):
     from tests.conftest import FACT_ANSWER, FACT_QUESTION
 
     sp = lambda: SamplingParams(max_tokens=12)  # noqa: E731
-    plain = handbook.wait(handbook.chat([{"role": "user", "content": "What is the capital of France?"}],
-                                        sampling=sp()))
+    plain = handbook.wait(
+        handbook.chat(
+            [{"role": "user", "content": "What is the capital of France?"}], sampling=sp()
+        )
+    )
     assert "Paris" in plain["answer"] and plain["citations"] == []
     raw = handbook.wait(handbook.generate("The capital of France is", sp()))
     assert raw["usage"]["completion_tokens"] > 0
-    over = handbook.wait(handbook.chat([{"role": "user", "content": FACT_QUESTION}], corpus="handbook",
-                                       sampling=SamplingParams(max_tokens=24)))
+    over = handbook.wait(
+        handbook.chat(
+            [{"role": "user", "content": FACT_QUESTION}],
+            corpus="handbook",
+            sampling=SamplingParams(max_tokens=24),
+        )
+    )
     assert FACT_ANSWER in over["answer"] and over["citations"]
     assert over == handbook.answer("handbook", FACT_QUESTION, SamplingParams(max_tokens=24))
 
@@ -192,7 +219,9 @@ def test_tiny_temperature_is_greedy_and_a_failing_step_never_stops_the_engine(de
     engine.start()
     try:
         greedy = engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=4, ignore_eos=True))
-        tiny = engine.add_request([1, 2, 3, 4], SamplingParams(max_tokens=4, ignore_eos=True, temperature=1e-300))
+        tiny = engine.add_request(
+            [1, 2, 3, 4], SamplingParams(max_tokens=4, ignore_eos=True, temperature=1e-300)
+        )
         for h in (greedy, tiny):
             assert list(h)[-1].reason == "length"
         assert tiny.seq.output_ids == greedy.seq.output_ids

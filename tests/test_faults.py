@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import os
 import subprocess
 import time
 import uuid
@@ -22,8 +21,10 @@ from storage.kvstore import read_kv
 from storage.models import Corpus, Document, Segment
 from tests.conftest import FACT_ANSWER, FACT_QUESTION, MODELS_DIR, PG_URL, serve_in_thread
 
-FACT = ("The archive of the Velmora Institute is kept in a vault. "
-        "The access code of the Velmora vault is 7341.")
+FACT = (
+    "The archive of the Velmora Institute is kept in a vault. "
+    "The access code of the Velmora vault is 7341."
+)
 
 
 def make_kb(home: Path, **settings):
@@ -58,9 +59,13 @@ def test_postgres_connections_killed_under_the_service_reconnect(db_url, tmp_pat
 
     def kill_all() -> int:
         with admin.begin() as c:
-            return c.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                  "WHERE application_name = :app AND pid <> pg_backend_pid()"),
-                             {"app": app_name}).scalar_one()
+            return c.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = :app AND pid <> pg_backend_pid()"
+                ),
+                {"app": app_name},
+            ).scalar_one()
 
     try:
         kb.create_corpus("facts")
@@ -73,12 +78,21 @@ def test_postgres_connections_killed_under_the_service_reconnect(db_url, tmp_pat
         kb.cache.drop("facts")  # the next question reads the corpus rows and KV again
         assert FACT_ANSWER in ask(kb)["answer"]
         assert kill_all() >= 1
-        with serve_in_thread(create_app(kb, warm=False, ui=False)) as url, httpx.Client(base_url=url, timeout=300) as c:
+        with (
+            serve_in_thread(create_app(kb, warm=False, ui=False)) as url,
+            httpx.Client(base_url=url, timeout=300) as c,
+        ):
             r = c.get("/v1/corpora")
             assert r.status_code == 200 and [x["name"] for x in r.json()] == ["facts"], r.text
             assert kill_all() >= 1
-            r = c.post("/v1/chat/completions", json={"model": "kb:facts", "max_tokens": 24,
-                                                     "messages": [{"role": "user", "content": FACT_QUESTION}]})
+            r = c.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "kb:facts",
+                    "max_tokens": 24,
+                    "messages": [{"role": "user", "content": FACT_QUESTION}],
+                },
+            )
             assert r.status_code == 200, r.text
             assert FACT_ANSWER in r.json()["choices"][0]["message"]["content"]
     finally:
@@ -100,9 +114,13 @@ def test_full_disk_while_writing_kv_fails_the_document_cleanly(tmp_path, demo_mo
     home = tmp_path / "home"
     kv = home / "kv"
     kv.mkdir(parents=True)
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(kv)], capture_output=True, text=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(kv)], capture_output=True, text=True
+    )
     if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {mount.stderr.strip() or mount.returncode}")
+        pytest.skip(
+            f"cannot mount a tmpfs here (needs root): {mount.stderr.strip() or mount.returncode}"
+        )
     kb = None
     try:
         kb = make_kb(home)
@@ -116,7 +134,10 @@ def test_full_disk_while_writing_kv_fails_the_document_cleanly(tmp_path, demo_mo
         assert res.status == "failed" and "no space left" in (res.error or "").lower(), res
         docs = {d["filename"]: d for d in kb.documents("facts")}
         assert docs["vault.txt"]["stage"] == "ready"
-        assert docs["big.txt"]["stage"] == "failed" and "no space left" in docs["big.txt"]["error"].lower()
+        assert (
+            docs["big.txt"]["stage"] == "failed"
+            and "no space left" in docs["big.txt"]["error"].lower()
+        )
         assert kb.corpus_info("facts").status == "ready"
 
         # no temporary or torn file: every file on the tmpfs is a verified, recorded KV file
@@ -125,8 +146,12 @@ def test_full_disk_while_writing_kv_fails_the_document_cleanly(tmp_path, demo_mo
         with kb.db.session() as s:
             corpus = s.scalar(select(Corpus).where(Corpus.name == "facts"))
             recorded = {Path(corpus.preamble_kv_file): corpus.preamble_checksum}
-            recorded |= {Path(f): c for f, c in s.execute(select(Segment.kv_file, Segment.kv_checksum)
-                                                          .where(Segment.kv_file.is_not(None)))}
+            recorded |= {
+                Path(f): c
+                for f, c in s.execute(
+                    select(Segment.kv_file, Segment.kv_checksum).where(Segment.kv_file.is_not(None))
+                )
+            }
         assert on_disk == set(recorded), on_disk ^ set(recorded)
         for path, checksum in recorded.items():
             read_kv(path, checksum)
@@ -182,22 +207,34 @@ def test_unique_kv_exhausted_refuses_what_can_never_fit_and_queues_what_fits_lat
 
     # a request that can never fit: 400 at once, naming the budget; A is untouched
     with httpx.Client(base_url=url, timeout=300) as c:
-        r = c.post("/v1/chat/completions", json={"model": "kb:facts", "max_tokens": cap,
-                                                 "messages": [{"role": "user", "content": FACT_QUESTION}]})
+        r = c.post(
+            "/v1/chat/completions",
+            json={
+                "model": "kb:facts",
+                "max_tokens": cap,
+                "messages": [{"role": "user", "content": FACT_QUESTION}],
+            },
+        )
     assert r.status_code == 400, r.text
     assert "unique-KV cache holds 256" in r.json()["error"]["message"]
 
     # one that fits later: queued behind A, not refused, not preempting it
     b = kb.ask("facts", q.replace("carefully", "closely"), sp())
     with engine._lock:
-        a_running, b_waiting = a.handle.seq in engine.scheduler.running, b.handle.seq in engine.scheduler.waiting
+        a_running, b_waiting = (
+            a.handle.seq in engine.scheduler.running,
+            b.handle.seq in engine.scheduler.waiting,
+        )
     assert a_running and b_waiting
     results = []
     for ans in (a, b):
-        for ev in ans.handle:
+        for _ev in ans.handle:
             pass
         results.append(ans.handle.result)
-    assert [(r.reason, r.completion_tokens) for r in results] == [("length", gen), ("length", gen)], results
+    assert [(r.reason, r.completion_tokens) for r in results] == [
+        ("length", gen),
+        ("length", gen),
+    ], results
     assert engine.metrics.max_batch_size == 1  # never stepped together: B waited for A's blocks
     with engine._lock:  # the step that finished B frees its blocks before it lets go of the lock
         assert engine.blocks.num_free == engine.blocks.num_blocks
@@ -212,15 +249,24 @@ def test_corrupted_kv_file_is_never_served_and_rebuild_repairs_it(tiny):
     segment is recomputed.)"""
     kb, url = tiny
     with kb.db.session() as s:
-        seg = s.scalars(select(Segment).join(Document).join(Corpus).where(Corpus.name == "facts")
-                        .order_by(Segment.id)).first()
+        seg = s.scalars(
+            select(Segment)
+            .join(Document)
+            .join(Corpus)
+            .where(Corpus.name == "facts")
+            .order_by(Segment.id)
+        ).first()
         path = Path(seg.kv_file)
     data = bytearray(path.read_bytes())
     for i in (len(data) // 2, len(data) - 5):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
     kb.cache.drop("facts")
-    chat = {"model": "kb:facts", "max_tokens": 24, "messages": [{"role": "user", "content": FACT_QUESTION}]}
+    chat = {
+        "model": "kb:facts",
+        "max_tokens": 24,
+        "messages": [{"role": "user", "content": FACT_QUESTION}],
+    }
     with httpx.Client(base_url=url, timeout=300) as c:
         r = c.post("/v1/chat/completions", json=chat)
         assert r.status_code == 409 and "must be rebuilt" in r.json()["error"]["message"], r.text

@@ -10,10 +10,10 @@ import zlib
 
 import pytest
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
 
 from tests.conftest import FACT_ANSWER, FACT_QUESTION, serve_in_thread
 
@@ -37,7 +37,11 @@ def _steer(case) -> None:
     every other chat at the ready corpus and every other upload at corpus 'fuzz', so that
     generation and ingestion run rather than stopping at 404."""
     alternate = zlib.crc32(repr((case.body, case.path_parameters, case.query)).encode()) % 2
-    if case.operation.label == "POST /v1/chat/completions" and isinstance(case.body, dict) and alternate:
+    if (
+        case.operation.label == "POST /v1/chat/completions"
+        and isinstance(case.body, dict)
+        and alternate
+    ):
         case.body["model"] = "kb:handbook"
         case.body.pop("corpus", None)
     if case.operation.label == "POST /v1/corpora/{name}/documents" and alternate:
@@ -45,8 +49,11 @@ def _steer(case) -> None:
     if isinstance(case.body, dict) and isinstance(case.body.get("messages"), list):
         # bound the prompt too: at most 8 messages of 400 characters each
         case.body["messages"] = [
-            {**m, "content": m["content"][:400]} if isinstance(m, dict) and isinstance(m.get("content"), str) else m
-            for m in case.body["messages"][-8:]]
+            {**m, "content": m["content"][:400]}
+            if isinstance(m, dict) and isinstance(m.get("content"), str)
+            else m
+            for m in case.body["messages"][-8:]
+        ]
     if isinstance(case.body, dict):
         for key in ("max_tokens", "max_completion_tokens"):
             value = case.body.get(key)
@@ -68,18 +75,24 @@ def test_no_server_error_on_any_operation(served):
         @given(case=op.as_strategy(mode))
         # no shrinking: a failing case is reported as found (each call may run the model, and a
         # shrink of a slow case could outlast CI)
-        @settings(max_examples=25 if mode == GenerationMode.POSITIVE else 15, deadline=None,
-                  suppress_health_check=list(HealthCheck), derandomize=True, database=None,
-                  phases=[Phase.explicit, Phase.generate])
+        @settings(
+            max_examples=25 if mode == GenerationMode.POSITIVE else 15,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+            database=None,
+            phases=[Phase.explicit, Phase.generate],
+        )
         def no_5xx(case):
             _steer(case)
             response = case.call(timeout=120)
-            calls[op.label] += 1
+            calls[case.operation.label] += 1
             key = f"{case.method}{case.operation.path}={response.status_code}"
             statuses[key] = statuses.get(key, 0) + 1
             assert response.status_code < 500, (
                 f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:500]}\n"
-                f"{case.as_curl_command()}")
+                f"{case.as_curl_command()}"
+            )
 
         try:
             no_5xx()
@@ -95,17 +108,30 @@ def test_no_server_error_on_any_operation(served):
 
 _HOSTILE_TEXT = st.text(min_size=1, max_size=20).flatmap(
     lambda t: st.sampled_from(["\x00", "\ud800", "\udfff", "\x07", "\x1b", "\x7f"]).map(
-        lambda bad: t[: len(t) // 2] + bad + t[len(t) // 2:]))
+        lambda bad: t[: len(t) // 2] + bad + t[len(t) // 2 :]
+    )
+)
 _HOSTILE_FLOAT = st.sampled_from([math.nan, math.inf, -math.inf])
-_FIELDS = {"temperature": _HOSTILE_FLOAT, "top_p": _HOSTILE_FLOAT, "presence_penalty": _HOSTILE_FLOAT,
-           "frequency_penalty": _HOSTILE_FLOAT, "model": _HOSTILE_TEXT, "corpus": _HOSTILE_TEXT,
-           "stop": _HOSTILE_TEXT, "messages.0.content": _HOSTILE_TEXT}
+_FIELDS = {
+    "temperature": _HOSTILE_FLOAT,
+    "top_p": _HOSTILE_FLOAT,
+    "presence_penalty": _HOSTILE_FLOAT,
+    "frequency_penalty": _HOSTILE_FLOAT,
+    "model": _HOSTILE_TEXT,
+    "corpus": _HOSTILE_TEXT,
+    "stop": _HOSTILE_TEXT,
+    "messages.0.content": _HOSTILE_TEXT,
+}
 
 
 @st.composite
 def _hostile_chat(draw):
     field = draw(st.sampled_from(sorted(_FIELDS)))
-    body = {"model": "kb:handbook", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}
+    body = {
+        "model": "kb:handbook",
+        "max_tokens": 1,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     value = draw(_FIELDS[field])
     if field == "messages.0.content":
         body["messages"][0]["content"] = value
@@ -120,15 +146,27 @@ def test_hostile_values_in_chat_fields_are_400_naming_the_field(served):
     import httpx
 
     with httpx.Client(base_url=served, timeout=60) as client:
+
         @given(_hostile_chat())
-        @settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=60,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(case):
             field, body = case
             raw = json.dumps(body, allow_nan=True).encode()  # NaN literals and \ud800 escapes
-            r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+            r = client.post(
+                "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+            )
             assert r.status_code == 400, (field, r.status_code, r.text[:300])
-            assert r.json()["error"].get("param", field) == field or field in r.json()["error"]["message"]
+            assert (
+                r.json()["error"].get("param", field) == field
+                or field in r.json()["error"]["message"]
+            )
+
         check()
 
 
@@ -139,24 +177,44 @@ def test_hostile_path_and_query_values_are_400(served):
     import httpx
 
     with httpx.Client(base_url=served, timeout=60) as client:
-        @given(_HOSTILE_TEXT.filter(lambda t: "/" not in t and "\ud800" not in t and "\udfff" not in t))
-        @settings(max_examples=40, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+
+        @given(
+            _HOSTILE_TEXT.filter(lambda t: "/" not in t and "\ud800" not in t and "\udfff" not in t)
+        )
+        @settings(
+            max_examples=40,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
         def check(value):
             q = urllib.parse.quote(value, safe="")
-            for method, path in (("GET", f"/v1/corpora/{q}"), ("GET", f"/v1/corpora/{q}/documents"),
-                                 ("DELETE", f"/v1/corpora/{q}"), ("GET", f"/v1/jobs?corpus={q}"),
-                                 ("GET", f"/v1/jobs/{q}"), ("POST", f"/v1/cache/{q}/pin")):
+            for method, path in (
+                ("GET", f"/v1/corpora/{q}"),
+                ("GET", f"/v1/corpora/{q}/documents"),
+                ("DELETE", f"/v1/corpora/{q}"),
+                ("GET", f"/v1/jobs?corpus={q}"),
+                ("GET", f"/v1/jobs/{q}"),
+                ("POST", f"/v1/cache/{q}/pin"),
+            ):
                 r = client.request(method, path)
                 assert r.status_code == 400, (method, path, r.status_code, r.text[:300])
+
         check()
 
 
 def test_service_still_answers_after_fuzzing(served, handbook):
     import httpx
 
-    r = httpx.post(f"{served}/v1/chat/completions", timeout=300,
-                   json={"model": "kb:handbook", "max_tokens": 24,
-                         "messages": [{"role": "user", "content": FACT_QUESTION}]})
+    r = httpx.post(
+        f"{served}/v1/chat/completions",
+        timeout=300,
+        json={
+            "model": "kb:handbook",
+            "max_tokens": 24,
+            "messages": [{"role": "user", "content": FACT_QUESTION}],
+        },
+    )
     assert r.status_code == 200, r.text
     assert FACT_ANSWER in r.json()["choices"][0]["message"]["content"]

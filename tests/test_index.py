@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import attention
@@ -22,20 +23,22 @@ from index.router import Router, top_k_for
 from index.search import find_chunks, find_documents, passage_query
 from index.summaries import chunk_summaries, group_query, query_vectors
 
-
 # FAISS builds indexes on CPU hosts; the GPU serving machine may lack it (the router never needs it)
 needs_faiss = pytest.mark.skipif(importlib.util.find_spec("faiss") is None, reason="no faiss")
 
 
 def _direct_summaries(keys: torch.Tensor, cs: int) -> tuple[torch.Tensor, ...]:
     """Chunk by chunk, the obvious way."""
-    chunks = [keys[i:i + cs].double() for i in range(0, keys.shape[0], cs)]
-    return tuple(torch.stack([f(x) for x in chunks]) for f in
-                 (lambda x: x.mean(0), lambda x: x.amin(0), lambda x: x.amax(0)))
+    chunks = [keys[i : i + cs].double() for i in range(0, keys.shape[0], cs)]
+    return tuple(
+        torch.stack([f(x) for x in chunks])
+        for f in (lambda x: x.mean(0), lambda x: x.amin(0), lambda x: x.amax(0))
+    )
 
 
-@pytest.mark.parametrize("n,cs,block", [(1000, 64, 4096), (1000, 64, 3), (64 * 5, 64, 2),
-                                        (1, 16, 4096), (130, 128, 1)])
+@pytest.mark.parametrize(
+    "n,cs,block", [(1000, 64, 4096), (1000, 64, 3), (64 * 5, 64, 2), (1, 16, 4096), (130, 128, 1)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_summaries_match_direct(n: int, cs: int, block: int, dtype: torch.dtype) -> None:
     keys = torch.randn(n, 4, 32, generator=torch.Generator().manual_seed(n)).to(dtype)
@@ -49,7 +52,9 @@ def test_summaries_match_direct(n: int, cs: int, block: int, dtype: torch.dtype)
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=st.data(), n=st.integers(1, 90), cs=st.integers(1, 20), group=st.sampled_from([1, 2, 4]))
+@given(
+    data=st.data(), n=st.integers(1, 90), cs=st.integers(1, 20), group=st.sampled_from([1, 2, 4])
+)
 def test_quest_bound_bounds_every_key(data: st.DataObject, n: int, cs: int, group: int) -> None:
     """q+ . kmax + q- . kmin >= max_j qg . k_j for every chunk, and >= the mean's score."""
     hkv, d = 2, 8
@@ -58,8 +63,9 @@ def test_quest_bound_bounds_every_key(data: st.DataObject, n: int, cs: int, grou
     q = torch.from_numpy(data.draw(arrays(np.float32, (3, hkv * group, d), elements=el)))
     s = chunk_summaries(keys, cs)
     qg = group_query(q, hkv)  # [T, Hkv, d]
-    bound = torch.einsum("thd,chd->thc", query_vectors(qg, "quest").double(),
-                         s.vectors("quest").double())
+    bound = torch.einsum(
+        "thd,chd->thc", query_vectors(qg, "quest").double(), s.vectors("quest").double()
+    )
     exact = torch.einsum("thd,nhd->thn", qg.double(), keys.double())  # [T, Hkv, N]
     pad = s.num_chunks * cs - n
     exact = torch.nn.functional.pad(exact, (0, pad), value=float("-inf"))
@@ -88,11 +94,13 @@ def _agree_with_exact(a: torch.Tensor, b: torch.Tensor, exact: torch.Tensor) -> 
 
 @needs_faiss
 @pytest.mark.parametrize("kind", ["mean", "quest"])
-@pytest.mark.parametrize("t,hq,hkv,d,n,cs,k", [(16, 8, 2, 64, 20000, 64, 8),
-                                              (5, 4, 4, 32, 3000, 16, 17),
-                                              (9, 32, 8, 128, 7000, 128, 4)])
-def test_router_selects_what_faiss_exact_selects(kind: str, t: int, hq: int, hkv: int, d: int,
-                                                 n: int, cs: int, k: int) -> None:
+@pytest.mark.parametrize(
+    "t,hq,hkv,d,n,cs,k",
+    [(16, 8, 2, 64, 20000, 64, 8), (5, 4, 4, 32, 3000, 16, 17), (9, 32, 8, 128, 7000, 128, 4)],
+)
+def test_router_selects_what_faiss_exact_selects(
+    kind: str, t: int, hq: int, hkv: int, d: int, n: int, cs: int, k: int
+) -> None:
     g = torch.Generator().manual_seed(n + k)
     keys = torch.randn(n, hkv, d, generator=g) + torch.randn(1, hkv, d, generator=g)
     q = torch.randn(t, hq, d, generator=g)
@@ -104,15 +112,19 @@ def test_router_selects_what_faiss_exact_selects(kind: str, t: int, hq: int, hkv
     theirs, _ = layer.search(q, k)
     assert ours.shape == theirs.shape == (t, hkv, min(k, s.num_chunks))
     assert ours.dtype == theirs.dtype == torch.int32
-    exact = torch.einsum("thd,chd->thc", query_vectors(group_query(q, hkv), kind).double(),
-                         s.vectors(kind).double())
+    exact = torch.einsum(
+        "thd,chd->thc", query_vectors(group_query(q, hkv), kind).double(), s.vectors(kind).double()
+    )
     tied = _agree_with_exact(ours, theirs, exact)
     assert tied < 0.02
 
 
 @needs_faiss
-@pytest.mark.parametrize("impl", [attention.route, reference_route, device_route],
-                         ids=["attention.route", "reference", "routing(bmm)"])
+@pytest.mark.parametrize(
+    "impl",
+    [attention.route, reference_route, device_route],
+    ids=["attention.route", "reference", "routing(bmm)"],
+)
 def test_attention_route_selects_what_faiss_exact_selects(impl) -> None:
     """The engine's routing entry points (CUDA's bmm path run here on CPU) against IndexFlatIP."""
     g = torch.Generator().manual_seed(11)
@@ -141,8 +153,11 @@ def test_router_on_cuda_selects_what_cpu_selects(kind: str) -> None:
     s = chunk_summaries(keys.cuda(), 64)  # summaries built on the device too
     cpu = Router.from_summaries([s.to("cpu")], kind).route(0, q, 16)
     gpu = Router.from_summaries([s], kind, device="cuda").route(0, q.cuda(), 16)
-    exact = torch.einsum("thd,chd->thc", query_vectors(group_query(q, 8), kind).double(),
-                         s.to("cpu").vectors(kind).double())
+    exact = torch.einsum(
+        "thd,chd->thc",
+        query_vectors(group_query(q, 8), kind).double(),
+        s.to("cpu").vectors(kind).double(),
+    )
     assert _agree_with_exact(gpu.cpu(), cpu, exact) < 0.02
 
 
@@ -176,12 +191,13 @@ def test_ivf_recall_on_clustered_data() -> None:
     s = chunk_summaries(x.view(c, 1, d), 1)  # one key per chunk: the chunk vectors are x
     cfg = IndexSettings(ivf_threshold=1000, use_gpu=False)
     ivf, flat = build_layer(s, "mean", cfg), build_layer(s, "mean", cfg, ivf=False)
-    assert is_ivf(ivf.indexes[0]) and ivf.indexes[0].nlist == round(c ** 0.5)
+    assert is_ivf(ivf.indexes[0]) and ivf.indexes[0].nlist == round(c**0.5)
     assert ivf.indexes[0].nprobe == cfg.nprobe
     got, _ = ivf.search(q.view(64, 1, d), k)
     want, _ = flat.search(q.view(64, 1, d), k)
-    recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / k
-                      for a, b in zip(got[:, 0], want[:, 0])])
+    recall = np.mean(
+        [len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(got[:, 0], want[:, 0])]
+    )
     assert recall >= IVF_RECALL_BOUND, recall
     ivf.set_nprobe(ivf.indexes[0].nlist)  # every list: exact again
     got_all, _ = ivf.search(q.view(64, 1, d), k)
@@ -244,10 +260,12 @@ def test_unknown_version_and_corruption_are_refused(tmp_path) -> None:
 
 
 def test_device_path_never_imports_faiss() -> None:
-    code = ("import sys, torch; from index import Router, chunk_summaries; import index.store, "
-            "index.search, index.faiss_index; s = chunk_summaries(torch.randn(300, 2, 16), 64); "
-            "Router.from_summaries([s], 'quest').route(0, torch.randn(2, 4, 16), 3); "
-            "assert 'faiss' not in sys.modules, 'faiss imported'")
+    code = (
+        "import sys, torch; from index import Router, chunk_summaries; import index.store, "
+        "index.search, index.faiss_index; s = chunk_summaries(torch.randn(300, 2, 16), 64); "
+        "Router.from_summaries([s], 'quest').route(0, torch.randn(2, 4, 16), 3); "
+        "assert 'faiss' not in sys.modules, 'faiss imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -257,7 +275,7 @@ def test_find_passage_and_documents() -> None:
     keys = [torch.randn(n, hkv, d, generator=g) for _ in range(L)]
     summaries = [chunk_summaries(k, cs) for k in keys]
     target = 23
-    passage = [k[target * cs + 5: target * cs + 50] for k in keys]  # most of chunk 23's tokens
+    passage = [k[target * cs + 5 : target * cs + 50] for k in keys]  # most of chunk 23's tokens
     hits = find_chunks(summaries, passage_query(passage), 3, metric="cos")
     assert hits.ids[0].item() == target and hits.scores[0] > hits.scores[1]
 

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs_helpers import REDIS_URL, delete_prefix, make_settings, new_prefix, paragraphs, redis_or_skip
+from tests.jobs_helpers import (
+    REDIS_URL,
+    delete_prefix,
+    make_settings,
+    new_prefix,
+    paragraphs,
+    redis_or_skip,
+)
 from tests.test_parse import encrypt_pdf, make_pdf
 
 
@@ -50,25 +57,33 @@ def test_bad_files_fail_alone_and_the_batch_completes(tmp_path, broker_kind):
         kb.create_corpus("batch")
         files = write_batch(tmp_path / "in")
         events = jobs.broker.subscribe("progress:batch")
-        subs = {s.filename: s for s in jobs.submit("batch", list(files.values()), start_worker=False)}
+        subs = {
+            s.filename: s for s in jobs.submit("batch", list(files.values()), start_worker=False)
+        }
 
         # the oversized file is refused at submit time, before anything is stored
         assert subs["huge.txt"].status == "failed" and subs["huge.txt"].code == "too_large"
         assert "limit is 0.02 MiB" in subs["huge.txt"].error
         assert all(subs[n].status == "queued" for n in files if n != "huge.txt")
         if broker_kind == "redis":
-            assert delete_prefix(prefix) > 0  # Redis restarts (it keeps nothing on disk): the queue is gone
+            assert (
+                delete_prefix(prefix) > 0
+            )  # Redis restarts (it keeps nothing on disk): the queue is gone
             assert jobs.broker.depth("ingest") == 0
-        pool = WorkerPool(kb, jobs.broker, 1, jobs.config).start()  # requeue_lost at start refills it
+        pool = WorkerPool(
+            kb, jobs.broker, 1, jobs.config
+        ).start()  # requeue_lost at start refills it
         ids = [s.job_id for s in subs.values() if s.job_id]
         done = {i.filename: i for i in jobs.wait(ids, timeout_s=240)}
 
         for name in ("ferry.md", "orchard.txt"):
             assert done[name].status == "done" and done[name].stage == "ready", done[name]
             assert done[name].segments_done == done[name].segments_total > 1
-        expected = {"corrupt.pdf": ("corrupt_pdf", "not a readable PDF"),
-                    "locked.pdf": ("encrypted_pdf", "password-protected"),
-                    "empty.txt": ("empty_file", "is empty")}
+        expected = {
+            "corrupt.pdf": ("corrupt_pdf", "not a readable PDF"),
+            "locked.pdf": ("encrypted_pdf", "password-protected"),
+            "empty.txt": ("empty_file", "is empty"),
+        }
         for name, (code, words) in expected.items():
             info = done[name]
             assert info.status == "failed" and info.stage == "failed" and info.code == code, info
@@ -78,7 +93,9 @@ def test_bad_files_fail_alone_and_the_batch_completes(tmp_path, broker_kind):
 
         with kb.db.session() as s:  # the stage, percent and heartbeat live on the document rows
             ferry = s.get(Document, subs["ferry.md"].document_id)
-            assert ferry.stage == "ready" and ferry.percent == 100.0 and ferry.heartbeat_at is not None
+            assert (
+                ferry.stage == "ready" and ferry.percent == 100.0 and ferry.heartbeat_at is not None
+            )
             bad = s.get(Document, subs["empty.txt"].document_id)
             assert bad.stage == "failed" and "is empty" in bad.error
 
@@ -88,7 +105,10 @@ def test_bad_files_fail_alone_and_the_batch_completes(tmp_path, broker_kind):
                 seen.append(ev.data)
         events.close()
         stages = [e["stage"] for e in seen]
-        assert stages[:3] == ["stored", "parsed", "tokenized"] and stages[-2:] == ["prefilled", "ready"], stages
+        assert stages[:3] == ["stored", "parsed", "tokenized"] and stages[-2:] == [
+            "prefilled",
+            "ready",
+        ], stages
         assert "indexed" not in stages  # nothing is indexed at ingestion: no such stage is claimed
         prefilled = [e for e in seen if e["stage"] == "prefilled"]
         assert prefilled[-1]["done"] == prefilled[-1]["total"] == done["ferry.md"].segments_total

@@ -15,15 +15,21 @@ def test_cancel_retry_and_transient_failures(tmp_path):
     from storage.models import Document
 
     kb = KnowledgeBase(make_settings(tmp_path / "home"))
-    jobs = JobService(kb, config=WorkerConfig(heartbeat_s=0.2, stale_s=5, max_attempts=2, backoff_s=0.05,
-                                              poll_s=0.1))
+    jobs = JobService(
+        kb,
+        config=WorkerConfig(heartbeat_s=0.2, stale_s=5, max_attempts=2, backoff_s=0.05, poll_s=0.1),
+    )
     try:
         kb.create_corpus("c")
         doc = tmp_path / "canal.md"
         doc.write_text(paragraphs("canal", 4))
         (sub,) = jobs.submit("c", [doc], start_worker=False)
         cancelled = jobs.queue.cancel(sub.job_id)
-        assert cancelled.status == "cancelled" and cancelled.stage == "failed" and cancelled.error == "cancelled"
+        assert (
+            cancelled.status == "cancelled"
+            and cancelled.stage == "failed"
+            and cancelled.error == "cancelled"
+        )
         with pytest.raises(Conflict):
             jobs.queue.cancel(sub.job_id)
         jobs.start_local_worker()  # the cancelled job's broker entry is acknowledged, not run
@@ -43,7 +49,11 @@ def test_cancel_retry_and_transient_failures(tmp_path):
 
         blocker.unlink()  # fixed: retrying the document now succeeds
         (info,) = jobs.wait([jobs.queue.retry(failing.id).id], timeout_s=120)
-        assert info.status == "done" and info.stage == "ready" and info.segments_done == info.segments_total > 1
+        assert (
+            info.status == "done"
+            and info.stage == "ready"
+            and info.segments_done == info.segments_total > 1
+        )
         assert info.error is None and info.percent == 100.0
         with pytest.raises(Conflict):
             jobs.queue.retry(failing.id)  # the document is ready now
@@ -58,8 +68,8 @@ def test_cancel_retry_and_transient_failures(tmp_path):
 def test_job_endpoints(tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from kb.server import create_app
     from kb.jobs import jobs_for
+    from kb.server import create_app
     from kb.service import KnowledgeBase
 
     for var in ("KB_AUTH", "KB_REDIS_URL"):
@@ -67,8 +77,10 @@ def test_job_endpoints(tmp_path, monkeypatch):
     kb = KnowledgeBase(make_settings(tmp_path / "home"))
     with TestClient(create_app(kb, warm=False, ui=False)) as c:
         assert c.post("/v1/corpora", json={"name": "notes"}).status_code == 201
-        files = [("files", ("tide.md", paragraphs("tide", 3).encode(), "text/markdown")),
-                 ("files", ("blank.txt", b"", "text/plain"))]
+        files = [
+            ("files", ("tide.md", paragraphs("tide", 3).encode(), "text/markdown")),
+            ("files", ("blank.txt", b"", "text/plain")),
+        ]
         r = c.post("/v1/corpora/notes/documents", params={"wait": "false"}, files=files)
         assert r.status_code == 202
         body = r.json()
@@ -77,7 +89,10 @@ def test_job_endpoints(tmp_path, monkeypatch):
         assert infos["tide.md"].status == "done" and infos["blank.txt"].code == "empty_file"
         one = c.get(f"/v1/jobs/{infos['tide.md'].id}").json()
         assert one["stage"] == "ready" and one["percent"] == 100.0 and one["corpus"] == "notes"
-        assert {j["filename"] for j in c.get("/v1/jobs", params={"corpus": "notes"}).json()} == {"tide.md", "blank.txt"}
+        assert {j["filename"] for j in c.get("/v1/jobs", params={"corpus": "notes"}).json()} == {
+            "tide.md",
+            "blank.txt",
+        }
         assert c.post(f"/v1/jobs/{infos['tide.md'].id}/cancel").status_code == 409  # already done
         r = c.post(f"/v1/jobs/{infos['blank.txt'].id}/retry")
         assert r.status_code == 202 and r.json()["status"] in ("queued", "running", "failed")

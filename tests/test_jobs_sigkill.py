@@ -13,8 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.jobs_helpers import REDIS_URL, SMALL, delete_prefix, make_settings, new_prefix, paragraphs, redis_or_skip
 from tests.conftest import MODELS_DIR
+from tests.jobs_helpers import (
+    REDIS_URL,
+    SMALL,
+    delete_prefix,
+    make_settings,
+    new_prefix,
+    paragraphs,
+    redis_or_skip,
+)
 
 pytestmark = pytest.mark.redis
 
@@ -37,7 +45,9 @@ def checksums(kb) -> dict[tuple[str, int], str]:
     from storage.models import Document, Segment
 
     with kb.db.session() as s:
-        rows = s.execute(select(Document.filename, Segment.seq, Segment.kv_checksum).join(Segment)).all()
+        rows = s.execute(
+            select(Document.filename, Segment.seq, Segment.kv_checksum).join(Segment)
+        ).all()
     return {(f, seq): c for f, seq, c in rows}
 
 
@@ -48,7 +58,9 @@ def stored_files(kb) -> dict[int, tuple[int, int]]:
     from storage.models import Segment
 
     with kb.db.session() as s:
-        rows = s.execute(select(Segment.id, Segment.kv_file).where(Segment.kv_file.is_not(None))).all()
+        rows = s.execute(
+            select(Segment.id, Segment.kv_file).where(Segment.kv_file.is_not(None))
+        ).all()
     out = {}
     for sid, path in rows:
         st = os.stat(path)
@@ -57,14 +69,34 @@ def stored_files(kb) -> dict[int, tuple[int, int]]:
 
 
 def start_worker(home: Path, prefix: str, name: str) -> subprocess.Popen:
-    env = {**os.environ, "KB_HOME": str(home), "KB_MODELS_DIR": str(MODELS_DIR), "KB_REDIS_URL": REDIS_URL,
-           "KB_REDIS_PREFIX": prefix, "KB_SEGMENT_LEN": str(SMALL["segment_len"]),
-           "KB_PREFILL_BATCH_TOKENS": str(SMALL["prefill_batch_tokens"])}
+    env = {
+        **os.environ,
+        "KB_HOME": str(home),
+        "KB_MODELS_DIR": str(MODELS_DIR),
+        "KB_REDIS_URL": REDIS_URL,
+        "KB_REDIS_PREFIX": prefix,
+        "KB_SEGMENT_LEN": str(SMALL["segment_len"]),
+        "KB_PREFILL_BATCH_TOKENS": str(SMALL["prefill_batch_tokens"]),
+    }
     for var in ("KB_DATABASE_URL", "KB_MODEL", "KB_DEVICE", "KB_CONFIG"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "kb.cli", "worker", "--name", name, "--heartbeat-s", "0.3", "--stale-s", "2",
-           "--backoff-s", "0.2"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "kb.cli",
+        "worker",
+        "--name",
+        name,
+        "--heartbeat-s",
+        "0.3",
+        "--stale-s",
+        "2",
+        "--backoff-s",
+        "0.2",
+    ]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
 
 def test_sigkill_mid_ingestion_resumes_to_a_clean_runs_checksums(tmp_path):
@@ -106,7 +138,9 @@ def test_sigkill_mid_ingestion_resumes_to_a_clean_runs_checksums(tmp_path):
             assert time.monotonic() < deadline, "the first worker made no progress"
             time.sleep(0.02)
             with kb.db.session() as s:
-                stored = s.scalar(select(func.count(Segment.id)).where(Segment.kv_file.is_not(None)))
+                stored = s.scalar(
+                    select(func.count(Segment.id)).where(Segment.kv_file.is_not(None))
+                )
         first.send_signal(signal.SIGKILL)
         first.wait()
         before = stored_files(kb)

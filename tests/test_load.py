@@ -29,13 +29,22 @@ def question(i: int) -> str:
 def prompt_tokens(kb, q: str) -> int:
     from kb.prompt import build_prompt, encode
 
-    return len(encode(kb.loaded.tokenizer, build_prompt(kb.loaded.tokenizer, kb.settings.system_prompt, [], q).suffix))
+    return len(
+        encode(
+            kb.loaded.tokenizer,
+            build_prompt(kb.loaded.tokenizer, kb.settings.system_prompt, [], q).suffix,
+        )
+    )
 
 
 async def stream_chat(client: httpx.AsyncClient, i: int) -> dict:
     """One streaming chat; returns its status, headers, parsed events and timings."""
-    body = {"model": "kb:handbook", "max_tokens": MAX_TOKENS, "stream": True,
-            "messages": [{"role": "user", "content": question(i)}]}
+    body = {
+        "model": "kb:handbook",
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+        "messages": [{"role": "user", "content": question(i)}],
+    }
     t0 = time.perf_counter()
     first = None
     raw = b""
@@ -44,12 +53,20 @@ async def stream_chat(client: httpx.AsyncClient, i: int) -> dict:
             raw += part
             if first is None and r.status_code == 200:  # time to the first content delta
                 for ev in raw.split(b"\n\n")[1:-1]:
-                    if ev.startswith(b"data: {") and json.loads(ev[6:])["choices"][0]["delta"].get("content"):
+                    if ev.startswith(b"data: {") and json.loads(ev[6:])["choices"][0]["delta"].get(
+                        "content"
+                    ):
                         first = time.perf_counter()
                         break
     end = time.perf_counter()
-    return {"i": i, "status": r.status_code, "headers": r.headers, "raw": raw.decode(),
-            "latency": end - t0, "ttft": (first or end) - t0}
+    return {
+        "i": i,
+        "status": r.status_code,
+        "headers": r.headers,
+        "raw": raw.decode(),
+        "latency": end - t0,
+        "ttft": (first or end) - t0,
+    }
 
 
 def check_stream(res: dict, expected_prompt_tokens: int) -> tuple[str, str]:
@@ -66,18 +83,28 @@ def check_stream(res: dict, expected_prompt_tokens: int) -> tuple[str, str]:
     assert all("error" not in c for c in chunks), raw
     ids = {c["id"] for c in chunks}
     assert len(ids) == 1, ids  # never a chunk of another stream
-    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "kb:handbook" for c in chunks)
+    assert all(
+        c["object"] == "chat.completion.chunk" and c["model"] == "kb:handbook" for c in chunks
+    )
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     final = chunks[-1]
     middle = chunks[1:-1]
-    assert final["choices"][0]["finish_reason"] in ("stop", "length") and final["choices"][0]["delta"] == {}
-    assert all(c["choices"][0]["finish_reason"] is None and set(c["choices"][0]["delta"]) == {"content"}
-               for c in middle), raw
+    assert (
+        final["choices"][0]["finish_reason"] in ("stop", "length")
+        and final["choices"][0]["delta"] == {}
+    )
+    assert all(
+        c["choices"][0]["finish_reason"] is None and set(c["choices"][0]["delta"]) == {"content"}
+        for c in middle
+    ), raw
     deltas = [c["choices"][0]["delta"]["content"] for c in middle]
     usage = final["usage"]
     # each content delta carries the text of at least one generated token (a token that ends mid
     # UTF-8 character or is EOS adds none); a "length" finish generated exactly max_tokens
-    assert all(deltas) and 1 <= len(deltas) <= usage["completion_tokens"] <= MAX_TOKENS, (deltas, usage)
+    assert all(deltas) and 1 <= len(deltas) <= usage["completion_tokens"] <= MAX_TOKENS, (
+        deltas,
+        usage,
+    )
     if final["choices"][0]["finish_reason"] == "length":
         assert usage["completion_tokens"] == MAX_TOKENS
     assert usage["prompt_tokens"] == expected_prompt_tokens, (res["i"], usage)
@@ -93,9 +120,13 @@ def pct(xs: list[float], p: float) -> float:
 
 async def fire(url: str, n: int) -> list:
     limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
-    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(OVERALL_S), limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=httpx.Timeout(OVERALL_S), limits=limits
+    ) as client:
         return await asyncio.wait_for(
-            asyncio.gather(*(stream_chat(client, i) for i in range(n)), return_exceptions=True), OVERALL_S)
+            asyncio.gather(*(stream_chat(client, i) for i in range(n)), return_exceptions=True),
+            OVERALL_S,
+        )
 
 
 def test_200_concurrent_streams_all_complete_and_stay_apart(handbook):
@@ -122,11 +153,13 @@ def test_200_concurrent_streams_all_complete_and_stay_apart(handbook):
         assert engine.blocks.num_free == engine.blocks.num_blocks
     lat = [r["latency"] for r in results]
     ttft = [r["ttft"] for r in results]
-    print(f"\nLOAD streams={STREAMS} max_tokens={MAX_TOKENS} wall_s={wall:.1f} errors={len(errors)} "
-          f"latency_p50_s={statistics.median(lat):.2f} latency_p99_s={pct(lat, 99):.2f} "
-          f"ttft_p50_s={statistics.median(ttft):.2f} ttft_p99_s={pct(ttft, 99):.2f} "
-          f"max_batch={engine.metrics.max_batch_size} "
-          f"with_7341={sum('7341' in t for t in texts)}")
+    print(
+        f"\nLOAD streams={STREAMS} max_tokens={MAX_TOKENS} wall_s={wall:.1f} errors={len(errors)} "
+        f"latency_p50_s={statistics.median(lat):.2f} latency_p99_s={pct(lat, 99):.2f} "
+        f"ttft_p50_s={statistics.median(ttft):.2f} ttft_p99_s={pct(ttft, 99):.2f} "
+        f"max_batch={engine.metrics.max_batch_size} "
+        f"with_7341={sum('7341' in t for t in texts)}"
+    )
 
 
 def test_past_the_queue_limit_429_with_retry_after_not_a_timeout(handbook):
@@ -137,8 +170,11 @@ def test_past_the_queue_limit_429_with_retry_after_not_a_timeout(handbook):
     from kb.settings import Settings
 
     n = 80
-    kb = KnowledgeBase(Settings(home=handbook.settings.resolved_home, models_dir=MODELS_DIR,
-                                max_running=2, max_queue=20))
+    kb = KnowledgeBase(
+        Settings(
+            home=handbook.settings.resolved_home, models_dir=MODELS_DIR, max_running=2, max_queue=20
+        )
+    )
     try:
         expected = {i: prompt_tokens(kb, question(i)) for i in range(n)}
         with serve_in_thread(create_app(kb, warm=False, ui=False)) as url:
@@ -157,8 +193,10 @@ def test_past_the_queue_limit_429_with_retry_after_not_a_timeout(handbook):
         assert len({check_stream(r, expected[r["i"]])[0] for r in ok}) == len(ok)
         assert kb.engine.metrics.max_batch_size <= 2
         busy_lat = [r["latency"] for r in busy]
-        print(f"\nLOAD-429 requests={n} max_running=2 max_queue=20 wall_s={wall:.1f} ok={len(ok)} "
-              f"refused_429={len(busy)} refusal_p50_s={statistics.median(busy_lat):.3f} "
-              f"refusal_max_s={max(busy_lat):.3f} ok_latency_p50_s={statistics.median([r['latency'] for r in ok]):.2f}")
+        print(
+            f"\nLOAD-429 requests={n} max_running=2 max_queue=20 wall_s={wall:.1f} ok={len(ok)} "
+            f"refused_429={len(busy)} refusal_p50_s={statistics.median(busy_lat):.3f} "
+            f"refusal_max_s={max(busy_lat):.3f} ok_latency_p50_s={statistics.median([r['latency'] for r in ok]):.2f}"
+        )
     finally:
         kb.close()

@@ -12,7 +12,13 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import event, inspect, select, text
 
 from storage.db import (
-    BASELINE_REVISION, Database, alembic_config, current_revision, head_revision, make_engine, migrate,
+    BASELINE_REVISION,
+    Database,
+    alembic_config,
+    current_revision,
+    head_revision,
+    make_engine,
+    migrate,
 )
 from storage.models import Base, Corpus, Document, Segment
 
@@ -29,8 +35,11 @@ def engine(url):
     """An engine on the test database that records every SQL statement it runs."""
     eng = make_engine(url)
     eng.statements = []  # type: ignore[attr-defined]
-    event.listen(eng, "before_cursor_execute",
-                 lambda _c, _cur, stmt, *_a: eng.statements.append(" ".join(stmt.split()).upper()))
+    event.listen(
+        eng,
+        "before_cursor_execute",
+        lambda _c, _cur, stmt, *_a: eng.statements.append(" ".join(stmt.split()).upper()),
+    )
     yield eng
     eng.dispose()
 
@@ -53,8 +62,9 @@ def _add_corpus(db_or_engine) -> None:
     with Session(db_or_engine) as s, s.begin():
         c = Corpus(name="law", model="m", settings={"chunk_size": 64})
         d = Document(corpus=c, filename="a.txt", content_hash="h1")
-        d.segments.append(Segment(seq=0, char_start=0, char_end=3, num_tokens=3, text="abc",
-                                  token_ids=[1, 2, 3]))
+        d.segments.append(
+            Segment(seq=0, char_start=0, char_end=3, num_tokens=3, text="abc", token_ids=[1, 2, 3])
+        )
         s.add(c)
 
 
@@ -109,16 +119,29 @@ def _legacy_schema(engine, drop: tuple[str, ...] = ()) -> None:
 def test_create_all_database_is_stamped_not_recreated(url, engine):
     _legacy_schema(engine)
     with engine.begin() as c:
-        c.execute(text("INSERT INTO corpora (id, name, model, status, settings, preamble_len, hits, created_at) "
-                       "VALUES (1, 'law', 'm', 'ready', '{}', 0, 3, '2026-01-01 00:00:00+00:00')"))
+        c.execute(
+            text(
+                "INSERT INTO corpora (id, name, model, status, settings, preamble_len, hits, created_at) "
+                "VALUES (1, 'law', 'm', 'ready', '{}', 0, 3, '2026-01-01 00:00:00+00:00')"
+            )
+        )
     engine.statements.clear()
     assert migrate(engine) == head_revision()
-    created = [s for s in _writes(engine.statements) if s.startswith(("CREATE TABLE", "DROP TABLE"))]
-    assert created[0] == ("CREATE TABLE ALEMBIC_VERSION ( VERSION_NUM VARCHAR(32) NOT NULL, "
-                          "CONSTRAINT ALEMBIC_VERSION_PKC PRIMARY KEY (VERSION_NUM) )")
+    created = [
+        s for s in _writes(engine.statements) if s.startswith(("CREATE TABLE", "DROP TABLE"))
+    ]
+    assert created[0] == (
+        "CREATE TABLE ALEMBIC_VERSION ( VERSION_NUM VARCHAR(32) NOT NULL, "
+        "CONSTRAINT ALEMBIC_VERSION_PKC PRIMARY KEY (VERSION_NUM) )"
+    )
     # the baseline's tables were adopted, not created again
-    assert not [s for s in created if s.startswith(("CREATE TABLE CORPORA", "CREATE TABLE DOCUMENTS ",
-                                                    "CREATE TABLE SEGMENTS "))]
+    assert not [
+        s
+        for s in created
+        if s.startswith(
+            ("CREATE TABLE CORPORA", "CREATE TABLE DOCUMENTS ", "CREATE TABLE SEGMENTS ")
+        )
+    ]
     assert _revision(engine) == head_revision()
     with engine.connect() as c:  # the row survived and got the new columns' defaults
         row = c.execute(text("SELECT name, hits, visibility, tier FROM corpora")).one()
@@ -141,10 +164,16 @@ def test_migrated_schema_matches_models(engine):
         diff = compare_metadata(MigrationContext.configure(c), Base.metadata)
     assert diff == []
     insp = inspect(engine)
-    fks = {t: [(fk["referred_table"], fk["options"].get("ondelete")) for fk in insp.get_foreign_keys(t)]
-           for t in ("documents", "segments")}
+    fks = {
+        t: [
+            (fk["referred_table"], fk["options"].get("ondelete")) for fk in insp.get_foreign_keys(t)
+        ]
+        for t in ("documents", "segments")
+    }
     assert {k: [(r, (o or "").upper()) for r, o in v] for k, v in fks.items()} == {
-        "documents": [("corpora", "CASCADE")], "segments": [("documents", "CASCADE")]}
+        "documents": [("corpora", "CASCADE")],
+        "segments": [("documents", "CASCADE")],
+    }
     if engine.dialect.name == "postgresql":
         types = {c["name"]: c["type"] for c in insp.get_columns("corpora")}
         assert type(types["settings"]).__name__ == "JSON" and types["created_at"].timezone is True

@@ -26,8 +26,9 @@ def test_smollm2_matches_transformers(demo_model_dir, demo_model):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(str(demo_model_dir), dtype=torch.float32).eval()
-    ids = demo_model.tokenizer("Paris is the capital of France. The capital of Italy is",
-                               return_tensors="pt").input_ids[0]
+    ids = demo_model.tokenizer(
+        "Paris is the capital of France. The capital of Italy is", return_tensors="pt"
+    ).input_ids[0]
     with torch.inference_mode():
         ref = hf(ids[None]).logits[0]
     ours = _our_logits(demo_model, ids)
@@ -53,14 +54,30 @@ def _random_checkpoint(tmp_path, config) -> None:
 def test_random_checkpoints_match_transformers(tmp_path, kind):
     from transformers import LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+    common = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
     if kind == "qwen2":
         config = Qwen2Config(**common, tie_word_embeddings=True, rope_theta=1e6)
     else:
-        config = LlamaConfig(**common, tie_word_embeddings=False, rope_theta=5e5,
-                             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 256})
+        config = LlamaConfig(
+            **common,
+            tie_word_embeddings=False,
+            rope_theta=5e5,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
+        )
     hf = _random_checkpoint(tmp_path, config)
     lm = load_model(tmp_path)
     if kind == "qwen2":

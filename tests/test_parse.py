@@ -84,6 +84,7 @@ def error_code(data: bytes, filename: str, **kw) -> str:
 
 # --- type detection ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("filename", "head", "kind"),
     [
@@ -122,7 +123,10 @@ def test_detect_type_refuses(filename: str, head: bytes, code: str) -> None:
 
 # --- plain text -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"])
+
+@pytest.mark.parametrize(
+    "encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32"]
+)
 def test_text_unicode_encodings_exact(encoding: str) -> None:
     text = "Grüße, 世界! Ελληνικά and emoji 😀.\nSecond line."
     doc = parse_bytes(text.encode(encoding), "notes.txt")
@@ -133,7 +137,10 @@ def test_text_unicode_encodings_exact(encoding: str) -> None:
 
 @pytest.mark.parametrize("encoding", ["latin-1", "cp1252"])
 def test_text_legacy_encoding_detected(encoding: str) -> None:
-    text = "Les élèves français étudient à l'école. Grüße aus Köln, schöne Straße und Bäume überall. " * 3
+    text = (
+        "Les élèves français étudient à l'école. Grüße aus Köln, schöne Straße und Bäume überall. "
+        * 3
+    )
     doc = parse_bytes(text.encode(encoding), "notes.txt")
     assert doc.text == text
 
@@ -178,7 +185,9 @@ def test_markdown_renders_plain_text() -> None:
     doc = parse_bytes(MARKDOWN, "guide.md")
     assert doc.title == "Install Guide"
     assert doc.media_type == "markdown"
-    assert doc.text.startswith("Install Guide\n\nRun the installer and follow the wizard.\nIt takes a minute.\n\nSteps\n\n")
+    assert doc.text.startswith(
+        "Install Guide\n\nRun the installer and follow the wizard.\nIt takes a minute.\n\nSteps\n\n"
+    )
     assert "- download\n- run setup\n  - accept the licence" in doc.text
     assert "1. first\n2. second" in doc.text
     assert "make install" in doc.text
@@ -221,13 +230,16 @@ def test_html_deep_nesting_does_not_overflow() -> None:
 
 # --- PDF --------------------------------------------------------------------------------------
 
+
 def test_pdf_pages_map_to_their_text() -> None:
-    data = make_pdf([["Alpha page one.", "Second line."], [], ["Gamma page three."]], title="Greek Letters")
+    data = make_pdf(
+        [["Alpha page one.", "Second line."], [], ["Gamma page three."]], title="Greek Letters"
+    )
     doc = parse_bytes(data, "letters.pdf")
     assert doc.media_type == "pdf"
     assert doc.title == "Greek Letters"
     assert [p.page for p in doc.pages] == [1, 3]  # the blank page has no span
-    first, third = (doc.text[p.start:p.end] for p in doc.pages)
+    first, third = (doc.text[p.start : p.end] for p in doc.pages)
     assert "Alpha page one." in first and "Second line." in first
     assert "Gamma page three." in third
     assert page_of(doc, doc.text.index("Second")) == 1
@@ -266,6 +278,7 @@ def test_pdf_without_text() -> None:
 
 # --- DOCX -------------------------------------------------------------------------------------
 
+
 def test_docx_paragraphs_and_tables_in_order() -> None:
     doc = parse_bytes(make_docx(), "report.docx")
     assert doc.title == "Quarterly Report"
@@ -287,6 +300,7 @@ def test_docx_corrupt() -> None:
 
 
 # --- limits and bad input ---------------------------------------------------------------------
+
 
 def test_empty_file() -> None:
     assert error_code(b"", "empty.txt") == "empty_file"
@@ -332,14 +346,19 @@ def test_undecodable_text() -> None:
 
 def test_unsupported_extension_and_allowed_types() -> None:
     assert error_code(b"plain words", "notes.xyz") == "unsupported_type"
-    assert error_code(b"# Title", "a.md", allowed_types=frozenset({"pdf", "text"})) == "unsupported_type"
+    assert (
+        error_code(b"# Title", "a.md", allowed_types=frozenset({"pdf", "text"}))
+        == "unsupported_type"
+    )
 
 
 def test_docx_inflating_past_the_limit(monkeypatch) -> None:
     from kb.ingest.parsers import docx as docx_parser
 
     data = make_docx()
-    monkeypatch.setattr(docx_parser, "MAX_DOCX_UNCOMPRESSED", len(data))  # any real docx inflates past its size
+    monkeypatch.setattr(
+        docx_parser, "MAX_DOCX_UNCOMPRESSED", len(data)
+    )  # any real docx inflates past its size
     assert error_code(data, "bomb.docx") == "too_large"
 
 

@@ -33,7 +33,12 @@ def test_unicode_encodings_round_trip(text: str, encoding: str) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    text=st.text(alphabet=st.characters(max_codepoint=0xFF, blacklist_categories=("Cc",)) | st.sampled_from("\n\t "), min_size=1, max_size=300),
+    text=st.text(
+        alphabet=st.characters(max_codepoint=0xFF, blacklist_categories=("Cc",))
+        | st.sampled_from("\n\t "),
+        min_size=1,
+        max_size=300,
+    ),
     encoding=st.sampled_from(["latin-1", "cp1252", "utf-8", "utf-16"]),
 )
 def test_legacy_encodings_never_crash(text: str, encoding: str) -> None:

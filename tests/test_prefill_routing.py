@@ -38,21 +38,31 @@ def _corpus(lm, chosen: list[int]) -> tuple[SharedKV, list[int]]:
     """A real prefilled corpus of the planted text (chunks of 16) whose router prefers `chosen`
     chunks for every query: their quest bounds are made huge."""
     tok = lm.tokenizer
-    preamble = tok("<|im_start|>system\nAnswer from the text.\n", add_special_tokens=False).input_ids
+    preamble = tok(
+        "<|im_start|>system\nAnswer from the text.\n", add_special_tokens=False
+    ).input_ids
     text = tok(planted_text(), add_special_tokens=False).input_ids[:600]
     pk, pv = prefill_preamble(lm.model, preamble)
     [(_, k, v)] = list(prefill_segments(lm.model, preamble, [text]))
     k, v = torch.cat([pk, k], 1), torch.cat([pv, v], 1)
-    sh = SharedKV("c", list(k.unbind(0)), list(v.unbind(0)), chunk_size=16,
-                  pos_offset=len(preamble) + len(text), preamble_len=len(preamble))
+    sh = SharedKV(
+        "c",
+        list(k.unbind(0)),
+        list(v.unbind(0)),
+        chunk_size=16,
+        pos_offset=len(preamble) + len(text),
+        preamble_len=len(preamble),
+    )
     router = CorpusRouter(sh.k, sh.chunk_size, sh.always_chunks, "quest")
     d = k.shape[-1]
     for vec in router.router.vectors:  # [C_routed, Hkv, 2d] = [kmax, kmin]
         vec[[c - router.always for c in chosen], :, :d] = 1e4
         vec[[c - router.always for c in chosen], :, d:] = -1e4
     sh.router, sh.top_k = router, router.always + len(chosen)
-    question = tok(f"<|im_end|>\n<|im_start|>user\n{FACT_QUESTION}<|im_end|>\n<|im_start|>assistant\n",
-                   add_special_tokens=False).input_ids
+    question = tok(
+        f"<|im_end|>\n<|im_start|>user\n{FACT_QUESTION}<|im_end|>\n<|im_start|>assistant\n",
+        add_special_tokens=False,
+    ).input_ids
     return sh, question
 
 
@@ -77,14 +87,20 @@ def test_request_routing_equals_token_routing_when_tokens_agree(demo_model, monk
             monkeypatch.setattr(attention.cpu_shared, "shared_attention", ref.shared_attention)
         sh, question = _corpus(demo_model, chosen=[5, 9, 10, 20, 30])
         assert sh.routed
-        engine = Engine(demo_model, EngineConfig(unique_kv_tokens=1024, citation_layers=0, prefill_routing=mode))
+        engine = Engine(
+            demo_model, EngineConfig(unique_kv_tokens=1024, citation_layers=0, prefill_routing=mode)
+        )
         engine.register_corpus(sh)
-        h = engine.add_request(question, SamplingParams(max_tokens=6, ignore_eos=True), "c", sh.pos_offset)
+        h = engine.add_request(
+            question, SamplingParams(max_tokens=6, ignore_eos=True), "c", sh.pos_offset
+        )
         engine.run_until_done()
         outs[mode] = h.seq.output_ids
     assert outs["request"] == outs["token"]
     n = len(question)
-    assert calls[0] == ("request", [(0, n)]) and all(s is None for m, s in calls[1:] if m == "request")
+    assert calls[0] == ("request", [(0, n)]) and all(
+        s is None for m, s in calls[1:] if m == "request"
+    )
     assert all(s is None for m, s in calls if m == "token")
 
 
@@ -92,5 +108,12 @@ def test_prefill_routing_is_checked_and_auto_follows_the_device(demo_model):
     with pytest.raises(ValueError):
         Engine(demo_model, EngineConfig(unique_kv_tokens=64, prefill_routing="chunk"))
     assert Engine(demo_model, EngineConfig(unique_kv_tokens=64)).runner.prefill_routing == "request"
-    assert Engine(demo_model, EngineConfig(unique_kv_tokens=64, prefill_routing="token")).runner.prefill_routing == "token"
-    assert default_prefill_routing("cuda:0") == "token" and default_prefill_routing("cpu") == "request"
+    assert (
+        Engine(
+            demo_model, EngineConfig(unique_kv_tokens=64, prefill_routing="token")
+        ).runner.prefill_routing
+        == "token"
+    )
+    assert (
+        default_prefill_routing("cuda:0") == "token" and default_prefill_routing("cpu") == "request"
+    )

@@ -38,7 +38,9 @@ def _document_row(tmp_path):
         c = Corpus(name="c", model="m", status="building", settings={})
         s.add(c)
         s.flush()
-        d = Document(corpus_id=c.id, filename="spec.pdf", content_hash="x", size_bytes=1, stage="stored")
+        d = Document(
+            corpus_id=c.id, filename="spec.pdf", content_hash="x", size_bytes=1, stage="stored"
+        )
         s.add(d)
         s.flush()
         return db, d.id
@@ -57,7 +59,9 @@ def test_eta_is_within_a_quarter_of_the_truth_once_a_tenth_is_done(tmp_path, see
     sizes = [rng.choice([40, 120, 512, 512, 512]) for _ in range(60)]
     total, s_per_token = sum(sizes), 0.004
     batches, batch = [], []
-    for i in range(len(sizes)):  # batches of about 2048 tokens, as KB_PREFILL_BATCH_TOKENS cuts them
+    for i in range(
+        len(sizes)
+    ):  # batches of about 2048 tokens, as KB_PREFILL_BATCH_TOKENS cuts them
         batch.append(i)
         if sum(sizes[j] for j in batch) >= 2048:
             batches.append(batch)
@@ -74,8 +78,12 @@ def test_eta_is_within_a_quarter_of_the_truth_once_a_tenth_is_done(tmp_path, see
         for j in b:
             done_segs += 1
             done_tokens += sizes[j]
-            writer(StageUpdate(doc_id, "spec.pdf", "prefilled", done_segs, len(sizes), done_tokens, total))
-        truth = sum(cost[k + 1:])
+            writer(
+                StageUpdate(
+                    doc_id, "spec.pdf", "prefilled", done_segs, len(sizes), done_tokens, total
+                )
+            )
+        truth = sum(cost[k + 1 :])
         with db.session() as s:
             eta = s.get(Document, doc_id).eta_s
         if done_tokens >= 0.1 * total and truth > 0:
@@ -85,7 +93,9 @@ def test_eta_is_within_a_quarter_of_the_truth_once_a_tenth_is_done(tmp_path, see
     writer(StageUpdate(doc_id, "spec.pdf", "ready", len(sizes), len(sizes), total, total))
     with db.session() as s:
         doc = s.get(Document, doc_id)
-        assert doc.stage == "ready" and doc.percent == 100.0 and doc.eta_s is None  # no "ETA 0 s" on ready rows
+        assert (
+            doc.stage == "ready" and doc.percent == 100.0 and doc.eta_s is None
+        )  # no "ETA 0 s" on ready rows
     db.close()
 
 
@@ -120,7 +130,9 @@ def test_unsupported_types_are_refused_with_the_accepted_types_named():
         refuse_unsupported("photo.png", PNG, allowed)
     assert e.value.code == "unsupported_type"
     assert "accepted: PDF (.pdf), Word (.docx), HTML (.html, .htm), Markdown (.md)" in str(e.value)
-    with pytest.raises(IngestError, match="spec.pdf: pdf files are not accepted here; accepted: text"):
+    with pytest.raises(
+        IngestError, match="spec.pdf: pdf files are not accepted here; accepted: text"
+    ):
         refuse_unsupported("spec.pdf", b"%PDF-1.4 ...", "text")
     with pytest.raises(IngestError) as e:
         refuse_unsupported("program.txt", bytes(range(256)) * 8, allowed)
@@ -144,7 +156,9 @@ def ingested(tmp_path_factory, demo_model_dir):
     updates: dict[str, list[StageUpdate]] = {}
     for path in (pdf, txt):
         stored = kb.ingestor.store(corpus_id, path)
-        kb.ingestor.build(stored.document_id, hook=lambda u, n=path.name: updates.setdefault(n, []).append(u))
+        kb.ingestor.build(
+            stored.document_id, hook=lambda u, n=path.name: updates.setdefault(n, []).append(u)
+        )
     kb.ingestor.refresh_status(corpus_id)
     yield kb, {"spec.pdf": pdf, "notes.txt": txt}, updates
     kb.close()
@@ -157,9 +171,13 @@ def test_a_build_reports_stages_and_tokens(ingested):
         assert stages[:3] == ["stored", "parsed", "tokenized"] and stages[-1] == "ready", stages
         assert "indexed" not in stages  # nothing is indexed: no stage says so
         prefill = [u for u in seen if u.stage == "prefilled"]
-        assert prefill[0].tokens_done == 0 and prefill[-1].tokens_done == prefill[-1].tokens_total > 0
+        assert (
+            prefill[0].tokens_done == 0 and prefill[-1].tokens_done == prefill[-1].tokens_total > 0
+        )
         assert [u.tokens_done for u in prefill] == sorted(u.tokens_done for u in prefill)
-        assert [u.percent for u in seen] == sorted(u.percent for u in seen) and seen[-1].percent == 100.0
+        assert [u.percent for u in seen] == sorted(u.percent for u in seen) and seen[
+            -1
+        ].percent == 100.0
         assert seen[0].activity == "parsing" and prefill[0].activity.startswith("prefilling 0 of ")
         assert prefill[-1].activity == "verifying" and seen[-1].activity == "ready"
         assert all(u.size_bytes == paths[name].stat().st_size for u in seen)
@@ -171,12 +189,17 @@ def test_pages_and_sizes_per_document(ingested):
     kb, paths, _ = ingested
     docs = {d["filename"]: d for d in kb.documents("docs")}
     facts = kb.ingestor.document_facts([d["id"] for d in docs.values()])
-    assert facts[docs["spec.pdf"]["id"]] == {"pages": 2, "size_bytes": paths["spec.pdf"].stat().st_size}
+    assert facts[docs["spec.pdf"]["id"]] == {
+        "pages": 2,
+        "size_bytes": paths["spec.pdf"].stat().st_size,
+    }
     assert facts[docs["notes.txt"]["id"]]["pages"] is None
     assert facts[docs["notes.txt"]["id"]]["size_bytes"] == paths["notes.txt"].stat().st_size
 
 
-def test_refused_before_store_in_the_pipeline_the_cli_and_the_api(ingested, tmp_path, capsys, monkeypatch):
+def test_refused_before_store_in_the_pipeline_the_cli_and_the_api(
+    ingested, tmp_path, capsys, monkeypatch
+):
     from kb.cli import main
     from kb.jobs import jobs_for
 
@@ -185,18 +208,25 @@ def test_refused_before_store_in_the_pipeline_the_cli_and_the_api(ingested, tmp_
     png.write_bytes(PNG)
     before = len(kb.documents("docs"))
     sub = jobs_for(kb).submit("docs", [png], start_worker=False)[0]
-    assert sub.status == "failed" and sub.code == "unsupported_type" and "accepted: PDF" in sub.error
+    assert (
+        sub.status == "failed" and sub.code == "unsupported_type" and "accepted: PDF" in sub.error
+    )
     assert len(kb.documents("docs")) == before  # not counted as a document
 
     monkeypatch.setenv("KB_HOME", str(kb.settings.resolved_home))
     monkeypatch.setenv("KB_MODELS_DIR", str(kb.settings.resolved_models_dir))
     assert main(["ingest", "docs", str(png)]) == 1
     err = capsys.readouterr().err
-    assert "photo.png: refused: photo.png is not a kind of file kb reads; accepted: PDF (.pdf)" in err
+    assert (
+        "photo.png: refused: photo.png is not a kind of file kb reads; accepted: PDF (.pdf)" in err
+    )
 
     from kb.server import create_app
 
-    with serve_in_thread(create_app(kb, warm=False, ui=False)) as url, httpx.Client(base_url=url, timeout=60) as c:
+    with (
+        serve_in_thread(create_app(kb, warm=False, ui=False)) as url,
+        httpx.Client(base_url=url, timeout=60) as c,
+    ):
         r = c.post("/v1/corpora/docs/documents", files=[("files", ("photo.png", PNG, "image/png"))])
         assert r.status_code == 415 and "Markdown (.md)" in r.json()["accepted_types"], r.text
         assert r.json()["documents"][0]["code"] == "unsupported_type"

@@ -72,9 +72,19 @@ def _tiny_model():
     from kb.model.config import ModelConfig
     from kb.model.llama import Transformer
 
-    cfg = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      max_position_embeddings=1024)
+    cfg = ModelConfig(
+        model_type="llama",
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=1024,
+    )
     torch.manual_seed(0)
     return Transformer(cfg).eval().requires_grad_(False)
 
@@ -82,7 +92,10 @@ def _tiny_model():
 def _prefill(model, preamble, segments, **kw):
     from kb.ingest.precompute import prefill_segments
 
-    return {j: (k, v) for j, k, v in prefill_segments(model, preamble, segments, max_batch_tokens=64, **kw)}
+    return {
+        j: (k, v)
+        for j, k, v in prefill_segments(model, preamble, segments, max_batch_tokens=64, **kw)
+    }
 
 
 def test_position_independence_schemes():
@@ -103,9 +116,9 @@ def test_position_independence_schemes():
     pk, _ = prefill_preamble(model, preamble)
     for j, seg in enumerate(segments):
         assert own[j][0].shape[1] == len(preamble) + len(seg)
-        torch.testing.assert_close(own[j][0][:, :len(preamble)], pk)
+        torch.testing.assert_close(own[j][0][:, : len(preamble)], pk)
     # positions restart: the first segment (right after the preamble) is the same in both schemes
-    torch.testing.assert_close(own[0][0][:, len(preamble):], shared[0][0])
+    torch.testing.assert_close(own[0][0][:, len(preamble) :], shared[0][0])
 
     # (c) linked: the first segment has nothing before it; later ones see the previous tail
     linked = _prefill(model, preamble, segments, starts=starts, pic="linked", link_tokens=8)
@@ -114,11 +127,20 @@ def test_position_independence_schemes():
         assert linked[j][0].shape == shared[j][0].shape
         assert not torch.allclose(linked[j][0][:, :4], shared[j][0][:, :4])
         # the segment's own prefill with the tail in front gives the same keys
-        alone = _prefill(model, preamble, [segments[j - 1][-8:] + segments[j]], starts=[starts[j] - 8])
+        alone = _prefill(
+            model, preamble, [segments[j - 1][-8:] + segments[j]], starts=[starts[j] - 8]
+        )
         torch.testing.assert_close(linked[j][0], alone[0][0][:, 8:])
     # explicit links (a resumed build): the same as the previous segments, and resume-safe
-    resumed = _prefill(model, preamble, segments[1:], starts=starts[1:], pic="linked", link_tokens=8,
-                       links=segments[:2])
+    resumed = _prefill(
+        model,
+        preamble,
+        segments[1:],
+        starts=starts[1:],
+        pic="linked",
+        link_tokens=8,
+        links=segments[:2],
+    )
     for j in (1, 2):
         torch.testing.assert_close(resumed[j - 1][0], linked[j][0])
     none = _prefill(model, preamble, segments, starts=starts, pic="linked", link_tokens=0)
@@ -130,9 +152,28 @@ def test_position_independence_schemes():
 
 
 def test_harness_runs_every_scheme(tmp_path, demo_model_dir):
-    args = quality.parse_args(["--tasks", "needle", "--modes", "dense", "--pic", "a,b,c", "--n", "2",
-                               "--size", "1200", "--segment-len", "128", "--max-tokens", "4",
-                               "--models-dir", str(MODELS_DIR), "--out", str(tmp_path / "q.json")])
+    args = quality.parse_args(
+        [
+            "--tasks",
+            "needle",
+            "--modes",
+            "dense",
+            "--pic",
+            "a,b,c",
+            "--n",
+            "2",
+            "--size",
+            "1200",
+            "--segment-len",
+            "128",
+            "--max-tokens",
+            "4",
+            "--models-dir",
+            str(MODELS_DIR),
+            "--out",
+            str(tmp_path / "q.json"),
+        ]
+    )
     assert args.pic == ["own", "shared", "linked"] and args.threads == 1
     result = quality.run(args)
     assert result["complete"]
@@ -176,13 +217,23 @@ def test_dense_and_full_routing_give_identical_answers(tmp_path, demo_model_dir)
         for kind in ("mean", "quest"):
             shared = quality.use_router(kb, "needle", kind).shared
             fields = {f.name: getattr(shared, f.name) for f in dataclasses.fields(shared)}
-            full = AllChunksRouted(**{**fields, "key": f"{shared.key}#all-{kind}", "top_k": shared.num_chunks})
+            full = AllChunksRouted(
+                **{**fields, "key": f"{shared.key}#all-{kind}", "top_k": shared.num_chunks}
+            )
             kb.engine.register_corpus(full)
             handles = []
             for q in qs:
-                ids = encode(kb.loaded.tokenizer, build_prompt(kb.loaded.tokenizer, kb.settings.system_prompt,
-                                                               [], q.question).suffix)
-                handles.append(kb.engine.add_request(ids, SamplingParams(max_tokens=10), full.key, full.pos_offset))
+                ids = encode(
+                    kb.loaded.tokenizer,
+                    build_prompt(
+                        kb.loaded.tokenizer, kb.settings.system_prompt, [], q.question
+                    ).suffix,
+                )
+                handles.append(
+                    kb.engine.add_request(
+                        ids, SamplingParams(max_tokens=10), full.key, full.pos_offset
+                    )
+                )
             routed = quality._collect(kb.engine, handles)
             kb.engine.unregister_corpus(full.key)
             assert routed == dense, kind

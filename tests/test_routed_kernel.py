@@ -30,8 +30,9 @@ except ImportError:  # pragma: no cover
 
 KERNELS_RUN_HERE = HAS_TRITON and (CUDA or interpreting())
 DEV = "cuda" if CUDA else "cpu"
-kernels = pytest.mark.skipif(not KERNELS_RUN_HERE,
-                             reason="triton was imported before TRITON_INTERPRET=1 could be set")
+kernels = pytest.mark.skipif(
+    not KERNELS_RUN_HERE, reason="triton was imported before TRITON_INTERPRET=1 could be set"
+)
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
@@ -66,13 +67,17 @@ def make_selection(t, hkv, num_chunks, top_k, mode, seed, requests=None):
     g = _gen(seed)
     w = 1.0 / torch.arange(1, num_chunks + 1) ** 1.1
     if mode == "token":
-        return torch.multinomial(w.expand(t * hkv, num_chunks), top_k, replacement=False,
-                                 generator=g).view(t, hkv, top_k).int()
+        return (
+            torch.multinomial(w.expand(t * hkv, num_chunks), top_k, replacement=False, generator=g)
+            .view(t, hkv, top_k)
+            .int()
+        )
     requests = requests or max(1, t // 2)
     owner = torch.arange(t) * requests // t  # token -> request, in runs
     if mode == "request":
-        sets = torch.multinomial(w.expand(requests, num_chunks), top_k, replacement=False,
-                                 generator=g)
+        sets = torch.multinomial(
+            w.expand(requests, num_chunks), top_k, replacement=False, generator=g
+        )
     else:
         starts = torch.randint(0, max(1, num_chunks - top_k), (requests, 1), generator=g)
         sets = (starts + torch.arange(top_k)) % num_chunks
@@ -91,12 +96,12 @@ GRID = [
     (3, 4, 4, 64, 100, 16, 2, "fp16", "token", 1),
     (6, 8, 2, 64, 200, 16, 5, "bf16", "token", 2),
     (5, 8, 2, 32, 300, 16, 7, "bf16", "request", 4),
-    (8, 8, 2, 64, 256, 16, 6, "fp16", "runs", 4),    # passages: spans fill up
-    (4, 6, 2, 32, 90, 24, 3, "bf16", "token", 2),    # chunk not a multiple of the key tile, G=3
+    (8, 8, 2, 64, 256, 16, 6, "fp16", "runs", 4),  # passages: spans fill up
+    (4, 6, 2, 32, 90, 24, 3, "bf16", "token", 2),  # chunk not a multiple of the key tile, G=3
     (7, 3, 1, 128, 64, 8, 3, "bf16", "request", 1),
     (5, 8, 2, 64, 100, 16, 3, "fp8h", "token", 1),
     (6, 4, 1, 64, 120, 16, 4, "fp8c", "request", 2),
-    (2, 8, 2, 64, 48, 64, 1, "bf16", "token", 1),    # one partial chunk only
+    (2, 8, 2, 64, 48, 64, 1, "bf16", "token", 1),  # one partial chunk only
 ]
 
 
@@ -110,17 +115,21 @@ def test_grouped_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, mode, spa
     q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=t + n)
     idx = make_selection(t, hkv, c, min(top_k, c), mode, seed=t).to(DEV)
-    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, None, ks, vs,
-                                              config=dict(span=span))
+    o, lse = grouped.shared_attention_grouped(
+        q, k, v, idx, chunk, None, ks, vs, config=dict(span=span)
+    )
     check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, None, ks, vs), dtype)
 
 
 @kernels
-@pytest.mark.parametrize("t,hq,hkv,d,n,chunk,top_k,kv,rt", [
-    (6, 8, 2, 64, 200, 16, 5, "fp16", 2),
-    (9, 8, 2, 32, 300, 16, 7, "fp8c", 4),
-    (4, 6, 2, 32, 90, 24, 3, "bf16", 3),   # chunk shorter than the key tile, G=3
-])
+@pytest.mark.parametrize(
+    "t,hq,hkv,d,n,chunk,top_k,kv,rt",
+    [
+        (6, 8, 2, 64, 200, 16, 5, "fp16", 2),
+        (9, 8, 2, 32, 300, 16, 7, "fp8c", 4),
+        (4, 6, 2, 32, 90, 24, 3, "bf16", 3),  # chunk shorter than the key tile, G=3
+    ],
+)
 def test_stationary_kernel_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, rt):
     """K/V-stationary variant: a chunk's K/V loaded once for up to RT row tiles."""
     from attention import shared_routed_grouped as grouped
@@ -130,8 +139,9 @@ def test_stationary_kernel_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv,
     q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=t)
     idx = make_selection(t, hkv, c, top_k, "token", seed=n).to(DEV)
-    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, None, ks, vs,
-                                              config=dict(rt=rt, BLOCK_N=32))
+    o, lse = grouped.shared_attention_grouped(
+        q, k, v, idx, chunk, None, ks, vs, config=dict(rt=rt, BLOCK_N=32)
+    )
     check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, None, ks, vs), dtype)
 
 
@@ -158,15 +168,16 @@ def test_virtual_positions_match_reference(rt, mode):
     for layer in range(2):
         q = torch.randn(t, hq, d, generator=_gen(layer)).to(DEV, torch.bfloat16)
         k, v, _, _ = make_kv(n, hkv, d, "bf16", torch.bfloat16, chunk, seed=layer)
-        o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, plan=plan,
-                                                  chunk_shift=shift, rope_inv_freq=inv,
-                                                  config=cfg)
+        o, lse = grouped.shared_attention_grouped(
+            q, k, v, idx, chunk, plan=plan, chunk_shift=shift, rope_inv_freq=inv, config=cfg
+        )
         want = ref.shared_attention(q, k, v, idx, chunk, chunk_shift=shift, rope_inv_freq=inv)
         check(o, lse, *want, torch.bfloat16)
     # a plan built without the shifts is not used for a shifted call
     bare = grouped.plan_for(idx, c, hq // hkv, chunk, config=cfg)
-    o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, plan=bare, chunk_shift=shift,
-                                              rope_inv_freq=inv, config=cfg)
+    o, lse = grouped.shared_attention_grouped(
+        q, k, v, idx, chunk, plan=bare, chunk_shift=shift, rope_inv_freq=inv, config=cfg
+    )
     check(o, lse, *want, torch.bfloat16)
 
 
@@ -180,9 +191,9 @@ def test_grouped_padding_repeats_and_empty_rows(span):
     q = torch.randn(t, hq, d, generator=_gen(3)).to(DEV, torch.float16)
     k, v, _, _ = make_kv(n, hkv, d, "fp16", torch.float16, chunk, seed=4)
     idx = make_selection(t, hkv, c, 4, "token", seed=5).to(DEV)
-    idx[0, 0, 1] = idx[0, 0, 0]   # a repeat: attended once
-    idx[1, 1, :] = -1             # nothing chosen: o = 0, lse = -inf
-    idx[2, 0, 2] = c + 7          # out of range: padding
+    idx[0, 0, 1] = idx[0, 0, 0]  # a repeat: attended once
+    idx[1, 1, :] = -1  # nothing chosen: o = 0, lse = -inf
+    idx[2, 0, 2] = c + 7  # out of range: padding
     o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, config=dict(span=span))
     want = idx.clone()
     want[0, 0, 1] = -1
@@ -216,10 +227,10 @@ def test_plan_counts_spans_and_masks():
     idx = torch.tensor([[[0, 1, 5, -1]], [[5, 4, 4, 9]]], dtype=torch.int32)  # T=2, Hkv=1
     p = plan_grouped(idx, num_chunks=8, group_size=2, span=4, block_m=16)
     masks = p.masks.view(2, 1, 4)
-    assert masks[0, 0].tolist() == [0b0011, 0b0010, 0, 0]   # chunks {0,1} | {5}
-    assert masks[1, 0].tolist() == [0b0011, 0, 0, 0]        # {4,5}; 9 is out of range
+    assert masks[0, 0].tolist() == [0b0011, 0b0010, 0, 0]  # chunks {0,1} | {5}
+    assert masks[1, 0].tolist() == [0b0011, 0, 0, 0]  # {4,5}; 9 is out of range
     counts = (p.offsets[1:] - p.offsets[:-1]).tolist()
-    assert counts == [1, 2]                                  # span 0: token 0; span 1: both
+    assert counts == [1, 2]  # span 0: token 0; span 1: both
     assert int(p.total) == 2
 
 
@@ -228,22 +239,45 @@ def test_interpreter_suite_in_subprocess():
     if KERNELS_RUN_HERE or not HAS_TRITON:
         pytest.skip("kernel tests ran in this process" if HAS_TRITON else "no triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "-m", "not gpu", __file__], env=env, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not gpu",
+            __file__,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " passed" in res.stdout
 
 
 # ---------------------------------------------------------------- larger shapes, on the GPU
 
+
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("t,top_k,mode,kv,span,persist,rt", [
-    (1, 8, "token", "bf16", 1, False, 0), (128, 16, "request", "bf16", 1, True, 0),
-    (64, 40, "token", "fp8c", 2, False, 0), (96, 24, "runs", "fp16", 4, True, 0),
-    (256, 12, "request", "bf16", 2, False, 0), (256, 12, "request", "bf16", 1, False, 4),
-    (64, 40, "token", "fp8c", 1, False, 2)])
+@pytest.mark.parametrize(
+    "t,top_k,mode,kv,span,persist,rt",
+    [
+        (1, 8, "token", "bf16", 1, False, 0),
+        (128, 16, "request", "bf16", 1, True, 0),
+        (64, 40, "token", "fp8c", 2, False, 0),
+        (96, 24, "runs", "fp16", 4, True, 0),
+        (256, 12, "request", "bf16", 2, False, 0),
+        (256, 12, "request", "bf16", 1, False, 4),
+        (64, 40, "token", "fp8c", 1, False, 2),
+    ],
+)
 def test_gpu_grouped_llama_shape(t, top_k, mode, kv, span, persist, rt):
     from attention import shared_routed_grouped as grouped
 
@@ -298,5 +332,9 @@ def test_gpu_virtual_positions_through_the_facade():
     shift = torch.randint(-20000, 20000, idx.shape, generator=_gen(4)).to(DEV)
     inv = _inv_freq(128).to(DEV)
     o, lse = attention.shared_attention(q, k, v, idx, chunk, chunk_shift=shift, rope_inv_freq=inv)
-    check(o, lse, *ref.shared_attention(q, k, v, idx, chunk, chunk_shift=shift,
-                                        rope_inv_freq=inv), torch.bfloat16)
+    check(
+        o,
+        lse,
+        *ref.shared_attention(q, k, v, idx, chunk, chunk_shift=shift, rope_inv_freq=inv),
+        torch.bfloat16,
+    )

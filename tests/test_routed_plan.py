@@ -18,7 +18,8 @@ from kb.engine.shared_kv import SharedKV
 from tests.test_cuda_graphs import BS, CHUNK, POOL, N, _decoding, _runner
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_serve", os.path.join(os.path.dirname(__file__), "..", "bench", "serve.py"))
+    "bench_serve", os.path.join(os.path.dirname(__file__), "..", "bench", "serve.py")
+)
 serve = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -57,10 +58,10 @@ def test_graph_inputs_carry_the_selections():
     host = torch.zeros(4 * rows + rows * width + rows * sw, dtype=torch.long)
     chunks = [seq_chunks(s) for s in batch.seqs]
     graphs._fill(host, batch.seqs, rows, width, [[]] * 3, chunks, sw)
-    sel = host[4 * rows + rows * width:].view(rows, sw)
+    sel = host[4 * rows + rows * width :].view(rows, sw)
     assert sel[2, :3].tolist() == [0, 1, 2] and (sel[2, 3:] == -1).all()
     assert (sel[3] == -1).all()  # a padding row chooses nothing
-    assert host[4 * rows:4 * rows + width].tolist()[:1] == batch.seqs[0].block_table[:1]
+    assert host[4 * rows : 4 * rows + width].tolist()[:1] == batch.seqs[0].block_table[:1]
 
 
 @pytest.mark.gpu
@@ -68,8 +69,13 @@ def test_graph_inputs_carry_the_selections():
 @pytest.mark.parametrize("kept", [N // CHUNK // 2, N // CHUNK])
 def test_replayed_selection_equals_the_corpus_cut_to_it(kept):
     runner, blocks, sh = _runner("cuda", torch.bfloat16)
-    cut = SharedKV("corpus", [k[: kept * CHUNK] for k in sh.k], [v[: kept * CHUNK] for v in sh.v],
-                   chunk_size=CHUNK, pos_offset=N)
+    cut = SharedKV(
+        "corpus",
+        [k[: kept * CHUNK] for k in sh.k],
+        [v[: kept * CHUNK] for v in sh.v],
+        chunk_size=CHUNK,
+        pos_offset=N,
+    )
     batch = _decoding(blocks, [9, 30, 17], "corpus", seed=1)
     runner.graphs = None
     want, _ = runner.run(batch, {"corpus": cut})  # eager, dense over the kept chunks only

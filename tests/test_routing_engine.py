@@ -33,7 +33,9 @@ def test_dense_first_layers_route_only_the_later_ones():
     keys = [torch.randn(300, 2, 16, generator=g) for _ in range(4)]
     r = CorpusRouter(keys, chunk_size=32, always=1, dense_layers=2)
     q = torch.randn(3, 4, 16, generator=g)
-    assert r.route(0, q, top_k=3) is None and r.route(1, q, top_k=3, spans=[(0, 3)]) is None  # dense
+    assert (
+        r.route(0, q, top_k=3) is None and r.route(1, q, top_k=3, spans=[(0, 3)]) is None
+    )  # dense
     assert r.route(2, q, top_k=3).shape == (3, 2, 3) and r.route(3, q, top_k=3).shape == (3, 2, 3)
 
 
@@ -47,7 +49,9 @@ def test_routed_answer_at_half_density(handbook):
         routed = handbook.answer("handbook", FACT_QUESTION, SamplingParams(max_tokens=20))
         shared = handbook.cache.loaded["handbook"].shared
         assert shared.routed and shared.top_k < shared.num_chunks
-        assert shared.router.dense_layers == handbook.settings.routed_dense_layers == 0  # the setting's
+        assert (
+            shared.router.dense_layers == handbook.settings.routed_dense_layers == 0
+        )  # the setting's
     finally:
         handbook.settings.density = 1.0
     assert FACT_ANSWER in dense["answer"] and FACT_ANSWER in routed["answer"]
@@ -63,7 +67,9 @@ def test_chunk_index_is_stored_once_per_layout_and_rebuilt_when_damaged(handbook
     from storage.models import ChunkIndex
 
     def stamp(path: str):
-        return index_store.read_manifest(path).files, [p.stat().st_mtime_ns for p in sorted(Path(path).iterdir())]
+        return index_store.read_manifest(path).files, [
+            p.stat().st_mtime_ns for p in sorted(Path(path).iterdir())
+        ]
 
     handbook.cache.drop("handbook")
     loaded = handbook.load_corpus("handbook")

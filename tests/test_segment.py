@@ -38,7 +38,9 @@ def word_level() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["[UNK]"], show_progress=False))
+    tok.train_from_iterator(
+        CORPUS, trainers.WordLevelTrainer(special_tokens=["[UNK]"], show_progress=False)
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
@@ -58,9 +60,11 @@ def check_invariants(doc: ParsedDocument, tokenizer, segment_len: int) -> list:
     for k, s in enumerate(segments):
         assert s.index == k
         assert 1 <= len(s.token_ids) <= segment_len
-        assert 0 <= prev_end <= s.char_start <= s.char_end <= len(doc.text)  # ordered, non-overlapping
-        assert doc.text[prev_end:s.char_start].strip() == ""  # only whitespace between segments
-        assert s.text == doc.text[s.char_start:s.char_end]
+        assert (
+            0 <= prev_end <= s.char_start <= s.char_end <= len(doc.text)
+        )  # ordered, non-overlapping
+        assert doc.text[prev_end : s.char_start].strip() == ""  # only whitespace between segments
+        assert s.text == doc.text[s.char_start : s.char_end]
         assert s.page_start == page_of(doc, s.char_start)
         prev_end = s.char_end
     assert doc.text[prev_end:].strip() == ""
@@ -101,7 +105,9 @@ def test_cuts_at_sentence_end_inside_long_paragraph(name: str) -> None:
 
 def test_hard_cut_without_any_boundary() -> None:
     tokenizer = byte_bpe()
-    text = "x" * 500 + "é" * 50  # one word: no whitespace anywhere, multi-byte characters at the end
+    text = (
+        "x" * 500 + "é" * 50
+    )  # one word: no whitespace anywhere, multi-byte characters at the end
     segments = check_invariants(plain(text), tokenizer, 7)
     assert len(segments) > 1
 
@@ -134,7 +140,9 @@ def test_accepts_a_bare_tokenizers_tokenizer() -> None:
     bare = hf.backend_tokenizer
     a = cut_segments(plain(PARAGRAPHS), hf, 40)
     b = cut_segments(plain(PARAGRAPHS), bare, 40)
-    assert [(s.token_ids, s.char_start, s.char_end) for s in a] == [(s.token_ids, s.char_start, s.char_end) for s in b]
+    assert [(s.token_ids, s.char_start, s.char_end) for s in a] == [
+        (s.token_ids, s.char_start, s.char_end) for s in b
+    ]
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\n\t "])
@@ -152,16 +160,26 @@ def test_segment_len_must_be_positive() -> None:
 # --- properties -------------------------------------------------------------------------------
 
 _pieces = st.one_of(
-    st.sampled_from(["The", "fox", "jumps", "quick", "Köln", "中文", "😀", "e\u0301", "12345", "corpus"]),
-    st.sampled_from([" ", "  ", "\n", "\n\n", "\t", ". ", "! ", "? ", ", ", ".\n\n", "\u00a0", "\u3002"]),
+    st.sampled_from(
+        ["The", "fox", "jumps", "quick", "Köln", "中文", "😀", "e\u0301", "12345", "corpus"]
+    ),
+    st.sampled_from(
+        [" ", "  ", "\n", "\n\n", "\t", ". ", "! ", "? ", ", ", ".\n\n", "\u00a0", "\u3002"]
+    ),
     st.text(min_size=1, max_size=8),
 )
 texts = st.lists(_pieces, min_size=1, max_size=80).map("".join).filter(lambda t: t.strip() != "")
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(text=texts, segment_len=st.integers(min_value=1, max_value=40), name=st.sampled_from(sorted(TOKENIZERS)))
-def test_property_segments_partition_the_tokenization(text: str, segment_len: int, name: str) -> None:
+@given(
+    text=texts,
+    segment_len=st.integers(min_value=1, max_value=40),
+    name=st.sampled_from(sorted(TOKENIZERS)),
+)
+def test_property_segments_partition_the_tokenization(
+    text: str, segment_len: int, name: str
+) -> None:
     tokenizer = TOKENIZERS[name]()
     if not whole(tokenizer, text):  # e.g. only characters the word-level pre-tokenizer drops
         with pytest.raises(IngestError):

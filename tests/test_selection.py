@@ -33,8 +33,10 @@ def test_query_rotation_equals_re_rotated_keys():
     tok_shift = shifts.repeat_interleave(cs)
     k_copy = reference.rope_rotate(k[tok].float(), tok_shift[:, None].expand(-1, hkv), INV)
     want_o, want_lse = reference.shared_attention(q, k_copy, v[tok].float(), None, cs)
-    for o, lse in (cpu_shared.shared_attention(q, k, v, idx, cs, chunk_shift=sh, rope_inv_freq=INV, block=128),
-                   reference.shared_attention(q, k, v, idx, cs, chunk_shift=sh, rope_inv_freq=INV)):
+    for o, lse in (
+        cpu_shared.shared_attention(q, k, v, idx, cs, chunk_shift=sh, rope_inv_freq=INV, block=128),
+        reference.shared_attention(q, k, v, idx, cs, chunk_shift=sh, rope_inv_freq=INV),
+    ):
         torch.testing.assert_close(o, want_o, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(lse, want_lse, atol=2e-5, rtol=1e-5)
 
@@ -64,7 +66,9 @@ def test_rebased_keys_sit_at_chunk_local_positions():
     raw = torch.randn(n, hkv, d)
     positions = torch.cat([torch.arange(64), torch.arange(5000, 5128), torch.arange(100, 164)])
     stored = _rope(raw, positions)
-    sel = PassageSelector.build([stored], positions, cs, 1, INV, SelectionConfig(layers=(0,), budget=64))
+    sel = PassageSelector.build(
+        [stored], positions, cs, 1, INV, SelectionConfig(layers=(0,), budget=64)
+    )
     local = _rope(raw[64:], torch.arange(64, n) % cs)
     # float32 RoPE angles at position ~5000 carry ~1e-4 error: the rotations agree to that
     torch.testing.assert_close(sel.keys[0], local.transpose(0, 1), atol=2e-3, rtol=1e-3)
@@ -77,9 +81,17 @@ def test_scores_ignore_stored_position():
     raw = torch.randn(cs, hkv, d)
     other = torch.randn(2 * cs, hkv, d)
     keys = torch.cat([other[:cs], raw, other[cs:], raw])  # chunks 1 and 3 hold the same content
-    positions = torch.cat([torch.arange(2 * cs), torch.arange(7000, 7000 + cs), torch.arange(300, 300 + cs)])
-    sel = PassageSelector.build([_rope(keys, positions)], positions, cs, 1, INV,
-                                SelectionConfig(layers=(0,), budget=64, window=1, calibrate="none"))
+    positions = torch.cat(
+        [torch.arange(2 * cs), torch.arange(7000, 7000 + cs), torch.arange(300, 300 + cs)]
+    )
+    sel = PassageSelector.build(
+        [_rope(keys, positions)],
+        positions,
+        cs,
+        1,
+        INV,
+        SelectionConfig(layers=(0,), budget=64, window=1, calibrate="none"),
+    )
     q = _rope(torch.randn(5, 9, d), torch.arange(6000, 6005))
     scores = sel.chunk_scores({0: (q, torch.arange(6000, 6005))})
     torch.testing.assert_close(scores[1], scores[3], atol=1e-6, rtol=1e-4)
@@ -89,7 +101,9 @@ def test_choose_fills_the_budget_with_passages_and_keeps_the_preamble():
     cs = 64
     positions = torch.arange(20 * cs)
     k = [torch.randn(20 * cs, 3, 64)]
-    sel = PassageSelector.build(k, positions, cs, 2, INV, SelectionConfig(layers=(0,), budget=5 * cs, neighbours=1))
+    sel = PassageSelector.build(
+        k, positions, cs, 2, INV, SelectionConfig(layers=(0,), budget=5 * cs, neighbours=1)
+    )
     scores = torch.zeros(20)
     scores[10], scores[15] = 5.0, 3.0
     chosen = sel.choose(scores).tolist()
@@ -114,8 +128,10 @@ def _large_corpus(tmp_path_factory):
     paths = []
     for i, text in enumerate(data.docs):
         if i == data.questions[0].doc:
-            text = text + "\n\nThe archive of the Velmora Institute is kept in a vault. " \
-                          "The access code of the Velmora vault is 7341."
+            text = (
+                text + "\n\nThe archive of the Velmora Institute is kept in a vault. "
+                "The access code of the Velmora vault is 7341."
+            )
         paths.append(root / f"doc{i:02d}.txt")
         paths[-1].write_text(text)
     assert all(r.status == "ready" for r in kb.ingest("big", paths))
@@ -144,17 +160,24 @@ def test_large_corpus_fact_answered_and_cited_first_with_defaults(tmp_path_facto
         assert s1.chunks.tolist() == s2.chunks.tolist() and torch.equal(s1.shift, s2.shift)
         assert a1.citations() == a2.citations()
         shared_tokens = s1.chunks.numel() * loaded.shared.chunk_size
-        assert shared_tokens <= kb.settings.selection_budget + loaded.shared.always_chunks * loaded.shared.chunk_size
+        assert (
+            shared_tokens
+            <= kb.settings.selection_budget + loaded.shared.always_chunks * loaded.shared.chunk_size
+        )
         dense = kb.answer("big", FACT_QUESTION, dense=True)
         assert dense["citations"]  # dense keeps its attention-mass citations
 
         from tests.conftest import planted_text
+
         doc = tmp_path_factory.mktemp("one") / "handbook.txt"
         doc.write_text(planted_text())
         kb.create_corpus("one")
         assert kb.ingest("one", [doc])[0].status == "ready"
         assert kb.load_corpus("one").shared.selector is None  # within the budget: read whole
-        default, dense = kb.answer("one", FACT_QUESTION), kb.answer("one", FACT_QUESTION, dense=True)
+        default, dense = (
+            kb.answer("one", FACT_QUESTION),
+            kb.answer("one", FACT_QUESTION, dense=True),
+        )
         assert default["answer"] == dense["answer"] and default["citations"] == dense["citations"]
     finally:
         kb.close()

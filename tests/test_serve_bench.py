@@ -14,7 +14,8 @@ from kb.engine.runner import ModelRunner
 from kb.engine.shared_kv import SharedKV
 
 _spec = importlib.util.spec_from_file_location(
-    "bench_serve", os.path.join(os.path.dirname(__file__), "..", "bench", "serve.py"))
+    "bench_serve", os.path.join(os.path.dirname(__file__), "..", "bench", "serve.py")
+)
 serve = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve)
 
@@ -24,7 +25,9 @@ N, CHUNK, BS, PROMPT, GEN, CONC = 128, 16, 16, 12, 6, 3
 def _run(model, mode: str, prefill: str = "model") -> list[list[int]]:
     per_req = -(-(PROMPT + GEN) // BS)
     copies = mode == "copies"
-    runner = ModelRunner(model, CONC * per_req, BS, "cpu", shared_blocks=(CONC if copies else 1) * N // BS)
+    runner = ModelRunner(
+        model, CONC * per_req, BS, "cpu", shared_blocks=(CONC if copies else 1) * N // BS
+    )
     blocks = BlockManager(CONC * per_req, BS)
     serve.fill_(runner.k_cache + runner.v_cache, seed=5)  # unique pages: overwritten by the prefill
     names = [f"copy{i}" for i in range(CONC)] if copies else ["corpus"]
@@ -38,8 +41,20 @@ def _run(model, mode: str, prefill: str = "model") -> list[list[int]]:
         corpora = {"corpus": serve.with_router(corpora["corpus"], 0.25)}
         assert corpora["corpus"].routed and corpora["corpus"].top_k == 2
     keys = names if copies else ["corpus"] * CONC
-    r = serve.run_config(runner, blocks, corpora, mode, keys, PROMPT, GEN, prefill, warmup=1,
-                         max_steps=2, budget_s=1e9, seed=7)
+    r = serve.run_config(
+        runner,
+        blocks,
+        corpora,
+        mode,
+        keys,
+        PROMPT,
+        GEN,
+        prefill,
+        warmup=1,
+        max_steps=2,
+        budget_s=1e9,
+        seed=7,
+    )
     assert blocks.num_free == blocks.num_blocks  # everything released
     assert r["steps"] == 2 and r["tokens_per_s"] > 0 and r["itl_ms_p50"] <= r["itl_ms_p99"]
     return r["outputs"]

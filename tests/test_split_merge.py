@@ -20,8 +20,15 @@ def _full(q, k, v, q_pos, kv_pos):
     return torch.einsum("thn,nhd->thd", torch.softmax(s, -1), v)
 
 
-@pytest.mark.parametrize("n_shared,lens,hq,hkv,d,block", [
-    (37, [1, 5], 4, 4, 16, 4), (100, [3, 1, 8], 8, 2, 32, 16), (64, [12], 9, 3, 64, 8), (5, [1], 6, 1, 8, 2)])
+@pytest.mark.parametrize(
+    "n_shared,lens,hq,hkv,d,block",
+    [
+        (37, [1, 5], 4, 4, 16, 4),
+        (100, [3, 1, 8], 8, 2, 32, 16),
+        (64, [12], 9, 3, 64, 8),
+        (5, [1], 6, 1, 8, 2),
+    ],
+)
 def test_split_then_merge_equals_concatenation(n_shared, lens, hq, hkv, d, block):
     g = torch.Generator().manual_seed(n_shared)
     ks = torch.randn(n_shared, hkv, d, generator=g, dtype=torch.float64)
@@ -40,7 +47,10 @@ def test_split_then_merge_equals_concatenation(n_shared, lens, hq, hkv, d, block
         for j in range(-(-t // block)):
             table[b, j] = next_block
             n = min(block, t - j * block)
-            kc[next_block, :n], vc[next_block, :n] = ku[j * block:j * block + n], vu[j * block:j * block + n]
+            kc[next_block, :n], vc[next_block, :n] = (
+                ku[j * block : j * block + n],
+                vu[j * block : j * block + n],
+            )
             next_block += 1
         qs.append(torch.randn(lens[b], hq, d, generator=g, dtype=torch.float64))
         uk.append(ku)
@@ -56,7 +66,7 @@ def test_split_then_merge_equals_concatenation(n_shared, lens, hq, hkv, d, block
         q_pos = torch.arange(n_shared + hist, n_shared + t)
         ref = _full(qs[b], k_all, v_all, q_pos, kv_pos)
         # the references compute in float32 whatever the input dtype
-        torch.testing.assert_close(o[cu[b]:cu[b + 1]], ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(o[cu[b] : cu[b + 1]], ref, atol=2e-5, rtol=1e-4)
 
 
 def test_merge_with_empty_side_is_identity():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from sqlalchemy import select
@@ -13,8 +12,9 @@ from storage.kvstore import KVCorruptError, read_kv, write_kv
 from storage.models import Corpus, Document, Segment
 
 
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float32])
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float32]
+)
 def test_kv_roundtrip_and_checksum(tmp_path, dtype):
     k = torch.randn(3, 17, 2, 8).to(dtype)
     v = torch.randn(3, 17, 2, 8).to(dtype)
@@ -26,7 +26,9 @@ def test_kv_roundtrip_and_checksum(tmp_path, dtype):
 
 
 def test_corrupt_or_missing_kv_is_detected(tmp_path):
-    stored = write_kv(tmp_path / "seg.safetensors", torch.randn(1, 4, 1, 4), torch.randn(1, 4, 1, 4))
+    stored = write_kv(
+        tmp_path / "seg.safetensors", torch.randn(1, 4, 1, 4), torch.randn(1, 4, 1, 4)
+    )
     data = bytearray(stored.path.read_bytes())
     data[-3] ^= 0xFF
     stored.path.write_bytes(bytes(data))
@@ -47,8 +49,18 @@ def test_models_roundtrip_and_cascade(db):
     with db.session() as s:
         c = Corpus(name="law", model="m", settings={"chunk_size": 64})
         d = Document(corpus=c, filename="a.pdf", content_hash="h1", media_type="pdf")
-        d.segments.append(Segment(seq=0, char_start=0, char_end=10, num_tokens=3, text="abc",
-                                  token_ids=[1, 2, 3], page_start=1, page_end=2))
+        d.segments.append(
+            Segment(
+                seq=0,
+                char_start=0,
+                char_end=10,
+                num_tokens=3,
+                text="abc",
+                token_ids=[1, 2, 3],
+                page_start=1,
+                page_end=2,
+            )
+        )
         s.add(c)
     with db.session() as s:
         c = s.scalar(select(Corpus).where(Corpus.name == "law"))

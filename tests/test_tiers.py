@@ -18,7 +18,9 @@ def layout() -> list[torch.Tensor]:
 
 def manager(gpu_units: float, cpu_units: float) -> tuple[TierManager, list[Move]]:
     moves: list[Move] = []
-    return TierManager({"gpu": int(gpu_units * UNIT), "cpu": int(cpu_units * UNIT)}, "cpu", moves.append), moves
+    return TierManager(
+        {"gpu": int(gpu_units * UNIT), "cpu": int(cpu_units * UNIT)}, "cpu", moves.append
+    ), moves
 
 
 def add(tm: TierManager, name: str, in_use=None, pinned: bool = False) -> str:
@@ -99,7 +101,10 @@ def test_explicit_moves_and_evict():
 def test_fp8_files_round_trip_within_e4m3_precision(tmp_path, scale):
     torch.manual_seed(0)
     # heads of very different ranges: each gets its own scale
-    k = torch.randn(3, 50, 4, 16) * torch.tensor([scale, scale * 20, scale / 50, scale])[None, None, :, None]
+    k = (
+        torch.randn(3, 50, 4, 16)
+        * torch.tensor([scale, scale * 20, scale / 50, scale])[None, None, :, None]
+    )
     v = torch.randn(3, 50, 4, 16) * scale
     stored = write_kv(tmp_path / "seg.safetensors", k, v, dtype=FP8)
     raw = read_kv_tensors(stored.path, stored.checksum)

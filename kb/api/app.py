@@ -33,9 +33,13 @@ def create_api(kb: KnowledgeBase | None = None, warm: bool = True) -> FastAPI:
         kb.close()
 
     # /docs and /redoc load Swagger UI and ReDoc from the fastapi-offline package, not a CDN
-    app = FastAPIOffline(title="kb", version="0.1.0", lifespan=lifespan,
-                  description="Shared-context knowledge base: chat over corpora whose KV cache is computed once.",
-                  dependencies=[Depends(inputs.check_params)])
+    app = FastAPIOffline(
+        title="kb",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Shared-context knowledge base: chat over corpora whose KV cache is computed once.",
+        dependencies=[Depends(inputs.check_params)],
+    )
     app.state.kb = kb
     app.add_middleware(inputs.RequestIdMiddleware)
     app.add_exception_handler(RequestValidationError, inputs.validation_error)

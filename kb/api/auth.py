@@ -30,6 +30,7 @@ from kb.service import KnowledgeBase
 
 router = APIRouter(tags=["auth"])
 
+
 async def current_user(request: Request, kb: KnowledgeBase = Depends(get_kb)) -> Principal:
     """FastAPI dependency: the Principal making this request."""
     return await run_in_threadpool(principal_for, kb, request.headers, request.cookies)
@@ -38,7 +39,8 @@ async def current_user(request: Request, kb: KnowledgeBase = Depends(get_kb)) ->
 _LOGIN = """<!doctype html><html><head><meta charset="utf-8"><title>Sign in · kb</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>body{{font-family:system-ui,sans-serif;display:grid;place-items:center;height:90vh;background:#f6f7f9}}
-form{{background:#fff;padding:2rem 2.5rem;border-radius:12px;box-shadow:0 2px 12px #0002;display:grid;gap:.7rem;min-width:18rem}}
+form{{background:#fff;padding:2rem 2.5rem;border-radius:12px;box-shadow:0 2px 12px #0002;
+  display:grid;gap:.7rem;min-width:18rem}}
 input{{padding:.55rem;font-size:1rem;border:1px solid #ccd;border-radius:6px}}
 button{{padding:.6rem;font-size:1rem;background:#f97316;color:#fff;border:0;border-radius:6px;cursor:pointer}}
 .err{{color:#b91c1c}}</style></head><body>
@@ -55,19 +57,30 @@ async def login_page(error: str = ""):
 
 
 @router.post("/login", include_in_schema=False)
-async def login(request: Request, name: str = Form(...), password: str = Form(...),
-                kb: KnowledgeBase = Depends(get_kb)):
+async def login(
+    request: Request,
+    name: str = Form(...),
+    password: str = Form(...),
+    kb: KnowledgeBase = Depends(get_kb),
+):
     from kb.inputs import text_problem
 
     bad = text_problem(name, single_line=True) or text_problem(password)  # never to the database
     user = None if bad else await run_in_threadpool(authenticate, kb.db, name, password)
     if user is None:
-        return HTMLResponse(_LOGIN.format(error='<p class="err">Wrong user name or password.</p>'),
-                            status_code=401)
+        return HTMLResponse(
+            _LOGIN.format(error='<p class="err">Wrong user name or password.</p>'), status_code=401
+        )
     token = await run_in_threadpool(make_session_token, kb.db, secret_of(kb), user)
     resp = RedirectResponse("./", status_code=303)
-    resp.set_cookie(SESSION_COOKIE, token, max_age=SESSION_TTL_S, httponly=True, samesite="lax",
-                    secure=request.url.scheme == "https")
+    resp.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=SESSION_TTL_S,
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+    )
     return resp
 
 
@@ -103,7 +116,9 @@ async def require(kb: KnowledgeBase, user: Principal, name: str, write: bool = F
     await run_in_threadpool(_check, kb, user, name, write)
 
 
-async def require_admin(user: Principal = Depends(current_user), kb: KnowledgeBase = Depends(get_kb)) -> Principal:
+async def require_admin(
+    user: Principal = Depends(current_user), kb: KnowledgeBase = Depends(get_kb)
+) -> Principal:
     """FastAPI dependency for admin operations: with sign-in on, only admins pass; with
     KB_AUTH=off the single local user administers the service."""
     if auth_on(kb) and not user.is_admin:

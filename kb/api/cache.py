@@ -27,7 +27,9 @@ async def cache_list(name: str | None = None, kb: KnowledgeBase = Depends(get_kb
 
 
 @router.post("/v1/cache/{name}/{op}", status_code=202)
-async def cache_op(name: str, op: str, tier: str | None = None, kb: KnowledgeBase = Depends(get_kb)):
+async def cache_op(
+    name: str, op: str, tier: str | None = None, kb: KnowledgeBase = Depends(get_kb)
+):
     return {"event_id": await run_in_threadpool(cache_admin.submit, kb, op, name, tier)}
 
 

@@ -31,13 +31,28 @@ router = APIRouter(tags=["chat"])
 @router.get("/v1/models")
 async def models(kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
     rows = await run_in_threadpool(lambda: kb.list_corpora(user=user))
-    return {"object": "list", "data": [
-        {"id": f"kb:{c.name}", "object": "model", "created": int(c.created_at.timestamp()) if c.created_at else 0,
-         "owned_by": "kb"} for c in rows if c.status == "ready"]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": f"kb:{c.name}",
+                "object": "model",
+                "created": int(c.created_at.timestamp()) if c.created_at else 0,
+                "owned_by": "kb",
+            }
+            for c in rows
+            if c.status == "ready"
+        ],
+    }
+
 
 @router.post("/v1/chat/completions")
-async def chat(body: ChatRequest, request: Request, kb: KnowledgeBase = Depends(get_kb),
-               user: Principal = Depends(current_user)):
+async def chat(
+    body: ChatRequest,
+    request: Request,
+    kb: KnowledgeBase = Depends(get_kb),
+    user: Principal = Depends(current_user),
+):
     msgs = [m.model_dump() for m in body.messages]
     if msgs[-1]["role"] != "user":
         raise KBError("the last message must be the user's question")
@@ -47,16 +62,25 @@ async def chat(body: ChatRequest, request: Request, kb: KnowledgeBase = Depends(
             raise KBError(f"{penalty}: kb applies no penalties; send 0 or leave it out")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     max_tokens = body.max_completion_tokens or body.max_tokens or kb.settings.max_tokens
-    sp = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                        max_tokens=max_tokens, stop=stop, seed=body.seed)
+    sp = SamplingParams(
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        max_tokens=max_tokens,
+        stop=stop,
+        seed=body.seed,
+    )
     name = body.corpus_name()
     loop = asyncio.get_running_loop()
     await run_in_threadpool(lambda: kb.engine.start())
-    answer: Answer = await run_in_threadpool(kb.ask, name, msgs[-1]["content"], sp, history, loop, user=user,
-                                           dense=body.dense)
+    answer: Answer = await run_in_threadpool(
+        kb.ask, name, msgs[-1]["content"], sp, history, loop, user=user, dense=body.dense
+    )
     rid, created, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), f"kb:{name}"
     if body.stream:
-        return StreamingResponse(_sse(kb, answer, request, rid, created, model), media_type="text/event-stream")
+        return StreamingResponse(
+            _sse(kb, answer, request, rid, created, model), media_type="text/event-stream"
+        )
     try:
         finished = await _finished_or_gone(answer, request)
     except asyncio.CancelledError:  # the server cancelled the handler (shutdown past its grace)
@@ -70,11 +94,22 @@ async def chat(body: ChatRequest, request: Request, kb: KnowledgeBase = Depends(
     if res.reason == "error":
         return _error(500, internal_message("generation failed", res.error), "server_error")
     return {
-        "id": rid, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                     "finish_reason": res.reason}],
-        "usage": {"prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-                  "total_tokens": res.prompt_tokens + res.completion_tokens},
+        "id": rid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": res.text},
+                "finish_reason": res.reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": res.prompt_tokens,
+            "completion_tokens": res.completion_tokens,
+            "total_tokens": res.prompt_tokens + res.completion_tokens,
+        },
         "citations": answer.citations(),
     }
 
@@ -89,6 +124,7 @@ async def _finished_or_gone(answer: Answer, request: Request) -> bool:
     """Wait for the answer to finish (True) or the client to disconnect (False). A watcher
     waits on the connection itself: polling `is_disconnected` between tokens missed the
     disconnect behind the app's middleware, and none came while a request waited in the queue."""
+
     async def drain() -> None:
         async for _ in answer.handle:
             pass
@@ -102,11 +138,20 @@ async def _finished_or_gone(answer: Answer, request: Request) -> bool:
             t.cancel()
 
 
-async def _sse(kb: KnowledgeBase, answer: Answer, request: Request, rid: str, created: int, model: str):
+async def _sse(
+    kb: KnowledgeBase, answer: Answer, request: Request, rid: str, created: int, model: str
+):
     """Server-sent events in OpenAI's chunk format; the last chunk carries citations and usage."""
+
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        body = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **extra,
+        }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     finished = False
@@ -117,8 +162,11 @@ async def _sse(kb: KnowledgeBase, answer: Answer, request: Request, rid: str, cr
                 yield chunk({"content": ev.text})
             elif isinstance(ev, Finished):
                 finished = True
-                usage = {"prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-                         "total_tokens": ev.prompt_tokens + ev.completion_tokens}
+                usage = {
+                    "prompt_tokens": ev.prompt_tokens,
+                    "completion_tokens": ev.completion_tokens,
+                    "total_tokens": ev.prompt_tokens + ev.completion_tokens,
+                }
                 if ev.reason == "error":
                     msg = internal_message("generation failed", ev.error)
                     yield f"data: {json.dumps({'error': {'message': msg, 'type': 'server_error'}})}\n\n"

@@ -12,6 +12,10 @@ def get_kb(request: Request) -> KnowledgeBase:
     return request.app.state.kb
 
 
-def error(status: int, message: str, kind: str = "invalid_request_error", headers=None) -> JSONResponse:
+def error(
+    status: int, message: str, kind: str = "invalid_request_error", headers=None
+) -> JSONResponse:
     """An error body in OpenAI's shape: {"error": {"message", "type"}}."""
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind}}, status_code=status, headers=headers
+    )

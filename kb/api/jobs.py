@@ -24,8 +24,11 @@ async def _job(kb: KnowledgeBase, user: Principal, job_id: str, write: bool = Fa
 
 
 @router.get("/v1/jobs")
-async def list_jobs(corpus: str | None = None, kb: KnowledgeBase = Depends(get_kb),
-                    user: Principal = Depends(current_user)):
+async def list_jobs(
+    corpus: str | None = None,
+    kb: KnowledgeBase = Depends(get_kb),
+    user: Principal = Depends(current_user),
+):
     """Newest first, with each document's stage, percent, ETA and k/n segments prefilled."""
     if corpus is not None:
         await require(kb, user, corpus)
@@ -45,18 +48,24 @@ async def list_jobs(corpus: str | None = None, kb: KnowledgeBase = Depends(get_k
 
 
 @router.get("/v1/jobs/{job_id}")
-async def get_job(job_id: str, kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
+async def get_job(
+    job_id: str, kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)
+):
     return (await _job(kb, user, job_id)).to_dict()
 
 
 @router.post("/v1/jobs/{job_id}/cancel")
-async def cancel_job(job_id: str, kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
+async def cancel_job(
+    job_id: str, kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)
+):
     await _job(kb, user, job_id, write=True)
     return (await run_in_threadpool(jobs_for(kb).queue.cancel, job_id)).to_dict()
 
 
 @router.post("/v1/jobs/{job_id}/retry", status_code=202)
-async def retry_job(job_id: str, kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)):
+async def retry_job(
+    job_id: str, kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)
+):
     """Queue the job's document again as a new job (returned); it resumes from its stored segments."""
     await _job(kb, user, job_id, write=True)
     jobs = jobs_for(kb)

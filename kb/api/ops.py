@@ -16,8 +16,8 @@ router = APIRouter(tags=["operations"])
 async def healthz(kb: KnowledgeBase = Depends(get_kb)):
     return {"status": "ok", "model_loaded": kb._loaded is not None}
 
+
 @router.get("/metrics")
 async def metrics(kb: KnowledgeBase = Depends(get_kb)):
     registry = kb._engine.metrics.registry if kb._engine is not None else CollectorRegistry()
     return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-

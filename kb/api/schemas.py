@@ -24,14 +24,29 @@ class ChatRequest(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=0, le=100000)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, description="a signed 64-bit integer")
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False,
-                                    description="accepted as OpenAI defines it; kb applies no penalty, so only 0")
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False,
-                                     description="accepted as OpenAI defines it; kb applies no penalty, so only 0")
+    seed: int | None = Field(
+        default=None, ge=-(2**63), le=2**63 - 1, description="a signed 64-bit integer"
+    )
+    presence_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description="accepted as OpenAI defines it; kb applies no penalty, so only 0",
+    )
+    frequency_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description="accepted as OpenAI defines it; kb applies no penalty, so only 0",
+    )
     stop: Text | list[Text] | None = None
-    dense: bool = Field(default=False, description="attend the whole corpus densely instead of the passages "
-                        "the question chooses (attention retrieval, the default beyond the model's context)")
+    dense: bool = Field(
+        default=False,
+        description="attend the whole corpus densely instead of the passages "
+        "the question chooses (attention retrieval, the default beyond the model's context)",
+    )
 
     def corpus_name(self) -> str:
         name = self.corpus or self.model
@@ -41,5 +56,8 @@ class ChatRequest(BaseModel):
 class CorpusCreate(BaseModel):
     name: Name = Field(min_length=1, max_length=64)
     visibility: Literal["private", "public", "shared"] | None = Field(
-        default=None, description="default: private for a signed-in user, public for anonymous use")
-    share_with: list[Name] = Field(default_factory=list, description="user names, for visibility shared")
+        default=None, description="default: private for a signed-in user, public for anonymous use"
+    )
+    share_with: list[Name] = Field(
+        default_factory=list, description="user names, for visibility shared"
+    )

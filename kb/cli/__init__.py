@@ -12,7 +12,15 @@ import sys
 
 from kb.errors import KBError
 
-COMMAND_MODULES = ("kb.cli.corpus", "kb.cli.ask", "kb.cli.chat", "kb.cli.serve", "kb.cli.users", "kb.cli.jobs", "kb.cli.cache")
+COMMAND_MODULES = (
+    "kb.cli.corpus",
+    "kb.cli.ask",
+    "kb.cli.chat",
+    "kb.cli.serve",
+    "kb.cli.users",
+    "kb.cli.jobs",
+    "kb.cli.cache",
+)
 
 
 class Parser(argparse.ArgumentParser):
@@ -25,7 +33,9 @@ class Parser(argparse.ArgumentParser):
 
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:
-            choices = re.findall(r"'([^']*)'", m.group(2)) or [c.strip() for c in m.group(2).split(",")]
+            choices = re.findall(r"'([^']*)'", m.group(2)) or [
+                c.strip() for c in m.group(2).split(",")
+            ]
             message += suggest(m.group(1), choices)
         super().error(message)
 
@@ -43,8 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except KBError as e:
@@ -57,4 +69,3 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kb").debug("unexpected error", exc_info=True)
         print(f"kb: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-

@@ -9,7 +9,8 @@ on stderr. `--local` skips the server.
 from __future__ import annotations
 
 import sys
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from kb.cli.names import require_corpus, unknown_corpus
 from kb.cli.server_client import DEFAULT_PROBE_S, ServerClient, default_url, explicit_url, listening
@@ -19,7 +20,9 @@ from kb.errors import KBError, NotFound
 class Answerer(Protocol):
     where: str  # said on stderr: "the server at URL" or "this process"
 
-    def answer(self, question: str, history: list[dict], on_text: Callable[[str], None] | None) -> dict: ...
+    def answer(
+        self, question: str, history: list[dict], on_text: Callable[[str], None] | None
+    ) -> dict: ...
 
     def close(self) -> None: ...
 
@@ -31,7 +34,9 @@ class RemoteAnswerer:
         self.client, self.corpus, self.options = client, corpus, options
         self.where = f"the server at {client.url}"
 
-    def answer(self, question: str, history: list[dict], on_text: Callable[[str], None] | None) -> dict:
+    def answer(
+        self, question: str, history: list[dict], on_text: Callable[[str], None] | None
+    ) -> dict:
         messages = [*history, {"role": "user", "content": question}]
         return self.client.chat(self.corpus, messages, self.options, on_text).to_dict()
 
@@ -56,11 +61,15 @@ class LocalAnswerer:
         self.max_tokens = args.max_tokens or self.kb.settings.max_tokens
         self.temperature = args.temperature
 
-    def answer(self, question: str, history: list[dict], on_text: Callable[[str], None] | None) -> dict:
+    def answer(
+        self, question: str, history: list[dict], on_text: Callable[[str], None] | None
+    ) -> dict:
         from kb.engine.sequence import SamplingParams
 
         sp = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
-        return self.kb.wait(self.kb.ask(self.corpus, question, sp, history, dense=self.dense), on_text)
+        return self.kb.wait(
+            self.kb.ask(self.corpus, question, sp, history, dense=self.dense), on_text
+        )
 
     def close(self) -> None:
         self.kb.close()
@@ -92,14 +101,18 @@ def find_server(args) -> ServerClient | None:
         return None
     url = explicit_url(args)
     timeout_s = 5.0 if url else DEFAULT_PROBE_S
-    if listening(url or default_url(), timeout_s):  # stdlib first: httpx loads only if something listens
+    if listening(
+        url or default_url(), timeout_s
+    ):  # stdlib first: httpx loads only if something listens
         client = ServerClient(url or default_url())
         if client.healthy(timeout_s):
             return client
         client.close()
     if url:
-        raise KBError(f"no kb server answers at {url} (from --server or KB_SERVER); "
-                      "start one with `kb serve`, or pass --local to answer in this process")
+        raise KBError(
+            f"no kb server answers at {url} (from --server or KB_SERVER); "
+            "start one with `kb serve`, or pass --local to answer in this process"
+        )
     return None
 
 
@@ -118,8 +131,10 @@ def answerer(args, corpus: str) -> Answerer:
         if options is not None:
             return RemoteAnswerer(client, corpus, options)
         client.close()
-        print(f"kb: the server at {client.url} takes no --dense/--density option; answering in this process",
-              file=sys.stderr)
+        print(
+            f"kb: the server at {client.url} takes no --dense/--density option; answering in this process",
+            file=sys.stderr,
+        )
     local = LocalAnswerer(corpus, args)
     if getattr(args, "local", False):
         local.where = "this process (--local; loading the model here)"
@@ -138,8 +153,16 @@ def add_answer_options(c) -> None:
     """The options `kb ask` and `kb chat` share."""
     c.add_argument("--max-tokens", type=int, default=None)
     c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--density", type=float, default=None, help="fraction of chunks each query attends")
+    c.add_argument(
+        "--density", type=float, default=None, help="fraction of chunks each query attends"
+    )
     c.add_argument("--dense", action="store_true", help="attend every chunk")
-    c.add_argument("--server", default=None, help="a running server's URL (default: $KB_SERVER, else "
-                   "the default address if a server answers there)")
-    c.add_argument("--local", action="store_true", help="answer in this process even if a server runs")
+    c.add_argument(
+        "--server",
+        default=None,
+        help="a running server's URL (default: $KB_SERVER, else "
+        "the default address if a server answers there)",
+    )
+    c.add_argument(
+        "--local", action="store_true", help="answer in this process even if a server runs"
+    )

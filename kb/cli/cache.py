@@ -27,11 +27,15 @@ def cmd_cache_list(args) -> int:
     rows = cache_admin.lookup(_kb(), args.name)
     if print_json_or_empty(rows, args.json, "no corpora yet: kb corpus create NAME"):
         return 0
-    print(f"{'NAME':24} {'STATE':9} {'TIER':5} {'TOKENS':>8} {'GPU':>10} {'CPU':>10} {'DISK':>10} {'HITS':>6}  LAST USE")
+    print(
+        f"{'NAME':24} {'STATE':9} {'TIER':5} {'TOKENS':>8} {'GPU':>10} {'CPU':>10} {'DISK':>10} {'HITS':>6}  LAST USE"
+    )
     for r in rows:
         last = r.last_used_at.strftime("%Y-%m-%d %H:%M:%S") if r.last_used_at else "-"
-        print(f"{r.name:24} {r.state:9} {r.tier:5} {r.tokens:8d} {_size(r.bytes['gpu']):>10} "
-              f"{_size(r.bytes['cpu']):>10} {_size(r.bytes['disk']):>10} {r.hits:6d}  {last}")
+        print(
+            f"{r.name:24} {r.state:9} {r.tier:5} {r.tokens:8d} {_size(r.bytes['gpu']):>10} "
+            f"{_size(r.bytes['cpu']):>10} {_size(r.bytes['disk']):>10} {r.hits:6d}  {last}"
+        )
     return 0
 
 
@@ -44,7 +48,9 @@ def _print_event_dict(ev: dict) -> None:
     if ev["status"] == "failed":
         print(f"{ev['op']} {ev['corpus']}: failed: {ev['error']}", file=sys.stderr)
     else:
-        print(f"{ev['op']} {ev['corpus']}: {ev['status']} {json.dumps(ev['result']) if ev['result'] else ''}".rstrip())
+        print(
+            f"{ev['op']} {ev['corpus']}: {ev['status']} {json.dumps(ev['result']) if ev['result'] else ''}".rstrip()
+        )
 
 
 def _submit(args, op: str) -> int:
@@ -88,17 +94,26 @@ def cmd_cache_status(args) -> int:
 
 def register(sub) -> None:
     cache = sub.add_parser("cache", help="inspect and manage corpora's cached KV").add_subparsers(
-        dest="sub", required=True)
+        dest="sub", required=True
+    )
     c = cache.add_parser("list", help="per corpus: tokens, bytes per tier, hits, last use, state")
     c.add_argument("name", nargs="?")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_cache_list)
-    helps = {"pin": "never evict this corpus's KV", "unpin": "let it be evicted again",
-             "evict": "drop its KV from memory (it stays on disk)", "rebuild": "recompute what no longer "
-             "matches the settings, reusing the rest", "delete": "delete the corpus, its documents and its KV"}
+    helps = {
+        "pin": "never evict this corpus's KV",
+        "unpin": "let it be evicted again",
+        "evict": "drop its KV from memory (it stays on disk)",
+        "rebuild": "recompute what no longer matches the settings, reusing the rest",
+        "delete": "delete the corpus, its documents and its KV",
+    }
+
     def server_arg(c) -> None:
-        c.add_argument("--server", help="a running server's URL (default: $KB_SERVER); without it the "
-                       "command acts in this process, which holds no KV")
+        c.add_argument(
+            "--server",
+            help="a running server's URL (default: $KB_SERVER); without it the "
+            "command acts in this process, which holds no KV",
+        )
 
     for op, text in helps.items():
         c = cache.add_parser(op, help=text)

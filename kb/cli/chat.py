@@ -30,8 +30,12 @@ def cmd_chat(args) -> int:
     source = answerer(args, args.name)
     history: list[dict] = []
     try:
-        print(f"kb: chatting over {args.name!r} with answers from {source.where}; "
-              "an empty line or /exit ends, /reset forgets", file=sys.stderr, flush=True)
+        print(
+            f"kb: chatting over {args.name!r} with answers from {source.where}; "
+            "an empty line or /exit ends, /reset forgets",
+            file=sys.stderr,
+            flush=True,
+        )
         for q in _questions(f"{args.name}> "):
             if q in ("", "/exit", "/quit"):
                 break
@@ -44,9 +48,12 @@ def cmd_chat(args) -> int:
             if out.get("finish_reason") == "length":
                 print("kb: [stopped at the token limit]", file=sys.stderr)
             print_citations(out["citations"])
-            history += [{"role": "user", "content": q}, {"role": "assistant", "content": out["answer"]}]
+            history += [
+                {"role": "user", "content": q},
+                {"role": "assistant", "content": out["answer"]},
+            ]
             if args.turns and len(history) // 2 >= args.turns:
-                history = history[-2 * args.turns:]
+                history = history[-2 * args.turns :]
     finally:
         source.close()
     return 0
@@ -55,6 +62,8 @@ def cmd_chat(args) -> int:
 def register(sub) -> None:
     c = sub.add_parser("chat", help="a conversation over a corpus (one question per line)")
     c.add_argument("name")
-    c.add_argument("--turns", type=int, default=8, help="past turns sent with each question (0: all)")
+    c.add_argument(
+        "--turns", type=int, default=8, help="past turns sent with each question (0: all)"
+    )
     add_answer_options(c)
     c.set_defaults(func=cmd_chat)

@@ -18,7 +18,6 @@ def database():
     return Database(Settings().resolved_database_url)
 
 
-
 def print_json_or_empty(rows: list, as_json: bool, empty: str) -> bool:
     """The opening every listing command shares: `--json` prints the rows' dicts, no rows prints
     `empty`. Returns True when nothing is left to print."""

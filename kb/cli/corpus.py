@@ -50,8 +50,10 @@ def cmd_corpus_documents(args) -> int:
     print(f"{'ID':>5} {'STAGE':10} {'PAGES':>5} {'SIZE':>10} {'TOKENS':>8}  DOCUMENT")
     for d in docs:
         pages = str(d["pages"]) if d.get("pages") else "-"
-        line = (f"{d['id']:5d} {d['stage']:10} {pages:>5} {human_size(d.get('size_bytes') or 0):>10} "
-                f"{d['tokens']:8d}  {d['filename']}")
+        line = (
+            f"{d['id']:5d} {d['stage']:10} {pages:>5} {human_size(d.get('size_bytes') or 0):>10} "
+            f"{d['tokens']:8d}  {d['filename']}"
+        )
         print(line + (f"  ({d['error']})" if d.get("error") and d["stage"] == "failed" else ""))
     return 0
 
@@ -111,7 +113,9 @@ def cmd_ingest(args) -> int:
                     print(f"{s.filename}: queued (job {s.job_id})")
             return 1 if refused or any(s.status == "failed" for s in subs) else 0
         if ids and not jobs.in_process and not args.quiet:
-            print(f"waiting for {len(ids)} jobs (run `kb worker` if none is running)", file=sys.stderr)
+            print(
+                f"waiting for {len(ids)} jobs (run `kb worker` if none is running)", file=sys.stderr
+            )
         sizes = {i.id: i.size_bytes for i in (jobs.queue.get(j) for j in ids)}
         draw = not args.quiet and sys.stderr.isatty()
         with IngestDisplay(sizes, draw=draw, lines=not args.quiet and not draw) as display:
@@ -127,22 +131,28 @@ def cmd_ingest(args) -> int:
             print(f"{s.filename}: failed: {reason}", file=sys.stderr)
         elif info is not None:
             pages = f", {info.pages} pages" if info.pages else ""
-            print(f"{s.filename}: ready ({human_size(info.size_bytes)}{pages}, {info.segments_total} segments, "
-                  f"{info.tokens} tokens)")
+            print(
+                f"{s.filename}: ready ({human_size(info.size_bytes)}{pages}, {info.segments_total} segments, "
+                f"{info.tokens} tokens)"
+            )
         else:
             print(f"{s.filename}: {s.status} ({s.segments} segments, {s.tokens} tokens)")
     return 1 if failed else 0
 
 
 def register(sub) -> None:
-    corpus = sub.add_parser("corpus", help="create, list, delete corpora").add_subparsers(dest="sub", required=True)
+    corpus = sub.add_parser("corpus", help="create, list, delete corpora").add_subparsers(
+        dest="sub", required=True
+    )
     c = corpus.add_parser("create", help="create an empty corpus")
     c.add_argument("name")
     c.set_defaults(func=cmd_corpus_create)
     c = corpus.add_parser("list", help="list corpora")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_corpus_list)
-    c = corpus.add_parser("documents", aliases=["docs"], help="a corpus's documents: stage, pages, size, tokens")
+    c = corpus.add_parser(
+        "documents", aliases=["docs"], help="a corpus's documents: stage, pages, size, tokens"
+    )
     c.add_argument("name")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_corpus_documents)
@@ -154,5 +164,7 @@ def register(sub) -> None:
     c.add_argument("name")
     c.add_argument("files", nargs="+")
     c.add_argument("-q", "--quiet", action="store_true")
-    c.add_argument("--no-wait", action="store_true", help="submit the jobs and return (with KB_REDIS_URL)")
+    c.add_argument(
+        "--no-wait", action="store_true", help="submit the jobs and return (with KB_REDIS_URL)"
+    )
     c.set_defaults(func=cmd_ingest)

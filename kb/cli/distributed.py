@@ -24,8 +24,15 @@ from kb.engine.distributed.worker import run_shared_rank
 log = logging.getLogger("kb.distributed")
 
 
-def build_corpus(lm, texts: list[str], system_prompt: str, segment_len: int, chunk_size: int,
-                 density: float, device: str):
+def build_corpus(
+    lm,
+    texts: list[str],
+    system_prompt: str,
+    segment_len: int,
+    chunk_size: int,
+    density: float,
+    device: str,
+):
     """Prefill the texts as one corpus (segments at consecutive positions after the preamble)."""
     from kb.engine.routing import CorpusRouter
     from kb.engine.shared_kv import SharedKV
@@ -35,7 +42,7 @@ def build_corpus(lm, texts: list[str], system_prompt: str, segment_len: int, chu
     tok = lm.tokenizer
     preamble = encode(tok, preamble_text(tok, system_prompt))
     ids = [t for text in texts for t in encode(tok, text)]
-    segments = [ids[i:i + segment_len] for i in range(0, len(ids), segment_len)]
+    segments = [ids[i : i + segment_len] for i in range(0, len(ids), segment_len)]
     starts = [len(preamble) + i * segment_len for i in range(len(segments))]
     pk, pv = prefill_preamble(lm.model, preamble, device)
     ks, vs = [pk], [pv]
@@ -43,8 +50,14 @@ def build_corpus(lm, texts: list[str], system_prompt: str, segment_len: int, chu
         ks.append(k)
         vs.append(v)
     k_all, v_all = torch.cat(ks, 1), torch.cat(vs, 1)  # [L, N, Hkv, d]
-    shared = SharedKV("corpus", list(k_all.unbind(0)), list(v_all.unbind(0)), chunk_size=chunk_size,
-                      pos_offset=len(preamble) + len(ids), preamble_len=len(preamble))
+    shared = SharedKV(
+        "corpus",
+        list(k_all.unbind(0)),
+        list(v_all.unbind(0)),
+        chunk_size=chunk_size,
+        pos_offset=len(preamble) + len(ids),
+        preamble_len=len(preamble),
+    )
     if density < 1.0 and shared.num_chunks > shared.always_chunks + 1:
         shared.router = CorpusRouter(shared.k, chunk_size, shared.always_chunks)
         shared.top_k = shared.router.top_k(density)
@@ -66,18 +79,27 @@ def run_unique_rank(world: World, args: argparse.Namespace) -> int:
     folder = model_folder(args.model or settings.model, settings.resolved_models_dir)
     lm = load_model(folder, dtype, dev)
     texts = [Path(p).read_text() for p in args.doc]
-    shared = build_corpus(lm, texts, settings.system_prompt, args.segment_len, args.chunk_size, args.density, dev)
+    shared = build_corpus(
+        lm, texts, settings.system_prompt, args.segment_len, args.chunk_size, args.density, dev
+    )
     link = ShardLink(world)
     try:
         view = link.register(shared)
         del shared  # rank 0 keeps the router and shapes only
-        engine = distributed_engine(lm, link, EngineConfig(device=dev, unique_kv_tokens=args.unique_kv_tokens))
+        engine = distributed_engine(
+            lm, link, EngineConfig(device=dev, unique_kv_tokens=args.unique_kv_tokens)
+        )
         engine.register_corpus(view)
         handles = []
         for q in args.question:
-            ids = encode(lm.tokenizer, build_prompt(lm.tokenizer, settings.system_prompt, [], q).suffix)
-            handles.append(engine.add_request(ids, SamplingParams(max_tokens=args.max_tokens), view.key,
-                                              view.pos_offset))
+            ids = encode(
+                lm.tokenizer, build_prompt(lm.tokenizer, settings.system_prompt, [], q).suffix
+            )
+            handles.append(
+                engine.add_request(
+                    ids, SamplingParams(max_tokens=args.max_tokens), view.key, view.pos_offset
+                )
+            )
         t0 = time.perf_counter()
         engine.run_until_done()
         dt = time.perf_counter() - t0
@@ -85,10 +107,16 @@ def run_unique_rank(world: World, args: argparse.Namespace) -> int:
         for q, h in zip(args.question, handles):
             r = h.result
             failed += r.reason == "error"
-            print(f"Q: {q}\nA: {r.error if r.reason == 'error' else r.text}  [{r.reason}]\n", flush=True)
+            print(
+                f"Q: {q}\nA: {r.error if r.reason == 'error' else r.text}  [{r.reason}]\n",
+                flush=True,
+            )
         tokens = sum(h.result.completion_tokens for h in handles)
-        print(f"{view.num_tokens} shared tokens on {len(world.shared_ranks)} shared ranks; {tokens} tokens in "
-              f"{dt:.2f}s ({tokens / dt:.1f} tokens/s)", file=sys.stderr)
+        print(
+            f"{view.num_tokens} shared tokens on {len(world.shared_ranks)} shared ranks; {tokens} tokens in "
+            f"{dt:.2f}s ({tokens / dt:.1f} tokens/s)",
+            file=sys.stderr,
+        )
         return 1 if failed else 0
     finally:
         link.shutdown()
@@ -102,28 +130,46 @@ def model_folder(name: str, models_dir: Path) -> Path:
         return ensure_demo_model(models_dir)
     path = Path(name).expanduser()
     if not path.is_dir():
-        raise SystemExit(f"unknown model {name!r}: not the demo model ({DEMO_NAME}) and not a folder")
+        raise SystemExit(
+            f"unknown model {name!r}: not the demo model ({DEMO_NAME}) and not a folder"
+        )
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shared-ranks", type=int, required=True, help="ranks holding shared KV (world size - 1)")
-    p.add_argument("--model", default=None, help="model folder or the demo model's name (default: KB_MODEL)")
-    p.add_argument("--doc", action="append", default=[], help="a text file of the corpus (repeatable)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--shared-ranks", type=int, required=True, help="ranks holding shared KV (world size - 1)"
+    )
+    p.add_argument(
+        "--model", default=None, help="model folder or the demo model's name (default: KB_MODEL)"
+    )
+    p.add_argument(
+        "--doc", action="append", default=[], help="a text file of the corpus (repeatable)"
+    )
     p.add_argument("--question", action="append", default=[], help="a question (repeatable)")
-    p.add_argument("--density", type=float, default=1.0, help="fraction of chunks each query attends")
+    p.add_argument(
+        "--density", type=float, default=1.0, help="fraction of chunks each query attends"
+    )
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--segment-len", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--unique-kv-tokens", type=int, default=65536)
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a silent rank counts as dead")
+    p.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds before a silent rank counts as dead"
+    )
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s rank %(process)d %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s rank %(process)d %(name)s: %(message)s"
+    )
     world = init_world("env://", timeout_s=args.timeout)
     if world.world_size != args.shared_ranks + 1:
-        raise SystemExit(f"--shared-ranks {args.shared_ranks} needs a world of {args.shared_ranks + 1} "
-                         f"processes, torchrun started {world.world_size}")
+        raise SystemExit(
+            f"--shared-ranks {args.shared_ranks} needs a world of {args.shared_ranks + 1} "
+            f"processes, torchrun started {world.world_size}"
+        )
     if world.rank == 0:
         if not args.doc or not args.question:
             raise SystemExit("rank 0 needs --doc and --question")

@@ -16,25 +16,38 @@ def cmd_worker(args) -> int:
     from kb.jobs import JobService, WorkerConfig, WorkerPool
 
     kb = _kb()
-    config = WorkerConfig(heartbeat_s=args.heartbeat_s, stale_s=args.stale_s, max_attempts=args.max_attempts,
-                          backoff_s=args.backoff_s, sweep_s=max(args.stale_s / 2, 1.0))
+    config = WorkerConfig(
+        heartbeat_s=args.heartbeat_s,
+        stale_s=args.stale_s,
+        max_attempts=args.max_attempts,
+        backoff_s=args.backoff_s,
+        sweep_s=max(args.stale_s / 2, 1.0),
+    )
     jobs = JobService(kb, config=config)
     if jobs.in_process:
-        print("kb: worker: no KB_REDIS_URL, so this worker sees only jobs left queued in the database",
-              file=sys.stderr)
+        print(
+            "kb: worker: no KB_REDIS_URL, so this worker sees only jobs left queued in the database",
+            file=sys.stderr,
+        )
     pool = WorkerPool(kb, jobs.broker, args.concurrency, config, name=args.name)
     stopping = threading.Event()
 
     def _stop(signum, _frame) -> None:
-        if stopping.is_set():  # second signal: leave now; the job's heartbeat stops and another worker takes it
+        if (
+            stopping.is_set()
+        ):  # second signal: leave now; the job's heartbeat stops and another worker takes it
             raise SystemExit(128 + signum)
         stopping.set()
         pool.stop_event.set()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    print(f"worker {pool.workers[0].consumer}: {args.concurrency} thread(s), "
-          f"{'redis' if not jobs.in_process else 'in-process'} broker", file=sys.stderr, flush=True)
+    print(
+        f"worker {pool.workers[0].consumer}: {args.concurrency} thread(s), "
+        f"{'redis' if not jobs.in_process else 'in-process'} broker",
+        file=sys.stderr,
+        flush=True,
+    )
     pool.start()
     pool.join()
     jobs.close()
@@ -49,10 +62,14 @@ def cmd_jobs_list(args) -> int:
     rows = jobs_for(_kb()).queue.list(args.corpus)
     if print_json_or_empty(rows, args.json, "no jobs"):
         return 0
-    print(f"{'ID':36} {'CORPUS':16} {'STATUS':9} {'ACTIVITY':20} {'%':>6} {'ETA':>10} {'SIZE':>10}  DOCUMENT")
+    print(
+        f"{'ID':36} {'CORPUS':16} {'STATUS':9} {'ACTIVITY':20} {'%':>6} {'ETA':>10} {'SIZE':>10}  DOCUMENT"
+    )
     for r in rows:
-        line = (f"{r.id:36} {r.corpus or '-':16} {r.status:9} {r.activity:20} "
-                f"{r.percent:6.1f} {eta_text(r.eta_s):>10} {human_size(r.size_bytes):>10}  {r.filename or '-'}")
+        line = (
+            f"{r.id:36} {r.corpus or '-':16} {r.status:9} {r.activity:20} "
+            f"{r.percent:6.1f} {eta_text(r.eta_s):>10} {human_size(r.size_bytes):>10}  {r.filename or '-'}"
+        )
         if r.error and r.status != "done":
             line += f"  ({r.error})"
         print(line)
@@ -76,21 +93,32 @@ def cmd_jobs_retry(args) -> int:
     info = jobs.queue.retry(args.id)
     print(f"retrying {info.filename} as job {info.id}")
     if jobs.in_process:
-        print("kb: no KB_REDIS_URL: the job runs at the next `kb worker` or `kb ingest`", file=sys.stderr)
+        print(
+            "kb: no KB_REDIS_URL: the job runs at the next `kb worker` or `kb ingest`",
+            file=sys.stderr,
+        )
     return 0
 
 
 def register(sub) -> None:
     c = sub.add_parser("worker", help="run ingest jobs from the broker")
-    c.add_argument("--concurrency", type=int, default=1, help="jobs run at once (threads sharing one model)")
+    c.add_argument(
+        "--concurrency", type=int, default=1, help="jobs run at once (threads sharing one model)"
+    )
     c.add_argument("--name", default=None, help="consumer name (default: host-pid)")
     c.add_argument("--heartbeat-s", type=float, default=5.0, help="seconds between heartbeats")
-    c.add_argument("--stale-s", type=float, default=60.0, help="a job silent this long is taken over")
+    c.add_argument(
+        "--stale-s", type=float, default=60.0, help="a job silent this long is taken over"
+    )
     c.add_argument("--max-attempts", type=int, default=3, help="attempts before a document fails")
-    c.add_argument("--backoff-s", type=float, default=2.0, help="first retry delay (doubles each attempt)")
+    c.add_argument(
+        "--backoff-s", type=float, default=2.0, help="first retry delay (doubles each attempt)"
+    )
     c.set_defaults(func=cmd_worker)
 
-    jobs = sub.add_parser("jobs", help="list, cancel, retry ingest jobs").add_subparsers(dest="sub", required=True)
+    jobs = sub.add_parser("jobs", help="list, cancel, retry ingest jobs").add_subparsers(
+        dest="sub", required=True
+    )
     c = jobs.add_parser("list", help="jobs with their documents' stage, progress and ETA")
     c.add_argument("corpus", nargs="?")
     c.add_argument("--json", action="store_true")

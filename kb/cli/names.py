@@ -2,7 +2,8 @@
 
 `kb ask typo "..."` used to load torch, the model and the engine before saying the corpus does
 not exist (8 s); `require_corpus` reads the corpus names from the database with SQLAlchemy alone
-(stdlib sqlite3, or SQLAlchemy for PostgreSQL: well under a second) and says which existing names are close ("did you mean").
+(stdlib sqlite3, or SQLAlchemy for PostgreSQL: well under a second) and says which existing names
+are close ("did you mean").
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ def suggest(name: str, known: list[str], n: int = 3) -> str:
     close = difflib.get_close_matches(name, known, n=n, cutoff=0.6)
     if not close:
         lower = {k.lower(): k for k in known}
-        close = [lower[k] for k in difflib.get_close_matches(name.lower(), list(lower), n=n, cutoff=0.6)]
+        close = [
+            lower[k] for k in difflib.get_close_matches(name.lower(), list(lower), n=n, cutoff=0.6)
+        ]
     if not close:
         return ""
     return "; did you mean " + " or ".join(repr(c) for c in close) + "?"
@@ -26,12 +29,17 @@ def unknown_corpus(name: str, known: list[str]) -> str:
     """The message for a corpus that does not exist, with suggestions or the way to make one."""
     hint = suggest(name, known)
     if not hint:
-        hint = f" (corpora: {', '.join(sorted(known))})" if known and len(known) <= 8 else \
-            ("" if known else "; there are no corpora yet: kb corpus create NAME")
+        hint = (
+            f" (corpora: {', '.join(sorted(known))})"
+            if known and len(known) <= 8
+            else ("" if known else "; there are no corpora yet: kb corpus create NAME")
+        )
     return f"corpus {name!r} does not exist{hint}"
 
 
-def _column(sql: str, params: dict | None = None, database_url: str | None = None) -> list[str] | None:
+def _column(
+    sql: str, params: dict | None = None, database_url: str | None = None
+) -> list[str] | None:
     """The first column of a query on this knowledge base's database; None when it cannot be
     read here (no tables yet, an unreachable server), so the caller falls back to the full check."""
     params = params or {}
@@ -39,7 +47,9 @@ def _column(sql: str, params: dict | None = None, database_url: str | None = Non
         from kb.settings import Settings
 
         database_url = Settings().resolved_database_url
-    if database_url.startswith("sqlite:///"):  # the stdlib driver: SQLAlchemy alone takes 0.4 s to import
+    if database_url.startswith(
+        "sqlite:///"
+    ):  # the stdlib driver: SQLAlchemy alone takes 0.4 s to import
         import sqlite3
 
         path = Path(database_url.removeprefix("sqlite:///"))
@@ -85,7 +95,9 @@ def require_user(name: str, database_url: str | None = None) -> None:
 
     known = _column("SELECT name FROM users ORDER BY name", database_url=database_url)
     if known is not None and name not in known:
-        hint = suggest(name, known) or ("; there are no users yet: kb user add NAME --admin" if not known else "")
+        hint = suggest(name, known) or (
+            "; there are no users yet: kb user add NAME --admin" if not known else ""
+        )
         raise NotFound(f"user {name!r} does not exist{hint}")
 
 
@@ -93,9 +105,19 @@ def require_job(job_id: str, kind: str, message: str, database_url: str | None =
     """Raise NotFound(`message`) when no job of `kind` has id `job_id`, naming the ids it starts."""
     from kb.errors import NotFound
 
-    found = _column("SELECT id FROM jobs WHERE id = :id AND kind = :kind", {"id": job_id, "kind": kind}, database_url)
+    found = _column(
+        "SELECT id FROM jobs WHERE id = :id AND kind = :kind",
+        {"id": job_id, "kind": kind},
+        database_url,
+    )
     if found is not None and not found:
-        near = _column("SELECT id FROM jobs WHERE kind = :kind AND id LIKE :p", {"kind": kind, "p": f"{job_id}%"},
-                       database_url) or []
+        near = (
+            _column(
+                "SELECT id FROM jobs WHERE kind = :kind AND id LIKE :p",
+                {"kind": kind, "p": f"{job_id}%"},
+                database_url,
+            )
+            or []
+        )
         hint = f"; did you mean {near[0]!r}?" if len(near) == 1 else ""
         raise NotFound(message + hint)

@@ -6,8 +6,8 @@ import sys
 
 
 def cmd_model_fetch(args) -> int:
-    from kb.settings import Settings
     from kb.model.demo import DEMO_NAME, ensure_demo_model
+    from kb.settings import Settings
 
     s = Settings()
     if s.model != DEMO_NAME:
@@ -27,19 +27,35 @@ def cmd_serve(args) -> int:
     s = Settings()
     host, port = args.host or s.host, args.port or s.port
     app = create_app()
-    print(f"kb is serving on http://{host}:{port}  (web app: /, API docs: /docs)", file=sys.stderr, flush=True)
+    print(
+        f"kb is serving on http://{host}:{port}  (web app: /, API docs: /docs)",
+        file=sys.stderr,
+        flush=True,
+    )
     if s.auth != "on":
-        print("sign-in is off (KB_AUTH=off): anyone who reaches this port uses public corpora. To turn it on:\n"
-              "  kb user add NAME --admin && KB_AUTH=on kb serve", file=sys.stderr, flush=True)
+        print(
+            "sign-in is off (KB_AUTH=off): anyone who reaches this port uses public corpora. To turn it on:\n"
+            "  kb user add NAME --admin && KB_AUTH=on kb serve",
+            file=sys.stderr,
+            flush=True,
+        )
     # a bounded shutdown: connections get shutdown_grace_s, then their handlers are cancelled
     # (each aborts its request) and the engine aborts whatever is left
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=int(s.shutdown_grace_s) + 1)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=int(s.shutdown_grace_s) + 1,
+    )
     return 0
 
 
 def register(sub) -> None:
     model = sub.add_parser("model", help="the model").add_subparsers(dest="sub", required=True)
-    model.add_parser("fetch", help="fetch and convert the demo model").set_defaults(func=cmd_model_fetch)
+    model.add_parser("fetch", help="fetch and convert the demo model").set_defaults(
+        func=cmd_model_fetch
+    )
 
     c = sub.add_parser("serve", help="start the HTTP API")
     c.add_argument("--host", default=None)

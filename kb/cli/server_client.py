@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 DEFAULT_PROBE_S = 0.3  # how long the default address may take to answer /healthz
 
@@ -26,8 +26,12 @@ class ChatReply:
     finish_reason: str | None = None
 
     def to_dict(self) -> dict:
-        return {"answer": self.answer, "citations": self.citations, "usage": self.usage,
-                "finish_reason": self.finish_reason}
+        return {
+            "answer": self.answer,
+            "citations": self.citations,
+            "usage": self.usage,
+            "finish_reason": self.finish_reason,
+        }
 
 
 class ServerClient:
@@ -38,8 +42,11 @@ class ServerClient:
 
         key = os.environ.get("KB_API_KEY")
         self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url, timeout=timeout_s,
-                                   headers={"Authorization": f"Bearer {key}"} if key else {})
+        self.client = httpx.Client(
+            base_url=self.url,
+            timeout=timeout_s,
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+        )
 
     def close(self) -> None:
         self.client.close()
@@ -62,7 +69,9 @@ class ServerClient:
         except httpx.HTTPError as e:
             raise KBError(f"cannot reach the server at {self.url}: {e}") from e
         if r.status_code >= 400:
-            raise (NotFound if r.status_code == 404 else KBError)(f"server said {r.status_code}: {self._error(r)}")
+            raise (NotFound if r.status_code == 404 else KBError)(
+                f"server said {r.status_code}: {self._error(r)}"
+            )
         return r.json()
 
     # -- health and names ------------------------------------------------------------------------
@@ -85,7 +94,12 @@ class ServerClient:
         """The fields the server's chat request accepts (from its OpenAPI schema), so the CLI
         forwards only options this server knows."""
         spec = self._json("GET", "/openapi.json")
-        return set(spec.get("components", {}).get("schemas", {}).get("ChatRequest", {}).get("properties", {}))
+        return set(
+            spec.get("components", {})
+            .get("schemas", {})
+            .get("ChatRequest", {})
+            .get("properties", {})
+        )
 
     # -- cache operations ------------------------------------------------------------------------
     def submit(self, op: str, name: str, tier: str | None) -> str:
@@ -111,30 +125,42 @@ class ServerClient:
         from kb.errors import KBError, NotFound
 
         try:
-            with self.client.stream("POST", "/v1/chat/completions", json={**body, "stream": True},
-                                    timeout=httpx.Timeout(30.0, read=None)) as r:
+            with self.client.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={**body, "stream": True},
+                timeout=httpx.Timeout(30.0, read=None),
+            ) as r:
                 if r.status_code >= 400:
                     r.read()
                     raise (NotFound if r.status_code == 404 else KBError)(
-                        f"server said {r.status_code}: {self._error(r)}")
+                        f"server said {r.status_code}: {self._error(r)}"
+                    )
                 for line in r.iter_lines():
                     if not line.startswith("data: "):
                         continue
-                    data = line[len("data: "):]
+                    data = line[len("data: ") :]
                     if data == "[DONE]":
                         return
                     yield json.loads(data)
         except httpx.HTTPError as e:
             raise KBError(f"the server at {self.url} stopped answering: {e}") from e
 
-    def chat(self, corpus: str, messages: list[dict], options: dict,
-             on_text: Callable[[str], None] | None = None) -> ChatReply:
+    def chat(
+        self,
+        corpus: str,
+        messages: list[dict],
+        options: dict,
+        on_text: Callable[[str], None] | None = None,
+    ) -> ChatReply:
         """Stream one answer over `corpus` given the conversation `messages`; `on_text` gets
         each piece of text as it arrives."""
         from kb.errors import KBError
 
         reply = ChatReply()
-        for ev in self._events({"model": f"kb:{corpus}", "corpus": corpus, "messages": messages, **options}):
+        for ev in self._events(
+            {"model": f"kb:{corpus}", "corpus": corpus, "messages": messages, **options}
+        ):
             if "error" in ev:
                 raise KBError(ev["error"].get("message", "generation failed"))
             choice = (ev.get("choices") or [{}])[0]

@@ -46,7 +46,10 @@ def cmd_user_key(args) -> int:
 
     key = create_api_key(database(), args.name, args.label)
     print(key)
-    print("shown once: only its hash is stored. Use it as `Authorization: Bearer <key>`.", file=sys.stderr)
+    print(
+        "shown once: only its hash is stored. Use it as `Authorization: Bearer <key>`.",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -60,7 +63,9 @@ def cmd_user_keys(args) -> int:
     for k in keys:
         used = k.last_used_at.strftime("%Y-%m-%d %H:%M") if k.last_used_at else "never used"
         state = "revoked" if k.revoked else "active"
-        print(f"{k.prefix}...  {state:7s}  created {k.created_at:%Y-%m-%d %H:%M}  {used:16s}  {k.label}")
+        print(
+            f"{k.prefix}...  {state:7s}  created {k.created_at:%Y-%m-%d %H:%M}  {used:16s}  {k.label}"
+        )
     return 0
 
 
@@ -84,11 +89,15 @@ def cmd_user_list(args) -> int:
 
 
 def register(sub) -> None:
-    user = sub.add_parser("user", help="users, passwords and API keys").add_subparsers(dest="sub", required=True)
+    user = sub.add_parser("user", help="users, passwords and API keys").add_subparsers(
+        dest="sub", required=True
+    )
     c = user.add_parser("add", help="add a user (asks for the password)")
     c.add_argument("name")
     c.add_argument("--admin", action="store_true", help="may manage caches and every corpus")
-    c.add_argument("--password-stdin", action="store_true", help="read the password from one line of stdin")
+    c.add_argument(
+        "--password-stdin", action="store_true", help="read the password from one line of stdin"
+    )
     c.set_defaults(func=cmd_user_add)
     c = user.add_parser("password", help="set a user's password")
     c.add_argument("name")
@@ -98,10 +107,14 @@ def register(sub) -> None:
     c.add_argument("name")
     c.add_argument("--label", default="", help="a note to recognise the key by")
     c.set_defaults(func=cmd_user_key)
-    c = user.add_parser("keys", help="list a user's API keys (prefix, state, last use; never the key)")
+    c = user.add_parser(
+        "keys", help="list a user's API keys (prefix, state, last use; never the key)"
+    )
     c.add_argument("name")
     c.set_defaults(func=cmd_user_keys)
-    c = user.add_parser("revoke", help="revoke an API key by its prefix (as `kb user keys` shows it)")
+    c = user.add_parser(
+        "revoke", help="revoke an API key by its prefix (as `kb user keys` shows it)"
+    )
     c.add_argument("prefix")
     c.set_defaults(func=cmd_user_revoke)
     c = user.add_parser("list", help="list users")

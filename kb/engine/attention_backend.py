@@ -59,9 +59,16 @@ class ServeAttention:
         kc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, k.to(kc.dtype))
         vc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, v.to(vc.dtype))
         # the lengths the runner already knows: no layer reads them back (a host sync)
-        o, lse = attention.unique_attention(q, kc, vc, self.block_table, self.seq_lens,
-                                            self.cu_seqlens_q, max_seqlen_q=self.max_seqlen_q,
-                                            max_seqlen_k=self.max_seqlen_k)
+        o, lse = attention.unique_attention(
+            q,
+            kc,
+            vc,
+            self.block_table,
+            self.seq_lens,
+            self.cu_seqlens_q,
+            max_seqlen_q=self.max_seqlen_q,
+            max_seqlen_k=self.max_seqlen_k,
+        )
         for g in self.groups:
             sh = g.shared
             qg = q if g.rows is None else q.index_select(0, g.rows)
@@ -74,23 +81,33 @@ class ServeAttention:
             if shift is not None:  # virtual positions: facade's chunk_shift (plan carries it)
                 o_s, lse_s = self._shared_partial(sh, layer, qg, idx, plan=plan, shift=shift)
             else:
-                o_s, lse_s = (self._shared_partial(sh, layer, qg, idx) if plan is None else
-                              self._shared_partial(sh, layer, qg, idx, plan=plan))
+                o_s, lse_s = (
+                    self._shared_partial(sh, layer, qg, idx)
+                    if plan is None
+                    else self._shared_partial(sh, layer, qg, idx, plan=plan)
+                )
             if g.rows is None:
                 o_m, lse_m = attention.merge(o_s, lse_s, o, lse)
                 o = o_m.to(o.dtype)
             else:
-                o_m, lse_m = attention.merge(o_s, lse_s, o.index_select(0, g.rows),
-                                             lse.index_select(0, g.rows))
+                o_m, lse_m = attention.merge(
+                    o_s, lse_s, o.index_select(0, g.rows), lse.index_select(0, g.rows)
+                )
                 o.index_copy_(0, g.rows, o_m.to(o.dtype))
             # a selecting request cites from its selection's scores, not from attention mass
             if layer in self.citation_layers and self._cites(sh) and g.selection is None:
                 self._accumulate_mass(qg, sh, layer, g.seq_of_row, lse_m)
         return o
 
-    def _shared_partial(self, sh: SharedKV, layer: int, q: torch.Tensor, idx: torch.Tensor | None,
-                        plan: object | None = None, shift: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shared_partial(
+        self,
+        sh: SharedKV,
+        layer: int,
+        q: torch.Tensor,
+        idx: torch.Tensor | None,
+        plan: object | None = None,
+        shift: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Partial (o, lse) of q over one corpus's shared KV (the distributed backend asks the
         shared ranks instead); `plan`: the step's routing metadata for idx (routed_plan.py);
         `shift`: per-chunk position shifts beside idx (virtual positions)."""
@@ -98,25 +115,41 @@ class ServeAttention:
         extra = {} if plan is None else {"plan": plan}
         if shift is not None:
             extra = {"chunk_shift": shift, "rope_inv_freq": self.rope_inv_freq, **extra}
-        return attention.shared_attention(q, sh.k[layer], sh.v[layer], idx, sh.chunk_size,
-                                          k_scale=None if k_scale is None else k_scale[layer],
-                                          v_scale=None if v_scale is None else v_scale[layer],
-                                          **extra)
+        return attention.shared_attention(
+            q,
+            sh.k[layer],
+            sh.v[layer],
+            idx,
+            sh.chunk_size,
+            k_scale=None if k_scale is None else k_scale[layer],
+            v_scale=None if v_scale is None else v_scale[layer],
+            **extra,
+        )
 
     def _cites(self, sh: SharedKV) -> bool:
         """Whether this step can measure attention mass on the corpus's chunks (its keys are here)."""
         return True
 
-    def _accumulate_mass(self, q: torch.Tensor, sh: SharedKV, layer: int, seq_of_row: torch.Tensor,
-                         lse_total: torch.Tensor) -> None:
+    def _accumulate_mass(
+        self,
+        q: torch.Tensor,
+        sh: SharedKV,
+        layer: int,
+        seq_of_row: torch.Tensor,
+        lse_total: torch.Tensor,
+    ) -> None:
         """Add each row's softmax mass on every shared chunk (summed over heads) to its sequence."""
         # the preamble soaks up attention (a sink); it is no source
         k_scale = sh.meta.get("k_scale")  # an fp8 layout: per-layer [C, Hkv] scales
-        per_chunk = attention.chunk_mass(q, sh.k[layer], lse_total, sh.chunk_size,
-                                         skip=sh.preamble_len,
-                                         k_scale=None if k_scale is None else k_scale[layer])
+        per_chunk = attention.chunk_mass(
+            q,
+            sh.k[layer],
+            lse_total,
+            sh.chunk_size,
+            skip=sh.preamble_len,
+            k_scale=None if k_scale is None else k_scale[layer],
+        )
         for b in seq_of_row.unique().tolist():
             rows = (seq_of_row == b).nonzero().squeeze(1)
             m = per_chunk.index_select(0, rows).sum(0)
             self.mass[b] = self.mass[b] + m if b in self.mass else m
-

@@ -40,7 +40,9 @@ class _Graph:
     meta: torch.Tensor  # static device input, int64 [4 * rows + rows * width]
     host: torch.Tensor  # pinned staging of the same shape
     logits: torch.Tensor  # static output [rows, vocab]
-    cu_seqlens: torch.Tensor  # static [rows + 1]: the graph reads it, so it must outlive the capture
+    cu_seqlens: (
+        torch.Tensor
+    )  # static [rows + 1]: the graph reads it, so it must outlive the capture
     shared: SharedKV | None  # keeps the captured corpus tensors alive
 
 
@@ -62,16 +64,24 @@ class DecodeGraphs:
         self.runner = runner
         self.scratch = scratch_page
         self.cite_every = cite_every
-        self.graphs: dict[tuple, _Graph | None] = {}  # None: capture failed, that shape runs eagerly
+        self.graphs: dict[
+            tuple, _Graph | None
+        ] = {}  # None: capture failed, that shape runs eagerly
         self.pool = None
         self.replays = 0
         self._decode_steps = 0
-        self._pages: dict[str, list[int]] = {}  # per_request mode: a corpus's shared pages, on the host
+        self._pages: dict[
+            str, list[int]
+        ] = {}  # per_request mode: a corpus's shared pages, on the host
 
-    def run(self, batch: Batch, corpora: dict[str, SharedKV]) -> tuple[torch.Tensor, list[int]] | None:
+    def run(
+        self, batch: Batch, corpora: dict[str, SharedKV]
+    ) -> tuple[torch.Tensor, list[int]] | None:
         """(logits[B, V], sampled indices) from a graph replay, or None: run the step eagerly."""
         r, seqs = self.runner, batch.seqs
-        if any(n != 1 for n in batch.num_new) or not all(batch.samples(i) for i in range(len(seqs))):
+        if any(n != 1 for n in batch.num_new) or not all(
+            batch.samples(i) for i in range(len(seqs))
+        ):
             return None
         self._decode_steps += 1
         if r.citation_layers and self._decode_steps % self.cite_every == 1:
@@ -94,8 +104,11 @@ class DecodeGraphs:
         chunks = [seq_chunks(s) for s in seqs] if shared is not None else []
         shifts = [getattr(getattr(s, "selection", None), "shift", None) for s in seqs]
         shifted = any(x is not None for x in shifts)
-        sel_width = _width(max(c.numel() for c in chunks)) \
-            if chunks and all(c is not None for c in chunks) else 0
+        sel_width = (
+            _width(max(c.numel() for c in chunks))
+            if chunks and all(c is not None for c in chunks)
+            else 0
+        )
         shifted = shifted and sel_width > 0
         # _forget reads [2:4] and [4]
         gkey = (rows, width, r.shared_mode, key, id(shared), sel_width, shifted)
@@ -105,8 +118,16 @@ class DecodeGraphs:
         g = self.graphs[gkey]
         if g is None:
             return None
-        self._fill(g.host, seqs, rows, width, prefixes, chunks if sel_width else None, sel_width,
-                   shifts if shifted else None)
+        self._fill(
+            g.host,
+            seqs,
+            rows,
+            width,
+            prefixes,
+            chunks if sel_width else None,
+            sel_width,
+            shifts if shifted else None,
+        )
         g.meta.copy_(g.host, non_blocking=True)
         g.graph.replay()
         self.replays += 1
@@ -114,16 +135,24 @@ class DecodeGraphs:
         return g.logits[: len(seqs)], list(range(len(seqs)))
 
     # -- capture ------------------------------------------------------------------------------
-    def _capture(self, rows: int, width: int, shared: SharedKV | None, sel_width: int = 0,
-                 shifted: bool = False) -> _Graph | None:
+    def _capture(
+        self,
+        rows: int,
+        width: int,
+        shared: SharedKV | None,
+        sel_width: int = 0,
+        shifted: bool = False,
+    ) -> _Graph | None:
         r = self.runner
         table_end = 4 * rows + rows * width
         sel_end = table_end + rows * sel_width
-        meta = torch.zeros(sel_end + (rows * sel_width if shifted else 0), dtype=torch.long,
-                           device=r.device)
+        meta = torch.zeros(
+            sel_end + (rows * sel_width if shifted else 0), dtype=torch.long, device=r.device
+        )
         host = torch.zeros(meta.shape, dtype=torch.long).pin_memory()
-        self._fill(host, [], rows, width, [], [] if sel_width else None, sel_width,
-                   [] if shifted else None)
+        self._fill(
+            host, [], rows, width, [], [] if sel_width else None, sel_width, [] if shifted else None
+        )
         meta.copy_(host)
         cu = torch.arange(rows + 1, dtype=torch.int32, device=r.device)
 
@@ -132,16 +161,30 @@ class DecodeGraphs:
             if shared is not None:
                 # the step's plan: built here, once, for every layer
                 shift = meta[sel_end:].view(rows, sel_width) if shifted else None
-                sel = plan_step(meta[table_end:sel_end].view(rows, sel_width), shared,
-                                r.model.config.num_heads, shift) if sel_width else None
+                sel = (
+                    plan_step(
+                        meta[table_end:sel_end].view(rows, sel_width),
+                        shared,
+                        r.model.config.num_heads,
+                        shift,
+                    )
+                    if sel_width
+                    else None
+                )
                 groups = [CorpusGroup(shared, None, None, selection=sel)]
-            ids, pos, slots, lens = meta[:4 * rows].view(4, rows)
+            ids, pos, slots, lens = meta[: 4 * rows].view(4, rows)
             attn = ServeAttention(
-                k_cache=r.k_cache, v_cache=r.v_cache, slot_mapping=slots,
-                block_table=meta[4 * rows:table_end].view(rows, width).to(torch.int32),
-                seq_lens=lens.to(torch.int32), cu_seqlens_q=cu, groups=groups,
-                max_seqlen_q=1, max_seqlen_k=width * r.block_size,
-                rope_inv_freq=getattr(r.model, "inv_freq", None))
+                k_cache=r.k_cache,
+                v_cache=r.v_cache,
+                slot_mapping=slots,
+                block_table=meta[4 * rows : table_end].view(rows, width).to(torch.int32),
+                seq_lens=lens.to(torch.int32),
+                cu_seqlens_q=cu,
+                groups=groups,
+                max_seqlen_q=1,
+                max_seqlen_k=width * r.block_size,
+                rope_inv_freq=getattr(r.model, "inv_freq", None),
+            )
             return r.model.logits(r.model(ids, pos, attn))
 
         try:
@@ -159,8 +202,12 @@ class DecodeGraphs:
             log.warning("decode step of %d rows not captured (%s); it runs eagerly", rows, e)
             torch.cuda.synchronize(r.device)
             return None
-        log.info("captured the decode step: %d rows, %d block-table columns%s", rows, width,
-                 f", corpus {shared.key}" if shared is not None else "")
+        log.info(
+            "captured the decode step: %d rows, %d block-table columns%s",
+            rows,
+            width,
+            f", corpus {shared.key}" if shared is not None else "",
+        )
         return _Graph(graph, meta, host, logits, cu, shared)
 
     def _forget(self, new: tuple) -> None:
@@ -178,18 +225,29 @@ class DecodeGraphs:
         return self._pages[key]
 
     # -- inputs -------------------------------------------------------------------------------
-    def _fill(self, host: torch.Tensor, seqs: list, rows: int, width: int, prefixes: list[list[int]],
-              chunks: list | None = None, sel_width: int = 0, shifts: list | None = None) -> None:
+    def _fill(
+        self,
+        host: torch.Tensor,
+        seqs: list,
+        rows: int,
+        width: int,
+        prefixes: list[list[int]],
+        chunks: list | None = None,
+        sel_width: int = 0,
+        shifts: list | None = None,
+    ) -> None:
         """Write the step's inputs into `host`: ids, positions, slots, KV lengths, block tables
         (each row's corpus pages first, in per_request mode), then each row's chosen chunks when
         `chunks` is given; padding rows attend one token of the scratch page (and no chunk)."""
         if chunks is not None:
             at = 4 * rows + rows * width
-            host[at:at + rows * sel_width].view(rows, sel_width).copy_(
-                stage_rows(chunks, rows, sel_width))
+            host[at : at + rows * sel_width].view(rows, sel_width).copy_(
+                stage_rows(chunks, rows, sel_width)
+            )
             if shifts is not None:  # a row without shifts (or padding) attends at stored positions
-                host[at + rows * sel_width:].view(rows, sel_width).copy_(
-                    stage_rows(shifts, rows, sel_width, fill=0))
+                host[at + rows * sel_width :].view(rows, sel_width).copy_(
+                    stage_rows(shifts, rows, sel_width, fill=0)
+                )
         bs, n = self.runner.block_size, len(seqs)
         ids, pos, slots, lens = [], [], [], []
         for s, pre in zip(seqs, prefixes):
@@ -200,15 +258,26 @@ class DecodeGraphs:
             lens.append(len(pre) * bs + start + 1)
         pad = rows - n
         vec = host[: 4 * rows].view(4, rows)
-        vec.copy_(torch.tensor([ids + [0] * pad, pos + [0] * pad, slots + [self.scratch * bs] * pad,
-                                lens + [1] * pad], dtype=torch.long))
-        table = host[4 * rows:4 * rows + rows * width].view(rows, width)
+        vec.copy_(
+            torch.tensor(
+                [
+                    ids + [0] * pad,
+                    pos + [0] * pad,
+                    slots + [self.scratch * bs] * pad,
+                    lens + [1] * pad,
+                ],
+                dtype=torch.long,
+            )
+        )
+        table = host[4 * rows : 4 * rows + rows * width].view(rows, width)
         table.zero_()
         same = n > 1 and all(p is prefixes[0] for p in prefixes)
         if same and prefixes[0]:  # the usual case: one corpus, its pages broadcast to every row
-            table[:n, :len(prefixes[0])] = torch.tensor(prefixes[0], dtype=torch.long)
+            table[:n, : len(prefixes[0])] = torch.tensor(prefixes[0], dtype=torch.long)
         for i, (s, pre) in enumerate(zip(seqs, prefixes)):
             if pre and not same:
-                table[i, :len(pre)] = torch.tensor(pre, dtype=torch.long)
-            table[i, len(pre):len(pre) + len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.long)
+                table[i, : len(pre)] = torch.tensor(pre, dtype=torch.long)
+            table[i, len(pre) : len(pre) + len(s.block_table)] = torch.tensor(
+                s.block_table, dtype=torch.long
+            )
         table[n:, 0] = self.scratch

@@ -18,7 +18,7 @@ from kb.engine.request import Delta, Finished, RequestHandle
 from kb.engine.runner import PREFILL_ROUTING, ModelRunner
 from kb.engine.sampler import SamplingFailed, sample_each
 from kb.engine.scheduler import Scheduler
-from kb.engine.sequence import SamplingParams, Sequence, SeqStatus
+from kb.engine.sequence import SamplingParams, SeqStatus, Sequence
 from kb.engine.shared_kv import SharedKV
 from kb.model.loader import LoadedModel
 
@@ -33,7 +33,9 @@ class EngineConfig:
     max_running: int = 64
     max_batch_tokens: int = 2048
     max_queue: int = 256
-    citation_layers: int = 4  # layers (evenly spread over the second half) that measure attention mass
+    citation_layers: int = (
+        4  # layers (evenly spread over the second half) that measure attention mass
+    )
     # how a routed corpus chooses chunks for a request's prefill: "request" (one selection per
     # request and KV head: block-sparse, the CPU path reads only those chunks once), "token", or
     # "auto": request on the CPU, token on the GPU (kb/engine/runner.py says why)
@@ -52,7 +54,9 @@ def check_sampling(sp: SamplingParams) -> None:
         v = getattr(sp, name)
         if not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number")
-    if sp.seed is not None and (not isinstance(sp.seed, int) or not SEED_MIN <= sp.seed <= SEED_MAX):
+    if sp.seed is not None and (
+        not isinstance(sp.seed, int) or not SEED_MIN <= sp.seed <= SEED_MAX
+    ):
         raise ValueError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}]")
     if not isinstance(sp.top_k, int) or not isinstance(sp.max_tokens, int):
         raise ValueError("top_k and max_tokens must be integers")
@@ -74,14 +78,18 @@ class Engine:
         n_layers = loaded.config.num_layers
         half = list(range(n_layers // 2, n_layers))
         step = max(1, len(half) // max(1, cfg.citation_layers))
-        cite = frozenset(half[::step][: cfg.citation_layers]) if cfg.citation_layers else frozenset()
+        cite = (
+            frozenset(half[::step][: cfg.citation_layers]) if cfg.citation_layers else frozenset()
+        )
         num_blocks = -(-cfg.unique_kv_tokens // cfg.block_size)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_running, cfg.max_batch_tokens)
         self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, cfg.device, cite)
         if cfg.prefill_routing not in PREFILL_ROUTING + ("auto",):
-            raise ValueError(f"prefill_routing must be 'auto' or one of {PREFILL_ROUTING}, "
-                             f"got {cfg.prefill_routing!r}")
+            raise ValueError(
+                f"prefill_routing must be 'auto' or one of {PREFILL_ROUTING}, "
+                f"got {cfg.prefill_routing!r}"
+            )
         if cfg.prefill_routing != "auto":
             self.runner.prefill_routing = cfg.prefill_routing
         if cfg.cuda_graphs:
@@ -101,10 +109,17 @@ class Engine:
         self.eos_ids = eos
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, prompt_ids: list[int], sampling: SamplingParams | None = None,
-                    corpus_key: str | None = None, pos_offset: int = 0,
-                    loop: asyncio.AbstractEventLoop | None = None, *, select: bool = False,
-                    select_span: tuple[int, int] | None = None) -> RequestHandle:
+    def add_request(
+        self,
+        prompt_ids: list[int],
+        sampling: SamplingParams | None = None,
+        corpus_key: str | None = None,
+        pos_offset: int = 0,
+        loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        select: bool = False,
+        select_span: tuple[int, int] | None = None,
+    ) -> RequestHandle:
         """Queue a request; with `select` (over a corpus with a selector) it chooses the passages
         it reads at prefill from its question's tokens prompt_ids[select_span] (kb/engine/selection.py)."""
         if self._closing:
@@ -116,11 +131,19 @@ class Engine:
             raise KeyError(f"corpus KV {corpus_key!r} is not loaded")
         max_pos = self.loaded.config.max_position_embeddings
         if pos_offset + len(prompt_ids) + 1 > max_pos:
-            raise ValueError(f"the prompt ({len(prompt_ids)} tokens after position {pos_offset}) exceeds "
-                             f"the model's context of {max_pos} positions")
+            raise ValueError(
+                f"the prompt ({len(prompt_ids)} tokens after position {pos_offset}) exceeds "
+                f"the model's context of {max_pos} positions"
+            )
         sampling.max_tokens = min(sampling.max_tokens, max_pos - pos_offset - len(prompt_ids))
-        seq = Sequence(list(prompt_ids), sampling, corpus_key=corpus_key, pos_offset=pos_offset,
-                       select=select and corpus_key is not None, select_span=select_span)
+        seq = Sequence(
+            list(prompt_ids),
+            sampling,
+            corpus_key=corpus_key,
+            pos_offset=pos_offset,
+            select=select and corpus_key is not None,
+            select_span=select_span,
+        )
         handle = RequestHandle(seq, loop)
         with self._lock:
             if len(self.scheduler.waiting) + len(self._inbox) >= self.config.max_queue:
@@ -143,13 +166,17 @@ class Engine:
 
     def unregister_corpus(self, key: str) -> None:
         with self._lock:
-            if any(s.corpus_key == key for s in self.scheduler.running + list(self.scheduler.waiting)):
+            if any(
+                s.corpus_key == key for s in self.scheduler.running + list(self.scheduler.waiting)
+            ):
                 raise RuntimeError(f"corpus KV {key!r} is in use")
             self.corpora.pop(key, None)
 
     def in_use(self, key: str) -> bool:
         with self._lock:
-            return any(s.corpus_key == key for s in self.scheduler.running + list(self.scheduler.waiting))
+            return any(
+                s.corpus_key == key for s in self.scheduler.running + list(self.scheduler.waiting)
+            )
 
     # -- stepping ---------------------------------------------------------------------------
     @property
@@ -190,8 +217,15 @@ class Engine:
                 elif not seq.is_finished:
                     self._append(seq, tok)
             self.scheduler.postprocess(batch)
-            self.metrics.stepped(len(batch.seqs), batch.num_tokens, len(tokens), time.perf_counter() - t0,
-                                 len(self.scheduler.waiting), len(self.scheduler.running), self.blocks.usage)
+            self.metrics.stepped(
+                len(batch.seqs),
+                batch.num_tokens,
+                len(tokens),
+                time.perf_counter() - t0,
+                len(self.scheduler.waiting),
+                len(self.scheduler.running),
+                self.blocks.usage,
+            )
         return len(batch.seqs)
 
     def _gauges(self) -> None:
@@ -221,7 +255,7 @@ class Engine:
         if done is None and text.endswith("\ufffd"):
             return  # an incomplete UTF-8 character: wait for its next byte
         if len(text) > len(handle.text):
-            handle.push(Delta(text[len(handle.text):], [token]))
+            handle.push(Delta(text[len(handle.text) :], [token]))
             handle.text = text
         if done:
             seq.status = SeqStatus.FINISHED
@@ -238,7 +272,9 @@ class Engine:
             vals, order = seq.chunk_mass.float().cpu().sort(descending=True)
             mass = [(int(c), float(m)) for c, m in zip(order[:32].tolist(), vals[:32].tolist())]
         self.metrics.finished(seq.seq_id, reason)
-        handle.push(Finished(reason, handle.text, len(seq.prompt_ids), len(seq.output_ids), mass, error))
+        handle.push(
+            Finished(reason, handle.text, len(seq.prompt_ids), len(seq.output_ids), mass, error)
+        )
 
     # -- driving ----------------------------------------------------------------------------
     def run_until_done(self) -> None:

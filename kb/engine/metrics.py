@@ -14,19 +14,36 @@ _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 class EngineMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.waiting = Gauge("kb_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.waiting = Gauge(
+            "kb_num_requests_waiting", "Requests waiting to be scheduled", registry=r
+        )
         self.running = Gauge("kb_num_requests_running", "Requests in the running batch", registry=r)
-        self.kv_usage = Gauge("kb_unique_kv_usage_perc", "Fraction of unique-KV blocks in use", registry=r)
-        self.batch_size = Histogram("kb_batch_size", "Sequences stepped together", buckets=_BATCH, registry=r)
-        self.ttft = Histogram("kb_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY,
-                              registry=r)
-        self.itl = Histogram("kb_inter_token_latency_seconds", "Time between tokens of a request",
-                             buckets=_LATENCY, registry=r)
-        self.e2e = Histogram("kb_e2e_request_latency_seconds", "Request latency, arrival to finish",
-                             buckets=_LATENCY, registry=r)
+        self.kv_usage = Gauge(
+            "kb_unique_kv_usage_perc", "Fraction of unique-KV blocks in use", registry=r
+        )
+        self.batch_size = Histogram(
+            "kb_batch_size", "Sequences stepped together", buckets=_BATCH, registry=r
+        )
+        self.ttft = Histogram(
+            "kb_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY, registry=r
+        )
+        self.itl = Histogram(
+            "kb_inter_token_latency_seconds",
+            "Time between tokens of a request",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "kb_e2e_request_latency_seconds",
+            "Request latency, arrival to finish",
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.gen_tokens = Counter("kb_generation_tokens", "Generated tokens", registry=r)
         self.step_tokens = Counter("kb_step_tokens", "Tokens run through the model", registry=r)
-        self.finished_total = Counter("kb_request_success", "Finished requests", ["finished_reason"], registry=r)
+        self.finished_total = Counter(
+            "kb_request_success", "Finished requests", ["finished_reason"], registry=r
+        )
         self._arrival: dict[int, float] = {}
         self._last_token: dict[int, float] = {}
         self.max_batch_size = 0
@@ -52,8 +69,16 @@ class EngineMetrics:
             self.e2e.observe(time.perf_counter() - t0)
         self.finished_total.labels(finished_reason=reason).inc()
 
-    def stepped(self, batch: int, tokens: int, sampled: int, seconds: float, waiting: int, running: int,
-                kv_usage: float) -> None:
+    def stepped(
+        self,
+        batch: int,
+        tokens: int,
+        sampled: int,
+        seconds: float,
+        waiting: int,
+        running: int,
+        kv_usage: float,
+    ) -> None:
         self.batch_size.observe(batch)
         self.max_batch_size = max(self.max_batch_size, batch)
         self.last_batch_size = batch

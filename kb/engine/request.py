@@ -21,7 +21,9 @@ class Finished:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    chunk_mass: list[tuple[int, float]] = field(default_factory=list)  # (chunk, mass), heaviest first
+    chunk_mass: list[tuple[int, float]] = field(
+        default_factory=list
+    )  # (chunk, mass), heaviest first
     error: str | None = None
 
 
@@ -31,7 +33,9 @@ class RequestHandle:
     def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop | None = None):
         self.seq = seq
         self._loop = loop
-        self._q: queue.SimpleQueue | asyncio.Queue = asyncio.Queue() if loop else queue.SimpleQueue()
+        self._q: queue.SimpleQueue | asyncio.Queue = (
+            asyncio.Queue() if loop else queue.SimpleQueue()
+        )
         self.text = ""
         self.result: Finished | None = None
 

@@ -40,8 +40,13 @@ class StepSelection:
         if layer < self.dense_layers:
             return None, None
         if self.chunk_shift is not None and self.plan is not None and self.plan.shifts is None:
-            self.plan = attention.plan_routed(self.chunk_idx, self.num_chunks, self.group_size,
-                                              self.chunk_size, chunk_shift=self.chunk_shift)
+            self.plan = attention.plan_routed(
+                self.chunk_idx,
+                self.num_chunks,
+                self.group_size,
+                self.chunk_size,
+                chunk_shift=self.chunk_shift,
+            )
         return self.chunk_idx, self.plan
 
 
@@ -51,8 +56,9 @@ def seq_chunks(seq) -> torch.Tensor | None:
     return None if sel is None else sel.chunks
 
 
-def stage_rows(chunks: list[torch.Tensor | None], rows: int, width: int, fill: int = -1
-               ) -> torch.Tensor:
+def stage_rows(
+    chunks: list[torch.Tensor | None], rows: int, width: int, fill: int = -1
+) -> torch.Tensor:
     """Host int64 [rows, width]: each sequence's chunk ids (or shifts), `fill` padded (padding
     rows: all `fill`)."""
     out = torch.full((rows, width), fill, dtype=torch.long)
@@ -63,8 +69,12 @@ def stage_rows(chunks: list[torch.Tensor | None], rows: int, width: int, fill: i
     return out
 
 
-def plan_step(rows_chunks: torch.Tensor, shared: SharedKV, num_q_heads: int,
-              rows_shift: torch.Tensor | None = None) -> StepSelection:
+def plan_step(
+    rows_chunks: torch.Tensor,
+    shared: SharedKV,
+    num_q_heads: int,
+    rows_shift: torch.Tensor | None = None,
+) -> StepSelection:
     """StepSelection of rows_chunks[T, K] (device, -1 padded): one id list per row for all KV
     heads; `rows_shift[T, K]` their virtual-position shifts, or None. Torch ops and the plan
     kernel's prologue only: graph-capturable."""
@@ -74,5 +84,12 @@ def plan_step(rows_chunks: torch.Tensor, shared: SharedKV, num_q_heads: int,
     shift = None if rows_shift is None else rows_shift[:, None, :].expand(-1, hkv, -1)
     plan = attention.plan_routed(idx, shared.num_chunks, g, shared.chunk_size, chunk_shift=shift)
     dense = getattr(shared.router, "dense_layers", 0) if shared.router is not None else 0
-    return StepSelection(idx, plan, dense, chunk_shift=shift, num_chunks=shared.num_chunks,
-                         group_size=g, chunk_size=shared.chunk_size)
+    return StepSelection(
+        idx,
+        plan,
+        dense,
+        chunk_shift=shift,
+        num_chunks=shared.num_chunks,
+        group_size=g,
+        chunk_size=shared.chunk_size,
+    )

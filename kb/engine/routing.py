@@ -11,8 +11,15 @@ from index.summaries import ChunkSummaries, chunk_summaries, group_query, query_
 
 
 class CorpusRouter:
-    def __init__(self, keys: list[torch.Tensor], chunk_size: int, always: int, kind: str = "mean",
-                 summaries: list[ChunkSummaries] | None = None, dense_layers: int = 0):
+    def __init__(
+        self,
+        keys: list[torch.Tensor],
+        chunk_size: int,
+        always: int,
+        kind: str = "mean",
+        summaries: list[ChunkSummaries] | None = None,
+        dense_layers: int = 0,
+    ):
         """keys: per layer [N, Hkv, d] after RoPE; `always` leading chunks are never routed.
         `summaries` (per layer, e.g. read from the corpus's stored index) skip computing them.
         The first `dense_layers` layers attend every chunk: their attention is broad, and routing
@@ -22,14 +29,18 @@ class CorpusRouter:
         summaries = summaries or [chunk_summaries(k, chunk_size) for k in keys]
         self.num_chunks = summaries[0].num_chunks
         device = keys[0].device
-        vectors = [s.vectors(kind)[always:].to(device=device, dtype=torch.float32).contiguous() for s in summaries]
+        vectors = [
+            s.vectors(kind)[always:].to(device=device, dtype=torch.float32).contiguous()
+            for s in summaries
+        ]
         self.router = Router(kind, chunk_size, keys[0].shape[0], vectors)
 
     def top_k(self, density: float) -> int:
         return top_k_for(density, self.num_chunks)
 
-    def route(self, layer: int, q: torch.Tensor, top_k: int,
-              spans: list[tuple[int, int]] | None = None) -> torch.Tensor | None:
+    def route(
+        self, layer: int, q: torch.Tensor, top_k: int, spans: list[tuple[int, int]] | None = None
+    ) -> torch.Tensor | None:
         """chunk_idx [T, Hkv, top_k]: the `always` chunks, then the best routed ones; None (attend
         every chunk) in the first `dense_layers` layers.
 
@@ -41,16 +52,22 @@ class CorpusRouter:
         t, hkv = q.shape[0], self.router.num_kv_heads
         k = max(1, top_k - self.always)
         spans = [(s, n) for s, n in spans or () if n > 1]
-        if spans and sum(n for _, n in spans) == t:  # every row in a request's span: no per-token pass
+        if (
+            spans and sum(n for _, n in spans) == t
+        ):  # every row in a request's span: no per-token pass
             k = min(k, self.router.num_chunks)
             routed = torch.empty(t, hkv, k, dtype=torch.int32, device=q.device)
         else:
             routed = self.router.route(layer, q, k)
         for s, n in spans:
-            scores = self.request_scores(layer, q[s:s + n])
-            routed[s:s + n] = scores.topk(min(k, scores.shape[-1]), dim=-1).indices.to(routed.dtype)
+            scores = self.request_scores(layer, q[s : s + n])
+            routed[s : s + n] = scores.topk(min(k, scores.shape[-1]), dim=-1).indices.to(
+                routed.dtype
+            )
         routed += self.always
-        fixed = torch.arange(self.always, device=q.device, dtype=routed.dtype).expand(t, hkv, self.always)
+        fixed = torch.arange(self.always, device=q.device, dtype=routed.dtype).expand(
+            t, hkv, self.always
+        )
         return torch.cat([fixed, routed], dim=-1)
 
     def request_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:

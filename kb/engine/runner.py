@@ -35,13 +35,20 @@ PREFILL_ROUTING = ("request", "token")
 
 
 def default_prefill_routing(device: str) -> str:
-    """"request" on the CPU, "token" elsewhere (see the module's docstring)."""
+    """ "request" on the CPU, "token" elsewhere (see the module's docstring)."""
     return "request" if str(device).startswith("cpu") else "token"
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, device: str,
-                 citation_layers: frozenset[int] = frozenset(), shared_blocks: int = 0):
+    def __init__(
+        self,
+        model: Transformer,
+        num_blocks: int,
+        block_size: int,
+        device: str,
+        citation_layers: frozenset[int] = frozenset(),
+        shared_blocks: int = 0,
+    ):
         """`num_blocks` pages for unique KV (the block manager's ids 0..num_blocks-1) plus
         `shared_blocks` pages after them that `reserve_shared` hands to corpora."""
         cfg = model.config
@@ -51,8 +58,12 @@ class ModelRunner:
         shape = (num_blocks + shared_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         # empty, not zeros: attention never reads past a sequence's length, and on the CPU untouched
         # pages then cost no memory until requests use them
-        self.k_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v_cache = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.k_cache = [
+            torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)
+        ]
+        self.v_cache = [
+            torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)
+        ]
         self.citation_layers = citation_layers
         self.forward_tokens = 0  # tokens run through the model since start (tests read this)
         self.shared_mode = "moska"
@@ -67,20 +78,25 @@ class ModelRunner:
         if str(self.device).startswith("cuda") and self.graphs is None:
             self.graphs = DecodeGraphs(self, scratch_page=self._end_shared)
 
-    def reserve_shared(self, key: str, num_tokens: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def reserve_shared(
+        self, key: str, num_tokens: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Hand `num_tokens` tokens of shared pages to corpus `key`; returns per-layer views
         k, v `[num_tokens, Hkv, d]` into the pool (fill them, then build the SharedKV on them),
         so the same memory serves both shared modes."""
-        assert num_tokens % self.block_size == 0, \
+        assert num_tokens % self.block_size == 0, (
             f"per-request shared pages need whole blocks: {num_tokens} % {self.block_size} != 0"
+        )
         n = num_tokens // self.block_size
         first = self._next_shared
         assert first + n <= self._end_shared, "not enough shared pages reserved in the pool"
         self._next_shared += n
-        self.shared_pages[key] = torch.arange(first, first + n, dtype=torch.int32, device=self.device)
+        self.shared_pages[key] = torch.arange(
+            first, first + n, dtype=torch.int32, device=self.device
+        )
         hkv, d = self.k_cache[0].shape[2:]
-        k = [c[first:first + n].view(num_tokens, hkv, d) for c in self.k_cache]
-        v = [c[first:first + n].view(num_tokens, hkv, d) for c in self.v_cache]
+        k = [c[first : first + n].view(num_tokens, hkv, d) for c in self.k_cache]
+        v = [c[first : first + n].view(num_tokens, hkv, d) for c in self.v_cache]
         return k, v
 
     def _block_table(self, batch: Batch, prefix: list[str | None]) -> torch.Tensor:
@@ -106,7 +122,9 @@ class ModelRunner:
             rows.append(torch.nn.functional.pad(row, (0, p_max + width - row.shape[0])))
         return torch.stack(rows)
 
-    def _spans(self, runs: list[tuple[int, int, int]], all_rows: bool) -> list[tuple[int, int]] | None:
+    def _spans(
+        self, runs: list[tuple[int, int, int]], all_rows: bool
+    ) -> list[tuple[int, int]] | None:
         """Each request's (start, length) within its corpus group's rows (the step's rows when
         `all_rows`), for request-level prefill routing; None when no request prefills several
         tokens or routing is per token."""
@@ -129,10 +147,14 @@ class ModelRunner:
             if shared is None or shared.selector is None:
                 seq.select = False
                 continue
-            seq.selection = select_for(shared, self.model, seq.prompt_ids, seq.select_span, seq.pos_offset)
+            seq.selection = select_for(
+                shared, self.model, seq.prompt_ids, seq.select_span, seq.pos_offset
+            )
             seq.chunk_mass = seq.selection.scores.to(self.device)
 
-    def _step_selection(self, shared: SharedKV, batch: Batch, runs: list[tuple[int, int, int]]) -> StepSelection:
+    def _step_selection(
+        self, shared: SharedKV, batch: Batch, runs: list[tuple[int, int, int]]
+    ) -> StepSelection:
         """The rows' chunk ids (and virtual-position shifts) of a group of selecting requests,
         [T_c, Hkv, K], the same for every layer."""
         seqs = [batch.seqs[i] for _, _, i in runs]
@@ -157,7 +179,9 @@ class ModelRunner:
             idx = rows.to(torch.int32)[:, None, :].expand(-1, hkv, -1).contiguous()
             step = StepSelection(idx, None)
         if shifted:
-            step.chunk_shift = shift.repeat_interleave(reps, dim=0)[:, None, :].expand(-1, hkv, -1).to(self.device)
+            step.chunk_shift = (
+                shift.repeat_interleave(reps, dim=0)[:, None, :].expand(-1, hkv, -1).to(self.device)
+            )
         return step
 
     @torch.inference_mode()
@@ -197,8 +221,12 @@ class ModelRunner:
         dev = self.device
         t, b = len(ids), len(batch.seqs)
         # all integer metadata in one host tensor and one copy to the device
-        packed = torch.tensor(ids + pos + slots + seq_lens + cu + sample_rows, dtype=torch.long).to(dev)
-        ids_d, pos_d, slots_d, lens_d, cu_d, sample_d = packed.split([t, t, t, b, b + 1, len(sample_rows)])
+        packed = torch.tensor(ids + pos + slots + seq_lens + cu + sample_rows, dtype=torch.long).to(
+            dev
+        )
+        ids_d, pos_d, slots_d, lens_d, cu_d, sample_d = packed.split(
+            [t, t, t, b, b + 1, len(sample_rows)]
+        )
         groups = []
         for (key, selecting), runs in rows_of_corpus.items():
             whole = len(runs) == b and runs[-1][0] + runs[-1][1] == t  # every row, in order
@@ -210,13 +238,22 @@ class ModelRunner:
             rows = [r for r0, n, _ in runs for r in range(r0, r0 + n)]
             owner = [i for _, n, i in runs for _ in range(n)]
             rt = torch.tensor(rows + owner, dtype=torch.long).to(dev)
-            groups.append(CorpusGroup(corpora[key], rt[: len(rows)], rt[len(rows):], spans, selection=sel))
+            groups.append(
+                CorpusGroup(corpora[key], rt[: len(rows)], rt[len(rows) :], spans, selection=sel)
+            )
         attn = ServeAttention(
-            k_cache=self.k_cache, v_cache=self.v_cache, slot_mapping=slots_d,
-            block_table=self._block_table(batch, prefix), seq_lens=lens_d.to(torch.int32),
-            cu_seqlens_q=cu_d.to(torch.int32), groups=groups, citation_layers=self.citation_layers,
-            max_seqlen_q=max(batch.num_new), max_seqlen_k=max(seq_lens),
-            rope_inv_freq=self.model.inv_freq)
+            k_cache=self.k_cache,
+            v_cache=self.v_cache,
+            slot_mapping=slots_d,
+            block_table=self._block_table(batch, prefix),
+            seq_lens=lens_d.to(torch.int32),
+            cu_seqlens_q=cu_d.to(torch.int32),
+            groups=groups,
+            citation_layers=self.citation_layers,
+            max_seqlen_q=max(batch.num_new),
+            max_seqlen_k=max(seq_lens),
+            rope_inv_freq=self.model.inv_freq,
+        )
         hidden = self.model(ids_d, pos_d, attn)
         self.forward_tokens += t
         for bi, m in attn.mass.items():

@@ -47,7 +47,8 @@ class Scheduler:
         if -(-total // self.blocks.block_size) > self.blocks.num_blocks:
             raise RequestTooLong(
                 f"request needs {total} unique tokens; the unique-KV cache holds "
-                f"{self.blocks.num_blocks * self.blocks.block_size}")
+                f"{self.blocks.num_blocks * self.blocks.block_size}"
+            )
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 

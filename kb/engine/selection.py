@@ -35,15 +35,21 @@ from kb.model.rope import apply_rope, cos_sin
 POSITIONS = ("virtual", "stored")
 CALIBRATIONS = ("ratio", "sub", "none")
 # generic questions whose scores measure what every question attends (position, sinks, style)
-NEUTRAL_QUESTIONS = ("What do the documents say?", "Summarize the documents.", "What is this about?",
-                     "Tell me something from the text.")
+NEUTRAL_QUESTIONS = (
+    "What do the documents say?",
+    "Summarize the documents.",
+    "What is this about?",
+    "Tell me something from the text.",
+)
 
 
 @dataclass(frozen=True)
 class SelectionConfig:
     """How passages are chosen (defaults: docs/QUALITY.md, "Attention retrieval")."""
 
-    budget: int = 512  # shared tokens a request reads besides the preamble's chunks (docs/QUALITY.md)
+    budget: int = (
+        512  # shared tokens a request reads besides the preamble's chunks (docs/QUALITY.md)
+    )
     layers: tuple[int, ...] = (17, 18)  # layers whose question queries score the corpus
     window: int = 9  # phrase width of the score's window sum, in tokens
     neighbours: int = 1  # chunks taken on each side of a chosen chunk (one passage)
@@ -96,8 +102,15 @@ class PassageSelector:
     calibration: torch.Tensor | None = None  # [C] chunk scores of neutral questions
 
     @classmethod
-    def build(cls, k: list[torch.Tensor], positions: torch.Tensor, chunk_size: int, always: int,
-              inv_freq: torch.Tensor, config: SelectionConfig) -> "PassageSelector":
+    def build(
+        cls,
+        k: list[torch.Tensor],
+        positions: torch.Tensor,
+        chunk_size: int,
+        always: int,
+        inv_freq: torch.Tensor,
+        config: SelectionConfig,
+    ) -> PassageSelector:
         """Re-base the selecting layers' keys k[layer][N, Hkv, d] to chunk-local positions, once."""
         n = k[0].shape[0]
         p0 = always * chunk_size
@@ -150,14 +163,21 @@ class PassageSelector:
     def chunk_scores(self, queries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """[C] score of every chunk (0 for the preamble's): the best phrase (window sum of token
         scores) inside it, token scores averaged over the selecting layers."""
-        s = sum(self.token_scores(layer, q, pos) for layer, (q, pos) in queries.items()) / len(queries)
+        s = sum(self.token_scores(layer, q, pos) for layer, (q, pos) in queries.items()) / len(
+            queries
+        )
         return self.phrase_chunks(s)
 
     def phrase_chunks(self, s: torch.Tensor) -> torch.Tensor:
         """[C] chunk scores from token scores s[N'] of the routed keys: window sums, best per chunk."""
         w = self.config.window
         if w > 1:
-            s = F.avg_pool1d(s[None, None], w, stride=1, padding=w // 2, count_include_pad=True)[0, 0] * w
+            s = (
+                F.avg_pool1d(s[None, None], w, stride=1, padding=w // 2, count_include_pad=True)[
+                    0, 0
+                ]
+                * w
+            )
             s = s[: self.num_tokens - self.always * self.chunk_size]
         pad = -s.shape[0] % self.chunk_size
         per_chunk = F.pad(s, (0, pad)).view(-1, self.chunk_size).amax(-1)
@@ -170,7 +190,7 @@ class PassageSelector:
             return scores
         if how == "sub":
             return scores - base
-        return scores / (base + base[self.always:].mean())
+        return scores / (base + base[self.always :].mean())
 
     def choose(self, ranked: torch.Tensor) -> torch.Tensor:
         """[K] ascending chunk ids: the preamble's, then the best chunks by (calibrated) score
@@ -184,7 +204,10 @@ class PassageSelector:
         for best in ranked.argsort(descending=True, stable=True).tolist():
             if len(chosen) >= cap or best < self.always:
                 break
-            for j in sorted(range(max(self.always, best - nb), min(c, best + nb + 1)), key=lambda j: abs(j - best)):
+            for j in sorted(
+                range(max(self.always, best - nb), min(c, best + nb + 1)),
+                key=lambda j: abs(j - best),
+            ):
                 if len(chosen) < cap and not taken[j]:
                     taken[j] = True
                     chosen.append(j)
@@ -208,15 +231,24 @@ class PassageSelector:
         scores = self.calibrated(self.chunk_scores(queries))
         chunks = self.choose(scores)
         cited = torch.zeros_like(scores)
-        cited[chunks] = (scores[chunks] - scores[chunks[self.always:]].min()).clamp_min(0) \
-            if chunks.shape[0] > self.always else 0
+        cited[chunks] = (
+            (scores[chunks] - scores[chunks[self.always :]].min()).clamp_min(0)
+            if chunks.shape[0] > self.always
+            else 0
+        )
         cited[: self.always] = 0
         return Selection(chunks, self.shifts(chunks), cited)
 
 
-def selection_queries(model, ids: list[int], positions: list[int], span: tuple[int, int],
-                      preamble_k: list[torch.Tensor], preamble_v: list[torch.Tensor],
-                      layers: tuple[int, ...]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def selection_queries(
+    model,
+    ids: list[int],
+    positions: list[int],
+    span: tuple[int, int],
+    preamble_k: list[torch.Tensor],
+    preamble_v: list[torch.Tensor],
+    layers: tuple[int, ...],
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """The selection pass: `ids` (a request's prompt) through the model's layers up to the last
     selecting one, attending the preamble's KV and themselves (causal); returns the queries of
     the question tokens ids[span[0]:span[1]] at each selecting layer, with their positions."""
@@ -231,7 +263,7 @@ def selection_queries(model, ids: list[int], positions: list[int], span: tuple[i
     for layer in model.model.layers[: max(layers) + 1]:
         x = layer(x, cos, sin, attn)
     a, b = span
-    return {l: (q, pos_t[a:b].cpu()) for l, q in attn.queries.items()}
+    return {li: (q, pos_t[a:b].cpu()) for li, q in attn.queries.items()}
 
 
 @dataclass
@@ -246,13 +278,15 @@ class _PreambleAttention:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if layer in self.layers:
-            self.queries[layer] = q[self.span[0]:self.span[1]].float().cpu()
+            self.queries[layer] = q[self.span[0] : self.span[1]].float().cpu()
         p, t = self.k[layer].shape[0], q.shape[0]
         kk = torch.cat([self.k[layer].to(q.dtype), k]).transpose(0, 1)
         vv = torch.cat([self.v[layer].to(q.dtype), v]).transpose(0, 1)
         mask = torch.ones(t, p + t, dtype=torch.bool, device=q.device)
         mask[:, p:] = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        o = F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask, enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), kk, vv, attn_mask=mask, enable_gqa=True
+        )
         return o.transpose(0, 1)
 
 
@@ -268,14 +302,17 @@ def preamble_kv(shared) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 
 @torch.inference_mode()
-def select_for(shared, model, ids: list[int], span: tuple[int, int] | None, pos_offset: int) -> Selection:
+def select_for(
+    shared, model, ids: list[int], span: tuple[int, int] | None, pos_offset: int
+) -> Selection:
     """The selection of one request over corpus `shared` (its `selector`): the selection pass over
     its prompt `ids` at positions pos_offset.., scored from the question tokens ids[span]."""
     sel: PassageSelector = shared.selector
     span = span or (0, len(ids))
     pk, pv = preamble_kv(shared)
-    queries = selection_queries(model, ids, list(range(pos_offset, pos_offset + len(ids))), span, pk, pv,
-                                sel.config.layers)
+    queries = selection_queries(
+        model, ids, list(range(pos_offset, pos_offset + len(ids))), span, pk, pv, sel.config.layers
+    )
     return sel.select(queries)
 
 
@@ -293,8 +330,9 @@ def calibrate(shared, model, tokenizer, system_prompt: str) -> torch.Tensor:
         suffix = build_prompt(tokenizer, system_prompt, [], question).suffix
         ids = encode(tokenizer, suffix)
         span = question_span(tokenizer, suffix, question) or (0, len(ids))
-        queries = selection_queries(model, ids, list(range(pos0, pos0 + len(ids))), span, pk, pv,
-                                    sel.config.layers)
+        queries = selection_queries(
+            model, ids, list(range(pos0, pos0 + len(ids))), span, pk, pv, sel.config.layers
+        )
         scores = sel.chunk_scores(queries)
         total = scores if total is None else total + scores
     sel.calibration = total / len(NEUTRAL_QUESTIONS)

@@ -9,8 +9,9 @@ import torch
 
 
 class ChunkRouter(Protocol):
-    def route(self, layer: int, q: torch.Tensor, top_k: int,
-              spans: list[tuple[int, int]] | None = None) -> torch.Tensor: ...
+    def route(
+        self, layer: int, q: torch.Tensor, top_k: int, spans: list[tuple[int, int]] | None = None
+    ) -> torch.Tensor: ...
 
 
 @dataclass
@@ -22,14 +23,21 @@ class SharedKV:
     pos_offset: int  # unique tokens of a request start at this position
     router: ChunkRouter | None = None
     top_k: int | None = None  # chunks per query; None = dense
-    preamble_len: int = 0  # leading tokens of the preamble: an attention sink, never a source to cite
-    positions: torch.Tensor | None = None  # [N] int64 stored position of every token (the layout's RoPE)
-    selector: object | None = None  # kb.engine.selection.PassageSelector: requests choose their passages
+    preamble_len: int = (
+        0  # leading tokens of the preamble: an attention sink, never a source to cite
+    )
+    positions: torch.Tensor | None = (
+        None  # [N] int64 stored position of every token (the layout's RoPE)
+    )
+    selector: object | None = (
+        None  # kb.engine.selection.PassageSelector: requests choose their passages
+    )
 
     @property
     def always_chunks(self) -> int:
         """Leading chunks every routed query attends: those holding the preamble."""
         return -(-self.preamble_len // self.chunk_size)
+
     meta: dict = field(default_factory=dict)
 
     @property

@@ -37,8 +37,10 @@ def garbled(text: str) -> bool:
     if not text:
         return False
     bad = sum(
-        1 for ch in text
-        if ch == "\ufffd" or (unicodedata.category(ch) in ("Cc", "Cn", "Co", "Cs") and ch not in "\t\n\r\f\v")
+        1
+        for ch in text
+        if ch == "\ufffd"
+        or (unicodedata.category(ch) in ("Cc", "Cn", "Co", "Cs") and ch not in "\t\n\r\f\v")
     )
     return bad > 0.05 * len(text)
 

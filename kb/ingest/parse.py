@@ -37,18 +37,68 @@ PDF_EXTS = frozenset({".pdf"})
 DOCX_EXTS = frozenset({".docx"})
 HTML_EXTS = frozenset({".html", ".htm", ".xhtml"})
 MARKDOWN_EXTS = frozenset({".md", ".markdown", ".mdown", ".mkd"})
-TEXT_EXTS = frozenset({
-    ".txt", ".text", ".log", ".csv", ".tsv", ".rst", ".org", ".tex", ".json", ".jsonl",
-    ".yaml", ".yml", ".toml", ".ini", ".cfg", ".conf", ".xml", ".srt", ".vtt",
-    ".py", ".js", ".ts", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".go", ".rs", ".sh", ".sql",
-})
+TEXT_EXTS = frozenset(
+    {
+        ".txt",
+        ".text",
+        ".log",
+        ".csv",
+        ".tsv",
+        ".rst",
+        ".org",
+        ".tex",
+        ".json",
+        ".jsonl",
+        ".yaml",
+        ".yml",
+        ".toml",
+        ".ini",
+        ".cfg",
+        ".conf",
+        ".xml",
+        ".srt",
+        ".vtt",
+        ".py",
+        ".js",
+        ".ts",
+        ".c",
+        ".h",
+        ".cc",
+        ".cpp",
+        ".hpp",
+        ".java",
+        ".go",
+        ".rs",
+        ".sh",
+        ".sql",
+    }
+)
 
 # Magic bytes of common binary formats: such a file is never parsed as text.
 _BINARY_MAGIC = (
-    b"\x89PNG", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b",
-    b"BZh", b"\xfd7zXZ\x00", b"7z\xbc\xaf\x27\x1c", b"Rar!", b"\x7fELF", b"MZ", b"\xca\xfe\xba\xbe",
-    b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", b"OggS", b"RIFF", b"ID3", b"fLaC", b"\x00\x00\x01\x00",
-    b"SQLite format 3\x00", b"wOFF", b"\x00asm",
+    b"\x89PNG",
+    b"\xff\xd8\xff",
+    b"GIF87a",
+    b"GIF89a",
+    b"PK\x03\x04",
+    b"PK\x05\x06",
+    b"\x1f\x8b",
+    b"BZh",
+    b"\xfd7zXZ\x00",
+    b"7z\xbc\xaf\x27\x1c",
+    b"Rar!",
+    b"\x7fELF",
+    b"MZ",
+    b"\xca\xfe\xba\xbe",
+    b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1",
+    b"OggS",
+    b"RIFF",
+    b"ID3",
+    b"fLaC",
+    b"\x00\x00\x01\x00",
+    b"SQLite format 3\x00",
+    b"wOFF",
+    b"\x00asm",
 )
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")  # utf-32 BOMs start with a utf-16 one
 
@@ -101,12 +151,19 @@ def detect_type(filename: str, head: bytes) -> str:
             return "html"
         return "text"
     if ext in (".doc", ".ppt", ".xls", ".pptx", ".xlsx", ".odt", ".rtf"):
-        raise IngestError("unsupported_type", f"Unsupported file type {ext}: save it as PDF or .docx.")
+        raise IngestError(
+            "unsupported_type", f"Unsupported file type {ext}: save it as PDF or .docx."
+        )
     raise IngestError("unsupported_type", f"Unsupported file type: {filename!s}.")
 
 
-_PARSERS = {"pdf": parse_pdf, "docx": parse_docx, "html": parse_html, "markdown": parse_markdown,
-            "text": parse_text}
+_PARSERS = {
+    "pdf": parse_pdf,
+    "docx": parse_docx,
+    "html": parse_html,
+    "markdown": parse_markdown,
+    "text": parse_text,
+}
 
 
 @dataclass(frozen=True)
@@ -120,16 +177,23 @@ class ParseLimits:
     max_chars: int | None = None
 
     @classmethod
-    def from_settings(cls, s: Any) -> "ParseLimits":
+    def from_settings(cls, s: Any) -> ParseLimits:
         """From KB_MAX_DOCUMENT_PAGES, KB_MAX_INFLATED_MB, KB_MAX_INFLATED_XML_MB and
         KB_MAX_DOCUMENT_TOKENS (a document
         with more than CHARS_PER_TOKEN characters per token allowed cannot fit the token limit)."""
         tokens = getattr(s, "max_document_tokens", 0) or 0
-        return cls(max_pages=getattr(s, "max_document_pages", None),
-                   max_inflated_bytes=int(s.max_inflated_mb * 2**20) if getattr(s, "max_inflated_mb", None) else None,
-                   max_inflated_xml_bytes=(int(s.max_inflated_xml_mb * 2**20)
-                                           if getattr(s, "max_inflated_xml_mb", None) else None),
-                   max_chars=tokens * CHARS_PER_TOKEN if tokens else None)
+        return cls(
+            max_pages=getattr(s, "max_document_pages", None),
+            max_inflated_bytes=int(s.max_inflated_mb * 2**20)
+            if getattr(s, "max_inflated_mb", None)
+            else None,
+            max_inflated_xml_bytes=(
+                int(s.max_inflated_xml_mb * 2**20)
+                if getattr(s, "max_inflated_xml_mb", None)
+                else None
+            ),
+            max_chars=tokens * CHARS_PER_TOKEN if tokens else None,
+        )
 
 
 # No tokenizer kb serves averages more characters per token than this over a document's text,
@@ -138,8 +202,10 @@ CHARS_PER_TOKEN = 12
 
 
 def _too_much_text(filename: str) -> IngestError:
-    return IngestError("too_much_text", f"{filename} holds more text than one document may "
-                       "(KB_MAX_DOCUMENT_TOKENS); split it.")
+    return IngestError(
+        "too_much_text",
+        f"{filename} holds more text than one document may (KB_MAX_DOCUMENT_TOKENS); split it.",
+    )
 
 
 def parse_bytes(
@@ -153,7 +219,9 @@ def parse_bytes(
     """Parse an uploaded file's bytes; `filename` gives the extension when the magic bytes don't."""
     limits = limits or ParseLimits()
     if max_bytes is not None and len(data) > max_bytes:
-        raise IngestError("too_large", f"{filename} is {len(data)} bytes; the limit is {max_bytes}.")
+        raise IngestError(
+            "too_large", f"{filename} is {len(data)} bytes; the limit is {max_bytes}."
+        )
     if not data:
         raise IngestError("empty_file", f"{filename} is empty.")
     kind = detect_type(filename, data[:HEAD_BYTES])
@@ -162,8 +230,12 @@ def parse_bytes(
     if kind == "pdf":
         doc = parse_pdf(data, filename, max_pages=limits.max_pages, max_chars=limits.max_chars)
     elif kind == "docx":
-        doc = parse_docx(data, filename, max_inflated=limits.max_inflated_bytes,
-                         max_xml=limits.max_inflated_xml_bytes)
+        doc = parse_docx(
+            data,
+            filename,
+            max_inflated=limits.max_inflated_bytes,
+            max_xml=limits.max_inflated_xml_bytes,
+        )
     else:
         # text and Markdown: no encoding spends more than four bytes on a character, so bytes past
         # four per allowed character cannot be within budget: refuse before decoding

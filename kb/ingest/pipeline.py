@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from sqlalchemy import select
 
 from kb.errors import KBError, NotFound
 from kb.filenames import safe_filename
-from kb.ingest.errors import IngestError
 from kb.ingest.budgets import check_token_budgets
+from kb.ingest.errors import IngestError
 from kb.ingest.parse import HEAD_BYTES, ParseLimits, detect_type, parse_bytes
+from kb.ingest.precompute import prefill_preamble, prefill_segments
 from kb.ingest.segment import cut_segments
 from kb.model.loader import LoadedModel
-from kb.ingest.precompute import prefill_preamble, prefill_segments
 from kb.prompt import encode, preamble_text
 from kb.settings import Settings
 from storage.db import Database
@@ -43,10 +43,20 @@ STAGE_PERCENT = {"stored": 0.0, "parsed": 3.0, "tokenized": 5.0, "ready": 100.0}
 PREFILL_FROM, PREFILL_TO = 5.0, 99.0
 
 # what is happening after each recorded stage (the stage says how far it got)
-ACTIVITY = {"stored": "parsing", "parsed": "parsing", "tokenized": "prefilling", "ready": "ready",
-            "failed": "failed"}
-TYPE_NAMES = {"pdf": "PDF (.pdf)", "docx": "Word (.docx)", "html": "HTML (.html, .htm)",
-              "markdown": "Markdown (.md)", "text": "text (.txt and other plain text)"}
+ACTIVITY = {
+    "stored": "parsing",
+    "parsed": "parsing",
+    "tokenized": "prefilling",
+    "ready": "ready",
+    "failed": "failed",
+}
+TYPE_NAMES = {
+    "pdf": "PDF (.pdf)",
+    "docx": "Word (.docx)",
+    "html": "HTML (.html, .htm)",
+    "markdown": "Markdown (.md)",
+    "text": "text (.txt and other plain text)",
+}
 
 
 def accepted_types(allowed: str) -> str:
@@ -66,11 +76,15 @@ def refuse_unsupported(filename: str, head: bytes, allowed: str) -> str:
             raise IngestError(e.code, f"{e} Accepted: {accepted_types(allowed)}") from e
         if e.code != "unsupported_type":
             raise
-        raise IngestError("unsupported_type", f"{filename} is not a kind of file kb reads; accepted: "
-                                              f"{accepted_types(allowed)}") from e
+        raise IngestError(
+            "unsupported_type",
+            f"{filename} is not a kind of file kb reads; accepted: {accepted_types(allowed)}",
+        ) from e
     if kind not in kinds:
-        raise IngestError("unsupported_type", f"{filename}: {kind} files are not accepted here; "
-                                              f"accepted: {accepted_types(allowed)}")
+        raise IngestError(
+            "unsupported_type",
+            f"{filename}: {kind} files are not accepted here; accepted: {accepted_types(allowed)}",
+        )
     return kind
 
 
@@ -137,8 +151,10 @@ class StoredDocument:
     segments: int = 0
     tokens: int = 0
 
-    def result(self) -> "IngestResult":
-        return IngestResult(self.filename, "duplicate", self.document_id, self.segments, self.tokens)
+    def result(self) -> IngestResult:
+        return IngestResult(
+            self.filename, "duplicate", self.document_id, self.segments, self.tokens
+        )
 
 
 def failure_message(e: BaseException, filename: str) -> str:
@@ -159,7 +175,6 @@ class IngestResult:
     code: str | None = None
 
 
-
 class Ingestor:
     """Builds corpora's stored KV with the serving model (loaded on first use)."""
 
@@ -173,8 +188,14 @@ class Ingestor:
     def _corpus_settings(self) -> dict:
         lm, s = self.model, self.settings
         preamble = encode(lm.tokenizer, preamble_text(lm.tokenizer, s.system_prompt))
-        cfg = {"weights": lm.weights_hash, "tokenizer": lm.tokenizer_hash, "kv_dtype": s.kv_dtype,
-               "segment_len": s.segment_len, "chunk_size": s.chunk_size, "preamble": preamble}
+        cfg = {
+            "weights": lm.weights_hash,
+            "tokenizer": lm.tokenizer_hash,
+            "kv_dtype": s.kv_dtype,
+            "segment_len": s.segment_len,
+            "chunk_size": s.chunk_size,
+            "preamble": preamble,
+        }
         if s.pic != "shared":  # the default scheme leaves the keys of existing corpora as they were
             cfg["pic"], cfg["link_tokens"] = s.pic, s.pic_link_tokens
         return cfg
@@ -188,8 +209,12 @@ class Ingestor:
         `pic_link_tokens` of the document's previous segment; none for the first, or under
         "shared"). Read from the stored segments, so a resumed build links as a whole one does."""
         s = self.settings
-        return {seg.id: (segments[i - 1].token_ids[-s.pic_link_tokens:] if i and s.pic == "linked" else [])
-                for i, seg in enumerate(segments)}
+        return {
+            seg.id: (
+                segments[i - 1].token_ids[-s.pic_link_tokens :] if i and s.pic == "linked" else []
+            )
+            for i, seg in enumerate(segments)
+        }
 
     def segment_key(self, cfg: dict, pos_start: int, tokens: list[int], link: list[int]) -> str:
         """What a segment's stored KV depends on: the corpus settings, its position, its tokens and,
@@ -202,7 +227,9 @@ class Ingestor:
             return
         k, v = prefill_preamble(self.model.model, cfg["preamble"], self.settings.device)
         dtype = self.settings.torch_kv_dtype
-        stored = write_kv(self.settings.kv_dir / str(corpus.id) / "preamble.safetensors", k, v, dtype=dtype)
+        stored = write_kv(
+            self.settings.kv_dir / str(corpus.id) / "preamble.safetensors", k, v, dtype=dtype
+        )
         corpus.preamble_kv_file, corpus.preamble_checksum = str(stored.path), stored.checksum
         corpus.preamble_len = len(cfg["preamble"])
         corpus.settings = cfg
@@ -224,15 +251,26 @@ class Ingestor:
         if not document_ids:
             return {}
         with self.db.session() as sess:
-            sizes = dict(sess.execute(select(Document.id, Document.size_bytes)
-                                      .where(Document.id.in_(document_ids))).all())
-            pages = dict(sess.execute(select(Segment.document_id, func.max(Segment.page_end))
-                                      .where(Segment.document_id.in_(document_ids))
-                                      .group_by(Segment.document_id)).all())
+            sizes = dict(
+                sess.execute(
+                    select(Document.id, Document.size_bytes).where(Document.id.in_(document_ids))
+                ).all()
+            )
+            pages = dict(
+                sess.execute(
+                    select(Segment.document_id, func.max(Segment.page_end))
+                    .where(Segment.document_id.in_(document_ids))
+                    .group_by(Segment.document_id)
+                ).all()
+            )
         return {i: {"pages": pages.get(i), "size_bytes": sizes.get(i, 0)} for i in document_ids}
 
-    def ingest(self, name: str, paths: list[str | Path],
-               progress: Callable[[str, str, float], None] | None = None) -> list[IngestResult]:
+    def ingest(
+        self,
+        name: str,
+        paths: list[str | Path],
+        progress: Callable[[str, str, float], None] | None = None,
+    ) -> list[IngestResult]:
         """Store, parse, segment and prefill each file in this thread; one bad file never stops
         the others. (The job path, `kb.jobs`, runs the same two steps, store and build, apart.)"""
         progress = progress or (lambda *_: None)
@@ -247,15 +285,19 @@ class Ingestor:
                     results.append(stored.result())
                     continue
                 progress(path.name, "stored", 0.0)
-                hook = lambda u: progress(path.name, u.stage, u.fraction)  # noqa: E731
+                hook = lambda u, name=path.name: progress(name, u.stage, u.fraction)  # noqa: E731
                 results.append(self.build(stored.document_id, hook=hook))
             except (IngestError, KBError, OSError) as e:
                 msg = failure_message(e, path.name)
-                if isinstance(e, OSError) and stored is not None:  # e.g. the disk filled while writing KV
+                if (
+                    isinstance(e, OSError) and stored is not None
+                ):  # e.g. the disk filled while writing KV
                     msg = f"cannot store the KV of {path.name}: {e.strerror or e}"
                     self.mark_failed(stored.document_id, msg)
                 log.warning("ingest of %s into %s failed: %s", path.name, name, msg)
-                results.append(IngestResult(path.name, "failed", error=msg, code=getattr(e, "code", None)))
+                results.append(
+                    IngestResult(path.name, "failed", error=msg, code=getattr(e, "code", None))
+                )
         self.refresh_status(corpus_id)
         return results
 
@@ -267,29 +309,48 @@ class Ingestor:
         max_bytes = int(s.max_upload_mb * 1024 * 1024)
         size = path.stat().st_size
         if size > max_bytes:
-            raise IngestError("too_large", f"{path.name} is {size / 2**20:.1f} MiB; the limit is {s.max_upload_mb:g} MiB")
+            raise IngestError(
+                "too_large",
+                f"{path.name} is {size / 2**20:.1f} MiB; the limit is {s.max_upload_mb:g} MiB",
+            )
         data = path.read_bytes()
         if data:  # an empty file fails at parsing, with its own reason
             refuse_unsupported(path.name, data, s.allowed_types)
         digest = hashlib.sha256(data).hexdigest()
         with self.db.session() as sess:
             corpus = sess.get(Corpus, corpus_id)
-            doc = sess.scalar(select(Document).where(Document.corpus_id == corpus_id, Document.content_hash == digest))
+            doc = sess.scalar(
+                select(Document).where(
+                    Document.corpus_id == corpus_id, Document.content_hash == digest
+                )
+            )
             if doc is not None and doc.stage == "ready":
-                return StoredDocument(path.name, doc.id, True, "ready", len(doc.segments), doc.num_tokens)
+                return StoredDocument(
+                    path.name, doc.id, True, "ready", len(doc.segments), doc.num_tokens
+                )
             if doc is None:
                 stored = s.files_dir / str(corpus_id) / f"{digest[:16]}_{safe_filename(path.name)}"
                 stored.parent.mkdir(parents=True, exist_ok=True)
                 stored.write_bytes(data)
-                doc = Document(corpus_id=corpus_id, filename=safe_filename(path.name), content_hash=digest,
-                               size_bytes=size, file_path=str(stored), stage="stored")
+                doc = Document(
+                    corpus_id=corpus_id,
+                    filename=safe_filename(path.name),
+                    content_hash=digest,
+                    size_bytes=size,
+                    file_path=str(stored),
+                    stage="stored",
+                )
                 sess.add(doc)
             corpus.status = "building"
             sess.flush()
             return StoredDocument(path.name, doc.id, False, doc.stage)
 
-    def build(self, document_id: int, hook: StageHook | None = None,
-              should_stop: Callable[[], bool] | None = None) -> IngestResult:
+    def build(
+        self,
+        document_id: int,
+        hook: StageHook | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> IngestResult:
         """Steps 2-5 for one stored document: parse, tokenize, prefill, verify. Resumes from its
         last stored segment. Bad input marks the document failed and raises IngestError/KBError;
         `should_stop()` is asked between segments and raises Cancelled when it says so."""
@@ -305,9 +366,17 @@ class Ingestor:
             try:
                 data = Path(file_path).read_bytes()
             except OSError as e:
-                raise IngestError("missing_file", f"cannot read the stored copy of {filename}: {e.strerror or e}") from e
-            return self._build_document(corpus_id, document_id, data, filename, hook or (lambda _u: None),
-                                        should_stop or (lambda: False))
+                raise IngestError(
+                    "missing_file", f"cannot read the stored copy of {filename}: {e.strerror or e}"
+                ) from e
+            return self._build_document(
+                corpus_id,
+                document_id,
+                data,
+                filename,
+                hook or (lambda _u: None),
+                should_stop or (lambda: False),
+            )
         except (IngestError, KBError) as e:
             self.mark_failed(document_id, failure_message(e, filename))
             raise
@@ -319,8 +388,15 @@ class Ingestor:
             if d is not None:
                 d.stage, d.error, d.eta_s = "failed", reason, None
 
-    def _build_document(self, corpus_id: int, doc_id: int, data: bytes, filename: str,
-                        hook: StageHook, should_stop: Callable[[], bool]) -> IngestResult:
+    def _build_document(
+        self,
+        corpus_id: int,
+        doc_id: int,
+        data: bytes,
+        filename: str,
+        hook: StageHook,
+        should_stop: Callable[[], bool],
+    ) -> IngestResult:
         """Parse, segment and prefill one stored document; resumes from its last stored segment.
 
         No session is open while `hook` runs, so a hook may write the same rows (SQLite would
@@ -329,38 +405,66 @@ class Ingestor:
         cfg = self._corpus_settings()
         size = len(data)
         emit = lambda stage, done=0, total=0, tdone=0, ttotal=0: hook(  # noqa: E731
-            StageUpdate(doc_id, filename, stage, done, total, tdone, ttotal, size))
+            StageUpdate(doc_id, filename, stage, done, total, tdone, ttotal, size)
+        )
         emit("stored")  # parsing starts
         with self.db.session() as sess:
             corpus = sess.get(Corpus, corpus_id)
             self._ensure_preamble(sess, corpus, cfg)
-            has_segments = sess.scalar(select(Segment.id).where(Segment.document_id == doc_id).limit(1)) is not None
+            has_segments = (
+                sess.scalar(select(Segment.id).where(Segment.document_id == doc_id).limit(1))
+                is not None
+            )
         if not has_segments:
             allowed = frozenset(t.strip() for t in s.allowed_types.split(",") if t.strip())
-            parsed = parse_bytes(data, filename, max_bytes=int(s.max_upload_mb * 2**20), allowed_types=allowed,
-                                 limits=ParseLimits.from_settings(s))
+            parsed = parse_bytes(
+                data,
+                filename,
+                max_bytes=int(s.max_upload_mb * 2**20),
+                allowed_types=allowed,
+                limits=ParseLimits.from_settings(s),
+            )
             emit("parsed")
             plans = cut_segments(parsed, lm.tokenizer, s.segment_len)
             with self.db.session() as sess:
-                check_token_budgets(sess, s, corpus_id, doc_id, filename, sum(len(p.token_ids) for p in plans))
+                check_token_budgets(
+                    sess, s, corpus_id, doc_id, filename, sum(len(p.token_ids) for p in plans)
+                )
                 doc = sess.get(Document, doc_id)
                 doc.media_type = parsed.media_type
                 next_pos = self._next_position(sess, corpus_id, len(cfg["preamble"]))
                 for p in plans:
                     next_pos = self._place(next_pos, len(p.token_ids), len(cfg["preamble"]))
-                    sess.add(Segment(document_id=doc.id, seq=p.index, char_start=p.char_start, char_end=p.char_end,
-                                     page_start=p.page_start, page_end=p.page_end, num_tokens=len(p.token_ids),
-                                     pos_start=next_pos, text=p.text, token_ids=p.token_ids))
+                    sess.add(
+                        Segment(
+                            document_id=doc.id,
+                            seq=p.index,
+                            char_start=p.char_start,
+                            char_end=p.char_end,
+                            page_start=p.page_start,
+                            page_end=p.page_end,
+                            num_tokens=len(p.token_ids),
+                            pos_start=next_pos,
+                            text=p.text,
+                            token_ids=p.token_ids,
+                        )
+                    )
                     next_pos += len(p.token_ids)
                 doc.num_tokens = sum(len(p.token_ids) for p in plans)
                 doc.stage = "tokenized"
             emit("tokenized")
         with self.db.session() as sess:
-            segments = sess.scalars(select(Segment).where(Segment.document_id == doc_id).order_by(Segment.seq)).all()
+            segments = sess.scalars(
+                select(Segment).where(Segment.document_id == doc_id).order_by(Segment.seq)
+            ).all()
             links = self.links(segments)
-            todo = [(seg.id, seg.token_ids, seg.pos_start) for seg in segments
-                    if seg.kv_file is None or seg.cache_key != self.segment_key(cfg, seg.pos_start, seg.token_ids,
-                                                                                   links[seg.id])]
+            todo = [
+                (seg.id, seg.token_ids, seg.pos_start)
+                for seg in segments
+                if seg.kv_file is None
+                or seg.cache_key
+                != self.segment_key(cfg, seg.pos_start, seg.token_ids, links[seg.id])
+            ]
             total = len(segments)
             tokens_total = sum(seg.num_tokens for seg in segments)
             todo_tokens = {seg.id: seg.num_tokens for seg in segments}
@@ -370,14 +474,32 @@ class Ingestor:
         emit("prefilled", done, total, tokens_done, tokens_total)
         if todo and should_stop():
             raise Cancelled(f"ingestion of {filename} was cancelled")
-        scheme = {} if s.pic == "shared" else dict(pic=s.pic, link_tokens=s.pic_link_tokens,
-                                                   links=[links[i] for i, _, _ in todo])
-        for j, k, v in prefill_segments(lm.model, cfg["preamble"], [t for _, t, _ in todo],
-                                        s.prefill_batch_tokens, s.device, starts=[p for _, _, p in todo], **scheme):
+        scheme = (
+            {}
+            if s.pic == "shared"
+            else dict(
+                pic=s.pic, link_tokens=s.pic_link_tokens, links=[links[i] for i, _, _ in todo]
+            )
+        )
+        for j, k, v in prefill_segments(
+            lm.model,
+            cfg["preamble"],
+            [t for _, t, _ in todo],
+            s.prefill_batch_tokens,
+            s.device,
+            starts=[p for _, _, p in todo],
+            **scheme,
+        ):
             seg_id, tokens, pos_start = todo[j]
-            if dtype == torch.float16 and (not torch.isfinite(k.to(dtype)).all() or not torch.isfinite(v.to(dtype)).all()):
-                raise KBError("keys or values overflow float16 for this model: set KB_KV_DTYPE=bfloat16")
-            stored = write_kv(s.kv_dir / str(corpus_id) / f"{doc_id}" / f"{seg_id}.safetensors", k, v, dtype=dtype)
+            if dtype == torch.float16 and (
+                not torch.isfinite(k.to(dtype)).all() or not torch.isfinite(v.to(dtype)).all()
+            ):
+                raise KBError(
+                    "keys or values overflow float16 for this model: set KB_KV_DTYPE=bfloat16"
+                )
+            stored = write_kv(
+                s.kv_dir / str(corpus_id) / f"{doc_id}" / f"{seg_id}.safetensors", k, v, dtype=dtype
+            )
             with self.db.session() as sess:
                 seg = sess.get(Segment, seg_id)
                 seg.kv_file, seg.kv_checksum = str(stored.path), stored.checksum
@@ -399,14 +521,19 @@ class Ingestor:
         """Read back every segment's stored KV against its checksum: a document turns ready
         only when all of its KV is stored and verified (a torn write fails here, not at load)."""
         with self.db.session() as sess:
-            files = sess.execute(select(Segment.seq, Segment.kv_file, Segment.kv_checksum)
-                                 .where(Segment.document_id == doc_id)).all()
+            files = sess.execute(
+                select(Segment.seq, Segment.kv_file, Segment.kv_checksum).where(
+                    Segment.document_id == doc_id
+                )
+            ).all()
         for seq, path, checksum in files:
             try:
                 read_kv(path, checksum)
             except (KVCorruptError, OSError) as e:
                 with self.db.session() as sess:  # drop the bad file's record: a retry recomputes it
-                    seg = sess.scalar(select(Segment).where(Segment.document_id == doc_id, Segment.seq == seq))
+                    seg = sess.scalar(
+                        select(Segment).where(Segment.document_id == doc_id, Segment.seq == seq)
+                    )
                     seg.kv_file = seg.cache_key = None
                 raise RuntimeError(f"stored KV of segment {seq} failed verification: {e}") from e
 
@@ -416,8 +543,11 @@ class Ingestor:
         return max_pos - min(2048, max_pos // 4)
 
     def _next_position(self, sess, corpus_id: int, preamble_len: int) -> int:
-        ends = sess.scalars(select(Segment.pos_start + Segment.num_tokens).join(Document)
-                            .where(Document.corpus_id == corpus_id)).all()
+        ends = sess.scalars(
+            select(Segment.pos_start + Segment.num_tokens)
+            .join(Document)
+            .where(Document.corpus_id == corpus_id)
+        ).all()
         return max(ends, default=preamble_len)
 
     def _place(self, pos: int, n: int, preamble_len: int) -> int:
@@ -436,4 +566,3 @@ class Ingestor:
                 c.status = "empty"
             else:
                 c.status = "failed" if all(st == "failed" for st in stages) else "building"
-

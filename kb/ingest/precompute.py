@@ -17,8 +17,8 @@ tokens to keep the device busy. How a segment is made position-independent is th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -44,11 +44,16 @@ class SegmentPrefill:
         for b in range(len(self.cu_seqlens) - 1):
             s, e = self.cu_seqlens[b], self.cu_seqlens[b + 1]
             # [H, S, d] layout for SDPA; GQA heads expand inside SDPA
-            o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                               v[s:e].transpose(0, 1), is_causal=True, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1),
+                k[s:e].transpose(0, 1),
+                v[s:e].transpose(0, 1),
+                is_causal=True,
+                enable_gqa=True,
+            )
             out[s:e] = o.transpose(0, 1)
-            keep_k.append(k[s + self.keep_from[b]:e])
-            keep_v.append(v[s + self.keep_from[b]:e])
+            keep_k.append(k[s + self.keep_from[b] : e])
+            keep_v.append(v[s + self.keep_from[b] : e])
         self.k_out.append(torch.cat(keep_k))
         self.v_out.append(torch.cat(keep_v))
         return out
@@ -63,8 +68,15 @@ class _Packed:
     keep_from: int
 
 
-def _pack(preamble: list[int], segments: list[list[int]], j: int, start: int, pic: str,
-          link_tokens: int, links: list[list[int]] | None) -> _Packed:
+def _pack(
+    preamble: list[int],
+    segments: list[list[int]],
+    j: int,
+    start: int,
+    pic: str,
+    link_tokens: int,
+    links: list[list[int]] | None,
+) -> _Packed:
     """The prefill sequence of segment j under scheme `pic` (see the module docstring)."""
     p, seg = len(preamble), segments[j]
     if pic == "shared":
@@ -74,17 +86,29 @@ def _pack(preamble: list[int], segments: list[list[int]], j: int, start: int, pi
     if pic == "linked":
         before = links[j] if links is not None else (segments[j - 1] if j > 0 else [])
         tail = before[-link_tokens:] if link_tokens > 0 else []
-        tail = tail[len(tail) - min(len(tail), start):] if tail else []  # positions stay >= 0
+        tail = tail[len(tail) - min(len(tail), start) :] if tail else []  # positions stay >= 0
         m = len(tail)
-        return _Packed(preamble + tail + seg, [*range(p), *range(start - m, start + len(seg))], p + m)
-    raise ValueError(f"unknown position-independence scheme {pic!r}; one of {', '.join(PIC_SCHEMES)}")
+        return _Packed(
+            preamble + tail + seg, [*range(p), *range(start - m, start + len(seg))], p + m
+        )
+    raise ValueError(
+        f"unknown position-independence scheme {pic!r}; one of {', '.join(PIC_SCHEMES)}"
+    )
 
 
 @torch.inference_mode()
-def prefill_segments(model: Transformer, preamble: list[int], segments: list[list[int]],
-                     max_batch_tokens: int = 4096, device: str = "cpu", starts: list[int] | None = None,
-                     *, pic: str = "shared", link_tokens: int = 32, links: list[list[int]] | None = None
-                     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def prefill_segments(
+    model: Transformer,
+    preamble: list[int],
+    segments: list[list[int]],
+    max_batch_tokens: int = 4096,
+    device: str = "cpu",
+    starts: list[int] | None = None,
+    *,
+    pic: str = "shared",
+    link_tokens: int = 32,
+    links: list[list[int]] | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield (segment index, k[L, n', Hkv, d], v[L, n', Hkv, d]) for each segment, in order.
 
     Segment j's tokens take positions starts[j].. (default: right after the preamble); the
@@ -94,13 +118,18 @@ def prefill_segments(model: Transformer, preamble: list[int], segments: list[lis
     entry of `segments`, which is wrong for the first segment of a resumed build: pass `links`.
     """
     p = len(preamble)
-    packed = [_pack(preamble, segments, j, p if starts is None else starts[j], pic, link_tokens, links)
-              for j in range(len(segments))]
+    packed = [
+        _pack(preamble, segments, j, p if starts is None else starts[j], pic, link_tokens, links)
+        for j in range(len(segments))
+    ]
     i = 0
     while i < len(segments):
         batch = [i]
         size = len(packed[i].ids)
-        while batch[-1] + 1 < len(segments) and size + len(packed[batch[-1] + 1].ids) <= max_batch_tokens:
+        while (
+            batch[-1] + 1 < len(segments)
+            and size + len(packed[batch[-1] + 1].ids) <= max_batch_tokens
+        ):
             batch.append(batch[-1] + 1)
             size += len(packed[batch[-1]].ids)
         ids, pos, cu = [], [], [0]
@@ -115,14 +144,15 @@ def prefill_segments(model: Transformer, preamble: list[int], segments: list[lis
         off = 0
         for j in batch:
             n = len(packed[j].ids) - packed[j].keep_from
-            yield j, k_all[:, off:off + n], v_all[:, off:off + n]
+            yield j, k_all[:, off : off + n], v_all[:, off : off + n]
             off += n
         i = batch[-1] + 1
 
 
 @torch.inference_mode()
-def prefill_preamble(model: Transformer, preamble: list[int], device: str = "cpu"
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill_preamble(
+    model: Transformer, preamble: list[int], device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """k, v [L, P, Hkv, d] of the preamble alone (positions 0..P-1)."""
     attn = SegmentPrefill(cu_seqlens=[0, len(preamble)], keep_from=[0])
     model(torch.tensor(preamble, device=device), torch.arange(len(preamble), device=device), attn)

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kb.ingest.errors import IngestError
 from kb.ingest.document import ParsedDocument
+from kb.ingest.errors import IngestError
 
 # Boundary strength between two tokens, strongest first.
 PARAGRAPH, SENTENCE, WORD, ANY, INVALID = 4, 3, 2, 1, 0
@@ -42,12 +42,18 @@ def tokenize_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tu
 
     Accepts a transformers fast tokenizer or a bare `tokenizers.Tokenizer`.
     """
-    if hasattr(tokenizer, "encode_batch") and hasattr(tokenizer, "get_vocab_size"):  # tokenizers.Tokenizer
+    if hasattr(tokenizer, "encode_batch") and hasattr(
+        tokenizer, "get_vocab_size"
+    ):  # tokenizers.Tokenizer
         enc = tokenizer.encode(text, add_special_tokens=False)
         ids, offsets = enc.ids, enc.offsets
     else:
         enc = tokenizer(
-            text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False, verbose=False
+            text,
+            add_special_tokens=False,
+            return_offsets_mapping=True,
+            return_attention_mask=False,
+            verbose=False,
         )
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
     n = len(text)  # some normalizers report offsets a little past the end
@@ -132,14 +138,16 @@ def cut_segments(doc: ParsedDocument, tokenizer: Any, segment_len: int) -> list[
         char_start = max(min(s for s, _ in spans), prev_end)
         char_end = max(max(e for _, e in spans), char_start)
         last = max(char_end - 1, char_start)
-        segments.append(SegmentPlan(
-            index=len(segments),
-            token_ids=ids[begin:end],
-            char_start=char_start,
-            char_end=char_end,
-            page_start=page(char_start),
-            page_end=page(min(last, len(text))),
-            text=text[char_start:char_end],
-        ))
+        segments.append(
+            SegmentPlan(
+                index=len(segments),
+                token_ids=ids[begin:end],
+                char_start=char_start,
+                char_end=char_end,
+                page_start=page(char_start),
+                page_end=page(min(last, len(text))),
+                text=text[char_start:char_end],
+            )
+        )
         begin, prev_end = end, char_end
     return segments

@@ -13,16 +13,25 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from kb.jobs.queue import INGEST_QUEUE, JobQueue
 from kb.jobs.records import JobInfo, Submission
 from kb.jobs.worker import Worker, WorkerConfig, WorkerPool
 from storage.broker import Broker, MemoryBroker, make_broker
 
-__all__ = ["JobInfo", "JobQueue", "JobService", "Submission", "Worker", "WorkerConfig", "WorkerPool",
-           "jobs_for", "INGEST_QUEUE"]
+__all__ = [
+    "JobInfo",
+    "JobQueue",
+    "JobService",
+    "Submission",
+    "Worker",
+    "WorkerConfig",
+    "WorkerPool",
+    "jobs_for",
+    "INGEST_QUEUE",
+]
 
 
 class JobService:
@@ -42,7 +51,9 @@ class JobService:
         """True when jobs can only run inside this process (no Redis)."""
         return isinstance(self.broker, MemoryBroker)
 
-    def submit(self, corpus: str, paths: list[str | Path], start_worker: bool = True) -> list[Submission]:
+    def submit(
+        self, corpus: str, paths: list[str | Path], start_worker: bool = True
+    ) -> list[Submission]:
         """Queue the files' ingest jobs; in-process, also start the local worker unless told not to
         (the jobs then wait in the database for the next worker)."""
         subs = self.queue.submit(corpus, paths)
@@ -63,8 +74,13 @@ class JobService:
         if pool is not None:
             pool.stop()
 
-    def wait(self, job_ids: list[str], on_update: Callable[[JobInfo], None] | None = None,
-             poll_s: float = 0.2, timeout_s: float | None = None) -> list[JobInfo]:
+    def wait(
+        self,
+        job_ids: list[str],
+        on_update: Callable[[JobInfo], None] | None = None,
+        poll_s: float = 0.2,
+        timeout_s: float | None = None,
+    ) -> list[JobInfo]:
         """Poll the database until every job is done, failed or cancelled; `on_update` gets
         each job whenever its stage or percent changes. TimeoutError after `timeout_s`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -87,7 +103,7 @@ class JobService:
         self.broker.close()
 
 
-_services: "weakref.WeakKeyDictionary[object, JobService]" = weakref.WeakKeyDictionary()
+_services: weakref.WeakKeyDictionary[object, JobService] = weakref.WeakKeyDictionary()
 _services_lock = threading.Lock()
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 from kb.ingest.pipeline import StageUpdate
 from storage.broker import Broker
@@ -43,8 +43,12 @@ class Throughput:
     """
 
     clock: Clock = time.monotonic
-    _start: tuple[float, float] | None = field(default=None, init=False)  # (time, done) at the first report
-    _last: tuple[float, float, float] | None = field(default=None, init=False)  # (time, done, total)
+    _start: tuple[float, float] | None = field(
+        default=None, init=False
+    )  # (time, done) at the first report
+    _last: tuple[float, float, float] | None = field(
+        default=None, init=False
+    )  # (time, done, total)
 
     def observe(self, done: float, total: float) -> None:
         now = self.clock()
@@ -73,8 +77,15 @@ class ProgressWriter:
     """Stage hook for `Ingestor.build`: persist, then publish. The ETA comes from this run's
     prefill throughput in tokens per second (`clock` is injectable for tests)."""
 
-    def __init__(self, db: Database, broker: Broker | None, corpus: str, job_id: str | None,
-                 min_interval_s: float = 0.5, clock: Clock = time.monotonic):
+    def __init__(
+        self,
+        db: Database,
+        broker: Broker | None,
+        corpus: str,
+        job_id: str | None,
+        min_interval_s: float = 0.5,
+        clock: Clock = time.monotonic,
+    ):
         self.db, self.broker, self.corpus, self.job_id = db, broker, corpus, job_id
         self.min_interval_s, self.clock = min_interval_s, clock
         self._last_write = float("-inf")
@@ -106,12 +117,22 @@ class ProgressWriter:
             if doc.stage != "failed":  # a cancel marks it failed; don't paint over that
                 doc.stage = u.stage
             doc.percent, doc.eta_s = u.percent, eta
-            doc.heartbeat_at = datetime.now(timezone.utc)
+            doc.heartbeat_at = datetime.now(UTC)
         if self.broker is not None:
-            data = {"job_id": self.job_id, "document_id": u.document_id, "filename": u.filename,
-                    "stage": u.stage, "activity": u.activity, "done": u.done, "total": u.total,
-                    "tokens_done": u.tokens_done, "tokens_total": u.tokens_total, "size_bytes": u.size_bytes,
-                    "percent": round(u.percent, 2), "eta_s": None if eta is None else round(eta, 2)}
+            data = {
+                "job_id": self.job_id,
+                "document_id": u.document_id,
+                "filename": u.filename,
+                "stage": u.stage,
+                "activity": u.activity,
+                "done": u.done,
+                "total": u.total,
+                "tokens_done": u.tokens_done,
+                "tokens_total": u.tokens_total,
+                "size_bytes": u.size_bytes,
+                "percent": round(u.percent, 2),
+                "eta_s": None if eta is None else round(eta, 2),
+            }
             try:
                 self.broker.publish(channel(self.corpus), data)
             except Exception as e:  # live progress is best effort; the database has the truth

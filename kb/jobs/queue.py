@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import and_, case, func, or_, select
@@ -29,12 +29,12 @@ INGEST_QUEUE = "ingest"
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _aware(t: datetime | None) -> datetime | None:
     """SQLite hands datetimes back naive; they were written in UTC."""
-    return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
+    return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
 
 
 class JobQueue:
@@ -57,11 +57,26 @@ class JobQueue:
             try:
                 stored = self.ingestor.store(corpus_id, path)
             except (IngestError, KBError, OSError) as e:
-                out.append(Submission(path.name, "failed", error=failure_message(e, path.name),
-                                      code=getattr(e, "code", None)))
+                out.append(
+                    Submission(
+                        path.name,
+                        "failed",
+                        error=failure_message(e, path.name),
+                        code=getattr(e, "code", None),
+                    )
+                )
                 continue
             if stored.duplicate:
-                out.append(Submission(path.name, "duplicate", None, stored.document_id, stored.segments, stored.tokens))
+                out.append(
+                    Submission(
+                        path.name,
+                        "duplicate",
+                        None,
+                        stored.document_id,
+                        stored.segments,
+                        stored.tokens,
+                    )
+                )
                 continue
             job = self._job_for(corpus, corpus_id, stored.document_id)
             queued.append(job)
@@ -73,12 +88,21 @@ class JobQueue:
     def _job_for(self, corpus: str, corpus_id: int, document_id: int) -> Job:
         """The document's live job, or a new queued one (written before it is enqueued)."""
         with self.db.session() as s:
-            live = s.scalar(select(Job).where(Job.document_id == document_id, Job.status.in_(LIVE))
-                            .order_by(Job.created_at.desc()))
+            live = s.scalar(
+                select(Job)
+                .where(Job.document_id == document_id, Job.status.in_(LIVE))
+                .order_by(Job.created_at.desc())
+            )
             if live is not None:
                 return live
-            job = Job(id=str(uuid.uuid4()), kind="ingest", corpus_id=corpus_id, document_id=document_id,
-                      payload={"document_id": document_id, "corpus": corpus}, status="queued")
+            job = Job(
+                id=str(uuid.uuid4()),
+                kind="ingest",
+                corpus_id=corpus_id,
+                document_id=document_id,
+                payload={"document_id": document_id, "corpus": corpus},
+                status="queued",
+            )
             s.add(job)
             doc = s.get(Document, document_id)
             if doc.stage == "failed":  # a new attempt at a failed document starts clean
@@ -92,10 +116,19 @@ class JobQueue:
         number of jobs offered to the broker (idempotent there: live entries are kept)."""
         cutoff = utcnow() - timedelta(seconds=stale_s)
         with self.db.session() as s:
-            jobs = s.execute(select(Job.id, Job.kind, Job.payload).where(or_(
-                Job.status == "queued",
-                and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff)),
-            )).order_by(Job.created_at)).all()
+            jobs = s.execute(
+                select(Job.id, Job.kind, Job.payload)
+                .where(
+                    or_(
+                        Job.status == "queued",
+                        and_(
+                            Job.status == "running",
+                            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
+                        ),
+                    )
+                )
+                .order_by(Job.created_at)
+            ).all()
         for job_id, kind, payload in jobs:
             self.broker.enqueue(self.queue, job_id, kind, payload or {})
         if jobs:
@@ -110,20 +143,40 @@ class JobQueue:
         pages = None
         if doc is not None:
             total, done, tokens_done, pages = s.execute(
-                select(func.count(Segment.id), func.count(Segment.kv_file),
-                       func.coalesce(func.sum(case((Segment.kv_file.is_not(None), Segment.num_tokens), else_=0)), 0),
-                       func.max(Segment.page_end)).where(Segment.document_id == doc.id)).one()
+                select(
+                    func.count(Segment.id),
+                    func.count(Segment.kv_file),
+                    func.coalesce(
+                        func.sum(case((Segment.kv_file.is_not(None), Segment.num_tokens), else_=0)),
+                        0,
+                    ),
+                    func.max(Segment.page_end),
+                ).where(Segment.document_id == doc.id)
+            ).one()
         return JobInfo(
-            id=job.id, kind=job.kind, corpus=corpus.name if corpus else None, document_id=job.document_id,
-            filename=doc.filename if doc else None, status=job.status, stage=doc.stage if doc else None,
+            id=job.id,
+            kind=job.kind,
+            corpus=corpus.name if corpus else None,
+            document_id=job.document_id,
+            filename=doc.filename if doc else None,
+            status=job.status,
+            stage=doc.stage if doc else None,
             percent=100.0 if job.status == "done" else (doc.percent if doc else 0.0),
             eta_s=doc.eta_s if doc and job.status == "running" else None,
-            segments_done=int(done), segments_total=int(total), tokens=doc.num_tokens if doc else 0,
-            attempts=job.attempts, error=job.error or (doc.error if doc and job.status != "done" else None),
+            segments_done=int(done),
+            segments_total=int(total),
+            tokens=doc.num_tokens if doc else 0,
+            attempts=job.attempts,
+            error=job.error or (doc.error if doc and job.status != "done" else None),
             code=(job.result or {}).get("code") if job.status == "failed" else None,
-            created_at=_aware(job.created_at), started_at=_aware(job.started_at),
-            finished_at=_aware(job.finished_at), heartbeat_at=_aware(job.heartbeat_at),
-            tokens_done=int(tokens_done), size_bytes=doc.size_bytes if doc else 0, pages=pages)
+            created_at=_aware(job.created_at),
+            started_at=_aware(job.started_at),
+            finished_at=_aware(job.finished_at),
+            heartbeat_at=_aware(job.heartbeat_at),
+            tokens_done=int(tokens_done),
+            size_bytes=doc.size_bytes if doc else 0,
+            pages=pages,
+        )
 
     def get(self, job_id: str) -> JobInfo:
         with self.db.session() as s:
@@ -151,7 +204,9 @@ class JobQueue:
             if job is None:
                 raise NotFound(f"job {job_id!r} does not exist")
             if job.status not in LIVE:
-                raise Conflict(f"job {job_id} is {job.status}; only queued or running jobs can be cancelled")
+                raise Conflict(
+                    f"job {job_id} is {job.status}; only queued or running jobs can be cancelled"
+                )
             job.status, job.finished_at, job.error = "cancelled", utcnow(), "cancelled"
             doc = s.get(Document, job.document_id) if job.document_id is not None else None
             if doc is not None and doc.stage != "ready":

@@ -36,7 +36,9 @@ class JobInfo:
     document_id: int | None
     filename: str | None
     status: str  # queued|running|done|failed|cancelled
-    stage: str | None  # the document's: stored|parsed|tokenized|prefilled|ready|failed (how far it got)
+    stage: (
+        str | None
+    )  # the document's: stored|parsed|tokenized|prefilled|ready|failed (how far it got)
     percent: float
     eta_s: float | None
     segments_done: int

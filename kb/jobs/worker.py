@@ -63,28 +63,57 @@ class Heartbeat:
     """Background thread: touches the broker delivery and stamps Job/Document.heartbeat_at
     while the row still carries our token; `lost` turns True when it no longer does."""
 
-    def __init__(self, db: Database, broker: Broker, queue: str, message: Message, consumer: str,
-                 claim: Claim, interval_s: float):
-        self.db, self.broker, self.queue, self.message, self.consumer = db, broker, queue, message, consumer
+    def __init__(
+        self,
+        db: Database,
+        broker: Broker,
+        queue: str,
+        message: Message,
+        consumer: str,
+        claim: Claim,
+        interval_s: float,
+    ):
+        self.db, self.broker, self.queue, self.message, self.consumer = (
+            db,
+            broker,
+            queue,
+            message,
+            consumer,
+        )
         self.claim, self.interval_s = claim, interval_s
         self.lost = False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name=f"kb-heartbeat-{claim.job_id[:8]}")
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name=f"kb-heartbeat-{claim.job_id[:8]}"
+        )
 
     def beat(self) -> bool:
         """One heartbeat; False when the job is no longer ours (cancelled or taken over)."""
         try:
-            self.broker.touch(self.queue, self.message, self.consumer)  # False after a Redis restart: the DB decides
+            self.broker.touch(
+                self.queue, self.message, self.consumer
+            )  # False after a Redis restart: the DB decides
         except Exception as e:
             log.warning("broker heartbeat failed: %s", e)
         now = utcnow()
         with self.db.session() as s:
-            n = s.execute(update(Job).where(Job.id == self.claim.job_id, Job.status == "running",
-                                            Job.attempts == self.claim.token)
-                          .values(heartbeat_at=now).execution_options(synchronize_session=False)).rowcount
+            n = s.execute(
+                update(Job)
+                .where(
+                    Job.id == self.claim.job_id,
+                    Job.status == "running",
+                    Job.attempts == self.claim.token,
+                )
+                .values(heartbeat_at=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount
             if n:
-                s.execute(update(Document).where(Document.id == self.claim.document_id)
-                          .values(heartbeat_at=now).execution_options(synchronize_session=False))
+                s.execute(
+                    update(Document)
+                    .where(Document.id == self.claim.document_id)
+                    .values(heartbeat_at=now)
+                    .execution_options(synchronize_session=False)
+                )
         return bool(n)
 
     def _run(self) -> None:
@@ -109,8 +138,14 @@ class Worker:
     """Runs ingest jobs from `broker` for the knowledge base `kb` (anything with `db`,
     `ingestor`): `run(stop)` loops until `stop` is set; `process(message)` runs one delivery."""
 
-    def __init__(self, kb, broker: Broker, consumer: str | None = None, config: WorkerConfig | None = None,
-                 queue: str = INGEST_QUEUE):
+    def __init__(
+        self,
+        kb,
+        broker: Broker,
+        consumer: str | None = None,
+        config: WorkerConfig | None = None,
+        queue: str = INGEST_QUEUE,
+    ):
         self.db: Database = kb.db
         self.ingestor: Ingestor = kb.ingestor
         self.broker, self.queue = broker, queue
@@ -138,8 +173,9 @@ class Worker:
 
     def run_once(self, timeout_s: float) -> bool:
         """Receive one delivery (waiting up to `timeout_s`) and process it; whether one came."""
-        message = self.broker.receive(self.queue, self.consumer, timeout_s=timeout_s,
-                                      reclaim_idle_s=self.config.stale_s)
+        message = self.broker.receive(
+            self.queue, self.consumer, timeout_s=timeout_s, reclaim_idle_s=self.config.stale_s
+        )
         if message is None:
             return False
         self.process(message)
@@ -152,25 +188,47 @@ class Worker:
         now = utcnow()
         cutoff = now - timedelta(seconds=self.config.stale_s)
         with self.db.session() as s:
-            n = s.execute(update(Job).where(Job.id == job_id, or_(
-                Job.status == "queued",
-                and_(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))))
-                .values(status="running", attempts=Job.attempts + 1, started_at=now, heartbeat_at=now, error=None)
-                .execution_options(synchronize_session=False)).rowcount
+            n = s.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    or_(
+                        Job.status == "queued",
+                        and_(
+                            Job.status == "running",
+                            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff),
+                        ),
+                    ),
+                )
+                .values(
+                    status="running",
+                    attempts=Job.attempts + 1,
+                    started_at=now,
+                    heartbeat_at=now,
+                    error=None,
+                )
+                .execution_options(synchronize_session=False)
+            ).rowcount
             job = s.get(Job, job_id)
             if job is None:
                 return "missing"
             s.refresh(job)
             if not n:
                 return job.status
-            return Claim(job.id, job.document_id, (job.payload or {}).get("corpus", ""), job.attempts)
+            return Claim(
+                job.id, job.document_id, (job.payload or {}).get("corpus", ""), job.attempts
+            )
 
     def _ours(self, claim: Claim) -> bool:
         with self.db.session() as s:
-            row = s.execute(select(Job.status, Job.attempts).where(Job.id == claim.job_id)).one_or_none()
+            row = s.execute(
+                select(Job.status, Job.attempts).where(Job.id == claim.job_id)
+            ).one_or_none()
         return row is not None and row[0] == "running" and row[1] == claim.token
 
-    def _finish(self, claim: Claim, status: str, error: str | None = None, result: dict | None = None) -> bool:
+    def _finish(
+        self, claim: Claim, status: str, error: str | None = None, result: dict | None = None
+    ) -> bool:
         """Write a final or queued status if we still hold the job; whether we did."""
         values: dict = {"status": status, "error": error, "heartbeat_at": None}
         if status != "queued":
@@ -178,30 +236,56 @@ class Worker:
         if result is not None:
             values["result"] = result
         with self.db.session() as s:
-            return bool(s.execute(update(Job).where(Job.id == claim.job_id, Job.status == "running",
-                                                    Job.attempts == claim.token)
-                                  .values(**values).execution_options(synchronize_session=False)).rowcount)
+            return bool(
+                s.execute(
+                    update(Job)
+                    .where(
+                        Job.id == claim.job_id, Job.status == "running", Job.attempts == claim.token
+                    )
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+            )
 
     def process(self, message: Message) -> None:
         """Run one delivery to its end and settle it with the broker."""
         cfg = self.config
         claim = self.claim(message.job_id)
         if isinstance(claim, str):
-            if claim == "running":  # a live worker holds it (or looked live a moment ago): look again later
-                self.broker.retry(self.queue, message, "held by another worker", max_attempts=1 << 30,
-                                  backoff_s=cfg.heartbeat_s)
+            if (
+                claim == "running"
+            ):  # a live worker holds it (or looked live a moment ago): look again later
+                self.broker.retry(
+                    self.queue,
+                    message,
+                    "held by another worker",
+                    max_attempts=1 << 30,
+                    backoff_s=cfg.heartbeat_s,
+                )
             else:  # done, failed, cancelled or deleted: nothing to do
                 self.broker.ack(self.queue, message)
             return
-        log.info("worker %s: job %s (document %s, attempt %d)", self.consumer, claim.job_id,
-                 claim.document_id, claim.token)
+        log.info(
+            "worker %s: job %s (document %s, attempt %d)",
+            self.consumer,
+            claim.job_id,
+            claim.document_id,
+            claim.token,
+        )
         writer = ProgressWriter(self.db, self.broker, claim.corpus, claim.job_id)
-        heartbeat = Heartbeat(self.db, self.broker, self.queue, message, self.consumer, claim, cfg.heartbeat_s)
+        heartbeat = Heartbeat(
+            self.db, self.broker, self.queue, message, self.consumer, claim, cfg.heartbeat_s
+        )
         try:
             with heartbeat:
-                result = self.ingestor.build(claim.document_id, hook=writer,
-                                             should_stop=lambda: heartbeat.lost or not self._ours(claim))
-            self._finish(claim, "done", result={"segments": result.segments, "tokens": result.tokens})
+                result = self.ingestor.build(
+                    claim.document_id,
+                    hook=writer,
+                    should_stop=lambda: heartbeat.lost or not self._ours(claim),
+                )
+            self._finish(
+                claim, "done", result={"segments": result.segments, "tokens": result.tokens}
+            )
             self.broker.ack(self.queue, message)
         except Cancelled:
             with self.db.session() as s:
@@ -209,24 +293,43 @@ class Worker:
             if status == "cancelled":
                 self.ingestor.mark_failed(claim.document_id, "cancelled")
             self.broker.ack(self.queue, message)  # cancelled, or another worker holds it now
-        except (IngestError, KBError) as e:  # bad input: retrying cannot help; build marked it failed
-            self._finish(claim, "failed", failure_message(e, ""), result={"code": getattr(e, "code", None)})
+        except (
+            IngestError,
+            KBError,
+        ) as e:  # bad input: retrying cannot help; build marked it failed
+            self._finish(
+                claim, "failed", failure_message(e, ""), result={"code": getattr(e, "code", None)}
+            )
             self.broker.ack(self.queue, message)
         except Exception as e:
             reason = f"{type(e).__name__}: {e}"
-            log.warning("job %s failed (attempt %d of %d): %s", claim.job_id, claim.token, cfg.max_attempts, reason)
+            log.warning(
+                "job %s failed (attempt %d of %d): %s",
+                claim.job_id,
+                claim.token,
+                cfg.max_attempts,
+                reason,
+            )
             if claim.token >= cfg.max_attempts:
                 if self._finish(claim, "failed", reason):
-                    self.ingestor.mark_failed(claim.document_id, f"failed after {claim.token} attempts: {reason}")
-                self.broker.retry(self.queue, message, reason, max_attempts=message.attempt + 1)  # -> dead letters
+                    self.ingestor.mark_failed(
+                        claim.document_id, f"failed after {claim.token} attempts: {reason}"
+                    )
+                self.broker.retry(
+                    self.queue, message, reason, max_attempts=message.attempt + 1
+                )  # -> dead letters
             else:
                 self._finish(claim, "queued", reason)
-                self.broker.retry(self.queue, message, reason, max_attempts=1 << 30, backoff_s=cfg.backoff_s)
+                self.broker.retry(
+                    self.queue, message, reason, max_attempts=1 << 30, backoff_s=cfg.backoff_s
+                )
         finally:
             self.processed += 1
             try:
                 with self.db.session() as s:
-                    corpus_id = s.scalar(select(Document.corpus_id).where(Document.id == claim.document_id))
+                    corpus_id = s.scalar(
+                        select(Document.corpus_id).where(Document.id == claim.document_id)
+                    )
                 if corpus_id is not None:
                     self.ingestor.refresh_status(corpus_id)
             except Exception as e:
@@ -237,14 +340,26 @@ class WorkerPool:
     """`concurrency` workers on threads of this process, sharing one model; `stop()` ends them
     after their current jobs."""
 
-    def __init__(self, kb, broker: Broker, concurrency: int = 1, config: WorkerConfig | None = None,
-                 name: str | None = None):
+    def __init__(
+        self,
+        kb,
+        broker: Broker,
+        concurrency: int = 1,
+        config: WorkerConfig | None = None,
+        name: str | None = None,
+    ):
         base = name or default_consumer()
-        self.workers = [Worker(kb, broker, f"{base}-{i}" if concurrency > 1 else base, config)
-                        for i in range(concurrency)]
+        self.workers = [
+            Worker(kb, broker, f"{base}-{i}" if concurrency > 1 else base, config)
+            for i in range(concurrency)
+        ]
         self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=w.run, args=(self.stop_event,), daemon=True,
-                                         name=f"kb-worker-{i}") for i, w in enumerate(self.workers)]
+        self.threads = [
+            threading.Thread(
+                target=w.run, args=(self.stop_event,), daemon=True, name=f"kb-worker-{i}"
+            )
+            for i, w in enumerate(self.workers)
+        ]
 
     def start(self) -> WorkerPool:
         for t in self.threads:

@@ -33,21 +33,26 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     @classmethod
-    def from_dict(cls, cfg: dict) -> "ModelConfig":
+    def from_dict(cls, cfg: dict) -> ModelConfig:
         model_type = cfg.get("model_type", "")
         if model_type not in SUPPORTED_TYPES:
             raise UnsupportedModelError(
-                f"model type {model_type!r} is not Llama-family (supported: {', '.join(SUPPORTED_TYPES)})")
+                f"model type {model_type!r} is not Llama-family (supported: {', '.join(SUPPORTED_TYPES)})"
+            )
         rope = dict(cfg.get("rope_parameters") or {})
         scaling = cfg.get("rope_scaling") or None
         theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+        rope_type = (
+            rope.get("rope_type") or (scaling or {}).get("rope_type") or (scaling or {}).get("type")
+        )
         if rope_type in (None, "default"):
             scaling = None
         elif rope_type == "llama3":
             scaling = {**(scaling or {}), **rope, "rope_type": "llama3"}
         else:
-            raise UnsupportedModelError(f"RoPE scaling {rope_type!r} is not supported (default and llama3 are)")
+            raise UnsupportedModelError(
+                f"RoPE scaling {rope_type!r} is not supported (default and llama3 are)"
+            )
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         heads = cfg["num_attention_heads"]
@@ -71,7 +76,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "ModelConfig":
+    def from_folder(cls, folder: str | Path) -> ModelConfig:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise UnsupportedModelError(f"no config.json in {folder}: not a model folder")

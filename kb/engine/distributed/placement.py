@@ -81,7 +81,8 @@ def place(num_tokens: int, chunk_size: int, ranks: list[int]) -> Placement:
     bounds.append(num_chunks)
     shards = tuple(
         ShardRange(r, a, b, min(a * chunk_size, num_tokens), min(b * chunk_size, num_tokens))
-        for r, a, b in zip(ranks, bounds[:-1], bounds[1:]))
+        for r, a, b in zip(ranks, bounds[:-1], bounds[1:])
+    )
     return Placement(num_tokens, chunk_size, shards)
 
 
@@ -102,7 +103,14 @@ def remote_view(shared: SharedKV, placement: Placement, corpus_id: int) -> Share
     router, positions and the corpus id the protocol names it by; never the keys and values."""
     meta_k = [torch.empty(k.shape, dtype=k.dtype, device="meta") for k in shared.k]
     meta_v = [torch.empty(v.shape, dtype=v.dtype, device="meta") for v in shared.v]
-    return SharedKV(key=shared.key, k=meta_k, v=meta_v, chunk_size=shared.chunk_size,
-                    pos_offset=shared.pos_offset, router=shared.router, top_k=shared.top_k,
-                    preamble_len=shared.preamble_len,
-                    meta={**shared.meta, "corpus_id": corpus_id, "placement": placement})
+    return SharedKV(
+        key=shared.key,
+        k=meta_k,
+        v=meta_v,
+        chunk_size=shared.chunk_size,
+        pos_offset=shared.pos_offset,
+        router=shared.router,
+        top_k=shared.top_k,
+        preamble_len=shared.preamble_len,
+        meta={**shared.meta, "corpus_id": corpus_id, "placement": placement},
+    )

@@ -76,15 +76,23 @@ class World:
         return f"heartbeat/{rank}"
 
 
-def init_world(init_method: str = "env://", rank: int | None = None, world_size: int | None = None,
-               backend: str | None = None, timeout_s: float = 60.0, device: str | None = None) -> World:
+def init_world(
+    init_method: str = "env://",
+    rank: int | None = None,
+    world_size: int | None = None,
+    backend: str | None = None,
+    timeout_s: float = 60.0,
+    device: str | None = None,
+) -> World:
     """Join the job (torchrun's env://, or tcp:// / file:// for tests) and start the process group.
 
     The rendezvous store is kept (under a prefix) for heartbeats, so a dead rank can be named.
     Backend: NCCL when CUDA is available, else gloo.
     """
     kwargs = {} if rank is None else {"rank": rank, "world_size": world_size}
-    store, rank, world_size = next(dist.rendezvous(init_method, timeout=timedelta(seconds=timeout_s), **kwargs))
+    store, rank, world_size = next(
+        dist.rendezvous(init_method, timeout=timedelta(seconds=timeout_s), **kwargs)
+    )
     store.set_timeout(timedelta(seconds=timeout_s))
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -94,8 +102,13 @@ def init_world(init_method: str = "env://", rank: int | None = None, world_size:
             torch.cuda.set_device(device)
         else:
             device = "cpu"
-    dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        store=dist.PrefixStore("pg", store),
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
     return World(rank, world_size, dist.PrefixStore("kb", store), torch.device(device), timeout_s)
 
 
@@ -143,7 +156,7 @@ class CommStats:
             end.record()
             self._pending.append((mark, end))
 
-    def settle(self) -> "CommStats":
+    def settle(self) -> CommStats:
         """Add the recorded CUDA event pairs to `seconds` (waits for them); returns self."""
         for a, b in self._pending:
             b.synchronize()
@@ -153,8 +166,12 @@ class CommStats:
 
     def snapshot(self) -> dict:
         self.settle()
-        return {"exchanges": self.exchanges, "bytes_out": self.bytes_out, "bytes_in": self.bytes_in,
-                "seconds": self.seconds}
+        return {
+            "exchanges": self.exchanges,
+            "bytes_out": self.bytes_out,
+            "bytes_in": self.bytes_in,
+            "seconds": self.seconds,
+        }
 
 
 class ShardLink:
@@ -173,8 +190,9 @@ class ShardLink:
         self._closed = threading.Event()
         self.stats = CommStats()
         interval = world.timeout_s / 4 if keepalive_s is None else keepalive_s
-        self._pinger = threading.Thread(target=self._keepalive, args=(interval,), name="kb-shard-ping",
-                                        daemon=True)
+        self._pinger = threading.Thread(
+            target=self._keepalive, args=(interval,), name="kb-shard-ping", daemon=True
+        )
         self._pinger.start()
 
     # -- public ------------------------------------------------------------------------------
@@ -183,12 +201,26 @@ class ShardLink:
         engine registers on this rank (router and shapes only)."""
         placement = place(shared.num_tokens, shared.chunk_size, self.world.shared_ranks)
         k0, dev = shared.k[0], self.world.device
-        code = dtype_code(k0.dtype)  # checked before anything travels: a bad dtype is no rank failure
+        code = dtype_code(
+            k0.dtype
+        )  # checked before anything travels: a bad dtype is no rank failure
         with self._exchange("registering corpus " + shared.key):
             cid = self._next_id
             self._next_id += 1
-            dist.broadcast(header(OP_REGISTER, cid, len(shared.k), k0.shape[0], k0.shape[1], k0.shape[2],
-                                  shared.chunk_size, code, device=dev), src=0)
+            dist.broadcast(
+                header(
+                    OP_REGISTER,
+                    cid,
+                    len(shared.k),
+                    k0.shape[0],
+                    k0.shape[1],
+                    k0.shape[2],
+                    shared.chunk_size,
+                    code,
+                    device=dev,
+                ),
+                src=0,
+            )
             for s in placement.shards:
                 for part in slice_kv(shared, s):  # layer by layer: no stacked copy of the corpus
                     dist.send(part.to(dev), dst=s.rank)
@@ -199,15 +231,18 @@ class ShardLink:
         with self._exchange("dropping corpus " + view.key):
             dist.broadcast(header(OP_DROP, view.meta["corpus_id"], device=self.world.device), src=0)
 
-    def shared_attention(self, view: SharedKV, layer: int, q: torch.Tensor, chunk_idx: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def shared_attention(
+        self, view: SharedKV, layer: int, q: torch.Tensor, chunk_idx: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """q[T, Hq, d] against the whole sharded corpus (dense, or routed by global chunk_idx
         [T, Hkv, k]): each shared rank attends its slice, and the partials merge by log-sum-exp.
         Returns (o[T, Hq, d] in q's dtype, lse[T, Hq] float32), as `attention.shared_attention`."""
         t, hq, d = q.shape
         dev = self.world.device
         top_k = 0 if chunk_idx is None else chunk_idx.shape[-1]
-        code = dtype_code(q.dtype)  # raised here, outside the exchange: a bad dtype is no rank failure
+        code = dtype_code(
+            q.dtype
+        )  # raised here, outside the exchange: a bad dtype is no rank failure
         stats, receivers = self.stats, self.world.world_size - 1
         with self._exchange(f"attention of layer {layer} on corpus {view.key}"):
             mark = stats.start(dev)
@@ -238,8 +273,11 @@ class ShardLink:
         with self._exchange("keep-alive"):
             dev = self.world.device
             dist.broadcast(header(OP_PING, device=dev), src=0)
-            dist.gather(torch.zeros(1, device=dev), [torch.zeros(1, device=dev) for _ in
-                                                      range(self.world.world_size)], dst=0)
+            dist.gather(
+                torch.zeros(1, device=dev),
+                [torch.zeros(1, device=dev) for _ in range(self.world.world_size)],
+                dst=0,
+            )
 
     def shutdown(self) -> None:
         """Tell the shared ranks to exit (skipped when one is already known to be gone)."""
@@ -256,18 +294,22 @@ class ShardLink:
         return self._error
 
     # -- internals ---------------------------------------------------------------------------
-    def _exchange(self, what: str) -> "_Exchange":
+    def _exchange(self, what: str) -> _Exchange:
         return _Exchange(self, what)
 
     def _fail(self, what: str, cause: BaseException) -> SharedRankError:
         stale = self._stale_ranks()
         if stale:
             who = ", ".join(str(r) for r in stale)
-            msg = (f"shared rank {who} stopped responding during {what}; its slice of the shared KV is "
-                   f"unavailable, so requests over it fail ({type(cause).__name__}: {cause})")
+            msg = (
+                f"shared rank {who} stopped responding during {what}; its slice of the shared KV is "
+                f"unavailable, so requests over it fail ({type(cause).__name__}: {cause})"
+            )
         else:
-            msg = (f"a shared rank did not answer within {self.world.timeout_s:g}s during {what}, though "
-                   f"all heartbeats are alive ({type(cause).__name__}: {cause})")
+            msg = (
+                f"a shared rank did not answer within {self.world.timeout_s:g}s during {what}, though "
+                f"all heartbeats are alive ({type(cause).__name__}: {cause})"
+            )
         self._error = SharedRankError(msg)
         self._closed.set()
         return self._error

@@ -16,8 +16,17 @@ import torch.distributed as dist
 
 import attention
 from kb.engine.distributed.placement import Placement, ShardRange, place
-from kb.engine.distributed.protocol import (DTYPES, HEADER_LEN, HEARTBEAT_S, OP_ATTEND, OP_DROP, OP_PING,
-                                            OP_REGISTER, OP_SHUTDOWN, World)
+from kb.engine.distributed.protocol import (
+    DTYPES,
+    HEADER_LEN,
+    HEARTBEAT_S,
+    OP_ATTEND,
+    OP_DROP,
+    OP_PING,
+    OP_REGISTER,
+    OP_SHUTDOWN,
+    World,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +53,9 @@ def _heartbeat(world: World, stop: threading.Event) -> None:
         stop.wait(HEARTBEAT_S)
 
 
-def attend_slice(sl: CorpusSlice, layer: int, q: torch.Tensor, chunk_idx: torch.Tensor | None
-                 ) -> torch.Tensor:
+def attend_slice(
+    sl: CorpusSlice, layer: int, q: torch.Tensor, chunk_idx: torch.Tensor | None
+) -> torch.Tensor:
     """Partial attention of q[T, Hq, d] over this slice, packed as float32 [T, Hq, d + 1] (o, lse)."""
     t, hq, d = q.shape
     out = torch.zeros(t, hq, d + 1, dtype=torch.float32, device=q.device)
@@ -81,14 +91,22 @@ def run_shared_rank(world: World) -> None:
                     cid, layers, n, hkv, d, chunk, code = f[:7]
                     placement = place(n, chunk, world.shared_ranks)
                     shard = placement.shard(world.rank)
-                    kv = torch.empty(2, layers, shard.num_tokens, hkv, d, dtype=DTYPES[code], device=dev)
+                    kv = torch.empty(
+                        2, layers, shard.num_tokens, hkv, d, dtype=DTYPES[code], device=dev
+                    )
                     if shard.num_tokens:  # layer by layer, k then v (placement.slice_kv's order)
                         for layer in range(layers):
                             for j in (0, 1):
                                 dist.recv(kv[j, layer], src=0)
                     corpora[cid] = CorpusSlice(placement, shard, kv[0], kv[1], d)
-                    log.info("rank %d: corpus %d, chunks %d..%d (%d tokens)", world.rank, cid,
-                             shard.chunk_start, shard.chunk_end, shard.num_tokens)
+                    log.info(
+                        "rank %d: corpus %d, chunks %d..%d (%d tokens)",
+                        world.rank,
+                        cid,
+                        shard.chunk_start,
+                        shard.chunk_end,
+                        shard.num_tokens,
+                    )
                 elif op == OP_DROP:
                     corpora.pop(f[0], None)
                 elif op == OP_ATTEND:

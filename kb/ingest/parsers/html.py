@@ -5,19 +5,71 @@ from __future__ import annotations
 import re
 import warnings
 
-from kb.ingest.errors import IngestError
 from kb.ingest.document import ParsedDocument, normalize_newlines, single_page
+from kb.ingest.errors import IngestError
 
-DROP_TAGS = frozenset({
-    "script", "style", "nav", "noscript", "template", "svg", "canvas", "iframe", "object", "embed",
-    "head", "button", "select", "datalist", "dialog",
-})
-BLOCK_TAGS = frozenset({
-    "address", "article", "aside", "blockquote", "body", "caption", "dd", "details", "div", "dl", "dt",
-    "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header",
-    "hr", "html", "legend", "li", "main", "ol", "p", "pre", "section", "summary", "table", "tbody",
-    "tfoot", "thead", "tr", "ul",
-})
+DROP_TAGS = frozenset(
+    {
+        "script",
+        "style",
+        "nav",
+        "noscript",
+        "template",
+        "svg",
+        "canvas",
+        "iframe",
+        "object",
+        "embed",
+        "head",
+        "button",
+        "select",
+        "datalist",
+        "dialog",
+    }
+)
+BLOCK_TAGS = frozenset(
+    {
+        "address",
+        "article",
+        "aside",
+        "blockquote",
+        "body",
+        "caption",
+        "dd",
+        "details",
+        "div",
+        "dl",
+        "dt",
+        "fieldset",
+        "figcaption",
+        "figure",
+        "footer",
+        "form",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "header",
+        "hr",
+        "html",
+        "legend",
+        "li",
+        "main",
+        "ol",
+        "p",
+        "pre",
+        "section",
+        "summary",
+        "table",
+        "tbody",
+        "tfoot",
+        "thead",
+        "tr",
+        "ul",
+    }
+)
 CELL_TAGS = frozenset({"td", "th"})
 _WS = re.compile(r"\s+")
 
@@ -25,6 +77,7 @@ _WS = re.compile(r"\s+")
 def _parser() -> str:
     try:
         import lxml  # noqa: F401
+
         return "lxml"
     except ImportError:
         return "html.parser"
@@ -115,11 +168,15 @@ def parse_html(data: bytes, filename: str) -> ParsedDocument:
     from bs4 import BeautifulSoup, MarkupResemblesLocatorWarning
 
     try:
-        with warnings.catch_warnings():  # a short page that looks like a path or URL is still a page
+        with (
+            warnings.catch_warnings()
+        ):  # a short page that looks like a path or URL is still a page
             warnings.simplefilter("ignore", MarkupResemblesLocatorWarning)
             soup = BeautifulSoup(data, _parser())
     except Exception as e:
-        raise IngestError("corrupt_html", f"{filename} could not be parsed as HTML ({type(e).__name__}).") from e
+        raise IngestError(
+            "corrupt_html", f"{filename} could not be parsed as HTML ({type(e).__name__})."
+        ) from e
     title = None
     for tag in (soup.find("title"), soup.find("h1")):
         if tag is not None and tag.get_text().strip():

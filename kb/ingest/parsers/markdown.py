@@ -90,7 +90,9 @@ def render_markdown(source: str) -> tuple[str, str | None]:
         elif t in ("bullet_list_open", "ordered_list_open"):
             start = tok.attrGet("start")
             new_list = new_list or not lists
-            lists.append([int(start) if start is not None else 1] if t == "ordered_list_open" else [-1])
+            lists.append(
+                [int(start) if start is not None else 1] if t == "ordered_list_open" else [-1]
+            )
         elif t in ("bullet_list_close", "ordered_list_close"):
             lists.pop()
         elif t == "list_item_open":

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import logging
 
-from kb.ingest.errors import IngestError
 from kb.ingest.document import PageSpan, ParsedDocument, normalize_newlines
+from kb.ingest.errors import IngestError
 
 log = logging.getLogger(__name__)
 
@@ -23,18 +23,28 @@ def _open(data: bytes, filename: str):
     try:
         reader = PdfReader(io.BytesIO(data), strict=False)
     except DependencyError as e:
-        raise IngestError("encrypted_pdf", f"{filename} is encrypted in a way we cannot open ({e}).") from e
+        raise IngestError(
+            "encrypted_pdf", f"{filename} is encrypted in a way we cannot open ({e})."
+        ) from e
     except Exception as e:  # pypdf raises many types on malformed input
-        raise IngestError("corrupt_pdf", f"{filename} is not a readable PDF ({type(e).__name__}).") from e
+        raise IngestError(
+            "corrupt_pdf", f"{filename} is not a readable PDF ({type(e).__name__})."
+        ) from e
     if reader.is_encrypted:
         try:
             ok = reader.decrypt("")
         except DependencyError as e:
-            raise IngestError("encrypted_pdf", f"{filename} is encrypted in a way we cannot open ({e}).") from e
+            raise IngestError(
+                "encrypted_pdf", f"{filename} is encrypted in a way we cannot open ({e})."
+            ) from e
         except (PdfReadError, Exception) as e:
-            raise IngestError("encrypted_pdf", f"{filename} is encrypted and could not be opened.") from e
+            raise IngestError(
+                "encrypted_pdf", f"{filename} is encrypted and could not be opened."
+            ) from e
         if not ok:
-            raise IngestError("encrypted_pdf", f"{filename} is password-protected; upload it without a password.")
+            raise IngestError(
+                "encrypted_pdf", f"{filename} is password-protected; upload it without a password."
+            )
     return reader
 
 
@@ -48,8 +58,9 @@ def _title(reader) -> str | None:
     return title or None
 
 
-def parse_pdf(data: bytes, filename: str, max_pages: int | None = None,
-              max_chars: int | None = None) -> ParsedDocument:
+def parse_pdf(
+    data: bytes, filename: str, max_pages: int | None = None, max_chars: int | None = None
+) -> ParsedDocument:
     """A PDF: the text of each page in order, pages joined by a blank line; empty pages get no span.
     More than `max_pages` pages is refused before any is read; extraction stops as soon as the
     text passes `max_chars`."""
@@ -59,10 +70,14 @@ def parse_pdf(data: bytes, filename: str, max_pages: int | None = None,
         pages = reader.pages
         n = len(pages)
     except Exception as e:
-        raise IngestError("corrupt_pdf", f"{filename} has an unreadable page tree ({type(e).__name__}).") from e
+        raise IngestError(
+            "corrupt_pdf", f"{filename} has an unreadable page tree ({type(e).__name__})."
+        ) from e
     if n > max_pages:
-        raise IngestError("too_large", f"{filename} has {n} pages; the limit is {max_pages} "
-                          "(KB_MAX_DOCUMENT_PAGES).")
+        raise IngestError(
+            "too_large",
+            f"{filename} has {n} pages; the limit is {max_pages} (KB_MAX_DOCUMENT_PAGES).",
+        )
     parts: list[str] = []
     spans: list[PageSpan] = []
     pos = 0
@@ -84,8 +99,11 @@ def parse_pdf(data: bytes, filename: str, max_pages: int | None = None,
         spans.append(PageSpan(number, pos, pos + len(text)))
         pos += len(text)
         if max_chars is not None and pos > max_chars:
-            raise IngestError("too_much_text", f"{filename} holds more text than one document may "
-                              f"(stopped at page {number} of {n}; KB_MAX_DOCUMENT_TOKENS).")
+            raise IngestError(
+                "too_much_text",
+                f"{filename} holds more text than one document may "
+                f"(stopped at page {number} of {n}; KB_MAX_DOCUMENT_TOKENS).",
+            )
     if n and failed == n:
         raise IngestError("corrupt_pdf", f"No page of {filename} could be read.")
     return ParsedDocument(text="".join(parts), pages=spans, media_type="pdf", title=_title(reader))

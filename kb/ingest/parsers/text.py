@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import codecs
 
-from kb.ingest.errors import IngestError
 from kb.ingest.document import (
     ParsedDocument,
     garbled,
@@ -12,6 +11,7 @@ from kb.ingest.document import (
     single_page,
     utf16_without_bom,
 )
+from kb.ingest.errors import IngestError
 
 _BOM_CODECS = (
     (codecs.BOM_UTF32_LE, "utf-32"),
