@@ -106,8 +106,11 @@ def test_a_corpus_in_use_is_never_evicted(handbook):
     assert run(handbook, "evict", "handbook").status == "done"
 
 
-def test_events_and_list_through_the_cli(handbook, capsys):
+def test_events_and_list_through_the_cli(handbook, capsys, monkeypatch):
     from kb.cli import cache as cli
+
+    # the command checks names in the database its settings name before loading anything
+    monkeypatch.setenv("KB_DATABASE_URL", handbook.settings.resolved_database_url)
 
     ev_id = cache_admin.submit(handbook, "pin", "handbook")
     cache_admin.wait(handbook, ev_id)

@@ -333,3 +333,6 @@ class Engine:
             for seq in left + [h.seq for h in self._handles.values()]:
                 self._finish(seq, "abort", error="the server is shutting down")
             self._gauges()
+            # stopped and empty: the engine takes requests again (a closed KnowledgeBase can be
+            # used again, and steps them itself or after start())
+            self._closing = False
