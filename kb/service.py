@@ -191,6 +191,7 @@ class KnowledgeBase:
             svc.close()
         if self._engine is not None:
             self._engine.shutdown(grace_s=self.settings.shutdown_grace_s)
+            self._engine.reopen()  # stopped and empty; a later use steps it again
         self.db.close()
 
     # -- corpora ----------------------------------------------------------------------------

@@ -333,6 +333,8 @@ class Engine:
             for seq in left + [h.seq for h in self._handles.values()]:
                 self._finish(seq, "abort", error="the server is shutting down")
             self._gauges()
-            # stopped and empty: the engine takes requests again (a closed KnowledgeBase can be
-            # used again, and steps them itself or after start())
-            self._closing = False
+
+    def reopen(self) -> None:
+        """After `shutdown`: take requests again (a KnowledgeBase that one server closed is used
+        again by the next, or by the caller itself)."""
+        self._closing = False
