@@ -73,6 +73,11 @@ class ShardedModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.inner.logits(hidden)
 
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """The decoder's RoPE frequencies (the serving step hands them to attention)."""
+        return self.inner.inv_freq
+
 
 def distributed_engine(
     loaded: LoadedModel, link: ShardLink, config: EngineConfig | None = None
