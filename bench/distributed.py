@@ -50,12 +50,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import attention  # noqa: E402
+from index import CorpusRouter  # noqa: E402
 from kb.engine.distributed.backend import distributed_engine  # noqa: E402
 from kb.engine.distributed.placement import place, remote_view  # noqa: E402
 from kb.engine.distributed.protocol import ShardLink, World, init_world  # noqa: E402
 from kb.engine.distributed.worker import CorpusSlice, attend_slice, run_shared_rank  # noqa: E402
 from kb.engine.engine import Engine, EngineConfig  # noqa: E402
-from kb.engine.routing import CorpusRouter  # noqa: E402
 from kb.engine.sequence import SamplingParams  # noqa: E402
 from kb.engine.shared_kv import SharedKV  # noqa: E402
 from kb.model.loader import LoadedModel  # noqa: E402

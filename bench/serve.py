@@ -48,8 +48,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from index import CorpusRouter  # noqa: E402
 from kb.engine.block_manager import BlockManager  # noqa: E402
-from kb.engine.routing import CorpusRouter  # noqa: E402
 from kb.engine.runner import ModelRunner  # noqa: E402
 from kb.engine.sampler import sample  # noqa: E402
 from kb.engine.scheduler import Scheduler  # noqa: E402

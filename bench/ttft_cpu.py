@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from index import CorpusRouter  # noqa: E402
 from kb.engine.engine import Engine, EngineConfig  # noqa: E402
-from kb.engine.routing import CorpusRouter  # noqa: E402
 from kb.engine.sequence import SamplingParams  # noqa: E402
 from kb.engine.shared_kv import SharedKV  # noqa: E402
 from kb.ingest.precompute import prefill_preamble, prefill_segments  # noqa: E402

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
+from index import CorpusRouter
 from index import store as index_store
 from index.summaries import ChunkSummaries, chunk_summaries
 from kb.citations import CitationMap, SegmentRef
 from kb.engine.engine import Engine
-from kb.engine.routing import CorpusRouter
 from kb.engine.selection import PassageSelector, SelectionConfig, calibrate
 from kb.engine.shared_kv import SharedKV
 from kb.errors import Conflict, NotFound, NotReady, TooBusy

@@ -50,7 +50,7 @@ def _tiny_loaded(device: str = "cpu"):
 
 def _corpus(key: str, seed: int, routed: bool, device: str = "cpu"):
     """A random 200-token corpus in 16-token chunks (13 chunks); routed ones attend 4 per query."""
-    from kb.engine.routing import CorpusRouter
+    from index import CorpusRouter
     from kb.engine.shared_kv import SharedKV
 
     g = torch.Generator().manual_seed(seed)

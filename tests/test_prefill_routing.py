@@ -10,8 +10,8 @@ import torch
 
 import attention
 from attention import reference as ref
+from index import CorpusRouter
 from kb.engine.engine import Engine, EngineConfig
-from kb.engine.routing import CorpusRouter
 from kb.engine.runner import default_prefill_routing
 from kb.engine.sequence import SamplingParams
 from kb.engine.shared_kv import SharedKV

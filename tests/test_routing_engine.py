@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from attention.reference import shared_attention
-from kb.engine.routing import CorpusRouter
+from index import CorpusRouter
 from tests.conftest import FACT_ANSWER, FACT_QUESTION
 
 

@@ -34,7 +34,7 @@ def build_corpus(
     device: str,
 ):
     """Prefill the texts as one corpus (segments at consecutive positions after the preamble)."""
-    from kb.engine.routing import CorpusRouter
+    from index import CorpusRouter
     from kb.engine.shared_kv import SharedKV
     from kb.ingest.precompute import prefill_preamble, prefill_segments
     from kb.prompt import encode, preamble_text
