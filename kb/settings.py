@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     )
 
     max_tokens: int = Field(default=256, ge=1, description="default answer length")
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0,
+        le=10,
+        description="default multiplicative penalty on tokens an answer already generated "
+        "(HF/vLLM style; 1 = off), for requests that send none",
+    )
     kv_block_size: int = Field(default=16, ge=1)
     unique_kv_tokens: int = Field(
         default=16384, ge=256, description="unique-KV budget, in tokens (all requests)"

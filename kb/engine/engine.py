@@ -50,7 +50,13 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed tak
 def check_sampling(sp: SamplingParams) -> None:
     """Refuse, before it enters a batch, a request whose parameters cannot run (ValueError):
     non-finite numbers and seeds torch cannot take would otherwise fail inside the step."""
-    for name in ("temperature", "top_p"):
+    for name in (
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+    ):
         v = getattr(sp, name)
         if not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number")

@@ -20,6 +20,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    # over the request's generated tokens (kb/engine/sampler.py): OpenAI's additive penalties
+    # (-2..2, 0 = off) and the multiplicative repetition penalty of HF and vLLM (1 = off)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def validate(self) -> None:
         if not (self.temperature >= 0 and self.temperature <= 10):
@@ -30,6 +35,18 @@ class SamplingParams:
             raise ValueError("top_k must be >= 0")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be >= 1")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be between -2 and 2")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError("repetition_penalty must be in (0, 10]")
+
+    @property
+    def penalised(self) -> bool:
+        """Whether any penalty changes this request's logits."""
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
 
 
 class SeqStatus(Enum):
