@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
+from kb.cache_key import segment_key
 from kb.errors import Conflict, KBError, NotFound
 from storage.kvstore import KVCorruptError, read_kv
 from storage.models import Corpus, Job, Segment, utcnow
@@ -239,7 +240,7 @@ def rebuild(kb: KnowledgeBase, name: str) -> RebuildResult:
     segments whose cache key changed or whose file is gone. Interrupted, it resumes where it
     stopped (every segment written is recorded with its new key)."""
     ing = kb.ingestor
-    cfg = ing._corpus_settings()
+    cfg = ing.corpus_settings()
     res = RebuildResult(name, "building")
     with kb.db.session() as s:
         corpus = kb._corpus(s, name)
@@ -259,7 +260,7 @@ def rebuild(kb: KnowledgeBase, name: str) -> RebuildResult:
             ).all()
             links = ing.links(segments)
             for seg in segments:
-                if seg.kv_file is None or seg.cache_key != ing.segment_key(
+                if seg.kv_file is None or seg.cache_key != segment_key(
                     cfg, seg.pos_start, seg.token_ids, links[seg.id]
                 ):
                     continue  # prefilled again anyway

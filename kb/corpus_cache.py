@@ -15,7 +15,6 @@ import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from sqlalchemy import select
@@ -28,8 +27,7 @@ from kb.engine.engine import Engine
 from kb.engine.selection import PassageSelector, SelectionConfig, calibrate
 from kb.engine.shared_kv import SharedKV
 from kb.errors import Conflict, NotFound, NotReady, TooBusy
-from kb.ingest.pipeline import Ingestor
-from kb.model.loader import LoadedModel, _file_digest, load_tokenizer, weights_hash
+from kb.model.loader import LoadedModel
 from kb.settings import Settings
 from storage.db import Database
 from storage.kvstore import KVCorruptError, quantize_fp8_chunks, read_kv
@@ -61,29 +59,6 @@ class _Layout:
     positions: (
         torch.Tensor
     )  # [N] int64 stored position of every shared token (RoPE was applied at it)
-
-
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a corpus's cache key needs of the model (tokenizer and hashes), without its weights:
-    listing corpora and telling stale ones never loads a model."""
-
-    tokenizer: object
-    weights_hash: str
-    tokenizer_hash: str
-
-
-def model_identity(folder: Path) -> ModelIdentity:
-    """The identity of the model in `folder`, hashed the way `load_model` hashes it."""
-    tok_files = [p for p in folder.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
-    return ModelIdentity(load_tokenizer(folder), weights_hash(folder), _file_digest(tok_files))
-
-
-def settings_key(settings: Settings, db: Database, model: ModelIdentity | LoadedModel) -> str:
-    """The cache key a corpus built now gets (the ingestor's own settings and hash): a corpus
-    whose stored key differs is stale."""
-    ingestor = Ingestor(settings, db, lambda: model)
-    return ingestor._key(ingestor._corpus_settings())
 
 
 def _budget(gb: float) -> int:

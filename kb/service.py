@@ -19,9 +19,10 @@ from pathlib import Path
 from sqlalchemy import select
 
 from kb.auth import Principal, can_read, can_write, check_read, check_write
+from kb.cache_key import settings_key
 from kb.chats import Chats
 from kb.citations import CitationMap
-from kb.corpus_cache import CorpusCache, LoadedCorpus, model_identity, settings_key
+from kb.corpus_cache import CorpusCache, LoadedCorpus
 from kb.engine.engine import Engine, EngineConfig, QueueFull
 from kb.engine.request import Delta, Finished, RequestHandle
 from kb.engine.sequence import SamplingParams
@@ -29,6 +30,7 @@ from kb.errors import Conflict, KBError, NotFound, TooBusy
 from kb.ingest.pipeline import Ingestor, IngestResult, Progress
 from kb.model.config import UnsupportedModelError
 from kb.model.demo import DEMO_NAME, demo_folder, ensure_demo_model, is_converted
+from kb.model.identity import model_identity
 from kb.model.loader import LoadedModel, load_model
 from kb.prompt import build_prompt, encode, question_span
 from kb.settings import Settings
@@ -256,7 +258,7 @@ class KnowledgeBase:
         """The cache key a corpus built now would get; None when the model is not on this
         machine yet (staleness unknown). Uses only the tokenizer unless the model is loaded."""
         if self._loaded is not None:
-            return settings_key(self.settings, self.db, self._loaded)
+            return settings_key(self.settings, self._loaded)
         ident = getattr(self, "_identity", None)
         if ident is None:
             name = self.settings.model
@@ -268,7 +270,7 @@ class KnowledgeBase:
             if not (is_converted(folder) if name == DEMO_NAME else folder.is_dir()):
                 return None
             ident = self._identity = model_identity(folder)
-        return settings_key(self.settings, self.db, ident)
+        return settings_key(self.settings, ident)
 
     def list_corpora(self, *, user: Principal | None = None) -> list[CorpusInfo]:
         """All corpora, or only those `user` may read."""

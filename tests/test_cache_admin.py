@@ -305,7 +305,7 @@ def test_linked_segments_follow_their_predecessor_and_a_rebuild_links_them_alike
             for g in s.scalars(select_segments())
         ]
     assert len(segs) >= 3
-    model, pre = kb.ingestor.model.model, kb.ingestor._corpus_settings()["preamble"]
+    model, pre = kb.ingestor.model.model, kb.ingestor.corpus_settings()["preamble"]
 
     def alone(j: int, **scheme) -> torch.Tensor:
         [(_, k, _)] = list(

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from sqlalchemy import select
 
+from kb.cache_key import corpus_key, corpus_settings, segment_key
 from kb.errors import KBError, NotFound
 from kb.filenames import safe_filename
 from kb.ingest.budgets import check_token_budgets
@@ -27,7 +28,6 @@ from kb.ingest.parse import HEAD_BYTES, ParseLimits, detect_type, parse_bytes
 from kb.ingest.precompute import prefill_preamble, prefill_segments
 from kb.ingest.segment import cut_segments
 from kb.model.loader import LoadedModel
-from kb.prompt import encode, preamble_text
 from kb.settings import Settings
 from storage.db import Database
 from storage.kvstore import KVCorruptError, read_kv, write_kv
@@ -185,24 +185,9 @@ class Ingestor:
     def model(self) -> LoadedModel:
         return self._model()
 
-    def _corpus_settings(self) -> dict:
-        lm, s = self.model, self.settings
-        preamble = encode(lm.tokenizer, preamble_text(lm.tokenizer, s.system_prompt))
-        cfg = {
-            "weights": lm.weights_hash,
-            "tokenizer": lm.tokenizer_hash,
-            "kv_dtype": s.kv_dtype,
-            "segment_len": s.segment_len,
-            "chunk_size": s.chunk_size,
-            "preamble": preamble,
-        }
-        if s.pic != "shared":  # the default scheme leaves the keys of existing corpora as they were
-            cfg["pic"], cfg["link_tokens"] = s.pic, s.pic_link_tokens
-        return cfg
-
-    @staticmethod
-    def _key(obj) -> str:
-        return hashlib.sha256(repr(obj).encode()).hexdigest()[:32]
+    def corpus_settings(self) -> dict:
+        """The settings a corpus built now records and is keyed by (kb/cache_key.py)."""
+        return corpus_settings(self.settings, self.model)
 
     def links(self, segments: list[Segment]) -> dict[int, list[int]]:
         """Segment id -> the tokens it is prefilled after under the "linked" scheme (the last
@@ -216,13 +201,8 @@ class Ingestor:
             for i, seg in enumerate(segments)
         }
 
-    def segment_key(self, cfg: dict, pos_start: int, tokens: list[int], link: list[int]) -> str:
-        """What a segment's stored KV depends on: the corpus settings, its position, its tokens and,
-        when linked, the tokens it was prefilled after."""
-        return self._key((cfg, pos_start, tokens, link) if link else (cfg, pos_start, tokens))
-
     def _ensure_preamble(self, session, corpus: Corpus, cfg: dict) -> None:
-        key = self._key(cfg)
+        key = corpus_key(cfg)
         if corpus.cache_key == key and corpus.preamble_kv_file:
             return
         k, v = prefill_preamble(self.model.model, cfg["preamble"], self.settings.device)
@@ -402,7 +382,7 @@ class Ingestor:
         No session is open while `hook` runs, so a hook may write the same rows (SQLite would
         otherwise wait on our own write lock)."""
         lm, s = self.model, self.settings
-        cfg = self._corpus_settings()
+        cfg = self.corpus_settings()
         size = len(data)
         emit = lambda stage, done=0, total=0, tdone=0, ttotal=0: hook(  # noqa: E731
             StageUpdate(doc_id, filename, stage, done, total, tdone, ttotal, size)
@@ -462,8 +442,7 @@ class Ingestor:
                 (seg.id, seg.token_ids, seg.pos_start)
                 for seg in segments
                 if seg.kv_file is None
-                or seg.cache_key
-                != self.segment_key(cfg, seg.pos_start, seg.token_ids, links[seg.id])
+                or seg.cache_key != segment_key(cfg, seg.pos_start, seg.token_ids, links[seg.id])
             ]
             total = len(segments)
             tokens_total = sum(seg.num_tokens for seg in segments)
@@ -503,7 +482,7 @@ class Ingestor:
             with self.db.session() as sess:
                 seg = sess.get(Segment, seg_id)
                 seg.kv_file, seg.kv_checksum = str(stored.path), stored.checksum
-                seg.cache_key = self.segment_key(cfg, pos_start, tokens, links[seg_id])
+                seg.cache_key = segment_key(cfg, pos_start, tokens, links[seg_id])
             done += 1
             tokens_done += todo_tokens[seg_id]
             emit("prefilled", done, total, tokens_done, tokens_total)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from kb.model.config import ModelConfig, UnsupportedModelError
+from kb.model.identity import load_tokenizer, tokenizer_hash, weights_hash
 from kb.model.llama import Transformer
 
 log = logging.getLogger(__name__)
@@ -27,35 +26,6 @@ class LoadedModel:
     tokenizer_hash: str
 
 
-def _file_digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
-def weights_hash(folder: Path) -> str:
-    """Content hash of the weight files, cached beside them (keyed by names, sizes and mtimes)."""
-    files = sorted(folder.glob("*.safetensors"))
-    stamp = json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
-    cache = folder / ".kb_weights_hash.json"
-    try:
-        cached = json.loads(cache.read_text())
-        if cached["stamp"] == stamp:
-            return cached["hash"]
-    except (OSError, ValueError, KeyError):
-        pass
-    digest = _file_digest(files)
-    try:
-        cache.write_text(json.dumps({"stamp": stamp, "hash": digest}))
-    except OSError:
-        pass  # a read-only model folder still works; the hash is recomputed next time
-    return digest
-
-
 def load_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -66,15 +36,6 @@ def load_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]
             for name in f.keys():
                 state[name] = f.get_tensor(name).to(dtype)
     return state
-
-
-def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # transformers raises many types here
-        raise UnsupportedModelError(f"cannot read the tokenizer in {folder}: {e}") from e
 
 
 def load_model(
@@ -106,12 +67,11 @@ def load_model(
     model.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     model.eval().requires_grad_(False)
     tok = load_tokenizer(folder)
-    tok_files = [p for p in folder.iterdir() if p.name.startswith(("tokenizer", "special_tokens"))]
     return LoadedModel(
         model=model,
         tokenizer=tok,
         config=cfg,
         folder=folder,
         weights_hash=weights_hash(folder),
-        tokenizer_hash=_file_digest(tok_files),
+        tokenizer_hash=tokenizer_hash(folder),
     )
