@@ -4,11 +4,16 @@ from __future__ import annotations
 
 
 class KBError(Exception):
+    """`param`: the request field at fault, `code`: a short machine-readable reason (the API
+    answers both in OpenAI's error envelope)."""
+
     status = 400
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
+        self.param = param
+        self.code = code
 
 
 class NotFound(KBError):

@@ -36,6 +36,7 @@ def build_prompt(tokenizer, system_prompt: str, history: list[dict], question: s
                 ],
             )
         except Exception:  # templates without a system role: documents go in the first user turn
+            turns = _fold_system(turns)
             first = {
                 "role": "user",
                 "content": f"{system_prompt}\n\nDocuments:\n{SENTINEL}\n\n{turns[0]['content']}",
@@ -46,6 +47,21 @@ def build_prompt(tokenizer, system_prompt: str, history: list[dict], question: s
         text = f"{system_prompt}\n\nDocuments:\n{SENTINEL}\n{convo}\nAssistant:"
     pre, _, post = text.partition(SENTINEL)
     return PromptParts(preamble=pre, suffix=post)
+
+
+def _fold_system(turns: list[dict]) -> list[dict]:
+    """System turns of the history (a client's instructions) folded into the next user turn,
+    for templates that take no system role."""
+    out, pending = [], []
+    for t in turns:
+        if t["role"] == "system":
+            pending.append(t["content"])
+        elif t["role"] == "user" and pending:
+            out.append({"role": "user", "content": "\n\n".join([*pending, t["content"]])})
+            pending = []
+        else:
+            out.append(t)
+    return out
 
 
 def preamble_text(tokenizer, system_prompt: str) -> str:

@@ -539,7 +539,7 @@ def test_uploaded_files_never_escape_kb_home(site, idx):
             content=raw,
             headers={**ann.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
-    assert r.status_code in (200, 422), (name, r.status_code, r.text[:300])  # handled, not a crash
+    assert r.status_code in (200, 400, 422), (name, r.status_code, r.text[:300])  # handled
     # nothing outside KB_HOME: the sentinel parent holds only the home, and no escape-* file
     # appeared anywhere under the test's temporary root
     assert sorted(os.listdir(root)) == ["home"]

@@ -60,6 +60,7 @@ def test_errors_and_operational_endpoints(server):
             json={"model": "kb:nope", "messages": [{"role": "user", "content": "hi"}]},
         )
         assert r.status_code == 404 and "does not exist" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "model_not_found"
         r = c.post(
             "/v1/chat/completions",
             json={
@@ -67,7 +68,7 @@ def test_errors_and_operational_endpoints(server):
                 "messages": [],
             },
         )
-        assert r.status_code == 422
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
         r = c.post(
             "/v1/chat/completions",
             json={
@@ -76,13 +77,13 @@ def test_errors_and_operational_endpoints(server):
                 "messages": [{"role": "user", "content": "hi"}],
             },
         )
-        assert r.status_code == 422
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
         r = c.post(
             "/v1/chat/completions",
             content=b"{not json",
             headers={"content-type": "application/json"},
         )
-        assert r.status_code == 422
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
         assert c.get("/openapi.json").json()["paths"]["/v1/chat/completions"]
         metrics = c.get("/metrics").text
         assert "kb_time_to_first_token_seconds" in metrics and "kb_num_requests_running" in metrics

@@ -7,18 +7,27 @@ import logging
 import threading
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
 
-from kb.api import auth, cache, chat, corpora, inputs, jobs, ops
-from kb.api.deps import error
+from kb.api import auth, cache, chat, completions, corpora, errors, inputs, jobs, openapi, ops
+from kb.api.streaming import PING_S
 from kb.errors import KBError
 from kb.service import KnowledgeBase
 
 log = logging.getLogger(__name__)
 
-ROUTERS = (auth.router, chat.router, corpora.router, ops.router, cache.router, jobs.router)
+ROUTERS = (
+    auth.router,
+    chat.router,
+    completions.router,
+    corpora.router,
+    ops.router,
+    cache.router,
+    jobs.router,
+)
 
 
 def create_api(kb: KnowledgeBase | None = None, warm: bool = True) -> FastAPI:
@@ -39,16 +48,16 @@ def create_api(kb: KnowledgeBase | None = None, warm: bool = True) -> FastAPI:
         lifespan=lifespan,
         description="Shared-context knowledge base: chat over corpora whose KV cache is computed once.",
         dependencies=[Depends(inputs.check_params)],
+        responses=openapi.ERROR_RESPONSES,
     )
     app.state.kb = kb
+    app.state.sse_ping_s = PING_S
     app.add_middleware(inputs.RequestIdMiddleware)
-    app.add_exception_handler(RequestValidationError, inputs.validation_error)
-
-    @app.exception_handler(KBError)
-    async def _kb_error(request: Request, exc: KBError):
-        headers = {"Retry-After": "1"} if exc.status == 429 else None
-        return error(exc.status, exc.message, type(exc).__name__, headers)
-
+    # one error envelope for every error (kb/api/errors.py)
+    app.add_exception_handler(RequestValidationError, errors.validation_error)
+    app.add_exception_handler(HTTPException, errors.http_error)
+    app.add_exception_handler(KBError, errors.kb_error)
     for router in ROUTERS:
         app.include_router(router)
+    openapi.install(app)
     return app

@@ -1,21 +1,14 @@
-"""Shared pieces of the API routers: the knowledge base of the app, and error bodies."""
+"""Shared pieces of the API routers: the knowledge base of the app, and error answers."""
 
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
 
+from kb.api.errors import error
 from kb.service import KnowledgeBase
+
+__all__ = ["error", "get_kb"]
 
 
 def get_kb(request: Request) -> KnowledgeBase:
     return request.app.state.kb
-
-
-def error(
-    status: int, message: str, kind: str = "invalid_request_error", headers=None
-) -> JSONResponse:
-    """An error body in OpenAI's shape: {"error": {"message", "type"}}."""
-    return JSONResponse(
-        {"error": {"message": message, "type": kind}}, status_code=status, headers=headers
-    )

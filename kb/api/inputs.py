@@ -1,7 +1,6 @@
-"""The API's side of the input checks (the checks themselves are kb/inputs.py): finite numbers,
-and text with no NUL byte, no lone surrogate and no control character (tab and newlines aside in
-free text). A bad field is a 400 that names it; the answer never echoes the bad value (a NaN
-echoed in FastAPI's 422 made it a 500: "Out of range float values are not JSON compliant").
+"""The API's side of the input checks (the checks themselves are kb/inputs.py): path and query
+parameters with no NUL byte, no lone surrogate and no control character, and the request id of
+every answer. A bad body field is a 400 that names it (kb/api/errors.py).
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import logging
 
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,49 +15,6 @@ from kb.errors import KBError
 from kb.inputs import new_request_id, request_id, text_problem
 
 log = logging.getLogger(__name__)
-
-BAD_INPUT_TYPES = {
-    "finite_number",
-    "bad_text",
-    "string_unicode",
-}  # validation errors answered 400, not 422
-
-
-def _where(loc: tuple) -> str:
-    """The field's name as a client wrote it: no "body", no union branch tags like list[str]."""
-    parts = [
-        str(p) for p in loc if p != "body" and not (isinstance(p, str) and ("[" in p or "-" in p))
-    ]
-    return ".".join(parts) or "body"
-
-
-async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's validation errors without the bad values: 400 for non-finite numbers and bad
-    text (naming the field), else 422 as before; OpenAI's error shape plus `detail`."""
-    errors = exc.errors()
-    detail = [
-        {
-            "loc": list(e.get("loc", ())),
-            "msg": str(e.get("msg", "")),
-            "type": str(e.get("type", "")),
-        }
-        for e in errors
-    ]
-    bad = [d for d in detail if d["type"] in BAD_INPUT_TYPES]  # a union's other branch fails too
-    first = (bad or detail or [{"loc": [], "msg": "invalid request", "type": ""}])[0]
-    field = _where(tuple(first["loc"]))
-    status = 400 if bad else 422
-    return JSONResponse(
-        {
-            "error": {
-                "message": f"{field}: {first['msg']}",
-                "type": "invalid_request_error",
-                "param": field,
-            },
-            "detail": detail,
-        },
-        status_code=status,
-    )
 
 
 async def check_params(request: Request) -> None:
@@ -70,7 +25,7 @@ async def check_params(request: Request) -> None:
             if isinstance(value, str):
                 problem = text_problem(value, single_line=True)
                 if problem:
-                    raise KBError(f"{where} parameter {key!r} {problem}")
+                    raise KBError(f"{where} parameter {key!r} {problem}", param=key)
 
 
 class RequestIdMiddleware:
@@ -115,6 +70,8 @@ class RequestIdMiddleware:
                     "error": {
                         "message": f"internal error (request id {rid})",
                         "type": "server_error",
+                        "param": None,
+                        "code": "internal_error",
                         "request_id": rid,
                     }
                 },

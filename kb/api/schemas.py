@@ -1,56 +1,199 @@
-"""Request bodies of the HTTP API (OpenAI's shapes where OpenAI has one)."""
+"""Request bodies of the HTTP API, in OpenAI's shapes where OpenAI has one (the fields of its chat
+and legacy completions requests, typed as the `openai` package types them), plus kb's extras.
+
+Parameters kb cannot honour are part of the schema so that a request naming them is refused
+with a 400 that names the parameter (`unsupported()`), never silently ignored; fields OpenAI
+accepts without effect on an answer (user, metadata, store, ...) are accepted and ignored, and
+unknown fields are ignored, as vLLM does.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from kb.inputs import Name, Text
 
+PENALTY = {"ge": -2.0, "le": 2.0, "allow_inf_nan": False}
+
+
+class ContentPart(BaseModel):
+    """A part of a message's content: kb reads parts of type `text`; any other type (image_url,
+    input_audio, file) is refused with a 400 naming the part."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
+    type: Name = Field(description='"text" (other types are refused)')
+    text: Text | None = None
+
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    """One message. `system` and `developer` messages are instructions placed in the prompt after
+    the corpus's documents; `tool` and `function` messages are refused (no tools)."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[ContentPart] | None = Field(
+        default=None, description="a string or a list of text parts"
+    )
+    name: Name | None = Field(default=None, description="accepted and ignored")
 
 
-class ChatRequest(BaseModel):
-    model: Name = Field(description='the corpus as "kb:NAME" (or NAME), unless `corpus` is given')
-    messages: list[ChatMessage] = Field(min_length=1)
-    corpus: Name | None = Field(default=None, description="corpus name; overrides `model`")
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(
+        default=False,
+        description="send usage in one last chunk whose `choices` is empty, before [DONE]",
+    )
+    include_obfuscation: bool | None = Field(default=None, description="accepted and ignored")
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Name = Field(description='only "text"')
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by chat and legacy completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
     stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1, le=32768)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description="default 0 (greedy: answers from documents should not vary); OpenAI's is 1",
+    )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    top_k: int = Field(default=0, ge=0, le=100000)
+    n: int | None = Field(default=None, ge=1, le=128, description="only 1")
     seed: int | None = Field(
         default=None, ge=-(2**63), le=2**63 - 1, description="a signed 64-bit integer"
     )
+    stop: Text | list[Text] | None = Field(default=None, description="up to 4 strings")
     presence_penalty: float = Field(
-        default=0.0,
-        ge=-2.0,
-        le=2.0,
-        allow_inf_nan=False,
-        description="accepted as OpenAI defines it; kb applies no penalty, so only 0",
+        default=0.0, **PENALTY, description="minus this from a generated token's logit (OpenAI)"
     )
     frequency_penalty: float = Field(
         default=0.0,
-        ge=-2.0,
-        le=2.0,
-        allow_inf_nan=False,
-        description="accepted as OpenAI defines it; kb applies no penalty, so only 0",
+        **PENALTY,
+        description="minus this times the token's count so far from its logit (OpenAI)",
     )
-    stop: Text | list[Text] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, description="not supported")
+    user: Name | None = Field(default=None, description="accepted and ignored")
+    # kb's extras (vLLM has top_k and repetition_penalty too)
+    top_k: int = Field(default=0, ge=0, le=100000, description="kb: 0 = no limit")
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=10.0,
+        allow_inf_nan=False,
+        description="kb (as vLLM): a generated token's logit divided by this when positive, "
+        "multiplied when negative; 1 = off, default KB_REPETITION_PENALTY",
+    )
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def common_unsupported(self) -> tuple[str, str] | None:
+        if self.n not in (None, 1):
+            return "n", "n: kb generates one choice per request; send n=1 or leave it out"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            return "stop", "stop: at most 4 sequences"
+        return None
+
+
+class ChatRequest(SamplingFields):
+    model: Name = Field(description='the corpus as "kb:NAME" (or NAME), unless `corpus` is given')
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=32768)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+    logprobs: bool | None = Field(default=None, description="not supported: only false")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="not supported")
+    response_format: ResponseFormat | None = Field(default=None, description='only "text"')
+    tools: list[dict[str, Any]] | None = Field(default=None, description="not supported")
+    tool_choice: str | dict[str, Any] | None = Field(default=None, description='only "none"')
+    parallel_tool_calls: bool | None = Field(default=None, description="accepted and ignored")
+    functions: list[dict[str, Any]] | None = Field(default=None, description="not supported")
+    function_call: str | dict[str, Any] | None = Field(default=None, description="not supported")
+    modalities: list[Name] | None = Field(default=None, description='only ["text"]')
+    audio: dict[str, Any] | None = Field(default=None, description="not supported")
+    prediction: dict[str, Any] | None = Field(default=None, description="not supported")
+    metadata: dict[str, Any] | None = Field(default=None, description="accepted and ignored")
+    store: bool | None = Field(default=None, description="accepted and ignored")
+    service_tier: Name | None = Field(default=None, description="accepted and ignored")
+    reasoning_effort: Name | None = Field(default=None, description="accepted and ignored")
+    # kb's extras
+    corpus: Name | None = Field(default=None, description="kb: corpus name; overrides `model`")
     dense: bool = Field(
         default=False,
-        description="attend the whole corpus densely instead of the passages "
+        description="kb: attend the whole corpus densely instead of the passages "
         "the question chooses (attention retrieval, the default beyond the model's context)",
+    )
+    citation_text: Literal["passage", "segment"] = Field(
+        default="passage",
+        description="kb: each citation carries the passage the answer drew on; with "
+        '"segment", also the whole stored segment and the passage\'s span in it',
     )
 
     def corpus_name(self) -> str:
         name = self.corpus or self.model
         return name.removeprefix("kb:")
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(parameter, message) of the first parameter kb cannot honour, or None."""
+        common = self.common_unsupported()
+        if common:
+            return common
+        if self.logprobs or self.top_logprobs:
+            name = "logprobs" if self.logprobs else "top_logprobs"
+            return name, f"{name}: log probabilities are not supported"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format", 'response_format: only {"type": "text"} is supported'
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name, f"{name}: tool and function calling are not supported"
+        if self.tool_choice not in (None, "none"):
+            return "tool_choice", 'tool_choice: only "none" (kb calls no tools)'
+        if self.function_call not in (None, "none"):
+            return "function_call", "function_call: function calling is not supported"
+        if self.modalities not in (None, ["text"]):
+            return "modalities", 'modalities: only ["text"]'
+        for name in ("audio", "prediction"):
+            if getattr(self, name):
+                return name, f"{name} is not supported"
+        return None
+
+
+class CompletionRequest(SamplingFields):
+    """The legacy completions request: a raw prompt, continued by the served model alone."""
+
+    model: Name = Field(description='a model of GET /v1/models ("kb:NAME") or the base model')
+    prompt: Text | list[Text] = Field(description="one prompt (a list holds exactly one)")
+    max_tokens: int = Field(default=16, ge=1, le=32768, description="default 16, as OpenAI's")
+    echo: bool = Field(default=False, description="prepend the prompt to the text")
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="not supported")
+    best_of: int | None = Field(default=None, ge=1, le=20, description="only 1")
+    suffix: Text | None = Field(default=None, description="not supported")
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else "".join(self.prompt[:1])
+
+    def unsupported(self) -> tuple[str, str] | None:
+        common = self.common_unsupported()
+        if common:
+            return common
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            return "prompt", "prompt: send one prompt per request (a string or a list of one)"
+        if self.logprobs:
+            return "logprobs", "logprobs: log probabilities are not supported"
+        if self.best_of not in (None, 1):
+            return "best_of", "best_of: only 1"
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported"
+        return None
 
 
 class CorpusCreate(BaseModel):
