@@ -419,6 +419,14 @@ class KnowledgeBase:
     def load_corpus(self, name: str) -> LoadedCorpus:
         return self.cache.load(name)
 
+    def default_sampling(self) -> SamplingParams:
+        """What a request that names no sampling gets: the served answer length and repetition
+        penalty (KB_MAX_TOKENS, KB_REPETITION_PENALTY); the web app's and the CLI's answers."""
+        return SamplingParams(
+            max_tokens=self.settings.max_tokens,
+            repetition_penalty=self.settings.repetition_penalty,
+        )
+
     def ask(
         self,
         name: str,
@@ -443,7 +451,7 @@ class KnowledgeBase:
         lm = self.loaded
         parts = build_prompt(lm.tokenizer, self.settings.system_prompt, history or [], question)
         ids = encode(lm.tokenizer, parts.suffix)
-        sampling = sampling or SamplingParams(max_tokens=self.settings.max_tokens)
+        sampling = sampling or self.default_sampling()
         # loading and queueing under the cache's lock: an evict between the two would unregister
         # the corpus the request is about to name
         with self.cache.lock:
@@ -502,7 +510,7 @@ class KnowledgeBase:
         return self._generate(encode(self.loaded.tokenizer, prompt), sampling, loop)
 
     def _generate(self, ids: list[int], sampling: SamplingParams | None, loop) -> Answer:
-        sampling = sampling or SamplingParams(max_tokens=self.settings.max_tokens)
+        sampling = sampling or self.default_sampling()
         try:
             handle = self.engine.add_request(ids, sampling, None, 0, loop)
         except QueueFull as e:
