@@ -10,6 +10,8 @@ references in `attention.reference`, which define the contracts.
     o, lse = merge(o_s, lse_s, o_u, lse_u)
     chunk_idx = route(q, centroids, top_k)
     mass = chunk_mass(q, k_shared, lse, chunk_size)  # [T, C] attention mass per chunk
+    kt, vs = gather_chunks(k_shared, v_shared, chunks, chunk_size, shift, inv_freq)  # once
+    o_s, lse_s = attend_gathered(q, kt, vs)  # a request's chosen chunks, each step (CPU)
 
 Kernel modules: shared_dense.py, shared_routed*.py, paged.py, lse_merge.py, combine.py (the
 split reduction), routing.py; mass.py (chunk_mass, torch). The kernels' online softmax is one
@@ -28,10 +30,13 @@ import importlib.util
 
 import torch
 
-from . import cpu_shared, reference
+from . import cpu_shared, cpu_unique, reference
+from .gathered import attend_gathered, gather_chunks
 
 __all__ = [
     "shared_attention",
+    "gather_chunks",
+    "attend_gathered",
     "plan_routed",
     "unique_attention",
     "chunk_mass",
@@ -155,6 +160,10 @@ def unique_attention(
             scale,
             max_seqlen_q=max_seqlen_q,
             max_seqlen_k=max_seqlen_k,
+        )
+    if q.device.type == "cpu":
+        return cpu_unique.unique_attention(
+            q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale
         )
     return reference.unique_attention(
         q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale

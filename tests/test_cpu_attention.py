@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attention
-from attention import cpu_shared
+from attention import cpu_shared, cpu_unique
 from attention import reference as ref
 
 
@@ -113,3 +113,72 @@ def test_public_api_takes_the_cpu_path():
         got = attention.shared_attention(q, k, v, chunk_idx, 32)
         want = cpu_shared.shared_attention(q, k, v, chunk_idx, 32)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+INV = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+
+
+@pytest.mark.parametrize("t,hq,hkv,d,n,chunk,top_k", CASES)
+@pytest.mark.parametrize("kv", ["fp32", "fp16", "bf16", "fp8h", "fp8c"])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_gathered_copy_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, shifted):
+    """A request's own copy of its chosen chunks (keys at their virtual positions) attends as the
+    reference attends the stored KV through chunk_idx and chunk_shift; the corpus's last, partial
+    chunk included."""
+    g = _gen(n * 5 + t)
+    q = torch.randn(t, hq, d, generator=g)
+    k, v, ks, vs = _kv(n, hkv, d, kv, chunk, g)
+    c = -(-n // chunk)
+    chunks = torch.randperm(c, generator=g)[: min(top_k, c)].sort().values
+    chunks[-1] = c - 1  # the partial last chunk
+    chunks = chunks.unique()
+    inv = INV[: d // 2].float()
+    shift = torch.randint(-500, 500, (chunks.numel(),), generator=g) if shifted else None
+    kt, vv = attention.gather_chunks(k, v, chunks, chunk, shift, inv, ks, vs)
+    assert kt.dtype == vv.dtype == torch.float32 and kt.shape[-1] == vv.shape[1]
+    o, lse = attention.attend_gathered(q, kt, vv)
+    idx = chunks.int()[None, None].expand(t, hkv, -1)
+    sh = None if shift is None else shift[None, None].expand(t, hkv, -1)
+    ro, rlse = ref.shared_attention(
+        q, k, v, idx, chunk, None, ks, vs, chunk_shift=sh, rope_inv_freq=inv
+    )
+    torch.testing.assert_close(o, ro, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, rlse, atol=2e-5, rtol=1e-5)
+
+
+def _pages(lens, q_lens, hq, hkv, d, bs, dtype, g):
+    """A paged cache holding requests of KV lengths `lens` in shuffled pages, and their queries."""
+    need = [-(-n // bs) for n in lens]
+    ids = torch.randperm(sum(need) + 3, generator=g).int()
+    table = torch.zeros(len(lens), max(need), dtype=torch.int32)
+    off = 0
+    for b, m in enumerate(need):
+        table[b, :m] = ids[off : off + m]
+        off += m
+    kc = torch.randn(sum(need) + 3, bs, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(sum(need) + 3, bs, hkv, d, generator=g).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), hq, d, generator=g).to(dtype)
+    return q, kc, vc, table, torch.tensor(lens, dtype=torch.int32), cu
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (4, 4, 16), (8, 1, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "lens,q_lens",
+    [([37], [1]), ([1, 300, 64, 17], [1, 1, 1, 1]), ([5, 90], [1, 0]), ([40, 12], [3, 1])],
+)
+def test_cpu_unique_attention_matches_reference(hq, hkv, d, dtype, lens, q_lens):
+    """Decode rows (one new token each, some requests with none) and a step with a prefill in it
+    attend their pages as the reference does."""
+    g = _gen(sum(lens) + hq)
+    args = _pages(lens, q_lens, hq, hkv, d, 16, dtype, g)
+    o, lse = cpu_unique.unique_attention(*args)
+    ro, rlse = ref.unique_attention(*args)
+    assert o.dtype == dtype and lse.dtype == torch.float32
+    tol = {"atol": 2e-5, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(o, ro, **tol)
+    assert torch.equal(torch.isinf(lse), torch.isinf(rlse))
+    torch.testing.assert_close(lse, rlse, atol=2e-5, rtol=1e-5)
+    got = attention.unique_attention(*args)  # the facade takes this path on the CPU
+    assert torch.equal(got[0], o) and torch.equal(got[1], lse)

@@ -138,6 +138,48 @@ def _large_corpus(tmp_path_factory):
     return kb
 
 
+def _decode_with_selections(model, max_bytes: int) -> tuple[list[list[int]], int]:
+    """Two selecting requests (their own chunks, at virtual positions) decoded together over a
+    random corpus; returns (their tokens, the copies' live bytes after)."""
+    from kb.engine.engine import Engine, EngineConfig
+    from kb.engine.selection import Selection
+    from kb.engine.sequence import SamplingParams
+    from kb.engine.shared_kv import SharedKV
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(11)
+    n, cs = 1000, 64
+    k = [torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=g) for _ in range(cfg.num_layers)]
+    v = [torch.randn(n, cfg.num_kv_heads, cfg.head_dim, generator=g) for _ in range(cfg.num_layers)]
+    engine = Engine(
+        model, EngineConfig(unique_kv_tokens=1024, cuda_graphs=False, citation_layers=0)
+    )
+    engine.runner.selected_kv.max_bytes = max_bytes
+    engine.register_corpus(
+        SharedKV(key="c", k=k, v=v, chunk_size=cs, pos_offset=1000, preamble_len=20)
+    )
+    handles = []
+    for chunks in ([0, 3, 4, 15], [0, 7, 9]):
+        c = torch.tensor(chunks)
+        sel = Selection(c, torch.arange(c.numel()) * cs - c * cs, torch.zeros(16))
+        h = engine.add_request(
+            list(range(200, 212)), SamplingParams(max_tokens=6, ignore_eos=True), "c", 300
+        )
+        h.seq.select, h.seq.selection = True, sel
+        handles.append(h)
+    engine.run_until_done()
+    return [h.seq.output_ids for h in handles], engine.runner.selected_kv.used
+
+
+def test_copied_passages_decode_as_the_per_step_path(demo_model):
+    """On the CPU a selecting request attends its own copy of its passages (built once, freed when
+    it ends); with no room for copies the per-step gather serves it, token for token the same."""
+    copied, live = _decode_with_selections(demo_model, 1 << 30)
+    per_step, _ = _decode_with_selections(demo_model, 0)
+    assert copied == per_step and all(len(t) == 6 for t in copied)
+    assert live == 0
+
+
 def test_large_corpus_fact_answered_and_cited_first_with_defaults(tmp_path_factory, demo_model_dir):
     """Over a corpus of three times the model's context, the default (selection) answers the
     planted fact and cites its passage first; selection is deterministic; a one-document corpus
@@ -164,6 +206,7 @@ def test_large_corpus_fact_answered_and_cited_first_with_defaults(tmp_path_facto
             shared_tokens
             <= kb.settings.selection_budget + loaded.shared.always_chunks * loaded.shared.chunk_size
         )
+        assert kb.engine.runner.selected_kv.used == 0  # the passages' copies freed at the end
         dense = kb.answer("big", FACT_QUESTION, dense=True)
         assert dense["citations"]  # dense keeps its attention-mass citations
 

@@ -78,7 +78,10 @@ class ServeAttention:
                 shift = getattr(g.selection, "chunk_shift", None) if idx is not None else None
             elif sh.routed:
                 idx = sh.router.route(layer, qg, sh.top_k, g.spans)
-            if shift is not None:  # virtual positions: facade's chunk_shift (plan carries it)
+            gathered = getattr(g.selection, "gathered", None) if idx is not None else None
+            if gathered is not None:  # CPU: each request's own copy of its passages
+                o_s, lse_s = g.selection.store.partial(gathered, layer, sh, qg, self.rope_inv_freq)
+            elif shift is not None:  # virtual positions: facade's chunk_shift (plan carries it)
                 o_s, lse_s = self._shared_partial(sh, layer, qg, idx, plan=plan, shift=shift)
             else:
                 o_s, lse_s = (

@@ -270,6 +270,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+        self.runner.release(seq)
         handle = self._handles.pop(seq.seq_id, None)
         if handle is None:
             return

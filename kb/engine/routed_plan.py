@@ -30,6 +30,10 @@ class StepSelection:
     # [T, Hkv, K] int64 position shift of each listed chunk (virtual positions,
     # kb/engine/selection.py), None: chunks at their stored positions
     chunk_shift: torch.Tensor | None = None
+    # CPU: each request's rows and its copied passages (kb/engine/selected_kv.py), attended
+    # instead of the per-step gather; None: the per-step path
+    gathered: list | None = None
+    store: object | None = None  # the runner's SelectedKV holding those copies
     num_chunks: int = 0  # what the plan is built for (plan_step fills them in)
     group_size: int = 0
     chunk_size: int = 0

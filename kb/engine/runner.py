@@ -26,6 +26,7 @@ from kb.engine.attention_backend import CorpusGroup, ServeAttention
 from kb.engine.cuda_graphs import DecodeGraphs
 from kb.engine.routed_plan import StepSelection, plan_step
 from kb.engine.scheduler import Batch
+from kb.engine.selected_kv import GatheredRequest, SelectedKV
 from kb.engine.selection import select_for
 from kb.engine.shared_kv import SharedKV
 from kb.model.llama import Transformer
@@ -72,6 +73,7 @@ class ModelRunner:
         self._next_shared = num_blocks
         self._end_shared = num_blocks + shared_blocks
         self.graphs: DecodeGraphs | None = None
+        self.selected_kv = SelectedKV()  # CPU: selecting requests' copied passages
 
     def enable_cuda_graphs(self) -> None:
         """Replay decode steps from CUDA graphs (kb/engine/cuda_graphs.py); a no-op off the GPU."""
@@ -178,11 +180,31 @@ class ModelRunner:
         else:
             idx = rows.to(torch.int32)[:, None, :].expand(-1, hkv, -1).contiguous()
             step = StepSelection(idx, None)
+            step.gathered = self._gathered(shared, seqs, counts)
+            step.store = self.selected_kv
         if shifted:
             step.chunk_shift = (
                 shift.repeat_interleave(reps, dim=0)[:, None, :].expand(-1, hkv, -1).to(self.device)
             )
         return step
+
+    def _gathered(
+        self, shared: SharedKV, seqs: list, counts: list[int]
+    ) -> list[GatheredRequest] | None:
+        """The CPU group's requests, each attending its own copy of its passages, if every one
+        of them has (or now gets) room for its copy; None: the group takes the per-step path."""
+        out, offset = [], 0
+        for s, n in zip(seqs, counts):
+            need = SelectedKV.footprint(shared, s.selection.chunks.shape[0])
+            if not self.selected_kv.admit(s.seq_id, need):
+                return None
+            out.append(GatheredRequest(offset, n, s.seq_id, s.selection))
+            offset += n
+        return out
+
+    def release(self, seq) -> None:
+        """A request ended: free what the runner holds for it beyond its pages."""
+        self.selected_kv.release(seq.seq_id)
 
     @torch.inference_mode()
     def run(self, batch: Batch, corpora: dict[str, SharedKV]) -> tuple[torch.Tensor, list[int]]:

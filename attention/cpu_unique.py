@@ -1,0 +1,45 @@
+"""CPU path of `unique_attention`: decode rows (one new token per request) attend their pages
+with one GEMM pair per request and no mask; requests with several new tokens (prefill) take the
+causal reference. Same contract as `reference.unique_attention` (the tests compare them)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .reference import NEG_INF
+from .reference import unique_attention as reference_unique
+
+
+def unique_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of each request's new tokens over its own paged KV (see the reference)."""
+    t, hq, d = q.shape
+    cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()
+    if any(cu[b + 1] - cu[b] > 1 for b in range(len(lens))):
+        return reference_unique(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale)
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    g = hq // hkv
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    o = torch.zeros(t, hq, d, dtype=torch.float32)
+    lse = torch.full((t, hq), NEG_INF, dtype=torch.float32)
+    qh = (q.float() * scale).view(t, hkv, g, d)
+    for b, kv_len in enumerate(lens):
+        if cu[b + 1] == cu[b] or kv_len == 0:
+            continue
+        blocks = block_table[b, : -(-kv_len // bs)].long()
+        k_b = k_cache.index_select(0, blocks).view(-1, hkv, d)[:kv_len].float()
+        v_b = v_cache.index_select(0, blocks).view(-1, hkv, d)[:kv_len].float()
+        s = torch.bmm(qh[cu[b]], k_b.permute(1, 2, 0))  # [Hkv, G, L]
+        l_b = torch.logsumexp(s, dim=-1, keepdim=True)
+        o[cu[b]] = torch.bmm(torch.exp_(s.sub_(l_b)), v_b.transpose(0, 1)).reshape(hq, d)
+        lse[cu[b]] = l_b.reshape(hq)
+    return o.to(q.dtype), lse
