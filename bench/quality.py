@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import inspect
 import json
 import os
@@ -47,6 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from kb.ingest import build  # noqa: E402  (the service's position rule)
+from kb.ingest.precompute import PIC_SCHEMES  # noqa: E402
 
 DEFAULT_MODELS_DIR = Path(
     os.environ.get("KB_TEST_MODELS_DIR", Path.home() / ".cache" / "kb-moska" / "models")
@@ -412,8 +414,7 @@ def use_router(kb, name: str, kind: str):
 
 def position_limit(kb) -> int:
     """Where shared positions end (the service's rule: leave room for the question and answer)."""
-    max_pos = kb.loaded.config.max_position_embeddings
-    return max_pos - min(2048, max_pos // 4)
+    return build.position_limit(kb.loaded.config.max_position_embeddings)
 
 
 def _turns(history: tuple[tuple[str, str], ...]) -> list[dict]:
@@ -464,27 +465,6 @@ class Spec:
     dense_layers: int = 0  # leading layers attended densely although routed (DenseFirstLayers)
 
 
-@contextmanager
-def pic_scheme(pic: str, link_tokens: int) -> Iterator[None]:
-    """While inside, ingestion prefills segments under scheme `pic` (kb.ingest.precompute.PIC_SCHEMES).
-
-    The service has no setting for it (the default scheme is the service's); the harness swaps
-    the pipeline's prefill function for one with the option bound, and restores it after."""
-    import kb.ingest.pipeline as pipeline
-    from kb.ingest import precompute
-
-    if pic not in precompute.PIC_SCHEMES:
-        raise ValueError(f"unknown scheme {pic!r}")
-    original = pipeline.prefill_segments
-    pipeline.prefill_segments = functools.partial(
-        precompute.prefill_segments, pic=pic, link_tokens=link_tokens
-    )
-    try:
-        yield
-    finally:
-        pipeline.prefill_segments = original
-
-
 def build_corpus(
     kb,
     name: str,
@@ -495,12 +475,16 @@ def build_corpus(
     link_tokens: int = 32,
 ) -> dict:
     """Create corpus `name` from one file (or several documents) with the given segmentation and
-    scheme; its size."""
-    kb.settings.segment_len, kb.settings.chunk_size = segment_len, chunk_size
+    scheme (kb.ingest.precompute.PIC_SCHEMES: "own" is the harness's only, the service has
+    "shared" and "linked"); its size."""
+    if pic not in PIC_SCHEMES:
+        raise ValueError(f"unknown scheme {pic!r}")
+    s = kb.settings
+    s.segment_len, s.chunk_size = segment_len, chunk_size
+    s.pic, s.pic_link_tokens = pic, link_tokens
     kb.create_corpus(name)
     paths = path if isinstance(path, list) else [path]
-    with pic_scheme(pic, link_tokens):
-        res = kb.ingest(name, paths)
+    res = kb.ingest(name, paths)
     for r in res:
         if r.status != "ready":
             raise RuntimeError(f"ingest of {name} failed: {r.error}")

@@ -18,70 +18,68 @@ from pathlib import Path
 
 import torch
 
+from index import CorpusRouter
+from kb.cache_key import corpus_settings
+from kb.engine.distributed.backend import distributed_engine
 from kb.engine.distributed.protocol import ShardLink, World, init_world
 from kb.engine.distributed.worker import run_shared_rank
+from kb.engine.engine import EngineConfig
+from kb.engine.sequence import SamplingParams
+from kb.engine.shared_kv import SharedKV
+from kb.ingest.build import document_segments, place_segments, position_limit, prefill_corpus
+from kb.ingest.precompute import prefill_preamble
+from kb.model.demo import DEMO_NAME, ensure_demo_model
+from kb.model.loader import LoadedModel, load_model
+from kb.prompt import build_prompt, encode
+from kb.settings import Settings
 
 log = logging.getLogger("kb.distributed")
 
 
-def build_corpus(
-    lm,
-    texts: list[str],
-    system_prompt: str,
-    segment_len: int,
-    chunk_size: int,
-    density: float,
-    device: str,
-):
-    """Prefill the texts as one corpus (segments at consecutive positions after the preamble)."""
-    from index import CorpusRouter
-    from kb.engine.shared_kv import SharedKV
-    from kb.ingest.precompute import prefill_preamble, prefill_segments
-    from kb.prompt import encode, preamble_text
-
-    tok = lm.tokenizer
-    preamble = encode(tok, preamble_text(tok, system_prompt))
-    ids = [t for text in texts for t in encode(tok, text)]
-    segments = [ids[i : i + segment_len] for i in range(0, len(ids), segment_len)]
-    starts = [len(preamble) + i * segment_len for i in range(len(segments))]
-    pk, pv = prefill_preamble(lm.model, preamble, device)
-    ks, vs = [pk], [pv]
-    for _, k, v in prefill_segments(lm.model, preamble, segments, device=device, starts=starts):
+def build_corpus(lm: LoadedModel, docs: list[Path], settings: Settings, density: float) -> SharedKV:
+    """The documents as one in-memory corpus, built as ingestion builds one (kb/ingest/build.py:
+    the same parsing, segments, positions and prefill scheme), routed below density 1."""
+    preamble = corpus_settings(settings, lm)["preamble"]
+    segments = [
+        plan.token_ids
+        for path in docs
+        for plan in document_segments(path.read_bytes(), path.name, lm.tokenizer, settings)
+    ]
+    starts = place_segments(
+        [len(s) for s in segments],
+        len(preamble),
+        len(preamble),
+        position_limit(lm.config.max_position_embeddings),
+    )
+    pk, pv = prefill_preamble(lm.model, preamble, settings.device)
+    ks, vs, where = [pk], [pv], [torch.arange(len(preamble))]
+    for j, k, v in prefill_corpus(lm.model, preamble, segments, starts, settings):
         ks.append(k)
         vs.append(v)
+        where.append(torch.arange(starts[j], starts[j] + len(segments[j])))
     k_all, v_all = torch.cat(ks, 1), torch.cat(vs, 1)  # [L, N, Hkv, d]
     shared = SharedKV(
         "corpus",
         list(k_all.unbind(0)),
         list(v_all.unbind(0)),
-        chunk_size=chunk_size,
-        pos_offset=len(preamble) + len(ids),
+        chunk_size=settings.chunk_size,
+        pos_offset=max(s + len(seg) for s, seg in zip(starts, segments)),
         preamble_len=len(preamble),
     )
     if density < 1.0 and shared.num_chunks > shared.always_chunks + 1:
-        shared.router = CorpusRouter(shared.k, chunk_size, shared.always_chunks)
+        shared.router = CorpusRouter(shared.k, settings.chunk_size, shared.always_chunks)
         shared.top_k = shared.router.top_k(density)
     return shared
 
 
 def run_unique_rank(world: World, args: argparse.Namespace) -> int:
     """Rank 0: model, corpus, engine; answers each question and reports the decode rate."""
-    from kb.engine.distributed.backend import distributed_engine
-    from kb.engine.engine import EngineConfig
-    from kb.engine.sequence import SamplingParams
-    from kb.model.loader import load_model
-    from kb.prompt import build_prompt, encode
-    from kb.settings import Settings
-
-    settings = Settings()
     dev = str(world.device)
+    settings = Settings(segment_len=args.segment_len, chunk_size=args.chunk_size, device=dev)
     dtype = torch.bfloat16 if world.device.type == "cuda" else torch.float32
     folder = model_folder(args.model or settings.model, settings.resolved_models_dir)
     lm = load_model(folder, dtype, dev)
-    texts = [Path(p).read_text() for p in args.doc]
-    shared = build_corpus(
-        lm, texts, settings.system_prompt, args.segment_len, args.chunk_size, args.density, dev
-    )
+    shared = build_corpus(lm, [Path(p) for p in args.doc], settings, args.density)
     link = ShardLink(world)
     try:
         view = link.register(shared)
@@ -124,8 +122,6 @@ def run_unique_rank(world: World, args: argparse.Namespace) -> int:
 
 def model_folder(name: str, models_dir: Path) -> Path:
     """The demo model (fetched on first use) or a local checkpoint folder."""
-    from kb.model.demo import DEMO_NAME, ensure_demo_model
-
     if name == DEMO_NAME:
         return ensure_demo_model(models_dir)
     path = Path(name).expanduser()

@@ -23,9 +23,10 @@ from kb.cache_key import corpus_key, corpus_settings, segment_key
 from kb.errors import KBError, NotFound
 from kb.filenames import safe_filename
 from kb.ingest.budgets import check_token_budgets
+from kb.ingest.build import parse_document, place_segments, position_limit, prefill_corpus
 from kb.ingest.errors import IngestError
-from kb.ingest.parse import HEAD_BYTES, ParseLimits, detect_type, parse_bytes
-from kb.ingest.precompute import prefill_preamble, prefill_segments
+from kb.ingest.parse import HEAD_BYTES, detect_type
+from kb.ingest.precompute import prefill_preamble
 from kb.ingest.segment import cut_segments
 from kb.model.loader import LoadedModel
 from kb.settings import Settings
@@ -396,14 +397,7 @@ class Ingestor:
                 is not None
             )
         if not has_segments:
-            allowed = frozenset(t.strip() for t in s.allowed_types.split(",") if t.strip())
-            parsed = parse_bytes(
-                data,
-                filename,
-                max_bytes=int(s.max_upload_mb * 2**20),
-                allowed_types=allowed,
-                limits=ParseLimits.from_settings(s),
-            )
+            parsed = parse_document(data, filename, s)
             emit("parsed")
             plans = cut_segments(parsed, lm.tokenizer, s.segment_len)
             with self.db.session() as sess:
@@ -412,9 +406,13 @@ class Ingestor:
                 )
                 doc = sess.get(Document, doc_id)
                 doc.media_type = parsed.media_type
-                next_pos = self._next_position(sess, corpus_id, len(cfg["preamble"]))
-                for p in plans:
-                    next_pos = self._place(next_pos, len(p.token_ids), len(cfg["preamble"]))
+                starts = place_segments(
+                    [len(p.token_ids) for p in plans],
+                    self._next_position(sess, corpus_id, len(cfg["preamble"])),
+                    len(cfg["preamble"]),
+                    position_limit(lm.config.max_position_embeddings),
+                )
+                for p, pos_start in zip(plans, starts):
                     sess.add(
                         Segment(
                             document_id=doc.id,
@@ -424,12 +422,11 @@ class Ingestor:
                             page_start=p.page_start,
                             page_end=p.page_end,
                             num_tokens=len(p.token_ids),
-                            pos_start=next_pos,
+                            pos_start=pos_start,
                             text=p.text,
                             token_ids=p.token_ids,
                         )
                     )
-                    next_pos += len(p.token_ids)
                 doc.num_tokens = sum(len(p.token_ids) for p in plans)
                 doc.stage = "tokenized"
             emit("tokenized")
@@ -453,21 +450,13 @@ class Ingestor:
         emit("prefilled", done, total, tokens_done, tokens_total)
         if todo and should_stop():
             raise Cancelled(f"ingestion of {filename} was cancelled")
-        scheme = (
-            {}
-            if s.pic == "shared"
-            else dict(
-                pic=s.pic, link_tokens=s.pic_link_tokens, links=[links[i] for i, _, _ in todo]
-            )
-        )
-        for j, k, v in prefill_segments(
+        for j, k, v in prefill_corpus(
             lm.model,
             cfg["preamble"],
             [t for _, t, _ in todo],
-            s.prefill_batch_tokens,
-            s.device,
-            starts=[p for _, _, p in todo],
-            **scheme,
+            [p for _, _, p in todo],
+            s,
+            links=[links[i] for i, _, _ in todo],
         ):
             seg_id, tokens, pos_start = todo[j]
             if dtype == torch.float16 and (
@@ -516,11 +505,6 @@ class Ingestor:
                     seg.kv_file = seg.cache_key = None
                 raise RuntimeError(f"stored KV of segment {seq} failed verification: {e}") from e
 
-    def _position_limit(self) -> int:
-        """Shared positions end here, leaving room for the unique part (question and answer)."""
-        max_pos = self.model.config.max_position_embeddings
-        return max_pos - min(2048, max_pos // 4)
-
     def _next_position(self, sess, corpus_id: int, preamble_len: int) -> int:
         ends = sess.scalars(
             select(Segment.pos_start + Segment.num_tokens)
@@ -528,11 +512,6 @@ class Ingestor:
             .where(Document.corpus_id == corpus_id)
         ).all()
         return max(ends, default=preamble_len)
-
-    def _place(self, pos: int, n: int, preamble_len: int) -> int:
-        """Segments follow each other in position like one document while the model's context
-        allows; past it they wrap to the start (position-independent segments overlap)."""
-        return preamble_len if pos + n > self._position_limit() else pos
 
     def refresh_status(self, corpus_id: int) -> None:
         """Corpus status from its documents' stages: ready once any document is ready."""
