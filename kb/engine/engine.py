@@ -156,7 +156,10 @@ class Engine:
                 raise QueueFull(f"{self.config.max_queue} requests are already waiting")
             self.scheduler.add(seq)  # validates that it can ever fit
             self._handles[seq.seq_id] = handle
-            self.metrics.arrived(seq.seq_id)
+            shared = self.corpora.get(corpus_key) if corpus_key is not None else None
+            self.metrics.arrived(
+                seq.seq_id, corpus_key, len(prompt_ids), shared.num_tokens if shared else 0
+            )
         self._wake.set()
         return handle
 
@@ -200,6 +203,8 @@ class Engine:
                     aborted = True
             self._inbox.clear()
             batch = self.scheduler.schedule()
+            self.metrics.scheduled([s.seq_id for s in batch.seqs])
+            self.metrics.preempted(self.scheduler.num_preemptions)
             corpora = dict(self.corpora)
             if aborted or not batch.seqs:
                 self._gauges()
@@ -278,7 +283,7 @@ class Engine:
         if seq.chunk_mass is not None:
             vals, order = seq.chunk_mass.float().cpu().sort(descending=True)
             mass = [(int(c), float(m)) for c, m in zip(order[:32].tolist(), vals[:32].tolist())]
-        self.metrics.finished(seq.seq_id, reason)
+        self.metrics.finished(seq.seq_id, reason, len(seq.prompt_ids), len(seq.output_ids))
         handle.push(
             Finished(reason, handle.text, len(seq.prompt_ids), len(seq.output_ids), mass, error)
         )

@@ -41,6 +41,7 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0  # since start, for the engine's metrics
 
     def add(self, seq: Sequence) -> None:
         total = len(seq.prompt_ids) + seq.sampling.max_tokens
@@ -66,6 +67,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def _preempt(self, seq: Sequence) -> None:
+        self.num_preemptions += 1
         self.running.remove(seq)
         self.blocks.release(seq)  # its tokens (prompt and answer so far) are recomputed on return
         seq.status = SeqStatus.WAITING
