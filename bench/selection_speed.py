@@ -7,13 +7,18 @@ and each request's selection is a random set of chunks filling the budget, at vi
 decoding together, dense and selecting, for each corpus size.
 
     .venv/bin/python bench/selection_speed.py --sizes 24576,65536,131072 --batch 1,8
-Writes bench/results/selection_speed.json.
+    taskset -c 0,1 python bench/selection_speed.py --random-weights --threads 1,2  # 2 cores
+Writes bench/results/selection_speed.json. `--random-weights`: the demo model's shape with random
+weights (decode cost depends on shapes only), for a machine the weights cannot reach.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +30,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.quality import DEFAULT_MODELS_DIR  # noqa: E402
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def measure(engine, shared, batch: int, steps: int, selections) -> float:
@@ -70,16 +86,26 @@ def main(argv=None) -> None:
     p.add_argument("--batch", default="1,8")
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", default="1", help="torch CPU threads, a list")
+    p.add_argument("--random-weights", action="store_true", help="the demo shape, random weights")
     p.add_argument("--modes", default="select,dense")
     p.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS_DIR)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "selection_speed.json")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    lm = load_model(ensure_demo_model(args.models_dir))
-    cfg = lm.config
+    if args.random_weights:
+        from bench.distributed import DigitTokenizer
+        from bench.serve import build_model, smollm2_135m
+        from kb.model.loader import LoadedModel
+
+        cfg = smollm2_135m()
+        model = build_model(cfg, "cpu", torch.float32).eval().requires_grad_(False)
+        lm = LoadedModel(model, DigitTokenizer(), cfg, Path("."), "random", "digits")
+    else:
+        lm = load_model(ensure_demo_model(args.models_dir))
+        cfg = lm.config
     engine = Engine(lm, EngineConfig(unique_kv_tokens=8192, cuda_graphs=False, citation_layers=0))
     rows = []
+    thread_counts = [int(x) for x in args.threads.split(",")]
     gen = torch.Generator().manual_seed(0)
     cs, preamble = 64, 40
     for n in [int(x) for x in args.sizes.split(",")]:
@@ -108,7 +134,8 @@ def main(argv=None) -> None:
                 )
                 shift = torch.arange(chunks.numel()) * cs - chunks * cs
                 sels.append(Selection(chunks, shift, torch.zeros(num_chunks)))
-            for mode in args.modes.split(","):
+            for mode, threads in itertools.product(args.modes.split(","), thread_counts):
+                torch.set_num_threads(threads)
                 ms = measure(engine, shared, batch, args.steps, sels if mode == "select" else None)
                 attended = (want + 1) * cs if mode == "select" else n
                 row = {
@@ -118,7 +145,8 @@ def main(argv=None) -> None:
                     "attended_tokens": attended,
                     "ms_per_decode_step": round(ms, 1),
                     "tokens_per_s": round(batch * 1000 / ms, 1),
-                    "threads": args.threads,
+                    "per_request_tokens_per_s": round(1000 / ms, 1),
+                    "threads": threads,
                 }
                 rows.append(row)
                 print(row, flush=True)
@@ -126,8 +154,11 @@ def main(argv=None) -> None:
                 args.out.write_text(
                     json.dumps(
                         {
-                            "model": "SmolLM2-135M-Instruct",
+                            "model": "SmolLM2-135M-Instruct"
+                            + (" shape, random weights" if args.random_weights else ""),
                             "torch": torch.__version__,
+                            "cpu": cpu_name(),
+                            "cores_available": len(os.sched_getaffinity(0)),
                             "budget": args.budget,
                             "steps": args.steps,
                             "rows": rows,

@@ -86,6 +86,25 @@ def llama31_8b() -> ModelConfig:
     )
 
 
+def smollm2_135m() -> ModelConfig:
+    """The demo model's shape (SmolLM2-135M-Instruct): random weights time its CPU decode where
+    the weights cannot travel (the device machine)."""
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    )
+
+
 def tiny() -> ModelConfig:
     """The test's shape: same structure (GQA, llama3 RoPE scaling), tiny dims."""
     return ModelConfig(
