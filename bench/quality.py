@@ -714,6 +714,17 @@ def citation_hits(answers, questions) -> tuple[int, int]:
     return seg, psg
 
 
+def earlier_cells(path: Path, cells: set[tuple]) -> tuple[list[dict], dict]:
+    """Rows and corpora of an earlier large-grid file whose (task, size, seed) this run does not
+    measure again: ([rows], {corpus name: info}); nothing when there is no such file."""
+    if not path.exists():
+        return [], {}
+    old = json.loads(path.read_text())
+    rows = [r for r in old.get("rows", []) if (r["task"], r["size"], r["seed"]) not in cells]
+    names = {f"{r['task']}-{r['size']}-s{r['seed']}" for r in rows}
+    return rows, {k: v for k, v in old.get("corpora", {}).items() if k in names}
+
+
 def large(args) -> dict:
     """The attention-retrieval grid: per task and size, contiguous (the fact's document alone),
     dense, routed and selection at each budget; one row per mode."""
@@ -742,9 +753,13 @@ def large(args) -> dict:
         "rows": rows,
     }
 
+    cells = {(t, s, seed) for seed in args.seeds for t in args.tasks for s in args.large_sizes[t]}
+    kept, kept_info = earlier_cells(args.out, cells)
+
     def save() -> None:
+        # the cells of earlier runs stay in the file beside this run's (one grid, many runs)
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
-        write(args.out, result)
+        write(args.out, {**result, "corpora": {**kept_info, **info}, "rows": kept + rows})
 
     def record(task, size, seed, mode, budget, name, qs, answers, texts, ms, shared) -> None:
         hits = [score(a, q.expected) for a, q in zip(texts, qs)]
