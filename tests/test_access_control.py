@@ -611,3 +611,24 @@ def test_cli_enforces_user_rules(kb_env, monkeypatch, capsys):
         assert authenticate(kb.db, "ann", "pw-ann-1234") is None
     finally:
         kb.close()
+
+
+def test_metrics_need_the_admin_role_and_auth_errors_are_the_envelope(site):
+    """/metrics names corpora in its labels: with sign-in on, admins only (issue 19). The
+    `openai` client raises its own classes for 401 and 403, carrying our messages."""
+    import openai
+
+    assert site["http"].get("/metrics").status_code == 401
+    assert As(site, "ben")("GET", "/metrics").status_code == 403
+    r = As(site, "root", may_see_secret=True)("GET", "/metrics")
+    assert r.status_code == 200 and "kb_shared_kv_bytes" in r.text
+    for key, cls in (("kb_wrong", openai.AuthenticationError), (site["keys"]["ben"], None)):
+        client = openai.OpenAI(base_url=f"{site['url']}/v1", api_key=key, max_retries=0)
+        if cls is None:  # a valid key of a user who may not read the corpus: as if missing
+            with pytest.raises(openai.NotFoundError) as e:
+                client.models.retrieve(f"kb:{PRIVATE}")
+            assert e.value.code == "model_not_found"
+            continue
+        with pytest.raises(cls) as e:
+            client.models.list()
+        assert e.value.status_code == 401 and e.value.body["message"] in e.value.message

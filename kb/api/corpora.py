@@ -91,8 +91,6 @@ async def upload(
     at once with the job ids (follow them at /v1/jobs/{id}). A file of a type kb does not read
     is refused before it is stored (code `unsupported_type`, the accepted types named); when
     every file is refused so, the answer is 415."""
-    from kb.jobs import jobs_for
-
     await require(kb, user, name, write=True)
     await run_in_threadpool(kb.corpus_info, name)
     limit = int(kb.settings.max_upload_mb * 2**20)
@@ -114,7 +112,7 @@ async def upload(
                     if copied > limit:
                         break
             paths.append(dest)
-        jobs = jobs_for(kb)
+        jobs = kb.jobs
         subs = await run_in_threadpool(jobs.submit, name, paths)  # copies the files: tmp may go
     if subs and all(s.code == "unsupported_type" for s in subs):
         return JSONResponse(

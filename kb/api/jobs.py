@@ -10,14 +10,14 @@ from kb.api.auth import current_user, require
 from kb.api.deps import get_kb
 from kb.auth import Principal
 from kb.errors import KBError
-from kb.jobs import JobInfo, jobs_for
+from kb.jobs import JobInfo
 from kb.service import KnowledgeBase
 
 router = APIRouter(tags=["jobs"])
 
 
 async def _job(kb: KnowledgeBase, user: Principal, job_id: str, write: bool = False) -> JobInfo:
-    info = await run_in_threadpool(jobs_for(kb).queue.get, job_id)
+    info = await run_in_threadpool(kb.jobs.queue.get, job_id)
     if info.corpus is not None:
         await require(kb, user, info.corpus, write=write)
     return info
@@ -32,7 +32,7 @@ async def list_jobs(
     """Newest first, with each document's stage, percent, ETA and k/n segments prefilled."""
     if corpus is not None:
         await require(kb, user, corpus)
-    rows = await run_in_threadpool(jobs_for(kb).queue.list, corpus)
+    rows = await run_in_threadpool(kb.jobs.queue.list, corpus)
     readable: dict[str, bool] = {}
     out = []
     for r in rows:
@@ -59,7 +59,7 @@ async def cancel_job(
     job_id: str, kb: KnowledgeBase = Depends(get_kb), user: Principal = Depends(current_user)
 ):
     await _job(kb, user, job_id, write=True)
-    return (await run_in_threadpool(jobs_for(kb).queue.cancel, job_id)).to_dict()
+    return (await run_in_threadpool(kb.jobs.queue.cancel, job_id)).to_dict()
 
 
 @router.post("/v1/jobs/{job_id}/retry", status_code=202)
@@ -68,7 +68,7 @@ async def retry_job(
 ):
     """Queue the job's document again as a new job (returned); it resumes from its stored segments."""
     await _job(kb, user, job_id, write=True)
-    jobs = jobs_for(kb)
+    jobs = kb.jobs
     info = await run_in_threadpool(jobs.queue.retry, job_id)
     if jobs.in_process:
         jobs.start_local_worker()

@@ -10,8 +10,6 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
 
-from kb import cache_admin
-from kb.jobs import jobs_for
 from kb.service import KnowledgeBase
 from storage.models import Job
 
@@ -41,7 +39,7 @@ class ServiceCollector:
         hits = CounterMetricFamily(
             "kb_corpus_cache_hits", "Questions served from a corpus's cached KV", labels=["corpus"]
         )
-        for row in cache_admin.lookup(self.kb):
+        for row in self.kb.cache_admin.lookup():
             for tier in TIERS:
                 kv.add_metric([row.name, tier], float(row.bytes.get(tier, 0)))
             hits.add_metric([row.name], float(row.hits))
@@ -53,7 +51,7 @@ class ServiceCollector:
         for state in JOB_STATES:
             jobs.add_metric([state], float(counts.get(state, 0)))
         yield jobs
-        running = [j for j in jobs_for(self.kb).queue.list() if j.status == "running"]
+        running = [j for j in self.kb.jobs.queue.list() if j.status == "running"]
         rate = sum(j.tokens_done / max(1.0, _seconds_since(j.started_at)) for j in running)
         yield GaugeMetricFamily(
             "kb_ingest_prefill_tokens_per_second",
