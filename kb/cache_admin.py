@@ -1,34 +1,35 @@
 """Cache administration: per corpus, where its shared KV lives and what to do with it.
 
-`lookup` reads (tokens, bytes per tier, hits, last use, state). The operations (pin, unpin,
-evict, move, rebuild, delete) run asynchronously, LMCache-style: `submit` records a Job row
-(kind "cache", payload {op, corpus, tier}), runs it on a thread of this process and returns the
+`CacheAdmin` (a KnowledgeBase's `cache_admin`, built by the service) reads with `lookup`
+(tokens, bytes per tier, hits, last use, state). The operations (pin, unpin, evict, move,
+rebuild, delete) run asynchronously, LMCache-style: `submit` runs one as a job of this process
+(`JobService.run_here`: a Job row of kind "cache", payload {op, corpus, tier}) and returns the
 job id as the event id; `event` reads its status back from the row. Tier operations act on the
 KV held by this process (the server's, through the HTTP API); pin, unpin, rebuild and delete act
-through the database for every process.
+through the database for every process. It reaches the knowledge base through public members
+only (`CacheHost`).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sqlalchemy import select
 
 from kb.cache_key import segment_key
+from kb.corpus_cache import CorpusCache
 from kb.errors import Conflict, KBError, NotFound
+from kb.ingest.pipeline import Ingestor
+from kb.jobs import JobService
+from storage.db import Database
 from storage.kvstore import KVCorruptError, read_kv
-from storage.models import Corpus, Job, Segment, utcnow
+from storage.models import Corpus, Job, Segment
 from storage.tiers import TIERS, TierError
-
-if TYPE_CHECKING:
-    from kb.service import KnowledgeBase
 
 log = logging.getLogger(__name__)
 
@@ -99,208 +100,204 @@ def _file_size(path: str | None) -> int:
         return 0
 
 
-def lookup(kb: KnowledgeBase, name: str | None = None) -> list[CacheRow]:
-    """Per corpus (or one): tokens, bytes per tier, hits, last use, state."""
-    key = kb.settings_key()
-    rows = []
-    with kb.db.session() as s:
-        q = select(Corpus).order_by(Corpus.name)
-        corpora = list(s.scalars(q.where(Corpus.name == name) if name else q))
-        if name and not corpora:
+class CacheHost(Protocol):
+    """The public members of a KnowledgeBase the cache admin uses."""
+
+    db: Database
+    cache: CorpusCache
+    ingestor: Ingestor
+
+    @property
+    def jobs(self) -> JobService: ...
+
+    def list_corpora(self) -> list: ...
+
+    def placements(self) -> list: ...
+
+    def set_placement(
+        self, name: str, *, pinned: bool | None = None, tier: str | None = None
+    ) -> None: ...
+
+    def delete_corpus(self, name: str) -> None: ...
+
+
+class CacheAdmin:
+    """Per corpus: where its shared KV lives (`lookup`) and the operations on it (`submit`)."""
+
+    def __init__(self, kb: CacheHost):
+        self.kb = kb
+
+    def lookup(self, name: str | None = None) -> list[CacheRow]:
+        """Per corpus (or one): tokens, bytes per tier, hits, last use, state."""
+        kb = self.kb
+        places = [p for p in kb.placements() if name is None or p.name == name]
+        if name and not places:
             raise NotFound(f"corpus {name!r} does not exist")
-        for c in corpora:
-            info = kb._info(c, key)
-            ready = [d for d in c.documents if d.stage == "ready"]
-            disk = _file_size(c.preamble_kv_file) + sum(
-                _file_size(g.kv_file) for d in ready for g in d.segments
-            )
-            entry = kb.cache.tiers.entries.get(c.name)
-            tier = entry.tier if entry is not None else (c.tier or "disk")
+        infos = {i.name: i for i in kb.list_corpora()}
+        rows = []
+        for p in places:
+            info = infos.get(p.name)
+            if info is None:
+                continue  # deleted since the placements were read
+            entry = kb.cache.tiers.entries.get(p.name)
+            tier = entry.tier if entry is not None else (p.tier or "disk")
             resident = entry.bytes_per_tier() if entry is not None else {"gpu": 0, "cpu": 0}
             if info.stale:
                 state = "stale"
-            elif c.status != "ready":
-                state = c.status
-            elif c.pinned:
+            elif p.status != "ready":
+                state = p.status
+            elif p.pinned:
                 state = "pinned"
-            elif tier == "disk" and c.last_used_at is not None:
+            elif tier == "disk" and p.last_used_at is not None:
                 state = "evicted"
             else:
                 state = "ready"
             rows.append(
                 CacheRow(
-                    c.name,
+                    p.name,
                     state,
                     tier,
-                    info.tokens + (c.preamble_len or 0) * bool(ready),
-                    {**resident, "disk": disk},
-                    c.hits or 0,
-                    c.last_used_at,
-                    bool(c.pinned),
+                    info.tokens + p.preamble_len * bool(p.ready_documents),
+                    {**resident, "disk": sum(_file_size(f) for f in p.kv_files)},
+                    p.hits,
+                    p.last_used_at,
+                    p.pinned,
                 )
             )
-    return rows
+        return rows
 
-
-# -- operations ------------------------------------------------------------------------------
-def run_op(kb: KnowledgeBase, op: str, name: str, tier: str | None = None) -> dict:
-    """Run one operation now, on this thread; returns what it did."""
-    if op == "pin" or op == "unpin":
-        with kb.db.session() as s:
-            kb._corpus(s, name).pinned = op == "pin"
-        if name in kb.cache.tiers.entries:
-            kb.cache.tiers.pin(name, op == "pin")
-        return {"pinned": op == "pin"}
-    if op == "evict" or op == "move":
-        return {"tier": kb.cache.move(name, "disk" if op == "evict" else tier or "")}
-    if op == "rebuild":
-        return asdict(rebuild(kb, name))
-    if op == "delete":
-        kb.delete_corpus(name)
-        return {"deleted": name}
-    raise KBError(f"unknown cache operation {op!r}: one of {', '.join(OPS)}")
-
-
-def submit(kb: KnowledgeBase, op: str, name: str, tier: str | None = None) -> str:
-    """Record the operation as a Job and run it on a thread; returns its event id at once.
-    The thread is not a daemon, so a command-line process finishes the work before exiting."""
-    if op not in OPS:
+    def run_op(self, op: str, name: str, tier: str | None = None) -> dict:
+        """Run one operation now, on this thread; returns what it did."""
+        kb = self.kb
+        if op == "pin" or op == "unpin":
+            kb.set_placement(name, pinned=op == "pin")
+            if name in kb.cache.tiers.entries:
+                kb.cache.tiers.pin(name, op == "pin")
+            return {"pinned": op == "pin"}
+        if op == "evict" or op == "move":
+            return {"tier": kb.cache.move(name, "disk" if op == "evict" else tier or "")}
+        if op == "rebuild":
+            return asdict(self.rebuild(name))
+        if op == "delete":
+            kb.delete_corpus(name)
+            return {"deleted": name}
         raise KBError(f"unknown cache operation {op!r}: one of {', '.join(OPS)}")
-    if op == "move" and tier not in TIERS:
-        raise KBError(f"move needs a tier: one of {', '.join(TIERS)}")
-    job_id = str(uuid.uuid4())
-    with kb.db.session() as s:
-        corpus = kb._corpus(s, name)
+
+    def submit(self, op: str, name: str, tier: str | None = None) -> str:
+        """Run the operation as a job of this process; returns its event id at once."""
+        if op not in OPS:
+            raise KBError(f"unknown cache operation {op!r}: one of {', '.join(OPS)}")
+        if op == "move" and tier not in TIERS:
+            raise KBError(f"move needs a tier: one of {', '.join(TIERS)}")
+        corpus_id = self.kb.ingestor.corpus_id(name)
         # a delete would cascade to a job row tied to the corpus: that one keeps only the name
-        s.add(
-            Job(
-                id=job_id,
-                kind="cache",
-                corpus_id=None if op == "delete" else corpus.id,
-                payload={"op": op, "corpus": name, "tier": tier},
-                status="queued",
+        return self.kb.jobs.run_here(
+            "cache",
+            {"op": op, "corpus": name, "tier": tier},
+            lambda: self.run_op(op, name, tier),
+            corpus_id=None if op == "delete" else corpus_id,
+            expected=(KBError, TierError),
+        )
+
+    def event(self, event_id: str) -> CacheEvent:
+        """An operation's status by its event id."""
+        with self.kb.db.session() as s:
+            job = s.get(Job, event_id)
+            if job is None or job.kind != "cache":
+                raise NotFound(f"no cache event {event_id!r}")
+            p = job.payload or {}
+            return CacheEvent(
+                job.id,
+                p.get("op", ""),
+                p.get("corpus", ""),
+                p.get("tier"),
+                job.status,
+                job.error,
+                job.result,
+                job.created_at,
+                job.finished_at,
             )
-        )
-    threading.Thread(target=_run, args=(kb, job_id, op, name, tier), name=f"kb-cache-{op}").start()
-    return job_id
 
+    def wait(
+        self, event_id: str, timeout_s: float | None = None, poll_s: float = 0.05
+    ) -> CacheEvent:
+        """Poll an event until it finishes (or `timeout_s` passes); returns its last status."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            ev = self.event(event_id)
+            if ev.finished or (deadline is not None and time.monotonic() > deadline):
+                return ev
+            time.sleep(poll_s)
 
-def _run(kb: KnowledgeBase, job_id: str, op: str, name: str, tier: str | None) -> None:
-    with kb.db.session() as s:
-        job = s.get(Job, job_id)
-        job.status, job.started_at, job.attempts = "running", utcnow(), (job.attempts or 0) + 1
-    try:
-        result, error, status = run_op(kb, op, name, tier), None, "done"
-    except (KBError, TierError) as e:
-        result, error, status = None, getattr(e, "message", None) or str(e), "failed"
-    except Exception as e:  # a thread has no caller to raise to: the row carries the reason
-        log.exception("cache %s of %s failed", op, name)
-        result, error, status = None, f"{type(e).__name__}: {e}", "failed"
-    with kb.db.session() as s:
-        job = s.get(Job, job_id)
-        job.status, job.result, job.error, job.finished_at = status, result, error, utcnow()
-
-
-def event(kb: KnowledgeBase, event_id: str) -> CacheEvent:
-    """An operation's status by its event id."""
-    with kb.db.session() as s:
-        job = s.get(Job, event_id)
-        if job is None or job.kind != "cache":
-            raise NotFound(f"no cache event {event_id!r}")
-        p = job.payload or {}
-        return CacheEvent(
-            job.id,
-            p.get("op", ""),
-            p.get("corpus", ""),
-            p.get("tier"),
-            job.status,
-            job.error,
-            job.result,
-            job.created_at,
-            job.finished_at,
-        )
-
-
-def wait(
-    kb: KnowledgeBase, event_id: str, timeout_s: float | None = None, poll_s: float = 0.05
-) -> CacheEvent:
-    """Poll an event until it finishes (or `timeout_s` passes); returns its last status."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while True:
-        ev = event(kb, event_id)
-        if ev.finished or (deadline is not None and time.monotonic() > deadline):
-            return ev
-        time.sleep(poll_s)
-
-
-# -- rebuild ---------------------------------------------------------------------------------
-def rebuild(kb: KnowledgeBase, name: str) -> RebuildResult:
-    """Bring a corpus's stored KV in line with the current settings, resumably: damaged files are
-    dropped, the preamble is redone when its key changed, and each document re-prefills only the
-    segments whose cache key changed or whose file is gone. Interrupted, it resumes where it
-    stopped (every segment written is recorded with its new key)."""
-    ing = kb.ingestor
-    cfg = ing.corpus_settings()
-    res = RebuildResult(name, "building")
-    with kb.db.session() as s:
-        corpus = kb._corpus(s, name)
-        if corpus.status == "building" and _busy(s, corpus.id):
-            raise Conflict(f"corpus {name!r} is being built; try again when it finishes")
-        corpus_id = corpus.id
-        corpus.status = "building"  # not served until every segment matches
-        try:
-            read_kv(corpus.preamble_kv_file, corpus.preamble_checksum)
-        except KVCorruptError:
-            corpus.preamble_kv_file = None  # _ensure_preamble writes it again
-        ing._ensure_preamble(s, corpus, cfg)
-        docs = [d.id for d in corpus.documents if d.stage != "failed"]
+    # -- rebuild ---------------------------------------------------------------------------------
+    def rebuild(self, name: str) -> RebuildResult:
+        """Bring a corpus's stored KV in line with the current settings, resumably: damaged files are
+        dropped, the preamble is redone when its key changed, and each document re-prefills only the
+        segments whose cache key changed or whose file is gone. Interrupted, it resumes where it
+        stopped (every segment written is recorded with its new key)."""
+        kb = self.kb
+        ing = kb.ingestor
+        cfg = ing.corpus_settings()
+        res = RebuildResult(name, "building")
+        corpus_id = ing.corpus_id(name)
+        with kb.db.session() as s:
+            corpus = s.get(Corpus, corpus_id)
+            if corpus.status == "building" and _busy(s, corpus.id):
+                raise Conflict(f"corpus {name!r} is being built; try again when it finishes")
+            corpus.status = "building"  # not served until every segment matches
+            try:
+                read_kv(corpus.preamble_kv_file, corpus.preamble_checksum)
+            except KVCorruptError:
+                corpus.preamble_kv_file = None  # ensure_preamble writes it again
+            ing.ensure_preamble(s, corpus, cfg)
+            docs = [d.id for d in corpus.documents if d.stage != "failed"]
+            for doc_id in docs:
+                segments = s.scalars(
+                    select(Segment).where(Segment.document_id == doc_id).order_by(Segment.seq)
+                ).all()
+                links = ing.links(segments)
+                for seg in segments:
+                    if seg.kv_file is None or seg.cache_key != segment_key(
+                        cfg, seg.pos_start, seg.token_ids, links[seg.id]
+                    ):
+                        continue  # prefilled again anyway
+                    try:
+                        read_kv(seg.kv_file, seg.kv_checksum)
+                    except KVCorruptError:
+                        seg.kv_file = seg.cache_key = None
+                        res.damaged += 1
+        res.documents = len(docs)
         for doc_id in docs:
-            segments = s.scalars(
-                select(Segment).where(Segment.document_id == doc_id).order_by(Segment.seq)
-            ).all()
-            links = ing.links(segments)
-            for seg in segments:
-                if seg.kv_file is None or seg.cache_key != segment_key(
-                    cfg, seg.pos_start, seg.token_ids, links[seg.id]
-                ):
-                    continue  # prefilled again anyway
-                try:
-                    read_kv(seg.kv_file, seg.kv_checksum)
-                except KVCorruptError:
-                    seg.kv_file = seg.cache_key = None
-                    res.damaged += 1
-    res.documents = len(docs)
-    for doc_id in docs:
-        seen: list[int] = []
+            seen: list[int] = []
 
-        def hook(u, seen=seen) -> None:
-            if u.stage == "prefilled":
-                seen.append(u.done)
+            def hook(u, seen=seen) -> None:
+                if u.stage == "prefilled":
+                    seen.append(u.done)
 
-        try:
-            out = ing.build(doc_id, hook=hook)
-        except KBError as e:
-            res.failed.append(f"document {doc_id}: {e.message}")
-            continue
-        except Exception as e:  # IngestError and friends: the document is marked failed
-            res.failed.append(f"document {doc_id}: {getattr(e, 'message', None) or e}")
-            continue
-        if seen:
-            res.prefilled += seen[-1] - seen[0]
-            res.reused += seen[0]
-        else:
-            res.reused += out.segments
-    ing.refresh_status(corpus_id)
-    with kb.db.session() as s:
-        res.status = s.get(Corpus, corpus_id).status
-    log.info(
-        "rebuilt %s: %d segments prefilled, %d reused, %d damaged",
-        name,
-        res.prefilled,
-        res.reused,
-        res.damaged,
-    )
-    return res
+            try:
+                out = ing.build(doc_id, hook=hook)
+            except KBError as e:
+                res.failed.append(f"document {doc_id}: {e.message}")
+                continue
+            except Exception as e:  # IngestError and friends: the document is marked failed
+                res.failed.append(f"document {doc_id}: {getattr(e, 'message', None) or e}")
+                continue
+            if seen:
+                res.prefilled += seen[-1] - seen[0]
+                res.reused += seen[0]
+            else:
+                res.reused += out.segments
+        ing.refresh_status(corpus_id)
+        with kb.db.session() as s:
+            res.status = s.get(Corpus, corpus_id).status
+        log.info(
+            "rebuilt %s: %d segments prefilled, %d reused, %d damaged",
+            name,
+            res.prefilled,
+            res.reused,
+            res.damaged,
+        )
+        return res
 
 
 def _busy(session, corpus_id: int) -> bool:

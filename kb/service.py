@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from kb.auth import Principal, can_read, can_write, check_read, check_write
+from kb.cache_admin import CacheAdmin
 from kb.cache_key import settings_key
 from kb.chats import Chats
 from kb.citations import CitationMap
@@ -28,6 +29,7 @@ from kb.engine.request import Delta, Finished, RequestHandle
 from kb.engine.sequence import SamplingParams
 from kb.errors import Conflict, KBError, NotFound, TooBusy
 from kb.ingest.pipeline import Ingestor, IngestResult, Progress
+from kb.jobs import JobService
 from kb.model.config import UnsupportedModelError
 from kb.model.demo import DEMO_NAME, demo_folder, ensure_demo_model, is_converted
 from kb.model.identity import model_identity
@@ -90,6 +92,9 @@ class CorpusPlacement:
     last_used_at: datetime | None
     tokens: int  # of its ready documents
     kv_files: list[str]  # the preamble's and each ready document's segments'
+    tier: str | None = None  # the tier recorded for it (the tier manager's word is live)
+    preamble_len: int = 0
+    ready_documents: int = 0
 
 
 @dataclass
@@ -124,6 +129,8 @@ class KnowledgeBase:
         self.ingestor = Ingestor(self.settings, self.db, lambda: self.loaded)
         self.cache = CorpusCache(self.settings, self.db, lambda: self.loaded, lambda: self.engine)
         self.chats = Chats(self.db)
+        self._jobs: JobService | None = None
+        self.cache_admin = CacheAdmin(self)
 
     # -- model and engine -------------------------------------------------------------------
     def model_folder(self, name: str | None = None) -> Path:
@@ -179,18 +186,19 @@ class KnowledgeBase:
         return self._engine
 
     @property
-    def jobs(self):
-        """The job service (broker, queue, local worker) of this knowledge base."""
-        from kb.jobs import jobs_for
-
-        return jobs_for(self)
+    def jobs(self) -> JobService:
+        """The job service (broker, queue, local worker) of this knowledge base, made on first
+        use: listing corpora never connects to the broker."""
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = JobService(self)
+            return self._jobs
 
     def close(self) -> None:
-        from kb.jobs import _services
-
-        svc = _services.pop(self, None)
-        if svc is not None:
-            svc.close()
+        with self._lock:
+            jobs, self._jobs = self._jobs, None
+        if jobs is not None:
+            jobs.close()
         if self._engine is not None:
             self._engine.shutdown(grace_s=self.settings.shutdown_grace_s)
             self._engine.reopen()  # stopped and empty; a later use steps it again
@@ -383,6 +391,9 @@ class KnowledgeBase:
                         c.last_used_at,
                         tokens,
                         [f for f in files if f],
+                        c.tier,
+                        c.preamble_len or 0,
+                        len(ready),
                     )
                 )
             return out

@@ -19,13 +19,13 @@ GREEDY = SamplingParams(max_tokens=16)
 
 
 def run(kb, op: str, name: str, tier: str | None = None) -> cache_admin.CacheEvent:
-    ev = cache_admin.wait(kb, cache_admin.submit(kb, op, name, tier), timeout_s=600)
+    ev = kb.cache_admin.wait(kb.cache_admin.submit(op, name, tier), timeout_s=600)
     assert ev.finished, ev
     return ev
 
 
 def row(kb, name: str) -> cache_admin.CacheRow:
-    return cache_admin.lookup(kb, name)[0]
+    return kb.cache_admin.lookup(name)[0]
 
 
 def db_tier(kb, name: str) -> str:
@@ -112,8 +112,8 @@ def test_events_and_list_through_the_cli(handbook, capsys, monkeypatch):
     # the command checks names in the database its settings name before loading anything
     monkeypatch.setenv("KB_DATABASE_URL", handbook.settings.resolved_database_url)
 
-    ev_id = cache_admin.submit(handbook, "pin", "handbook")
-    cache_admin.wait(handbook, ev_id)
+    ev_id = handbook.cache_admin.submit("pin", "handbook")
+    handbook.cache_admin.wait(ev_id)
     args = type("A", (), {"event_id": ev_id, "json": True})()
     cli._kb = lambda: handbook  # the command module's knowledge base, here the module's one
     assert cli.cmd_cache_status(args) == 0
@@ -142,7 +142,7 @@ def test_cli_evicts_in_a_running_server(handbook, capsys, monkeypatch):
         monkeypatch.setenv("KB_SERVER", url)  # the environment names the server too
         assert main(["cache", "pin", "handbook"]) == 0
         event_id = capsys.readouterr().out.strip()
-        cache_admin.wait(handbook, event_id)
+        handbook.cache_admin.wait(event_id)
         assert main(["cache", "status", event_id, "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["status"] == "done"
         assert main(["cache", "evict", "nosuch", "--wait"]) == 1

@@ -68,7 +68,6 @@ def test_cancel_retry_and_transient_failures(tmp_path):
 def test_job_endpoints(tmp_path, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from kb.jobs import jobs_for
     from kb.server import create_app
     from kb.service import KnowledgeBase
 
@@ -85,7 +84,7 @@ def test_job_endpoints(tmp_path, monkeypatch):
         assert r.status_code == 202
         body = r.json()
         assert len(body["jobs"]) == 2 and all(d["status"] == "queued" for d in body["documents"])
-        infos = {i.filename: i for i in jobs_for(kb).wait(body["jobs"], timeout_s=120)}
+        infos = {i.filename: i for i in kb.jobs.wait(body["jobs"], timeout_s=120)}
         assert infos["tide.md"].status == "done" and infos["blank.txt"].code == "empty_file"
         one = c.get(f"/v1/jobs/{infos['tide.md'].id}").json()
         assert one["stage"] == "ready" and one["percent"] == 100.0 and one["corpus"] == "notes"
@@ -97,5 +96,5 @@ def test_job_endpoints(tmp_path, monkeypatch):
         r = c.post(f"/v1/jobs/{infos['blank.txt'].id}/retry")
         assert r.status_code == 202 and r.json()["status"] in ("queued", "running", "failed")
         assert c.get("/v1/jobs/nope").status_code == 404
-        jobs_for(kb).wait([r.json()["id"]], timeout_s=120)
-    jobs_for(kb).close()
+        kb.jobs.wait([r.json()["id"]], timeout_s=120)
+    kb.jobs.close()

@@ -201,13 +201,12 @@ def test_refused_before_store_in_the_pipeline_the_cli_and_the_api(
     ingested, tmp_path, capsys, monkeypatch
 ):
     from kb.cli import main
-    from kb.jobs import jobs_for
 
     kb, _, _ = ingested
     png = tmp_path / "photo.png"
     png.write_bytes(PNG)
     before = len(kb.documents("docs"))
-    sub = jobs_for(kb).submit("docs", [png], start_worker=False)[0]
+    sub = kb.jobs.submit("docs", [png], start_worker=False)[0]
     assert (
         sub.status == "failed" and sub.code == "unsupported_type" and "accepted: PDF" in sub.error
     )

@@ -22,9 +22,7 @@ from kb.cli.server_client import ServerClient, explicit_url
 def cmd_cache_list(args) -> int:
     if args.name:
         require_corpus(args.name)
-    from kb import cache_admin
-
-    rows = cache_admin.lookup(_kb(), args.name)
+    rows = _kb().cache_admin.lookup(args.name)
     if print_json_or_empty(rows, args.json, "no corpora yet: kb corpus create NAME"):
         return 0
     print(
@@ -64,14 +62,12 @@ def _submit(args, op: str) -> int:
         _print_event_dict(ev)
         return 1 if ev["status"] == "failed" else 0
     require_corpus(args.name)
-    from kb import cache_admin
-
     kb = _kb()
-    event_id = cache_admin.submit(kb, op, args.name, getattr(args, "tier", None))
+    event_id = kb.cache_admin.submit(op, args.name, getattr(args, "tier", None))
     if not args.wait:
         print(event_id)
         return 0
-    ev = cache_admin.wait(kb, event_id)
+    ev = kb.cache_admin.wait(event_id)
     _print_event_dict(ev.to_dict())
     return 1 if ev.status == "failed" else 0
 
@@ -80,9 +76,7 @@ def cmd_cache_status(args) -> int:
     server = _server(args)
     if server is None:
         require_job(args.event_id, "cache", f"no cache event {args.event_id!r}")
-        from kb import cache_admin
-
-        ev = cache_admin.event(_kb(), args.event_id).to_dict()
+        ev = _kb().cache_admin.event(args.event_id).to_dict()
     else:
         ev = server.event(args.event_id)
     if args.json:

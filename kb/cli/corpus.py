@@ -96,10 +96,9 @@ def cmd_ingest(args) -> int:
         print(r, file=sys.stderr)
     if not files:
         return 1
-    from kb.jobs import jobs_for
 
     kb = _kb()
-    jobs = jobs_for(kb)
+    jobs = kb.jobs
     try:
         subs = jobs.submit(args.name, files, start_worker=not args.no_wait)
         ids = [s.job_id for s in subs if s.job_id]

@@ -57,9 +57,7 @@ def cmd_worker(args) -> int:
 def cmd_jobs_list(args) -> int:
     if args.corpus:
         require_corpus(args.corpus)
-    from kb.jobs import jobs_for
-
-    rows = jobs_for(_kb()).queue.list(args.corpus)
+    rows = _kb().jobs.queue.list(args.corpus)
     if print_json_or_empty(rows, args.json, "no jobs"):
         return 0
     print(
@@ -78,18 +76,14 @@ def cmd_jobs_list(args) -> int:
 
 def cmd_jobs_cancel(args) -> int:
     require_job(args.id, "ingest", f"job {args.id!r} does not exist")
-    from kb.jobs import jobs_for
-
-    info = jobs_for(_kb()).queue.cancel(args.id)
+    info = _kb().jobs.queue.cancel(args.id)
     print(f"cancelled job {info.id} ({info.filename})")
     return 0
 
 
 def cmd_jobs_retry(args) -> int:
     require_job(args.id, "ingest", f"job {args.id!r} does not exist")
-    from kb.jobs import jobs_for
-
-    jobs = jobs_for(_kb())
+    jobs = _kb().jobs
     info = jobs.queue.retry(args.id)
     print(f"retrying {info.filename} as job {info.id}")
     if jobs.in_process:

@@ -202,7 +202,8 @@ class Ingestor:
             for i, seg in enumerate(segments)
         }
 
-    def _ensure_preamble(self, session, corpus: Corpus, cfg: dict) -> None:
+    def ensure_preamble(self, session, corpus: Corpus, cfg: dict) -> None:
+        """Prefill and store the corpus's preamble KV unless it is stored under `cfg`'s key."""
         key = corpus_key(cfg)
         if corpus.cache_key == key and corpus.preamble_kv_file:
             return
@@ -391,7 +392,7 @@ class Ingestor:
         emit("stored")  # parsing starts
         with self.db.session() as sess:
             corpus = sess.get(Corpus, corpus_id)
-            self._ensure_preamble(sess, corpus, cfg)
+            self.ensure_preamble(sess, corpus, cfg)
             has_segments = (
                 sess.scalar(select(Segment.id).where(Segment.document_id == doc_id).limit(1))
                 is not None
