@@ -725,6 +725,36 @@ def earlier_cells(path: Path, cells: set[tuple]) -> tuple[list[dict], dict]:
     return rows, {k: v for k, v in old.get("corpora", {}).items() if k in names}
 
 
+def answer_chunks(cmap, tokenizer, q) -> set[int]:
+    """Chunks of the layout holding the answer's value inside its fact text."""
+    out = set()
+    for seg in cmap.segments:
+        at = seg.text.find(q.fact)
+        if at < 0:
+            continue
+        at = seg.text.find(q.expected, at)
+        offs = tokenizer(seg.text, add_special_tokens=False, return_offsets_mapping=True)[
+            "offset_mapping"
+        ]
+        for i, (a, b) in enumerate(offs):
+            if b > at and a < at + len(q.expected):
+                out.add((seg.layout_start + i) // cmap.chunk_size)
+    return out
+
+
+def selection_recall(answers, targets) -> float | None:
+    """Share of selecting answers whose chosen chunks hold their answer's chunk (what a decode
+    reads: a refresh during decode could only help the rest); None without selections."""
+    pairs = [
+        (a.handle.seq.selection, t)
+        for a, t in zip(answers, targets)
+        if t and getattr(a.handle.seq, "selection", None) is not None
+    ]
+    if not pairs:
+        return None
+    return round(sum(bool(t & set(s.chunks.tolist())) for s, t in pairs) / len(pairs), 4)
+
+
 def large(args) -> dict:
     """The attention-retrieval grid: per task and size, contiguous (the fact's document alone),
     dense, routed and selection at each budget; one row per mode."""
@@ -761,6 +791,8 @@ def large(args) -> dict:
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
         write(args.out, {**result, "corpora": {**kept_info, **info}, "rows": kept + rows})
 
+    targets: list[set[int]] = []  # the answer's chunks of each question of the current corpus
+
     def record(task, size, seed, mode, budget, name, qs, answers, texts, ms, shared) -> None:
         hits = [score(a, q.expected) for a, q in zip(texts, qs)]
         seg, psg = citation_hits(answers, qs)
@@ -777,6 +809,7 @@ def large(args) -> dict:
             "cite_segment_top1": round(seg / len(qs), 4),
             "cite_passage_top1": round(psg / len(qs), 4),
             "attended_tokens": attended_tokens(shared, answers) if shared is not None else None,
+            "selection_recall": selection_recall(answers, targets) if shared is not None else None,
             "ms_per_decode_step": ms,
             "batch": len(qs),
         }
@@ -831,6 +864,9 @@ def large(args) -> dict:
                             None,
                         )
                     loaded = kb.load_corpus(name)
+                    targets[:] = [
+                        answer_chunks(loaded.citation_map, kb.loaded.tokenizer, q) for q in qs
+                    ]
                     if "dense" in args.modes:
                         kb.settings.density = 1.0
                         a, t, m = ask_measured(kb, name, qs, args.max_tokens, dense=True)

@@ -30,7 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.quality import DEFAULT_MODELS_DIR, _turns, build_corpus, generate, write  # noqa: E402
+from bench.quality import (  # noqa: E402
+    DEFAULT_MODELS_DIR,
+    _turns,
+    answer_chunks,
+    build_corpus,
+    generate,
+    write,
+)
 
 NEUTRAL = (
     "What do the documents say?",
@@ -38,23 +45,6 @@ NEUTRAL = (
     "What is this about?",
     "Tell me something from the text.",
 )
-
-
-def answer_chunks(cmap, tokenizer, q) -> set[int]:
-    """Chunks of the layout holding the answer's value inside its fact text."""
-    out = set()
-    for seg in cmap.segments:
-        at = seg.text.find(q.fact)
-        if at < 0:
-            continue
-        at = seg.text.find(q.expected, at)
-        offs = tokenizer(seg.text, add_special_tokens=False, return_offsets_mapping=True)[
-            "offset_mapping"
-        ]
-        for i, (a, b) in enumerate(offs):
-            if b > at and a < at + len(q.expected):
-                out.add((seg.layout_start + i) // cmap.chunk_size)
-    return out
 
 
 def main(argv=None) -> None:
