@@ -40,6 +40,9 @@ class EngineConfig:
     # request and KV head: block-sparse, the CPU path reads only those chunks once), "token", or
     # "auto": request on the CPU, token on the GPU (kb/engine/runner.py says why)
     prefill_routing: str = "auto"
+    # how the shared KV is attended: "moska" (every request of a corpus together, the default)
+    # or "per_request" (each request reads the corpus's pages as its own prefix: the baseline)
+    shared_mode: str = "moska"
     # replay decode steps from CUDA graphs on a GPU (kb/engine/cuda_graphs.py); ignored on the CPU
     cuda_graphs: bool = True
 
@@ -90,14 +93,20 @@ class Engine:
         num_blocks = -(-cfg.unique_kv_tokens // cfg.block_size)
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(self.blocks, cfg.max_running, cfg.max_batch_tokens)
-        self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, cfg.device, cite)
         if cfg.prefill_routing not in PREFILL_ROUTING + ("auto",):
             raise ValueError(
                 f"prefill_routing must be 'auto' or one of {PREFILL_ROUTING}, "
                 f"got {cfg.prefill_routing!r}"
             )
-        if cfg.prefill_routing != "auto":
-            self.runner.prefill_routing = cfg.prefill_routing
+        self.runner = ModelRunner(
+            loaded.model,
+            num_blocks,
+            cfg.block_size,
+            cfg.device,
+            cite,
+            shared_mode=cfg.shared_mode,
+            prefill_routing=None if cfg.prefill_routing == "auto" else cfg.prefill_routing,
+        )
         if cfg.cuda_graphs:
             self.runner.enable_cuda_graphs()
         self.corpora: dict[str, SharedKV] = {}

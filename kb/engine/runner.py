@@ -49,9 +49,19 @@ class ModelRunner:
         device: str,
         citation_layers: frozenset[int] = frozenset(),
         shared_blocks: int = 0,
+        shared_mode: str = "moska",
+        prefill_routing: str | None = None,
     ):
         """`num_blocks` pages for unique KV (the block manager's ids 0..num_blocks-1) plus
-        `shared_blocks` pages after them that `reserve_shared` hands to corpora."""
+        `shared_blocks` pages after them that `reserve_shared` hands to corpora. `shared_mode`
+        (SHARED_MODES) and `prefill_routing` (PREFILL_ROUTING; None: the device's default) say
+        how corpora are attended; ValueError for another value."""
+        if shared_mode not in SHARED_MODES:
+            raise ValueError(f"shared_mode must be one of {SHARED_MODES}, got {shared_mode!r}")
+        if prefill_routing is not None and prefill_routing not in PREFILL_ROUTING:
+            raise ValueError(
+                f"prefill_routing must be one of {PREFILL_ROUTING}, got {prefill_routing!r}"
+            )
         cfg = model.config
         self.model, self.device, self.block_size = model, device, block_size
         dtype = next(model.parameters()).dtype
@@ -67,8 +77,8 @@ class ModelRunner:
         ]
         self.citation_layers = citation_layers
         self.forward_tokens = 0  # tokens run through the model since start (tests read this)
-        self.shared_mode = "moska"
-        self.prefill_routing = default_prefill_routing(device)
+        self.shared_mode = shared_mode
+        self.prefill_routing = prefill_routing or default_prefill_routing(device)
         self.shared_pages: dict[str, torch.Tensor] = {}  # corpus key -> its page ids (per_request)
         self._next_shared = num_blocks
         self._end_shared = num_blocks + shared_blocks
