@@ -31,12 +31,14 @@ import importlib.util
 import torch
 
 from . import cpu_shared, cpu_unique, reference
-from .gathered import attend_gathered, gather_chunks
+from .gathered import attend_gathered, attend_gathered_batch, gather_chunks, stack_gathered
 
 __all__ = [
     "shared_attention",
     "gather_chunks",
     "attend_gathered",
+    "stack_gathered",
+    "attend_gathered_batch",
     "plan_routed",
     "unique_attention",
     "chunk_mass",

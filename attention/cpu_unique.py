@@ -1,6 +1,7 @@
-"""CPU path of `unique_attention`: decode rows (one new token per request) attend their pages
-with one GEMM pair per request and no mask; requests with several new tokens (prefill) take the
-causal reference. Same contract as `reference.unique_attention` (the tests compare them)."""
+"""CPU path of `unique_attention`: a step of decode rows (one new token per request) attends all
+their pages in one padded batch (one GEMM pair); a lone decode row, or rows beside requests with
+none, one GEMM pair each with no mask; requests with several new tokens (prefill) take the causal
+reference. Same contract as `reference.unique_attention` (the tests compare them)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def unique_attention(
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if t == len(lens) > 1 and min(lens) > 0:  # every request decodes one token: one batched pass
+        return _decode_batch(q, k_cache, v_cache, block_table, lens, scale)
     o = torch.zeros(t, hq, d, dtype=torch.float32)
     lse = torch.full((t, hq), NEG_INF, dtype=torch.float32)
     qh = (q.float() * scale).view(t, hkv, g, d)
@@ -43,3 +46,28 @@ def unique_attention(
         o[cu[b]] = torch.bmm(torch.exp_(s.sub_(l_b)), v_b.transpose(0, 1)).reshape(hq, d)
         lse[cu[b]] = l_b.reshape(hq)
     return o.to(q.dtype), lse
+
+
+def _decode_batch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    lens: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B decode rows (row b is request b's one new token) over their pages, gathered into one
+    padded batch: one GEMM pair for all of them instead of one per request."""
+    b, hq, d = q.shape
+    bs, hkv = k_cache.shape[1], k_cache.shape[2]
+    nb = -(-max(lens) // bs)
+    pages = block_table[:, :nb].long().reshape(-1)
+    k_b = k_cache.index_select(0, pages).view(b, nb * bs, hkv, d).float()
+    v_b = v_cache.index_select(0, pages).view(b, nb * bs, hkv, d).float()
+    qh = (q.float() * scale).view(b, hkv, hq // hkv, d)
+    s = torch.matmul(qh, k_b.permute(0, 2, 3, 1))  # [B, Hkv, G, L]
+    pad = torch.arange(nb * bs)[None, :] >= torch.tensor(lens)[:, None]
+    s.masked_fill_(pad[:, None, None, :], NEG_INF)
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    o = torch.matmul(torch.exp_(s.sub_(lse)), v_b.transpose(1, 2))  # [B, Hkv, G, d]
+    return o.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)

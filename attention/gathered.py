@@ -71,3 +71,41 @@ def attend_gathered(
     o = torch.bmm(torch.exp_(s.sub_(lse)), v)  # [Hkv, T*G, d]
     o = o.view(hkv, t, g, d).transpose(0, 1).reshape(t, hq, d)
     return o.to(q.dtype), lse.view(hkv, t, g).transpose(0, 1).reshape(t, hq)
+
+
+def stack_gathered(
+    copies: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Several requests' copies (`gather_chunks`) as one batch: k^T [R, Hkv, d, S], v [R, Hkv, S,
+    d] zero-padded to the longest, and lengths [R] (int64)."""
+    s = max(kt.shape[-1] for kt, _ in copies)
+    hkv, d = copies[0][0].shape[:2]
+    kt = torch.zeros(len(copies), hkv, d, s)
+    v = torch.zeros(len(copies), hkv, s, d)
+    for i, (k_i, v_i) in enumerate(copies):
+        kt[i, :, :, : k_i.shape[-1]] = k_i
+        v[i, :, : v_i.shape[1]] = v_i
+    return kt, v, torch.tensor([k_i.shape[-1] for k_i, _ in copies])
+
+
+def attend_gathered_batch(
+    q: torch.Tensor,
+    kt: torch.Tensor,
+    v: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query row per request, q[R, Hq, d], each over its own stacked copy kt[R, Hkv, d, S],
+    v[R, Hkv, S, d] (`stack_gathered`; tokens past lengths[R] are padding): the decode step of R
+    selecting requests in one GEMM pair. Returns (o[R, Hq, d] in q.dtype, lse[R, Hq] f32)."""
+    r, hq, d = q.shape
+    hkv = kt.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    qh = (q.float() * scale).view(r, hkv, hq // hkv, d)
+    s = torch.matmul(qh, kt)  # [R, Hkv, G, S]
+    if lengths is not None and bool((lengths < kt.shape[-1]).any()):
+        pad = torch.arange(kt.shape[-1])[None, :] >= lengths[:, None]
+        s.masked_fill_(pad[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    o = torch.matmul(torch.exp_(s.sub_(lse)), v)  # [R, Hkv, G, d]
+    return o.reshape(r, hq, d).to(q.dtype), lse.reshape(r, hq)

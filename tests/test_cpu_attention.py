@@ -182,3 +182,24 @@ def test_cpu_unique_attention_matches_reference(hq, hkv, d, dtype, lens, q_lens)
     torch.testing.assert_close(lse, rlse, atol=2e-5, rtol=1e-5)
     got = attention.unique_attention(*args)  # the facade takes this path on the CPU
     assert torch.equal(got[0], o) and torch.equal(got[1], lse)
+
+
+@pytest.mark.parametrize("kv", ["fp32", "bf16", "fp8c"])
+def test_stacked_copies_attend_as_each_alone(kv):
+    """The decode step of several selecting requests (copies of unequal lengths, stacked and
+    padded) gives each request what its own copy alone gives."""
+    g = _gen(17)
+    n, hkv, hq, d, cs = 700, 3, 9, 64, 64
+    k, v, ks, vs = _kv(n, hkv, d, kv, cs, g)
+    inv = INV.float()
+    lists = [torch.tensor([0, 2, 5]), torch.tensor([0, 10]), torch.tensor([0, 1, 3, 7, 10])]
+    copies = [
+        attention.gather_chunks(k, v, c, cs, torch.arange(c.numel()) * cs - c * cs, inv, ks, vs)
+        for c in lists
+    ]
+    q = torch.randn(len(lists), hq, d, generator=g)
+    o, lse = attention.attend_gathered_batch(q, *attention.stack_gathered(copies))
+    for i, (kt, vv) in enumerate(copies):
+        o_i, lse_i = attention.attend_gathered(q[i : i + 1], kt, vv)
+        torch.testing.assert_close(o[i : i + 1], o_i, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(lse[i : i + 1], lse_i, atol=2e-5, rtol=1e-5)

@@ -38,6 +38,9 @@ class SelectedKV:
     used: int = 0
     _kv: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     _bytes: dict[int, int] = field(default_factory=dict)
+    # the current decode batch's copies stacked per layer (`_stacked`), and whose they are
+    _stack: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _stack_ids: tuple[int, ...] = ()
 
     @staticmethod
     def footprint(shared: SharedKV, num_chunks: int) -> int:
@@ -88,6 +91,10 @@ class SelectedKV:
         """Partial (o, lse) of the group's rows q[T_c, Hq, d] over each request's own copy."""
         if len(requests) == 1:
             return attention.attend_gathered(q, *self.layer(requests[0], layer, shared, inv_freq))
+        if all(r.rows == 1 for r in requests):  # a decode step: one batched pass
+            return attention.attend_gathered_batch(
+                q, *self._stacked(requests, layer, shared, inv_freq)
+            )
         o = torch.empty_like(q)
         lse = torch.empty(q.shape[:2], dtype=torch.float32)
         for r in requests:
@@ -97,7 +104,28 @@ class SelectedKV:
             )
         return o, lse
 
+    def _stacked(
+        self, requests: list[GatheredRequest], layer: int, shared: SharedKV, inv_freq: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decoding requests' copies at `layer` as one batch, kept while the same requests
+        decode together (rebuilt when one joins or leaves); each request's own entry becomes a
+        view into it, so the batch costs no second copy."""
+        ids = tuple(r.seq_id for r in requests)
+        if self._stack_ids != ids:
+            self._stack_ids, self._stack = ids, {}
+        batch = self._stack.get(layer)
+        if batch is None:
+            copies = [self.layer(r, layer, shared, inv_freq) for r in requests]
+            batch = attention.stack_gathered(copies)
+            kt, v, lengths = batch
+            for i, (r, n) in enumerate(zip(requests, lengths.tolist())):
+                self._kv[r.seq_id][layer] = (kt[i, :, :, :n], v[i, :, :n])
+            self._stack[layer] = batch
+        return batch
+
     def release(self, seq_id: int) -> None:
         """Free a finished request's copies (a no-op for one that had none)."""
         self._kv.pop(seq_id, None)
         self.used -= self._bytes.pop(seq_id, 0)
+        if seq_id in self._stack_ids:  # the batch holds its copy: drop it with the request
+            self._stack_ids, self._stack = (), {}
