@@ -157,10 +157,16 @@ def _prose_paragraphs() -> list[str]:
     return paras
 
 
-def _prose(rng: random.Random, chars: int) -> list[str]:
-    """Consecutive real paragraphs totalling about `chars` characters, from a seeded start."""
+def _prose(rng: random.Random, chars: int, taken: set[int] | None = None) -> list[str]:
+    """Consecutive real paragraphs totalling about `chars` characters, from a seeded start; with
+    `taken`, a start no earlier call used (documents of a large corpus differ: the ingestor keeps
+    one copy of identical documents)."""
     paras = _prose_paragraphs()
     start = rng.randrange(len(paras))
+    if taken is not None:
+        while start in taken and len(taken) < len(paras):
+            start = rng.randrange(len(paras))
+        taken.add(start)
     out, total, i = [], 0, 0
     while total < chars:
         p = paras[(start + i) % len(paras)]
@@ -317,7 +323,8 @@ def gen_needle_docs(seed: int, n: int, size: int, doc_chars: int = 4500) -> Task
     with n planted facts spread over them (question i's fact in document i mod the count)."""
     rng = random.Random(f"needle-docs-{seed}")
     count = max(1, size // doc_chars)
-    docs = [_prose(rng, doc_chars) for _ in range(count)]
+    starts: set[int] = set()
+    docs = [_prose(rng, doc_chars, starts) for _ in range(count)]
     names: set[str] = set()
     nums: set[str] = set()
     qs = []
@@ -487,7 +494,7 @@ def build_corpus(
     res = kb.ingest(name, paths)
     for r in res:
         if r.status != "ready":
-            raise RuntimeError(f"ingest of {name} failed: {r.error}")
+            raise RuntimeError(f"ingest of {name}: a document is {r.status}: {r.error}")
     docs = kb.documents(name)
     return {
         "documents": len(docs),
