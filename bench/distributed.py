@@ -97,7 +97,7 @@ class LoopbackLink(ShardLink):
 
     def shared_attention(self, view, layer, q, chunk_idx):
         o, lse = super().shared_attention(view, layer, q, chunk_idx)
-        part = attend_slice(self._slices[view.meta["corpus_id"]], layer, q, chunk_idx)
+        part = attend_slice(self._slices[view.meta.corpus_id], layer, q, chunk_idx)
         d = q.shape[-1]
         # count what one shared rank would have been sent and returned (the protocol counts 0 peers)
         self.stats.bytes_out += (

@@ -54,7 +54,7 @@ from kb.engine.runner import ModelRunner  # noqa: E402
 from kb.engine.sampler import sample  # noqa: E402
 from kb.engine.scheduler import Scheduler  # noqa: E402
 from kb.engine.sequence import SamplingParams, SeqStatus, Sequence  # noqa: E402
-from kb.engine.shared_kv import SharedKV  # noqa: E402
+from kb.engine.shared_kv import KVMeta, SharedKV  # noqa: E402
 from kb.model.config import ModelConfig  # noqa: E402
 from kb.model.llama import Transformer  # noqa: E402
 
@@ -195,13 +195,11 @@ def fp8_shared(
             out.append((x / scale[None, :, None]).to(torch.float8_e4m3fn))
             scales.append(scale)
             del x
-    return SharedKV(
-        key, ks, vs, chunk_size=chunk_size, pos_offset=n, meta={"k_scale": kss, "v_scale": vss}
-    )
+    return SharedKV(key, ks, vs, chunk_size=chunk_size, pos_offset=n, meta=KVMeta(kss, vss))
 
 
 def with_router(sh: SharedKV, density: float, kind: str = "quest") -> SharedKV:
-    keys = _Dequantized(sh.k, sh.meta["k_scale"]) if "k_scale" in sh.meta else sh.k
+    keys = _Dequantized(sh.k, sh.meta.k_scale) if sh.meta.k_scale is not None else sh.k
     router = CorpusRouter(keys, sh.chunk_size, always=0, kind=kind)
     return SharedKV(
         sh.key,

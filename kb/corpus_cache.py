@@ -14,7 +14,7 @@ import logging
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from sqlalchemy import select
@@ -25,7 +25,7 @@ from index.summaries import ChunkSummaries, chunk_summaries
 from kb.citations import CitationMap, SegmentRef
 from kb.engine.engine import Engine
 from kb.engine.selection import PassageSelector, SelectionConfig, calibrate
-from kb.engine.shared_kv import SharedKV
+from kb.engine.shared_kv import KVMeta, SharedKV
 from kb.errors import Conflict, NotFound, NotReady, TooBusy
 from kb.model.loader import LoadedModel
 from kb.settings import Settings
@@ -245,15 +245,13 @@ class CorpusCache:
         return [kq, vq, ks, vs]
 
     @staticmethod
-    def _kv_meta(tensors: list[torch.Tensor], meta: dict) -> dict:
+    def _kv_meta(tensors: list[torch.Tensor], meta: KVMeta) -> KVMeta:
         """`meta` with the per-layer scales of an fp8 layout ([C, Hkv] each), or without any."""
-        meta = {k: v for k, v in meta.items() if k not in ("k_scale", "v_scale")}
         if len(tensors) == 4:
-            meta["k_scale"], meta["v_scale"] = (
-                list(tensors[2].unbind(0)),
-                list(tensors[3].unbind(0)),
+            return replace(
+                meta, k_scale=list(tensors[2].unbind(0)), v_scale=list(tensors[3].unbind(0))
             )
-        return meta
+        return replace(meta, k_scale=None, v_scale=None)
 
     def _shared(self, key: str, like: SharedKV, tensors: list[torch.Tensor]) -> SharedKV:
         """A SharedKV over the entry's current tensors, keeping the router and the metadata."""
@@ -294,7 +292,7 @@ class CorpusCache:
             pos_offset=layout.max_end,
             preamble_len=layout.preamble_len,
             positions=layout.positions,
-            meta=self._kv_meta(tensors, {"corpus": name}),
+            meta=self._kv_meta(tensors, KVMeta()),
         )
         if shared.num_chunks > shared.always_chunks + 1:
             # summaries from the 16-bit keys as read (an fp8 layout's own are coarser)

@@ -270,9 +270,7 @@ def test_fp8_kv_keeps_the_planted_fact(tmp_path, demo_model_dir):
     assert shared.k[0].dtype == FP8 and shared.v[-1].dtype == FP8  # ... and served as e4m3,
     c = shared.num_chunks  # with one scale per (layer, chunk, KV head)
     assert (
-        shared.meta["k_scale"][0].shape
-        == (c, shared.k[0].shape[1])
-        == shared.meta["v_scale"][-1].shape
+        shared.meta.k_scale[0].shape == (c, shared.k[0].shape[1]) == shared.meta.v_scale[-1].shape
     )
     tokens = shared.num_tokens
     per_token_16 = 2 * len(shared.k) * shared.k[0].shape[1] * shared.k[0].shape[2] * 2

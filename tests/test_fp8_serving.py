@@ -15,7 +15,7 @@ from kb.engine.block_manager import BlockManager
 from kb.engine.runner import ModelRunner
 from kb.engine.scheduler import Batch
 from kb.engine.sequence import SamplingParams, SeqStatus, Sequence
-from kb.engine.shared_kv import SharedKV
+from kb.engine.shared_kv import KVMeta, SharedKV
 from storage.kvstore import quantize_fp8_chunks
 
 _spec = importlib.util.spec_from_file_location(
@@ -42,7 +42,7 @@ def _corpora(cfg, device: str, dtype: torch.dtype) -> tuple[SharedKV, SharedKV]:
         list(vq.to(device).unbind(0)),
         CHUNK,
         N,
-        meta={"k_scale": list(ks.to(device).unbind(0)), "v_scale": list(vs.to(device).unbind(0))},
+        meta=KVMeta(list(ks.to(device).unbind(0)), list(vs.to(device).unbind(0))),
     )
     return fp8, SharedKV("c", k16, v16, CHUNK, N)
 

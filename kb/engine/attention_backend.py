@@ -114,7 +114,7 @@ class ServeAttention:
         """Partial (o, lse) of q over one corpus's shared KV (the distributed backend asks the
         shared ranks instead); `plan`: the step's routing metadata for idx (routed_plan.py);
         `shift`: per-chunk position shifts beside idx (virtual positions)."""
-        k_scale, v_scale = sh.meta.get("k_scale"), sh.meta.get("v_scale")  # fp8 KV: per layer
+        k_scale, v_scale = sh.meta.k_scale, sh.meta.v_scale  # fp8 KV: per layer
         extra = {} if plan is None else {"plan": plan}
         if shift is not None:
             extra = {"chunk_shift": shift, "rope_inv_freq": self.rope_inv_freq, **extra}
@@ -143,7 +143,7 @@ class ServeAttention:
     ) -> None:
         """Add each row's softmax mass on every shared chunk (summed over heads) to its sequence."""
         # the preamble soaks up attention (a sink); it is no source
-        k_scale = sh.meta.get("k_scale")  # an fp8 layout: per-layer [C, Hkv] scales
+        k_scale = sh.meta.k_scale  # an fp8 layout: per-layer [C, Hkv] scales
         per_chunk = attention.chunk_mass(
             q,
             sh.k[layer],

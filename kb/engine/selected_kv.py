@@ -66,7 +66,7 @@ class SelectedKV:
         kv = per_layer.get(layer)
         if kv is None:
             selection = req.selection
-            k_scale, v_scale = shared.meta.get("k_scale"), shared.meta.get("v_scale")
+            k_scale, v_scale = shared.meta.k_scale, shared.meta.v_scale
             kv = attention.gather_chunks(
                 shared.k[layer],
                 shared.v[layer],

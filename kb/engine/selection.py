@@ -295,7 +295,7 @@ def preamble_kv(shared) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     from attention.reference import dequantize
 
     p, cs = shared.preamble_len, shared.chunk_size
-    ks, vs = shared.meta.get("k_scale"), shared.meta.get("v_scale")
+    ks, vs = shared.meta.k_scale, shared.meta.v_scale
     k = [x[:p] if ks is None else dequantize(x[:p], ks[i], cs) for i, x in enumerate(shared.k)]
     v = [x[:p] if vs is None else dequantize(x[:p], vs[i], cs) for i, x in enumerate(shared.v)]
     return k, v

@@ -14,6 +14,22 @@ class ChunkRouter(Protocol):
     ) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class KVMeta:
+    """What a SharedKV carries beside its keys and values: the per-layer scales of an fp8 layout,
+    and for the view of a corpus sharded over other ranks, the id and placement it has there."""
+
+    k_scale: list[torch.Tensor] | None = None  # per layer [C, Hkv]: fp8 keys' chunk scales
+    v_scale: list[torch.Tensor] | None = None
+    corpus_id: int | None = None  # the shard protocol's name of a remote corpus
+    placement: object | None = None  # kb.engine.distributed.placement.Placement of its chunks
+
+    @property
+    def remote(self) -> bool:
+        """True for the view of a corpus whose KV lives on the shared ranks."""
+        return self.corpus_id is not None
+
+
 @dataclass
 class SharedKV:
     key: str  # identifies the corpus and its cache version
@@ -38,7 +54,7 @@ class SharedKV:
         """Leading chunks every routed query attends: those holding the preamble."""
         return -(-self.preamble_len // self.chunk_size)
 
-    meta: dict = field(default_factory=dict)
+    meta: KVMeta = field(default_factory=KVMeta)
 
     @property
     def num_tokens(self) -> int:

@@ -47,7 +47,7 @@ class DistributedServeAttention(ServeAttention):
 
 def is_remote(shared: SharedKV) -> bool:
     """True for the view of a corpus whose KV lives on the shared ranks."""
-    return "corpus_id" in shared.meta
+    return shared.meta.remote
 
 
 class ShardedModel(nn.Module):

@@ -9,7 +9,7 @@ placement from (tokens, chunk size, ranks), so only those three numbers travel.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -112,5 +112,5 @@ def remote_view(shared: SharedKV, placement: Placement, corpus_id: int) -> Share
         router=shared.router,
         top_k=shared.top_k,
         preamble_len=shared.preamble_len,
-        meta={**shared.meta, "corpus_id": corpus_id, "placement": placement},
+        meta=replace(shared.meta, corpus_id=corpus_id, placement=placement),
     )

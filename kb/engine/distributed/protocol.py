@@ -229,7 +229,7 @@ class ShardLink:
     def drop(self, view: SharedKV) -> None:
         """Free a corpus's slices on the shared ranks."""
         with self._exchange("dropping corpus " + view.key):
-            dist.broadcast(header(OP_DROP, view.meta["corpus_id"], device=self.world.device), src=0)
+            dist.broadcast(header(OP_DROP, view.meta.corpus_id, device=self.world.device), src=0)
 
     def shared_attention(
         self, view: SharedKV, layer: int, q: torch.Tensor, chunk_idx: torch.Tensor | None
@@ -246,7 +246,7 @@ class ShardLink:
         stats, receivers = self.stats, self.world.world_size - 1
         with self._exchange(f"attention of layer {layer} on corpus {view.key}"):
             mark = stats.start(dev)
-            head = header(OP_ATTEND, view.meta["corpus_id"], layer, t, top_k, hq, code, device=dev)
+            head = header(OP_ATTEND, view.meta.corpus_id, layer, t, top_k, hq, code, device=dev)
             dist.broadcast(head, src=0)
             dist.broadcast(q.contiguous().to(dev), src=0)
             if chunk_idx is not None:
