@@ -11,7 +11,7 @@ import uuid
 from contextvars import ContextVar
 from typing import Annotated, Any
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
 
 from kb.errors import KBError
@@ -66,8 +66,11 @@ def _validator(single_line: bool):
     return check
 
 
-Text = Annotated[str, AfterValidator(_validator(False))]  # free text: questions, answers
-Name = Annotated[str, AfterValidator(_validator(True))]  # one line: names, model ids, stops
+# the served OpenAPI schema states the same rule as a pattern (schema only; the check is ours)
+_TEXT_SCHEMA = Field(json_schema_extra={"pattern": "^[^\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f]*$"})
+_NAME_SCHEMA = Field(json_schema_extra={"pattern": "^[^\\x00-\\x1f\\x7f]*$"})
+Text = Annotated[str, AfterValidator(_validator(False)), _TEXT_SCHEMA]  # free text: questions
+Name = Annotated[str, AfterValidator(_validator(True)), _NAME_SCHEMA]  # one line: names, stops
 
 
 def new_request_id() -> str:

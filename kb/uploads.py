@@ -309,7 +309,15 @@ async def _refuse(
     scope: Scope, receive: Receive | None, send: Send, status: int, message: str
 ) -> None:
     resp = JSONResponse(
-        {"error": {"message": message, "type": "invalid_request_error"}, "detail": message},
+        {
+            "error": {
+                "message": message,
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "request_too_large" if status == 413 else None,
+            },
+            "detail": message,
+        },
         status_code=status,
     )
     await resp(scope, receive or _no_body, send)

@@ -1,5 +1,6 @@
 """Schemathesis over the served OpenAPI spec of create_app(handbook, warm=False, ui=False): no
-5xx on any operation, then the planted fact is still answered. Answers are kept short
+5xx on any operation and no answer that breaks the schema (status codes, content types and
+bodies as documented), then the planted fact is still answered. Answers are kept short
 (kb.settings.max_tokens = 4 and any generated max_tokens capped at 4) so the run stays bounded."""
 
 from __future__ import annotations
@@ -14,12 +15,24 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from tests.conftest import FACT_ANSWER, FACT_QUESTION, serve_in_thread
 
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 4
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,28 +45,48 @@ def served(handbook):
         yield url
 
 
+def _bounded(m):
+    if not isinstance(m, dict):
+        return m
+    content = m.get("content")
+    if isinstance(content, str):
+        return {**m, "content": content[:400]}
+    if isinstance(content, list):
+        parts = [
+            {**p, "text": p["text"][:100]}
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+            else p
+            for p in content[:4]
+        ]
+        return {**m, "content": parts}
+    return m
+
+
 def _steer(case) -> None:
-    """Bound what the chat endpoint may generate (the schema allows up to 32768 tokens), and aim
-    every other chat at the ready corpus and every other upload at corpus 'fuzz', so that
-    generation and ingestion run rather than stopping at 404."""
+    """Bound what the chat and completions endpoints may generate (the schema allows up to 32768
+    tokens), and aim every other chat and completion at the ready corpus and every other upload
+    at corpus 'fuzz', so that generation and ingestion run rather than stopping at 404."""
     alternate = zlib.crc32(repr((case.body, case.path_parameters, case.query)).encode()) % 2
     if (
-        case.operation.label == "POST /v1/chat/completions"
+        case.operation.label in ("POST /v1/chat/completions", "POST /v1/completions")
         and isinstance(case.body, dict)
         and alternate
     ):
         case.body["model"] = "kb:handbook"
         case.body.pop("corpus", None)
+        msgs = case.body.get("messages")
+        if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict):
+            # end on a user's question, so that the model answers
+            last = msgs[-1].get("content")
+            text = last if isinstance(last, str) and last.strip() else "What is in the documents?"
+            msgs[-1] = {"role": "user", "content": text}
     if case.operation.label == "POST /v1/corpora/{name}/documents" and alternate:
         case.path_parameters = {**(case.path_parameters or {}), "name": "fuzz"}
     if isinstance(case.body, dict) and isinstance(case.body.get("messages"), list):
-        # bound the prompt too: at most 8 messages of 400 characters each
-        case.body["messages"] = [
-            {**m, "content": m["content"][:400]}
-            if isinstance(m, dict) and isinstance(m.get("content"), str)
-            else m
-            for m in case.body["messages"][-8:]
-        ]
+        # bound the prompt too: at most 8 messages of 400 characters each (in at most 4 parts)
+        case.body["messages"] = [_bounded(m) for m in case.body["messages"][-8:]]
+    if isinstance(case.body, dict) and isinstance(case.body.get("prompt"), str):
+        case.body["prompt"] = case.body["prompt"][:400]
     if isinstance(case.body, dict):
         for key in ("max_tokens", "max_completion_tokens"):
             value = case.body.get(key)
@@ -93,6 +126,7 @@ def test_no_server_error_on_any_operation(served):
                 f"{case.method} {case.formatted_path} -> {response.status_code}: {response.text[:500]}\n"
                 f"{case.as_curl_command()}"
             )
+            case.validate_response(response, checks=CHECKS)
 
         try:
             no_5xx()

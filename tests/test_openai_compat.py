@@ -142,7 +142,15 @@ def test_last_message_must_be_the_users(client):
             "tools",
         ),
         ({"tool_choice": "required"}, "tool_choice"),
+        ({"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"prediction": {"type": "content", "content": "x"}}, "prediction"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0.role"),
         ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty"),
+        ({"extra_body": {"top_k": -1}}, "top_k"),
     ],
 )
 def test_bad_and_unsupported_parameters_are_400_naming_them(client, kwargs, param):
@@ -166,9 +174,32 @@ def test_accepted_parameters(client):
         user="someone",
         presence_penalty=0.5,
         frequency_penalty=0.5,
-        extra_body={"repetition_penalty": 1.1},
+        metadata={"k": "v"},
+        store=False,
+        parallel_tool_calls=False,
+        extra_body={"repetition_penalty": 1.1, "top_k": 40, "an_unknown_field": 1},
     )
     assert r.choices[0].message.content and r.usage.completion_tokens > 0
+
+
+def test_default_temperature_is_greedy(client):
+    """kb's default temperature is 0 (OpenAI's is 1): the same question, the same answer."""
+    a, b = (
+        client.chat.completions.create(model=MODEL, max_tokens=16, messages=ASK)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    )
+    assert a == b
+    hot = {
+        client.chat.completions.create(
+            model=MODEL, max_tokens=16, messages=ASK, temperature=2.0, seed=s
+        )
+        .choices[0]
+        .message.content
+        for s in range(4)
+    }
+    assert len(hot) > 1  # sampling does vary with the seed at temperature 2
 
 
 def test_citations_are_the_passage_unless_the_segment_is_asked_for(client):
@@ -269,6 +300,9 @@ def test_legacy_completions(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, best_of=3)
     assert e.value.param == "best_of"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=["one", "two"], max_tokens=4)
+    assert e.value.param == "prompt"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="kb:nope", prompt=prompt, max_tokens=4)
 

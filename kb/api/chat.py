@@ -21,7 +21,7 @@ from kb.api.streaming import failure, finished_or_gone, sse
 from kb.auth import Principal
 from kb.engine.request import Finished
 from kb.engine.sequence import SamplingParams
-from kb.errors import KBError, NotFound, NotReady
+from kb.errors import NotFound, NotReady
 from kb.service import Answer, KnowledgeBase
 
 router = APIRouter(tags=["chat"])
@@ -49,12 +49,6 @@ async def model(
         if c.status == "ready" and model_id in (f"kb:{c.name}", c.name):
             return _model(c)
     raise NotFound(f"the model {model_id!r} does not exist", param="model", code="model_not_found")
-
-
-def refuse_unsupported(body) -> None:
-    bad = body.unsupported()
-    if bad:
-        raise KBError(bad[1], param=bad[0], code="unsupported_parameter")
 
 
 def sampling(kb: KnowledgeBase, body: SamplingFields, max_tokens: int) -> SamplingParams:
@@ -91,7 +85,6 @@ async def chat(
     """A chat turn over a corpus: the last message is the question, earlier ones the history
     (system and developer messages are instructions). With `stream`, server-sent events in
     OpenAI's chunk format; citations come on the finishing chunk."""
-    refuse_unsupported(body)
     convo = conversation(body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens or kb.settings.max_tokens
     sp = sampling(kb, body, max_tokens)

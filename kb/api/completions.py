@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from kb.api.auth import current_user, require
-from kb.api.chat import include_usage, refuse_unsupported, sampling
+from kb.api.chat import include_usage, sampling
 from kb.api.deps import get_kb
 from kb.api.errors import error
 from kb.api.openapi import STREAM_RESPONSE
@@ -52,7 +52,6 @@ async def completions(
 ):
     """Continue `prompt` with the model alone (OpenAI's legacy completions; `echo` prepends the
     prompt). With `stream`, server-sent events of `text_completion` chunks."""
-    refuse_unsupported(body)
     prompt = body.prompt_text()
     if not prompt:
         raise KBError("prompt: the prompt is empty", param="prompt", code="invalid_value")

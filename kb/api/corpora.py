@@ -78,7 +78,14 @@ async def documents(
     return await run_in_threadpool(listing)
 
 
-@router.post("/v1/corpora/{name}/documents")
+@router.post(
+    "/v1/corpora/{name}/documents",
+    responses={
+        202: {"description": "queued (`?wait=false`): the job ids"},
+        415: {"description": "every file is of a type kb does not read"},
+        422: {"description": "every file failed (each document's error and code)"},
+    },
+)
 async def upload(
     name: str,
     files: list[UploadFile] = File(...),

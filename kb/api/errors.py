@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
+from kb.api.schemas import UNSUPPORTED
 from kb.errors import KBError
 
 TYPES = {
@@ -119,9 +120,13 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
     bad = [e for e in errors if e["type"] in BAD_INPUT_TYPES]  # a union's other branch fails too
     first = (bad or errors or [{"loc": (), "msg": "invalid request", "type": ""}])[0]
     field = _where(first["loc"])
+    code = _code(first["type"])
     if first["type"] == "json_invalid":
-        message = "the body is not valid JSON"
-        field = None
+        message, field = "the body is not valid JSON", None
+    elif field.split(".")[0] in UNSUPPORTED and first["type"] not in BAD_INPUT_TYPES:
+        field = field.split(".")[0]  # the parameter, as OpenAI names it
+        message = f"{field}: kb does not support this value ({first['msg']})"
+        code = "unsupported_parameter"
     else:
         message = f"{field}: {first['msg']}"
-    return error(400, message, param=field, code=_code(first["type"]))
+    return error(400, message, param=field, code=code)

@@ -1,21 +1,40 @@
 """Request bodies of the HTTP API, in OpenAI's shapes where OpenAI has one (the fields of its chat
 and legacy completions requests, typed as the `openai` package types them), plus kb's extras.
 
-Parameters kb cannot honour are part of the schema so that a request naming them is refused
-with a 400 that names the parameter (`unsupported()`), never silently ignored; fields OpenAI
-accepts without effect on an answer (user, metadata, store, ...) are accepted and ignored, and
-unknown fields are ignored, as vLLM does.
+Parameters kb cannot honour are in the schema with only the values kb takes (n: 1, tools: none,
+response_format: text, ...), so that a request asking for more is refused with a 400 that names
+the parameter (code `unsupported_parameter`), never silently ignored, and the served OpenAPI
+schema says what a valid request is. Fields OpenAI accepts without effect on an answer (user,
+metadata, store, ...) are accepted and ignored, and unknown fields are ignored, as vLLM does.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from kb.inputs import Name, Text
 
 PENALTY = {"ge": -2.0, "le": 2.0, "allow_inf_nan": False}
+# top-level fields whose other values OpenAI honours and kb does not (errors.py names them so)
+UNSUPPORTED = {
+    "n",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "modalities",
+    "audio",
+    "prediction",
+    "best_of",
+    "suffix",
+    "stop",
+}
 
 
 class ContentPart(BaseModel):
@@ -47,8 +66,7 @@ class StreamOptions(BaseModel):
 
 
 class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Name = Field(description='only "text"')
+    type: Literal["text"] = Field(description='only "text" (no JSON mode or schema)')
 
 
 class SamplingFields(BaseModel):
@@ -66,11 +84,13 @@ class SamplingFields(BaseModel):
         description="default 0 (greedy: answers from documents should not vary); OpenAI's is 1",
     )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    n: int | None = Field(default=None, ge=1, le=128, description="only 1")
+    n: Literal[1] | None = Field(default=None, description="only 1")
     seed: int | None = Field(
         default=None, ge=-(2**63), le=2**63 - 1, description="a signed 64-bit integer"
     )
-    stop: Text | list[Text] | None = Field(default=None, description="up to 4 strings")
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = Field(
+        default=None, description="up to 4 strings"
+    )
     presence_penalty: float = Field(
         default=0.0, **PENALTY, description="minus this from a generated token's logit (OpenAI)"
     )
@@ -79,7 +99,9 @@ class SamplingFields(BaseModel):
         **PENALTY,
         description="minus this times the token's count so far from its logit (OpenAI)",
     )
-    logit_bias: dict[str, float] | None = Field(default=None, description="not supported")
+    logit_bias: dict[str, float] | None = Field(
+        default=None, max_length=0, description="not supported"
+    )
     user: Name | None = Field(default=None, description="accepted and ignored")
     # kb's extras (vLLM has top_k and repetition_penalty too)
     top_k: int = Field(default=0, ge=0, le=100000, description="kb: 0 = no limit")
@@ -95,32 +117,31 @@ class SamplingFields(BaseModel):
     def stops(self) -> tuple[str, ...]:
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
 
-    def common_unsupported(self) -> tuple[str, str] | None:
-        if self.n not in (None, 1):
-            return "n", "n: kb generates one choice per request; send n=1 or leave it out"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported"
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            return "stop", "stop: at most 4 sequences"
-        return None
-
 
 class ChatRequest(SamplingFields):
     model: Name = Field(description='the corpus as "kb:NAME" (or NAME), unless `corpus` is given')
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
-    logprobs: bool | None = Field(default=None, description="not supported: only false")
-    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="not supported")
+    logprobs: Literal[False] | None = Field(default=None, description="not supported: false")
+    top_logprobs: Literal[0] | None = Field(default=None, description="not supported: 0")
     response_format: ResponseFormat | None = Field(default=None, description='only "text"')
-    tools: list[dict[str, Any]] | None = Field(default=None, description="not supported")
-    tool_choice: str | dict[str, Any] | None = Field(default=None, description='only "none"')
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, max_length=0, description="not supported (no tool calling): empty"
+    )
+    tool_choice: Literal["none", "auto"] | None = Field(
+        default=None, description='"none" (or "auto" with no tools)'
+    )
     parallel_tool_calls: bool | None = Field(default=None, description="accepted and ignored")
-    functions: list[dict[str, Any]] | None = Field(default=None, description="not supported")
-    function_call: str | dict[str, Any] | None = Field(default=None, description="not supported")
-    modalities: list[Name] | None = Field(default=None, description='only ["text"]')
-    audio: dict[str, Any] | None = Field(default=None, description="not supported")
-    prediction: dict[str, Any] | None = Field(default=None, description="not supported")
+    functions: list[dict[str, Any]] | None = Field(
+        default=None, max_length=0, description="not supported: empty"
+    )
+    function_call: Literal["none", "auto"] | None = Field(
+        default=None, description='"none" (or "auto" with no functions)'
+    )
+    modalities: list[Literal["text"]] | None = Field(default=None, description='only ["text"]')
+    audio: None = Field(default=None, description="not supported")
+    prediction: None = Field(default=None, description="not supported")
     metadata: dict[str, Any] | None = Field(default=None, description="accepted and ignored")
     store: bool | None = Field(default=None, description="accepted and ignored")
     service_tier: Name | None = Field(default=None, description="accepted and ignored")
@@ -142,58 +163,23 @@ class ChatRequest(SamplingFields):
         name = self.corpus or self.model
         return name.removeprefix("kb:")
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """(parameter, message) of the first parameter kb cannot honour, or None."""
-        common = self.common_unsupported()
-        if common:
-            return common
-        if self.logprobs or self.top_logprobs:
-            name = "logprobs" if self.logprobs else "top_logprobs"
-            return name, f"{name}: log probabilities are not supported"
-        if self.response_format is not None and self.response_format.type != "text":
-            return "response_format", 'response_format: only {"type": "text"} is supported'
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                return name, f"{name}: tool and function calling are not supported"
-        if self.tool_choice not in (None, "none"):
-            return "tool_choice", 'tool_choice: only "none" (kb calls no tools)'
-        if self.function_call not in (None, "none"):
-            return "function_call", "function_call: function calling is not supported"
-        if self.modalities not in (None, ["text"]):
-            return "modalities", 'modalities: only ["text"]'
-        for name in ("audio", "prediction"):
-            if getattr(self, name):
-                return name, f"{name} is not supported"
-        return None
-
 
 class CompletionRequest(SamplingFields):
     """The legacy completions request: a raw prompt, continued by the served model alone."""
 
     model: Name = Field(description='a model of GET /v1/models ("kb:NAME") or the base model')
-    prompt: Text | list[Text] = Field(description="one prompt (a list holds exactly one)")
+    prompt: (
+        Annotated[Text, Field(min_length=1)]
+        | Annotated[list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    ) = Field(description="one prompt (a list holds exactly one)")
     max_tokens: int = Field(default=16, ge=1, le=32768, description="default 16, as OpenAI's")
     echo: bool = Field(default=False, description="prepend the prompt to the text")
-    logprobs: int | None = Field(default=None, ge=0, le=5, description="not supported")
-    best_of: int | None = Field(default=None, ge=1, le=20, description="only 1")
-    suffix: Text | None = Field(default=None, description="not supported")
+    logprobs: Literal[0] | None = Field(default=None, description="not supported: 0")
+    best_of: Literal[1] | None = Field(default=None, description="only 1")
+    suffix: None = Field(default=None, description="not supported (no insertion)")
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else "".join(self.prompt[:1])
-
-    def unsupported(self) -> tuple[str, str] | None:
-        common = self.common_unsupported()
-        if common:
-            return common
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            return "prompt", "prompt: send one prompt per request (a string or a list of one)"
-        if self.logprobs:
-            return "logprobs", "logprobs: log probabilities are not supported"
-        if self.best_of not in (None, 1):
-            return "best_of", "best_of: only 1"
-        if self.suffix:
-            return "suffix", "suffix (insertion) is not supported"
-        return None
 
 
 class CorpusCreate(BaseModel):
