@@ -7,21 +7,21 @@ from __future__ import annotations
 import hashlib
 from typing import Protocol
 
-from kb.prompt import encode, preamble_text
 from kb.settings import Settings
 
 
 class ModelHashes(Protocol):
     """What the key needs of a model: a loaded one or only its identity (`ModelIdentity`)."""
 
-    tokenizer: object
     weights_hash: str
     tokenizer_hash: str
+
+    def preamble_tokens(self, system_prompt: str) -> list[int]: ...
 
 
 def corpus_settings(settings: Settings, model: ModelHashes) -> dict:
     """The settings a corpus built now records (Corpus.settings) and is keyed by."""
-    preamble = encode(model.tokenizer, preamble_text(model.tokenizer, settings.system_prompt))
+    preamble = model.preamble_tokens(settings.system_prompt)
     cfg = {
         "weights": model.weights_hash,
         "tokenizer": model.tokenizer_hash,

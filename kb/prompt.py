@@ -74,6 +74,11 @@ def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def preamble_tokens(tokenizer, system_prompt: str) -> list[int]:
+    """The corpus preamble's token ids: what every corpus's shared KV starts with."""
+    return encode(tokenizer, preamble_text(tokenizer, system_prompt))
+
+
 def question_span(tokenizer, text: str, question: str) -> tuple[int, int] | None:
     """[start, end) of the tokens of `encode(text)` that spell the last occurrence of `question`
     (the question itself, not the chat template around it: what selection scores with); None

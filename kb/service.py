@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from kb.auth import Principal, can_read, can_write, check_read, check_write
 from kb.cache_admin import CacheAdmin
-from kb.cache_key import settings_key
+from kb.catalog import Catalog, CorpusInfo, corpus_row
 from kb.chats import Chats
 from kb.citations import CitationMap
 from kb.corpus_cache import CorpusCache, LoadedCorpus
@@ -31,8 +31,7 @@ from kb.errors import Conflict, KBError, NotFound, TooBusy
 from kb.ingest.pipeline import Ingestor, IngestResult, Progress
 from kb.jobs import JobService
 from kb.model.config import UnsupportedModelError
-from kb.model.demo import DEMO_NAME, demo_folder, ensure_demo_model, is_converted
-from kb.model.identity import model_identity
+from kb.model.demo import DEMO_NAME, ensure_demo_model
 from kb.model.loader import LoadedModel, load_model
 from kb.prompt import build_prompt, encode, question_span
 from kb.settings import Settings
@@ -42,30 +41,6 @@ from storage.models import Corpus, CorpusShare, Document, User
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" let "name\n" through
-
-
-@dataclass
-class CorpusInfo:
-    name: str
-    status: str
-    model: str
-    documents: int
-    segments: int
-    tokens: int
-    created_at: datetime | None = None
-    stale: bool = False  # its stored KV was built with other settings (or is damaged): rebuild it
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "status": self.status,
-            "model": self.model,
-            "documents": self.documents,
-            "segments": self.segments,
-            "tokens": self.tokens,
-            "stale": self.stale,
-            "created_at": self.created_at.isoformat() if self.created_at else None,
-        }
 
 
 @dataclass
@@ -129,6 +104,7 @@ class KnowledgeBase:
         self.ingestor = Ingestor(self.settings, self.db, lambda: self.loaded)
         self.cache = CorpusCache(self.settings, self.db, lambda: self.loaded, lambda: self.engine)
         self.chats = Chats(self.db)
+        self.catalog = Catalog(self.settings, self.db, lambda: self._loaded)
         self._jobs: JobService | None = None
         self.cache_admin = CacheAdmin(self)
 
@@ -206,10 +182,7 @@ class KnowledgeBase:
 
     # -- corpora ----------------------------------------------------------------------------
     def _corpus(self, session, name: str) -> Corpus:
-        corpus = session.scalar(select(Corpus).where(Corpus.name == name))
-        if corpus is None:
-            raise NotFound(f"corpus {name!r} does not exist")
-        return corpus
+        return corpus_row(session, name)
 
     def create_corpus(
         self,
@@ -247,53 +220,19 @@ class KnowledgeBase:
                     if uid is None:
                         raise NotFound(f"user {uname!r} does not exist")  # rolls the corpus back
                     s.add(CorpusShare(corpus_id=corpus.id, user_id=uid))
-            return self._info(corpus)
-
-    def _info(self, c: Corpus, key: str | None = None) -> CorpusInfo:
-        """A corpus's summary; with the current settings `key`, a ready corpus built with other
-        settings shows status `stale`."""
-        segs = sum(len(d.segments) for d in c.documents)
-        toks = sum(d.num_tokens for d in c.documents if d.stage == "ready")
-        stale = c.status == "stale" or (
-            c.status == "ready" and key is not None and c.cache_key != key
-        )
-        status = "stale" if stale else c.status
-        return CorpusInfo(
-            c.name, status, c.model, len(c.documents), segs, toks, c.created_at, stale
-        )
+            return self.catalog.info(corpus)
 
     def settings_key(self) -> str | None:
-        """The cache key a corpus built now would get; None when the model is not on this
-        machine yet (staleness unknown). Uses only the tokenizer unless the model is loaded."""
-        if self._loaded is not None:
-            return settings_key(self.settings, self._loaded)
-        ident = getattr(self, "_identity", None)
-        if ident is None:
-            name = self.settings.model
-            folder = (
-                demo_folder(self.settings.resolved_models_dir)
-                if name == DEMO_NAME
-                else Path(name).expanduser()
-            )
-            if not (is_converted(folder) if name == DEMO_NAME else folder.is_dir()):
-                return None
-            ident = self._identity = model_identity(folder)
-        return settings_key(self.settings, ident)
+        """The cache key a corpus built now would get (kb/catalog.py); None when the model is
+        not on this machine yet."""
+        return self.catalog.settings_key()
 
     def list_corpora(self, *, user: Principal | None = None) -> list[CorpusInfo]:
         """All corpora, or only those `user` may read."""
-        with self.db.session() as s:
-            key = self.settings_key()
-            return [
-                self._info(c, key)
-                for c in s.scalars(select(Corpus).order_by(Corpus.name))
-                if user is None or can_read(s, user, c)
-            ]
+        return self.catalog.list_corpora(user=user)
 
     def corpus_info(self, name: str) -> CorpusInfo:
-        key = self.settings_key()
-        with self.db.session() as s:
-            return self._info(self._corpus(s, name), key)
+        return self.catalog.corpus_info(name)
 
     def documents(self, name: str) -> list[dict]:
         with self.db.session() as s:

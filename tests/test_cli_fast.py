@@ -73,6 +73,9 @@ def test_help_and_unknown_names_import_nothing_heavy(kb_env, no_default_server):
         rc, loaded, err = _modules_loaded_by(argv, env)
         assert rc == 1 and expect in err, (argv, err)
         assert not loaded, (argv, loaded)
+    _modules_loaded_by(["corpus", "list"], env)  # the first use of a model remembers its preamble
+    rc, loaded, _ = _modules_loaded_by(["corpus", "list"], env)
+    assert rc == 0 and not loaded, loaded  # listings come from the catalog: no torch, no engine
 
 
 def test_suggestions():

@@ -1,18 +1,36 @@
-"""Helpers shared by the command modules."""
+"""Helpers shared by the command modules.
+
+The one seam between the command line and the service: `knowledge_base()` (the whole service:
+torch, the engine), `catalog()` (corpus listings: the database and the model's hashes) and
+`database()` are the only places the commands reach it, each imported when a command runs so
+that `kb --help` and a mistyped name answer before SQLAlchemy or torch load.
+"""
 
 from __future__ import annotations
 
 
 def knowledge_base():
-    from kb.service import KnowledgeBase
+    """The whole service (imports torch and the engine: seconds)."""
+    from kb.service import KnowledgeBase  # heavy: torch; only for the commands that use it
 
     return KnowledgeBase()
+
+
+def catalog():
+    """Corpus listings without the engine: `kb corpus list` answers in well under a second."""
+    from kb.catalog import Catalog  # SQLAlchemy: not for `kb --help`
+    from kb.settings import Settings
+    from storage.db import Database
+
+    settings = Settings()
+    settings.resolved_home.mkdir(parents=True, exist_ok=True)  # as KnowledgeBase() makes it
+    return Catalog(settings, Database(settings.resolved_database_url))
 
 
 def database():
     """The knowledge base's database alone (no model, no engine): for commands that need no
     more, e.g. `kb user ...`, which then answer in about a second instead of six."""
-    from kb.settings import Settings
+    from kb.settings import Settings  # as catalog(): not for `kb --help`
     from storage.db import Database
 
     return Database(Settings().resolved_database_url)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from kb.cli.common import human_size, print_json_or_empty
+from kb.cli.common import catalog, human_size, print_json_or_empty
 from kb.cli.common import knowledge_base as _kb
 from kb.cli.names import require_corpus
 
@@ -16,7 +16,7 @@ def cmd_corpus_create(args) -> int:
 
 
 def cmd_corpus_list(args) -> int:
-    rows = _kb().list_corpora()
+    rows = catalog().list_corpora()
     if print_json_or_empty(rows, args.json, "no corpora yet: kb corpus create NAME"):
         return 0
     print(f"{'NAME':24} {'STATUS':9} {'DOCS':>5} {'SEGMENTS':>8} {'TOKENS':>9}")

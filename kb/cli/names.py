@@ -9,6 +9,7 @@ are close ("did you mean").
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
 
 
@@ -44,7 +45,7 @@ def _column(
     read here (no tables yet, an unreachable server), so the caller falls back to the full check."""
     params = params or {}
     if database_url is None:
-        from kb.settings import Settings
+        from kb.settings import Settings  # pydantic: not for `kb --help`
 
         database_url = Settings().resolved_database_url
     if database_url.startswith(
@@ -60,19 +61,24 @@ def _column(
                 return [row[0] for row in c.execute(sql, params)]
         except sqlite3.Error:
             return None
-    from sqlalchemy import create_engine, text
+    from sqlalchemy import text  # 0.4 s: only for a server database
     from sqlalchemy.exc import SQLAlchemyError
 
-    if database_url.startswith("postgresql://"):
-        database_url = "postgresql+psycopg://" + database_url.removeprefix("postgresql://")
-    engine = create_engine(database_url)
     try:
-        with engine.connect() as c:
+        with _sql_engine(database_url).connect() as c:
             return [row[0] for row in c.execute(text(sql), params)]
     except SQLAlchemyError:
         return None
-    finally:
-        engine.dispose()
+
+
+@functools.cache
+def _sql_engine(database_url: str):
+    """One SQLAlchemy engine per database for the whole command (not one per lookup)."""
+    from sqlalchemy import create_engine
+
+    if database_url.startswith("postgresql://"):
+        database_url = "postgresql+psycopg://" + database_url.removeprefix("postgresql://")
+    return create_engine(database_url)
 
 
 def corpus_names(database_url: str | None = None) -> list[str] | None:

@@ -1,14 +1,20 @@
 """What identifies a model folder without loading its weights: the content hashes of its weight
-and tokenizer files, and its tokenizer. Torch-free, so listing corpora never imports torch."""
+and tokenizer files, and the corpus preamble's tokens. Torch-free, and after a folder's first
+use free of transformers too (the preamble's tokens are remembered beside the model), so listing
+corpora and telling stale ones answers in well under a second."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from kb.model.config import UnsupportedModelError
+from kb.prompt import preamble_tokens
+
+PREAMBLE_CACHE = ".kb_preamble_tokens.json"  # beside the weights, like .kb_weights_hash.json
 
 
 def file_digest(paths: list[Path]) -> str:
@@ -59,14 +65,37 @@ def load_tokenizer(folder: Path):
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """What a corpus's cache key needs of the model (tokenizer and hashes), without its weights:
-    listing corpora and telling stale ones never loads a model."""
+    """What a corpus's cache key needs of the model (hashes and the preamble), without its
+    weights: listing corpora and telling stale ones never loads a model."""
 
-    tokenizer: object
+    folder: Path
     weights_hash: str
     tokenizer_hash: str
+
+    def preamble_tokens(self, system_prompt: str) -> list[int]:
+        """The preamble's tokens under `system_prompt`, remembered beside the model by the
+        tokenizer's hash and the prompt; the tokenizer is loaded only the first time."""
+        key = hashlib.sha256(f"{self.tokenizer_hash}\0{system_prompt}".encode()).hexdigest()[:32]
+        cache = self.folder / PREAMBLE_CACHE
+        try:
+            known = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if not isinstance(known, dict):
+            known = {}
+        if isinstance(known.get(key), list):
+            return known[key]
+        tokens = preamble_tokens(load_tokenizer(self.folder), system_prompt)
+        known[key] = tokens
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}")
+        try:  # written whole, then renamed: a reader never sees half a file
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a read-only model folder still works
+        return tokens
 
 
 def model_identity(folder: Path) -> ModelIdentity:
     """The identity of the model in `folder`, hashed the way `load_model` hashes it."""
-    return ModelIdentity(load_tokenizer(folder), weights_hash(folder), tokenizer_hash(folder))
+    return ModelIdentity(folder, weights_hash(folder), tokenizer_hash(folder))

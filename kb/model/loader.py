@@ -12,6 +12,7 @@ from safetensors import safe_open
 from kb.model.config import ModelConfig, UnsupportedModelError
 from kb.model.identity import load_tokenizer, tokenizer_hash, weights_hash
 from kb.model.llama import Transformer
+from kb.prompt import preamble_tokens
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,10 @@ class LoadedModel:
     folder: Path
     weights_hash: str
     tokenizer_hash: str
+
+    def preamble_tokens(self, system_prompt: str) -> list[int]:
+        """The corpus preamble's tokens under `system_prompt` (kb/prompt.py)."""
+        return preamble_tokens(self.tokenizer, system_prompt)
 
 
 def load_state_dict(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
