@@ -128,7 +128,7 @@ class ServerClient:
             with self.client.stream(
                 "POST",
                 "/v1/chat/completions",
-                json={**body, "stream": True},
+                json={**body, "stream": True, "stream_options": {"include_usage": True}},
                 timeout=httpx.Timeout(30.0, read=None),
             ) as r:
                 if r.status_code >= 400:
@@ -172,7 +172,8 @@ class ServerClient:
             if choice.get("finish_reason"):
                 reply.finish_reason = choice["finish_reason"]
                 reply.citations = ev.get("citations") or []
-                reply.usage = ev.get("usage") or {}
+            if ev.get("usage"):  # the last chunk, choices [] (asked for with include_usage)
+                reply.usage = ev["usage"]
         return reply
 
 
