@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from attention import route as _route
+from index.store import load_summaries
 from index.summaries import KINDS, ChunkSummaries, group_query, query_vectors
 
 
@@ -61,8 +62,6 @@ class Router:
         dtype: torch.dtype = torch.float32,
     ) -> Router:
         """Read the summaries a corpus stored with `index.store.save` (no FAISS needed)."""
-        from index.store import load_summaries
-
         return cls.from_summaries(load_summaries(folder), kind, device, dtype)
 
     @property

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from index.faiss_index import LayerIndex, faiss_has_gpu, is_ivf, load_index, save_index
 from index.summaries import KINDS, ChunkSummaries
 
 FORMAT_VERSION = 1
@@ -86,8 +87,6 @@ def save(
 
     index_types: dict[str, list[str]] = {}
     nprobe: dict[str, int] = {}
-    if layers:
-        from index.faiss_index import is_ivf, save_index
     for kind, per_layer in layers.items():
         assert kind in KINDS and len(per_layer) == len(summaries), f"bad indexes for {kind!r}"
         index_types[kind] = []
@@ -168,8 +167,6 @@ def load(
     use_gpu: bool | None = None,
 ) -> CorpusIndex:
     """Summaries and FAISS indexes of `kinds` (None: all stored) from a stored index folder."""
-    from index.faiss_index import LayerIndex, faiss_has_gpu, load_index
-
     folder = Path(folder)
     m = read_manifest(folder)
     kinds = list(m.kinds if kinds is None else kinds)

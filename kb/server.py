@@ -30,7 +30,7 @@ def mount_ui(app: FastAPI, kb: KnowledgeBase) -> None:
     """The Gradio app at "/" of `app`, behind the file guard and, with sign-in on, the login."""
     import gradio as gr
 
-    from ui.app import CSS, build_ui
+    from ui.app import CSS, build_ui  # the web app (gradio) only where it is mounted
 
     # Gradio's uploads go to our own folder (never a shared /tmp/gradio), and only files its
     # upload route wrote there, for the caller who uploaded them, reach an event or /file=

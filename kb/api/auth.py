@@ -13,6 +13,7 @@ import html
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
+from sqlalchemy import select
 
 from kb.api.deps import get_kb
 from kb.auth import (
@@ -22,11 +23,16 @@ from kb.auth import (
     Principal,
     auth_on,
     authenticate,
+    check_read,
+    check_write,
     make_session_token,
     principal_for,
     secret_of,
 )
+from kb.errors import NotFound
+from kb.inputs import text_problem
 from kb.service import KnowledgeBase
+from storage.models import Corpus
 
 router = APIRouter(tags=["auth"])
 
@@ -63,8 +69,6 @@ async def login(
     password: str = Form(...),
     kb: KnowledgeBase = Depends(get_kb),
 ):
-    from kb.inputs import text_problem
-
     bad = text_problem(name, single_line=True) or text_problem(password)  # never to the database
     user = None if bad else await run_in_threadpool(authenticate, kb.db, name, password)
     if user is None:
@@ -98,12 +102,6 @@ async def me(user: Principal = Depends(current_user)):
 
 
 def _check(kb: KnowledgeBase, user: Principal, name: str, write: bool) -> None:
-    from sqlalchemy import select
-
-    from kb.auth import check_read, check_write
-    from kb.errors import NotFound
-    from storage.models import Corpus
-
     with kb.db.session() as s:
         corpus = s.scalar(select(Corpus).where(Corpus.name == name))
         if corpus is None:

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from kb.cli.names import suggest
 from kb.errors import KBError
 
 COMMAND_MODULES = (
@@ -28,8 +29,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         import re
-
-        from kb.cli.names import suggest
 
         m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
         if m:

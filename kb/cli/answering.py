@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Protocol
 
+from kb.cli.common import knowledge_base
 from kb.cli.names import require_corpus, unknown_corpus
 from kb.cli.server_client import DEFAULT_PROBE_S, ServerClient, default_url, explicit_url, listening
 from kb.errors import KBError, NotFound
@@ -50,8 +51,6 @@ class LocalAnswerer:
     where = "this process (no server answered; loading the model here)"
 
     def __init__(self, corpus: str, args):
-        from kb.cli.common import knowledge_base
-
         require_corpus(corpus)  # before the model loads: a typo is reported at once
         self.corpus = corpus
         self.kb = knowledge_base()
@@ -64,7 +63,7 @@ class LocalAnswerer:
     def answer(
         self, question: str, history: list[dict], on_text: Callable[[str], None] | None
     ) -> dict:
-        from kb.engine.sequence import SamplingParams
+        from kb.engine.sequence import SamplingParams  # torch: only when answering here
 
         sp = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
         return self.kb.wait(

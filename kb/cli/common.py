@@ -19,8 +19,8 @@ def knowledge_base():
 def catalog():
     """Corpus listings without the engine: `kb corpus list` answers in well under a second."""
     from kb.catalog import Catalog  # SQLAlchemy: not for `kb --help`
-    from kb.settings import Settings
-    from storage.db import Database
+    from kb.settings import Settings  # pydantic: not for `kb --help`
+    from storage.db import Database  # SQLAlchemy: not for `kb --help`
 
     settings = Settings()
     settings.resolved_home.mkdir(parents=True, exist_ok=True)  # as KnowledgeBase() makes it
@@ -31,7 +31,7 @@ def database():
     """The knowledge base's database alone (no model, no engine): for commands that need no
     more, e.g. `kb user ...`, which then answer in about a second instead of six."""
     from kb.settings import Settings  # as catalog(): not for `kb --help`
-    from storage.db import Database
+    from storage.db import Database  # SQLAlchemy: not for `kb --help`
 
     return Database(Settings().resolved_database_url)
 

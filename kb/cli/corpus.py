@@ -63,9 +63,9 @@ def _refuse_unsupported(files: list[str]) -> tuple[list[str], list[str]]:
     refused before anything is uploaded; a missing file is left for the store step to report)."""
     from pathlib import Path
 
-    from kb.ingest.errors import IngestError
-    from kb.ingest.pipeline import refuse_unsupported
-    from kb.settings import Settings
+    from kb.ingest.errors import IngestError  # kb.ingest loads its parsers: not for --help
+    from kb.ingest.pipeline import refuse_unsupported  # heavy: torch, only when ingesting
+    from kb.settings import Settings  # pydantic: not for `kb --help`
 
     allowed = Settings().allowed_types
     keep, refused = [], []
@@ -89,7 +89,7 @@ def cmd_ingest(args) -> int:
     """Ingest through the job path: without KB_REDIS_URL an in-process worker runs the jobs
     until they finish; with it, `kb worker` processes do, and this waits (or not: --no-wait)."""
     require_corpus(args.name)  # before anything heavy loads: a typo is reported at once
-    from kb.cli.ingest_progress import IngestDisplay
+    from kb.cli.ingest_progress import IngestDisplay  # heavy: kb.jobs loads the pipeline
 
     files, refused = _refuse_unsupported(args.files)
     for r in refused:

@@ -13,7 +13,7 @@ from kb.cli.names import require_corpus, require_job
 
 def cmd_worker(args) -> int:
     """Run ingest jobs until SIGTERM or Ctrl-C (the jobs in hand are finished first)."""
-    from kb.jobs import JobService, WorkerConfig, WorkerPool
+    from kb.jobs import JobService, WorkerConfig, WorkerPool  # heavy: torch, for the worker
 
     kb = _kb()
     config = WorkerConfig(

@@ -12,6 +12,8 @@ import difflib
 import functools
 from pathlib import Path
 
+from kb.errors import NotFound
+
 
 def suggest(name: str, known: list[str], n: int = 3) -> str:
     """`; did you mean 'a' or 'b'?` for the known names close to `name`, else ''."""
@@ -88,8 +90,6 @@ def corpus_names(database_url: str | None = None) -> list[str] | None:
 
 def require_corpus(name: str, database_url: str | None = None) -> None:
     """Raise NotFound, with "did you mean", when corpus `name` is certainly not in the database."""
-    from kb.errors import NotFound
-
     known = corpus_names(database_url)
     if known is not None and name not in known:
         raise NotFound(unknown_corpus(name, known))
@@ -97,8 +97,6 @@ def require_corpus(name: str, database_url: str | None = None) -> None:
 
 def require_user(name: str, database_url: str | None = None) -> None:
     """Raise NotFound, with "did you mean", when user `name` is certainly not in the database."""
-    from kb.errors import NotFound
-
     known = _column("SELECT name FROM users ORDER BY name", database_url=database_url)
     if known is not None and name not in known:
         hint = suggest(name, known) or (
@@ -109,8 +107,6 @@ def require_user(name: str, database_url: str | None = None) -> None:
 
 def require_job(job_id: str, kind: str, message: str, database_url: str | None = None) -> None:
     """Raise NotFound(`message`) when no job of `kind` has id `job_id`, naming the ids it starts."""
-    from kb.errors import NotFound
-
     found = _column(
         "SELECT id FROM jobs WHERE id = :id AND kind = :kind",
         {"id": job_id, "kind": kind},

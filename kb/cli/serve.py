@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from kb.model.demo import DEMO_NAME, ensure_demo_model
+
 
 def cmd_model_fetch(args) -> int:
-    from kb.model.demo import DEMO_NAME, ensure_demo_model
-    from kb.settings import Settings
+    from kb.settings import Settings  # pydantic: not for `kb --help`
 
     s = Settings()
     if s.model != DEMO_NAME:
@@ -21,8 +22,8 @@ def cmd_model_fetch(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from kb.server import create_app
-    from kb.settings import Settings
+    from kb.server import create_app  # heavy: torch and gradio, only for the server
+    from kb.settings import Settings  # pydantic: not for `kb --help`
 
     s = Settings()
     host, port = args.host or s.host, args.port or s.port

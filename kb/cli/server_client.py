@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from kb.errors import KBError, NotFound
+
 DEFAULT_PROBE_S = 0.3  # how long the default address may take to answer /healthz
 
 
@@ -61,8 +63,6 @@ class ServerClient:
 
     def _json(self, method: str, path: str, **kw) -> dict:
         import httpx
-
-        from kb.errors import KBError, NotFound
 
         try:
             r = self.client.request(method, path, **kw)
@@ -122,8 +122,6 @@ class ServerClient:
         """The server-sent chunks of a streamed chat completion, parsed."""
         import httpx
 
-        from kb.errors import KBError, NotFound
-
         try:
             with self.client.stream(
                 "POST",
@@ -155,8 +153,6 @@ class ServerClient:
     ) -> ChatReply:
         """Stream one answer over `corpus` given the conversation `messages`; `on_text` gets
         each piece of text as it arrives."""
-        from kb.errors import KBError
-
         reply = ChatReply()
         for ev in self._events(
             {"model": f"kb:{corpus}", "corpus": corpus, "messages": messages, **options}

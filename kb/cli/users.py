@@ -24,7 +24,7 @@ def _read_password(args) -> str:
 
 
 def cmd_user_add(args) -> int:
-    from kb.auth import create_user
+    from kb.auth import create_user  # SQLAlchemy: not for `kb --help`
 
     user = create_user(database(), args.name, _read_password(args), admin=args.admin)
     print(f"created user {user.name}{' (admin)' if user.is_admin else ''}")
@@ -33,7 +33,7 @@ def cmd_user_add(args) -> int:
 
 def cmd_user_password(args) -> int:
     require_user(args.name)
-    from kb.auth import set_password
+    from kb.auth import set_password  # SQLAlchemy: not for `kb --help`
 
     set_password(database(), args.name, _read_password(args))
     print(f"password of {args.name} changed; their sessions end")
@@ -42,7 +42,7 @@ def cmd_user_password(args) -> int:
 
 def cmd_user_key(args) -> int:
     require_user(args.name)
-    from kb.auth import create_api_key
+    from kb.auth import create_api_key  # SQLAlchemy: not for `kb --help`
 
     key = create_api_key(database(), args.name, args.label)
     print(key)
@@ -55,7 +55,7 @@ def cmd_user_key(args) -> int:
 
 def cmd_user_keys(args) -> int:
     require_user(args.name)
-    from kb.auth import list_api_keys
+    from kb.auth import list_api_keys  # SQLAlchemy: not for `kb --help`
 
     keys = list_api_keys(database(), args.name)
     if not keys:
@@ -70,7 +70,7 @@ def cmd_user_keys(args) -> int:
 
 
 def cmd_user_revoke(args) -> int:
-    from kb.auth import revoke_api_key
+    from kb.auth import revoke_api_key  # SQLAlchemy: not for `kb --help`
 
     owner = revoke_api_key(database(), args.prefix)
     print(f"revoked the key {args.prefix}... of {owner}: it no longer signs in")
@@ -78,7 +78,7 @@ def cmd_user_revoke(args) -> int:
 
 
 def cmd_user_list(args) -> int:
-    from kb.auth import list_users
+    from kb.auth import list_users  # SQLAlchemy: not for `kb --help`
 
     users = list_users(database())
     if not users:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
+from kb.ingest.pipeline import activity
+
 TERMINAL = ("done", "failed", "cancelled")
 LIVE = ("queued", "running")
 
@@ -62,8 +64,6 @@ class JobInfo:
     @property
     def activity(self) -> str:
         """What is happening now: queued, parsing, prefilling k of n, verifying, ready, failed."""
-        from kb.ingest.pipeline import activity
-
         if self.status == "done":
             return "ready"
         if self.status == "failed":

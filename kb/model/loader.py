@@ -12,6 +12,7 @@ from safetensors import safe_open
 from kb.model.config import ModelConfig, UnsupportedModelError
 from kb.model.identity import load_tokenizer, tokenizer_hash, weights_hash
 from kb.model.llama import Transformer
+from kb.model.rope import inv_frequencies
 from kb.prompt import preamble_tokens
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,6 @@ def load_model(
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     # buffers were created on meta: recompute them on the target device
-    from kb.model.rope import inv_frequencies
-
     model.inv_freq = inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
     model.eval().requires_grad_(False)
     tok = load_tokenizer(folder)

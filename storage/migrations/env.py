@@ -49,7 +49,7 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    from storage.db import make_engine
+    from storage.db import make_engine  # storage.db runs these migrations: no import at load
 
     engine = make_engine(_url())
     try:
