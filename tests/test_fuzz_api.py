@@ -151,6 +151,7 @@ _FIELDS = {
     "top_p": _HOSTILE_FLOAT,
     "presence_penalty": _HOSTILE_FLOAT,
     "frequency_penalty": _HOSTILE_FLOAT,
+    "repetition_penalty": _HOSTILE_FLOAT,
     "model": _HOSTILE_TEXT,
     "corpus": _HOSTILE_TEXT,
     "stop": _HOSTILE_TEXT,
