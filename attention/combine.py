@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, tl, triton
+from .launch import strides
 
 if HAS_TRITON:
 
@@ -90,12 +91,7 @@ def combine(
         lse,
         r2,
         p,
-        o_part.stride(0),
-        o_part.stride(1),
-        o_part.stride(2),
-        lse_part.stride(0),
-        lse_part.stride(1),
-        lse_part.stride(2),
+        *strides(o_part, lse_part, dims=3),
         o.stride(0),
         lse.stride(0),
         D=d,

@@ -24,6 +24,7 @@ from ._triton import (
     tl,
     triton,
 )
+from .launch import strides
 
 LOG2E = 1.4426950408889634
 
@@ -203,20 +204,12 @@ def unique_attention_paged(
         lse_part,
         split_len,
         scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        *strides(q),
+        *strides(k_cache, v_cache, dims=3),
         bt.stride(0),
-        o_part.stride(0),
-        o_part.stride(1),
+        *strides(o_part),
         so,
-        lse_part.stride(0),
-        lse_part.stride(1),
+        *strides(lse_part),
         sl,
         HKV=hkv,
         G=g,

@@ -27,6 +27,7 @@ from ._triton import (
     tl,
     triton,
 )
+from .launch import strides
 
 if HAS_TRITON:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -294,19 +295,12 @@ def shared_attention_dense(
         chunk_size,
         split_len,
         scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
+        *strides(q, k, v),
         ssc,
         ssh,
-        o_part.stride(0),
-        o_part.stride(1),
+        *strides(o_part),
         so,
-        lse_part.stride(0),
-        lse_part.stride(1),
+        *strides(lse_part),
         sl,
         G=g,
         D=d,

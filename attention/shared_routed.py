@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, cdiv, dot_dtype, softmax_finish, softmax_update, tl, triton
+from .launch import chunk_scales, strides
 from .routed_call import prepare_routed
 
 LOG2E = 1.4426950408889634
@@ -269,17 +270,7 @@ def shared_attention_routed(
     # stays -inf and the merge skips them
     o_part = torch.empty(t, hkv, top_k, g, d, dtype=q.dtype, device=q.device)
     lse_part = torch.full((t, hkv, top_k, g), float("-inf"), dtype=torch.float32, device=q.device)
-    if k_scale is not None:
-        ks = k_scale.float()
-        vs = v_scale.float()
-        if ks.dim() == 1:  # per head: the same factor for every chunk
-            ks = ks.expand(num_chunks, hkv)
-            vs = vs.expand(num_chunks, hkv)
-        ssc, ssh = ks.stride(0), ks.stride(1)
-        assert vs.stride() == ks.stride()
-    else:
-        ks = vs = lse_part
-        ssc = ssh = 0
+    ks, vs, ssc, ssh = chunk_scales(k_scale, v_scale, num_chunks, hkv, lse_part)
     _shared_routed_kernel[(tile_group.numel(),)](
         q,
         k,
@@ -296,12 +287,7 @@ def shared_attention_routed(
         chunk_size,
         num_chunks * hkv,
         scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
+        *strides(q, k, v),
         ssc,
         ssh,
         HKV=hkv,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, softmax_finish, softmax_update, tl, triton
+from .launch import chunk_scales, strides
 from .routed_call import prepare_routed
 
 LOG2E = 1.4426950408889634
@@ -520,15 +521,7 @@ def shared_attention_grouped(
     block_n = min(cfg.pop("BLOCK_N"), max(8 if interp else 16, triton.next_power_of_2(chunk_size)))
     o_part = torch.empty(t, hkv, top_k, g, d, dtype=q.dtype, device=q.device)
     lse_part = torch.full((t, hkv, top_k, g), float("-inf"), dtype=torch.float32, device=q.device)
-    if k_scale is not None:
-        ks, vs = k_scale.float(), v_scale.float()
-        if ks.dim() == 1:  # per head: the same factor for every chunk
-            ks, vs = ks.expand(num_chunks, hkv), vs.expand(num_chunks, hkv)
-        ssc, ssh = ks.stride(0), ks.stride(1)
-        assert vs.stride() == ks.stride()
-    else:
-        ks = vs = lse_part
-        ssc = ssh = 0
+    ks, vs, ssc, ssh = chunk_scales(k_scale, v_scale, num_chunks, hkv, lse_part)
     max_tiles = plan.tile_group.numel()
     if stationary:
         _routed_stationary_kernel[(max_tiles,)](
@@ -548,12 +541,7 @@ def shared_attention_grouped(
             inv,
             n,
             scale * LOG2E,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            v.stride(0),
-            v.stride(1),
+            *strides(q, k, v),
             ssc,
             ssh,
             HKV=hkv,
@@ -598,12 +586,7 @@ def shared_attention_grouped(
         cdiv(num_chunks, plan.span) * hkv,
         max_tiles,
         scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
+        *strides(q, k, v),
         ssc,
         ssh,
         HKV=hkv,

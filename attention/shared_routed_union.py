@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, softmax_finish, softmax_update, tl, triton
+from .launch import chunk_scales, strides
 from .routed_call import prepare_routed
 
 LOG2E = 1.4426950408889634
@@ -317,17 +318,7 @@ def shared_attention_routed_union(
         lse_part = torch.empty(t, hq, n_slices, dtype=torch.float32, device=q.device)
         so = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
         sl = (lse_part.stride(0), lse_part.stride(1), lse_part.stride(2))
-    if k_scale is not None:
-        ks = k_scale.float()
-        vs = v_scale.float()
-        if ks.dim() == 1:
-            ks = ks.expand(num_chunks, hkv)
-            vs = vs.expand(num_chunks, hkv)
-        ssc, ssh = ks.stride(0), ks.stride(1)
-        assert vs.stride() == ks.stride()
-    else:
-        ks = vs = lse
-        ssc = ssh = 0
+    ks, vs, ssc, ssh = chunk_scales(k_scale, v_scale, num_chunks, hkv, lse)
     _routed_union_kernel[(nblk, hkv, n_slices)](
         q,
         k,
@@ -349,12 +340,7 @@ def shared_attention_routed_union(
         num_chunks,
         t_pad,
         scale * LOG2E,
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
+        *strides(q, k, v),
         ssc,
         ssh,
         *so,
