@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from kb.auth import Principal, check_read
+from kb.auth import Principal, can_read, check_read
 from kb.errors import KBError, NotFound
 from storage.db import Database
 from storage.models import ChatSession, CitationRecord, Corpus, Message
@@ -25,6 +25,7 @@ class ChatSummary:
 
     id: int
     title: str
+    corpus: str = ""
 
 
 @dataclass
@@ -74,19 +75,26 @@ class Chats:
             raise NotFound(f"conversation {session_id} does not exist")
         return cs
 
-    def list(self, user: Principal, owner: str, corpus: str | None) -> list[ChatSummary]:
-        """The caller's newest conversations over `corpus` (none without a corpus or a key)."""
-        if not corpus or _no_browser_key(user, owner):
+    def list(self, user: Principal, owner: str, corpus: str | None = None) -> list[ChatSummary]:
+        """The caller's newest conversations, over `corpus` or (None) over every corpus they may
+        still read; none without a browser key."""
+        if _no_browser_key(user, owner):
             return []
         with self.db.session() as s:
-            rows = s.execute(
-                select(ChatSession.id, ChatSession.title)
+            q = (
+                select(ChatSession.id, ChatSession.title, Corpus)
                 .join(Corpus)
-                .where(_mine(user, owner), Corpus.name == corpus)
+                .where(_mine(user, owner))
                 .order_by(ChatSession.id.desc())
                 .limit(LIST_LIMIT)
-            ).all()
-            return [ChatSummary(sid, title) for sid, title in rows]
+            )
+            if corpus:
+                q = q.where(Corpus.name == corpus)
+            return [
+                ChatSummary(sid, title, c.name)
+                for sid, title, c in s.execute(q).all()
+                if can_read(s, user, c)
+            ]
 
     def create(self, user: Principal, owner: str, corpus: str, title: str) -> int:
         """A new conversation over a corpus the caller may read; returns its id."""
@@ -159,6 +167,7 @@ class Chats:
                         m.content,
                         [
                             {
+                                "document_id": c.document_id,
                                 "document": c.document,
                                 "page": c.page,
                                 "text": c.text,

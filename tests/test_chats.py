@@ -32,8 +32,8 @@ def test_a_users_chat_round_trip_and_nobody_elses(kb):
         ("user", "what is kb?"),
         ("assistant", "a knowledge base"),
     ]
-    assert history.messages[1].citations == [
-        {"document": "a.md", "page": 2, "text": "kb is", "score": 0.5}
+    assert history.messages[1].citations == [  # with its document, for the source viewer
+        {"document_id": None, "document": "a.md", "page": 2, "text": "kb is", "score": 0.5}
     ]
     [summary] = kb.chats.list(ann, "", "notes")
     assert (summary.id, summary.title) == (sid, "q" * 200)
@@ -48,6 +48,9 @@ def test_a_users_chat_round_trip_and_nobody_elses(kb):
         with pytest.raises(NotFound):
             call()
     assert kb.chats.list(bob, "", "notes") == []
+    # without a corpus: every conversation of the caller, each naming its corpus
+    assert [(c.id, c.corpus) for c in kb.chats.list(ann, "")] == [(sid, "notes")]
+    assert kb.chats.list(bob, "") == []
     with pytest.raises(NotFound):  # bob may not read ann's private corpus
         kb.chats.create(bob, "", "notes", "hi")
     kb.chats.rename(ann, "", sid, "renamed")
