@@ -43,6 +43,7 @@ async def stream_chat(client: httpx.AsyncClient, i: int) -> dict:
         "model": "kb:handbook",
         "max_tokens": MAX_TOKENS,
         "stream": True,
+        "stream_options": {"include_usage": True},
         "messages": [{"role": "user", "content": question(i)}],
     }
     t0 = time.perf_counter()
@@ -53,9 +54,8 @@ async def stream_chat(client: httpx.AsyncClient, i: int) -> dict:
             raw += part
             if first is None and r.status_code == 200:  # time to the first content delta
                 for ev in raw.split(b"\n\n")[1:-1]:
-                    if ev.startswith(b"data: {") and json.loads(ev[6:])["choices"][0]["delta"].get(
-                        "content"
-                    ):
+                    choices = json.loads(ev[6:])["choices"] if ev.startswith(b"data: {") else []
+                    if choices and choices[0]["delta"].get("content"):
                         first = time.perf_counter()
                         break
     end = time.perf_counter()
@@ -70,13 +70,14 @@ async def stream_chat(client: httpx.AsyncClient, i: int) -> dict:
 
 
 def check_stream(res: dict, expected_prompt_tokens: int) -> tuple[str, str]:
-    """One well-formed SSE sequence: role chunk, content chunks, a final chunk with usage, [DONE];
-    one id throughout. Returns (id, content)."""
+    """One well-formed SSE sequence: role chunk, content chunks, the finishing chunk (with
+    citations), the usage chunk (choices [], as include_usage asks), [DONE], keep-alive comments
+    anywhere between; one id throughout. Returns (id, content)."""
     assert res["status"] == 200, res
     assert res["headers"]["content-type"].startswith("text/event-stream")
     raw = res["raw"]
     assert raw.endswith("data: [DONE]\n\n"), raw[-300:]
-    events = raw.split("\n\n")
+    events = [e for e in raw.split("\n\n") if not e.startswith(":")]  # keep-alive comments
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events[:-1]), raw
     chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
@@ -87,8 +88,9 @@ def check_stream(res: dict, expected_prompt_tokens: int) -> tuple[str, str]:
         c["object"] == "chat.completion.chunk" and c["model"] == "kb:handbook" for c in chunks
     )
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    final = chunks[-1]
-    middle = chunks[1:-1]
+    final, last = chunks[-2], chunks[-1]
+    middle = chunks[1:-2]
+    assert last["choices"] == [] and "usage" not in final
     assert (
         final["choices"][0]["finish_reason"] in ("stop", "length")
         and final["choices"][0]["delta"] == {}
@@ -98,7 +100,7 @@ def check_stream(res: dict, expected_prompt_tokens: int) -> tuple[str, str]:
         for c in middle
     ), raw
     deltas = [c["choices"][0]["delta"]["content"] for c in middle]
-    usage = final["usage"]
+    usage = last["usage"]
     # each content delta carries the text of at least one generated token (a token that ends mid
     # UTF-8 character or is EOS adds none); a "length" finish generated exactly max_tokens
     assert all(deltas) and 1 <= len(deltas) <= usage["completion_tokens"] <= MAX_TOKENS, (
