@@ -15,66 +15,23 @@ float32 reduction and is compared at 1e-3 (bf16 products are exact in float32 ac
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import attention  # noqa: E402
-from attention import reference as ref  # noqa: E402
-
-try:
-    from attention._triton import HAS_TRITON, interpreting  # noqa: E402
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
-
-KERNELS_RUN_HERE = HAS_TRITON and (CUDA or interpreting())
-DEV = "cuda" if CUDA else "cpu"
-kernels = pytest.mark.skipif(
-    not KERNELS_RUN_HERE,
-    reason="triton was imported before TRITON_INTERPRET=1 could be set: see the subprocess test",
+from tests.kernel_helpers import (
+    DEV,
+    check,
+    gen,
+    gpu,
+    kernels,
+    make_kv,
+    needs_cuda,
+    run_interpreter_suite,
 )
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
-TOL = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
-LSE_TOL = dict(atol=2e-3, rtol=1e-3)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(seed)
-
-
-def make_kv(n, hkv, d, kv, dtype, chunk_size, seed):
-    """Shared K/V in `kv` format: 'fp16'/'bf16' in q's dtype, 'fp8h' (e4m3, a scale per head),
-    'fp8c' (e4m3, a scale per chunk and head). Returns k, v, k_scale, v_scale on DEV."""
-    g = _gen(seed)
-    k = torch.randn(n, hkv, d, generator=g)
-    v = torch.randn(n, hkv, d, generator=g)
-    if not kv.startswith("fp8"):
-        return k.to(DEV, dtype), v.to(DEV, dtype), None, None
-    c = (n + chunk_size - 1) // chunk_size
-    shape = (hkv,) if kv == "fp8h" else (c, hkv)
-    ks = torch.rand(shape, generator=g) * 0.1 + 0.02
-    vs = torch.rand(shape, generator=g) * 0.1 + 0.02
-    # store x / scale so that dequantized values are of order 1
-    k8 = (k / ref.dequantize(torch.ones_like(k), ks, chunk_size)).to(torch.float8_e4m3fn)
-    v8 = (v / ref.dequantize(torch.ones_like(v), vs, chunk_size)).to(torch.float8_e4m3fn)
-    return k8.to(DEV), v8.to(DEV), ks.to(DEV), vs.to(DEV)
-
-
-def check(o, lse, ro, rlse, dtype):
-    assert o.dtype == dtype and lse.dtype == torch.float32
-    assert torch.isfinite(o).all()
-    torch.testing.assert_close(lse, rlse, **LSE_TOL)
-    torch.testing.assert_close(o.float(), ro.float(), **TOL[dtype])
-
+# isort: split
+import attention  # noqa: E402  (after kernel_helpers: it sets TRITON_INTERPRET first)
+from attention import reference as ref  # noqa: E402
 
 # ---------------------------------------------------------------- shared attention, dense
 
@@ -100,7 +57,7 @@ def test_shared_dense_matches_reference(t, hq, hkv, d, n, kv, splits):
 
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     chunk = 16
-    q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, dtype)
+    q = torch.randn(t, hq, d, generator=gen(n)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=t + n)
     o, lse = shared_attention_dense(q, k, v, chunk, None, ks, vs, splits=splits)
     ro, rlse = ref.shared_attention(q, k, v, None, chunk, None, ks, vs)
@@ -113,7 +70,7 @@ def test_shared_dense_matches_reference(t, hq, hkv, d, n, kv, splits):
 def make_idx(t, hkv, num_chunks, top_k, skew, seed, pad=True):
     """chunk_idx[T,Hkv,top_k]: distinct chunks per row, uniform or Zipf-popular; a few -1
     paddings and (routed kernel only dedupes) one repeated chunk when there is room."""
-    g = _gen(seed)
+    g = gen(seed)
     w = torch.ones(num_chunks) if not skew else 1.0 / torch.arange(1, num_chunks + 1) ** 1.2
     idx = (
         torch.multinomial(w.expand(t * hkv, num_chunks), top_k, replacement=False, generator=g)
@@ -149,7 +106,7 @@ def test_shared_routed_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, ske
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     c = (n + chunk - 1) // chunk
     top_k = c if top_k == "all" else top_k
-    q = torch.randn(t, hq, d, generator=_gen(n + 1)).to(DEV, dtype)
+    q = torch.randn(t, hq, d, generator=gen(n + 1)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=n)
     idx = make_idx(t, hkv, c, top_k, skew, seed=t).to(DEV)
     o, lse = shared_attention_routed(q, k, v, idx, chunk, None, ks, vs, impl=impl)
@@ -176,7 +133,7 @@ def test_routed_union_blocks_orders_and_slices(
     from attention.shared_routed_union import shared_attention_routed_union, union_stats
 
     c = (n + chunk - 1) // chunk
-    q = torch.randn(t, hq, d, generator=_gen(1)).to(DEV, torch.bfloat16)
+    q = torch.randn(t, hq, d, generator=gen(1)).to(DEV, torch.bfloat16)
     k, v, _, _ = make_kv(n, hkv, d, "bf16", torch.bfloat16, chunk, seed=2)
     idx = make_idx(t, hkv, c, top_k, True, seed=3).to(DEV)
     o, lse = shared_attention_routed_union(
@@ -195,7 +152,7 @@ def test_routed_all_chunks_equals_dense_and_handles_repeats_and_empty_rows(impl)
 
     t, hq, hkv, d, n, chunk = 4, 8, 2, 64, 75, 16
     c = (n + chunk - 1) // chunk
-    q = torch.randn(t, hq, d, generator=_gen(3)).to(DEV, torch.float16)
+    q = torch.randn(t, hq, d, generator=gen(3)).to(DEV, torch.float16)
     k, v, _, _ = make_kv(n, hkv, d, "fp16", torch.float16, chunk, seed=4)
     idx = make_idx(t, hkv, c, c, False, seed=5, pad=False).to(DEV)
     o_r, lse_r = shared_attention_routed(q, k, v, idx, chunk, impl=impl)
@@ -226,7 +183,7 @@ def test_chunk_mass_matches_reference_and_sums_to_heads(kv, n, chunk, skip):
     one-matrix reference; with the shared attention's own lse and nothing skipped, each row's
     mass over all chunks is one per query head."""
     t, hq, hkv, d = 64, 8, 2, 64
-    q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, torch.bfloat16)
+    q = torch.randn(t, hq, d, generator=gen(n)).to(DEV, torch.bfloat16)
     k, v, ks, vs = make_kv(n, hkv, d, kv, torch.bfloat16, chunk, seed=n + 1)
     _, lse = ref.shared_attention(q, k, v, None, chunk, None, ks, vs)
     mass = attention.chunk_mass(q, k, lse, chunk, skip=skip, k_scale=ks)
@@ -245,7 +202,7 @@ def test_chunk_mass_matches_reference_and_sums_to_heads(kv, n, chunk, skip):
 
 
 def make_paged(q_lens, kv_lens, hq, hkv, d, page, dtype, seed):
-    g = _gen(seed)
+    g = gen(seed)
     blocks = [(n + page - 1) // page for n in kv_lens]
     total = sum(blocks) + 2
     kc = torch.randn(total, page, hkv, d, generator=g).to(DEV, dtype)
@@ -291,7 +248,7 @@ def test_unique_paged_matches_reference(q_lens, kv_lens, hq, hkv, d, page, dtype
 def test_merge_matches_reference(dtype, d):
     from attention.lse_merge import merge_triton
 
-    g = _gen(d)
+    g = gen(d)
     t, h = 9, 6
     o1 = torch.randn(t, h, d, generator=g).to(DEV, dtype)
     o2 = torch.randn(t, h, d, generator=g).to(DEV, dtype)
@@ -317,7 +274,7 @@ def test_merge_matches_reference(dtype, d):
 def test_route_device_path_matches_reference(t, hq, hkv, c, top_k):
     from attention.routing import route
 
-    g = _gen(c)
+    g = gen(c)
     q = torch.randn(t, hq, 64, generator=g).to(DEV)
     cent = torch.randn(c, hkv, 64, generator=g).to(DEV)
     got = route(q, cent, top_k)
@@ -329,9 +286,9 @@ def test_route_device_path_matches_reference(t, hq, hkv, c, top_k):
 
 def test_public_api_dispatches_to_reference_off_gpu():
     """CPU tensors (and fp32 queries) take the reference path; outputs are the references'."""
-    q = torch.randn(3, 8, 64, generator=_gen(0))
-    k = torch.randn(40, 2, 64, generator=_gen(1))
-    v = torch.randn(40, 2, 64, generator=_gen(2))
+    q = torch.randn(3, 8, 64, generator=gen(0))
+    k = torch.randn(40, 2, 64, generator=gen(1))
+    v = torch.randn(40, 2, 64, generator=gen(2))
     assert not attention.use_triton(q)
     for got, want in zip(attention.shared_attention(q, k, v), ref.shared_attention(q, k, v)):
         torch.testing.assert_close(got, want)
@@ -345,29 +302,7 @@ def test_public_api_dispatches_to_reference_off_gpu():
 
 def test_interpreter_suite_in_subprocess():
     """Runs the kernel tests in a fresh process when this one could not interpret them."""
-    if KERNELS_RUN_HERE or not HAS_TRITON:
-        pytest.skip("kernel tests ran in this process" if HAS_TRITON else "no triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            "-m",
-            "not gpu",
-            __file__,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout
+    run_interpreter_suite(__file__)
 
 
 # ---------------------------------------------------------------- larger shapes, on the GPU
@@ -381,7 +316,7 @@ def test_interpreter_suite_in_subprocess():
 def test_gpu_shared_dense_llama_shape(t, kv):
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     n, chunk = 5000, 128
-    q = torch.randn(t, 32, 128, generator=_gen(t)).to(DEV, dtype)
+    q = torch.randn(t, 32, 128, generator=gen(t)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, 8, 128, kv, dtype, chunk, seed=t)
     o, lse = attention.shared_attention(q, k, v, None, chunk, None, ks, vs)
     check(o, lse, *ref.shared_attention(q, k, v, None, chunk, None, ks, vs), dtype)
@@ -407,7 +342,7 @@ def test_gpu_shared_routed_llama_shape(t, top_k, skew, kv, impl):
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     n, chunk = 5000, 128
     c = (n + chunk - 1) // chunk
-    q = torch.randn(t, 32, 128, generator=_gen(t)).to(DEV, dtype)
+    q = torch.randn(t, 32, 128, generator=gen(t)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, 8, 128, kv, dtype, chunk, seed=t)
     idx = make_idx(t, 8, c, min(top_k, c), skew, seed=t).to(DEV)
     o, lse = shared_attention_routed(q, k, v, idx, chunk, None, ks, vs, impl=impl)
@@ -418,7 +353,7 @@ def test_gpu_shared_routed_llama_shape(t, top_k, skew, kv, impl):
 @needs_cuda
 def test_gpu_unique_paged_and_merge():
     q_lens = [1] * 12 + [37, 300]
-    kv_lens = [int(x) for x in torch.randint(1, 3000, (12,), generator=_gen(9))] + [37, 1000]
+    kv_lens = [int(x) for x in torch.randint(1, 3000, (12,), generator=gen(9))] + [37, 1000]
     q, kc, vc, bt, seq, cu = make_paged(q_lens, kv_lens, 32, 8, 128, 16, torch.bfloat16, 9)
     o_u, lse_u = attention.unique_attention(q, kc, vc, bt, seq, cu)
     check(o_u, lse_u, *ref.unique_attention(q, kc, vc, bt, seq, cu), torch.bfloat16)

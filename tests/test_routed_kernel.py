@@ -9,62 +9,30 @@ tests add the Llama-3.1-8B layer shape, persistent grids, spans and graph captur
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import attention  # noqa: E402
-from attention import reference as ref  # noqa: E402
-
-try:
-    from attention._triton import HAS_TRITON, interpreting  # noqa: E402
-except ImportError:  # pragma: no cover
-    HAS_TRITON = False
-
-KERNELS_RUN_HERE = HAS_TRITON and (CUDA or interpreting())
-DEV = "cuda" if CUDA else "cpu"
-kernels = pytest.mark.skipif(
-    not KERNELS_RUN_HERE, reason="triton was imported before TRITON_INTERPRET=1 could be set"
+from tests.kernel_helpers import (
+    DEV,
+    check,
+    gen,
+    gpu,
+    kernels,
+    make_kv,
+    needs_cuda,
+    run_interpreter_suite,
 )
-gpu = pytest.mark.gpu
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
-TOL = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
-LSE_TOL = dict(atol=2e-3, rtol=1e-3)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator(device="cpu").manual_seed(seed)
-
-
-def make_kv(n, hkv, d, kv, dtype, chunk_size, seed):
-    """K/V in q's 16-bit dtype, or e4m3 with a scale per head ('fp8h') or per chunk ('fp8c')."""
-    g = _gen(seed)
-    k = torch.randn(n, hkv, d, generator=g)
-    v = torch.randn(n, hkv, d, generator=g)
-    if not kv.startswith("fp8"):
-        return k.to(DEV, dtype), v.to(DEV, dtype), None, None
-    c = (n + chunk_size - 1) // chunk_size
-    shape = (hkv,) if kv == "fp8h" else (c, hkv)
-    ks = torch.rand(shape, generator=g) * 0.1 + 0.02
-    vs = torch.rand(shape, generator=g) * 0.1 + 0.02
-    k8 = (k / ref.dequantize(torch.ones_like(k), ks, chunk_size)).to(torch.float8_e4m3fn)
-    v8 = (v / ref.dequantize(torch.ones_like(v), vs, chunk_size)).to(torch.float8_e4m3fn)
-    return k8.to(DEV), v8.to(DEV), ks.to(DEV), vs.to(DEV)
+# isort: split
+import attention  # noqa: E402  (after kernel_helpers: it sets TRITON_INTERPRET first)
+from attention import reference as ref  # noqa: E402
 
 
 def make_selection(t, hkv, num_chunks, top_k, mode, seed, requests=None):
     """chunk_idx[T, Hkv, k]. 'token': every (token, head) draws its own chunks; 'request': each
     request (a run of consecutive tokens) draws one set, the same for all its tokens and heads;
     'runs': per request, contiguous runs of chunks (passages). Zipf-like popularity."""
-    g = _gen(seed)
+    g = gen(seed)
     w = 1.0 / torch.arange(1, num_chunks + 1) ** 1.1
     if mode == "token":
         return (
@@ -82,13 +50,6 @@ def make_selection(t, hkv, num_chunks, top_k, mode, seed, requests=None):
         starts = torch.randint(0, max(1, num_chunks - top_k), (requests, 1), generator=g)
         sets = (starts + torch.arange(top_k)) % num_chunks
     return sets[owner].int().unsqueeze(1).expand(t, hkv, top_k).contiguous()
-
-
-def check(o, lse, ro, rlse, dtype):
-    assert o.dtype == dtype and lse.dtype == torch.float32
-    assert torch.isfinite(o).all()
-    torch.testing.assert_close(lse, rlse, **LSE_TOL)
-    torch.testing.assert_close(o.float(), ro.float(), **TOL[dtype])
 
 
 GRID = [
@@ -112,7 +73,7 @@ def test_grouped_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv, mode, spa
 
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     c = (n + chunk - 1) // chunk
-    q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, dtype)
+    q = torch.randn(t, hq, d, generator=gen(n)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=t + n)
     idx = make_selection(t, hkv, c, min(top_k, c), mode, seed=t).to(DEV)
     o, lse = grouped.shared_attention_grouped(
@@ -136,7 +97,7 @@ def test_stationary_kernel_matches_reference(t, hq, hkv, d, n, chunk, top_k, kv,
 
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     c = (n + chunk - 1) // chunk
-    q = torch.randn(t, hq, d, generator=_gen(n)).to(DEV, dtype)
+    q = torch.randn(t, hq, d, generator=gen(n)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, hkv, d, kv, dtype, chunk, seed=t)
     idx = make_selection(t, hkv, c, top_k, "token", seed=n).to(DEV)
     o, lse = grouped.shared_attention_grouped(
@@ -162,11 +123,11 @@ def test_virtual_positions_match_reference(rt, mode):
     c = (n + chunk - 1) // chunk
     idx = make_selection(t, hkv, c, 5, mode, seed=7).to(DEV)
     idx[0, 0, -1] = -1
-    shift = torch.randint(-3000, 3000, idx.shape, generator=_gen(8)).to(DEV)
+    shift = torch.randint(-3000, 3000, idx.shape, generator=gen(8)).to(DEV)
     inv = _inv_freq(d).to(DEV)
     plan = grouped.plan_for(idx, c, hq // hkv, chunk, chunk_shift=shift, config=cfg)
     for layer in range(2):
-        q = torch.randn(t, hq, d, generator=_gen(layer)).to(DEV, torch.bfloat16)
+        q = torch.randn(t, hq, d, generator=gen(layer)).to(DEV, torch.bfloat16)
         k, v, _, _ = make_kv(n, hkv, d, "bf16", torch.bfloat16, chunk, seed=layer)
         o, lse = grouped.shared_attention_grouped(
             q, k, v, idx, chunk, plan=plan, chunk_shift=shift, rope_inv_freq=inv, config=cfg
@@ -188,7 +149,7 @@ def test_grouped_padding_repeats_and_empty_rows(span):
 
     t, hq, hkv, d, n, chunk = 4, 8, 2, 64, 150, 16
     c = (n + chunk - 1) // chunk
-    q = torch.randn(t, hq, d, generator=_gen(3)).to(DEV, torch.float16)
+    q = torch.randn(t, hq, d, generator=gen(3)).to(DEV, torch.float16)
     k, v, _, _ = make_kv(n, hkv, d, "fp16", torch.float16, chunk, seed=4)
     idx = make_selection(t, hkv, c, 4, "token", seed=5).to(DEV)
     idx[0, 0, 1] = idx[0, 0, 0]  # a repeat: attended once
@@ -213,7 +174,7 @@ def test_plan_built_once_serves_every_layer():
     idx = make_selection(t, hkv, c, 4, "request", seed=1).to(DEV)
     plan = grouped.plan_for(idx, c, hq // hkv, chunk, config=cfg)
     for layer in range(2):
-        q = torch.randn(t, hq, d, generator=_gen(10 + layer)).to(DEV, torch.bfloat16)
+        q = torch.randn(t, hq, d, generator=gen(10 + layer)).to(DEV, torch.bfloat16)
         k, v, _, _ = make_kv(n, hkv, d, "bf16", torch.bfloat16, chunk, seed=20 + layer)
         o, lse = grouped.shared_attention_grouped(q, k, v, None, chunk, plan=plan, config=cfg)
         check(o, lse, *ref.shared_attention(q, k, v, idx, chunk), torch.bfloat16)
@@ -236,29 +197,7 @@ def test_plan_counts_spans_and_masks():
 
 def test_interpreter_suite_in_subprocess():
     """Runs this file's kernel tests in a fresh process when this one could not interpret them."""
-    if KERNELS_RUN_HERE or not HAS_TRITON:
-        pytest.skip("kernel tests ran in this process" if HAS_TRITON else "no triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-x",
-            "-p",
-            "no:cacheprovider",
-            "-m",
-            "not gpu",
-            __file__,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout
+    run_interpreter_suite(__file__)
 
 
 # ---------------------------------------------------------------- larger shapes, on the GPU
@@ -285,7 +224,7 @@ def test_gpu_grouped_llama_shape(t, top_k, mode, kv, span, persist, rt):
     dtype = torch.float16 if kv in ("fp16", "fp8c") else torch.bfloat16
     n, chunk = 6000, 128
     c = (n + chunk - 1) // chunk
-    q = torch.randn(t, 32, 128, generator=_gen(t)).to(DEV, dtype)
+    q = torch.randn(t, 32, 128, generator=gen(t)).to(DEV, dtype)
     k, v, ks, vs = make_kv(n, 8, 128, kv, dtype, chunk, seed=t)
     idx = make_selection(t, 8, c, min(top_k, c), mode, seed=t, requests=max(1, t // 2)).to(DEV)
     o, lse = grouped.shared_attention_grouped(q, k, v, idx, chunk, None, ks, vs, config=cfg)
@@ -326,10 +265,10 @@ def test_gpu_plan_and_run_capture_in_a_cuda_graph():
 def test_gpu_virtual_positions_through_the_facade():
     n, chunk, t = 6000, 128, 64
     c = (n + chunk - 1) // chunk
-    q = torch.randn(t, 32, 128, generator=_gen(1)).to(DEV, torch.bfloat16)
+    q = torch.randn(t, 32, 128, generator=gen(1)).to(DEV, torch.bfloat16)
     k, v, _, _ = make_kv(n, 8, 128, "bf16", torch.bfloat16, chunk, seed=2)
     idx = make_selection(t, 8, c, 12, "request", seed=3, requests=16).to(DEV)
-    shift = torch.randint(-20000, 20000, idx.shape, generator=_gen(4)).to(DEV)
+    shift = torch.randint(-20000, 20000, idx.shape, generator=gen(4)).to(DEV)
     inv = _inv_freq(128).to(DEV)
     o, lse = attention.shared_attention(q, k, v, idx, chunk, chunk_shift=shift, rope_inv_freq=inv)
     check(
