@@ -35,8 +35,10 @@ Usage (GPU): python3 bench/attention.py [--quick] [--sweep] [--out PATH]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -549,53 +551,39 @@ def add_routed(
         profile(fn, f"routed {impl}{tag} N={n} B={b} {density} {per}")
 
 
+# launch configurations the studies sweep: rt (row tiles per program, 0: one), m BLOCK_M,
+# n BLOCK_N, w num_warps, s num_stages; each spec is also its row's tag
+SMALL_SWEEP = (
+    "rt8m16n128w4s3 rt0m16n128w4s2 rt0m16n64w4s3 rt8m16n128w2s3 rt4m32n128w4s3 rt0m16n32w2s4"
+)
+GROUPED_SWEEP = "m64n64w4s2 m64n128w8s2 m128n128w8s2 m128n64w8s3 m32n128w4s2 m64n128w4s3"
+STATIONARY_SWEEP = (
+    "rt0m64w4s2 rt2m64w4s2 rt4m64w4s3 rt8m64w4s3 rt8m64w4s4 rt16m64w4s3 rt8m128w8s3 rt8m32w4s3 "
+    "rt8m64w8s3"
+)
+CONFIG_KEYS = {"rt": "rt", "m": "BLOCK_M", "n": "BLOCK_N", "w": "num_warps", "s": "num_stages"}
+
+
+def config(spec: str, **defaults: int) -> dict:
+    """'rt8m64n128w4s3' -> dict(rt=8, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3)."""
+    return {**defaults, **{CONFIG_KEYS[k]: int(v) for k, v in re.findall(r"([a-z]+)(\d+)", spec)}}
+
+
 def small_budget_study(add, out, q, kf, vf, n, b, qo_bytes):
     """N=128K, B=128, per-request selections of 4096 tokens (32 chunks of 128, the serve
     bench's small budget): few rows per chunk, so the kernel is memory- and latency-bound."""
-    for rt, bm, bn, w, st in [
-        (8, 16, 128, 4, 3),
-        (0, 16, 128, 4, 2),
-        (0, 16, 64, 4, 3),
-        (8, 16, 128, 2, 3),
-        (4, 32, 128, 4, 3),
-        (0, 16, 32, 2, 4),
-    ]:
-        add_routed(
-            add,
-            out,
-            q,
-            kf,
-            vf,
-            None,
-            None,
-            n,
-            b,
-            128,
-            1 / 32,
-            "none",
-            "request",
-            2,
-            qo_bytes,
-            tag=f"_small_rt{rt}m{bm}n{bn}w{w}s{st}",
-            cfg=dict(rt=rt, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st),
-        )
+    routed = functools.partial(add_routed, add, out, q, kf, vf, None, None, n, b)
+    for spec in SMALL_SWEEP.split():
+        routed(128, 1 / 32, "none", "request", 2, qo_bytes, tag=f"_small_{spec}", cfg=config(spec))
 
 
 def granularity_study(add, out, q, kf, vf, n, b, elt, qo_bytes, args):
     """N=128K, B=256, 25%: selection chunk 128/256/512, kernel spans, persistent grid,
     passages (contiguous runs), and the two earlier routed designs."""
+    routed = functools.partial(add_routed, add, out, q, kf, vf, None, None, n, b)
     for chunk in (128, 256, 512):
         for per in ("token", "request"):
-            add_routed(
-                add,
-                out,
-                q,
-                kf,
-                vf,
-                None,
-                None,
-                n,
-                b,
+            routed(
                 chunk,
                 0.25,
                 "none",
@@ -607,127 +595,21 @@ def granularity_study(add, out, q, kf, vf, n, b, elt, qo_bytes, args):
             )
     for span in (2, 4):
         for per in ("request", "runs"):
-            add_routed(
-                add,
-                out,
-                q,
-                kf,
-                vf,
-                None,
-                None,
-                n,
-                b,
-                128,
-                0.25,
-                "none",
-                per,
-                2,
-                qo_bytes,
-                span=span,
-                tag=f"_span{span}",
-            )
-    add_routed(
-        add, out, q, kf, vf, None, None, n, b, 128, 0.25, "none", "runs", 2, qo_bytes, tag="_span1"
-    )
+            routed(128, 0.25, "none", per, 2, qo_bytes, span=span, tag=f"_span{span}")
+    routed(128, 0.25, "none", "runs", 2, qo_bytes, tag="_span1")
     if not DRY:  # launch configurations of the grouped kernel
-        for bm, bn, w, st in [
-            (64, 64, 4, 2),
-            (64, 128, 8, 2),
-            (128, 128, 8, 2),
-            (128, 64, 8, 3),
-            (32, 128, 4, 2),
-            (64, 128, 4, 3),
-        ]:
-            add_routed(
-                add,
-                out,
-                q,
-                kf,
-                vf,
-                None,
-                None,
-                n,
-                b,
-                128,
-                0.25,
-                "none",
-                "request",
-                2,
-                qo_bytes,
-                tag=f"_m{bm}n{bn}w{w}s{st}",
-                cfg=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, rt=0),
+        for spec in GROUPED_SWEEP.split():
+            routed(
+                128, 0.25, "none", "request", 2, qo_bytes, tag=f"_{spec}", cfg=config(spec, rt=0)
             )
-        for rt, bm, w, st in [
-            (0, 64, 4, 2),
-            (2, 64, 4, 2),
-            (4, 64, 4, 3),
-            (8, 64, 4, 3),
-            (8, 64, 4, 4),
-            (16, 64, 4, 3),
-            (8, 128, 8, 3),
-            (8, 32, 4, 3),
-            (8, 64, 8, 3),
-        ]:
-            add_routed(
-                add,
-                out,
-                q,
-                kf,
-                vf,
-                None,
-                None,
-                n,
-                b,
-                128,
-                0.25,
-                "none",
-                "request",
-                2,
-                qo_bytes,
-                tag=f"_stationary_rt{rt}m{bm}w{w}s{st}",
-                cfg=dict(rt=rt, BLOCK_M=bm, BLOCK_N=128, num_warps=w, num_stages=st),
-            )
+        for spec in STATIONARY_SWEEP.split():
+            cfg = config(spec, BLOCK_N=128)
+            routed(128, 0.25, "none", "request", 2, qo_bytes, tag=f"_stationary_{spec}", cfg=cfg)
     for per in ("token", "request"):
-        add_routed(
-            add,
-            out,
-            q,
-            kf,
-            vf,
-            None,
-            None,
-            n,
-            b,
-            128,
-            0.25,
-            "none",
-            per,
-            2,
-            qo_bytes,
-            persist=True,
-            tag="_persist",
-            cfg=dict(rt=0),
-        )
+        routed(128, 0.25, "none", per, 2, qo_bytes, persist=True, tag="_persist", cfg=dict(rt=0))
         if not DRY:
             for impl in ("scatter", "union"):
-                add_routed(
-                    add,
-                    out,
-                    q,
-                    kf,
-                    vf,
-                    None,
-                    None,
-                    n,
-                    b,
-                    128,
-                    0.25,
-                    "none",
-                    per,
-                    2,
-                    qo_bytes,
-                    impl=impl,
-                )
+                routed(128, 0.25, "none", per, 2, qo_bytes, impl=impl)
 
 
 def profile(fn, what):
