@@ -24,9 +24,10 @@ from index import store as index_store
 from index.summaries import ChunkSummaries, chunk_summaries
 from kb.citations import CitationMap, SegmentRef
 from kb.engine.engine import Engine
-from kb.engine.selection import PassageSelector, SelectionConfig, calibrate
+from kb.engine.selection import attach_selector
 from kb.engine.shared_kv import KVMeta, SharedKV
 from kb.errors import Conflict, NotFound, NotReady, TooBusy
+from kb.ingest.build import position_limit
 from kb.model.loader import LoadedModel
 from kb.settings import Settings
 from storage.db import Database
@@ -315,36 +316,19 @@ class CorpusCache:
         return loaded
 
     def _attach_selector(self, shared: SharedKV, layout: _Layout) -> None:
-        """Attention retrieval for a corpus beyond the model's context (its segments' positions
-        wrap) and the selection budget: re-based keys of the selecting layers and the neutral
-        questions' calibration, once per layout. A corpus within the context is read whole, as
-        before."""
+        """Attention retrieval for a corpus beyond the model's context and the selection budget
+        (kb/engine/selection.py `attach_selector`), once per layout."""
         s, lm = self.settings, self.model
-        max_pos = lm.config.max_position_embeddings
-        within = shared.num_tokens <= max_pos - min(
-            2048, max_pos // 4
-        )  # the ingestor's position limit
-        if s.selection_budget <= 0 or within or shared.num_chunks <= shared.always_chunks + 1:
-            return
-        layers = tuple(int(x) for x in s.selection_layers.split(",") if x.strip())
-        layers = tuple(x for x in layers if 0 <= x < lm.config.num_layers) or (
-            lm.config.num_layers // 2,
-        )
-        config = SelectionConfig(
-            budget=s.selection_budget, layers=layers, positions=s.selection_positions
-        )
-        selector = PassageSelector.build(
+        attach_selector(
+            shared,
             list(layout.k.unbind(0)),
-            layout.positions,
-            shared.chunk_size,
-            shared.always_chunks,
-            lm.model.inv_freq.cpu(),
-            config,
+            lm,
+            budget=s.selection_budget,
+            layers=s.selection_layers,
+            positions=s.selection_positions,
+            system_prompt=s.system_prompt,
+            usable_positions=position_limit(lm.config.max_position_embeddings),
         )
-        if selector.covers_corpus:
-            return
-        shared.selector = selector
-        calibrate(shared, lm.model, lm.tokenizer, s.system_prompt)
 
     def _stored_summaries(
         self, name: str, version: str, shared: SharedKV, keys: list[torch.Tensor]

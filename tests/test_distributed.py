@@ -80,6 +80,44 @@ def _generate(engine, corpora, max_tokens: int = 6) -> list[list[int]]:
     return [h.seq.output_ids for h in hs]
 
 
+def _with_selector(sh, model):
+    """Give a corpus a passage selector (layer 1, a 48-token budget: 3 of its 13 chunks)."""
+    from kb.engine.selection import PassageSelector, SelectionConfig
+
+    sh.positions = torch.arange(sh.num_tokens)
+    sh.selector = PassageSelector.build(
+        [k.cpu() for k in sh.k],
+        sh.positions,
+        sh.chunk_size,
+        sh.always_chunks,
+        model.inv_freq.cpu(),
+        SelectionConfig(budget=48, layers=(1,)),
+    )
+    assert not sh.selector.covers_corpus
+    return sh
+
+
+def _generate_selecting(engine, corpus, max_tokens: int = 6) -> list[list[int]]:
+    """Requests that choose their passages at prefill, attended at virtual positions."""
+    from kb.engine.sequence import SamplingParams
+
+    pos = corpus.selector.query_position(corpus.pos_offset)
+    hs = [
+        engine.add_request(
+            p,
+            SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+            corpus.key,
+            pos,
+            select=True,
+            select_span=(0, len(p)),
+        )
+        for p in PROMPTS
+    ]
+    engine.run_until_done()
+    assert all(h.seq.selection is not None and h.seq.selection.shift is not None for h in hs)
+    return [h.seq.output_ids for h in hs]
+
+
 def _unique_rank_compare(world) -> dict:
     """Rank 0 of the equality test: single-process answers, then the same through the link."""
     import attention
@@ -95,6 +133,9 @@ def _unique_rank_compare(world) -> dict:
     local.register_corpus(dense)
     local.register_corpus(routed)
     want = _generate(local, [dense, routed])
+    selecting = _with_selector(_corpus("selecting", 4, False, dev), lm.model)
+    local.register_corpus(selecting)
+    want += _generate_selecting(local, selecting)
 
     link = ShardLink(world)
     engine = distributed_engine(lm, link, cfg)
@@ -102,6 +143,9 @@ def _unique_rank_compare(world) -> dict:
     for v in views:
         engine.register_corpus(v)
     got = _generate(engine, views)
+    view_sel = link.register(selecting)
+    engine.register_corpus(view_sel)
+    got += _generate_selecting(engine, view_sel)
 
     g = torch.Generator().manual_seed(3)
     q = torch.randn(5, 4, 16, generator=g).to(dev)
@@ -115,6 +159,16 @@ def _unique_rank_compare(world) -> dict:
             o_ref, lse_ref = attention.shared_attention(q, sh.k[1], sh.v[1], i, sh.chunk_size)
             o, lse = link.shared_attention(view, 1, q, i)
             diffs[name] = (float((o - o_ref).abs().max()), float((lse - lse_ref).abs().max()))
+        # chunks at virtual positions: the shifts travel with the chunk ids
+        chunks = torch.tensor([0, 3, 8, 12])
+        i = chunks[None, None].expand(5, 2, -1).to(dev)
+        shift = (torch.arange(4) * 16 - chunks * 16)[None, None].expand(5, 2, -1).to(dev)
+        inv = lm.model.inv_freq
+        o_ref, lse_ref = attention.shared_attention(
+            q, dense.k[1], dense.v[1], i, 16, chunk_shift=shift, rope_inv_freq=inv
+        )
+        o, lse = link.shared_attention(views[0], 1, q, i, shift, inv)
+        diffs["shifted"] = (float((o - o_ref).abs().max()), float((lse - lse_ref).abs().max()))
     link.shutdown()
     return {"want": want, "got": got, "diffs": diffs}
 
@@ -240,8 +294,9 @@ def test_placement_balances_tokens_and_maps_chunks():
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_sharded_shared_kv_answers_as_one_process(world_size, tmp_path):
     res = _spawn(world_size, "compare", tmp_path)
-    assert res["got"] == res["want"]  # greedy tokens of dense and routed requests
-    assert all(len(t) == 6 for t in res["got"])
+    # greedy tokens of dense, routed and selecting requests (their passages at virtual positions)
+    assert res["got"] == res["want"]
+    assert len(res["got"]) == 2 * len(PROMPTS) and all(len(t) == 6 for t in res["got"])
     for name, (do, dlse) in res["diffs"].items():
         assert do < 1e-5 and dlse < 1e-5, (name, do, dlse)
 

@@ -24,13 +24,14 @@ from kb.engine.distributed.backend import distributed_engine
 from kb.engine.distributed.protocol import ShardLink, World, init_world
 from kb.engine.distributed.worker import run_shared_rank
 from kb.engine.engine import EngineConfig
+from kb.engine.selection import attach_selector
 from kb.engine.sequence import SamplingParams
 from kb.engine.shared_kv import SharedKV
 from kb.ingest.build import document_segments, place_segments, position_limit, prefill_corpus
 from kb.ingest.precompute import prefill_preamble
 from kb.model.demo import DEMO_NAME, ensure_demo_model
 from kb.model.loader import LoadedModel, load_model
-from kb.prompt import build_prompt, encode
+from kb.prompt import build_prompt, encode, question_span
 from kb.settings import Settings
 
 log = logging.getLogger("kb.distributed")
@@ -65,10 +66,22 @@ def build_corpus(lm: LoadedModel, docs: list[Path], settings: Settings, density:
         chunk_size=settings.chunk_size,
         pos_offset=max(s + len(seg) for s, seg in zip(starts, segments)),
         preamble_len=len(preamble),
+        positions=torch.cat(where),
     )
     if density < 1.0 and shared.num_chunks > shared.always_chunks + 1:
         shared.router = CorpusRouter(shared.k, settings.chunk_size, shared.always_chunks)
         shared.top_k = shared.router.top_k(density)
+    else:  # beyond the model's positions, each question chooses its passages (as served)
+        attach_selector(
+            shared,
+            [k.cpu() for k in shared.k],
+            lm,
+            budget=settings.selection_budget,
+            layers=settings.selection_layers,
+            positions=settings.selection_positions,
+            system_prompt=settings.system_prompt,
+            usable_positions=position_limit(lm.config.max_position_embeddings),
+        )
     return shared
 
 
@@ -89,13 +102,20 @@ def run_unique_rank(world: World, args: argparse.Namespace) -> int:
         )
         engine.register_corpus(view)
         handles = []
+        sel = view.selector
+        pos = view.pos_offset if sel is None else sel.query_position(view.pos_offset)
         for q in args.question:
-            ids = encode(
-                lm.tokenizer, build_prompt(lm.tokenizer, settings.system_prompt, [], q).suffix
-            )
+            suffix = build_prompt(lm.tokenizer, settings.system_prompt, [], q).suffix
+            ids = encode(lm.tokenizer, suffix)
+            span = None if sel is None else question_span(lm.tokenizer, suffix, q)
             handles.append(
                 engine.add_request(
-                    ids, SamplingParams(max_tokens=args.max_tokens), view.key, view.pos_offset
+                    ids,
+                    SamplingParams(max_tokens=args.max_tokens),
+                    view.key,
+                    pos,
+                    select=sel is not None,
+                    select_span=span,
                 )
             )
         t0 = time.perf_counter()

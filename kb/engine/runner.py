@@ -190,8 +190,9 @@ class ModelRunner:
         else:
             idx = rows.to(torch.int32)[:, None, :].expand(-1, hkv, -1).contiguous()
             step = StepSelection(idx, None)
-            step.gathered = self._gathered(shared, seqs, counts)
-            step.store = self.selected_kv
+            if not shared.meta.remote:  # a sharded corpus's chunks are attended where they live
+                step.gathered = self._gathered(shared, seqs, counts)
+                step.store = self.selected_kv
         if shifted:
             step.chunk_shift = (
                 shift.repeat_interleave(reps, dim=0)[:, None, :].expand(-1, hkv, -1).to(self.device)

@@ -100,6 +100,9 @@ class PassageSelector:
     inv_freq: torch.Tensor
     config: SelectionConfig
     calibration: torch.Tensor | None = None  # [C] chunk scores of neutral questions
+    # the preamble's k, v per layer, kept here where the corpus's KV lives on other ranks (the
+    # selection pass attends the preamble on the rank that serves the request)
+    preamble: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @classmethod
     def build(
@@ -291,9 +294,12 @@ class _PreambleAttention:
 
 
 def preamble_kv(shared) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The preamble's k, v per layer [P, Hkv, d] of a SharedKV, dequantized where stored in fp8."""
+    """The preamble's k, v per layer [P, Hkv, d] of a SharedKV, dequantized where stored in fp8
+    (the selector's own copy for the view of a corpus sharded over other ranks)."""
     from attention.reference import dequantize
 
+    if shared.selector is not None and shared.selector.preamble is not None:
+        return shared.selector.preamble
     p, cs = shared.preamble_len, shared.chunk_size
     ks, vs = shared.meta.k_scale, shared.meta.v_scale
     k = [x[:p] if ks is None else dequantize(x[:p], ks[i], cs) for i, x in enumerate(shared.k)]
@@ -337,3 +343,41 @@ def calibrate(shared, model, tokenizer, system_prompt: str) -> torch.Tensor:
         total = scores if total is None else total + scores
     sel.calibration = total / len(NEUTRAL_QUESTIONS)
     return sel.calibration
+
+
+def attach_selector(
+    shared,
+    keys: list[torch.Tensor],
+    lm,
+    *,
+    budget: int,
+    layers: str,
+    positions: str,
+    system_prompt: str,
+    usable_positions: int,
+) -> bool:
+    """Attention retrieval for a corpus beyond the model's usable positions (its segments'
+    positions wrap) and the budget: re-based keys of the selecting layers (from `keys`, per layer
+    [N, Hkv, d] as stored, with shared.positions) and the neutral questions' calibration, once per
+    layout; `lm` the loaded model (config, decoder, tokenizer). A corpus within the positions or
+    the budget is read whole, as before. Returns whether it now selects."""
+    cfg = lm.config
+    within = shared.num_tokens <= usable_positions
+    if budget <= 0 or within or shared.num_chunks <= shared.always_chunks + 1:
+        return False
+    chosen = tuple(int(x) for x in layers.split(",") if x.strip())
+    chosen = tuple(x for x in chosen if 0 <= x < cfg.num_layers) or (cfg.num_layers // 2,)
+    config = SelectionConfig(budget=budget, layers=chosen, positions=positions)
+    selector = PassageSelector.build(
+        keys,
+        shared.positions,
+        shared.chunk_size,
+        shared.always_chunks,
+        lm.model.inv_freq.cpu(),
+        config,
+    )
+    if selector.covers_corpus:
+        return False
+    shared.selector = selector
+    calibrate(shared, lm.model, lm.tokenizer, system_prompt)
+    return True

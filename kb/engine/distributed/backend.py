@@ -33,13 +33,20 @@ class DistributedServeAttention(ServeAttention):
     link: ShardLink | None = None
 
     def _shared_partial(
-        self, sh: SharedKV, layer: int, q: torch.Tensor, idx: torch.Tensor | None
+        self,
+        sh: SharedKV,
+        layer: int,
+        q: torch.Tensor,
+        idx: torch.Tensor | None,
+        plan: object | None = None,
+        shift: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """From the shared ranks when the corpus is sharded, else here, as ServeAttention does."""
+        """From the shared ranks when the corpus is sharded (a selecting request's chunk shifts
+        travel with its chunk ids), else here, as ServeAttention does."""
         if is_remote(sh):
             assert self.link is not None, f"corpus {sh.key} is sharded but this step has no link"
-            return self.link.shared_attention(sh, layer, q, idx)
-        return super()._shared_partial(sh, layer, q, idx)
+            return self.link.shared_attention(sh, layer, q, idx, shift, self.rope_inv_freq)
+        return super()._shared_partial(sh, layer, q, idx, plan=plan, shift=shift)
 
     def _cites(self, sh: SharedKV) -> bool:
         return not is_remote(sh)  # a sharded corpus's keys are on the shared ranks
@@ -72,6 +79,12 @@ class ShardedModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.inner.logits(hidden)
+
+    @property
+    def model(self) -> nn.Module:
+        """The decoder's embedding and layers: the selection pass of a request over a sharded
+        corpus runs them here, attending only the preamble (kb/engine/selection.py)."""
+        return self.inner.model
 
     @property
     def inv_freq(self) -> torch.Tensor:

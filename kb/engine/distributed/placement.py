@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from kb.engine.selection import preamble_kv
 from kb.engine.shared_kv import SharedKV
 
 
@@ -100,7 +101,11 @@ def slice_kv(shared: SharedKV, shard: ShardRange) -> Iterator[torch.Tensor]:
 
 def remote_view(shared: SharedKV, placement: Placement, corpus_id: int) -> SharedKV:
     """What the unique rank keeps of a sharded corpus: shapes (on the meta device, no memory), the
-    router, positions and the corpus id the protocol names it by; never the keys and values."""
+    router, positions, the passage selector (its re-based keys of the selecting layers, its
+    calibration and a copy of the preamble's KV for the selection pass) and the corpus id the
+    protocol names it by; never the keys and values."""
+    if shared.selector is not None and shared.selector.preamble is None:
+        shared.selector.preamble = tuple([x.clone() for x in part] for part in preamble_kv(shared))
     meta_k = [torch.empty(k.shape, dtype=k.dtype, device="meta") for k in shared.k]
     meta_v = [torch.empty(v.shape, dtype=v.dtype, device="meta") for v in shared.v]
     return SharedKV(
@@ -112,5 +117,7 @@ def remote_view(shared: SharedKV, placement: Placement, corpus_id: int) -> Share
         router=shared.router,
         top_k=shared.top_k,
         preamble_len=shared.preamble_len,
+        positions=shared.positions,
+        selector=shared.selector,
         meta=replace(shared.meta, corpus_id=corpus_id, placement=placement),
     )

@@ -232,25 +232,40 @@ class ShardLink:
             dist.broadcast(header(OP_DROP, view.meta.corpus_id, device=self.world.device), src=0)
 
     def shared_attention(
-        self, view: SharedKV, layer: int, q: torch.Tensor, chunk_idx: torch.Tensor | None
+        self,
+        view: SharedKV,
+        layer: int,
+        q: torch.Tensor,
+        chunk_idx: torch.Tensor | None,
+        chunk_shift: torch.Tensor | None = None,
+        rope_inv_freq: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q[T, Hq, d] against the whole sharded corpus (dense, or routed by global chunk_idx
-        [T, Hkv, k]): each shared rank attends its slice, and the partials merge by log-sum-exp.
-        Returns (o[T, Hq, d] in q's dtype, lse[T, Hq] float32), as `attention.shared_attention`."""
+        [T, Hkv, k], each listed chunk shifted by chunk_shift [T, Hkv, k] when given: virtual
+        positions, which need the model's RoPE frequencies): each shared rank attends its slice,
+        and the partials merge by log-sum-exp. Returns (o[T, Hq, d] in q's dtype, lse[T, Hq]
+        float32), as `attention.shared_attention`."""
         t, hq, d = q.shape
         dev = self.world.device
         top_k = 0 if chunk_idx is None else chunk_idx.shape[-1]
+        shifted = int(chunk_idx is not None and chunk_shift is not None)
+        assert not shifted or rope_inv_freq is not None, "shifted chunks need the RoPE frequencies"
         code = dtype_code(
             q.dtype
         )  # raised here, outside the exchange: a bad dtype is no rank failure
         stats, receivers = self.stats, self.world.world_size - 1
         with self._exchange(f"attention of layer {layer} on corpus {view.key}"):
             mark = stats.start(dev)
-            head = header(OP_ATTEND, view.meta.corpus_id, layer, t, top_k, hq, code, device=dev)
+            head = header(
+                OP_ATTEND, view.meta.corpus_id, layer, t, top_k, hq, code, shifted, device=dev
+            )
             dist.broadcast(head, src=0)
             dist.broadcast(q.contiguous().to(dev), src=0)
             if chunk_idx is not None:
                 dist.broadcast(chunk_idx.to(device=dev, dtype=torch.int64).contiguous(), src=0)
+            if shifted:
+                dist.broadcast(chunk_shift.to(device=dev, dtype=torch.int64).contiguous(), src=0)
+                dist.broadcast(rope_inv_freq.to(device=dev, dtype=torch.float32), src=0)
             mine = torch.empty(t, hq, d + 1, dtype=torch.float32, device=dev)
             parts = [torch.empty_like(mine) for _ in range(self.world.world_size)]
             dist.gather(mine, parts, dst=0)
@@ -258,7 +273,7 @@ class ShardLink:
             stats.exchanges += 1
             sent = HEADER_LEN * 8 + q.numel() * q.element_size()
             if chunk_idx is not None:
-                sent += chunk_idx.numel() * 8
+                sent += chunk_idx.numel() * 8 * (1 + shifted) + shifted * 4 * (d // 2)
             stats.bytes_out += receivers * sent
             stats.bytes_in += receivers * mine.numel() * mine.element_size()
         o = torch.zeros(t, hq, d, dtype=q.dtype, device=q.device)

@@ -54,16 +54,28 @@ def _heartbeat(world: World, stop: threading.Event) -> None:
 
 
 def attend_slice(
-    sl: CorpusSlice, layer: int, q: torch.Tensor, chunk_idx: torch.Tensor | None
+    sl: CorpusSlice,
+    layer: int,
+    q: torch.Tensor,
+    chunk_idx: torch.Tensor | None,
+    chunk_shift: torch.Tensor | None = None,
+    rope_inv_freq: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Partial attention of q[T, Hq, d] over this slice, packed as float32 [T, Hq, d + 1] (o, lse)."""
+    """Partial attention of q[T, Hq, d] over this slice, packed as float32 [T, Hq, d + 1] (o, lse);
+    with chunk_shift (beside the global chunk_idx), each chunk at its virtual position (a shift
+    does not depend on where the chunk is stored: the slice keeps the stored positions' keys)."""
     t, hq, d = q.shape
     out = torch.zeros(t, hq, d + 1, dtype=torch.float32, device=q.device)
     if sl.shard.num_tokens == 0:
         out[..., d] = float("-inf")
         return out
     idx = None if chunk_idx is None else sl.placement.local_chunk_idx(chunk_idx, sl.shard.rank)
-    o, lse = attention.shared_attention(q, sl.k[layer], sl.v[layer], idx, sl.placement.chunk_size)
+    extra = {}
+    if idx is not None and chunk_shift is not None:
+        extra = {"chunk_shift": chunk_shift, "rope_inv_freq": rope_inv_freq}
+    o, lse = attention.shared_attention(
+        q, sl.k[layer], sl.v[layer], idx, sl.placement.chunk_size, **extra
+    )
     out[..., :d] = o.float()
     out[..., d] = lse
     return out
@@ -110,7 +122,7 @@ def run_shared_rank(world: World) -> None:
                 elif op == OP_DROP:
                     corpora.pop(f[0], None)
                 elif op == OP_ATTEND:
-                    cid, layer, t, top_k, hq, code = f[:6]
+                    cid, layer, t, top_k, hq, code, shifted = f[:7]
                     sl = corpora[cid]
                     hkv = sl.k.shape[2]
                     q = torch.empty(t, hq, sl.head_dim, dtype=DTYPES[code], device=dev)
@@ -119,7 +131,13 @@ def run_shared_rank(world: World) -> None:
                     if top_k:
                         idx = torch.empty(t, hkv, top_k, dtype=torch.int64, device=dev)
                         dist.broadcast(idx, src=0)
-                    dist.gather(attend_slice(sl, layer, q, idx), None, dst=0)
+                    shift = inv = None
+                    if shifted:  # virtual positions: the shifts beside idx, the RoPE frequencies
+                        shift = torch.empty_like(idx)
+                        dist.broadcast(shift, src=0)
+                        inv = torch.empty(sl.head_dim // 2, dtype=torch.float32, device=dev)
+                        dist.broadcast(inv, src=0)
+                    dist.gather(attend_slice(sl, layer, q, idx, shift, inv), None, dst=0)
                 else:
                     raise RuntimeError(f"unknown header op {op}: the ranks run different code")
     finally:
