@@ -16,7 +16,9 @@ references in `attention.reference`, which define the contracts.
 Kernel modules: shared_dense.py, shared_routed*.py, paged.py, lse_merge.py, combine.py (the
 split reduction), routing.py; mass.py (chunk_mass, torch); the CPU paths cpu_shared.py,
 cpu_unique.py and gathered.py (a request's own copy of the chunks it chose). The kernels' online softmax is one
-`@triton.jit` pair in _triton.py (`softmax_update`, `softmax_finish`). (Not `merge.py` /
+`@triton.jit` pair in _triton.py (`softmax_update`, `softmax_finish`), beside the routed
+kernels' K/V tile load (`load_kv`); the host side of every launch (device check, grid
+arithmetic, dot operand type, stride lists, fp8 scale layout) is launch.py. (Not `merge.py` /
 `route.py`: importing a submodule binds its name on the package and would shadow these
 functions.) Options are arguments (`max_seqlen_q/k` here; a kernel's `impl=` / `config=`), never
 module globals.

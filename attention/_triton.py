@@ -9,10 +9,7 @@ until a CUDA tensor arrives, so a test module can still set the variable first.
 
 from __future__ import annotations
 
-import functools
 import os
-
-import torch
 
 try:
     import triton
@@ -61,47 +58,6 @@ def _patch_interpreter_for_numpy2() -> None:
 
 if interpreting():
     _patch_interpreter_for_numpy2()
-
-
-def check_device(t: torch.Tensor) -> None:
-    if not HAS_TRITON:
-        raise RuntimeError("triton is not installed: use attention.reference")
-    if t.device.type != "cuda" and not interpreting():
-        raise RuntimeError(
-            "Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
-            "triton is imported (CPU interpreter)"
-        )
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sms(device: torch.device) -> int:
-    """Streaming multiprocessors of `device`; a small stand-in under the interpreter, so the
-    split paths are exercised with few programs."""
-    if device.type != "cuda":
-        return 4
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def dot_dtype(q_dtype: torch.dtype, device: torch.device, kv_dtype: torch.dtype | None = None):
-    """Operand type of every tl.dot: q's 16-bit type on the GPU, float32 under the interpreter
-    (its tl.dot on bf16 is wrong in triton 3.6: numpy multiplies the raw 16-bit patterns).
-
-    fp8 KV runs its products in fp16 whatever q's type: e4m3 -> fp16 is one exact conversion
-    instruction per pair (-> bf16 takes a detour through fp32), and bf16 q converts to fp16
-    exactly within fp16's range (|q| < 65504), with more mantissa for the probabilities."""
-    if device.type != "cuda" or interpreting():
-        return tl.float32
-    if kv_dtype is not None and kv_dtype.itemsize == 1:
-        return tl.float16
-    return tl.bfloat16 if q_dtype == torch.bfloat16 else tl.float16
 
 
 if HAS_TRITON:
@@ -153,5 +109,17 @@ if HAS_TRITON:
             lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
         return o, lse
 
+    @triton.jit
+    def load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn):
+        """The K and V tiles [BLOCK_N, D] at key rows offs_n of one KV head (Kh, Vh: K and V
+        offset to the head); rows outside n_ok read 0."""
+        k = tl.load(
+            Kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0
+        )
+        v = tl.load(
+            Vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0
+        )
+        return k, v
+
 else:  # pragma: no cover - no kernels without triton
-    softmax_update = softmax_finish = None
+    softmax_update = softmax_finish = load_kv = None

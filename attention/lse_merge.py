@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, check_device, tl, triton
+from ._triton import HAS_TRITON, tl, triton
+from .launch import cdiv, check_device
 
 if HAS_TRITON:
 

@@ -13,18 +13,8 @@ import math
 
 import torch
 
-from ._triton import (
-    HAS_TRITON,
-    cdiv,
-    check_device,
-    dot_dtype,
-    sms,
-    softmax_finish,
-    softmax_update,
-    tl,
-    triton,
-)
-from .launch import strides
+from ._triton import HAS_TRITON, softmax_finish, softmax_update, tl, triton
+from .launch import cdiv, check_device, dot_dtype, sms, strides
 
 LOG2E = 1.4426950408889634
 

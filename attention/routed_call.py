@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import cdiv, check_device
+from .launch import cdiv, check_device
 
 
 @dataclass

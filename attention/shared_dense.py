@@ -16,18 +16,8 @@ import math
 
 import torch
 
-from ._triton import (
-    HAS_TRITON,
-    cdiv,
-    check_device,
-    dot_dtype,
-    sms,
-    softmax_finish,
-    softmax_update,
-    tl,
-    triton,
-)
-from .launch import strides
+from ._triton import HAS_TRITON, softmax_finish, softmax_update, tl, triton
+from .launch import cdiv, check_device, dot_dtype, sms, strides
 
 if HAS_TRITON:
     from triton.tools.tensor_descriptor import TensorDescriptor

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, dot_dtype, softmax_finish, softmax_update, tl, triton
-from .launch import chunk_scales, strides
+from ._triton import HAS_TRITON, load_kv, softmax_finish, softmax_update, tl, triton
+from .launch import cdiv, chunk_scales, dot_dtype, strides
 from .routed_call import prepare_routed
 
 LOG2E = 1.4426950408889634
@@ -97,16 +97,8 @@ if HAS_TRITON:
         for start in range(n_lo, n_hi, BLOCK_N):
             offs_n = start + offs_n0
             n_ok = offs_n < n_end
-            k = tl.load(
-                K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
-                mask=n_ok[:, None],
-                other=0.0,
-            )
-            v = tl.load(
-                V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
-                mask=n_ok[:, None],
-                other=0.0,
-            )
+            Kh, Vh = K + h * stride_kh, V + h * stride_vh
+            k, v = load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
             qk = tl.dot(q, tl.trans(k.to(DOT)))
             if KV_SCALE:
                 # fp8: one scale per (chunk, head) folds into the score scale and into p

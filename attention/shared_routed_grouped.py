@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, softmax_finish, softmax_update, tl, triton
-from .launch import chunk_scales, strides
+from ._triton import HAS_TRITON, load_kv, softmax_finish, softmax_update, tl, triton
+from .launch import cdiv, chunk_scales, dot_dtype, sms, strides
 from .routed_call import prepare_routed
 
 LOG2E = 1.4426950408889634
@@ -159,16 +159,8 @@ if HAS_TRITON:
                             )
                         else:
                             n_ok = (start + offs_n0 < CHUNK) & (offs_n < N)
-                            k = tl.load(
-                                K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
-                                mask=n_ok[:, None],
-                                other=0.0,
-                            )
-                            v = tl.load(
-                                V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
-                                mask=n_ok[:, None],
-                                other=0.0,
-                            )
+                            Kh, Vh = K + h * stride_kh, V + h * stride_vh
+                            k, v = load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
                         qk = tl.dot(q, tl.trans(k.to(DOT)))
                         if KV_SCALE:
                             qk = qk * ks
@@ -250,16 +242,9 @@ if HAS_TRITON:
             offs_c = tl.arange(0, BLOCK_N)
             offs_n = c.to(tl.int64) * CHUNK + offs_c
             n_ok = (offs_c < CHUNK) & (offs_n < N)
-            k = tl.load(
-                K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
-                mask=n_ok[:, None],
-                other=0.0,
-            ).to(DOT)
-            v = tl.load(
-                V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
-                mask=n_ok[:, None],
-                other=0.0,
-            ).to(DOT)
+            Kh, Vh = K + h * stride_kh, V + h * stride_vh
+            k, v = load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
+            k, v = k.to(DOT), v.to(DOT)
             if KV_SCALE:
                 ks = tl.load(KS + c * stride_sc + h * stride_sh)
                 vs = tl.load(VS + c * stride_sc + h * stride_sh)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, cdiv, dot_dtype, sms, softmax_finish, softmax_update, tl, triton
-from .launch import chunk_scales, strides
+from ._triton import HAS_TRITON, load_kv, softmax_finish, softmax_update, tl, triton
+from .launch import cdiv, chunk_scales, dot_dtype, sms, strides
 from .routed_call import prepare_routed
 
 LOG2E = 1.4426950408889634
@@ -139,16 +139,8 @@ if HAS_TRITON:
                     n_ok = offs_n0 >= 0
                 else:
                     n_ok = (in_chunk < chunk_size) & (offs_n < N)
-            k = tl.load(
-                K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :],
-                mask=n_ok[:, None],
-                other=0.0,
-            )
-            v = tl.load(
-                V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :],
-                mask=n_ok[:, None],
-                other=0.0,
-            )
+            Kh, Vh = K + h * stride_kh, V + h * stride_vh
+            k, v = load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
             # which rows' tokens chose chunk c: SEL[h, c, pos] (contiguous over the block)
             chose = tl.load(sel_row + c * t_pad, mask=row_ok, other=0) != 0
             qk = tl.dot(q, tl.trans(k.to(DOT)))
