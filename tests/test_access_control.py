@@ -331,10 +331,13 @@ def test_ui_other_user_cannot_reach_the_private_corpus(site):
     kb = site["kb"]
     # ann chats over her corpus in the UI: a stored conversation whose citations hold the secret
     ann = _ui(site, "ann")
-    messages, _box = ann.predict(QUESTION, [], PRIVATE, None, api_name="/send")
-    assert SECRET in json.dumps(messages)  # positive control: the scan below would catch a leak
-    ann_sessions = ann.predict(PRIVATE, api_name="/chat_sessions")["choices"]
-    ann_session = ann_sessions[0][1]
+    messages, _box, _sources, listed, _title = ann.predict(
+        QUESTION, PRIVATE, None, api_name="/send"
+    )
+    ann_session = listed["value"]
+    viewer = ann.predict("1-1", ann_session, api_name="/open_source")
+    assert SECRET in viewer  # positive control: the scan below would catch a leak
+    assert [c[1] for c in ann.predict(None, api_name="/conversations")["choices"]] == [ann_session]
 
     ben = _ui(site, "ben")
     outputs = []
@@ -346,27 +349,17 @@ def test_ui_other_user_cannot_reach_the_private_corpus(site):
     outputs += [chat, writable]
     assert set(_choices(chat)) == {TEAM, OPEN}
     assert _choices(writable) == []  # ben owns nothing; the shared corpus is read-only to him
-    assert ben.predict(PRIVATE, api_name="/chat_sessions")["choices"] == []
+    assert ben.predict(None, api_name="/conversations")["choices"] == []
 
-    _refused(ben, QUESTION, [], PRIVATE, None, api_name="/send", match="does not exist")
+    _refused(ben, QUESTION, PRIVATE, None, api_name="/send", match="does not exist")
+    _refused(ben, PRIVATE, api_name="/retry", match="nothing to retry")
+    _refused(ben, QUESTION, PRIVATE, ann_session, api_name="/send", match="does not exist")
     _refused(
-        ben,
-        [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}],
-        PRIVATE,
-        None,
-        api_name="/retry",
-        match="does not exist",
+        ben, ann_session, api_name="/open_chat", match="does not exist|not in the list of choices"
     )
-    _refused(ben, QUESTION, [], PRIVATE, ann_session, api_name="/send", match="does not exist")
-    _refused(ben, ann_session, api_name="/open_chat", match="does not exist")
-    _refused(
-        ben,
-        [{"role": "user", "content": [{"type": "text", "text": QUESTION}]}],
-        PRIVATE,
-        ann_session,
-        api_name="/retry",
-        match="does not exist",
-    )
+    # the conversation events act on the session state set by open_chat, which refused above
+    _refused(ben, "mine", api_name="/rename_chat", match="open a conversation")
+    _refused(ben, api_name="/delete_chat", match="open a conversation")
     _refused(ben, PRIVATE, api_name="/documents", match="does not exist")
     upload = site["docs"] / "ben-upload.txt"
     upload.write_text("Ben's note. The vault code is 0000.")
@@ -384,11 +377,8 @@ def test_ui_other_user_cannot_reach_the_private_corpus(site):
     _refused(ben, TEAM, api_name="/rebuild", match="only the owner")
     assert kb.documents(PRIVATE) == docs_before and len(kb.documents(TEAM)) == 1
     # ann's conversation is still whole: ben's retry did not drop her last turn
-    reopened, _corpus = ann.predict(ann_session, api_name="/open_chat")
-    assert [m["role"] for m in reopened if not (m.get("metadata") or {}).get("title")] == [
-        "user",
-        "assistant",
-    ]
+    reopened, *_ = ann.predict(ann_session, api_name="/open_chat")
+    assert [m["role"] for m in reopened] == ["user", "assistant"]
     blob = json.dumps(outputs, default=str)
     assert SECRET not in blob and SECRET_FILE not in blob
 

@@ -60,27 +60,30 @@ def test_anonymous_chats_are_private_to_their_browser(site):
     before = set(_session_ids(kb))
     # the corpus is empty (not ready): the question is stored, then the answer fails; enough here
     try:
-        ann.predict("ann's private question about her salary", [], "open", api_name="/send")
+        ann.predict("ann's private question about her salary", "open", None, api_name="/send")
     except AppError:
         pass
     (sid,) = set(_session_ids(kb)) - before
     turns = _turns(kb, sid)
     assert turns[0] == ("user", "ann's private question about her salary")
 
-    # bob: not listed, not opened by id, and retry after a failed open touches nothing of ann's
-    assert bob.predict("open", api_name="/chat_sessions")["choices"] == []
-    with pytest.raises(AppError):
+    # bob: not listed, not opened, retried, renamed or deleted by id; nothing of ann's changes
+    assert bob.predict(None, api_name="/conversations")["choices"] == []
+    with pytest.raises(AppError, match="does not exist|not in the list of choices"):
         bob.predict(sid, api_name="/open_chat")
-    try:
-        bob.predict([{"role": "user", "content": "overwrite"}], "open", api_name="/retry")
-    except AppError:
-        pass
+    for args, name in (  # these act on the conversation open_chat opened: none for bob
+        (("open",), "/retry"),
+        (("bob's now",), "/rename_chat"),
+        ((), "/delete_chat"),
+    ):
+        with pytest.raises(AppError, match="nothing to retry|open a conversation"):
+            bob.predict(*args, api_name=name)
     assert _turns(kb, sid) == turns
 
     # ann still has it: listed and opened
-    choices = ann.predict("open", api_name="/chat_sessions")["choices"]
+    choices = ann.predict(None, api_name="/conversations")["choices"]
     assert [c[1] for c in choices] == [sid]
-    messages, _corpus = ann.predict(sid, api_name="/open_chat")
+    messages, *_ = ann.predict(sid, api_name="/open_chat")
     assert "salary" in str(messages)
 
 
@@ -92,7 +95,7 @@ def test_owner_key_is_random_not_sequential(site):
     a, b = _visitor(site), _visitor(site)
     for v in (a, b):
         try:
-            v.predict("hello there", [], "open", api_name="/send")
+            v.predict("hello there", "open", None, api_name="/send")
         except Exception:  # noqa: BLE001 - the answer fails on the empty corpus; the chat is stored
             pass
     with kb.db.session() as s:

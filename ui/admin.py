@@ -1,40 +1,44 @@
-"""Admin tab (admins only): per corpus tokens, KV bytes per tier, hits, last use and state, with
-pin, unpin, evict, move and rebuild; live engine figures with small plots.
-
-The figures and operations come from `kb.cache_admin` (the tier manager's admin side) when it
-is installed; without it they act on what the serving process has: the corpus cache (loaded =
-on the serving device, evicted = on disk only) and the corpus's pinned and tier columns.
+"""Admin tab (admins; with sign-in off, the local user): per corpus tokens, KV bytes per tier,
+hits, last use and state, with pin, unpin, evict, move and rebuild; live engine figures with
+small plots. The figures and operations come from `kb.cache_admin` (the tier manager's admin
+side); what they did is said in words. On a CPU-only host the two memory tiers are one:
+"memory".
 """
 
 import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from kb.errors import Conflict, KBError, NotFound
+from kb.errors import KBError
 from kb.service import KnowledgeBase
 from ui.common import admin_of, fmt_bytes, shown_errors
-from ui.corpora import Tracker, rebuild
+from ui.corpora import rebuild
 
-CORPUS_COLUMNS = [
-    "corpus",
-    "state",
-    "tokens",
-    "GPU KV",
-    "CPU KV",
-    "disk KV",
-    "hits",
-    "last use",
-    "tier",
-    "pinned",
-]
 OPS = ("pin", "unpin", "evict", "move", "rebuild")
 HISTORY = 120  # engine samples kept for the plots
+
+
+def on_gpu(kb: KnowledgeBase) -> bool:
+    return kb.settings.device.startswith("cuda")
+
+
+def tier_names(kb: KnowledgeBase) -> dict[str, str]:
+    """The tiers in words. The tier manager's fastest tier is the serving device's memory: on a
+    CPU-only host that is host memory too, so its two memory tiers read "memory" (never "gpu"
+    beside a GPU column of 0 B)."""
+    if on_gpu(kb):
+        return {"gpu": "GPU", "cpu": "CPU memory", "disk": "disk"}
+    return {"gpu": "memory", "cpu": "memory", "disk": "disk"}
+
+
+def corpus_columns(kb: KnowledgeBase) -> list[str]:
+    kv = ["GPU KV", "CPU KV"] if on_gpu(kb) else ["memory KV"]
+    return ["corpus", "state", "tokens", *kv, "disk KV", "hits", "last use", "tier", "pinned"]
 
 
 @dataclass
@@ -50,39 +54,24 @@ class CorpusRow:
     tier: str
     pinned: bool
 
-    def cells(self) -> list:
+    def cells(self, kb: KnowledgeBase) -> list:
+        names = tier_names(kb)
+        kv = (
+            [fmt_bytes(self.gpu_bytes), fmt_bytes(self.cpu_bytes)]
+            if on_gpu(kb)
+            else [fmt_bytes(self.gpu_bytes + self.cpu_bytes)]
+        )
         return [
             self.name,
             self.state,
             self.tokens,
-            fmt_bytes(self.gpu_bytes),
-            fmt_bytes(self.cpu_bytes),
+            *kv,
             fmt_bytes(self.disk_bytes),
             self.hits,
             self.last_used,
-            self.tier,
+            names.get(self.tier, self.tier),
             "yes" if self.pinned else "",
         ]
-
-
-def _files_bytes(paths: list[str | None]) -> int:
-    total = 0
-    for p in paths:
-        if p:
-            try:
-                total += Path(p).stat().st_size
-            except OSError:
-                pass
-    return total
-
-
-def cache_admin():
-    """The tier manager's admin module, or None where it is not installed."""
-    try:
-        import kb.cache_admin as m
-    except ImportError:
-        return None
-    return m if hasattr(m, "lookup") and hasattr(m, "run_op") else None
 
 
 def _when(t) -> str:
@@ -91,99 +80,43 @@ def _when(t) -> str:
 
 def corpus_rows(kb: KnowledgeBase) -> list[CorpusRow]:
     """Every corpus with where its KV is: per tier bytes, state, hits, last use."""
-    m = cache_admin()
-    if m is not None:
-        return [
-            CorpusRow(
-                r.name,
-                r.state,
-                r.tokens,
-                r.bytes.get("gpu", 0),
-                r.bytes.get("cpu", 0),
-                r.bytes.get("disk", 0),
-                r.hits,
-                _when(r.last_used_at),
-                r.tier,
-                r.pinned,
-            )
-            for r in m.lookup(kb)
-        ]
-    device_tier = "gpu" if kb.settings.device.startswith("cuda") else "cpu"
-    rows = []
-    for c in kb.placements():
-        loaded = kb.cache.loaded.get(c.name)
-        dev = (
-            sum(t.numel() * t.element_size() for t in (loaded.shared.k + loaded.shared.v))
-            if loaded
-            else 0
+    return [
+        CorpusRow(
+            r.name,
+            r.state,
+            r.tokens,
+            r.bytes.get("gpu", 0),
+            r.bytes.get("cpu", 0),
+            r.bytes.get("disk", 0),
+            r.hits,
+            _when(r.last_used_at),
+            r.tier,
+            r.pinned,
         )
-        if c.status != "ready":
-            state = c.status
-        elif c.pinned:
-            state = "pinned"
-        else:
-            state = "ready" if loaded else "evicted"
-        gpu, cpu = (dev, 0) if device_tier == "gpu" else (0, dev)
-        rows.append(
-            CorpusRow(
-                c.name,
-                state,
-                c.tokens,
-                gpu,
-                cpu,
-                _files_bytes(c.kv_files),
-                c.hits,
-                _when(c.last_used_at),
-                device_tier if loaded else "disk",
-                c.pinned,
-            )
-        )
-    return rows
+        for r in kb.cache_admin.lookup()
+    ]
 
 
-def cache_op(
-    kb: KnowledgeBase, tracker: Tracker, user, op: str, name: str, tier: str | None = None
-) -> str:
+def cache_op(kb: KnowledgeBase, user, op: str, name: str, tier: str | None = None) -> str:
     """Run one admin operation on a corpus's cache; returns what happened, in words."""
     if op not in OPS:
         raise KBError(f"unknown operation {op!r}: one of {', '.join(OPS)}")
     if not name:
         raise KBError("pick a corpus first")
-    m = cache_admin()
-    if m is not None:
-        if (
-            op == "rebuild"
-        ):  # long: runs as a cache job; the Corpora tab shows its documents' progress
-            return f"rebuilding {name} (event {m.submit(kb, 'rebuild', name)})"
-        return f"{op} {name}: " + ", ".join(
-            f"{k} {v}" for k, v in m.run_op(kb, op, name, tier).items()
-        )
-    device_tier = "gpu" if kb.settings.device.startswith("cuda") else "cpu"
-    pinned = next((r.pinned for r in corpus_rows(kb) if r.name == name), None)
-    if pinned is None:
-        raise NotFound(f"corpus {name!r} does not exist")
+    if op == "rebuild":  # long: a cache job; the Corpora tab shows its documents' progress
+        return rebuild(kb, user, name)
+    if op == "move" and not on_gpu(kb) and tier == "cpu":
+        tier = "gpu"  # one memory on a CPU-only host: the serving tier
+    done = kb.cache_admin.run_op(op, name, tier)
+    names = tier_names(kb)
     if op == "pin":
-        kb.load_corpus(name)
-        kb.set_placement(name, pinned=True, tier=device_tier)
-        return f"pinned {name} on {device_tier}"
+        return f"pinned {name}: it stays where it is until unpinned"
     if op == "unpin":
-        kb.set_placement(name, pinned=False)
-        return f"unpinned {name}"
-    if op == "evict" or (op == "move" and tier == "disk"):
-        if pinned:
-            raise Conflict(f"corpus {name!r} is pinned; unpin it first")
-        kb.cache.drop(name)  # refuses while it answers questions
-        kb.set_placement(name, tier="disk")
+        return f"unpinned {name}: it may be evicted when room is needed"
+    where = names.get(done.get("tier", ""), done.get("tier", ""))
+    if op == "evict":
         return f"evicted {name}: its KV is on disk only"
-    if op == "move":
-        if tier != device_tier:
-            raise KBError(
-                f"this server serves from {device_tier}; its tiers are {device_tier} and disk"
-            )
-        kb.load_corpus(name)
-        kb.set_placement(name, tier=device_tier)
-        return f"moved {name} to {device_tier}"
-    return rebuild(kb, tracker, user, name)
+    return f"moved {name}: its KV is in {where}" if where != "disk" else f"moved {name} to disk"
 
 
 @dataclass
@@ -197,16 +130,19 @@ class EngineSample:
     ttft_s: float | None
 
 
+def _summed(registry, sample: str) -> float:
+    """A metric's sample summed over its labels (time to first token is kept per corpus)."""
+    return sum(x.value for family in registry.collect() for x in family.samples if x.name == sample)
+
+
 def engine_sample(kb: KnowledgeBase) -> EngineSample | None:
     """The engine's figures now (None until the engine has started)."""
     eng = kb.started_engine
     if eng is None:
         return None
     m = eng.metrics
-    n = m.registry.get_sample_value("kb_time_to_first_token_seconds_count") or 0
-    ttft = (
-        (m.registry.get_sample_value("kb_time_to_first_token_seconds_sum") or 0) / n if n else None
-    )
+    n = _summed(m.registry, "kb_time_to_first_token_seconds_count")
+    ttft = _summed(m.registry, "kb_time_to_first_token_seconds_sum") / n if n else None
     return EngineSample(
         time.time(),
         len(eng.scheduler.waiting),
@@ -219,8 +155,8 @@ def engine_sample(kb: KnowledgeBase) -> EngineSample | None:
 
 
 class AdminHandlers:
-    def __init__(self, kb: KnowledgeBase, tracker: Tracker):
-        self.kb, self.tracker = kb, tracker
+    def __init__(self, kb: KnowledgeBase):
+        self.kb = kb
         self.history: deque[EngineSample] = deque(
             maxlen=HISTORY
         )  # shared: every admin sees the same
@@ -231,7 +167,7 @@ class AdminHandlers:
         rows = await asyncio.to_thread(corpus_rows, self.kb)
         names = [r.name for r in rows]
         return (
-            pd.DataFrame([r.cells() for r in rows], columns=CORPUS_COLUMNS),
+            pd.DataFrame([r.cells(self.kb) for r in rows], columns=corpus_columns(self.kb)),
             gr.Dropdown(
                 choices=names, value=current if current in names else (names[0] if names else None)
             ),
@@ -240,7 +176,7 @@ class AdminHandlers:
     @shown_errors
     async def op(self, op: str, name: str | None, tier: str | None, request: gr.Request):
         user = admin_of(self.kb, request)
-        return await asyncio.to_thread(cache_op, self.kb, self.tracker, user, op, name, tier)
+        return await asyncio.to_thread(cache_op, self.kb, user, op, name, tier)
 
     @shown_errors
     async def engine(self, request: gr.Request):
@@ -274,15 +210,25 @@ class AdminHandlers:
         return figures, load, speed
 
 
-def build_admin_tab(kb: KnowledgeBase, tracker: Tracker) -> dict[str, Any]:
-    h = AdminHandlers(kb, tracker)
-    table = gr.Dataframe(headers=CORPUS_COLUMNS, interactive=False, elem_id="admin-corpora")
+def build_admin_tab(kb: KnowledgeBase) -> dict[str, Any]:
+    h = AdminHandlers(kb)
+    table = gr.Dataframe(headers=corpus_columns(kb), interactive=False, elem_id="admin-corpora")
+    tiers = (
+        [("GPU", "gpu"), ("CPU memory", "cpu"), ("disk", "disk")]
+        if on_gpu(kb)
+        else [("memory", "gpu"), ("disk", "disk")]
+    )
     with gr.Row():
         corpus = gr.Dropdown(
             label="Corpus", choices=[], elem_id="admin-corpus", scale=2, allow_custom_value=True
         )
-        tier = gr.Dropdown(
-            ["gpu", "cpu", "disk"], value="cpu", label="Move to tier", elem_id="admin-tier", scale=1
+        tier = gr.Dropdown(  # API clients may name "cpu" on a CPU host: the same memory
+            tiers,
+            value="gpu",
+            label="Move to",
+            elem_id="admin-tier",
+            scale=1,
+            allow_custom_value=True,
         )
     with gr.Row():
         buttons = {op: gr.Button(op.capitalize(), elem_id=f"admin-{op}", size="sm") for op in OPS}

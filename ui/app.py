@@ -1,5 +1,5 @@
-"""The web app: a Gradio Blocks app with tabs Chat, Corpora and Admin (admins only), mounted at
-"/" of the FastAPI app by `kb.server.create_app`."""
+"""The web app: a Gradio Blocks app with tabs Chat, Corpora and Admin (admins, and with sign-in
+off the local user), mounted at "/" of the FastAPI app by `kb.server.create_app`."""
 
 import asyncio
 
@@ -9,12 +9,20 @@ from kb.service import KnowledgeBase
 from kb.uploads import UploadRegistry
 from ui.admin import build_admin_tab
 from ui.chat import build_chat_tab
-from ui.common import user_of
+from ui.common import local_user, may_administer, user_of
 from ui.corpora import build_corpora_tab
 
 CSS = """  /* passed to mount_gradio_app (Gradio 6 takes css at launch/mount) */
-#chatbot mark { background: #fde68a; padding: 0 .1em; border-radius: 3px; }
 #whoami { text-align: right; }
+.kb-cite { color: #2563eb; cursor: pointer; font-weight: 600; }
+sup.kb-cite { padding: 0 .1em; }
+.kb-sources { font-size: .85em; margin-top: .4em; }
+.kb-stopped { display: inline-block; font-size: .85em; color: #92400e; background: #fef3c7;
+  border-radius: 4px; padding: 0 .4em; }
+#source-view mark { background: #fde68a; padding: 0 .1em; border-radius: 3px; }
+#source-view .kb-page { max-width: 100%; border: 1px solid #ddd; margin-bottom: .5em; }
+#source-view .kb-page-text { white-space: pre-wrap; max-height: 420px; overflow: auto;
+  font-size: .85em; }
 """
 
 
@@ -33,18 +41,22 @@ def build_ui(kb: KnowledgeBase, uploads: UploadRegistry | None = None) -> gr.Blo
             with gr.Tab("Corpora", id="corpora", elem_id="tab-corpora") as corpora_tab:
                 corpora = build_corpora_tab(kb, uploads)
             with gr.Tab("Admin", id="admin", visible=False, elem_id="tab-admin") as admin_tab:
-                admin = build_admin_tab(kb, corpora["tracker"])
+                admin = build_admin_tab(kb)
 
         async def on_load(request: gr.Request):
             user = await asyncio.to_thread(user_of, kb, request)
-            if user.anonymous:
-                who = "anonymous (KB_AUTH=off) · [Sign in](login)"
+            if user.anonymous and local_user(kb):
+                who = "local user (sign-in is off)"
             else:
                 role = " (admin)" if user.is_admin else ""
                 who = f"signed in as **{user.name}**{role} · [Sign out](logout)"
-            return who, gr.Tab(visible=user.is_admin)
+            return who, gr.Tab(visible=may_administer(kb, user))
 
         demo.load(on_load, None, [whoami, admin_tab], api_name="whoami")
+        demo.load(None, None, None, js=chat["js"])
+        demo.load(
+            chat["list"], [chat["session_id"]], [chat["conversations"]], api_name="conversations"
+        )
         demo.load(chat["load"], [chat["corpus"]], [chat["corpus"]], api_name="chat_corpora")
         demo.load(corpora["load"], [corpora["corpus"]], [corpora["corpus"]], api_name="corpora")
         # opening a tab refreshes its corpus picker (a corpus may have become ready meanwhile)

@@ -1,111 +1,109 @@
-"""Chat tab: pick a corpus, ask, watch the answer stream, read its citations under it.
+"""Chat tab: the caller's conversations in a list (open, rename, delete), the answer streaming in
+with inline [n] markers tied to its citations, and a source viewer that opens a cited page with
+the passage highlighted.
 
-Handlers are async and hand each question straight to the engine (no Gradio concurrency limit
-in front of it: the engine batches every running request into one step). Conversations are
-stored per user (`kb.chats`), so they survive a reload.
+Conversations are stored per user (`kb.chats`; with sign-in off per browser, by its cookie), so
+they survive a reload; the stored turns are the truth and the chat is drawn from them. Handlers
+are async and hand each question straight to the engine (no Gradio concurrency limit in front of
+it: the engine batches every running request into one step).
 """
 
+from __future__ import annotations
+
 import asyncio
-import html
 from typing import Any
 
 import gradio as gr
 
 from kb.auth import Principal
+from kb.chats import ChatHistory
 from kb.errors import KBError
-from kb.inputs import internal_message, text_problem
+from kb.inputs import internal_message
 from kb.service import Delta, Finished, KnowledgeBase
+from kb.sources import page_image, source_page
 from kb.uploads import caller_owner
 from ui.common import shown_errors, user_of
+from ui.render import (
+    MARKS,
+    STOPPED,
+    TOKEN_LIMIT,
+    answer_markdown,
+    cite_label,
+    plain_markdown,
+    source_html,
+    split_mark,
+)
 
-CONTEXT_CHARS = 240  # passage context shown around the cited part
-
-
-def citation_message(i: int, c: dict) -> dict:
-    """One citation as a collapsible chat message: document, page, the passage with the cited
-    part highlighted."""
-    page = f", page {c['page']}" if c.get("page") else ""
-    seg = c.get("segment_text") or c["text"]
-    a, b = c.get("highlight") or (0, len(seg))
-    before = seg[max(0, a - CONTEXT_CHARS) : a]
-    after = seg[b : b + CONTEXT_CHARS]
-    # mark each paragraph of the cited part apart: one <mark> across a blank line would be split
-    # by the Markdown renderer and shown as text
-    marked = "\n\n".join(
-        f"<mark>{html.escape(p)}</mark>" if p.strip() else p for p in seg[a:b].split("\n\n")
-    )
-    body = (
-        ("…" if a > CONTEXT_CHARS else "")
-        + html.escape(before)
-        + marked
-        + html.escape(after)
-        + ("…" if b + CONTEXT_CHARS < len(seg) else "")
-    )
-    score = f" · {c['score'] * 100:.0f}%" if c.get("score") else ""
-    return {
-        "role": "assistant",
-        "content": body,
-        "metadata": {"title": f"[{i}] {c['document']}{page}{score}", "status": "done"},
-    }
-
-
-def text_only(messages: list[dict]) -> list[dict]:
-    """The chat's messages if each is text only; a file or component part is refused (no
-    feature needs one, and a file part naming a server path was issue 15's file-read hole)."""
-    for m in messages:
-        content = m.get("content") if isinstance(m, dict) else None
-        parts = content if isinstance(content, list) else [content]
-        for p in parts:
-            text = (
-                p
-                if isinstance(p, str)
-                else p.get("text")
-                if isinstance(p, dict) and p.get("type") == "text"
-                else None
-            )
-            if isinstance(text, str):
-                if (
-                    "\x00" in text
-                    or text_problem(text) == "contains a lone surrogate (not valid Unicode text)"
-                ):
-                    raise KBError(f"messages: {text_problem(text)}")
-                continue
-            raise KBError("the chat takes text only: no files or components in messages")
-    return messages
-
-
-def model_history(messages: list[dict]) -> list[dict]:
-    """The turns the model sees: user questions and answers, not the citation messages."""
-    out = []
-    for m in messages:
-        if (m.get("metadata") or {}).get("title"):
-            continue
-        content = m["content"]
-        if isinstance(content, list):  # Gradio 6 hands content back as parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        out.append({"role": m["role"], "content": str(content)})
-    return out
+NO_SOURCE = "<p class='kb-muted'>Click a marker [n] or a source to open it here.</p>"
 
 
 def _ready_corpora(kb: KnowledgeBase, user: Principal) -> list[str]:
     return [c.name for c in kb.list_corpora(user=user) if c.status == "ready"]
 
 
-def _sessions(
-    kb: KnowledgeBase, user: Principal, owner: str, corpus: str | None
-) -> list[tuple[str, int]]:
-    return [(f"#{c.id} {c.title}", c.id) for c in kb.chats.list(user, owner, corpus)]
-
-
-def _load_session(
-    kb: KnowledgeBase, user: Principal, owner: str, session_id: int
-) -> tuple[str, list[dict]]:
-    history = kb.chats.load(user, owner, session_id)
-    out: list[dict] = []
+def refs_of(history: ChatHistory) -> list[tuple[str, str, dict]]:
+    """Every citation of a conversation as (source-list value, label, citation), answer by
+    answer: the value "k-n" is citation n of answer k."""
+    out, k = [], 0
+    answers = sum(m.role == "assistant" for m in history.messages)
     for m in history.messages:
-        out.append({"role": m.role, "content": m.content})
-        out.extend(citation_message(i, c) for i, c in enumerate(m.citations, 1))
-    return history.corpus, out
+        if m.role != "assistant":
+            continue
+        k += 1
+        for n, c in enumerate(m.citations, 1):
+            label = cite_label(n, c) + (f" · answer {k}" if answers > 1 else "")
+            out.append((f"{k}-{n}", label, c))
+    return out
+
+
+def chat_messages(history: ChatHistory) -> list[dict]:
+    """The conversation drawn: questions as typed, answers with their markers and marks."""
+    out, k = [], 0
+    for m in history.messages:
+        if m.role == "user":
+            out.append({"role": "user", "content": plain_markdown(m.content)})
+            continue
+        k += 1
+        refs = [f"{k}-{n}" for n in range(1, len(m.citations) + 1)]
+        out.append({"role": "assistant", "content": answer_markdown(m.content, m.citations, refs)})
+    return out
+
+
+def model_history(history: ChatHistory) -> list[dict]:
+    """The turns the model sees: questions and answers as written, without stop marks."""
+    return [{"role": m.role, "content": split_mark(m.content)[0]} for m in history.messages]
+
+
+def _text_of(content: Any) -> str | None:
+    """A drawn message's text (Gradio 6 hands content back as parts); None for a file or a
+    component part, which no feature sends (a file part naming a server path was issue 15's
+    file-read hole)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    return None
+
+
+def with_mark(messages: list[dict], mark: str) -> list[dict]:
+    """The drawn chat, text only, with a stop mark under its last answer if that was still
+    streaming (what Stop shows at once; the stored answer carries the same mark)."""
+    out = [
+        {"role": m["role"], "content": text}
+        for m in messages
+        if isinstance(m, dict)
+        and m.get("role") in ("user", "assistant")
+        and (text := _text_of(m.get("content"))) is not None
+    ]
+    for m in reversed(out):
+        if m["role"] == "assistant":
+            if "kb-stopped" not in m["content"] and "kb-done" not in m["content"]:
+                m["content"] += f'\n\n<span class="kb-stopped">⏹ {mark}</span>'
+            break
+    return out
 
 
 class ChatHandlers:
@@ -121,6 +119,20 @@ class ChatHandlers:
             return user, f"user:{user.id}" if not user.anonymous else "nobody"
         return user, caller_owner(self.kb, request.headers, request.cookies)
 
+    def _list(self, request: gr.Request, selected: int | None) -> gr.Radio:
+        user, owner = self.caller(request)
+        rows = [(f"{c.title} · {c.corpus}", c.id) for c in self.kb.chats.list(user, owner)]
+        ids = [sid for _, sid in rows]
+        return gr.Radio(choices=rows, value=selected if selected in ids else None)
+
+    def _history(self, request: gr.Request, session_id: int) -> ChatHistory:
+        user, owner = self.caller(request)
+        return self.kb.chats.load(user, owner, int(session_id))
+
+    def _sources(self, history: ChatHistory | None) -> gr.Radio:
+        refs = refs_of(history) if history else []
+        return gr.Radio(choices=[(label, ref) for ref, label, _ in refs], value=None)
+
     @shown_errors
     async def corpora(self, current: str | None, request: gr.Request):
         user = user_of(self.kb, request)
@@ -130,34 +142,93 @@ class ChatHandlers:
         )
 
     @shown_errors
-    async def sessions(self, corpus: str | None, request: gr.Request):
-        user, owner = await asyncio.to_thread(self.caller, request)
-        rows = await asyncio.to_thread(_sessions, self.kb, user, owner, corpus)
-        return gr.Dropdown(choices=rows, value=None)
+    async def conversations(self, session_id: int | None, request: gr.Request):
+        """The caller's conversations, newest first (the one open stays selected)."""
+        return await asyncio.to_thread(self._list, request, session_id)
 
     @shown_errors
     async def open(self, session_id: int | None, request: gr.Request):
+        """Show a stored conversation: its turns, its corpus, its sources and its title."""
         if session_id is None:
-            return gr.skip(), gr.skip(), gr.skip()
+            return (gr.skip(),) * 6
+        history = await asyncio.to_thread(self._history, request, session_id)
         user, owner = await asyncio.to_thread(self.caller, request)
-        corpus, messages = await asyncio.to_thread(
-            _load_session, self.kb, user, owner, int(session_id)
+        listed = await asyncio.to_thread(self.kb.chats.list, user, owner)
+        title = next((c.title for c in listed if c.id == int(session_id)), "")
+        return (
+            chat_messages(history),
+            int(session_id),
+            history.corpus,
+            self._sources(history),
+            NO_SOURCE,
+            title,
         )
-        return messages, int(session_id), corpus
 
     async def new_chat(self):
-        return [], None, ""
+        return [], None, "", self._sources(None), NO_SOURCE, "", gr.Radio(value=None)
+
+    @shown_errors
+    async def rename(self, session_id: int | None, title: str, request: gr.Request):
+        if session_id is None:
+            raise KBError("open a conversation first")
+        title = (title or "").strip()
+        if not title:
+            raise KBError("the new title is empty")
+        user, owner = await asyncio.to_thread(self.caller, request)
+        await asyncio.to_thread(self.kb.chats.rename, user, owner, int(session_id), title)
+        return await asyncio.to_thread(self._list, request, int(session_id))
+
+    async def ask_delete(self, session_id: int | None):
+        """Deleting asks first: the confirmation row shows with the conversation named."""
+        if session_id is None:
+            raise gr.Error("open a conversation first")
+        return gr.Row(visible=True)
+
+    async def keep(self):
+        return gr.Row(visible=False)
+
+    @shown_errors
+    async def delete(self, session_id: int | None, request: gr.Request):
+        if session_id is None:
+            raise KBError("open a conversation first")
+        user, owner = await asyncio.to_thread(self.caller, request)
+        await asyncio.to_thread(self.kb.chats.delete, user, owner, int(session_id))
+        listed = await asyncio.to_thread(self._list, request, None)
+        return [], None, self._sources(None), NO_SOURCE, "", listed, gr.Row(visible=False)
+
+    @shown_errors
+    async def open_source(self, ref: str | None, session_id: int | None, request: gr.Request):
+        """The cited page of source `ref` ("k-n"), the passage highlighted; a PDF page drawn."""
+        if not ref or session_id is None:
+            return NO_SOURCE
+        history = await asyncio.to_thread(self._history, request, session_id)
+        cite = next((c for r, _, c in refs_of(history) if r == ref), None)
+        if cite is None or cite.get("document_id") is None:
+            raise KBError("that source is no longer stored with this conversation")
+        user = user_of(self.kb, request)
+        page = await asyncio.to_thread(
+            source_page,
+            self.kb.db,
+            self.kb.settings,
+            user,
+            history.corpus,
+            int(cite["document_id"]),
+            cite.get("page"),
+            cite["text"],
+        )
+        image = None
+        if page.media_type == "pdf" and page.page:
+            image = await asyncio.to_thread(
+                page_image, self.kb.db, user, history.corpus, int(cite["document_id"]), page.page
+            )
+        return source_html(page, image)
 
     @shown_errors
     async def send(
-        self,
-        question: str,
-        messages: list[dict] | None,
-        corpus: str | None,
-        session_id: int | None,
-        request: gr.Request,
+        self, question: str, corpus: str | None, session_id: int | None, request: gr.Request
     ):
-        """Stream one answer: yields (chat messages, session id, cleared question box)."""
+        """Stream one answer: yields (chat, session id, question box, sources, conversations,
+        title)."""
         kb = self.kb
         user, owner = await asyncio.to_thread(self.caller, request)
         question = (question or "").strip()
@@ -165,15 +236,23 @@ class ChatHandlers:
             raise KBError("pick a corpus first")
         if not question:
             raise KBError("the question is empty")
-        messages = text_only(list(messages or []))
-        history = model_history(messages)
         if session_id is None:
             session_id = await asyncio.to_thread(kb.chats.create, user, owner, corpus, question)
+            before = ChatHistory(corpus, [])
+        else:
+            before = await asyncio.to_thread(kb.chats.load, user, owner, int(session_id))
+            corpus = before.corpus
         await asyncio.to_thread(kb.chats.append, user, owner, session_id, "user", question)
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        yield messages, session_id, ""
+        shown = chat_messages(before) + [
+            {"role": "user", "content": plain_markdown(question)},
+            {"role": "assistant", "content": ""},
+        ]
+        listed = await asyncio.to_thread(self._list, request, session_id)
+        title = question if not before.messages else gr.skip()
+        yield shown, session_id, "", gr.skip(), listed, title
         loop = asyncio.get_running_loop()
         await asyncio.to_thread(kb.engine.start)
+        history = model_history(before)
         answer = await asyncio.to_thread(
             lambda: kb.ask(corpus, question, None, history, loop, user=user)
         )
@@ -182,8 +261,8 @@ class ChatHandlers:
             async for ev in answer.handle:
                 if isinstance(ev, Delta):
                     text += ev.text
-                    messages[-1] = {"role": "assistant", "content": text}
-                    yield messages, session_id, ""
+                    shown[-1] = {"role": "assistant", "content": plain_markdown(text)}
+                    yield shown, session_id, "", gr.skip(), gr.skip(), gr.skip()
                 elif isinstance(ev, Finished):
                     finished = ev
         finally:
@@ -191,93 +270,145 @@ class ChatHandlers:
                 kb.engine.abort(answer.handle)
                 await asyncio.shield(
                     asyncio.to_thread(
-                        kb.chats.append, user, owner, session_id, "assistant", text + " …(stopped)"
+                        kb.chats.append, user, owner, session_id, "assistant", text + STOPPED
                     )
                 )
         if finished.reason == "error":
-            messages[-1] = {
-                "role": "assistant",
-                "content": f"⚠️ {internal_message('generation failed', finished.error)}",
-            }
+            content = f"⚠️ {internal_message('generation failed', finished.error)}"
+            await asyncio.to_thread(kb.chats.append, user, owner, session_id, "assistant", content)
+            cites: list[dict] = []
+        else:
+            cites = await asyncio.to_thread(answer.citations)
+            content = finished.text + (TOKEN_LIMIT if finished.reason == "length" else "")
             await asyncio.to_thread(
-                kb.chats.append, user, owner, session_id, "assistant", messages[-1]["content"]
+                kb.chats.append, user, owner, session_id, "assistant", content, cites
             )
-            yield messages, session_id, ""
-            return
-        cites = await asyncio.to_thread(answer.citations)
-        await asyncio.to_thread(
-            kb.chats.append, user, owner, session_id, "assistant", finished.text, cites
-        )
-        messages[-1] = {"role": "assistant", "content": finished.text}
-        messages += [citation_message(i, c) for i, c in enumerate(cites, 1)]
-        yield messages, session_id, ""
+        after = await asyncio.to_thread(kb.chats.load, user, owner, int(session_id))
+        listed = await asyncio.to_thread(self._list, request, session_id)
+        yield chat_messages(after), session_id, "", self._sources(after), listed, gr.skip()
 
     @shown_errors
-    async def retry(
-        self,
-        messages: list[dict] | None,
-        corpus: str | None,
-        session_id: int | None,
-        request: gr.Request,
-    ):
+    async def retry(self, corpus: str | None, session_id: int | None, request: gr.Request):
         """Ask the last question again, replacing its answer."""
-        messages = text_only(list(messages or []))
-        last = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-        if last is None:
+        if session_id is None:
             raise KBError("nothing to retry yet")
-        question = model_history([messages[last]])[0]["content"]
-        if session_id is not None:
-            user, owner = await asyncio.to_thread(self.caller, request)
-            await asyncio.to_thread(self.kb.chats.drop_last_turn, user, owner, int(session_id))
-        async for out in self.send(question, messages[:last], corpus, session_id, request):
+        history = await asyncio.to_thread(self._history, request, session_id)
+        questions = [m.content for m in history.messages if m.role == "user"]
+        if not questions:
+            raise KBError("nothing to retry yet")
+        user, owner = await asyncio.to_thread(self.caller, request)
+        await asyncio.to_thread(self.kb.chats.drop_last_turn, user, owner, int(session_id))
+        async for out in self.send(questions[-1], corpus, session_id, request):
             yield out
+
+    async def stopped(self, messages: list[dict] | None):
+        """Stop: the answer so far stays, marked as stopped (stored with the same mark)."""
+        return with_mark(messages or [], MARKS[STOPPED])
+
+
+# marker clicks open their source: a click on [n] (in an answer or its list of sources) picks
+# that source in the Sources list, whose change event opens the viewer
+MARKER_JS = """
+() => {
+  if (window.kbCiteClicks) return;
+  window.kbCiteClicks = true;
+  document.addEventListener("click", (e) => {
+    const el = e.target.closest && e.target.closest(".kb-cite");
+    if (!el) return;
+    const cls = [...el.classList].find((c) => c.startsWith("kb-ref-"));
+    if (!cls) return;
+    const ref = cls.slice("kb-ref-".length);
+    const input = [...document.querySelectorAll("#sources input[type=radio]")].find(
+      (i) => i.value === ref
+    );
+    if (input) input.click();
+  });
+}
+"""
 
 
 def build_chat_tab(kb: KnowledgeBase) -> dict[str, Any]:
     """Lay out the Chat tab and wire its events; returns the components app.py loads."""
     h = ChatHandlers(kb)
     session_id = gr.State(None)
-    with gr.Row():
-        corpus = gr.Dropdown(
-            label="Corpus", choices=[], elem_id="chat-corpus", scale=2, allow_custom_value=True
-        )
-        sessions = gr.Dropdown(
-            label="Conversation",
-            choices=[],
-            elem_id="chat-sessions",
-            scale=2,
-            allow_custom_value=True,
-        )
-        new_btn = gr.Button("New chat", elem_id="new-chat", scale=0)
-    chatbot = gr.Chatbot(
-        label="Answers",
-        elem_id="chatbot",
-        height=520,
-        buttons=["copy"],
-        placeholder="Pick a corpus and ask a question.",
-    )
-    with gr.Row():
-        question = gr.Textbox(
-            placeholder="Ask a question about the corpus…",
-            show_label=False,
-            elem_id="question",
-            scale=6,
-            autofocus=True,
-        )
-        send_btn = gr.Button("Send", variant="primary", elem_id="send", scale=0)
-        stop_btn = gr.Button("Stop", elem_id="stop", scale=0)
-        retry_btn = gr.Button("Retry", elem_id="retry", scale=0)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=220, elem_id="conversations-panel"):
+            new_btn = gr.Button("New chat", elem_id="new-chat", size="sm")
+            conversations = gr.Radio(
+                label="Conversations", choices=[], elem_id="conversations", interactive=True
+            )
+            title = gr.Textbox(label="Title", elem_id="chat-title", max_lines=1)
+            with gr.Row():
+                rename_btn = gr.Button("Rename", elem_id="rename-chat", size="sm")
+                delete_btn = gr.Button("Delete", elem_id="delete-chat", size="sm", variant="stop")
+            with gr.Row(visible=False, elem_id="confirm-delete-chat") as confirm:
+                gr.Markdown("Delete this conversation?")
+                yes_btn = gr.Button("Delete it", elem_id="confirm-delete-chat-yes", size="sm")
+                no_btn = gr.Button("Keep it", elem_id="confirm-delete-chat-no", size="sm")
+        with gr.Column(scale=3):
+            corpus = gr.Dropdown(
+                label="Corpus", choices=[], elem_id="chat-corpus", allow_custom_value=True
+            )
+            chatbot = gr.Chatbot(
+                label="Answers",
+                elem_id="chatbot",
+                height=520,
+                buttons=["copy"],
+                placeholder="Pick a corpus and ask a question.",
+                latex_delimiters=[],
+                feedback_options=None,
+            )
+            question = gr.Textbox(
+                placeholder="Ask a question about the corpus… (Enter sends)",
+                show_label=False,
+                elem_id="question",
+                autofocus=True,
+            )
+            with gr.Row():
+                send_btn = gr.Button("Send", variant="primary", elem_id="send", size="sm")
+                stop_btn = gr.Button("Stop", elem_id="stop", size="sm")
+                retry_btn = gr.Button("Retry", elem_id="retry", size="sm")
+        with gr.Column(scale=2, min_width=260):
+            sources = gr.Radio(label="Sources", choices=[], elem_id="sources")
+            viewer = gr.HTML(NO_SOURCE, elem_id="source-view")
 
-    io = dict(outputs=[chatbot, session_id, question], concurrency_limit=None)
-    ev_send = send_btn.click(h.send, [question, chatbot, corpus, session_id], api_name="send", **io)
-    ev_submit = question.submit(
-        h.send, [question, chatbot, corpus, session_id], api_name=False, **io
+    io = dict(
+        outputs=[chatbot, session_id, question, sources, conversations, title],
+        concurrency_limit=None,
     )
-    ev_retry = retry_btn.click(h.retry, [chatbot, corpus, session_id], api_name="retry", **io)
-    stop_btn.click(None, None, None, cancels=[ev_send, ev_submit, ev_retry], api_name=False)
-    new_btn.click(h.new_chat, None, [chatbot, session_id, question], api_name="new_chat")
-    corpus.change(h.sessions, [corpus], [sessions], api_name="chat_sessions")
-    sessions.input(h.open, [sessions], [chatbot, session_id, corpus], api_name="open_chat")
-    for ev in (ev_send, ev_submit, ev_retry):
-        ev.then(h.sessions, [corpus], [sessions], api_name=False)
-    return {"corpus": corpus, "load": h.corpora}
+    ev_send = send_btn.click(h.send, [question, corpus, session_id], api_name="send", **io)
+    ev_submit = question.submit(h.send, [question, corpus, session_id], api_name=False, **io)
+    ev_retry = retry_btn.click(h.retry, [corpus, session_id], api_name="retry", **io)
+    stop_btn.click(
+        h.stopped, [chatbot], [chatbot], cancels=[ev_send, ev_submit, ev_retry], api_name=False
+    )
+    new_btn.click(
+        h.new_chat,
+        None,
+        [chatbot, session_id, question, sources, viewer, title, conversations],
+        api_name="new_chat",
+    )
+    conversations.input(
+        h.open,
+        [conversations],
+        [chatbot, session_id, corpus, sources, viewer, title],
+        api_name="open_chat",
+    )
+    rename_btn.click(h.rename, [session_id, title], [conversations], api_name="rename_chat")
+    delete_btn.click(h.ask_delete, [session_id], [confirm], api_name=False)
+    no_btn.click(h.keep, None, [confirm], api_name=False)
+    yes_btn.click(
+        h.delete,
+        [session_id],
+        [chatbot, session_id, sources, viewer, title, conversations, confirm],
+        api_name="delete_chat",
+    )
+    sources.change(h.open_source, [sources, session_id], [viewer], api_name="open_source")
+    return {
+        "corpus": corpus,
+        "load": h.corpora,
+        "conversations": conversations,
+        "session_id": session_id,
+        "list": h.conversations,
+        "js": MARKER_JS,
+    }

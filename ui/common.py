@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from kb.auth import Forbidden, Principal, principal_for
+from kb.auth import Forbidden, Principal, auth_on, principal_for
 from kb.errors import KBError
 from kb.inputs import check_text, new_request_id
 from kb.service import KnowledgeBase
@@ -26,9 +26,19 @@ def user_of(kb: KnowledgeBase, request: gr.Request | None) -> Principal:
     return principal_for(kb, request.headers, request.cookies)
 
 
+def local_user(kb: KnowledgeBase) -> bool:
+    """Sign-in off: one local user, who may do everything (the admin API answers them too)."""
+    return not auth_on(kb)
+
+
+def may_administer(kb: KnowledgeBase, user: Principal) -> bool:
+    """Admins, and with sign-in off the local user."""
+    return user.is_admin or local_user(kb)
+
+
 def admin_of(kb: KnowledgeBase, request: gr.Request | None) -> Principal:
     user = user_of(kb, request)
-    if not user.is_admin:
+    if not may_administer(kb, user):
         raise Forbidden("admins only")
     return user
 
@@ -55,6 +65,12 @@ def _shown(e: Exception) -> gr.Error:
     rid = new_request_id()
     log.error("web app event %s failed", rid, exc_info=e)
     return gr.Error(f"internal error (request id {rid}); the administrator's log has the details")
+
+
+def error_words(e: Exception) -> str:
+    """What the user reads of an error said in a status line instead of a toast (no error
+    badge is then left on the form's fields once the input is fixed)."""
+    return _shown(e).message
 
 
 def shown_errors(fn: Callable) -> Callable:
@@ -100,6 +116,7 @@ def shown_errors(fn: Callable) -> Callable:
 
 
 def fmt_bytes(n: int | float) -> str:
+    """A size in words: "512 B", "1.5 MiB"."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

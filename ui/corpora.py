@@ -1,204 +1,115 @@
-"""Corpora tab: create a corpus, drop many files at once, watch each document's stage, percent,
-ETA and error live; delete a document; rebuild a stale corpus.
+"""Corpora tab: create a corpus, drop many files at once (only kinds kb reads: the drop zone
+names them and refuses the rest before upload), watch each document's stage in words, percent
+from the work done and ETA from the measured throughput, its pages and size; delete a document
+from its row, after a confirmation; rebuild a stale corpus.
 
-Ingestion runs as jobs when `kb.jobs` is there (progress persisted on the Document rows);
-otherwise in a background thread of this process, whose progress callback is tracked here.
+Ingestion runs as jobs (kb.jobs): progress is persisted on the Document rows, so the table says
+the truth after a reload or a restart. With sign-in off there is one local user and no choice of
+who may read a corpus; with sign-in on, "Shared with" shows only for shared corpora.
 """
+
+from __future__ import annotations
 
 import asyncio
 import logging
 import shutil
 import tempfile
-import threading
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import gradio as gr
 import pandas as pd
 
 from kb.auth import Principal
+from kb.document_rows import DocumentRow, document_rows
 from kb.errors import Conflict, KBError
-from kb.filenames import safe_filename
+from kb.file_types import accepted_names, accepted_suffixes
 from kb.service import KnowledgeBase
 from kb.uploads import UploadRegistry, caller_owner
-from ui.common import shown_errors, user_of
+from ui.common import error_words, fmt_bytes, local_user, shown_errors, user_of
 
 log = logging.getLogger(__name__)
-DOC_COLUMNS = ["id", "document", "stage", "percent", "ETA", "tokens", "error"]
+DOC_COLUMNS = ["#", "document", "stage", "percent", "ETA", "pages", "size", "tokens", "error", ""]
+DELETE_CELL = "delete"
+NO_DOCUMENTS = pd.DataFrame([], columns=DOC_COLUMNS)
 
 
-@dataclass
-class Live:
-    """What the ingest callback last said about one file."""
-
-    stage: str = "queued"
-    frac: float = 0.0
-    started: float = field(default_factory=time.monotonic)
-    prefill_started: float | None = None
-    error: str | None = None
-
-    def eta_s(self) -> float | None:
-        """Seconds left from this run's prefill rate (None before the rate is known)."""
-        if self.stage != "prefilled" or self.prefill_started is None or self.frac <= 0:
-            return None
-        elapsed = time.monotonic() - self.prefill_started
-        return elapsed * (1 - self.frac) / self.frac
+def _files(n: int) -> str:
+    return "1 file" if n == 1 else f"{n} files"
 
 
-class Tracker:
-    """Live progress of the ingestions this process runs in threads, per (corpus, filename)."""
-
-    def __init__(self) -> None:
-        self._live: dict[tuple[str, str], Live] = {}
-        self._lock = threading.Lock()
-
-    def queued(self, corpus: str, names: list[str]) -> None:
-        with self._lock:
-            for n in names:
-                self._live[(corpus, safe_filename(n))] = Live()
-
-    def update(self, corpus: str, filename: str, stage: str, frac: float) -> None:
-        with self._lock:
-            live = self._live.setdefault((corpus, safe_filename(filename)), Live())
-            if stage == "prefilled" and live.prefill_started is None:
-                live.prefill_started = time.monotonic()
-            live.stage, live.frac = stage, frac
-
-    def done(self, corpus: str, names: list[str]) -> None:
-        with self._lock:
-            for n in names:
-                self._live.pop((corpus, safe_filename(n)), None)
-
-    def of(self, corpus: str) -> dict[str, Live]:
-        with self._lock:
-            return {f: live for (c, f), live in self._live.items() if c == corpus}
+def eta_words(seconds: float | None) -> str:
+    """An ETA as a person reads it: "", "12 s", "3 min 5 s"."""
+    if seconds is None:
+        return ""
+    s = max(1, round(seconds))
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60} s"
 
 
-def _writable(kb: KnowledgeBase, user: Principal) -> list[str]:
-    return kb.writable_corpora(user)
-
-
-def _pct(stage: str, db_percent: float, live: Live | None) -> float:
-    if stage == "ready":
-        return 100.0
-    if db_percent:
-        return round(db_percent, 1)
-    if live is not None and live.stage == "prefilled":
-        return round(100 * live.frac, 1)
-    return 0.0
-
-
-def document_rows(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str) -> list[list]:
-    """One row per document (and per file still waiting): stage, percent, ETA, error."""
-    docs = [
-        (d.id, d.filename, d.stage, d.percent, d.eta_s, d.tokens, d.error)
-        for d in kb.document_progress(name, user=user)
+def row_cells(r: DocumentRow) -> list:
+    return [
+        r.id,
+        r.filename,
+        r.activity,
+        f"{r.percent:.0f}%",
+        eta_words(r.eta_s),
+        "" if r.pages is None else r.pages,
+        fmt_bytes(r.size_bytes),
+        r.tokens or "",
+        r.error or "",
+        DELETE_CELL,
     ]
-    live = tracker.of(name)
-    rows = []
-    for did, fname, stage, pct, eta, toks, err in docs:
-        lv = live.pop(fname, None)
-        if lv is not None and stage not in ("ready", "failed"):
-            stage = lv.stage if lv.stage != "queued" else stage
-            eta = eta if eta is not None else lv.eta_s()
-        rows.append(
-            [
-                did,
-                fname,
-                stage,
-                _pct(stage, pct, lv),
-                "" if eta is None else f"{eta:.0f} s",
-                toks,
-                err or "",
-            ]
-        )
-    for fname, lv in live.items():  # not yet stored
-        rows.append(["", fname, lv.stage, 0.0, "", 0, lv.error or ""])
-    return rows
 
 
-def _ingest_in_thread(
-    kb: KnowledgeBase, tracker: Tracker, name: str, folder: Path, paths: list[Path]
-) -> None:
-    names = [p.name for p in paths]
-
-    def run() -> None:
-        try:
-            kb.ingest(name, paths, lambda f, stage, frac: tracker.update(name, f, stage, frac))
-        except Exception:
-            log.exception("ingest into %s failed", name)
-        finally:
-            tracker.done(name, names)
-            shutil.rmtree(folder, ignore_errors=True)
-
-    tracker.queued(name, names)
-    threading.Thread(target=run, daemon=True, name=f"kb-ui-ingest-{name}").start()
-
-
-def start_ingest(
-    kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str, files: list[str]
-) -> str:
-    """Queue the files for ingestion and return at once; progress shows in the document table."""
+def start_ingest(kb: KnowledgeBase, user: Principal, name: str, files: list[str]) -> str:
+    """Queue the files' ingest jobs and return at once; progress shows in the document table."""
     kb.check_write(name, user)
     if not files:
         raise KBError("drop one or more files first")
+    suffixes = accepted_suffixes(kb.settings.allowed_types)
+    refused = [PurePath(f).name for f in files if PurePath(f).suffix.lower() not in suffixes]
+    if refused:  # the drop zone refuses these; a client that skips it is told the same
+        raise KBError(
+            f"not a kind of file kb reads: {', '.join(refused)}; "
+            f"accepted: {accepted_names(kb.settings.allowed_types)}"
+        )
     folder = Path(tempfile.mkdtemp(prefix="ui-upload-", dir=kb.home))
-    paths = []
-    for i, f in enumerate(
-        files
-    ):  # copy: Gradio's cache may be cleaned before the ingest reaches it
-        src = Path(f)
-        dest = folder / str(i) / src.name
-        dest.parent.mkdir()
-        shutil.copyfile(src, dest)
-        paths.append(dest)
     try:
-        from kb.jobs import jobs_for
-    except ImportError:
-        _ingest_in_thread(kb, tracker, name, folder, paths)
-        return f"ingesting {len(paths)} file(s) into {name}"
-    try:
-        subs = jobs_for(kb).submit(name, paths)  # stores each file before it returns
+        paths = []
+        for i, f in enumerate(files):  # copy: Gradio's cache may be cleaned before the job runs
+            src = Path(f)
+            dest = folder / str(i) / src.name
+            dest.parent.mkdir()
+            shutil.copyfile(src, dest)
+            paths.append(dest)
+        subs = kb.jobs.submit(name, paths)  # stores each file before it returns
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    queued = [s for s in subs if s.status == "queued"]
+    dupes = [s.filename for s in subs if s.status == "duplicate"]
     failed = [f"{s.filename}: {s.error}" for s in subs if s.status == "failed"]
-    return f"queued {len(subs) - len(failed)} file(s) into {name}" + (
-        "; " + "; ".join(failed) if failed else ""
-    )
+    said = [f"queued {_files(len(queued))} for {name}"] if queued else []
+    if dupes:
+        said.append(f"already in {name}: {', '.join(dupes)}")
+    return "; ".join(said + failed)
 
 
-def delete_document(kb: KnowledgeBase, user: Principal, name: str, doc_id: int) -> str:
-    """Remove a document, its stored file and its KV; the next question loads the new layout."""
-    fname = kb.delete_document(name, doc_id, user=user)
-    return f"deleted {fname} from {name}"
-
-
-def rebuild(kb: KnowledgeBase, tracker: Tracker, user: Principal, name: str) -> str:
+def rebuild(kb: KnowledgeBase, user: Principal, name: str) -> str:
     """Recompute a corpus's KV from its stored files (after a model or settings change, or a
-    damaged KV file): segments whose cache key no longer matches are prefilled again."""
+    damaged KV file): a cache job; the document table shows its progress."""
     kb.check_write(name, user)
-    try:
-        import kb.cache_admin as cache_admin
-    except ImportError:
-        cache_admin = None
-    if cache_admin is not None and hasattr(cache_admin, "submit"):  # the tier manager's rebuild job
-        return f"rebuilding {name} (event {cache_admin.submit(kb, 'rebuild', name)})"
-    paths = kb.reset_for_rebuild(name)  # refuses while it answers questions
-    folder = Path(tempfile.mkdtemp(prefix="ui-rebuild-", dir=kb.home))
-    _ingest_in_thread(kb, tracker, name, folder, paths)
-    return f"rebuilding {name} from {len(paths)} stored file(s)"
+    kb.cache_admin.submit("rebuild", name)
+    return f"rebuilding {name}: its documents are prefilled again (progress below)"
 
 
 def create_corpus(
     kb: KnowledgeBase, user: Principal, name: str, visibility: str, share_with: str
 ) -> str:
-    if user.anonymous and visibility != "public":
-        raise KBError(
-            "anonymous users make public corpora only; sign in for private or shared ones"
-        )
+    """A new corpus of the caller's; with sign-in off (or anonymous) a public one, the only
+    kind an unowned corpus can be."""
     name = (name or "").strip()
+    if user.anonymous:
+        visibility = "public"
     try:  # one transaction with its shares: an unknown user leaves no corpus behind
         kb.create_corpus(
             name,
@@ -206,11 +117,14 @@ def create_corpus(
             visibility=visibility,
             share_with=share_with.split(",") if visibility == "shared" else None,
         )
-    except (
-        Conflict
-    ) as e:  # the same answer whether or not the caller may see the corpus of that name
+    except Conflict as e:  # the same answer whether or not the caller may see that corpus
         raise Conflict(f"the corpus name {name!r} is not available; choose another") from e
-    return f"created corpus {name} ({visibility})"
+    who = {
+        "private": "only you may read it",
+        "public": "everyone may read it",
+        "shared": f"shared with {share_with.strip()}",
+    }
+    return f"created corpus {name}: {who[visibility]}; drop files into it"
 
 
 def own_uploads(uploads: UploadRegistry, owner: str, files: list[str]) -> list[str]:
@@ -225,7 +139,7 @@ def own_uploads(uploads: UploadRegistry, owner: str, files: list[str]) -> list[s
 
 class CorporaHandlers:
     def __init__(self, kb: KnowledgeBase, uploads: UploadRegistry | None = None):
-        self.kb, self.tracker = kb, Tracker()
+        self.kb = kb
         self.uploads = uploads or UploadRegistry(kb.home / "ui-uploads")
 
     async def _run(self, fn, request: gr.Request, *args):
@@ -233,15 +147,18 @@ class CorporaHandlers:
 
     @shown_errors
     async def corpora(self, current: str | None, request: gr.Request):
-        names = await self._run(_writable, request)
+        names = await self._run(lambda kb, u: kb.writable_corpora(u), request)
         return gr.Dropdown(
             choices=names, value=current if current in names else (names[0] if names else None)
         )
 
-    @shown_errors
     async def create(self, name: str, visibility: str, share_with: str, request: gr.Request):
-        msg = await self._run(create_corpus, request, name, visibility, share_with or "")
-        names = await self._run(_writable, request)
+        """Create; an error is said in the status line (no error badge left on the form)."""
+        try:
+            msg = await self._run(create_corpus, request, name, visibility, share_with or "")
+        except Exception as e:
+            return f"⚠️ {error_words(e)}", gr.skip(), gr.skip()
+        names = await self._run(lambda kb, u: kb.writable_corpora(u), request)
         return msg, gr.Dropdown(choices=names, value=name.strip()), ""
 
     @shown_errors
@@ -251,82 +168,129 @@ class CorporaHandlers:
         user = user_of(self.kb, request)
         owner = await asyncio.to_thread(caller_owner, self.kb, request.headers, request.cookies)
         paths = own_uploads(self.uploads, owner, [str(f) for f in files or []])
-        msg = await asyncio.to_thread(start_ingest, self.kb, self.tracker, user, name, paths)
+        msg = await asyncio.to_thread(start_ingest, self.kb, user, name, paths)
         return msg, None
 
     @shown_errors
     async def documents(self, name: str | None, request: gr.Request):
         if not name:
-            return pd.DataFrame([], columns=DOC_COLUMNS), ""
-        rows = await asyncio.to_thread(
-            document_rows, self.kb, self.tracker, user_of(self.kb, request), name
-        )
+            return NO_DOCUMENTS, ""
+        user = user_of(self.kb, request)
+        rows = await asyncio.to_thread(document_rows, self.kb.db, user, name)
         info = await asyncio.to_thread(self.kb.corpus_info, name)
-        summary = (
-            f"**{info.name}**: {info.status} · {info.documents} documents · {info.tokens} tokens"
+        docs = "1 document" if info.documents == 1 else f"{info.documents} documents"
+        summary = f"**{info.name}**: {info.status} · {docs} · {info.tokens} tokens"
+        return pd.DataFrame([row_cells(r) for r in rows], columns=DOC_COLUMNS), summary
+
+    async def pick(self, name: str | None, evt: gr.SelectData):
+        """A click on a row's delete cell asks for a confirmation naming the document."""
+        row = evt.row_value or []
+        if not name or len(row) < len(DOC_COLUMNS) or evt.value != DELETE_CELL:
+            return gr.skip(), gr.skip(), gr.skip()
+        return (
+            int(row[0]),
+            f"Delete **{row[1]}** from {name}? Its stored file and KV go too.",
+            gr.Row(visible=True),
         )
-        return pd.DataFrame(rows, columns=DOC_COLUMNS), summary
+
+    async def keep(self):
+        return None, "", gr.Row(visible=False)
 
     @shown_errors
-    async def delete(self, name: str | None, doc_id: float | None, request: gr.Request):
-        if not name or not doc_id:
-            raise KBError("pick a corpus and a document id")
-        return await self._run(delete_document, request, name, int(doc_id))
+    async def delete(self, name: str | None, doc_id: int | None, request: gr.Request):
+        if not name or doc_id is None:
+            raise KBError("click the delete cell of a document's row first")
+        user = user_of(self.kb, request)
+        fname = await asyncio.to_thread(self.kb.delete_document, name, int(doc_id), user=user)
+        return f"deleted {fname} from {name}", None, gr.Row(visible=False)
 
     @shown_errors
     async def rebuild(self, name: str | None, request: gr.Request):
         if not name:
             raise KBError("pick a corpus first")
-        return await asyncio.to_thread(
-            rebuild, self.kb, self.tracker, user_of(self.kb, request), name
-        )
+        return await self._run(rebuild, request, name)
 
 
 def build_corpora_tab(kb: KnowledgeBase, uploads: UploadRegistry | None = None) -> dict[str, Any]:
     h = CorporaHandlers(kb, uploads)
+    local = local_user(kb)
+    kinds = accepted_names(kb.settings.allowed_types)
     with gr.Row():
         with gr.Column(scale=1):
             gr.Markdown("### New corpus")
-            new_name = gr.Textbox(label="Name", placeholder="handbook", elem_id="new-corpus-name")
+            new_name = gr.Textbox(
+                label="Name",
+                placeholder="handbook",
+                elem_id="new-corpus-name",
+                info="letters, digits, '.', '_' or '-'",
+            )
             visibility = gr.Radio(
                 ["private", "public", "shared"],
-                value="private",
+                value="public" if local else "private",
                 label="Who may read it",
                 elem_id="new-corpus-visibility",
+                visible=not local,
             )
             share_with = gr.Textbox(
-                label="Shared with (user names, comma-separated)", elem_id="share-with"
+                label="Shared with (user names, comma-separated)",
+                elem_id="share-with",
+                visible=False,
             )
+            if local:
+                gr.Markdown(
+                    "Sign-in is off: you are the local user, and every corpus is open to "
+                    "whoever reaches this server.",
+                    elem_id="local-note",
+                )
             create_btn = gr.Button("Create", elem_id="create-corpus")
         with gr.Column(scale=2):
             corpus = gr.Dropdown(
                 label="Corpus", choices=[], elem_id="corpora-corpus", allow_custom_value=True
             )
             files = gr.File(
-                label="Drop files here (PDF, DOCX, HTML, Markdown, text)",
+                label=f"Drop files here: {kinds}",
                 file_count="multiple",
+                file_types=accepted_suffixes(kb.settings.allowed_types),
                 elem_id="upload",
             )
             status = gr.Markdown(elem_id="corpora-status")
     summary = gr.Markdown(elem_id="corpus-summary")
-    table = gr.Dataframe(headers=DOC_COLUMNS, interactive=False, elem_id="documents", wrap=True)
-    with gr.Row():
-        doc_id = gr.Number(label="Document id", precision=0, elem_id="doc-id", scale=1)
-        delete_btn = gr.Button(
-            "Delete document", variant="stop", elem_id="delete-document", scale=0
-        )
-        rebuild_btn = gr.Button("Rebuild corpus", elem_id="rebuild-corpus", scale=0)
+    table = gr.Dataframe(
+        value=NO_DOCUMENTS,
+        headers=DOC_COLUMNS,
+        interactive=False,
+        elem_id="documents",
+        wrap=True,
+    )
+    # the document whose deletion waits for a confirmation (a value API clients may send too)
+    pending = gr.Number(None, precision=0, visible=False, elem_id="pending-document")
+    with gr.Row(visible=False, elem_id="confirm-delete-document") as confirm:
+        question = gr.Markdown(elem_id="confirm-delete-text")
+        yes_btn = gr.Button("Delete it", variant="stop", elem_id="confirm-delete-yes", scale=0)
+        no_btn = gr.Button("Keep it", elem_id="confirm-delete-no", scale=0)
+    rebuild_btn = gr.Button("Rebuild corpus", elem_id="rebuild-corpus", size="sm")
     timer = gr.Timer(1.0)
 
+    visibility.change(
+        lambda v: gr.Textbox(visible=v == "shared"), [visibility], [share_with], api_name=False
+    )
+    new_name.input(lambda: "", None, [status], api_name=False, show_progress="hidden")
     create_btn.click(
         h.create,
         [new_name, visibility, share_with],
         [status, corpus, new_name],
         api_name="create_corpus",
+        show_progress="hidden",
     )
-    files.upload(h.upload, [corpus, files], [status, files], api_name="upload")
+    files.upload(
+        h.upload, [corpus, files], [status, files], api_name="upload", show_progress="hidden"
+    )
     corpus.change(h.documents, [corpus], [table, summary], api_name="documents")
     timer.tick(h.documents, [corpus], [table, summary], api_name=False, show_progress="hidden")
-    delete_btn.click(h.delete, [corpus, doc_id], [status], api_name="delete_document")
+    table.select(h.pick, [corpus], [pending, question, confirm], api_name=False)
+    no_btn.click(h.keep, None, [pending, question, confirm], api_name=False)
+    yes_btn.click(
+        h.delete, [corpus, pending], [status, pending, confirm], api_name="delete_document"
+    )
     rebuild_btn.click(h.rebuild, [corpus], [status], api_name="rebuild")
-    return {"corpus": corpus, "load": h.corpora, "tracker": h.tracker}
+    return {"corpus": corpus, "load": h.corpora}
