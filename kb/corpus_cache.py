@@ -257,19 +257,8 @@ class CorpusCache:
     def _shared(self, key: str, like: SharedKV, tensors: list[torch.Tensor]) -> SharedKV:
         """A SharedKV over the entry's current tensors, keeping the router and the metadata."""
         k_all, v_all = tensors[:2]
-        return SharedKV(
-            key=key,
-            k=list(k_all.unbind(0)),
-            v=list(v_all.unbind(0)),
-            chunk_size=like.chunk_size,
-            pos_offset=like.pos_offset,
-            router=like.router,
-            top_k=like.top_k,
-            preamble_len=like.preamble_len,
-            positions=like.positions,
-            selector=like.selector,
-            meta=self._kv_meta(tensors, like.meta),
-        )
+        k, v = list(k_all.unbind(0)), list(v_all.unbind(0))
+        return replace(like, key=key, k=k, v=v, meta=self._kv_meta(tensors, like.meta))
 
     def _install(self, name: str, version: str, layout: _Layout, pinned: bool) -> LoadedCorpus:
         """A new version of the corpus: replace the old one (left registered while in use)."""

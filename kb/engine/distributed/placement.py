@@ -108,16 +108,5 @@ def remote_view(shared: SharedKV, placement: Placement, corpus_id: int) -> Share
         shared.selector.preamble = tuple([x.clone() for x in part] for part in preamble_kv(shared))
     meta_k = [torch.empty(k.shape, dtype=k.dtype, device="meta") for k in shared.k]
     meta_v = [torch.empty(v.shape, dtype=v.dtype, device="meta") for v in shared.v]
-    return SharedKV(
-        key=shared.key,
-        k=meta_k,
-        v=meta_v,
-        chunk_size=shared.chunk_size,
-        pos_offset=shared.pos_offset,
-        router=shared.router,
-        top_k=shared.top_k,
-        preamble_len=shared.preamble_len,
-        positions=shared.positions,
-        selector=shared.selector,
-        meta=replace(shared.meta, corpus_id=corpus_id, placement=placement),
-    )
+    meta = replace(shared.meta, corpus_id=corpus_id, placement=placement)
+    return replace(shared, k=meta_k, v=meta_v, meta=meta)
