@@ -1,8 +1,8 @@
 """Admin tab (admins; with sign-in off, the local user): per corpus tokens, KV bytes per tier,
 hits, last use and state, with pin, unpin, evict, move and rebuild; live engine figures with
-small plots. The figures and operations come from `kb.cache_admin` (the tier manager's admin
-side); what they did is said in words. On a CPU-only host the two memory tiers are one:
-"memory".
+small plots. The figures and operations come from `KnowledgeBase.cache_admin` (the tier
+manager's admin side); what they did is said in words. On a CPU-only host the two memory tiers
+are one: "memory".
 """
 
 import asyncio

@@ -3,9 +3,9 @@ names them and refuses the rest before upload), watch each document's stage in w
 from the work done and ETA from the measured throughput, its pages and size; delete a document
 from its row, after a confirmation; rebuild a stale corpus.
 
-Ingestion runs as jobs (kb.jobs): progress is persisted on the Document rows, so the table says
-the truth after a reload or a restart. With sign-in off there is one local user and no choice of
-who may read a corpus; with sign-in on, "Shared with" shows only for shared corpora.
+Ingestion runs as jobs (KnowledgeBase.jobs): progress is persisted on the Document rows, so the
+table says the truth after a reload or a restart. With sign-in off there is one local user and no
+choice of who may read a corpus; with sign-in on, "Shared with" shows only for shared corpora.
 """
 
 from __future__ import annotations
