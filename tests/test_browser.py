@@ -67,10 +67,6 @@ def _serve(root: Path, auth: str):
 def site(tmp_path_factory, demo_model_dir):
     """The app as `make run` serves it: sign-in off, one local user."""
     _browser_or_skip()
-    # transformers imported once before the server's threads race to import it lazily (kb's
-    # tokenizer loader; two UI events at page load each reach it)
-    from transformers import AutoTokenizer  # noqa: F401
-
     root = tmp_path_factory.mktemp("browser")
     kb, serving = _serve(root, "off")
     with serving as url:
