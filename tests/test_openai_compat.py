@@ -327,10 +327,8 @@ def test_a_client_gone_before_a_whole_answer_aborts_it(server, handbook):
     """Not streaming: the client gives up (a read timeout closes its connection) long before
     2000 tokens; the server aborts the request and its unique KV is free again."""
     engine = handbook.engine
-    aborted = lambda: engine.metrics.registry.get_sample_value(  # noqa: E731
-        "kb_request_success_total", {"finished_reason": "abort"}
-    )
-    before = aborted() or 0
+    aborted = lambda: engine.metrics.finished_count("abort")  # noqa: E731
+    before = aborted()
     body = {"model": MODEL, "max_tokens": 2000, "messages": [{"role": "user", "content": "Go on."}]}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server}/v1/chat/completions", json=body, timeout=httpx.Timeout(5, read=1))

@@ -134,7 +134,7 @@ def test_bad_seed_is_refused_at_the_edge_and_others_go_on(served):
 
 
 def _metric(kb, reason: str) -> float:
-    return kb.engine.metrics.finished_total.labels(finished_reason=reason)._value.get()
+    return kb.engine.metrics.finished_count(reason)
 
 
 def _until(pred, what: str, tries: int = 400) -> None:

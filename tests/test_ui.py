@@ -185,12 +185,7 @@ def test_chat_refuses_what_the_user_may_not_read(site):
 
 def test_stop_aborts_the_engine_request(site):
     kb = site["kb"]
-    reg = lambda: (
-        kb.engine.metrics.registry.get_sample_value(  # noqa: E731
-            "kb_request_success_total", {"finished_reason": "abort"}
-        )
-        or 0
-    )
+    reg = lambda: kb.engine.metrics.finished_count("abort")  # noqa: E731
     before = reg()
     c = client(site, "ann")
     job = c.submit("Summarise the logging package in detail.", "handbook", None, api_name="/send")

@@ -129,7 +129,7 @@ class EngineMetrics:
             registry=r,
         )
         self.finished_total = Counter(
-            "kb_request_success", "Finished requests", ["finished_reason"], registry=r
+            "kb_request_success", "Finished requests", ["finished_reason", "corpus"], registry=r
         )
         self._times: dict[int, _Times] = {}
         self._preemptions_seen = 0
@@ -183,7 +183,8 @@ class EngineMetrics:
         self, seq_id: int, reason: str, prompt_tokens: int = 0, generation_tokens: int = 0
     ) -> None:
         t = self._times.pop(seq_id, None)
-        self.finished_total.labels(finished_reason=reason).inc()
+        corpus = NO_CORPUS if t is None else t.corpus
+        self.finished_total.labels(finished_reason=reason, corpus=corpus).inc()
         if t is None:
             return
         now = time.perf_counter()
@@ -194,6 +195,15 @@ class EngineMetrics:
             self.decode_time.labels(t.corpus).observe(now - t.first_token)
         self.request_prompt.labels(t.corpus).observe(prompt_tokens)
         self.request_generation.labels(t.corpus).observe(generation_tokens)
+
+    def finished_count(self, reason: str) -> float:
+        """Requests finished for `reason`, over every corpus."""
+        return sum(
+            s.value
+            for m in self.finished_total.collect()
+            for s in m.samples
+            if s.name.endswith("_total") and s.labels["finished_reason"] == reason
+        )
 
     def stepped(
         self,
