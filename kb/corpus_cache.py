@@ -307,17 +307,9 @@ class CorpusCache:
     def _attach_selector(self, shared: SharedKV, layout: _Layout) -> None:
         """Attention retrieval for a corpus beyond the model's context and the selection budget
         (kb/engine/selection.py `attach_selector`), once per layout."""
-        s, lm = self.settings, self.model
-        attach_selector(
-            shared,
-            list(layout.k.unbind(0)),
-            lm,
-            budget=s.selection_budget,
-            layers=s.selection_layers,
-            positions=s.selection_positions,
-            system_prompt=s.system_prompt,
-            usable_positions=position_limit(lm.config.max_position_embeddings),
-        )
+        lm = self.model
+        usable = position_limit(lm.config.max_position_embeddings)
+        attach_selector(shared, list(layout.k.unbind(0)), lm, self.settings, usable)
 
     def _stored_summaries(
         self, name: str, version: str, shared: SharedKV, keys: list[torch.Tensor]

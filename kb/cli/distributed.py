@@ -72,16 +72,8 @@ def build_corpus(lm: LoadedModel, docs: list[Path], settings: Settings, density:
         shared.router = CorpusRouter(shared.k, settings.chunk_size, shared.always_chunks)
         shared.top_k = shared.router.top_k(density)
     else:  # beyond the model's positions, each question chooses its passages (as served)
-        attach_selector(
-            shared,
-            [k.cpu() for k in shared.k],
-            lm,
-            budget=settings.selection_budget,
-            layers=settings.selection_layers,
-            positions=settings.selection_positions,
-            system_prompt=settings.system_prompt,
-            usable_positions=position_limit(lm.config.max_position_embeddings),
-        )
+        usable = position_limit(lm.config.max_position_embeddings)
+        attach_selector(shared, [k.cpu() for k in shared.k], lm, settings, usable)
     return shared
 
 

@@ -345,29 +345,22 @@ def calibrate(shared, model, tokenizer, system_prompt: str) -> torch.Tensor:
     return sel.calibration
 
 
-def attach_selector(
-    shared,
-    keys: list[torch.Tensor],
-    lm,
-    *,
-    budget: int,
-    layers: str,
-    positions: str,
-    system_prompt: str,
-    usable_positions: int,
-) -> bool:
+def attach_selector(shared, keys: list[torch.Tensor], lm, settings, usable_positions: int) -> bool:
     """Attention retrieval for a corpus beyond the model's usable positions (its segments'
     positions wrap) and the budget: re-based keys of the selecting layers (from `keys`, per layer
     [N, Hkv, d] as stored, with shared.positions) and the neutral questions' calibration, once per
-    layout; `lm` the loaded model (config, decoder, tokenizer). A corpus within the positions or
+    layout; `lm` the loaded model (config, decoder, tokenizer), `settings` kb's Settings (the
+    selection budget, layers, positions and the system prompt). A corpus within the positions or
     the budget is read whole, as before. Returns whether it now selects."""
     cfg = lm.config
-    within = shared.num_tokens <= usable_positions
-    if budget <= 0 or within or shared.num_chunks <= shared.always_chunks + 1:
+    budget = settings.selection_budget
+    if budget <= 0 or shared.num_tokens <= usable_positions:
         return False
-    chosen = tuple(int(x) for x in layers.split(",") if x.strip())
+    if shared.num_chunks <= shared.always_chunks + 1:
+        return False
+    chosen = tuple(int(x) for x in settings.selection_layers.split(",") if x.strip())
     chosen = tuple(x for x in chosen if 0 <= x < cfg.num_layers) or (cfg.num_layers // 2,)
-    config = SelectionConfig(budget=budget, layers=chosen, positions=positions)
+    config = SelectionConfig(budget=budget, layers=chosen, positions=settings.selection_positions)
     selector = PassageSelector.build(
         keys,
         shared.positions,
@@ -379,5 +372,5 @@ def attach_selector(
     if selector.covers_corpus:
         return False
     shared.selector = selector
-    calibrate(shared, lm.model, lm.tokenizer, system_prompt)
+    calibrate(shared, lm.model, lm.tokenizer, settings.system_prompt)
     return True
