@@ -68,6 +68,8 @@ def _decode_batch(
     s = torch.matmul(qh, k_b.permute(0, 2, 3, 1))  # [B, Hkv, G, L]
     pad = torch.arange(nb * bs)[None, :] >= torch.tensor(lens)[:, None]
     s.masked_fill_(pad[:, None, None, :], NEG_INF)
+    # slots past a request's length are pages never written (any bits, NaN too): 0 x NaN is NaN
+    v_b.masked_fill_(pad[:, :, None, None], 0.0)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     o = torch.matmul(torch.exp_(s.sub_(lse)), v_b.transpose(1, 2))  # [B, Hkv, G, d]
     return o.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)

@@ -203,3 +203,22 @@ def test_stacked_copies_attend_as_each_alone(kv):
         o_i, lse_i = attention.attend_gathered(q[i : i + 1], kt, vv)
         torch.testing.assert_close(o[i : i + 1], o_i, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(lse[i : i + 1], lse_i, atol=2e-5, rtol=1e-5)
+
+
+def test_cpu_unique_decode_ignores_unwritten_slots():
+    """Pages hold whatever memory held past a request's length (the pool is torch.empty): NaN or
+    infinity there must not reach the batched decode's output."""
+    g = _gen(5)
+    lens = [5, 40, 17]
+    q, kc, vc, table, seq_lens, cu = _pages(lens, [1, 1, 1], 9, 3, 64, 16, torch.float32, g)
+    want = ref.unique_attention(q, kc, vc, table, seq_lens, cu)
+    written = torch.zeros(kc.shape[0] * kc.shape[1], dtype=torch.bool)
+    for b, n in enumerate(lens):
+        for j in range(n):
+            written[int(table[b, j // 16]) * 16 + j % 16] = True
+    flat_k, flat_v = kc.view(-1, 3, 64), vc.view(-1, 3, 64)
+    flat_k[~written], flat_v[~written] = float("nan"), float("inf")
+    o, lse = cpu_unique.unique_attention(q, kc, vc, table, seq_lens, cu)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(o, want[0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, want[1], atol=2e-5, rtol=1e-5)
