@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from .gathered import attend_gathered, attend_gathered_batch
 from .reference import NEG_INF
 from .reference import unique_attention as reference_unique
 
@@ -28,24 +29,22 @@ def unique_attention(
     if any(cu[b + 1] - cu[b] > 1 for b in range(len(lens))):
         return reference_unique(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale)
     bs, hkv = k_cache.shape[1], k_cache.shape[2]
-    g = hq // hkv
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if t == len(lens) > 1 and min(lens) > 0:  # every request decodes one token: one batched pass
         return _decode_batch(q, k_cache, v_cache, block_table, lens, scale)
-    o = torch.zeros(t, hq, d, dtype=torch.float32)
+    o = torch.zeros(t, hq, d, dtype=q.dtype)
     lse = torch.full((t, hq), NEG_INF, dtype=torch.float32)
-    qh = (q.float() * scale).view(t, hkv, g, d)
     for b, kv_len in enumerate(lens):
         if cu[b + 1] == cu[b] or kv_len == 0:
             continue
         blocks = block_table[b, : -(-kv_len // bs)].long()
         k_b = k_cache.index_select(0, blocks).view(-1, hkv, d)[:kv_len].float()
         v_b = v_cache.index_select(0, blocks).view(-1, hkv, d)[:kv_len].float()
-        s = torch.bmm(qh[cu[b]], k_b.permute(1, 2, 0))  # [Hkv, G, L]
-        l_b = torch.logsumexp(s, dim=-1, keepdim=True)
-        o[cu[b]] = torch.bmm(torch.exp_(s.sub_(l_b)), v_b.transpose(0, 1)).reshape(hq, d)
-        lse[cu[b]] = l_b.reshape(hq)
-    return o.to(q.dtype), lse
+        rows = slice(cu[b], cu[b + 1])
+        o[rows], lse[rows] = attend_gathered(
+            q[rows], k_b.permute(1, 2, 0), v_b.transpose(0, 1), scale
+        )
+    return o, lse
 
 
 def _decode_batch(
@@ -64,12 +63,8 @@ def _decode_batch(
     pages = block_table[:, :nb].long().reshape(-1)
     k_b = k_cache.index_select(0, pages).view(b, nb * bs, hkv, d).float()
     v_b = v_cache.index_select(0, pages).view(b, nb * bs, hkv, d).float()
-    qh = (q.float() * scale).view(b, hkv, hq // hkv, d)
-    s = torch.matmul(qh, k_b.permute(0, 2, 3, 1))  # [B, Hkv, G, L]
-    pad = torch.arange(nb * bs)[None, :] >= torch.tensor(lens)[:, None]
-    s.masked_fill_(pad[:, None, None, :], NEG_INF)
-    # slots past a request's length are pages never written (any bits, NaN too): 0 x NaN is NaN
-    v_b.masked_fill_(pad[:, :, None, None], 0.0)
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    o = torch.matmul(torch.exp_(s.sub_(lse)), v_b.transpose(1, 2))  # [B, Hkv, G, d]
-    return o.reshape(b, hq, d).to(q.dtype), lse.reshape(b, hq)
+    lengths = torch.tensor(lens)
+    # slots past a request's length are pages never written (any bits, NaN too): their scores are
+    # masked, their values zeroed (0 x NaN is NaN)
+    v_b.masked_fill_((torch.arange(nb * bs)[None, :] >= lengths[:, None])[:, :, None, None], 0.0)
+    return attend_gathered_batch(q, k_b.permute(0, 2, 3, 1), v_b.transpose(1, 2), lengths, scale)
