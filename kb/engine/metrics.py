@@ -20,6 +20,30 @@ _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 NO_CORPUS = "none"
 
+# The per-request histograms, labelled by corpus: (attribute, name, help, buckets), registered in
+# this order (the exposition follows it).
+_REQUEST_HISTOGRAMS: tuple[tuple[str, str, str, tuple[float, ...]], ...] = (
+    ("ttft", "kb_time_to_first_token_seconds", "Time to first token", _LATENCY),
+    ("itl", "kb_inter_token_latency_seconds", "Time between tokens of a request", _LATENCY),
+    ("e2e", "kb_e2e_request_latency_seconds", "Request latency, arrival to finish", _LATENCY),
+    ("queue_time", "kb_request_queue_time_seconds", "Arrival to first scheduled", _LATENCY),
+    ("prefill_time", "kb_request_prefill_time_seconds", "First scheduled to first token", _LATENCY),
+    ("decode_time", "kb_request_decode_time_seconds", "First token to finish", _LATENCY),
+    ("inference_time", "kb_request_inference_time_seconds", "First scheduled to finish", _LATENCY),
+    (
+        "request_prompt",
+        "kb_request_prompt_tokens",
+        "A finished request's own prompt tokens (the shared corpus aside)",
+        _TOKENS,
+    ),
+    (
+        "request_generation",
+        "kb_request_generation_tokens",
+        "A finished request's generated tokens",
+        _TOKENS,
+    ),
+)
+
 
 def corpus_of(key: str | None) -> str:
     """The corpus name of a shared-KV key ("NAME@version"), or "none"."""
@@ -36,6 +60,17 @@ class _Times:
 
 
 class EngineMetrics:
+    # set from _REQUEST_HISTOGRAMS in __init__
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+    queue_time: Histogram
+    prefill_time: Histogram
+    decode_time: Histogram
+    inference_time: Histogram
+    request_prompt: Histogram
+    request_generation: Histogram
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         c = ["corpus"]
@@ -49,65 +84,8 @@ class EngineMetrics:
         self.batch_size = Histogram(
             "kb_batch_size", "Sequences stepped together", buckets=_BATCH, registry=r
         )
-        self.ttft = Histogram(
-            "kb_time_to_first_token_seconds", "Time to first token", c, buckets=_LATENCY, registry=r
-        )
-        self.itl = Histogram(
-            "kb_inter_token_latency_seconds",
-            "Time between tokens of a request",
-            c,
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "kb_e2e_request_latency_seconds",
-            "Request latency, arrival to finish",
-            c,
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.queue_time = Histogram(
-            "kb_request_queue_time_seconds",
-            "Arrival to first scheduled",
-            c,
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.prefill_time = Histogram(
-            "kb_request_prefill_time_seconds",
-            "First scheduled to first token",
-            c,
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.decode_time = Histogram(
-            "kb_request_decode_time_seconds",
-            "First token to finish",
-            c,
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.inference_time = Histogram(
-            "kb_request_inference_time_seconds",
-            "First scheduled to finish",
-            c,
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.request_prompt = Histogram(
-            "kb_request_prompt_tokens",
-            "A finished request's own prompt tokens (the shared corpus aside)",
-            c,
-            buckets=_TOKENS,
-            registry=r,
-        )
-        self.request_generation = Histogram(
-            "kb_request_generation_tokens",
-            "A finished request's generated tokens",
-            c,
-            buckets=_TOKENS,
-            registry=r,
-        )
+        for attr, name, doc, buckets in _REQUEST_HISTOGRAMS:
+            setattr(self, attr, Histogram(name, doc, c, buckets=buckets, registry=r))
         self.prompt_tokens = Counter(
             "kb_prompt_tokens", "Prompt tokens of requests (their own part)", c, registry=r
         )
