@@ -12,12 +12,11 @@ from fastapi.concurrency import run_in_threadpool
 
 from kb.api.auth import current_user
 from kb.api.deps import get_kb
-from kb.api.errors import error
 from kb.api.messages import conversation
 from kb.api.openapi import STREAM_RESPONSE
 from kb.api.responses import ChatCompletion, Model, ModelList, trim_citation, usage
 from kb.api.schemas import ChatRequest, SamplingFields
-from kb.api.streaming import failure, finished_or_gone, sse
+from kb.api.streaming import finished_result, sse
 from kb.auth import Principal
 from kb.engine.request import Finished
 from kb.engine.sequence import SamplingParams
@@ -71,6 +70,15 @@ def include_usage(body: SamplingFields) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
+def closing_chunks(body: SamplingFields, head: dict, last: dict, ev: Finished) -> list[dict]:
+    """A stream's closing chunks: `last` (the one with the finish reason), then, where the request
+    asked for it (`stream_options.include_usage`), one with no choices and the usage."""
+    out = [last]
+    if include_usage(body):
+        out.append({**head, "choices": [], "usage": usage(ev.prompt_tokens, ev.completion_tokens)})
+    return out
+
+
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion,
@@ -113,12 +121,7 @@ async def chat(
             return {**head, "choices": [choice], **extra}
 
         def finish(ev: Finished) -> list[dict]:
-            out = [chunk({}, ev.reason, citations=cites())]
-            if include_usage(body):
-                out.append(
-                    {**head, "choices": [], "usage": usage(ev.prompt_tokens, ev.completion_tokens)}
-                )
-            return out
+            return closing_chunks(body, head, chunk({}, ev.reason, citations=cites()), ev)
 
         return sse(
             request,
@@ -129,12 +132,9 @@ async def chat(
             delta=lambda text: chunk({"content": text}),
             finish=finish,
         )
-    if not await finished_or_gone(kb, answer, request, rid):
-        return error(499, "client closed the request")
-    res = answer.handle.result
-    failed = failure(res)
-    if failed:
-        return error(failed[0], failed[1]["error"]["message"], code=failed[1]["error"]["code"])
+    res = await finished_result(kb, answer, request, rid)
+    if not isinstance(res, Finished):
+        return res
     return {
         "id": rid,
         "object": "chat.completion",

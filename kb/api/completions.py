@@ -13,13 +13,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
 from kb.api.auth import current_user, require
-from kb.api.chat import include_usage, sampling
+from kb.api.chat import closing_chunks, sampling
 from kb.api.deps import get_kb
-from kb.api.errors import error
 from kb.api.openapi import STREAM_RESPONSE
 from kb.api.responses import Completion, usage
 from kb.api.schemas import CompletionRequest
-from kb.api.streaming import failure, finished_or_gone, sse
+from kb.api.streaming import finished_result, sse
 from kb.auth import Principal
 from kb.engine.request import Finished
 from kb.errors import KBError, NotFound
@@ -70,12 +69,7 @@ async def completions(
     if body.stream:
 
         def finish(ev: Finished) -> list[dict]:
-            out = [{**head, "choices": [choice("", ev.reason)]}]
-            if include_usage(body):
-                out.append(
-                    {**head, "choices": [], "usage": usage(ev.prompt_tokens, ev.completion_tokens)}
-                )
-            return out
+            return closing_chunks(body, head, {**head, "choices": [choice("", ev.reason)]}, ev)
 
         return sse(
             request,
@@ -86,12 +80,9 @@ async def completions(
             delta=lambda text: {**head, "choices": [choice(text)]},
             finish=finish,
         )
-    if not await finished_or_gone(kb, answer, request, rid):
-        return error(499, "client closed the request")
-    res = answer.handle.result
-    failed = failure(res)
-    if failed:
-        return error(failed[0], failed[1]["error"]["message"], code=failed[1]["error"]["code"])
+    res = await finished_result(kb, answer, request, rid)
+    if not isinstance(res, Finished):
+        return res
     return {
         **head,
         "choices": [choice(echoed + res.text, res.reason)],

@@ -46,14 +46,22 @@ class Choice(BaseModel):
     logprobs: None = None
 
 
-class ChatCompletion(BaseModel):
+class _CompletionBody(BaseModel):
+    """The fields a chat completion and a legacy completion share, in OpenAI's order; each
+    subclass narrows `object` and `choices` in place (a redeclared field keeps its position)."""
+
     id: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     created: int
     model: str
-    choices: list[Choice]
+    choices: list
     usage: Usage
     system_fingerprint: str | None = None
+
+
+class ChatCompletion(_CompletionBody):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[Choice]
     citations: list[Citation] = Field(default_factory=list, description="kb's extra")
 
 
@@ -64,14 +72,9 @@ class CompletionChoice(BaseModel):
     logprobs: None = None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_CompletionBody):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
-    usage: Usage
-    system_fingerprint: str | None = None
 
 
 class Model(BaseModel):

@@ -11,9 +11,10 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from kb.api.errors import error_body
+from kb.api.errors import error, error_body
 from kb.engine.request import Delta, Finished
 from kb.inputs import internal_message
 from kb.service import Answer, KnowledgeBase
@@ -39,33 +40,6 @@ def _data(body: dict) -> str:
     return json.dumps(body, ensure_ascii=False)
 
 
-async def _events(
-    kb: KnowledgeBase,
-    answer: Answer,
-    rid: str,
-    first: dict | None,
-    delta: Callable[[str], dict],
-    finish: Callable[[Finished], list[dict]],
-) -> AsyncIterator[str]:
-    finished = False
-    try:
-        if first is not None:
-            yield _data(first)
-        async for ev in answer.handle:
-            if isinstance(ev, Delta):
-                yield _data(delta(ev.text))
-            elif isinstance(ev, Finished):
-                finished = True
-                failed = failure(ev)
-                for body in [failed[1]] if failed else finish(ev):
-                    yield _data(body)
-        yield "[DONE]"
-    finally:
-        if not finished:  # the client went away mid-stream: free its KV now
-            kb.engine.abort(answer.handle)
-            log.info("stream %s closed by the client; request aborted", rid)
-
-
 def sse(
     request: Request,
     kb: KnowledgeBase,
@@ -78,10 +52,28 @@ def sse(
 ) -> EventSourceResponse:
     """`first`, then `delta(text)` per piece of text, then the bodies `finish(result)` returns,
     then `[DONE]`, each as one `data:` event."""
+
+    async def events() -> AsyncIterator[str]:
+        finished = False
+        try:
+            if first is not None:
+                yield _data(first)
+            async for ev in answer.handle:
+                if isinstance(ev, Delta):
+                    yield _data(delta(ev.text))
+                elif isinstance(ev, Finished):
+                    finished = True
+                    failed = failure(ev)
+                    for body in [failed[1]] if failed else finish(ev):
+                        yield _data(body)
+            yield "[DONE]"
+        finally:
+            if not finished:  # the client went away mid-stream: free its KV now
+                kb.engine.abort(answer.handle)
+                log.info("stream %s closed by the client; request aborted", rid)
+
     ping = getattr(request.app.state, "sse_ping_s", PING_S)
-    return EventSourceResponse(
-        _events(kb, answer, rid, first, delta, finish), ping=ping, headers=HEADERS, sep="\n"
-    )
+    return EventSourceResponse(events(), ping=ping, headers=HEADERS, sep="\n")
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -113,3 +105,18 @@ async def finished_or_gone(kb: KnowledgeBase, answer: Answer, request: Request, 
         kb.engine.abort(answer.handle)  # the client went away: free its KV now, not at max_tokens
         log.info("request %s: the client closed the connection; aborted", rid)
     return finished
+
+
+async def finished_result(
+    kb: KnowledgeBase, answer: Answer, request: Request, rid: str
+) -> Finished | JSONResponse:
+    """The finished answer of a request answered in one body, or the error response to send
+    instead: 499 when the client went away first (the request is aborted), else the status and
+    error of an answer that did not finish normally (`failure`)."""
+    if not await finished_or_gone(kb, answer, request, rid):
+        return error(499, "client closed the request")
+    res = answer.handle.result
+    failed = failure(res)
+    if failed:
+        return error(failed[0], failed[1]["error"]["message"], code=failed[1]["error"]["code"])
+    return res
