@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import sys
 
+from kb.cli.common import command_group, print_json_or_empty, subcommand
 from kb.cli.common import human_size as _size
 from kb.cli.common import knowledge_base as _kb
-from kb.cli.common import print_json_or_empty
 from kb.cli.names import require_corpus, require_job
 from kb.cli.server_client import ServerClient, explicit_url
 
@@ -87,13 +87,15 @@ def cmd_cache_status(args) -> int:
 
 
 def register(sub) -> None:
-    cache = sub.add_parser("cache", help="inspect and manage corpora's cached KV").add_subparsers(
-        dest="sub", required=True
+    cache = command_group(sub, "cache", "inspect and manage corpora's cached KV")
+    subcommand(
+        cache,
+        "list",
+        cmd_cache_list,
+        "per corpus: tokens, bytes per tier, hits, last use, state",
+        optional="name",
+        json=True,
     )
-    c = cache.add_parser("list", help="per corpus: tokens, bytes per tier, hits, last use, state")
-    c.add_argument("name", nargs="?")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_cache_list)
     helps = {
         "pin": "never evict this corpus's KV",
         "unpin": "let it be evicted again",
@@ -121,8 +123,12 @@ def register(sub) -> None:
     c.add_argument("--wait", action="store_true", help="wait and print the outcome")
     server_arg(c)
     c.set_defaults(func=lambda args: _submit(args, "move"))
-    c = cache.add_parser("status", help="an operation's status by its event id")
-    c.add_argument("event_id")
-    c.add_argument("--json", action="store_true")
+    c = subcommand(
+        cache,
+        "status",
+        cmd_cache_status,
+        "an operation's status by its event id",
+        "event_id",
+        json=True,
+    )
     server_arg(c)
-    c.set_defaults(func=cmd_cache_status)

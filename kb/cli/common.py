@@ -8,6 +8,9 @@ that `kb --help` and a mistyped name answer before SQLAlchemy or torch load.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable
+
 
 def knowledge_base():
     """The whole service (imports torch and the engine: seconds)."""
@@ -34,6 +37,36 @@ def database():
     from storage.db import Database  # SQLAlchemy: not for `kb --help`
 
     return Database(Settings().resolved_database_url)
+
+
+def command_group(sub, name: str, help: str):
+    """A command of subcommands (`kb NAME SUB ...`), one of which must be given; returns the
+    subparsers to add them to (with `subcommand`)."""
+    return sub.add_parser(name, help=help).add_subparsers(dest="sub", required=True)
+
+
+def subcommand(
+    group,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help: str,
+    *positionals: str,
+    optional: str | None = None,
+    json: bool = False,
+    aliases: tuple[str, ...] = (),
+) -> argparse.ArgumentParser:
+    """A subcommand that runs `func(args)`: its positional arguments, then one `optional`
+    positional (nargs "?"), then with `json` a `--json` flag, in that order (as `--help` lists
+    them). Returns the parser for the arguments only it has."""
+    c = group.add_parser(name, aliases=list(aliases), help=help)
+    for arg in positionals:
+        c.add_argument(arg)
+    if optional is not None:
+        c.add_argument(optional, nargs="?")
+    if json:
+        c.add_argument("--json", action="store_true")
+    c.set_defaults(func=func)
+    return c
 
 
 def print_json_or_empty(rows: list, as_json: bool, empty: str) -> bool:

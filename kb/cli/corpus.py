@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from kb.cli.common import catalog, human_size, print_json_or_empty
+from kb.cli.common import catalog, command_group, human_size, print_json_or_empty, subcommand
 from kb.cli.common import knowledge_base as _kb
 from kb.cli.names import require_corpus
 
@@ -140,24 +140,21 @@ def cmd_ingest(args) -> int:
 
 
 def register(sub) -> None:
-    corpus = sub.add_parser("corpus", help="create, list, delete corpora").add_subparsers(
-        dest="sub", required=True
+    corpus = command_group(sub, "corpus", "create, list, delete corpora")
+    subcommand(corpus, "create", cmd_corpus_create, "create an empty corpus", "name")
+    subcommand(corpus, "list", cmd_corpus_list, "list corpora", json=True)
+    subcommand(
+        corpus,
+        "documents",
+        cmd_corpus_documents,
+        "a corpus's documents: stage, pages, size, tokens",
+        "name",
+        json=True,
+        aliases=("docs",),
     )
-    c = corpus.add_parser("create", help="create an empty corpus")
-    c.add_argument("name")
-    c.set_defaults(func=cmd_corpus_create)
-    c = corpus.add_parser("list", help="list corpora")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_corpus_list)
-    c = corpus.add_parser(
-        "documents", aliases=["docs"], help="a corpus's documents: stage, pages, size, tokens"
+    subcommand(
+        corpus, "delete", cmd_corpus_delete, "delete a corpus, its documents and its KV", "name"
     )
-    c.add_argument("name")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_corpus_documents)
-    c = corpus.add_parser("delete", help="delete a corpus, its documents and its KV")
-    c.add_argument("name")
-    c.set_defaults(func=cmd_corpus_delete)
 
     c = sub.add_parser("ingest", help="add files to a corpus and precompute their KV")
     c.add_argument("name")

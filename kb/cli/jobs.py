@@ -6,7 +6,7 @@ import signal
 import sys
 import threading
 
-from kb.cli.common import eta_text, human_size, print_json_or_empty
+from kb.cli.common import command_group, eta_text, human_size, print_json_or_empty, subcommand
 from kb.cli.common import knowledge_base as _kb
 from kb.cli.names import require_corpus, require_job
 
@@ -110,16 +110,16 @@ def register(sub) -> None:
     )
     c.set_defaults(func=cmd_worker)
 
-    jobs = sub.add_parser("jobs", help="list, cancel, retry ingest jobs").add_subparsers(
-        dest="sub", required=True
+    jobs = command_group(sub, "jobs", "list, cancel, retry ingest jobs")
+    subcommand(
+        jobs,
+        "list",
+        cmd_jobs_list,
+        "jobs with their documents' stage, progress and ETA",
+        optional="corpus",
+        json=True,
     )
-    c = jobs.add_parser("list", help="jobs with their documents' stage, progress and ETA")
-    c.add_argument("corpus", nargs="?")
-    c.add_argument("--json", action="store_true")
-    c.set_defaults(func=cmd_jobs_list)
-    c = jobs.add_parser("cancel", help="cancel a queued or running job")
-    c.add_argument("id")
-    c.set_defaults(func=cmd_jobs_cancel)
-    c = jobs.add_parser("retry", help="ingest a failed or cancelled job's document again")
-    c.add_argument("id")
-    c.set_defaults(func=cmd_jobs_retry)
+    subcommand(jobs, "cancel", cmd_jobs_cancel, "cancel a queued or running job", "id")
+    subcommand(
+        jobs, "retry", cmd_jobs_retry, "ingest a failed or cancelled job's document again", "id"
+    )
