@@ -762,6 +762,14 @@ def selection_recall(answers, targets) -> float | None:
     return round(sum(bool(t & set(s.chunks.tolist())) for s, t in pairs) / len(pairs), 4)
 
 
+# the grid's name of each selection layout (positions, order of the virtual layout)
+SELECT_MODES = {
+    ("virtual", "corpus"): "select",
+    ("virtual", "best_last"): "select_best_last",
+    ("stored", "corpus"): "select_stored",
+}
+
+
 def large(args) -> dict:
     """The attention-retrieval grid: per task and size, contiguous (the fact's document alone),
     dense, routed and selection at each budget; one row per mode."""
@@ -887,15 +895,28 @@ def large(args) -> dict:
                     if "select" in args.modes and loaded.shared.selector is not None:
                         sel = loaded.shared.selector
                         base = sel.config
+                        layouts = [("stored", "corpus")] if "stored" in args.positions else []
+                        layouts += [
+                            ("virtual", o) for o in args.orders if "virtual" in args.positions
+                        ]
                         for budget in args.budgets:
-                            for positions in args.positions:
+                            for positions, order in layouts:
                                 sel.config = dataclasses.replace(
-                                    base, budget=budget, positions=positions
+                                    base, budget=budget, positions=positions, order=order
                                 )
                                 a, t, m = ask_measured(kb, name, qs, args.max_tokens)
-                                mode = "select" if positions == "virtual" else "select_stored"
                                 record(
-                                    task, size, seed, mode, budget, name, qs, a, t, m, loaded.shared
+                                    task,
+                                    size,
+                                    seed,
+                                    SELECT_MODES[positions, order],
+                                    budget,
+                                    name,
+                                    qs,
+                                    a,
+                                    t,
+                                    m,
+                                    loaded.shared,
                                 )
                         sel.config = base
                     kb.delete_corpus(name)
@@ -1054,6 +1075,11 @@ def parse_args(argv=None):
         "--budgets", default="512,1024,2048,4096", help="selection budgets (shared tokens)"
     )
     p.add_argument("--positions", default="virtual", help="selection positions: virtual,stored")
+    p.add_argument(
+        "--orders",
+        default="corpus",
+        help="orders of the virtual layout: corpus,best_last (kb/engine/selection.py)",
+    )
     p.add_argument("--seeds", default="0", help="seeds of the large grid")
     p.add_argument("--large-chunk", type=int, default=64)
     p.add_argument(
@@ -1077,6 +1103,7 @@ def parse_args(argv=None):
             args.large_sizes[t] = [int(x) for x in sizes]
         args.budgets = [int(b) for b in args.budgets.split(",") if b]
         args.positions = [x for x in args.positions.split(",") if x]
+        args.orders = [x for x in args.orders.split(",") if x]
         args.seeds = [int(x) for x in args.seeds.split(",") if x]
         args.tasks = [t for t in args.tasks.split(",") if t]
         args.modes = [m for m in args.modes.split(",") if m]

@@ -3,6 +3,8 @@ budget fill, and end to end over a corpus three times the demo model's context."
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from attention import cpu_shared, reference
@@ -113,6 +115,31 @@ def test_choose_fills_the_budget_with_passages_and_keeps_the_preamble():
     virtual = torch.tensor(chosen) * cs + shift
     assert virtual.tolist() == [i * cs for i in range(len(chosen))]  # contiguous after the preamble
     assert sel.query_position(0) == (2 + 5) * cs
+
+
+def test_best_last_puts_the_best_passage_right_before_the_question():
+    """The "best_last" layout: passages (runs of consecutive chunks) by ascending score, each in
+    its own order, contiguous after the preamble; the best passage takes the last slots."""
+    cs = 64
+    k = [torch.randn(20 * cs, 3, 64)]
+    sel = PassageSelector.build(
+        k,
+        torch.arange(20 * cs),
+        cs,
+        1,
+        INV,
+        SelectionConfig(layers=(0,), budget=5 * cs, neighbours=1, order="best_last"),
+    )
+    scores = torch.zeros(20)
+    scores[4], scores[12], scores[17] = 2.0, 9.0, 5.0
+    chosen = torch.tensor([0, 3, 4, 12, 13, 17])
+    virtual = chosen * cs + sel.shifts(chosen, scores)
+    slots = (virtual // cs).tolist()
+    assert slots == [0, 1, 2, 4, 5, 3]  # [3, 4] (2.0), then [17] (5.0), then [12, 13] (9.0)
+    assert sorted(slots) == list(range(6))  # contiguous: no gaps, no overlaps
+    corpus = dataclasses.replace(sel.config, order="corpus")
+    sel.config = corpus
+    assert ((chosen * cs + sel.shifts(chosen, scores)) // cs).tolist() == list(range(6))
 
 
 def _large_corpus(tmp_path_factory):

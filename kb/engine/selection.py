@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from kb.model.rope import apply_rope, cos_sin
 
 POSITIONS = ("virtual", "stored")
+ORDERS = ("corpus", "best_last")
 CALIBRATIONS = ("ratio", "sub", "none")
 # generic questions whose scores measure what every question attends (position, sinks, style)
 NEUTRAL_QUESTIONS = (
@@ -54,12 +55,16 @@ class SelectionConfig:
     window: int = 9  # phrase width of the score's window sum, in tokens
     neighbours: int = 1  # chunks taken on each side of a chosen chunk (one passage)
     positions: str = "virtual"  # "virtual" (contiguous after the preamble) or "stored"
+    # the virtual layout's order: "corpus" (stored order) or "best_last" (passages by ascending
+    # score, the best one right before the question; each passage keeps its own chunks' order)
+    order: str = "corpus"
     # against the chunk scores of neutral questions: "ratio" (divide), "sub" (subtract), "none"
     calibrate: str = "ratio"
 
     def __post_init__(self) -> None:
         assert self.positions in POSITIONS, f"positions must be one of {POSITIONS}"
         assert self.calibrate in CALIBRATIONS, f"calibrate must be one of {CALIBRATIONS}"
+        assert self.order in ORDERS, f"order must be one of {ORDERS}"
         assert self.budget > 0 and self.layers and self.window >= 1 and self.neighbours >= 0
 
 
@@ -216,17 +221,41 @@ class PassageSelector:
                     chosen.append(j)
         return torch.tensor(list(range(self.always)) + sorted(chosen), dtype=torch.long)
 
-    def shifts(self, chunks: torch.Tensor) -> torch.Tensor | None:
+    def shifts(
+        self, chunks: torch.Tensor, scores: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """[K] position shift of each chosen chunk: the virtual layout puts the routed chunks one
-        after another after the preamble's, in corpus order (None for stored positions)."""
+        after another after the preamble's, in corpus order or (`config.order` "best_last", with
+        the chunk scores) passage by passage in ascending score (None for stored positions)."""
         if self.config.positions == "stored":
             return None
         cs = self.chunk_size
-        virtual = torch.arange(chunks.shape[0]) * cs  # the preamble's chunks keep their place
+        slot = torch.arange(chunks.shape[0])  # the preamble's chunks keep their place
+        if self.config.order == "best_last" and scores is not None:
+            slot = self.best_last_slots(chunks, scores)
         start = self.positions[(chunks * cs).clamp_max(self.num_tokens - 1)]
-        shift = virtual - start
+        shift = slot * cs - start
         shift[: self.always] = 0
         return shift
+
+    def best_last_slots(self, chunks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """[K] virtual slot of each chosen chunk (ascending ids): the preamble's first, then the
+        passages (runs of consecutive ids) by ascending best score, the best nearest the question."""
+        ids = chunks.tolist()
+        runs: list[list[int]] = []  # indices into chunks, one list per passage
+        for i in range(self.always, len(ids)):
+            if runs and ids[i] == ids[runs[-1][-1]] + 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        runs.sort(key=lambda r: (max(float(scores[ids[i]]) for i in r), ids[r[0]]))
+        slot = torch.arange(chunks.shape[0])
+        nxt = self.always
+        for run in runs:
+            for i in run:
+                slot[i] = nxt
+                nxt += 1
+        return slot
 
     def select(self, queries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Selection:
         """The selection of one request from its question's queries at the selecting layers
@@ -240,7 +269,7 @@ class PassageSelector:
             else 0
         )
         cited[: self.always] = 0
-        return Selection(chunks, self.shifts(chunks), cited)
+        return Selection(chunks, self.shifts(chunks, scores), cited)
 
 
 def selection_queries(
