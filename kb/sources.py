@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from kb.auth import Principal, check_read
 from kb.errors import NotFound
@@ -56,6 +57,19 @@ def _find(text: str, passage: str, lo: int = 0, hi: int | None = None) -> tuple[
     return (i, min(len(text), i + len(passage))) if i >= 0 else None
 
 
+def _readable_document(
+    s: Session, user: Principal, corpus: str, document_id: int
+) -> Document | None:
+    """Document `document_id` if it belongs to `corpus`, else None; NotFound for a corpus that
+    does not exist, and check_read's refusal where `user` may not read it."""
+    c = s.scalar(select(Corpus).where(Corpus.name == corpus))
+    if c is None:
+        raise NotFound(f"corpus {corpus!r} does not exist")
+    check_read(s, user, c)
+    d = s.get(Document, document_id)
+    return d if d is not None and d.corpus_id == c.id else None
+
+
 def source_page(
     db: Database,
     settings: Settings,
@@ -68,12 +82,8 @@ def source_page(
     """The page `page` of a document of `corpus` (which `user` may read) with `passage` located
     in it; NotFound for a document that is gone or not in that corpus."""
     with db.session() as s:
-        c = s.scalar(select(Corpus).where(Corpus.name == corpus))
-        if c is None:
-            raise NotFound(f"corpus {corpus!r} does not exist")
-        check_read(s, user, c)
-        d = s.get(Document, document_id)
-        if d is None or d.corpus_id != c.id or not d.file_path or not Path(d.file_path).exists():
+        d = _readable_document(s, user, corpus, document_id)
+        if d is None or not d.file_path or not Path(d.file_path).exists():
             raise NotFound("that document is no longer in the corpus")
         filename, path = d.filename, d.file_path
     doc = parse_file(path, filename=filename, limits=ParseLimits.from_settings(settings))
@@ -117,12 +127,8 @@ def page_image(
     import pypdfium2
 
     with db.session() as s:
-        c = s.scalar(select(Corpus).where(Corpus.name == corpus))
-        if c is None:
-            raise NotFound(f"corpus {corpus!r} does not exist")
-        check_read(s, user, c)
-        d = s.get(Document, document_id)
-        if d is None or d.corpus_id != c.id or d.media_type != "pdf" or not d.file_path:
+        d = _readable_document(s, user, corpus, document_id)
+        if d is None or d.media_type != "pdf" or not d.file_path:
             return None
         path = d.file_path
     try:
