@@ -99,13 +99,18 @@ def slice_kv(shared: SharedKV, shard: ShardRange) -> Iterator[torch.Tensor]:
         yield v[a:b].contiguous()
 
 
+def keep_preamble(shared: SharedKV) -> None:
+    """Give a corpus's passage selector its own copy of the preamble's KV (dequantized), once: the
+    selection pass attends the preamble on the unique rank, where a sharded corpus's KV is not."""
+    if shared.selector is not None and shared.selector.preamble is None:
+        shared.selector.preamble = tuple([x.clone() for x in part] for part in preamble_kv(shared))
+
+
 def remote_view(shared: SharedKV, placement: Placement, corpus_id: int) -> SharedKV:
     """What the unique rank keeps of a sharded corpus: shapes (on the meta device, no memory), the
     router, positions, the passage selector (its re-based keys of the selecting layers, its
-    calibration and a copy of the preamble's KV for the selection pass) and the corpus id the
-    protocol names it by; never the keys and values."""
-    if shared.selector is not None and shared.selector.preamble is None:
-        shared.selector.preamble = tuple([x.clone() for x in part] for part in preamble_kv(shared))
+    calibration and the preamble's KV that `keep_preamble` gave it) and the corpus id the
+    protocol names it by; never the keys and values. A pure view: `shared` is not changed."""
     meta_k = [torch.empty(k.shape, dtype=k.dtype, device="meta") for k in shared.k]
     meta_v = [torch.empty(v.shape, dtype=v.dtype, device="meta") for v in shared.v]
     meta = replace(shared.meta, corpus_id=corpus_id, placement=placement)

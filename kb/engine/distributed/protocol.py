@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 import attention
-from kb.engine.distributed.placement import place, remote_view, slice_kv
+from kb.engine.distributed.placement import keep_preamble, place, remote_view, slice_kv
 from kb.engine.shared_kv import SharedKV
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,8 @@ class ShardLink:
     # -- public ------------------------------------------------------------------------------
     def register(self, shared: SharedKV) -> SharedKV:
         """Place a corpus's KV across the shared ranks and send each its slice; returns the view the
-        engine registers on this rank (router and shapes only)."""
+        engine registers on this rank (router and shapes only), its passage selector keeping its
+        own copy of the preamble's KV (`keep_preamble`)."""
         placement = place(shared.num_tokens, shared.chunk_size, self.world.shared_ranks)
         k0, dev = shared.k[0], self.world.device
         code = dtype_code(
@@ -224,6 +225,7 @@ class ShardLink:
             for s in placement.shards:
                 for part in slice_kv(shared, s):  # layer by layer: no stacked copy of the corpus
                     dist.send(part.to(dev), dst=s.rank)
+        keep_preamble(shared)  # the view shares this selector and drops the KV: copy it first
         return remote_view(shared, placement, cid)
 
     def drop(self, view: SharedKV) -> None:
