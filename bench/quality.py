@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import itertools
 import json
 import os
 import random
@@ -770,6 +771,24 @@ SELECT_MODES = {
 }
 
 
+def selection_variant(spec: str) -> tuple[str, dict]:
+    """('[field=value,...]' mode suffix, SelectionConfig overrides) of one --variants entry."""
+    from kb.engine.selection import SelectionConfig
+
+    fields = {f.name: f.type for f in dataclasses.fields(SelectionConfig)}
+    extra: dict = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, _, value = item.partition("=")
+        if key not in fields or key in ("budget", "positions", "order"):
+            raise SystemExit(f"--variants: {key!r} is not a selection setting to vary")
+        extra[key] = (
+            tuple(int(x) for x in value.split("+"))
+            if key == "layers"
+            else type(getattr(SelectionConfig(), key))(value)
+        )
+    return (f"[{spec.strip()}]" if extra else ""), extra
+
+
 def large(args) -> dict:
     """The attention-retrieval grid: per task and size, contiguous (the fact's document alone),
     dense, routed and selection at each budget; one row per mode."""
@@ -779,7 +798,12 @@ def large(args) -> dict:
     from kb.settings import Settings
 
     torch.set_num_threads(args.threads)
-    home = Path(tempfile.mkdtemp(prefix="kb-quality-large-"))
+    home = (
+        Path(args.home).resolve()
+        if args.home
+        else Path(tempfile.mkdtemp(prefix="kb-quality-large-"))
+    )
+    home.mkdir(parents=True, exist_ok=True)
     kb = KnowledgeBase(
         Settings(home=home / "home", models_dir=args.models_dir, max_tokens=args.max_tokens)
     )
@@ -849,7 +873,20 @@ def large(args) -> dict:
                         paths[-1].write_text(text)
                     name = f"{task}-{size}-s{seed}"
                     kb.settings.selection_budget = max(args.budgets)
-                    info[name] = build_corpus(kb, name, paths, args.segment_len, args.large_chunk)
+                    if args.home and name in {c.name for c in kb.list_corpora()}:
+                        kb.settings.segment_len = args.segment_len  # as built (same arguments)
+                        kb.settings.chunk_size = args.large_chunk
+                        docs = kb.documents(name)
+                        info[name] = {
+                            "documents": len(docs),
+                            "segments": sum(d["segments"] for d in docs),
+                            "tokens": sum(d["tokens"] for d in docs),
+                            "pic": kb.settings.pic,
+                        }
+                    else:
+                        info[name] = build_corpus(
+                            kb, name, paths, args.segment_len, args.large_chunk
+                        )
                     print(
                         f"{name}: {info[name]} ({time.perf_counter() - t_start:.0f} s)", flush=True
                     )
@@ -900,31 +937,26 @@ def large(args) -> dict:
                             ("virtual", o) for o in args.orders if "virtual" in args.positions
                         ]
                         for budget in args.budgets:
-                            for positions, order in layouts:
+                            for (positions, order), (tag, extra) in itertools.product(
+                                layouts, args.variants
+                            ):
                                 sel.config = dataclasses.replace(
-                                    base, budget=budget, positions=positions, order=order
+                                    base, budget=budget, positions=positions, order=order, **extra
                                 )
                                 a, t, m = ask_measured(kb, name, qs, args.max_tokens)
+                                mode = SELECT_MODES[positions, order] + tag
                                 record(
-                                    task,
-                                    size,
-                                    seed,
-                                    SELECT_MODES[positions, order],
-                                    budget,
-                                    name,
-                                    qs,
-                                    a,
-                                    t,
-                                    m,
-                                    loaded.shared,
+                                    task, size, seed, mode, budget, name, qs, a, t, m, loaded.shared
                                 )
                         sel.config = base
-                    kb.delete_corpus(name)
+                    if not args.home:
+                        kb.delete_corpus(name)
         result["complete"] = True
         save()
     finally:
         kb.close()
-        shutil.rmtree(home, ignore_errors=True)
+        if not args.home:
+            shutil.rmtree(home, ignore_errors=True)
     return result
 
 
@@ -1081,6 +1113,18 @@ def parse_args(argv=None):
         help="orders of the virtual layout: corpus,best_last (kb/engine/selection.py)",
     )
     p.add_argument("--seeds", default="0", help="seeds of the large grid")
+    p.add_argument(
+        "--variants",
+        default="",
+        help="selection variants, ';'-separated, each SelectionConfig overrides "
+        "'field=value,...' (e.g. 'neighbours=2;window=5'); '' is the defaults",
+    )
+    p.add_argument(
+        "--home",
+        default=None,
+        help="large grid: a KB home kept between runs; corpora already built there are reused "
+        "(built with the same arguments), so a run over a built 64K corpus skips its prefill",
+    )
     p.add_argument("--large-chunk", type=int, default=64)
     p.add_argument(
         "--large-density", type=float, default=0.25, help="today's routed mode in the large grid"
@@ -1104,6 +1148,7 @@ def parse_args(argv=None):
         args.budgets = [int(b) for b in args.budgets.split(",") if b]
         args.positions = [x for x in args.positions.split(",") if x]
         args.orders = [x for x in args.orders.split(",") if x]
+        args.variants = [selection_variant(v) for v in args.variants.split(";")]
         args.seeds = [int(x) for x in args.seeds.split(",") if x]
         args.tasks = [t for t in args.tasks.split(",") if t]
         args.modes = [m for m in args.modes.split(",") if m]
