@@ -1,4 +1,6 @@
-"""Shared plumbing of the Triton kernels: availability, interpreter mode, device facts.
+"""Shared plumbing of the Triton kernels: availability, interpreter mode, device facts, and the
+`@triton.jit` pieces every kernel is built from (the query tile, the online softmax, K/V and
+fp8-scale loads, the partial stores).
 
 On a GPU the kernels compile. Without one they run under Triton's interpreter (the same kernel
 source, executed with numpy), which is how the parity tests run in CI: the interpreter must be
@@ -121,5 +123,48 @@ if HAS_TRITON:
         )
         return k, v
 
+    @triton.jit
+    def load_q_rows(Q, t, hq, row_ok, offs_d, stride_qt, stride_qh):
+        """The query tile [BLOCK_M, D] every kernel starts from: row i is query head hq[i] of
+        token t[i], its columns offs_d; rows outside row_ok read 0 (the caller casts to DOT)."""
+        return tl.load(
+            Q + t[:, None] * stride_qt + hq[:, None] * stride_qh + offs_d[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+
+    @triton.jit
+    def softmax_start(BLOCK_M: tl.constexpr, D: tl.constexpr):
+        """(m, l, acc) of BLOCK_M rows that have seen no key yet, for `softmax_update`: running
+        max -inf (log2 units), sum of exp2 0, output accumulator 0 [BLOCK_M, D] (float32)."""
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        return m_i, l_i, acc
+
+    @triton.jit
+    def load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh):
+        """fp8 KV: the (key, value) scales of chunk c of KV head h, one factor each that folds
+        into the scores and the probabilities (launch.chunk_scales lays them out)."""
+        off = c * stride_sc + h * stride_sh
+        return tl.load(KS + off), tl.load(VS + off)
+
+    @triton.jit
+    def store_rows(row_ptrs, o, row_ok, offs_d):
+        """A tile o [BLOCK_M, D] to memory: row i at row_ptrs[i] + offs_d (tl.store converts to
+        the pointers' type); rows outside row_ok are not written."""
+        tl.store(row_ptrs[:, None] + offs_d[None, :], o, mask=row_ok[:, None])
+
+    @triton.jit
+    def store_slot_partial(
+        OP, LP, o, lse, ent, g, row_ok, offs_d, G: tl.constexpr, D: tl.constexpr
+    ):
+        """The routed kernels' partial of each row: OP[ent, g, :] = o (in OP's type) and
+        LP[ent, g] = lse, ent the row's flat (token, KV head, slot) entry, g its member of the GQA
+        group (64-bit ent: the partials can pass 2^31 elements); merged by combine.merge_slots."""
+        store_rows(OP + (ent * G + g) * D, o, row_ok, offs_d)
+        tl.store(LP + ent * G + g, lse, mask=row_ok)
+
 else:  # pragma: no cover - no kernels without triton
     softmax_update = softmax_finish = load_kv = None
+    load_q_rows = softmax_start = load_chunk_scales = store_rows = store_slot_partial = None

@@ -97,3 +97,49 @@ def combine(
         D=d,
         BLOCK_P=block_p,
     )
+
+
+def split_parts(
+    o: torch.Tensor, lse: torch.Tensor, splits: int
+) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+    """Where a split-KV kernel writes its partials of o[T, Hq, d], lse[T, Hq]: with one split o
+    and lse themselves (the kernel writes the answer), else float32 o_part[T, Hq, splits, d] and
+    lse_part[T, Hq, splits] for `merge_splits`; with each one's (token, head, split) strides, the
+    kernel's stride arguments (the split stride 0 for one split)."""
+    if splits == 1:
+        return o, lse, [*strides(o), 0], [*strides(lse), 0]
+    t, hq, d = o.shape
+    o_part = torch.empty(t, hq, splits, d, dtype=torch.float32, device=o.device)
+    lse_part = torch.empty(t, hq, splits, dtype=torch.float32, device=o.device)
+    return o_part, lse_part, strides(o_part, dims=3), strides(lse_part, dims=3)
+
+
+def merge_splits(
+    o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """Writes o[T, Hq, d], lse[T, Hq] from `split_parts`'s partials (each row's splits merged);
+    nothing to do where the kernel wrote them itself (one split)."""
+    if o_part is o:
+        return
+    t, hq, splits, d = o_part.shape
+    combine(
+        o_part.view(t * hq, splits, d),
+        lse_part.view(t * hq, splits),
+        o.view(t * hq, d),
+        lse.view(t * hq),
+    )
+
+
+def merge_slots(
+    o_part: torch.Tensor, lse_part: torch.Tensor, o: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """Writes o[T, Hq, d], lse[T, Hq] from a routed kernel's partials, one per (token, KV head,
+    slot, member g of the GQA group): o_part[T, Hkv, top_k, G, d], lse_part[T, Hkv, top_k, G];
+    each (token, query head) row merges its top_k slots."""
+    t, hkv, top_k, g, d = o_part.shape
+    combine(
+        o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
+        lse_part.view(t * hkv, top_k, g).transpose(1, 2),
+        o.view(t * hkv * g, d),
+        lse.view(t * hkv * g),
+    )

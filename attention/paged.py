@@ -13,7 +13,16 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, softmax_finish, softmax_update, tl, triton
+from ._triton import (
+    HAS_TRITON,
+    load_q_rows,
+    softmax_finish,
+    softmax_start,
+    softmax_update,
+    store_rows,
+    tl,
+    triton,
+)
 from .launch import cdiv, check_device, dot_dtype, sms, strides
 
 LOG2E = 1.4426950408889634
@@ -72,15 +81,9 @@ if HAS_TRITON:
         pos = kv_len - q_len + i  # absolute position of each new token: sees keys <= pos
         offs_d = tl.arange(0, D)
         t = q_lo + i
-        q = tl.load(
-            Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        ).to(DOT)
+        q = load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
 
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        m_i, l_i, acc = softmax_start(BLOCK_M, D)
         # keys of this split, cut at the last position any row of the block may see
         last = kv_len - q_len + tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len * G) // G
         n_lo = s * split_len
@@ -119,11 +122,7 @@ if HAS_TRITON:
 
         o, lse = softmax_finish(m_i, l_i, acc, True)
         hq = h * G + g
-        tl.store(
-            O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os + offs_d[None, :],
-            o,
-            mask=row_ok[:, None],
-        )
+        store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
         tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
 
 
@@ -143,7 +142,7 @@ def unique_attention_paged(
     of key-range splits, for tests). The grid is sized by the longest query run and KV length:
     pass `max_seqlen_q` / `max_seqlen_k` (the engine knows them) to skip reading them from the
     device (a host sync, which also rules out CUDA-graph capture)."""
-    from .combine import combine
+    from .combine import merge_splits, split_parts
 
     check_device(q)
     t, hq, d = q.shape
@@ -176,12 +175,7 @@ def unique_attention_paged(
     splits = max(1, min(splits, n_tiles))
     split_len = cdiv(n_tiles, splits) * block_n
     splits = cdiv(max_kv, split_len)
-    if splits == 1:
-        o_part, lse_part, so, sl = o, lse, 0, 0
-    else:
-        o_part = torch.empty(t, hq, splits, d, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(t, hq, splits, dtype=torch.float32, device=q.device)
-        so, sl = o_part.stride(2), lse_part.stride(2)
+    o_part, lse_part, so, sl = split_parts(o, lse, splits)
     cfg = {} if interp else dict(num_warps=8 if block_m >= 128 else 4, num_stages=3)
     _paged_kernel[(num_m, b * hkv, splits)](
         q,
@@ -197,10 +191,8 @@ def unique_attention_paged(
         *strides(q),
         *strides(k_cache, v_cache, dims=3),
         bt.stride(0),
-        *strides(o_part),
-        so,
-        *strides(lse_part),
-        sl,
+        *so,
+        *sl,
         HKV=hkv,
         G=g,
         D=d,
@@ -210,11 +202,5 @@ def unique_attention_paged(
         DOT=dot_dtype(q.dtype, q.device),
         **cfg,
     )
-    if splits > 1:
-        combine(
-            o_part.view(t * hq, splits, d),
-            lse_part.view(t * hq, splits),
-            o.view(t * hq, d),
-            lse.view(t * hq),
-        )
+    merge_splits(o_part, lse_part, o, lse)
     return o, lse

@@ -16,7 +16,16 @@ import math
 
 import torch
 
-from ._triton import HAS_TRITON, softmax_finish, softmax_update, tl, triton
+from ._triton import (
+    HAS_TRITON,
+    load_q_rows,
+    softmax_finish,
+    softmax_start,
+    softmax_update,
+    store_rows,
+    tl,
+    triton,
+)
 from .launch import cdiv, check_device, dot_dtype, sms, strides
 
 if HAS_TRITON:
@@ -76,12 +85,9 @@ if HAS_TRITON:
         row_ok = t < T
         offs_d = tl.arange(0, D)
         # load q once: it stays in registers for the whole key range
-        q_ptrs = Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(DOT)
+        q = load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
 
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (log2 units)
-        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        m_i, l_i, acc = softmax_start(BLOCK_M, D)
 
         # this split's keys [n_lo, n_hi); the host sized splits so that none is empty.
         # The split's base offset is 64-bit (N * Hkv * d can pass 2^31); tiles step from it.
@@ -147,10 +153,7 @@ if HAS_TRITON:
         # every split holds at least one key, so l_i > 0 on every row
         o, lse = softmax_finish(m_i, l_i, acc, False)
         hq = h * G + g
-        o_ptrs = (
-            O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os + offs_d[None, :]
-        )
-        tl.store(o_ptrs, o, mask=row_ok[:, None])
+        store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
         tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
 
 
@@ -222,7 +225,7 @@ def shared_attention_dense(
     a launch configuration in place of the tuned one (bench sweeps; see `_config`).
     Returns (o[T,Hq,d] in q.dtype, lse[T,Hq] float32).
     """
-    from .combine import combine
+    from .combine import merge_splits, split_parts
 
     t, hq, d = q.shape
     n, hkv, _ = k.shape
@@ -247,13 +250,7 @@ def shared_attention_dense(
         n_splits = max(1, min(splits, cdiv(n, cfg["BLOCK_N"])))
         split_len = cdiv(cdiv(n, cfg["BLOCK_N"]), n_splits) * cfg["BLOCK_N"]
         n_splits = cdiv(n, split_len)
-    if n_splits == 1:
-        o_part, lse_part = o, lse
-        so, sl = 0, 0
-    else:
-        o_part = torch.empty(t, hq, n_splits, d, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(t, hq, n_splits, dtype=torch.float32, device=q.device)
-        so, sl = o_part.stride(2), lse_part.stride(2)
+    o_part, lse_part, so, sl = split_parts(o, lse, n_splits)
     if k_scale is not None:
         ks = k_scale.float().contiguous()
         vs = v_scale.float().contiguous()
@@ -288,10 +285,8 @@ def shared_attention_dense(
         *strides(q, k, v),
         ssc,
         ssh,
-        *strides(o_part),
-        so,
-        *strides(lse_part),
-        sl,
+        *so,
+        *sl,
         G=g,
         D=d,
         BLOCK_M=block_m,
@@ -302,12 +297,5 @@ def shared_attention_dense(
         WARP_SPEC=warp_spec,
         **cfg,
     )
-    if n_splits > 1:
-        # partials [T*Hq rows, S parts, d] -> o, lse
-        combine(
-            o_part.view(t * hq, n_splits, d),
-            lse_part.view(t * hq, n_splits),
-            o.view(t * hq, d),
-            lse.view(t * hq),
-        )
+    merge_splits(o_part, lse_part, o, lse)  # partials [T, Hq, S parts, d] -> o, lse
     return o, lse

@@ -16,7 +16,18 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, load_kv, softmax_finish, softmax_update, tl, triton
+from ._triton import (
+    HAS_TRITON,
+    load_chunk_scales,
+    load_kv,
+    load_q_rows,
+    softmax_finish,
+    softmax_start,
+    softmax_update,
+    store_slot_partial,
+    tl,
+    triton,
+)
 from .launch import cdiv, chunk_scales, dot_dtype, strides
 from .routed_call import prepare_routed
 
@@ -80,15 +91,9 @@ if HAS_TRITON:
         ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
         t = ent // (HKV * TOPK)
         offs_d = tl.arange(0, D)
-        q = tl.load(
-            Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        ).to(DOT)
+        q = load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
 
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        m_i, l_i, acc = softmax_start(BLOCK_M, D)
         # the chunk's keys, loaded once for every query that chose it
         n_lo = c * chunk_size
         n_end = tl.minimum(n_lo + chunk_size, N)
@@ -102,8 +107,7 @@ if HAS_TRITON:
             qk = tl.dot(q, tl.trans(k.to(DOT)))
             if KV_SCALE:
                 # fp8: one scale per (chunk, head) folds into the score scale and into p
-                ks = tl.load(KS + c * stride_sc + h * stride_sh)
-                vs = tl.load(VS + c * stride_sc + h * stride_sh)
+                ks, vs = load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
                 qk = qk * ks
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
             # online softmax over the chunk's key tiles (an idle tile's rows see nothing)
@@ -113,8 +117,7 @@ if HAS_TRITON:
 
         o, lse = softmax_finish(m_i, l_i, acc, True)
         # partials: OP[entry, g, :], LP[entry, g]
-        tl.store(OP + (ent * G + g)[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None])
-        tl.store(LP + ent * G + g, lse, mask=row_ok)
+        store_slot_partial(OP, LP, o, lse, ent, g, row_ok, offs_d, G, D)
 
 
 def plan_routing(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_m: int):
@@ -235,7 +238,7 @@ def shared_attention_routed(
     Partials are kept in q's dtype (halves their traffic; each is a normalized average, so
     rounding it costs what rounding the output costs).
     """
-    from .combine import combine
+    from .combine import merge_slots
 
     assert impl in IMPLS, impl
     if plan is not None or impl == "grouped" or (impl == "auto" and _use_grouped(q, chunk_idx)):
@@ -291,10 +294,5 @@ def shared_attention_routed(
         **cfg,
     )
     # merge each (token, head)'s k slots: rows (t*Hkv+h, g), parts = slots
-    combine(
-        o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
-        lse_part.view(t * hkv, top_k, g).transpose(1, 2),
-        o.view(t * hq, d),
-        lse.view(t * hq),
-    )
+    merge_slots(o_part, lse_part, o, lse)
     return o, lse

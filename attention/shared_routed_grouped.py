@@ -25,7 +25,18 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import HAS_TRITON, load_kv, softmax_finish, softmax_update, tl, triton
+from ._triton import (
+    HAS_TRITON,
+    load_chunk_scales,
+    load_kv,
+    load_q_rows,
+    softmax_finish,
+    softmax_start,
+    softmax_update,
+    store_slot_partial,
+    tl,
+    triton,
+)
 from .launch import cdiv, chunk_scales, dot_dtype, sms, strides
 from .routed_call import prepare_routed
 
@@ -51,13 +62,11 @@ if HAS_TRITON:
         """The tile's query rows; with SHIFT (virtual positions) each row rotated by R(-shift)
         of its entry, so that q . k == R(-s) q . k == q . R(s) k: the chunk's keys as if RoPE had
         put them `shift` positions later (half-rotation layout, fp32 angles)."""
-        base = Q + t[:, None] * stride_qt + hq[:, None] * stride_qh
-        q = tl.load(base + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = load_q_rows(Q, t, hq, row_ok, offs_d, stride_qt, stride_qh)
         if SHIFT:
             HALF: tl.constexpr = D // 2
-            partner = tl.load(
-                base + ((offs_d + HALF) % D)[None, :], mask=row_ok[:, None], other=0.0
-            ).to(tl.float32)
+            partner = load_q_rows(Q, t, hq, row_ok, (offs_d + HALF) % D, stride_qt, stride_qh)
+            partner = partner.to(tl.float32)
             rot = tl.where((offs_d < HALF)[None, :], -partner, partner)  # cat(-q2, q1)
             sh = tl.load(SH + ent, mask=row_ok, other=0).to(tl.float32)
             ang = sh[:, None] * tl.load(INV + offs_d % HALF)[None, :]
@@ -137,16 +146,13 @@ if HAS_TRITON:
             q = _load_q(
                 Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh, D, SHIFT
             ).to(DOT)
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc = tl.zeros([BLOCK_M, D], tl.float32)
+            m_i, l_i, acc = softmax_start(BLOCK_M, D)
             for j in tl.static_range(S):
                 sel = ((chose >> j) & 1) != 0
                 if tl.max(sel.to(tl.int32), 0) > 0:  # some row of the tile chose this chunk
                     c = sp * S + j
                     if KV_SCALE:
-                        ks = tl.load(KS + c * stride_sc + h * stride_sh)
-                        vs = tl.load(VS + c * stride_sc + h * stride_sh)
+                        ks, vs = load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
                     base = c.to(tl.int64) * CHUNK
                     for start in tl.static_range(0, CHUNK_K, BLOCK_N):
                         offs_n = base + start + offs_n0
@@ -183,12 +189,7 @@ if HAS_TRITON:
                             True,
                         )
             o, lse = softmax_finish(m_i, l_i, acc, True)
-            tl.store(
-                OP + (ent * G + g)[:, None] * D + offs_d[None, :],
-                o.to(OP.dtype.element_ty),
-                mask=row_ok[:, None],
-            )
-            tl.store(LP + ent * G + g, lse, mask=row_ok)
+            store_slot_partial(OP, LP, o, lse, ent, g, row_ok, offs_d, G, D)
 
     @triton.jit
     def _routed_stationary_kernel(
@@ -246,8 +247,7 @@ if HAS_TRITON:
             k, v = load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
             k, v = k.to(DOT), v.to(DOT)
             if KV_SCALE:
-                ks = tl.load(KS + c * stride_sc + h * stride_sh)
-                vs = tl.load(VS + c * stride_sc + h * stride_sh)
+                ks, vs = load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
             for r0 in range(r_lo, r_hi, BLOCK_M):
                 rows = r0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < r_hi
@@ -269,12 +269,7 @@ if HAS_TRITON:
                     p = p * vs
                 # one exact softmax: the tile's (m, l, acc) are final
                 o, lse = softmax_finish(m, l_i, tl.dot(p.to(DOT), v), False)
-                tl.store(
-                    OP + (ent * G + g)[:, None] * D + offs_d[None, :],
-                    o.to(OP.dtype.element_ty),
-                    mask=row_ok[:, None],
-                )
-                tl.store(LP + ent * G + g, lse, mask=row_ok)
+                store_slot_partial(OP, LP, o, lse, ent, g, row_ok, offs_d, G, D)
 
 
 @dataclass
@@ -472,7 +467,7 @@ def shared_attention_grouped(
     rope_inv_freq)`; `plan` (from `plan_for` on the same chunk_idx, chunk_shift and `config`)
     skips the plan step. chunk_idx may be None when a plan is given (only its shape is read
     otherwise). `config`: see `choose_config`."""
-    from .combine import combine
+    from .combine import merge_slots
 
     if chunk_idx is None:
         assert plan is not None
@@ -542,12 +537,7 @@ def shared_attention_grouped(
             SHIFT=shift_on,
             **cfg,
         )
-        combine(
-            o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
-            lse_part.view(t * hkv, top_k, g).transpose(1, 2),
-            o.view(t * hq, d),
-            lse.view(t * hq),
-        )
+        merge_slots(o_part, lse_part, o, lse)
         return o, lse
     grid = min(max_tiles, 4 * sms(q.device)) if persist else max_tiles
     even = chunk_size % block_n == 0 and n % chunk_size == 0
@@ -590,10 +580,5 @@ def shared_attention_grouped(
         SHIFT=shift_on,
         **cfg,
     )
-    combine(
-        o_part.view(t * hkv, top_k, g, d).transpose(1, 2),
-        lse_part.view(t * hkv, top_k, g).transpose(1, 2),
-        o.view(t * hq, d),
-        lse.view(t * hq),
-    )
+    merge_slots(o_part, lse_part, o, lse)
     return o, lse

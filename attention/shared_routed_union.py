@@ -23,7 +23,18 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAS_TRITON, load_kv, softmax_finish, softmax_update, tl, triton
+from ._triton import (
+    HAS_TRITON,
+    load_chunk_scales,
+    load_kv,
+    load_q_rows,
+    softmax_finish,
+    softmax_start,
+    softmax_update,
+    store_rows,
+    tl,
+    triton,
+)
 from .launch import cdiv, chunk_scales, dot_dtype, sms, strides
 from .routed_call import prepare_routed
 
@@ -91,15 +102,9 @@ if HAS_TRITON:
         row_ok = (r < TPB * G) & (pos < T)
         t = tl.load(PERM + h * t_pad + pos, mask=row_ok, other=0).to(tl.int64)
         offs_d = tl.arange(0, D)
-        q = tl.load(
-            Q + t[:, None] * stride_qt + (h * G + g)[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        ).to(DOT)
+        q = load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
 
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        m_i, l_i, acc = softmax_start(BLOCK_M, D)
 
         # this slice: list entries [e_lo, e_hi) of the (head, block) union, as flat key tiles
         lst = (h * NBLK + pid_m).to(tl.int64)
@@ -145,8 +150,7 @@ if HAS_TRITON:
             chose = tl.load(sel_row + c * t_pad, mask=row_ok, other=0) != 0
             qk = tl.dot(q, tl.trans(k.to(DOT)))
             if KV_SCALE:
-                ks = tl.load(KS + c * stride_sc + h * stride_sh)
-                vs = tl.load(VS + c * stride_sc + h * stride_sh)
+                ks, vs = load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
                 qk = qk * ks
             if EVEN:
                 qk = tl.where(chose[:, None], qk, float("-inf"))
@@ -159,11 +163,7 @@ if HAS_TRITON:
 
         o, lse = softmax_finish(m_i, l_i, acc, True)
         hq = h * G + g
-        tl.store(
-            O + t[:, None] * stride_ot + hq[:, None] * stride_oh + s * stride_os + offs_d[None, :],
-            o.to(O.dtype.element_ty),
-            mask=row_ok[:, None],
-        )
+        store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
         tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
 
 
@@ -275,7 +275,7 @@ def shared_attention_routed_union(
     """Same contract as `shared_routed.shared_attention_routed` (and the reference).
     contig: walk contiguous chunk ranges with unused chunks masked (True) or the union lists
     (False); None: the config's choice. `config`: see `_config` (bench sweeps)."""
-    from .combine import combine
+    from .combine import merge_splits, split_parts
 
     call, done = prepare_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
     if done:
@@ -301,15 +301,7 @@ def shared_attention_routed_union(
     n_slices = max(1, min(n_slices, num_chunks))
     block_n = cfg.pop("BLOCK_N")
     tiles_per_chunk = cdiv(chunk_size, block_n)
-    if n_slices == 1:
-        o_part, lse_part = o, lse
-        so = (o.stride(0), o.stride(1), 0)
-        sl = (lse.stride(0), lse.stride(1), 0)
-    else:
-        o_part = torch.empty(t, hq, n_slices, d, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(t, hq, n_slices, dtype=torch.float32, device=q.device)
-        so = (o_part.stride(0), o_part.stride(1), o_part.stride(2))
-        sl = (lse_part.stride(0), lse_part.stride(1), lse_part.stride(2))
+    o_part, lse_part, so, sl = split_parts(o, lse, n_slices)
     ks, vs, ssc, ssh = chunk_scales(k_scale, v_scale, num_chunks, hkv, lse)
     _routed_union_kernel[(nblk, hkv, n_slices)](
         q,
@@ -348,13 +340,7 @@ def shared_attention_routed_union(
         EVEN=(chunk_size % block_n == 0 and n % chunk_size == 0),
         **cfg,
     )
-    if n_slices > 1:
-        combine(
-            o_part.view(t * hq, n_slices, d),
-            lse_part.view(t * hq, n_slices),
-            o.view(t * hq, d),
-            lse.view(t * hq),
-        )
+    merge_splits(o_part, lse_part, o, lse)
     return o, lse
 
 
