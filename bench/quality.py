@@ -722,15 +722,18 @@ def citation_hits(answers, questions) -> tuple[int, int]:
     return seg, psg
 
 
-def earlier_cells(path: Path, cells: set[tuple]) -> tuple[list[dict], dict]:
-    """Rows and corpora of an earlier large-grid file whose (task, size, seed) this run does not
-    measure again: ([rows], {corpus name: info}); nothing when there is no such file."""
+def row_key(row: dict) -> tuple:
+    """What one row of the large grid measures: its cell (task, size, seed), mode and budget."""
+    return row["task"], row["size"], row["seed"], row["mode"], row["budget"]
+
+
+def earlier_rows(path: Path) -> tuple[list[dict], dict]:
+    """Rows and corpora of an earlier large-grid file (nothing when there is none); a row this
+    run measures again replaces the earlier one (`row_key`), every other row stays."""
     if not path.exists():
         return [], {}
     old = json.loads(path.read_text())
-    rows = [r for r in old.get("rows", []) if (r["task"], r["size"], r["seed"]) not in cells]
-    names = {f"{r['task']}-{r['size']}-s{r['seed']}" for r in rows}
-    return rows, {k: v for k, v in old.get("corpora", {}).items() if k in names}
+    return old.get("rows", []), old.get("corpora", {})
 
 
 def answer_chunks(cmap, tokenizer, q) -> set[int]:
@@ -822,13 +825,14 @@ def large(args) -> dict:
         "rows": rows,
     }
 
-    cells = {(t, s, seed) for seed in args.seeds for t in args.tasks for s in args.large_sizes[t]}
-    kept, kept_info = earlier_cells(args.out, cells)
+    earlier, earlier_info = earlier_rows(args.out)
 
     def save() -> None:
         # the cells of earlier runs stay in the file beside this run's (one grid, many runs)
         result["wall_s"] = round(time.perf_counter() - t_start, 1)
-        write(args.out, {**result, "corpora": {**kept_info, **info}, "rows": kept + rows})
+        fresh = {row_key(r) for r in rows}
+        kept = [r for r in earlier if row_key(r) not in fresh]
+        write(args.out, {**result, "corpora": {**earlier_info, **info}, "rows": kept + rows})
 
     targets: list[set[int]] = []  # the answer's chunks of each question of the current corpus
 
