@@ -433,15 +433,16 @@ def _turns(history: tuple[tuple[str, str], ...]) -> list[dict]:
     ]
 
 
-def ask_all(kb, name: str, questions, max_tokens: int) -> list[str]:
+def ask_all(kb, name: str, questions, max_tokens: int, frequency_penalty: float = 0.0) -> list[str]:
     """Queue every question over the corpus at once (the multi-request case), step the engine
-    until all finish, and return the greedy answers in order."""
-    from kb.engine.sequence import SamplingParams
+    until all finish, and return the greedy answers in order. Requests carry what the service
+    sends by default (`kb.default_sampling()`: KB_REPETITION_PENALTY) at `max_tokens`."""
+    from dataclasses import replace
 
-    answers = [
-        kb.ask(name, q.question, SamplingParams(max_tokens=max_tokens), history=_turns(q.history))
-        for q in questions
-    ]
+    sampling = replace(
+        kb.default_sampling(), max_tokens=max_tokens, frequency_penalty=frequency_penalty
+    )
+    answers = [kb.ask(name, q.question, sampling, history=_turns(q.history)) for q in questions]
     return _collect(kb.engine, [a.handle for a in answers])
 
 
@@ -552,7 +553,7 @@ class Runner:
         args, t0 = self.args, time.perf_counter()
         if self.runner is not None:
             self.runner.prefill_routing = spec.prefill_routing or self.default_prefill
-        answers = ask_all(self.kb, name, qs, args.max_tokens)
+        answers = ask_all(self.kb, name, qs, args.max_tokens, args.frequency_penalty)
         hits = [score(a, q.expected) for a, q in zip(answers, qs)]
         row = {
             "task": spec.task,
@@ -973,8 +974,13 @@ def run(args) -> dict:
 
     torch.set_num_threads(args.threads)
     home = Path(tempfile.mkdtemp(prefix="kb-quality-"))
+    penalty = (
+        {} if args.repetition_penalty is None else {"repetition_penalty": args.repetition_penalty}
+    )
     kb = KnowledgeBase(
-        Settings(home=home / "home", models_dir=args.models_dir, max_tokens=args.max_tokens)
+        Settings(
+            home=home / "home", models_dir=args.models_dir, max_tokens=args.max_tokens, **penalty
+        )
     )
     rows, info = [], {}
     t_start = time.perf_counter()
@@ -985,6 +991,8 @@ def run(args) -> dict:
         "threads": args.threads,
         "segment_len": args.segment_len,
         "max_tokens": args.max_tokens,
+        "repetition_penalty": kb.settings.repetition_penalty,
+        "frequency_penalty": args.frequency_penalty,
         "link_tokens": args.link_tokens,
         "sizes": {t: args.sizes[t] for t in args.tasks},
         "corpora": info,
@@ -1078,6 +1086,15 @@ def parse_args(argv=None):
     )
     p.add_argument("--segment-len", type=int, default=512)
     p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=None,
+        help="the answers' repetition penalty (default: the service's, KB_REPETITION_PENALTY)",
+    )
+    p.add_argument(
+        "--frequency-penalty", type=float, default=0.0, help="the answers' frequency penalty"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--size",

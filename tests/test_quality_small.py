@@ -243,3 +243,34 @@ def test_dense_and_full_routing_give_identical_answers(tmp_path, demo_model_dir)
         assert not quality.score("I do not know.", qs[0].expected)
     finally:
         kb.close()
+
+
+def test_harness_asks_with_the_served_penalties(monkeypatch):
+    """The small grid's requests carry the service's default sampling (KB_REPETITION_PENALTY, as
+    the web app's and the CLI's answers do) at the harness's length, plus --frequency-penalty."""
+    from kb.engine.sequence import SamplingParams
+
+    asked = []
+
+    class Handle:
+        pass
+
+    class FakeKB:
+        engine = None
+
+        def default_sampling(self):
+            return SamplingParams(max_tokens=256, repetition_penalty=1.3)
+
+        def ask(self, name, question, sampling, history=None):
+            asked.append(sampling)
+            return type("A", (), {"handle": Handle()})()
+
+    monkeypatch.setattr(quality, "_collect", lambda engine, handles: ["x"] * len(handles))
+    qs = quality.generate("needle", seed=0, n=2, size=quality.QUICK_SIZES["needle"]).questions
+    assert quality.ask_all(FakeKB(), "c", qs, 24, frequency_penalty=0.2) == ["x", "x"]
+    assert [(s.max_tokens, s.repetition_penalty, s.frequency_penalty) for s in asked] == [
+        (24, 1.3, 0.2)
+    ] * 2
+    args = quality.parse_args(["--repetition-penalty", "1.1", "--frequency-penalty", "0.3"])
+    assert (args.repetition_penalty, args.frequency_penalty) == (1.1, 0.3)
+    assert quality.parse_args([]).repetition_penalty is None  # the service's default
