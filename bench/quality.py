@@ -1045,6 +1045,54 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+MODE_ORDER = ("contiguous", "dense", "routed")
+MODE_NAMES = {"contiguous": "contiguous (ceiling)", "routed": "routed (quest, 0.25)"}
+
+
+def large_tables(result: dict, model_positions: int = 8192) -> str:
+    """docs/QUALITY.md's grid tables from a large-grid result: one table per corpus (task, size,
+    seed), its rows by mode (ceiling, dense, routed, then each selection layout by budget)."""
+
+    def num(x, fmt="{:,}"):
+        return "–" if x is None else fmt.format(x)
+
+    cells: dict[tuple, list[dict]] = {}
+    for r in result["rows"]:
+        cells.setdefault((r["task"], r["size"], r["seed"]), []).append(r)
+    out = []
+    for (task, size, seed), rows in sorted(cells.items()):
+        meta = result["corpora"].get(f"{task}-{size}-s{seed}", {})
+        tokens = rows[0]["tokens"]
+        ceiling = next((r["correct"] for r in rows if r["mode"] == "contiguous"), None)
+        out.append(
+            f"**{task}, {tokens:,} tokens ({meta.get('documents', '?')} documents, "
+            f"{tokens / model_positions:.1f}× the model's {model_positions:,} positions), "
+            f"seed {seed}, n = {rows[0]['n']}**\n"
+        )
+        out.append(
+            "| mode | budget | correct | accuracy | of ceiling | cite top-1 segment | top-1 passage "
+            "| answer's chunk read | shared tokens / step | ms / step (B=32, loaded) |"
+        )
+        out.append("|" + "|".join(["------"] * 10) + "|")
+        rank = {m: i for i, m in enumerate(MODE_ORDER)}
+        for r in sorted(rows, key=lambda r: (rank.get(r["mode"], 9), r["mode"], r["budget"] or 0)):
+            share = (
+                "–"
+                if r["mode"] == "contiguous" or not ceiling
+                else f"{round(100 * r['correct'] / ceiling)}%"
+            )
+            out.append(
+                f"| {MODE_NAMES.get(r['mode'], r['mode'])} | {num(r['budget'], '{}')} "
+                f"| {r['correct']}/{r['n']} | {r['accuracy']:.3f} | {share} "
+                f"| {r['cite_segment_top1']:.2f} | {r['cite_passage_top1']:.2f} "
+                f"| {num(r.get('selection_recall'), '{:.2f}')} "
+                f"| {'one document' if r['mode'] == 'contiguous' else num(r['attended_tokens'])} "
+                f"| {num(r['ms_per_decode_step'], '{:,.0f}')} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
 PIC_ALIASES = {"a": "own", "b": "shared", "c": "linked"}
 
 
@@ -1135,6 +1183,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--seeds", default="0", help="seeds of the large grid")
     p.add_argument(
+        "--tables",
+        action="store_true",
+        help="with --large: print docs/QUALITY.md's grid tables from --out and measure nothing",
+    )
+    p.add_argument(
         "--variants",
         default="",
         help="selection variants, ';'-separated, each SelectionConfig overrides "
@@ -1209,6 +1262,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.large and args.tables:
+        print(large_tables(json.loads(args.out.read_text())))
+        return
     if args.large:
         result = large(args)
         for r in result["rows"]:
