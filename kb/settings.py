@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     )
 
     selection_budget: int = Field(
-        default=512,
+        default=192,
         ge=0,
         description="attention retrieval: shared tokens each "
         "request reads (the passages its question chooses at prefill) over a corpus "
@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         "passages sit: contiguous after the preamble "
         "(virtual) or at their stored positions",
     )
+    selection_order: Literal["best_last", "corpus"] = Field(
+        default="best_last",
+        description="the order of the chosen passages "
+        "at virtual positions: by ascending score, the best right before the question "
+        "(best_last), or as stored (corpus); docs/QUALITY.md",
+    )
     serve_kv_dtype: Literal["auto", "stored"] = Field(
         default="auto",
         description="shared KV as served: auto "
@@ -122,6 +128,14 @@ class Settings(BaseSettings):
         le=10,
         description="default multiplicative penalty on tokens an answer already generated "
         "(HF/vLLM style; 1 = off), for requests that send none",
+    )
+    frequency_penalty: float = Field(
+        default=0.3,
+        ge=-2,
+        le=2,
+        description="default OpenAI frequency penalty (minus this times a token's count in the "
+        "answer so far from its logit; 0 = off), for requests that send none: halves the demo "
+        "model's greedy loops without costing the quality harness an answer (docs/QUALITY.md)",
     )
     kv_block_size: int = Field(default=16, ge=1)
     unique_kv_tokens: int = Field(

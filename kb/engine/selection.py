@@ -14,8 +14,9 @@ attention sink) and the request's own tokens are always attended.
 
 The selection is one list of chunk ids per request, the same for every layer and KV head (what
 the batched kernels serve). Positions: the chosen chunks are attended at *virtual* positions,
-laid out contiguously after the preamble in corpus order, with the request after them; that is a
-per-chunk position shift (`Selection.shift`) the attention applies by rotating keys (or,
+laid out contiguously after the preamble, passage by passage in ascending score (the best
+passage right before the question; `order="corpus"` keeps stored order), with the request after
+them; that is a per-chunk position shift (`Selection.shift`) the attention applies by rotating keys (or,
 equivalently, the query) by the shift, leaving the stored shared KV untouched.
 
 docs/QUALITY.md has the measurements behind each choice (layers, window, neighbours, budget,
@@ -48,16 +49,14 @@ NEUTRAL_QUESTIONS = (
 class SelectionConfig:
     """How passages are chosen (defaults: docs/QUALITY.md, "Attention retrieval")."""
 
-    budget: int = (
-        512  # shared tokens a request reads besides the preamble's chunks (docs/QUALITY.md)
-    )
+    budget: int = 192  # shared tokens a request reads besides the preamble's (docs/QUALITY.md)
     layers: tuple[int, ...] = (17, 18)  # layers whose question queries score the corpus
     window: int = 9  # phrase width of the score's window sum, in tokens
     neighbours: int = 1  # chunks taken on each side of a chosen chunk (one passage)
     positions: str = "virtual"  # "virtual" (contiguous after the preamble) or "stored"
     # the virtual layout's order: "corpus" (stored order) or "best_last" (passages by ascending
     # score, the best one right before the question; each passage keeps its own chunks' order)
-    order: str = "corpus"
+    order: str = "best_last"
     # against the chunk scores of neutral questions: "ratio" (divide), "sub" (subtract), "none"
     calibrate: str = "ratio"
 
@@ -389,7 +388,12 @@ def attach_selector(shared, keys: list[torch.Tensor], lm, settings, usable_posit
         return False
     chosen = tuple(int(x) for x in settings.selection_layers.split(",") if x.strip())
     chosen = tuple(x for x in chosen if 0 <= x < cfg.num_layers) or (cfg.num_layers // 2,)
-    config = SelectionConfig(budget=budget, layers=chosen, positions=settings.selection_positions)
+    config = SelectionConfig(
+        budget=budget,
+        layers=chosen,
+        positions=settings.selection_positions,
+        order=settings.selection_order,
+    )
     selector = PassageSelector.build(
         keys,
         shared.positions,
