@@ -370,11 +370,13 @@ class KnowledgeBase:
         return self.cache.load(name)
 
     def default_sampling(self) -> SamplingParams:
-        """What a request that names no sampling gets: the served answer length and repetition
-        penalty (KB_MAX_TOKENS, KB_REPETITION_PENALTY); the web app's and the CLI's answers."""
+        """What a request that names no sampling gets: the served answer length and penalties
+        (KB_MAX_TOKENS, KB_REPETITION_PENALTY, KB_FREQUENCY_PENALTY); the web app's and the
+        CLI's answers."""
         return SamplingParams(
             max_tokens=self.settings.max_tokens,
             repetition_penalty=self.settings.repetition_penalty,
+            frequency_penalty=self.settings.frequency_penalty,
         )
 
     def ask(

@@ -52,7 +52,7 @@ async def model(
 
 def sampling(kb: KnowledgeBase, body: SamplingFields, max_tokens: int) -> SamplingParams:
     """The engine's sampling parameters for a request (kb's defaults where it sends none)."""
-    rep = body.repetition_penalty
+    rep, freq = body.repetition_penalty, body.frequency_penalty
     return SamplingParams(
         temperature=0.0 if body.temperature is None else body.temperature,
         top_p=body.top_p,
@@ -61,7 +61,7 @@ def sampling(kb: KnowledgeBase, body: SamplingFields, max_tokens: int) -> Sampli
         stop=body.stops(),
         seed=body.seed,
         presence_penalty=body.presence_penalty,
-        frequency_penalty=body.frequency_penalty,
+        frequency_penalty=kb.settings.frequency_penalty if freq is None else freq,
         repetition_penalty=kb.settings.repetition_penalty if rep is None else rep,
     )
 

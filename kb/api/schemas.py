@@ -94,10 +94,11 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(
         default=0.0, **PENALTY, description="minus this from a generated token's logit (OpenAI)"
     )
-    frequency_penalty: float = Field(
-        default=0.0,
+    frequency_penalty: float | None = Field(
+        default=None,
         **PENALTY,
-        description="minus this times the token's count so far from its logit (OpenAI)",
+        description="minus this times the token's count so far from its logit (OpenAI); "
+        "default KB_FREQUENCY_PENALTY",
     )
     logit_bias: dict[str, float] | None = Field(
         default=None, max_length=0, description="not supported"

@@ -63,9 +63,12 @@ class LocalAnswerer:
     def answer(
         self, question: str, history: list[dict], on_text: Callable[[str], None] | None
     ) -> dict:
-        from kb.engine.sequence import SamplingParams  # torch: only when answering here
+        from dataclasses import replace
 
-        sp = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
+        # the served penalties (KB_REPETITION_PENALTY, KB_FREQUENCY_PENALTY), as a server's
+        sp = replace(
+            self.kb.default_sampling(), max_tokens=self.max_tokens, temperature=self.temperature
+        )
         return self.kb.wait(
             self.kb.ask(self.corpus, question, sp, history, dense=self.dense), on_text
         )
