@@ -12,7 +12,20 @@ from kb.api.errors import ErrorResponse
 STREAM_RESPONSE = {
     "description": "The answer; with `stream`, server-sent events (one JSON chunk per `data:` "
     "line, then `data: [DONE]`)",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    # before OpenAPI 3.2 (no `itemSchema`) a text/event-stream `schema` describes one event
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "data": {"type": "string", "description": "one JSON chunk, or [DONE]"},
+                    "event": {"type": "string"},
+                    "id": {"type": "string"},
+                    "retry": {"type": "integer"},
+                },
+            }
+        }
+    },
 }
 
 ERROR_RESPONSES = {
