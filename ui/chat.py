@@ -305,6 +305,19 @@ class ChatHandlers:
         """Stop: the answer so far stays, marked as stopped (stored with the same mark)."""
         return with_mark(messages or [], MARKS[STOPPED])
 
+    async def redraw_stopped(self, session_id: int | None, request: gr.Request):
+        """After Stop: the chat drawn again from storage once the cancelled answer is stored with
+        its mark, so an update the answer streamed before the cancel cannot replace the marked one."""
+        if session_id is None:
+            return gr.skip()
+        for _ in range(40):  # the cancelled send stores the answer as it unwinds
+            history = await asyncio.to_thread(self._history, request, session_id)
+            last = history.messages[-1] if history.messages else None
+            if last is not None and last.role == "assistant" and last.content.endswith(STOPPED):
+                return chat_messages(history)
+            await asyncio.sleep(0.05)
+        return gr.skip()  # nothing was cancelled: the answer had ended (its own mark stands)
+
 
 # marker clicks open their source: a click on [n] (in an answer or its list of sources) picks
 # that source in the Sources list, whose change event opens the viewer
@@ -381,7 +394,7 @@ def build_chat_tab(kb: KnowledgeBase) -> dict[str, Any]:
     ev_retry = retry_btn.click(h.retry, [corpus, session_id], api_name="retry", **io)
     stop_btn.click(
         h.stopped, [chatbot], [chatbot], cancels=[ev_send, ev_submit, ev_retry], api_name=False
-    )
+    ).then(h.redraw_stopped, [session_id], [chatbot], api_name=False)
     new_btn.click(
         h.new_chat,
         None,
