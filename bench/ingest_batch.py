@@ -18,7 +18,6 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_name  # noqa: E402
 from kb.ingest.precompute import prefill_segments  # noqa: E402
 from kb.model.demo import ensure_demo_model  # noqa: E402
 from kb.model.loader import load_model  # noqa: E402
@@ -43,16 +43,6 @@ def prose() -> str:
     import logging
 
     return "\n\n".join(inspect.getdoc(m) for m in (j, a, logging, collections))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def documents(ids: list[int], n: int, size: int, segment_len: int) -> list[list[list[int]]]:

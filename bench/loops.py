@@ -18,7 +18,6 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.machine import cpu_name  # noqa: E402
 
 QUESTIONS = (
     "What does json.dumps do, and which arguments control the output's formatting?",
@@ -54,16 +55,6 @@ def loops(ids: list[int], n: int = 8, times: int = 3) -> bool:
     """Whether some run of `n` tokens occurs `times` times or more."""
     grams = Counter(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1))
     return bool(grams) and max(grams.values()) >= times
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def answer_all(kb, name: str, sampling) -> list[dict]:
