@@ -497,6 +497,11 @@ def build_corpus(
     for r in res:
         if r.status != "ready":
             raise RuntimeError(f"ingest of {name}: a document is {r.status}: {r.error}")
+    return corpus_size(kb, name, pic)
+
+
+def corpus_size(kb, name: str, pic: str) -> dict:
+    """A built corpus's documents, segments and tokens (and its scheme), for the JSON."""
     docs = kb.documents(name)
     return {
         "documents": len(docs),
@@ -881,13 +886,7 @@ def large(args) -> dict:
                     if args.home and name in {c.name for c in kb.list_corpora()}:
                         kb.settings.segment_len = args.segment_len  # as built (same arguments)
                         kb.settings.chunk_size = args.large_chunk
-                        docs = kb.documents(name)
-                        info[name] = {
-                            "documents": len(docs),
-                            "segments": sum(d["segments"] for d in docs),
-                            "tokens": sum(d["tokens"] for d in docs),
-                            "pic": kb.settings.pic,
-                        }
+                        info[name] = corpus_size(kb, name, kb.settings.pic)
                     else:
                         info[name] = build_corpus(
                             kb, name, paths, args.segment_len, args.large_chunk
