@@ -13,16 +13,8 @@ import math
 
 import torch
 
-from ._triton import (
-    HAS_TRITON,
-    load_q_rows,
-    softmax_finish,
-    softmax_start,
-    softmax_update,
-    store_rows,
-    tl,
-    triton,
-)
+from . import _triton as tt
+from ._triton import HAS_TRITON, tl, triton
 from .launch import cdiv, check_device, dot_dtype, sms, strides
 
 LOG2E = 1.4426950408889634
@@ -81,9 +73,9 @@ if HAS_TRITON:
         pos = kv_len - q_len + i  # absolute position of each new token: sees keys <= pos
         offs_d = tl.arange(0, D)
         t = q_lo + i
-        q = load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
+        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
 
-        m_i, l_i, acc = softmax_start(BLOCK_M, D)
+        m_i, l_i, acc = tt.softmax_start(BLOCK_M, D)
         # keys of this split, cut at the last position any row of the block may see
         last = kv_len - q_len + tl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len * G) // G
         n_lo = s * split_len
@@ -118,11 +110,11 @@ if HAS_TRITON:
             vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
             qk = tl.where(vis, qk, float("-inf"))
             # qk is already scaled (scale 1.0 here: exact); a row may have seen nothing yet
-            m_i, l_i, acc = softmax_update(m_i, l_i, acc, qk, v, 1.0, 1.0, DOT, False, True)
+            m_i, l_i, acc = tt.softmax_update(m_i, l_i, acc, qk, v, 1.0, 1.0, DOT, False, True)
 
-        o, lse = softmax_finish(m_i, l_i, acc, True)
+        o, lse = tt.softmax_finish(m_i, l_i, acc, True)
         hq = h * G + g
-        store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
+        tt.store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
         tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
 
 

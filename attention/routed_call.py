@@ -1,4 +1,5 @@
-"""The checks and outputs both routed kernels start from (scatter and union designs)."""
+"""The checks and outputs every routed kernel starts from (scatter, union and grouped designs),
+and the tiling of the CSR plans that the scatter and grouped designs build."""
 
 from __future__ import annotations
 
@@ -95,3 +96,31 @@ def prepare_routed(
         lse.fill_(float("-inf"))
         return call, True
     return call, False
+
+
+def group_tiles(
+    sorted_group: torch.Tensor, num_groups: int, group_size: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR offsets and tiles of a plan's entries, on their device with no host sync.
+
+    sorted_group[E]: each entry's group, sorted (num_groups: padding, last); an entry is
+    group_size rows and a tile block_m rows of one group. Returns (offsets, tile_group,
+    tile_start, tile_end):
+      offsets[num_groups + 1]: group g's entries are [offsets[g], offsets[g + 1]);
+      tile_group[max_tiles]: the group of each tile (num_groups past the live tiles), max_tiles a
+        bound from shapes alone;
+      tile_start[num_groups], tile_end[num_groups]: each group's first tile and one past its last
+        (tile_end[-1]: the live tiles).
+    """
+    dev = sorted_group.device
+    # offsets by binary search in the sorted keys (bincount would sync with the host)
+    offsets = torch.searchsorted(sorted_group, torch.arange(num_groups + 1, device=dev))
+    counts = offsets[1:] - offsets[:-1]
+    tiles = (counts * group_size + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    tile_start = tile_end - tiles
+    # sum_g ceil(rows_g / block_m) <= rows / block_m + (non-empty groups): a bound from shapes
+    entries = sorted_group.numel()
+    max_tiles = max(1, cdiv(entries * group_size, block_m) + min(num_groups, entries))
+    tile_group = torch.searchsorted(tile_end, torch.arange(max_tiles, device=dev), right=True)
+    return offsets, tile_group, tile_start, tile_end

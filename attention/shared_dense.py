@@ -16,16 +16,8 @@ import math
 
 import torch
 
-from ._triton import (
-    HAS_TRITON,
-    load_q_rows,
-    softmax_finish,
-    softmax_start,
-    softmax_update,
-    store_rows,
-    tl,
-    triton,
-)
+from . import _triton as tt
+from ._triton import HAS_TRITON, tl, triton
 from .launch import cdiv, check_device, dot_dtype, sms, strides
 
 if HAS_TRITON:
@@ -85,9 +77,9 @@ if HAS_TRITON:
         row_ok = t < T
         offs_d = tl.arange(0, D)
         # load q once: it stays in registers for the whole key range
-        q = load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
+        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
 
-        m_i, l_i, acc = softmax_start(BLOCK_M, D)
+        m_i, l_i, acc = tt.softmax_start(BLOCK_M, D)
 
         # this split's keys [n_lo, n_hi); the host sized splits so that none is empty.
         # The split's base offset is 64-bit (N * Hkv * d can pass 2^31); tiles step from it.
@@ -134,7 +126,7 @@ if HAS_TRITON:
             if not EVEN_N:
                 qk = tl.where(n_ok[None, :], qk, float("-inf"))
             # every tile holds a key of every row (EVEN_N or not), so no row is ever empty
-            m_i, l_i, acc = softmax_update(
+            m_i, l_i, acc = tt.softmax_update(
                 m_i,
                 l_i,
                 acc,
@@ -151,9 +143,9 @@ if HAS_TRITON:
                 v_ptrs += BLOCK_N * stride_vn
 
         # every split holds at least one key, so l_i > 0 on every row
-        o, lse = softmax_finish(m_i, l_i, acc, False)
+        o, lse = tt.softmax_finish(m_i, l_i, acc, False)
         hq = h * G + g
-        store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
+        tt.store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
         tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
 
 

@@ -16,20 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import (
-    HAS_TRITON,
-    load_chunk_scales,
-    load_kv,
-    load_q_rows,
-    softmax_finish,
-    softmax_start,
-    softmax_update,
-    store_slot_partial,
-    tl,
-    triton,
-)
-from .launch import cdiv, chunk_scales, dot_dtype, strides
-from .routed_call import prepare_routed
+from . import _triton as tt
+from ._triton import HAS_TRITON, tl, triton
+from .launch import chunk_scales, dot_dtype, strides
+from .routed_call import group_tiles, prepare_routed
 
 LOG2E = 1.4426950408889634
 
@@ -91,9 +81,9 @@ if HAS_TRITON:
         ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
         t = ent // (HKV * TOPK)
         offs_d = tl.arange(0, D)
-        q = load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
+        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
 
-        m_i, l_i, acc = softmax_start(BLOCK_M, D)
+        m_i, l_i, acc = tt.softmax_start(BLOCK_M, D)
         # the chunk's keys, loaded once for every query that chose it
         n_lo = c * chunk_size
         n_end = tl.minimum(n_lo + chunk_size, N)
@@ -103,21 +93,21 @@ if HAS_TRITON:
             offs_n = start + offs_n0
             n_ok = offs_n < n_end
             Kh, Vh = K + h * stride_kh, V + h * stride_vh
-            k, v = load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
+            k, v = tt.load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
             qk = tl.dot(q, tl.trans(k.to(DOT)))
             if KV_SCALE:
                 # fp8: one scale per (chunk, head) folds into the score scale and into p
-                ks, vs = load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
+                ks, vs = tt.load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
                 qk = qk * ks
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
             # online softmax over the chunk's key tiles (an idle tile's rows see nothing)
-            m_i, l_i, acc = softmax_update(
+            m_i, l_i, acc = tt.softmax_update(
                 m_i, l_i, acc, qk, v, qk_scale, vs if KV_SCALE else 1.0, DOT, KV_SCALE, True
             )
 
-        o, lse = softmax_finish(m_i, l_i, acc, True)
+        o, lse = tt.softmax_finish(m_i, l_i, acc, True)
         # partials: OP[entry, g, :], LP[entry, g]
-        store_slot_partial(OP, LP, o, lse, ent, g, row_ok, offs_d, G, D)
+        tt.store_slot_partial(OP, LP, o, lse, ent, g, row_ok, offs_d, G, D)
 
 
 def plan_routing(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, block_m: int):
@@ -131,7 +121,7 @@ def plan_routing(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, bloc
         (num_groups: an idle tile);
       tile_start[Hkv*C]: the first tile of each group.
     """
-    t, hkv, top_k = chunk_idx.shape
+    hkv = chunk_idx.shape[1]
     dev = chunk_idx.device
     idx = chunk_idx.long()
     idx = torch.where((idx < 0) | (idx >= num_chunks), -1, idx)
@@ -145,19 +135,9 @@ def plan_routing(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, bloc
     # group key: chunk-major, so all heads of a chunk (adjacent in memory) run together
     key = torch.where(idx >= 0, idx * hkv + head, num_groups).flatten()
     sorted_key, order = torch.sort(key, stable=True)
-    # offsets by binary search in the sorted keys (bincount would sync with the host)
-    offsets = torch.searchsorted(sorted_key, torch.arange(num_groups + 1, device=dev))
-    order = order.to(torch.int32)
-    counts = offsets[1:] - offsets[:-1]
-    tiles = (counts * group_size + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0)
-    tile_start = tile_end - tiles
-    # sum_g ceil(rows_g / block_m) <= rows / block_m + (non-empty groups): a bound from shapes
-    entries = t * hkv * top_k
-    max_tiles = max(1, cdiv(entries * group_size, block_m) + min(num_groups, entries))
-    tile_group = torch.searchsorted(tile_end, torch.arange(max_tiles, device=dev), right=True)
+    offsets, tile_group, tile_start, _ = group_tiles(sorted_key, num_groups, group_size, block_m)
     return (
-        order,
+        order.to(torch.int32),
         offsets.to(torch.int32),
         tile_group.to(torch.int32),
         tile_start.to(torch.int32),

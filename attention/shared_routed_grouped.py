@@ -25,20 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import (
-    HAS_TRITON,
-    load_chunk_scales,
-    load_kv,
-    load_q_rows,
-    softmax_finish,
-    softmax_start,
-    softmax_update,
-    store_slot_partial,
-    tl,
-    triton,
-)
+from . import _triton as tt
+from ._triton import HAS_TRITON, tl, triton
 from .launch import cdiv, chunk_scales, dot_dtype, sms, strides
-from .routed_call import prepare_routed
+from .routed_call import group_tiles, prepare_routed
 
 LOG2E = 1.4426950408889634
 
@@ -62,10 +52,10 @@ if HAS_TRITON:
         """The tile's query rows; with SHIFT (virtual positions) each row rotated by R(-shift)
         of its entry, so that q . k == R(-s) q . k == q . R(s) k: the chunk's keys as if RoPE had
         put them `shift` positions later (half-rotation layout, fp32 angles)."""
-        q = load_q_rows(Q, t, hq, row_ok, offs_d, stride_qt, stride_qh)
+        q = tt.load_q_rows(Q, t, hq, row_ok, offs_d, stride_qt, stride_qh)
         if SHIFT:
             HALF: tl.constexpr = D // 2
-            partner = load_q_rows(Q, t, hq, row_ok, (offs_d + HALF) % D, stride_qt, stride_qh)
+            partner = tt.load_q_rows(Q, t, hq, row_ok, (offs_d + HALF) % D, stride_qt, stride_qh)
             partner = partner.to(tl.float32)
             rot = tl.where((offs_d < HALF)[None, :], -partner, partner)  # cat(-q2, q1)
             sh = tl.load(SH + ent, mask=row_ok, other=0).to(tl.float32)
@@ -146,13 +136,13 @@ if HAS_TRITON:
             q = _load_q(
                 Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh, D, SHIFT
             ).to(DOT)
-            m_i, l_i, acc = softmax_start(BLOCK_M, D)
+            m_i, l_i, acc = tt.softmax_start(BLOCK_M, D)
             for j in tl.static_range(S):
                 sel = ((chose >> j) & 1) != 0
                 if tl.max(sel.to(tl.int32), 0) > 0:  # some row of the tile chose this chunk
                     c = sp * S + j
                     if KV_SCALE:
-                        ks, vs = load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
+                        ks, vs = tt.load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
                     base = c.to(tl.int64) * CHUNK
                     for start in tl.static_range(0, CHUNK_K, BLOCK_N):
                         offs_n = base + start + offs_n0
@@ -166,7 +156,7 @@ if HAS_TRITON:
                         else:
                             n_ok = (start + offs_n0 < CHUNK) & (offs_n < N)
                             Kh, Vh = K + h * stride_kh, V + h * stride_vh
-                            k, v = load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
+                            k, v = tt.load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
                         qk = tl.dot(q, tl.trans(k.to(DOT)))
                         if KV_SCALE:
                             qk = qk * ks
@@ -176,7 +166,7 @@ if HAS_TRITON:
                         else:
                             qk = tl.where(sel[:, None] & n_ok[None, :], qk, float("-inf"))
                         # rows masked off (chunks they did not choose) may see nothing
-                        m_i, l_i, acc = softmax_update(
+                        m_i, l_i, acc = tt.softmax_update(
                             m_i,
                             l_i,
                             acc,
@@ -188,8 +178,8 @@ if HAS_TRITON:
                             KV_SCALE,
                             True,
                         )
-            o, lse = softmax_finish(m_i, l_i, acc, True)
-            store_slot_partial(OP, LP, o, lse, ent, g, row_ok, offs_d, G, D)
+            o, lse = tt.softmax_finish(m_i, l_i, acc, True)
+            tt.store_slot_partial(OP, LP, o, lse, ent, g, row_ok, offs_d, G, D)
 
     @triton.jit
     def _routed_stationary_kernel(
@@ -244,10 +234,10 @@ if HAS_TRITON:
             offs_n = c.to(tl.int64) * CHUNK + offs_c
             n_ok = (offs_c < CHUNK) & (offs_n < N)
             Kh, Vh = K + h * stride_kh, V + h * stride_vh
-            k, v = load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
+            k, v = tt.load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
             k, v = k.to(DOT), v.to(DOT)
             if KV_SCALE:
-                ks, vs = load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
+                ks, vs = tt.load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
             for r0 in range(r_lo, r_hi, BLOCK_M):
                 rows = r0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < r_hi
@@ -268,8 +258,8 @@ if HAS_TRITON:
                 if KV_SCALE:
                     p = p * vs
                 # one exact softmax: the tile's (m, l, acc) are final
-                o, lse = softmax_finish(m, l_i, tl.dot(p.to(DOT), v), False)
-                store_slot_partial(OP, LP, o, lse, ent, g, row_ok, offs_d, G, D)
+                o, lse = tt.softmax_finish(m, l_i, tl.dot(p.to(DOT), v), False)
+                tt.store_slot_partial(OP, LP, o, lse, ent, g, row_ok, offs_d, G, D)
 
 
 @dataclass
@@ -348,15 +338,9 @@ def plan_grouped(
     mbits = 1 << span
     key = (grp * mbits + masks) * t + tok
     sorted_key, order = torch.sort(key.flatten())
-    group_sorted = sorted_key // (mbits * t)
-    offsets = torch.searchsorted(group_sorted, torch.arange(num_groups + 1, device=dev))
-    counts = offsets[1:] - offsets[:-1]
-    tiles = (counts * group_size + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0)
-    tile_start = tile_end - tiles
-    entries = t * hkv * top_k
-    max_tiles = max(1, cdiv(entries * group_size, block_m) + min(num_groups, entries))
-    tile_group = torch.searchsorted(tile_end, torch.arange(max_tiles, device=dev), right=True)
+    offsets, tile_group, tile_start, tile_end = group_tiles(
+        sorted_key // (mbits * t), num_groups, group_size, block_m
+    )
     return RoutedPlan(
         order.to(torch.int32),
         masks.flatten().to(torch.int32),

@@ -23,18 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import (
-    HAS_TRITON,
-    load_chunk_scales,
-    load_kv,
-    load_q_rows,
-    softmax_finish,
-    softmax_start,
-    softmax_update,
-    store_rows,
-    tl,
-    triton,
-)
+from . import _triton as tt
+from ._triton import HAS_TRITON, tl, triton
 from .launch import cdiv, chunk_scales, dot_dtype, sms, strides
 from .routed_call import prepare_routed
 
@@ -102,9 +92,9 @@ if HAS_TRITON:
         row_ok = (r < TPB * G) & (pos < T)
         t = tl.load(PERM + h * t_pad + pos, mask=row_ok, other=0).to(tl.int64)
         offs_d = tl.arange(0, D)
-        q = load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
+        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
 
-        m_i, l_i, acc = softmax_start(BLOCK_M, D)
+        m_i, l_i, acc = tt.softmax_start(BLOCK_M, D)
 
         # this slice: list entries [e_lo, e_hi) of the (head, block) union, as flat key tiles
         lst = (h * NBLK + pid_m).to(tl.int64)
@@ -145,25 +135,25 @@ if HAS_TRITON:
                 else:
                     n_ok = (in_chunk < chunk_size) & (offs_n < N)
             Kh, Vh = K + h * stride_kh, V + h * stride_vh
-            k, v = load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
+            k, v = tt.load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
             # which rows' tokens chose chunk c: SEL[h, c, pos] (contiguous over the block)
             chose = tl.load(sel_row + c * t_pad, mask=row_ok, other=0) != 0
             qk = tl.dot(q, tl.trans(k.to(DOT)))
             if KV_SCALE:
-                ks, vs = load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
+                ks, vs = tt.load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
                 qk = qk * ks
             if EVEN:
                 qk = tl.where(chose[:, None], qk, float("-inf"))
             else:
                 qk = tl.where(chose[:, None] & n_ok[None, :], qk, float("-inf"))
             # a row whose token chose none of the block's chunks so far has seen nothing
-            m_i, l_i, acc = softmax_update(
+            m_i, l_i, acc = tt.softmax_update(
                 m_i, l_i, acc, qk, v, qk_scale, vs if KV_SCALE else 1.0, DOT, KV_SCALE, True
             )
 
-        o, lse = softmax_finish(m_i, l_i, acc, True)
+        o, lse = tt.softmax_finish(m_i, l_i, acc, True)
         hq = h * G + g
-        store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
+        tt.store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
         tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
 
 
