@@ -48,6 +48,8 @@ class CacheRow:
     hits: int
     last_used_at: datetime | None
     pinned: bool
+    # with shared ranks: per rank {rank, chunks [start, end), tokens, bytes} of its slice
+    shards: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -162,6 +164,7 @@ class CacheAdmin:
                     p.hits,
                     p.last_used_at,
                     p.pinned,
+                    kb.cache.shard_rows(p.name),
                 )
             )
         return rows

@@ -5,6 +5,13 @@ Where each layout lives (device, host memory, disk) is the tier manager's decisi
 (`storage/tiers.py`): a corpus that leaves the device is unregistered from the engine (never
 while it answers questions) and comes back on its next question, from host memory when parked
 there, else from its verified files. Corpus.tier, hits and last_used_at follow in the database.
+
+With a `ShardLink` (`kb serve --shared-ranks S`, docs/SCALING.md) a loaded corpus is sent to the
+shared ranks (`ShardLink.register`: each gets its slice) and this rank keeps only the view: router,
+passage selector, shapes. The device tier then stands for the shared ranks' memory (S times
+KB_GPU_CACHE_GB, no host tier): leaving it drops the slices there (`ShardLink.drop`). When the
+link fails (a shared rank died), every corpus is installed again here, memory permitting, and
+served in-process from then on (`fell_back`).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from index import CorpusRouter
 from index import store as index_store
 from index.summaries import ChunkSummaries, chunk_summaries
 from kb.citations import CitationMap, SegmentRef
+from kb.engine.distributed.protocol import ShardLink, SharedRankError
 from kb.engine.engine import Engine
 from kb.engine.selection import attach_selector
 from kb.engine.shared_kv import KVMeta, SharedKV
@@ -73,17 +81,92 @@ class CorpusCache:
         db: Database,
         model: Callable[[], LoadedModel],
         engine: Callable[[], Engine],
+        link: ShardLink | None = None,
     ):
         self.settings, self.db = settings, db
         self._model, self._engine = model, engine
         self._engine_made = False
         self.loaded: dict[str, LoadedCorpus] = {}
         self.lock = threading.RLock()
-        self.tiers = TierManager(
-            {"gpu": _budget(settings.gpu_cache_gb), "cpu": _budget(settings.cpu_cache_gb)},
-            settings.device,
-            on_move=self._on_move,
+        self.link = link
+        self.fell_back = False  # the link failed: corpora are served from this rank since
+        self._remote: dict[str, SharedKV] = {}  # key -> view whose slices the shared ranks hold
+        self._retired: list[str] = []  # keys of replaced versions still answering questions
+        self.tiers = self._tier_manager()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether corpora loaded now go to the shared ranks (a link that has not failed)."""
+        return self.link is not None and not self.fell_back
+
+    def _tier_manager(self) -> TierManager:
+        """Budgets on this rank's device and host memory; sharded, the device tier is the shared
+        ranks' memory (entries hold meta tensors of the sizes they hold there) and there is no
+        host tier: a corpus leaving them goes to disk."""
+        s = self.settings
+        if self.sharded:
+            ranks = len(self.link.world.shared_ranks)
+            budgets = {"gpu": _budget(s.gpu_cache_gb) * ranks, "cpu": 0}
+            return TierManager(budgets, "meta", on_move=self._on_move)
+        budgets = {"gpu": _budget(s.gpu_cache_gb), "cpu": _budget(s.cpu_cache_gb)}
+        return TierManager(budgets, s.device, on_move=self._on_move)
+
+    def _check_link(self) -> None:
+        """After a shared rank failed: forget the sharded views (the engine keeps them until the
+        same keys are registered again, here) and serve every corpus from this rank."""
+        if not self.sharded or self.link.error is None:
+            return
+        log.error(
+            "the shared ranks are unavailable (%s); corpora are served from rank 0 from now on",
+            self.link.error,
         )
+        self.fell_back = True
+        self._remote.clear()
+        self.loaded.clear()
+        self.tiers = self._tier_manager()
+
+    def _drop_remote(self, key: str) -> None:
+        """Free a view's slices on the shared ranks (nothing to free once the link failed)."""
+        view = self._remote.pop(key, None)
+        if view is None or self.link is None or self.link.error is not None:
+            return
+        try:
+            self.link.drop(view)
+        except SharedRankError as e:
+            log.error("corpus %s: %s", key, e)
+
+    def _unregister(self, key: str) -> None:
+        """Take a corpus version out of the engine and off the shared ranks."""
+        if self._engine_made:
+            self.engine.unregister_corpus(key)
+        self._drop_remote(key)
+
+    def _sweep(self) -> None:
+        """Unregister replaced versions whose last questions have finished."""
+        busy = [k for k in self._retired if self._in_use(k)]
+        current = {c.shared.key for c in self.loaded.values()}
+        for key in self._retired:
+            if key not in busy and key not in current:
+                self._unregister(key)
+        self._retired = busy
+
+    def shard_rows(self, name: str) -> list[dict]:
+        """Where a loaded corpus's slices are: per shared rank its chunks, tokens and bytes
+        (empty unless the shared ranks hold it and the link works)."""
+        cached = self.loaded.get(name)
+        if cached is None or cached.shared.key not in self._remote or self.link.error:
+            return []
+        view = cached.shared
+        per_token = view.nbytes // max(1, view.num_tokens)
+        return [
+            {
+                "rank": s.rank,
+                "chunks": [s.chunk_start, s.chunk_end],
+                "tokens": s.num_tokens,
+                "bytes": s.num_tokens * per_token,
+            }
+            for s in view.meta.placement.shards
+        ]
 
     @property
     def model(self) -> LoadedModel:
@@ -108,15 +191,14 @@ class CorpusCache:
                 raise Conflict(
                     f"corpus {name!r} is answering questions; try again when they finish"
                 )
-            if self._engine_made:
-                self.engine.unregister_corpus(old.shared.key)
+            self._unregister(old.shared.key)
             self.tiers.remove(name)
 
     def _on_move(self, m: Move) -> None:
         """A layout changed tier: leaving the device unregisters it; the database records it."""
         cached = self.loaded.get(m.name)
-        if m.src == "gpu" and cached is not None and self._engine_made:
-            self.engine.unregister_corpus(cached.shared.key)  # the tier manager checked in_use
+        if m.src == "gpu" and cached is not None:
+            self._unregister(cached.shared.key)  # the tier manager checked in_use
         with self.db.session() as sess:
             corpus = sess.scalar(select(Corpus).where(Corpus.name == m.name))
             if corpus is not None:
@@ -124,8 +206,19 @@ class CorpusCache:
         log.info("corpus %s: shared KV %s -> %s", m.name, m.src, m.dst)
 
     def load(self, name: str) -> LoadedCorpus:
-        """The corpus's shared KV on the serving device: as held, promoted from host memory, or
-        read from its verified files; counts a hit."""
+        """The corpus's shared KV on the serving device (or the shared ranks): as held, promoted
+        from host memory, or read from its verified files; counts a hit. A link that fails
+        while the corpus is sent makes this rank serve it (and every corpus after it)."""
+        with self.lock:
+            self._check_link()
+            self._sweep()
+            try:
+                return self._load(name)
+            except SharedRankError:
+                self._check_link()
+                return self._load(name)
+
+    def _load(self, name: str) -> LoadedCorpus:
         with self.lock:
             with self.db.session() as sess:
                 corpus = sess.scalar(select(Corpus).where(Corpus.name == name))
@@ -160,6 +253,8 @@ class CorpusCache:
                     f"corpus {name!r} has a damaged KV file and must be rebuilt"
                 ) from damaged
             if cached is not None and cached.version == version and entry is not None:
+                if entry.tier != "gpu" and self.sharded:  # evicted from the shared ranks
+                    return self._install(name, version, layout, pinned)
                 if entry.tier != "gpu":
                     if layout is not None:  # evicted to disk: the same layout from its files
                         self._place(name, self._serving(layout))
@@ -235,8 +330,9 @@ class CorpusCache:
         [k, v, k_scale, v_scale] in e4m3 with one scale per (layer, chunk, KV head), which halves
         its memory on every tier (the attention kernels take the scales). On the CPU
         (`serve_kv_dtype = auto`) a 16-bit layout is laid out once in float32, the dtype the CPU
-        attention computes in, so no decode step converts stored blocks again."""
-        if self.settings.kv_dtype != "float8":
+        attention computes in, so no decode step converts stored blocks again. The shared ranks
+        take no scales: sharded, a float8 corpus is served from its 16-bit layout."""
+        if self.settings.kv_dtype != "float8" or self.sharded:
             if self.settings.serve_kv_dtype == "auto" and str(self.settings.device) == "cpu":
                 return [layout.k.float(), layout.v.float()]
             return [layout.k, layout.v]
@@ -264,15 +360,23 @@ class CorpusCache:
         """A new version of the corpus: replace the old one (left registered while in use)."""
         key = f"{name}@{version}"
         old = self.loaded.pop(name, None)
-        if old is not None and self._engine_made and not self.engine.in_use(old.shared.key):
-            self.engine.unregister_corpus(old.shared.key)
+        if old is not None and self._in_use(old.shared.key):
+            if old.shared.key != key:  # the same key is registered again below
+                self._retired.append(old.shared.key)  # unregistered once its questions finish
+        elif old is not None:
+            self._unregister(old.shared.key)
+        sharded = self.sharded
         self.tiers.track(name, 0, in_use=lambda: self._in_use(key), pinned=pinned)
+        tensors = self._serving(layout)
+        # sharded, the tier manager counts what the shared ranks will hold: meta tensors
+        held = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors]
         try:
-            self._place(name, self._serving(layout))
+            self._place(name, held if sharded else tensors)
         except (TooBusy, Conflict):
             self.tiers.remove(name)
             raise
-        tensors = self.tiers.get(name).tensors
+        if not sharded:
+            tensors = self.tiers.get(name).tensors
         chunk = layout.chunk_size
         shared = SharedKV(
             key=key,
@@ -287,8 +391,12 @@ class CorpusCache:
         if shared.num_chunks > shared.always_chunks + 1:
             # summaries from the 16-bit keys as read (an fp8 layout's own are coarser)
             summaries = self._stored_summaries(name, version, shared, list(layout.k.unbind(0)))
+            # given the summaries, the router reads only the keys' count and device: sharded, the
+            # keys stay off the device (they travel to the shared ranks from host memory)
+            device = torch.device(self.settings.device)
+            marks = [torch.empty(shared.num_tokens, 0, 0, device=device)] * len(shared.k)
             shared.router = CorpusRouter(
-                shared.k,
+                marks if sharded else shared.k,
                 chunk,
                 shared.always_chunks,
                 self.settings.router,
@@ -296,6 +404,13 @@ class CorpusCache:
                 dense_layers=self.settings.routed_dense_layers,
             )
         self._attach_selector(shared, layout)
+        if sharded:
+            try:
+                shared = self.link.register(shared)  # this rank keeps the view
+            except SharedRankError:
+                self.tiers.remove(name)
+                raise
+            self._remote[key] = shared
         loaded = LoadedCorpus(
             shared, CitationMap(layout.refs, chunk, self.model.tokenizer), version
         )
@@ -358,6 +473,11 @@ class CorpusCache:
         if tier not in ("gpu", "cpu", "disk"):
             raise Conflict(f"unknown tier {tier!r}: one of gpu, cpu, disk")
         with self.lock:
+            self._check_link()
+            if tier == "cpu" and self.sharded:
+                raise Conflict(
+                    "the shared ranks hold corpora on their devices only: move to gpu or disk"
+                )
             if tier != "disk" and (
                 name not in self.tiers.entries or self.tiers.get(name).tier == "disk"
             ):

@@ -24,6 +24,8 @@ from kb.catalog import Catalog, CorpusInfo, corpus_row
 from kb.chats import Chats
 from kb.citations import CitationMap
 from kb.corpus_cache import CorpusCache, LoadedCorpus
+from kb.engine.distributed.backend import distributed_engine
+from kb.engine.distributed.protocol import ShardLink
 from kb.engine.engine import Engine, EngineConfig, QueueFull
 from kb.engine.request import Delta, Finished, RequestHandle
 from kb.engine.sequence import SamplingParams
@@ -73,6 +75,27 @@ class CorpusPlacement:
 
 
 @dataclass
+class SharedRanks:
+    """The shared ranks as the service sees them: how many, whether the link works, where
+    corpora are served now, and per rank the corpora, tokens and bytes it holds."""
+
+    ranks: int
+    healthy: bool
+    serving: str  # "shared ranks", or "rank 0" once the link failed
+    error: str | None
+    per_rank: list[dict]
+
+    def to_dict(self) -> dict:
+        return {
+            "ranks": self.ranks,
+            "healthy": self.healthy,
+            "serving": self.serving,
+            "error": self.error,
+            "per_rank": self.per_rank,
+        }
+
+
+@dataclass
 class Answer:
     """A request in flight (or done): stream `handle`, then read `citations()`."""
 
@@ -93,8 +116,11 @@ class Answer:
 
 
 class KnowledgeBase:
-    def __init__(self, settings: Settings | None = None):
+    def __init__(self, settings: Settings | None = None, link: ShardLink | None = None):
+        """`link`: rank 0's side of a `kb serve --shared-ranks` job; corpora are then attended by
+        the shared ranks (docs/SCALING.md)."""
         self.settings = settings or Settings()
+        self.link = link
         self.home = self.settings.resolved_home
         self.home.mkdir(parents=True, exist_ok=True)
         self.db = Database(self.settings.resolved_database_url)
@@ -102,7 +128,9 @@ class KnowledgeBase:
         self._engine: Engine | None = None
         self._lock = threading.RLock()
         self.ingestor = Ingestor(self.settings, self.db, lambda: self.loaded)
-        self.cache = CorpusCache(self.settings, self.db, lambda: self.loaded, lambda: self.engine)
+        self.cache = CorpusCache(
+            self.settings, self.db, lambda: self.loaded, lambda: self.engine, link
+        )
         self.chats = Chats(self.db)
         self.catalog = Catalog(self.settings, self.db, lambda: self._loaded)
         self._jobs: JobService | None = None
@@ -144,17 +172,40 @@ class KnowledgeBase:
         with self._lock:
             if self._engine is None:
                 s = self.settings
-                self._engine = Engine(
-                    self.loaded,
-                    EngineConfig(
-                        device=s.device,
-                        block_size=s.kv_block_size,
-                        unique_kv_tokens=s.unique_kv_tokens,
-                        max_running=s.max_running,
-                        max_queue=s.max_queue,
-                    ),
+                config = EngineConfig(
+                    device=s.device,
+                    block_size=s.kv_block_size,
+                    unique_kv_tokens=s.unique_kv_tokens,
+                    max_running=s.max_running,
+                    max_queue=s.max_queue,
                 )
+                if self.link is not None:  # sharded corpora are attended on the shared ranks
+                    self._engine = distributed_engine(self.loaded, self.link, config)
+                else:
+                    self._engine = Engine(self.loaded, config)
             return self._engine
+
+    def shared_ranks(self) -> SharedRanks | None:
+        """The shared ranks' state (None without them): /healthz, /metrics and the admin."""
+        link = self.link
+        if link is None:
+            return None
+        ranks = link.world.shared_ranks
+        per_rank = {r: {"rank": r, "corpora": 0, "tokens": 0, "bytes": 0} for r in ranks}
+        for name in list(self.cache.loaded):  # no lock: a corpus may be loading meanwhile
+            for row in self.cache.shard_rows(name):
+                into = per_rank[row["rank"]]
+                into["corpora"] += 1
+                into["tokens"] += row["tokens"]
+                into["bytes"] += row["bytes"]
+        error = link.error  # its first clause: which rank, during what (the log has the cause)
+        return SharedRanks(
+            len(ranks),
+            error is None,
+            "shared ranks" if self.cache.sharded and error is None else "rank 0",
+            None if error is None else str(error).split(";")[0],
+            list(per_rank.values()),
+        )
 
     @property
     def started_engine(self) -> Engine | None:
@@ -178,6 +229,8 @@ class KnowledgeBase:
         if self._engine is not None:
             self._engine.shutdown(grace_s=self.settings.shutdown_grace_s)
             self._engine.reopen()  # stopped and empty; a later use steps it again
+        if self.link is not None:  # the job ends with its server: the shared ranks exit
+            self.link.shutdown()
         self.db.close()
 
     # -- corpora ----------------------------------------------------------------------------

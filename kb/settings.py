@@ -149,6 +149,18 @@ class Settings(BaseSettings):
         description="on shutdown, running requests get this long to finish before they are aborted",
     )
 
+    shared_ranks: int = Field(
+        default=0,
+        ge=0,
+        description="ranks holding the corpora's shared KV beside this one (kb serve under "
+        "torchrun, world size shared_ranks + 1; 0: one process); docs/SCALING.md",
+    )
+    shared_rank_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds a silent shared rank may stall a step before its requests fail",
+    )
+
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_mb: float = Field(default=64.0, gt=0)

@@ -18,7 +18,16 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/healthz")
 async def healthz(kb: KnowledgeBase = Depends(get_kb)):
-    return {"status": "ok", "model_loaded": kb._loaded is not None}
+    """ok, or degraded once a shared rank failed (corpora are then served from rank 0); with
+    shared ranks, their state (`shared_ranks`: health, where corpora are served, per rank
+    bytes)."""
+    body = {"status": "ok", "model_loaded": kb._loaded is not None}
+    ranks = kb.shared_ranks()
+    if ranks is not None:
+        body["shared_ranks"] = ranks.to_dict()
+        if not ranks.healthy:
+            body["status"] = "degraded"
+    return body
 
 
 @router.get(

@@ -45,6 +45,21 @@ class ServiceCollector:
             hits.add_metric([row.name], float(row.hits))
         yield kv
         yield hits
+        ranks = self.kb.shared_ranks()
+        if ranks is not None:
+            yield GaugeMetricFamily(
+                "kb_shared_ranks_healthy",
+                "1 while the shared ranks answer, 0 once one failed (corpora served from rank 0)",
+                value=float(ranks.healthy),
+            )
+            held = GaugeMetricFamily(
+                "kb_shared_rank_kv_bytes",
+                "Shared-KV bytes a shared rank holds (its slices of the loaded corpora)",
+                labels=["rank"],
+            )
+            for r in ranks.per_rank:
+                held.add_metric([str(r["rank"])], float(r["bytes"]))
+            yield held
         with self.kb.db.session() as s:
             counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
         jobs = GaugeMetricFamily("kb_ingest_jobs", "Jobs by state", labels=["state"])

@@ -26,7 +26,12 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def failure(res: Finished) -> tuple[int, dict] | None:
-    """(status, error body) for an answer that did not finish normally, else None."""
+    """(status, error body) for an answer that did not finish normally, else None. A shared
+    rank that stopped mid-answer is a 503 that says so (later requests are served without it)."""
+    if res.reason == "error" and res.error_type == "SharedRankError":
+        what = (res.error or "").split(";")[0]  # "shared rank N stopped responding during ..."
+        msg = internal_message(f"{what}; this answer failed, retry", res.error)
+        return 503, error_body(503, msg, code="shared_rank_failed")
     if res.reason == "error":
         msg = internal_message("generation failed", res.error)
         return 500, error_body(500, msg, code="internal_error")

@@ -20,16 +20,59 @@ def cmd_model_fetch(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
-    from kb.server import create_app  # heavy: torch and gradio, only for the server
     from kb.settings import Settings  # pydantic: not for `kb --help`
 
     s = Settings()
+    ranks = s.shared_ranks if args.shared_ranks is None else args.shared_ranks
+    if ranks:
+        return serve_sharded(args, s, ranks)
+    from kb.server import create_app  # heavy: torch and gradio, only for the server
+
+    _run(create_app(), args, s)
+    return 0
+
+
+def serve_sharded(args, s, ranks: int) -> int:
+    """One process of a `kb serve --shared-ranks S` job (torchrun's env:// variables, world size
+    S + 1): rank 0 serves the API and the web app over corpora whose shared KV the other ranks
+    hold; ranks 1..S run the shared-rank loop until rank 0 says shutdown or is gone."""
+    import logging
+
+    from kb.engine.distributed.protocol import ShardLink, init_world
+    from kb.engine.distributed.worker import run_shared_rank
+
+    backend = "nccl" if s.device.startswith("cuda") else "gloo"
+    world = init_world("env://", backend=backend, timeout_s=s.shared_rank_timeout_s)
+    if world.world_size != ranks + 1:
+        raise SystemExit(
+            f"--shared-ranks {ranks} needs a world of {ranks + 1} processes, "
+            f"the job has {world.world_size}"
+        )
+    if world.rank != 0:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        try:
+            run_shared_rank(world)
+        except Exception as e:  # noqa: BLE001 - rank 0 is gone: nothing left to serve
+            print(f"shared rank {world.rank}: rank 0 is gone ({e}); exiting", file=sys.stderr)
+            return 1
+        return 0
+    from kb.server import create_app
+    from kb.service import KnowledgeBase
+
+    link = ShardLink(world)
+    try:
+        _run(create_app(KnowledgeBase(s, link)), args, s, f"; shared KV on {ranks} ranks")
+    finally:
+        link.shutdown()
+    return 0
+
+
+def _run(app, args, s, extra: str = "") -> None:
+    import uvicorn
+
     host, port = args.host or s.host, args.port or s.port
-    app = create_app()
     print(
-        f"kb is serving on http://{host}:{port}  (web app: /, API docs: /docs)",
+        f"kb is serving on http://{host}:{port}  (web app: /, API docs: /docs){extra}",
         file=sys.stderr,
         flush=True,
     )
@@ -49,7 +92,6 @@ def cmd_serve(args) -> int:
         log_level="info",
         timeout_graceful_shutdown=int(s.shutdown_grace_s) + 1,
     )
-    return 0
 
 
 def register(sub) -> None:
@@ -61,4 +103,11 @@ def register(sub) -> None:
     c = sub.add_parser("serve", help="start the HTTP API")
     c.add_argument("--host", default=None)
     c.add_argument("--port", type=int, default=None)
+    c.add_argument(
+        "--shared-ranks",
+        type=int,
+        default=None,
+        help="ranks holding the shared KV (under torchrun, world size S + 1; default "
+        "KB_SHARED_RANKS, 0: one process); docs/SCALING.md",
+    )
     c.set_defaults(func=cmd_serve)

@@ -281,7 +281,9 @@ class Engine:
             seq.status = SeqStatus.FINISHED
             self._finish(seq, done)
 
-    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+    def _finish(
+        self, seq: Sequence, reason: str, error: str | None = None, error_type: str | None = None
+    ) -> None:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         self.runner.release(seq)
@@ -294,7 +296,15 @@ class Engine:
             mass = [(int(c), float(m)) for c, m in zip(order[:32].tolist(), vals[:32].tolist())]
         self.metrics.finished(seq.seq_id, reason, len(seq.prompt_ids), len(seq.output_ids))
         handle.push(
-            Finished(reason, handle.text, len(seq.prompt_ids), len(seq.output_ids), mass, error)
+            Finished(
+                reason,
+                handle.text,
+                len(seq.prompt_ids),
+                len(seq.output_ids),
+                mass,
+                error,
+                error_type,
+            )
         )
 
     # -- driving ----------------------------------------------------------------------------
@@ -318,7 +328,7 @@ class Engine:
             for seq in seqs:
                 if not seq.is_finished:
                     self.scheduler.abort(seq)
-                    self._finish(seq, "error", error=str(error))
+                    self._finish(seq, "error", str(error), type(error).__name__)
 
     def _loop(self) -> None:
         while not self._stop:

@@ -25,6 +25,7 @@ class Finished:
         default_factory=list
     )  # (chunk, mass), heaviest first
     error: str | None = None
+    error_type: str | None = None  # the exception's class name of a failed step (reason error)
 
 
 class RequestHandle:

@@ -297,7 +297,10 @@ class ShardLink:
             )
 
     def shutdown(self) -> None:
-        """Tell the shared ranks to exit (skipped when one is already known to be gone)."""
+        """Tell the shared ranks to exit (skipped when one is already known to be gone, and
+        when shut down already)."""
+        if self._closed.is_set():
+            return
         self._closed.set()
         with self._lock:
             if self._error is None:

@@ -1,0 +1,240 @@
+"""`kb serve --shared-ranks S` (issue 21): the service itself on a job of S + 1 processes over
+gloo, rank 0 serving the API and the web app, ranks 1..S holding the stored corpora's shared KV.
+
+Each job is the real entry (`python -m kb.cli serve --shared-ranks S`) started once per rank with
+the variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): torchrun's own agent
+would tear the whole job down when the rank the fault test kills exits. The reference is the
+one-process service over the same stored corpus (the module's `handbook`), answering first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from tests.conftest import FACT_ANSWER, FACT_QUESTION, MODELS_DIR, serve_in_thread
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "kb:handbook"
+ASK = [{"role": "user", "content": FACT_QUESTION}]
+LONG = [{"role": "user", "content": "Write a long essay about every module described above."}]
+TIMEOUT_S = 10  # the job's KB_SHARED_RANK_TIMEOUT_S: a dead rank surfaces within it
+START_S = 120  # rank 0 imports the web app and loads the demo model on a loaded 2-core box
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Job:
+    url: str
+    procs: list[subprocess.Popen]
+    logs: list[Path]
+
+    def tails(self) -> str:
+        return "\n".join(f"== rank {r}\n{p.read_text()[-3000:]}" for r, p in enumerate(self.logs))
+
+
+@contextmanager
+def serve_job(home: Path, world: int, tmp: Path) -> Iterator[Job]:
+    """`kb serve --shared-ranks world-1` on `world` processes over the stored `home`; every
+    process is killed on the way out, whatever happened."""
+    port, master = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KB_")}
+    env.update(
+        KB_HOME=str(home),
+        KB_MODELS_DIR=str(MODELS_DIR),
+        KB_UNIQUE_KV_TOKENS="8192",
+        KB_SHARED_RANK_TIMEOUT_S=str(TIMEOUT_S),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(master),
+        WORLD_SIZE=str(world),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+    )
+    cmd = [sys.executable, "-m", "kb.cli", "serve", "--shared-ranks", str(world - 1)]
+    cmd += ["--port", str(port)]
+    logs = [tmp / f"rank{r}.log" for r in range(world)]
+    procs = []
+    for r in range(world):
+        with open(logs[r], "w") as out:
+            procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=ROOT,
+                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    job = Job(f"http://127.0.0.1:{port}", procs, logs)
+    try:
+        deadline = time.monotonic() + START_S
+        while True:
+            assert all(p.poll() is None for p in procs), f"a rank exited:\n{job.tails()}"
+            assert time.monotonic() < deadline, f"the job did not start:\n{job.tails()}"
+            try:
+                if httpx.get(f"{job.url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        yield job
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def _chat(url: str, messages: list[dict], max_tokens: int = 24) -> dict:
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0},
+        timeout=300,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _answers(url: str) -> dict:
+    """What the comparison reads: greedy text and token counts over HTTP, and the openai
+    client's answer, streamed and whole."""
+    body = _chat(url, ASK)
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    whole = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=24, temperature=0)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=24, temperature=0, stream=True
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    return {
+        "http": body["choices"][0]["message"]["content"],
+        "usage": body["usage"],
+        "openai": whole.choices[0].message.content,
+        "stream": streamed,
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(handbook) -> dict:
+    """The one-process service's answers over the stored handbook corpus."""
+    from kb.server import create_app
+
+    with serve_in_thread(create_app(handbook, warm=False, ui=False)) as url:
+        want = _answers(url)
+    assert FACT_ANSWER in want["http"], want
+    assert want["openai"] == want["http"] == want["stream"]
+    return want
+
+
+def _shards(url: str, name: str) -> list[dict]:
+    rows = httpx.get(f"{url}/v1/cache", params={"name": name}, timeout=30).json()
+    return rows[0]["shards"]
+
+
+def test_two_processes_answer_as_one_and_take_new_documents(reference, handbook, tmp_path):
+    with serve_job(handbook.settings.resolved_home, 2, tmp_path) as job:
+        assert _answers(job.url) == reference, job.tails()
+        health = httpx.get(f"{job.url}/healthz").json()
+        assert health["status"] == "ok" and health["shared_ranks"]["healthy"]
+        (shard,) = _shards(job.url, "handbook")  # rank 1 holds every chunk, rank 0 none
+        tokens = httpx.get(f"{job.url}/v1/cache", params={"name": "handbook"}).json()[0]["tokens"]
+        assert shard["rank"] == 1 and shard["tokens"] == tokens and shard["bytes"] > 0
+        metrics = dict(
+            line.rsplit(" ", 1)
+            for line in httpx.get(f"{job.url}/metrics").text.splitlines()
+            if line and not line.startswith("#")
+        )
+        assert float(metrics['kb_shared_rank_kv_bytes{rank="1"}']) == shard["bytes"]
+        assert float(metrics["kb_shared_ranks_healthy"]) == 1.0
+        assert httpx.get(f"{job.url}/", timeout=60).status_code == 200  # the web app
+
+        # a corpus made and grown while serving: each version reaches the shared rank
+        assert httpx.post(f"{job.url}/v1/corpora", json={"name": "notes"}).status_code == 201
+        docs = [
+            (
+                "depot.txt",
+                "The Orlan depot opens at dawn. The door code of the Orlan depot is 5826.",
+            ),
+            ("mill.txt", "The Tessary mill grinds rye. The Tessary mill's miller is Ada Quell."),
+        ]
+        seen = []
+        for filename, text in docs:
+            r = httpx.post(
+                f"{job.url}/v1/corpora/notes/documents",
+                files=[("files", (filename, text.encode(), "text/plain"))],
+                timeout=300,
+            )
+            assert r.status_code == 200, r.text
+            ask = [{"role": "user", "content": "What is the door code of the Orlan depot?"}]
+            r = httpx.post(
+                f"{job.url}/v1/chat/completions",
+                json={"model": "kb:notes", "messages": ask, "max_tokens": 24, "temperature": 0},
+                timeout=300,
+            )
+            assert r.status_code == 200, r.text
+            assert "5826" in r.json()["choices"][0]["message"]["content"]
+            (shard,) = _shards(job.url, "notes")
+            seen.append(shard["tokens"])
+        assert 0 < seen[0] < seen[1]  # the second document's tokens are on rank 1
+
+        # a clean stop: rank 0 tells the shared rank to exit (uvicorn ends by raising SIGTERM)
+        job.procs[0].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=60) for p in job.procs]
+        assert codes[0] in (0, -signal.SIGTERM) and codes[1] == 0, job.tails()
+
+
+def _stream_until_killed(url: str, victim: subprocess.Popen) -> tuple[str, list[dict]]:
+    """Stream a long answer, SIGKILL `victim` after its first words; the text and the events."""
+    text, events = "", []
+    body = {"model": MODEL, "messages": LONG, "max_tokens": 200, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            ev = json.loads(line[len("data: ") :])
+            events.append(ev)
+            for choice in ev.get("choices", []):
+                text += choice["delta"].get("content") or ""
+            if text and victim.poll() is None:
+                victim.send_signal(signal.SIGKILL)
+    return text, events
+
+
+def test_three_processes_answer_as_one_then_survive_a_killed_rank(reference, handbook, tmp_path):
+    with serve_job(handbook.settings.resolved_home, 3, tmp_path) as job:
+        assert _answers(job.url) == reference, job.tails()
+        assert [s["rank"] for s in _shards(job.url, "handbook")] == [1, 2]
+
+        t0 = time.monotonic()
+        text, events = _stream_until_killed(job.url, job.procs[2])
+        assert text and time.monotonic() - t0 < 60  # it ended, well before any hang would
+        error = events[-1].get("error")
+        assert error is not None and error["code"] == "shared_rank_failed", events[-3:]
+        assert "shared rank 2 stopped responding" in error["message"]
+
+        health = httpx.get(f"{job.url}/healthz").json()
+        assert health["status"] == "degraded"
+        assert "shared rank 2 stopped responding" in health["shared_ranks"]["error"]
+        # served from rank 0 now: the same greedy answers as one process
+        assert _answers(job.url) == reference, job.tails()
+        health = httpx.get(f"{job.url}/healthz").json()
+        assert health["status"] == "degraded" and health["shared_ranks"]["serving"] == "rank 0"
+        assert _shards(job.url, "handbook") == []
