@@ -144,6 +144,19 @@ def reference(handbook) -> dict:
     return want
 
 
+def _cache_op(url: str, name: str, op: str) -> dict:
+    """Run an admin cache operation and wait for its result."""
+    r = httpx.post(f"{url}/v1/cache/{name}/{op}", timeout=60)
+    assert r.status_code == 202, r.text
+    for _ in range(600):
+        ev = httpx.get(f"{url}/v1/cache/events/{r.json()['event_id']}", timeout=30).json()
+        if ev["status"] in ("done", "failed"):
+            assert ev["status"] == "done", ev
+            return ev["result"]
+        time.sleep(0.1)
+    raise AssertionError(f"cache {op} of {name} did not finish: {ev}")
+
+
 def _shards(url: str, name: str) -> list[dict]:
     rows = httpx.get(f"{url}/v1/cache", params={"name": name}, timeout=30).json()
     return rows[0]["shards"]
@@ -194,6 +207,19 @@ def test_two_processes_answer_as_one_and_take_new_documents(reference, handbook,
             (shard,) = _shards(job.url, "notes")
             seen.append(shard["tokens"])
         assert 0 < seen[0] < seen[1]  # the second document's tokens are on rank 1
+
+        # admin operations reach the shared rank: evict drops the handbook's slice there, the
+        # next question sends it again; delete drops the notes' slice
+        def held() -> int:
+            return httpx.get(f"{job.url}/healthz").json()["shared_ranks"]["per_rank"][0]["bytes"]
+
+        assert held() == shard["bytes"] + _shards(job.url, "handbook")[0]["bytes"]
+        assert _cache_op(job.url, "handbook", "evict") == {"tier": "disk"}
+        assert _shards(job.url, "handbook") == [] and held() == shard["bytes"]
+        assert _chat(job.url, ASK)["choices"][0]["message"]["content"] == reference["http"]
+        assert _shards(job.url, "handbook")[0]["tokens"] == tokens
+        assert _cache_op(job.url, "notes", "delete") == {"deleted": "notes"}
+        assert held() == _shards(job.url, "handbook")[0]["bytes"]
 
         # a clean stop: rank 0 tells the shared rank to exit (uvicorn ends by raising SIGTERM)
         job.procs[0].send_signal(signal.SIGTERM)
