@@ -1,10 +1,12 @@
 """`kb serve --shared-ranks S` (issue 21): the service itself on a job of S + 1 processes over
 gloo, rank 0 serving the API and the web app, ranks 1..S holding the stored corpora's shared KV.
 
-Each job is the real entry (`python -m kb.cli serve --shared-ranks S`) started once per rank with
-the variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): torchrun's own agent
-would tear the whole job down when the rank the fault test kills exits. The reference is the
-one-process service over the same stored corpus (the module's `handbook`), answering first.
+Each job is the real entry (`python -m kb.cli serve --shared-ranks S`): in the two-process test
+started once, as on one host, starting its shared rank itself; in the three-process test once
+per rank with the variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as
+torchrun starts it (torchrun's own agent would tear the whole job down when the rank the fault
+test kills exits). The reference is the one-process service over the same stored corpus (the
+module's `handbook`), answering first.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -46,15 +48,27 @@ class Job:
     url: str
     procs: list[subprocess.Popen]
     logs: list[Path]
+    children: list[int] = field(default_factory=list)  # shared ranks rank 0 started itself
 
     def tails(self) -> str:
         return "\n".join(f"== rank {r}\n{p.read_text()[-3000:]}" for r, p in enumerate(self.logs))
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 @contextmanager
-def serve_job(home: Path, world: int, tmp: Path) -> Iterator[Job]:
-    """`kb serve --shared-ranks world-1` on `world` processes over the stored `home`; every
-    process is killed on the way out, whatever happened."""
+def serve_job(home: Path, world: int, tmp: Path, spawn: bool = False) -> Iterator[Job]:
+    """`kb serve --shared-ranks world-1` on `world` processes over the stored `home` (`spawn`:
+    one command that starts the shared ranks); every process is killed on the way out."""
     port, master = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KB_")}
     env.update(
@@ -70,15 +84,17 @@ def serve_job(home: Path, world: int, tmp: Path) -> Iterator[Job]:
     )
     cmd = [sys.executable, "-m", "kb.cli", "serve", "--shared-ranks", str(world - 1)]
     cmd += ["--port", str(port)]
-    logs = [tmp / f"rank{r}.log" for r in range(world)]
+    logs = [tmp / f"rank{r}.log" for r in range(1 if spawn else world)]
     procs = []
-    for r in range(world):
+    if spawn:  # no RANK: the process is rank 0 and starts the others
+        env = {k: v for k, v in env.items() if k not in ("MASTER_PORT", "WORLD_SIZE")}
+    for r in range(len(logs)):
         with open(logs[r], "w") as out:
             procs.append(
                 subprocess.Popen(
                     cmd,
                     cwd=ROOT,
-                    env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                    env=env if spawn else {**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                     stdout=out,
                     stderr=subprocess.STDOUT,
                 )
@@ -95,6 +111,9 @@ def serve_job(home: Path, world: int, tmp: Path) -> Iterator[Job]:
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
+        if spawn:
+            job.children = _children(procs[0].pid)
+            assert len(job.children) == world - 1, job.tails()
         yield job
     finally:
         for p in procs:
@@ -102,6 +121,9 @@ def serve_job(home: Path, world: int, tmp: Path) -> Iterator[Job]:
                 p.kill()
         for p in procs:
             p.wait(timeout=30)
+        for pid in job.children:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _chat(url: str, messages: list[dict], max_tokens: int = 24) -> dict:
@@ -163,7 +185,7 @@ def _shards(url: str, name: str) -> list[dict]:
 
 
 def test_two_processes_answer_as_one_and_take_new_documents(reference, handbook, tmp_path):
-    with serve_job(handbook.settings.resolved_home, 2, tmp_path) as job:
+    with serve_job(handbook.settings.resolved_home, 2, tmp_path, spawn=True) as job:
         assert _answers(job.url) == reference, job.tails()
         health = httpx.get(f"{job.url}/healthz").json()
         assert health["status"] == "ok" and health["shared_ranks"]["healthy"]
@@ -223,8 +245,13 @@ def test_two_processes_answer_as_one_and_take_new_documents(reference, handbook,
 
         # a clean stop: rank 0 tells the shared rank to exit (uvicorn ends by raising SIGTERM)
         job.procs[0].send_signal(signal.SIGTERM)
-        codes = [p.wait(timeout=60) for p in job.procs]
-        assert codes[0] in (0, -signal.SIGTERM) and codes[1] == 0, job.tails()
+        assert job.procs[0].wait(timeout=60) in (0, -signal.SIGTERM), job.tails()
+        for _ in range(100):
+            if not any(_alive(pid) for pid in job.children):
+                break
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in job.children), job.tails()
+        assert "rank 0 is gone" not in job.tails()  # it exited on rank 0's word
 
 
 def _stream_until_killed(url: str, victim: subprocess.Popen) -> tuple[str, list[dict]]:

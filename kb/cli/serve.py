@@ -35,8 +35,14 @@ def cmd_serve(args) -> int:
 def serve_sharded(args, s, ranks: int) -> int:
     """One process of a `kb serve --shared-ranks S` job (torchrun's env:// variables, world size
     S + 1): rank 0 serves the API and the web app over corpora whose shared KV the other ranks
-    hold; ranks 1..S run the shared-rank loop until rank 0 says shutdown or is gone."""
+    hold; ranks 1..S run the shared-rank loop until rank 0 says shutdown or is gone. Started
+    outside such a job (no RANK in the environment), it is rank 0 of a one-host job and starts
+    ranks 1..S itself (`spawn_shared_ranks`)."""
     import logging
+    import os
+    import subprocess
+
+    children = spawn_shared_ranks(ranks) if "RANK" not in os.environ else []
 
     from kb.engine.distributed.protocol import ShardLink, init_world
     from kb.engine.distributed.worker import run_shared_rank
@@ -64,7 +70,40 @@ def serve_sharded(args, s, ranks: int) -> int:
         _run(create_app(KnowledgeBase(s, link)), args, s, f"; shared KV on {ranks} ranks")
     finally:
         link.shutdown()
+        for child in children:  # told to exit (or rank 0's sockets closed): they end soon
+            try:
+                child.wait(timeout=s.shared_rank_timeout_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
     return 0
+
+
+def spawn_shared_ranks(ranks: int) -> list:
+    """Start ranks 1..`ranks` of a one-host job as child processes of this one (rank 0), each
+    `kb serve --shared-ranks` with the variables torchrun would set. Unlike torchrun's agent,
+    nothing stops this process when a shared rank dies: the service serves on from rank 0. The
+    children have their own session (Ctrl-C reaches rank 0, which tells them to exit) and exit
+    by themselves when rank 0 is gone."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:  # a free port for the rendezvous store rank 0 hosts
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    job = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(ranks + 1),
+    }
+    os.environ.update(job, RANK="0", LOCAL_RANK="0")
+    cmd = [sys.executable, "-m", "kb.cli", "serve", "--shared-ranks", str(ranks)]
+    return [
+        subprocess.Popen(
+            cmd, env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True
+        )
+        for r in range(1, ranks + 1)
+    ]
 
 
 def _run(app, args, s, extra: str = "") -> None:
