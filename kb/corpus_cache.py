@@ -30,7 +30,7 @@ from index import CorpusRouter
 from index import store as index_store
 from index.summaries import ChunkSummaries, chunk_summaries
 from kb.citations import CitationMap, SegmentRef
-from kb.engine.distributed.protocol import ShardLink, SharedRankError
+from kb.engine.distributed.protocol import KVFile, ShardLink, SharedRankError
 from kb.engine.engine import Engine
 from kb.engine.selection import attach_selector
 from kb.engine.shared_kv import KVMeta, SharedKV
@@ -68,6 +68,7 @@ class _Layout:
     positions: (
         torch.Tensor
     )  # [N] int64 stored position of every shared token (RoPE was applied at it)
+    files: list[KVFile]  # the files it was read from, in order (the shared ranks read them)
 
 
 def _budget(gb: float) -> int:
@@ -91,6 +92,7 @@ class CorpusCache:
         self.link = link
         self.fell_back = False  # the link failed: corpora are served from this rank since
         self._remote: dict[str, SharedKV] = {}  # key -> view whose slices the shared ranks hold
+        self._sources: dict[str, str] = {}  # key -> where the shared ranks got the slices from
         self._retired: list[str] = []  # keys of replaced versions still answering questions
         self.tiers = self._tier_manager()
 
@@ -122,12 +124,14 @@ class CorpusCache:
         )
         self.fell_back = True
         self._remote.clear()
+        self._sources.clear()
         self.loaded.clear()
         self.tiers = self._tier_manager()
 
     def _drop_remote(self, key: str) -> None:
         """Free a view's slices on the shared ranks (nothing to free once the link failed)."""
         view = self._remote.pop(key, None)
+        self._sources.pop(key, None)
         if view is None or self.link is None or self.link.error is not None:
             return
         try:
@@ -151,8 +155,9 @@ class CorpusCache:
         self._retired = busy
 
     def shard_rows(self, name: str) -> list[dict]:
-        """Where a loaded corpus's slices are: per shared rank its chunks, tokens and bytes
-        (empty unless the shared ranks hold it and the link works)."""
+        """Where a loaded corpus's slices are: per shared rank its chunks, tokens, bytes and where
+        it got them ("kv store": read there, "rank 0": sent); empty unless the shared ranks hold
+        it and the link works."""
         cached = self.loaded.get(name)
         if cached is None or cached.shared.key not in self._remote or self.link.error:
             return []
@@ -164,6 +169,7 @@ class CorpusCache:
                 "chunks": [s.chunk_start, s.chunk_end],
                 "tokens": s.num_tokens,
                 "bytes": s.num_tokens * per_token,
+                "loaded_from": self._sources.get(view.key, "rank 0"),
             }
             for s in view.meta.placement.shards
         ]
@@ -273,6 +279,7 @@ class CorpusCache:
             raise NotReady(f"corpus {name!r} was built with another model; rebuild it")
         pk, pv = read_kv(corpus.preamble_kv_file, corpus.preamble_checksum, dequantize=True)
         ks, vs, refs = [pk], [pv], []
+        files = [KVFile(str(corpus.preamble_kv_file), corpus.preamble_checksum, pk.shape[1])]
         pos = max_end = pk.shape[1]
         where = [torch.arange(pk.shape[1])]
         for d in corpus.documents:
@@ -296,12 +303,20 @@ class CorpusCache:
                 where.append(torch.arange(seg.pos_start, seg.pos_start + seg.num_tokens))
                 ks.append(k)
                 vs.append(v)
+                files.append(KVFile(str(seg.kv_file), seg.kv_checksum, k.shape[1]))
                 pos += seg.num_tokens
         dtype = torch.promote_types(ks[0].dtype, ks[-1].dtype)  # fp8 files read as 16-bit
         k_all = torch.cat([k.to(dtype) for k in ks], dim=1)  # [L, N, Hkv, d]
         v_all = torch.cat([v.to(dtype) for v in vs], dim=1)
         return _Layout(
-            k_all, v_all, refs, max_end, corpus.preamble_len, cfg["chunk_size"], torch.cat(where)
+            k_all,
+            v_all,
+            refs,
+            max_end,
+            corpus.preamble_len,
+            cfg["chunk_size"],
+            torch.cat(where),
+            files,
         )
 
     def _place(self, name: str, tensors: list[torch.Tensor]) -> None:
@@ -405,12 +420,13 @@ class CorpusCache:
             )
         self._attach_selector(shared, layout)
         if sharded:
-            try:
-                shared = self.link.register(shared)  # this rank keeps the view
+            try:  # each shared rank reads its slice from the files; this rank keeps the view
+                shared, read = self.link.load(shared, layout.files, layout.k.dtype)
             except SharedRankError:
                 self.tiers.remove(name)
                 raise
             self._remote[key] = shared
+            self._sources[key] = "kv store" if read else "rank 0"
         loaded = LoadedCorpus(
             shared, CitationMap(layout.refs, chunk, self.model.tokenizer), version
         )

@@ -208,6 +208,43 @@ def _unique_rank_kill(world) -> dict:
     return {"tokens_before": tokens_before, "results": results, "raised": raised}
 
 
+def _unique_rank_load(world, folder: Path) -> dict:
+    """Rank 0 of the load test: a corpus stored in two KV files is read by each shared rank from
+    the files (only its slice), and answers as the one-process engine; with a checksum that no
+    longer matches, the ranks refuse the files and the slices are sent from rank 0 instead."""
+    from kb.engine.distributed.backend import distributed_engine
+    from kb.engine.distributed.protocol import KVFile, ShardLink
+    from kb.engine.engine import Engine, EngineConfig
+    from storage.kvstore import write_kv
+
+    lm = _tiny_loaded()
+    sh = _corpus("stored", 5, False)
+    sh.k = [k.half().float() for k in sh.k]  # what float16 files give back
+    sh.v = [v.half().float() for v in sh.v]
+    k, v = torch.stack(sh.k), torch.stack(sh.v)  # [L, N, Hkv, d]
+    files = []
+    for name, a, b in (("preamble", 0, 37), ("segment", 37, 200)):  # a cut inside a chunk
+        stored = write_kv(folder / f"{name}.safetensors", k[:, a:b], v[:, a:b], dtype=torch.float16)
+        files.append(KVFile(str(stored.path), stored.checksum, b - a))
+    cfg = EngineConfig(unique_kv_tokens=512, block_size=8, citation_layers=0)
+    local = Engine(lm, cfg)
+    local.register_corpus(sh)
+    want = _generate(local, [sh])
+    link = ShardLink(world)
+    engine = distributed_engine(lm, link, cfg)
+    view, read = link.load(sh, files, torch.float16)
+    engine.register_corpus(view)
+    got = _generate(engine, [view])
+    engine.unregister_corpus(view.key)
+    link.drop(view)
+    stale = [files[0], KVFile(files[1].path, "0" * 64, files[1].tokens)]
+    view2, read2 = link.load(sh, stale, torch.float16)
+    engine.register_corpus(view2)
+    sent = _generate(engine, [view2])
+    link.shutdown()
+    return {"want": want, "got": got, "read": read, "sent": sent, "read2": read2}
+
+
 def _rank_main(
     rank: int, world_size: int, init: str, scenario: str, out, backend: str = "gloo"
 ) -> None:
@@ -218,6 +255,9 @@ def _rank_main(
 
     try:
         world = init_world(init, rank, world_size, backend=backend, timeout_s=TIMEOUT_S)
+        if rank == 0 and scenario == "load":
+            _report(out, ("ok", _unique_rank_load(world, Path(init[len("file://") :]).parent)))
+            os._exit(0)
         if rank == 0:
             fn = _unique_rank_compare if scenario == "compare" else _unique_rank_kill
             _report(out, ("ok", fn(world)))
@@ -312,6 +352,13 @@ def test_sharded_shared_kv_over_nccl_answers_as_one_process(tmp_path):
     assert all(len(t) == 6 for t in res["got"])
     for name, (do, dlse) in res["diffs"].items():
         assert do < 1e-5 and dlse < 1e-5, (name, do, dlse)
+
+
+def test_shared_ranks_read_their_slices_from_the_kv_store(tmp_path):
+    res = _spawn(3, "load", tmp_path)
+    assert res["read"] and res["got"] == res["want"]  # read from the files by ranks 1 and 2
+    assert not res["read2"] and res["sent"] == res["want"]  # refused files: sent from rank 0
+    assert all(len(t) == 6 for t in res["got"])
 
 
 def test_dead_shared_rank_fails_requests_clearly(tmp_path):

@@ -192,6 +192,7 @@ def test_two_processes_answer_as_one_and_take_new_documents(reference, handbook,
         (shard,) = _shards(job.url, "handbook")  # rank 1 holds every chunk, rank 0 none
         tokens = httpx.get(f"{job.url}/v1/cache", params={"name": "handbook"}).json()[0]["tokens"]
         assert shard["rank"] == 1 and shard["tokens"] == tokens and shard["bytes"] > 0
+        assert shard["loaded_from"] == "kv store"  # rank 1 read its slice from the files
         metrics = dict(
             line.rsplit(" ", 1)
             for line in httpx.get(f"{job.url}/metrics").text.splitlines()
@@ -274,7 +275,8 @@ def _stream_until_killed(url: str, victim: subprocess.Popen) -> tuple[str, list[
 def test_three_processes_answer_as_one_then_survive_a_killed_rank(reference, handbook, tmp_path):
     with serve_job(handbook.settings.resolved_home, 3, tmp_path) as job:
         assert _answers(job.url) == reference, job.tails()
-        assert [s["rank"] for s in _shards(job.url, "handbook")] == [1, 2]
+        shards = _shards(job.url, "handbook")
+        assert [(s["rank"], s["loaded_from"]) for s in shards] == [(1, "kv store"), (2, "kv store")]
 
         t0 = time.monotonic()
         text, events = _stream_until_killed(job.url, job.procs[2])

@@ -8,6 +8,11 @@ knows what comes next and how big it is:
              then gather to rank 0 of float32 [T, Hq, d + 1] per rank: o and lse side by side
     REGISTER [op, corpus, L, N, Hkv, d, chunk_size, dtype]
              then rank 0 sends each shared rank its slice [2, L, n, Hkv, d] point to point
+    LOAD     [op, corpus, L, N, Hkv, d, chunk_size, dtype]
+             then broadcast the length and the bytes of a JSON list of the corpus's KV files
+             ({"via": dtype, "files": [[path, checksum, tokens], ...]}, in layout order); each
+             shared rank reads and verifies only the files its slice overlaps, then a gather of
+             one element per rank: 0 when it holds its slice, 1 when it could not read it
     DROP     [op, corpus, 0...]
     PING     [op, 0...] then gather of one element: the idle keep-alive (a collective that waits
              longer than the process group's timeout fails, so an idle link pings)
@@ -25,6 +30,7 @@ stream, resolved by `CommStats.settle`, or the wall clock on CPU). Counting chan
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -40,7 +46,7 @@ from kb.engine.shared_kv import SharedKV
 
 log = logging.getLogger(__name__)
 
-OP_ATTEND, OP_REGISTER, OP_DROP, OP_PING, OP_SHUTDOWN = 1, 2, 3, 4, 5
+OP_ATTEND, OP_REGISTER, OP_DROP, OP_PING, OP_SHUTDOWN, OP_LOAD = 1, 2, 3, 4, 5, 6
 HEADER_LEN = 8
 HEARTBEAT_S = 0.5  # how often a shared rank bumps its heartbeat counter
 
@@ -55,6 +61,19 @@ def dtype_code(dtype: torch.dtype) -> int:
 
 class SharedRankError(RuntimeError):
     """A shared rank stopped responding; requests that need its slice of the shared KV fail."""
+
+
+@dataclass(frozen=True)
+class KVFile:
+    """One stored KV file of a corpus's layout (k, v [L, tokens, Hkv, d]) and its checksum."""
+
+    path: str
+    checksum: str | None
+    tokens: int
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -227,6 +246,45 @@ class ShardLink:
                     dist.send(part.to(dev), dst=s.rank)
         keep_preamble(shared)  # the view shares this selector and drops the KV: copy it first
         return remote_view(shared, placement, cid)
+
+    def load(
+        self, shared: SharedKV, files: list[KVFile], via: torch.dtype
+    ) -> tuple[SharedKV, bool]:
+        """As `register`, but each shared rank reads its slice from the KV store itself: rank 0
+        sends the list of the layout's files (`files`, in order; `via` the dtype they are laid
+        out in before the served dtype, `shared.k`'s), each rank reads and verifies only the
+        files its slice overlaps. When a rank cannot (no shared file system, a file changed),
+        the slices are dropped and sent from here by `register`. Returns the view and whether
+        the ranks read their slices themselves."""
+        placement = place(shared.num_tokens, shared.chunk_size, self.world.shared_ranks)
+        assert sum(f.tokens for f in files) == shared.num_tokens, "files do not cover the corpus"
+        k0, dev = shared.k[0], self.world.device
+        code = dtype_code(k0.dtype)
+        spec = {"via": dtype_name(via), "files": [[f.path, f.checksum, f.tokens] for f in files]}
+        payload = torch.frombuffer(bytearray(json.dumps(spec).encode()), dtype=torch.uint8)
+        with self._exchange("loading corpus " + shared.key):
+            cid = self._next_id
+            self._next_id += 1
+            dims = (len(shared.k), k0.shape[0], k0.shape[1], k0.shape[2], shared.chunk_size)
+            dist.broadcast(header(OP_LOAD, cid, *dims, code, device=dev), src=0)
+            size = torch.tensor([payload.numel()], dtype=torch.int64, device=dev)
+            dist.broadcast(size, src=0)
+            dist.broadcast(payload.to(dev), src=0)
+            status = [torch.zeros(1, device=dev) for _ in range(self.world.world_size)]
+            dist.gather(torch.zeros(1, device=dev), status, dst=0)
+        failed = [r for r in self.world.shared_ranks if status[r].item() != 0]
+        view = remote_view(shared, placement, cid)
+        if failed:
+            log.warning(
+                "corpus %s: shared ranks %s could not read their slices from the KV store; "
+                "sending them from rank 0",
+                shared.key,
+                failed,
+            )
+            self.drop(view)
+            return self.register(shared), False
+        keep_preamble(shared)  # the view shares this selector and drops the KV: copy it first
+        return view, True
 
     def drop(self, view: SharedKV) -> None:
         """Free a corpus's slices on the shared ranks."""

@@ -7,6 +7,7 @@ query whose chosen chunks all live elsewhere returns lse = -inf and drops out of
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -22,11 +23,13 @@ from kb.engine.distributed.protocol import (
     HEARTBEAT_S,
     OP_ATTEND,
     OP_DROP,
+    OP_LOAD,
     OP_PING,
     OP_REGISTER,
     OP_SHUTDOWN,
     World,
 )
+from storage.kvstore import read_kv
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,27 @@ class CorpusSlice:
     k: torch.Tensor
     v: torch.Tensor
     head_dim: int
+
+
+def read_slice(kv: torch.Tensor, shard: ShardRange, spec: dict) -> int:
+    """Fill kv [2, L, n, Hkv, d] with the shard's tokens from the corpus's KV files (`spec`:
+    LOAD's file list), reading and verifying only the files that overlap it; each file's
+    tokens are laid out in `via`, then in kv's dtype, as rank 0's layout is. Returns the number
+    of files read; raises on a file that cannot be read or does not match its checksum."""
+    via = getattr(torch, spec["via"])
+    start, read = 0, 0
+    for path, checksum, tokens in spec["files"]:
+        a, b = max(start, shard.token_start), min(start + tokens, shard.token_end)
+        if a < b:
+            k, v = read_kv(path, checksum, dequantize=True)
+            if k.shape[1] != tokens:
+                raise ValueError(f"KV file {path} holds {k.shape[1]} tokens, not {tokens}")
+            for j, x in enumerate((k, v)):
+                part = x[:, a - start : b - start].to(via).to(kv.dtype)
+                kv[j, :, a - shard.token_start : b - shard.token_start] = part
+            read += 1
+        start += tokens
+    return read
 
 
 def _heartbeat(world: World, stop: threading.Event) -> None:
@@ -119,6 +143,37 @@ def run_shared_rank(world: World) -> None:
                         shard.chunk_end,
                         shard.num_tokens,
                     )
+                elif op == OP_LOAD:
+                    cid, layers, n, hkv, d, chunk, code = f[:7]
+                    size = torch.empty(1, dtype=torch.int64, device=dev)
+                    dist.broadcast(size, src=0)
+                    buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+                    dist.broadcast(buf, src=0)
+                    spec = json.loads(buf.cpu().numpy().tobytes())
+                    placement = place(n, chunk, world.shared_ranks)
+                    shard = placement.shard(world.rank)
+                    kv = torch.empty(
+                        2, layers, shard.num_tokens, hkv, d, dtype=DTYPES[code], device=dev
+                    )
+                    try:
+                        read = read_slice(kv, shard, spec)
+                        failed = 0.0
+                    except Exception as e:  # noqa: BLE001 - rank 0 sends the slice instead
+                        log.warning("rank %d: corpus %d unreadable here: %s", world.rank, cid, e)
+                        failed = 1.0
+                    dist.gather(torch.full((1,), failed, device=dev), None, dst=0)
+                    if not failed:
+                        corpora[cid] = CorpusSlice(placement, shard, kv[0], kv[1], d)
+                        log.info(
+                            "rank %d: corpus %d, chunks %d..%d (%d tokens) from %d of %d files",
+                            world.rank,
+                            cid,
+                            shard.chunk_start,
+                            shard.chunk_end,
+                            shard.num_tokens,
+                            read,
+                            len(spec["files"]),
+                        )
                 elif op == OP_DROP:
                     corpora.pop(f[0], None)
                 elif op == OP_ATTEND:
