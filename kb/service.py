@@ -35,7 +35,7 @@ from kb.jobs import JobService
 from kb.model.config import UnsupportedModelError
 from kb.model.demo import DEMO_NAME, ensure_demo_model
 from kb.model.loader import LoadedModel, load_model
-from kb.prompt import build_prompt, encode, question_span
+from kb.prompt import build_prompt, encode, question_span, turn_spans
 from kb.settings import Settings
 from storage.db import Database
 from storage.models import Corpus, CorpusShare, Document, User
@@ -469,13 +469,28 @@ class KnowledgeBase:
                     else shared.router.top_k(self.settings.density)
                 )
             selects = shared.selector is not None and not dense and self.settings.density >= 1.0
-            pos = (
-                shared.selector.query_position(shared.pos_offset) if selects else shared.pos_offset
-            )
-            span = question_span(lm.tokenizer, parts.suffix, question) if selects else None
+            span, turns, pos = None, (), shared.pos_offset
+            if selects:  # the question's tokens and the earlier user turns' (oldest first)
+                span = question_span(lm.tokenizer, parts.suffix, question)
+                asked = [
+                    t["content"]
+                    for t in history or []
+                    if t.get("role") == "user" and isinstance(t.get("content"), str)
+                ]
+                turns = turn_spans(lm.tokenizer, parts.suffix, asked)
+                if span is not None:
+                    turns = tuple(t for t in turns if t[1] <= span[0])
+                pos = shared.selector.query_position(shared.pos_offset, len(turns))
             try:
                 handle = self.engine.add_request(
-                    ids, sampling, shared.key, pos, loop, select=selects, select_span=span
+                    ids,
+                    sampling,
+                    shared.key,
+                    pos,
+                    loop,
+                    select=selects,
+                    select_span=span,
+                    history_spans=turns,
                 )
             except QueueFull as e:
                 raise TooBusy(str(e)) from e

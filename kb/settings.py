@@ -114,6 +114,13 @@ class Settings(BaseSettings):
         "at virtual positions: by ascending score, the best right before the question "
         "(best_last), or as stored (corpus); docs/QUALITY.md",
     )
+    selection_history: int = Field(
+        default=2,
+        ge=0,
+        description="attention retrieval in a conversation: "
+        "the most recent earlier user turns that each keep their best passage beside the "
+        "question's (0 = the question alone); docs/QUALITY.md",
+    )
     serve_kv_dtype: Literal["auto", "stored"] = Field(
         default="auto",
         description="shared KV as served: auto "

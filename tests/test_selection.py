@@ -142,6 +142,62 @@ def test_best_last_puts_the_best_passage_right_before_the_question():
     assert ((chosen * cs + sel.shifts(chosen, scores)) // cs).tolist() == list(range(6))
 
 
+def _pointing_query(sel: PassageSelector, chunk: int, t: int = 3) -> dict:
+    """Queries of t tokens at positions chunk_size.. (no rotation in `token_scores`) aimed at one
+    token of `chunk`: that chunk scores highest."""
+    key = sel.keys[0][:, (chunk - sel.always) * sel.chunk_size + 5]  # [Hkv, d], chunk-local
+    q = (8 * key).repeat_interleave(3, 0)[None].expand(t, -1, -1).contiguous()  # Hq = 3 Hkv
+    return {0: (q, sel.chunk_size + torch.arange(t))}
+
+
+def test_earlier_turns_keep_their_passage_before_the_question():
+    """A conversation's earlier user turns each add their best passage beside the budget (none
+    for a turn whose passage is read already), laid out before the question's passage, which
+    stays right before the question; only the question's own chunks are cited."""
+    torch.manual_seed(4)
+    cs = 64
+    k = [torch.randn(20 * cs, 3, 64)]
+    cfg = SelectionConfig(
+        layers=(0,), budget=cs, neighbours=0, window=1, calibrate="none", history=2
+    )
+    sel = PassageSelector.build(k, torch.arange(20 * cs), cs, 1, INV, cfg)
+    question, older, newer = (_pointing_query(sel, c) for c in (12, 5, 9))
+    alone = sel.select(question)
+    assert alone.chunks.tolist() == [0, 12]
+    got = sel.select(question, [older, newer])
+    assert got.chunks.tolist() == [0, 5, 9, 12]
+    slots = ((got.chunks * cs + got.shift) // cs).tolist()
+    assert slots == [0, 1, 2, 3]  # oldest turn first, the question's passage last
+    assert sel.query_position(0, 2) == 4 * cs  # right after the question's passage
+    assert got.scores[12] == alone.scores[12] and got.scores[5] == got.scores[9] == 0
+    again = sel.select(question, [older, _pointing_query(sel, 12)])  # already read: nothing new
+    assert again.chunks.tolist() == [0, 5, 12]
+    assert ((again.chunks * cs + again.shift) // cs).tolist() == [0, 2, 3]  # gap after the sink
+    cut = dataclasses.replace(cfg, history=1)
+    sel.config = cut  # only the most recent turn
+    assert sel.select(question, [older, newer]).chunks.tolist() == [0, 9, 12]
+
+
+def test_turn_spans_find_earlier_questions_in_order(demo_model):
+    from kb.prompt import build_prompt, question_span, turn_spans
+
+    tok = demo_model.tokenizer
+    history = [
+        {"role": "user", "content": "Where is the vault?"},
+        {"role": "assistant", "content": "In the archive."},
+        {"role": "user", "content": "Where is the vault?"},
+        {"role": "assistant", "content": "Still there."},
+    ]
+    suffix = build_prompt(tok, "Answer.", history, "What is the code?").suffix
+    ids = tok(suffix, add_special_tokens=False)["input_ids"]
+    spans = turn_spans(tok, suffix, ["Where is the vault?", "Where is the vault?", "Not asked"])
+    assert len(spans) == 2 and spans[0][1] <= spans[1][0]  # both turns, in order; one not found
+    for a, b in spans:
+        assert tok.decode(ids[a:b]).strip() == "Where is the vault?"
+    a, b = question_span(tok, suffix, "What is the code?")
+    assert spans[1][1] <= a and tok.decode(ids[a:b]).strip() == "What is the code?"
+
+
 def _large_corpus(tmp_path_factory):
     """A KnowledgeBase with a corpus of ~25K tokens of real prose in 16 documents, one fact planted."""
     from bench.quality import gen_needle_docs
@@ -249,6 +305,15 @@ def test_large_corpus_fact_answered_and_cited_first_with_defaults(tmp_path_facto
         assert kb.engine.runner.selected_kv.used == 0  # the passages' copies freed at the end
         dense = kb.answer("big", FACT_QUESTION, dense=True)
         assert dense["citations"]  # dense keeps its attention-mass citations
+        turn = [
+            {"role": "user", "content": FACT_QUESTION},
+            {"role": "assistant", "content": "7341"},
+        ]
+        follow = kb.ask("big", "Who keeps the archive?", history=turn)
+        kb.wait(follow)
+        kept = follow.handle.seq.selection.chunks.tolist()
+        assert set(s1.chunks.tolist()) & set(kept) > set(range(loaded.shared.always_chunks))
+        assert follow.handle.seq.pos_offset == loaded.shared.selector.query_position(0, 1)
 
         from tests.conftest import planted_text
 

@@ -134,9 +134,11 @@ class Engine:
         *,
         select: bool = False,
         select_span: tuple[int, int] | None = None,
+        history_spans: tuple[tuple[int, int], ...] = (),
     ) -> RequestHandle:
         """Queue a request; with `select` (over a corpus with a selector) it chooses the passages
-        it reads at prefill from its question's tokens prompt_ids[select_span] (kb/engine/selection.py)."""
+        it reads at prefill from its question's tokens prompt_ids[select_span] and its earlier
+        user turns' prompt_ids[a:b] of `history_spans` (kb/engine/selection.py)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         sampling = sampling or SamplingParams()
@@ -158,6 +160,7 @@ class Engine:
             pos_offset=pos_offset,
             select=select and corpus_key is not None,
             select_span=select_span,
+            history_spans=tuple(history_spans),
         )
         handle = RequestHandle(seq, loop)
         with self._lock:

@@ -160,7 +160,12 @@ class ModelRunner:
                 seq.select = False
                 continue
             seq.selection = select_for(
-                shared, self.model, seq.prompt_ids, seq.select_span, seq.pos_offset
+                shared,
+                self.model,
+                seq.prompt_ids,
+                seq.select_span,
+                seq.pos_offset,
+                seq.history_spans,
             )
             seq.chunk_mass = seq.selection.scores.to(self.device)
 

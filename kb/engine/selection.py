@@ -8,16 +8,20 @@ stored start) and each question token's query is rotated to sit right after a ch
 is then scored as if it sat just before the question, which removes the bias of stored position
 and wrap-around (segments past the model's context restart their positions). Token scores (the
 softmax mass of the question's queries, summed over heads, tokens and layers) become phrase
-scores by a window sum (InfiniRetri's 1-D convolution), chunk scores by their best phrase; the
-best chunks and their neighbours (passages) fill a token budget. The preamble's chunks (the
-attention sink) and the request's own tokens are always attended.
+scores by a window sum (InfiniRetri's 1-D convolution), chunk scores by their best phrase,
+calibrated against what neutral questions give each chunk (measured once per corpus layout: the
+lift over it, so a chunk every question attends, a sink, scores ~0); the best chunks and their
+neighbours (passages) fill a token budget. In a conversation each of the last few earlier user
+turns adds its own best passage, laid out before the question's, so a follow-up keeps reading
+what the turns before it read (and worked examples stay next to their source). The preamble's
+chunks (the attention sink) and the request's own tokens are always attended.
 
 The selection is one list of chunk ids per request, the same for every layer and KV head (what
 the batched kernels serve). Positions: the chosen chunks are attended at *virtual* positions,
 laid out contiguously after the preamble, passage by passage in ascending score (the best
 passage right before the question; `order="corpus"` keeps stored order), with the request after
-them; that is a per-chunk position shift (`Selection.shift`) the attention applies by rotating keys (or,
-equivalently, the query) by the shift, leaving the stored shared KV untouched.
+them; that is a per-chunk position shift (`Selection.shift`) the attention applies by rotating
+keys (or, equivalently, the query) by the shift, leaving the stored shared KV untouched.
 
 docs/QUALITY.md has the measurements behind each choice (layers, window, neighbours, budget,
 positions, calibration).
@@ -33,9 +37,12 @@ import torch.nn.functional as F
 
 from kb.model.rope import apply_rope, cos_sin
 
+Queries = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (q[T, Hq, d], positions[T])
+
+
 POSITIONS = ("virtual", "stored")
 ORDERS = ("corpus", "best_last")
-CALIBRATIONS = ("ratio", "sub", "none")
+CALIBRATIONS = ("ratio", "lift", "sub", "none")
 # generic questions whose scores measure what every question attends (position, sinks, style)
 NEUTRAL_QUESTIONS = (
     "What do the documents say?",
@@ -57,14 +64,20 @@ class SelectionConfig:
     # the virtual layout's order: "corpus" (stored order) or "best_last" (passages by ascending
     # score, the best one right before the question; each passage keeps its own chunks' order)
     order: str = "best_last"
-    # against the chunk scores of neutral questions: "ratio" (divide), "sub" (subtract), "none"
-    calibrate: str = "ratio"
+    # against the chunk scores b of neutral questions, m their mean: "lift" ((s - b) / (b + m):
+    # the excess over what any question gives, so a sink chunk scores ~0), "ratio" (s / (b + m)),
+    # "sub" (s - b), "none"
+    calibrate: str = "lift"
+    # earlier user turns of the conversation (most recent first) that each get their best passage
+    # beside the budget, laid out before the question's own passages
+    history: int = 2
 
     def __post_init__(self) -> None:
         assert self.positions in POSITIONS, f"positions must be one of {POSITIONS}"
         assert self.calibrate in CALIBRATIONS, f"calibrate must be one of {CALIBRATIONS}"
         assert self.order in ORDERS, f"order must be one of {ORDERS}"
         assert self.budget > 0 and self.layers and self.window >= 1 and self.neighbours >= 0
+        assert self.history >= 0
 
 
 @dataclass
@@ -147,12 +160,19 @@ class PassageSelector:
         """The budget holds every chunk: selection would read the whole corpus (serve it dense)."""
         return self.budget_chunks >= self.num_chunks - self.always
 
-    def query_position(self, stored_end: int) -> int:
-        """Where a selecting request's own tokens start: after the virtual layout of a full budget,
-        or (stored positions) after the corpus's largest stored position, as dense requests."""
+    def layout_chunks(self, turns: int = 0) -> int:
+        """Routed chunks of the virtual layout of a request with `turns` earlier user turns: the
+        budget's, then one passage for each of up to `config.history` turns."""
+        extra = min(turns, self.config.history) * (2 * self.config.neighbours + 1)
+        return min(self.num_chunks - self.always, self.budget_chunks + extra)
+
+    def query_position(self, stored_end: int, turns: int = 0) -> int:
+        """Where a selecting request's own tokens start: after the virtual layout of a full budget
+        (and its earlier turns' passages), or (stored positions) after the corpus's largest stored
+        position, as dense requests."""
         if self.config.positions == "stored":
             return stored_end
-        return (self.always + self.budget_chunks) * self.chunk_size
+        return (self.always + self.layout_chunks(turns)) * self.chunk_size
 
     def token_scores(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
         """[N'] softmax mass of q[T, Hq, d] (post-RoPE at q_pos[T]) on every routed shared key,
@@ -167,7 +187,7 @@ class PassageSelector:
         p = torch.softmax(torch.bmm(qh, kr.transpose(1, 2)), dim=-1)  # [Hkv, T*G, N']
         return p.sum(dim=(0, 1)) / (t * hq)
 
-    def chunk_scores(self, queries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def chunk_scores(self, queries: Queries) -> torch.Tensor:
         """[C] score of every chunk (0 for the preamble's): the best phrase (window sum of token
         scores) inside it, token scores averaged over the selecting layers."""
         s = sum(self.token_scores(layer, q, pos) for layer, (q, pos) in queries.items()) / len(
@@ -197,19 +217,28 @@ class PassageSelector:
             return scores
         if how == "sub":
             return scores - base
-        return scores / (base + base[self.always :].mean())
+        scale = base + base[self.always :].mean()
+        if how == "lift":  # the excess over neutral, relative: a sink's ~0 whatever is asked
+            return (scores - base) / scale
+        return scores / scale
 
-    def choose(self, ranked: torch.Tensor) -> torch.Tensor:
+    def choose(
+        self, ranked: torch.Tensor, cap: int | None = None, taken: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """[K] ascending chunk ids: the preamble's, then the best chunks by (calibrated) score
-        `ranked[C]`, with their neighbours, until the budget is full."""
+        `ranked[C]`, with their neighbours, until `cap` chunks (the budget's) are chosen; chunks
+        already `taken` ([C] bool, updated) are neither chosen again nor counted."""
         c = ranked.shape[0]
         ranked = ranked.clone()
         ranked[: self.always] = float("-inf")
         chosen: list[int] = []
-        taken = torch.zeros(c, dtype=torch.bool)
-        nb, cap = self.config.neighbours, self.budget_chunks
+        if taken is None:
+            taken = torch.zeros(c, dtype=torch.bool)
+        ranked[taken] = float("-inf")
+        nb = self.config.neighbours
+        cap = self.budget_chunks if cap is None else cap
         for best in ranked.argsort(descending=True, stable=True).tolist():
-            if len(chosen) >= cap or best < self.always:
+            if len(chosen) >= cap or best < self.always or ranked[best] == float("-inf"):
                 break
             for j in sorted(
                 range(max(self.always, best - nb), min(c, best + nb + 1)),
@@ -221,17 +250,21 @@ class PassageSelector:
         return torch.tensor(list(range(self.always)) + sorted(chosen), dtype=torch.long)
 
     def shifts(
-        self, chunks: torch.Tensor, scores: torch.Tensor | None = None
+        self, chunks: torch.Tensor, scores: torch.Tensor | None = None, turns: int = 0
     ) -> torch.Tensor | None:
         """[K] position shift of each chosen chunk: the virtual layout puts the routed chunks one
         after another after the preamble's, in corpus order or (`config.order` "best_last", with
-        the chunk scores) passage by passage in ascending score (None for stored positions)."""
+        the chunk scores) passage by passage in ascending score, the last one right before the
+        question at `query_position(.., turns)` (None for stored positions)."""
         if self.config.positions == "stored":
             return None
         cs = self.chunk_size
         slot = torch.arange(chunks.shape[0])  # the preamble's chunks keep their place
         if self.config.order == "best_last" and scores is not None:
             slot = self.best_last_slots(chunks, scores)
+        # fewer chunks than the layout holds (an earlier turn's passage already chosen): the gap
+        # goes after the preamble, so the passages stay next to the question
+        slot[self.always :] += self.layout_chunks(turns) - (chunks.shape[0] - self.always)
         start = self.positions[(chunks * cs).clamp_max(self.num_tokens - 1)]
         shift = slot * cs - start
         shift[: self.always] = 0
@@ -256,45 +289,70 @@ class PassageSelector:
                 nxt += 1
         return slot
 
-    def select(self, queries: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> Selection:
+    def select(
+        self,
+        queries: Queries,
+        history: list[Queries] | tuple = (),
+    ) -> Selection:
         """The selection of one request from its question's queries at the selecting layers
-        ({layer: (q[T, Hq, d], positions[T])})."""
+        ({layer: (q[T, Hq, d], positions[T])}) and those of its earlier user turns (`history`,
+        oldest first): the budget's passages for the question, then the best passage of each of
+        the `config.history` most recent turns that is not chosen yet. In the best-last layout
+        the turns' passages come first (oldest first) and the question's last."""
         scores = self.calibrated(self.chunk_scores(queries))
         chunks = self.choose(scores)
+        own = chunks[self.always :]
+        taken = torch.zeros(scores.shape[0], dtype=torch.bool)
+        taken[chunks] = True
+        turns = list(history)[::-1][: self.config.history]  # most recent first
+        order = scores.clone()  # the layout's order key of each chunk
+        floor = float(scores[own].min()) if own.numel() else 0.0
+        extra = []
+        for age, turn in enumerate(turns):
+            best = self.calibrated(self.chunk_scores(turn))
+            best[: self.always] = float("-inf")
+            if taken[int(best.argmax())]:  # a turn whose best chunk is read already adds nothing
+                continue
+            passage = self.choose(best, cap=2 * self.config.neighbours + 1, taken=taken)
+            passage = passage[self.always :]
+            order[passage] = floor - 1.0 - age  # before the question's own, the oldest first
+            extra.append(passage)
+        if extra:
+            chunks = torch.cat([chunks, *extra]).sort().values
         cited = torch.zeros_like(scores)
-        cited[chunks] = (
-            (scores[chunks] - scores[chunks[self.always :]].min()).clamp_min(0)
-            if chunks.shape[0] > self.always
-            else 0
-        )
+        cited[own] = (scores[own] - floor).clamp_min(0) if own.numel() else 0
         cited[: self.always] = 0
-        return Selection(chunks, self.shifts(chunks, scores), cited)
+        return Selection(chunks, self.shifts(chunks, order, len(turns)), cited)
 
 
 def selection_queries(
     model,
     ids: list[int],
     positions: list[int],
-    span: tuple[int, int],
+    spans: list[tuple[int, int]],
     preamble_k: list[torch.Tensor],
     preamble_v: list[torch.Tensor],
     layers: tuple[int, ...],
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+) -> list[Queries]:
     """The selection pass: `ids` (a request's prompt) through the model's layers up to the last
-    selecting one, attending the preamble's KV and themselves (causal); returns the queries of
-    the question tokens ids[span[0]:span[1]] at each selecting layer, with their positions."""
+    selecting one, attending the preamble's KV and themselves (causal); returns, per span, the
+    queries of its tokens ids[a:b] at each selecting layer, with their positions (one pass for
+    the question and the earlier turns alike)."""
     from kb.model.rope import cos_sin as _cos_sin
 
     dev = preamble_k[0].device
     ids_t = torch.tensor(ids, device=dev)
     pos_t = torch.tensor(positions, device=dev)
-    attn = _PreambleAttention(preamble_k, preamble_v, span, set(layers))
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    attn = _PreambleAttention(preamble_k, preamble_v, (lo, hi), set(layers))
     x = model.model.embed_tokens(ids_t)
     cos, sin = _cos_sin(pos_t, model.inv_freq)
     for layer in model.model.layers[: max(layers) + 1]:
         x = layer(x, cos, sin, attn)
-    a, b = span
-    return {li: (q, pos_t[a:b].cpu()) for li, q in attn.queries.items()}
+    pos = pos_t.cpu()
+    return [
+        {li: (q[a - lo : b - lo], pos[a:b]) for li, q in attn.queries.items()} for a, b in spans
+    ]
 
 
 @dataclass
@@ -337,17 +395,29 @@ def preamble_kv(shared) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 @torch.inference_mode()
 def select_for(
-    shared, model, ids: list[int], span: tuple[int, int] | None, pos_offset: int
+    shared,
+    model,
+    ids: list[int],
+    span: tuple[int, int] | None,
+    pos_offset: int,
+    history: tuple[tuple[int, int], ...] = (),
 ) -> Selection:
     """The selection of one request over corpus `shared` (its `selector`): the selection pass over
-    its prompt `ids` at positions pos_offset.., scored from the question tokens ids[span]."""
+    its prompt `ids` at positions pos_offset.., scored from the question tokens ids[span] and
+    the earlier user turns' ids[a:b] of `history` (oldest first)."""
     sel: PassageSelector = shared.selector
     span = span or (0, len(ids))
     pk, pv = preamble_kv(shared)
-    queries = selection_queries(
-        model, ids, list(range(pos_offset, pos_offset + len(ids))), span, pk, pv, sel.config.layers
+    *turns, queries = selection_queries(
+        model,
+        ids,
+        list(range(pos_offset, pos_offset + len(ids))),
+        [*history, span],
+        pk,
+        pv,
+        sel.config.layers,
     )
-    return sel.select(queries)
+    return sel.select(queries, turns)
 
 
 @torch.inference_mode()
@@ -364,8 +434,8 @@ def calibrate(shared, model, tokenizer, system_prompt: str) -> torch.Tensor:
         suffix = build_prompt(tokenizer, system_prompt, [], question).suffix
         ids = encode(tokenizer, suffix)
         span = question_span(tokenizer, suffix, question) or (0, len(ids))
-        queries = selection_queries(
-            model, ids, list(range(pos0, pos0 + len(ids))), span, pk, pv, sel.config.layers
+        (queries,) = selection_queries(
+            model, ids, list(range(pos0, pos0 + len(ids))), [span], pk, pv, sel.config.layers
         )
         scores = sel.chunk_scores(queries)
         total = scores if total is None else total + scores
@@ -393,6 +463,7 @@ def attach_selector(shared, keys: list[torch.Tensor], lm, settings, usable_posit
         layers=chosen,
         positions=settings.selection_positions,
         order=settings.selection_order,
+        history=settings.selection_history,
     )
     selector = PassageSelector.build(
         keys,

@@ -71,9 +71,11 @@ class Sequence:
     finish_reason: str | None = None
     chunk_mass: torch.Tensor | None = None  # attention mass per shared chunk, for citations
     # attention retrieval (kb/engine/selection.py): whether this request chooses its passages, the
-    # [start, end) of its question's tokens in the prompt, and the selection once made at prefill
+    # [start, end) of its question's tokens in the prompt, those of its earlier user turns (oldest
+    # first), and the selection once made at prefill
     select: bool = False
     select_span: tuple[int, int] | None = None
+    history_spans: tuple[tuple[int, int], ...] = ()
     selection: object | None = None
     generator: torch.Generator | None = None
 
