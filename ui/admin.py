@@ -2,7 +2,8 @@
 hits, last use and state, with pin, unpin, evict, move and rebuild; live engine figures with
 small plots. The figures and operations come from `KnowledgeBase.cache_admin` (the tier
 manager's admin side); what they did is said in words. On a CPU-only host the two memory tiers
-are one: "memory".
+are one: "memory". With shared ranks (`kb serve --shared-ranks`) the engine figures say per rank
+what it holds, and whether the ranks answer.
 """
 
 import asyncio
@@ -15,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from kb.errors import KBError
-from kb.service import KnowledgeBase
+from kb.service import KnowledgeBase, SharedRanks
 from ui.common import admin_of, fmt_bytes, shown_errors
 from ui.corpora import rebuild
 
@@ -72,6 +73,23 @@ class CorpusRow:
             names.get(self.tier, self.tier),
             "yes" if self.pinned else "",
         ]
+
+
+def shared_ranks_text(ranks: SharedRanks | None) -> str:
+    """The shared ranks in words, for the engine figures ("" without them)."""
+    if ranks is None:
+        return ""
+    if not ranks.healthy:
+        return (
+            f"**shared ranks** {ranks.ranks}: degraded, {ranks.error}; corpora are served from "
+            "rank 0 until the job is restarted"
+        )
+    held = " · ".join(
+        f"**rank {r['rank']}** {fmt_bytes(r['bytes'])} ({r['tokens']:,} tokens, "
+        f"{r['corpora']} corpora)"
+        for r in ranks.per_rank
+    )
+    return f"**shared ranks** {ranks.ranks}, answering: {held}"
 
 
 def _when(t) -> str:
@@ -182,9 +200,11 @@ class AdminHandlers:
     async def engine(self, request: gr.Request):
         admin_of(self.kb, request)
         now = engine_sample(self.kb)
+        ranks = shared_ranks_text(self.kb.shared_ranks())
+        ranks = f"\n\n{ranks}" if ranks else ""
         if now is None:
             empty = pd.DataFrame({"time": [], "value": [], "series": []})
-            return "engine not started: it starts with the first question", empty, empty
+            return "engine not started: it starts with the first question" + ranks, empty, empty
         if not self.history or now.t - self.history[-1].t >= 0.5:
             self.history.append(now)
         ttft = f"{now.ttft_s * 1000:.0f} ms" if now.ttft_s is not None else "–"
@@ -192,7 +212,7 @@ class AdminHandlers:
             f"**queue** {now.waiting} · **running** {now.running} · **batch** {now.batch} "
             f"(max {now.max_batch}) · **tokens/s** {now.tokens_per_s:.1f} "
             f"· **time to first token** {ttft}"
-        )
+        ) + ranks
         t0 = self.history[0].t
         load = pd.DataFrame(
             [
