@@ -34,6 +34,7 @@ MODEL = "kb:handbook"
 ASK = [{"role": "user", "content": FACT_QUESTION}]
 LONG = [{"role": "user", "content": "Write a long essay about every module described above."}]
 TIMEOUT_S = 10  # the job's KB_SHARED_RANK_TIMEOUT_S: a dead rank surfaces within it
+ROUTED = 0.5  # KB_DENSITY of the routed job
 START_S = 120  # rank 0 imports the web app and loads the demo model on a loaded 2-core box
 
 
@@ -66,12 +67,15 @@ def _alive(pid: int) -> bool:
 
 
 @contextmanager
-def serve_job(home: Path, world: int, tmp: Path, spawn: bool = False) -> Iterator[Job]:
+def serve_job(
+    home: Path, world: int, tmp: Path, spawn: bool = False, env: dict | None = None
+) -> Iterator[Job]:
     """`kb serve --shared-ranks world-1` on `world` processes over the stored `home` (`spawn`:
     one command that starts the shared ranks); every process is killed on the way out."""
     port, master = _free_port(), _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KB_")}
+    extra, env = env or {}, {k: v for k, v in os.environ.items() if not k.startswith("KB_")}
     env.update(
+        **extra,
         KB_HOME=str(home),
         KB_MODELS_DIR=str(MODELS_DIR),
         KB_UNIQUE_KV_TOKENS="8192",
@@ -157,14 +161,22 @@ def _answers(url: str, stream: bool = True) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(handbook) -> dict:
-    """The one-process service's answers over the stored handbook corpus."""
+    """The one-process service's answers over the stored handbook corpus: its questions choose
+    their passages (attention retrieval, the default), and at density 0.5 (routed: every query
+    attends half the chunks its router picks)."""
     from kb.server import create_app
 
     with serve_in_thread(create_app(handbook, warm=False, ui=False)) as url:
-        want = _answers(url)
-    assert FACT_ANSWER in want["http"], want
-    assert want["openai"] == want["http"] == want["stream"]
-    return want
+        selecting = _answers(url)
+        handbook.settings.density = ROUTED
+        try:
+            routed = _answers(url)
+        finally:
+            handbook.settings.density = 1.0
+    assert FACT_ANSWER in selecting["http"], selecting
+    for want in (selecting, routed):
+        assert want["openai"] == want["http"] == want["stream"]
+    return {"selecting": selecting, "routed": routed}
 
 
 def _cache_op(url: str, name: str, op: str) -> dict:
@@ -203,8 +215,9 @@ def test_admin_tab_says_what_each_shared_rank_holds():
 
 
 def test_two_processes_answer_as_one_and_take_new_documents(reference, handbook, tmp_path):
-    with serve_job(handbook.settings.resolved_home, 2, tmp_path, spawn=True) as job:
-        assert _answers(job.url) == reference, job.tails()
+    routed = {"KB_DENSITY": str(ROUTED)}  # the router runs on rank 0, its chunk ids travel
+    with serve_job(handbook.settings.resolved_home, 2, tmp_path, spawn=True, env=routed) as job:
+        assert _answers(job.url) == reference["routed"], job.tails()
         health = httpx.get(f"{job.url}/healthz").json()
         assert health["status"] == "ok" and health["shared_ranks"]["healthy"]
         (shard,) = _shards(job.url, "handbook")  # rank 1 holds every chunk, rank 0 none
@@ -257,7 +270,8 @@ def test_two_processes_answer_as_one_and_take_new_documents(reference, handbook,
         assert held() == shard["bytes"] + _shards(job.url, "handbook")[0]["bytes"]
         assert _cache_op(job.url, "handbook", "evict") == {"tier": "disk"}
         assert _shards(job.url, "handbook") == [] and held() == shard["bytes"]
-        assert _chat(job.url, ASK)["choices"][0]["message"]["content"] == reference["http"]
+        answer = _chat(job.url, ASK)["choices"][0]["message"]["content"]
+        assert answer == reference["routed"]["http"]
         assert _shards(job.url, "handbook")[0]["tokens"] == tokens
         assert _cache_op(job.url, "notes", "delete") == {"deleted": "notes"}
         assert held() == _shards(job.url, "handbook")[0]["bytes"]
@@ -292,7 +306,7 @@ def _stream_until_killed(url: str, victim: subprocess.Popen) -> tuple[str, list[
 
 def test_three_processes_answer_as_one_then_survive_a_killed_rank(reference, handbook, tmp_path):
     with serve_job(handbook.settings.resolved_home, 3, tmp_path) as job:
-        assert _answers(job.url) == reference, job.tails()
+        assert _answers(job.url) == reference["selecting"], job.tails()
         shards = _shards(job.url, "handbook")
         assert [(s["rank"], s["loaded_from"]) for s in shards] == [(1, "kv store"), (2, "kv store")]
 
@@ -308,7 +322,8 @@ def test_three_processes_answer_as_one_then_survive_a_killed_rank(reference, han
         assert "shared rank 2 stopped responding" in health["shared_ranks"]["error"]
         # served from rank 0 now: the same greedy answers as one process
         after = _answers(job.url, stream=False)
-        assert after == {k: v for k, v in reference.items() if k != "stream"}, job.tails()
+        want = {k: v for k, v in reference["selecting"].items() if k != "stream"}
+        assert after == want, job.tails()
         health = httpx.get(f"{job.url}/healthz").json()
         assert health["status"] == "degraded" and health["shared_ranks"]["serving"] == "rank 0"
         assert _shards(job.url, "handbook") == []
