@@ -340,7 +340,9 @@ def selection_queries(
     the question and the earlier turns alike)."""
     from kb.model.rope import cos_sin as _cos_sin
 
-    dev = preamble_k[0].device
+    dev = model.inv_freq.device  # the preamble's copy may be elsewhere (a sharded corpus's)
+    preamble_k = [x.to(dev) for x in preamble_k]
+    preamble_v = [x.to(dev) for x in preamble_v]
     ids_t = torch.tensor(ids, device=dev)
     pos_t = torch.tensor(positions, device=dev)
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
