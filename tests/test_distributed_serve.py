@@ -161,22 +161,22 @@ def _answers(url: str, stream: bool = True) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(handbook) -> dict:
-    """The one-process service's answers over the stored handbook corpus: its questions choose
-    their passages (attention retrieval, the default), and at density 0.5 (routed: every query
-    attends half the chunks its router picks)."""
+    """The one-process service's answers over the stored handbook corpus: dense (its 1,817
+    tokens are within the model's positions: no passage selection) and at density 0.5 (routed:
+    every query attends half the chunks its router picks)."""
     from kb.server import create_app
 
     with serve_in_thread(create_app(handbook, warm=False, ui=False)) as url:
-        selecting = _answers(url)
+        dense = _answers(url)
         handbook.settings.density = ROUTED
         try:
             routed = _answers(url)
         finally:
             handbook.settings.density = 1.0
-    assert FACT_ANSWER in selecting["http"], selecting
-    for want in (selecting, routed):
+    assert FACT_ANSWER in dense["http"], dense
+    for want in (dense, routed):
         assert want["openai"] == want["http"] == want["stream"]
-    return {"selecting": selecting, "routed": routed}
+    return {"dense": dense, "routed": routed}
 
 
 def _cache_op(url: str, name: str, op: str) -> dict:
@@ -306,7 +306,7 @@ def _stream_until_killed(url: str, victim: subprocess.Popen) -> tuple[str, list[
 
 def test_three_processes_answer_as_one_then_survive_a_killed_rank(reference, handbook, tmp_path):
     with serve_job(handbook.settings.resolved_home, 3, tmp_path) as job:
-        assert _answers(job.url) == reference["selecting"], job.tails()
+        assert _answers(job.url) == reference["dense"], job.tails()
         shards = _shards(job.url, "handbook")
         assert [(s["rank"], s["loaded_from"]) for s in shards] == [(1, "kv store"), (2, "kv store")]
 
@@ -322,7 +322,7 @@ def test_three_processes_answer_as_one_then_survive_a_killed_rank(reference, han
         assert "shared rank 2 stopped responding" in health["shared_ranks"]["error"]
         # served from rank 0 now: the same greedy answers as one process
         after = _answers(job.url, stream=False)
-        want = {k: v for k, v in reference["selecting"].items() if k != "stream"}
+        want = {k: v for k, v in reference["dense"].items() if k != "stream"}
         assert after == want, job.tails()
         health = httpx.get(f"{job.url}/healthz").json()
         assert health["status"] == "degraded" and health["shared_ranks"]["serving"] == "rank 0"
