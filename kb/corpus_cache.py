@@ -6,12 +6,13 @@ Where each layout lives (device, host memory, disk) is the tier manager's decisi
 while it answers questions) and comes back on its next question, from host memory when parked
 there, else from its verified files. Corpus.tier, hits and last_used_at follow in the database.
 
-With a `ShardLink` (`kb serve --shared-ranks S`, docs/SCALING.md) a loaded corpus is sent to the
-shared ranks (`ShardLink.register`: each gets its slice) and this rank keeps only the view: router,
-passage selector, shapes. The device tier then stands for the shared ranks' memory (S times
-KB_GPU_CACHE_GB, no host tier): leaving it drops the slices there (`ShardLink.drop`). When the
-link fails (a shared rank died), every corpus is installed again here, memory permitting, and
-served in-process from then on (`fell_back`).
+With a `ShardLink` (`kb serve --shared-ranks S`, docs/SCALING.md) a loaded corpus goes to the
+shared ranks (`ShardLink.load`: each reads its slice from the corpus's KV files, or is sent it
+when it cannot) and this rank keeps only the view: router, passage selector, shapes. The device
+tier then stands for the shared ranks' memory (S times KB_GPU_CACHE_GB, no host tier): leaving
+it drops the slices there (`ShardLink.drop`). When the link fails (a shared rank died), every
+corpus is installed again here, memory permitting, and served in-process from then on
+(`fell_back`).
 """
 
 from __future__ import annotations
@@ -383,10 +384,11 @@ class CorpusCache:
         sharded = self.sharded
         self.tiers.track(name, 0, in_use=lambda: self._in_use(key), pinned=pinned)
         tensors = self._serving(layout)
-        # sharded, the tier manager counts what the shared ranks will hold: meta tensors
-        held = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors]
+        held = tensors
+        if sharded:  # the tier manager counts what the shared ranks will hold: meta tensors
+            held = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in tensors]
         try:
-            self._place(name, held if sharded else tensors)
+            self._place(name, held)
         except (TooBusy, Conflict):
             self.tiers.remove(name)
             raise
