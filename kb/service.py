@@ -18,29 +18,71 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from kb.auth import Principal, can_read, can_write, check_read, check_write
+from kb.auth import (
+    Forbidden,
+    Principal,
+    auth_on,
+    can_read,
+    can_write,
+    check_read,
+    check_write,
+    principal_for,
+)
 from kb.cache_admin import CacheAdmin
 from kb.catalog import Catalog, CorpusInfo, corpus_row
-from kb.chats import Chats
+from kb.chats import ChatHistory, Chats
 from kb.citations import CitationMap
 from kb.corpus_cache import CorpusCache, LoadedCorpus
+from kb.document_rows import DocumentRow, document_rows
 from kb.engine.distributed.backend import distributed_engine
 from kb.engine.distributed.protocol import ShardLink
 from kb.engine.engine import Engine, EngineConfig, QueueFull
 from kb.engine.request import Delta, Finished, RequestHandle
 from kb.engine.sequence import SamplingParams
 from kb.errors import Conflict, KBError, NotFound, TooBusy
+from kb.file_types import accepted_names, accepted_suffixes
 from kb.ingest.pipeline import Ingestor, IngestResult, Progress
+from kb.inputs import check_text, internal_message, new_request_id
 from kb.jobs import JobService
 from kb.model.config import UnsupportedModelError
 from kb.model.demo import DEMO_NAME, ensure_demo_model
 from kb.model.loader import LoadedModel, load_model
 from kb.prompt import build_prompt, encode, question_span, turn_spans
 from kb.settings import Settings
+from kb.sources import SourcePage, page_image, source_page
+from kb.uploads import UploadRegistry, caller_owner
 from storage.db import Database
 from storage.models import Corpus, CorpusShare, Document, User
 
 log = logging.getLogger(__name__)
+
+# the service's public face: the web app (and any other client of the service) imports these
+# from here, never from the modules behind them
+__all__ = [
+    "Answer",
+    "ChatHistory",
+    "Conflict",
+    "Delta",
+    "DocumentRow",
+    "Finished",
+    "Forbidden",
+    "KBError",
+    "KnowledgeBase",
+    "NotFound",
+    "Principal",
+    "SamplingParams",
+    "SharedRanks",
+    "SourcePage",
+    "UploadRegistry",
+    "accepted_names",
+    "accepted_suffixes",
+    "auth_on",
+    "caller_owner",
+    "check_text",
+    "internal_message",
+    "new_request_id",
+    "principal_for",
+]
 
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" let "name\n" through
 
@@ -302,6 +344,20 @@ class KnowledgeBase:
                 }
                 for d in c.documents
             ]
+
+    def document_rows(self, user: Principal, corpus: str) -> list[DocumentRow]:
+        """Each document of `corpus` (which `user` may read) as the web app lists it."""
+        return document_rows(self.db, user, corpus)
+
+    def source_page(
+        self, user: Principal, corpus: str, document_id: int, page: int | None, passage: str
+    ) -> SourcePage:
+        """The cited page of a document of `corpus` with `passage` located in it (kb/sources.py)."""
+        return source_page(self.db, self.settings, user, corpus, document_id, page, passage)
+
+    def page_image(self, user: Principal, corpus: str, document_id: int, page: int) -> bytes | None:
+        """PNG bytes of page `page` of a stored PDF of `corpus`, or None where it cannot be drawn."""
+        return page_image(self.db, user, corpus, document_id, page)
 
     def writable_corpora(self, user: Principal) -> list[str]:
         """The names of the corpora `user` may read and change, in name order."""

@@ -15,8 +15,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from kb.errors import KBError
-from kb.service import KnowledgeBase, SharedRanks
+from kb.service import KBError, KnowledgeBase, SharedRanks
 from ui.common import admin_of, fmt_bytes, shown_errors
 from ui.corpora import rebuild
 

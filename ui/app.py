@@ -5,8 +5,7 @@ import asyncio
 
 import gradio as gr
 
-from kb.service import KnowledgeBase
-from kb.uploads import UploadRegistry
+from kb.service import KnowledgeBase, UploadRegistry
 from ui.admin import build_admin_tab
 from ui.chat import build_chat_tab
 from ui.common import local_user, may_administer, user_of

@@ -15,13 +15,16 @@ from typing import Any
 
 import gradio as gr
 
-from kb.auth import Principal
-from kb.chats import ChatHistory
-from kb.errors import KBError
-from kb.inputs import internal_message
-from kb.service import Delta, Finished, KnowledgeBase
-from kb.sources import page_image, source_page
-from kb.uploads import caller_owner
+from kb.service import (
+    ChatHistory,
+    Delta,
+    Finished,
+    KBError,
+    KnowledgeBase,
+    Principal,
+    caller_owner,
+    internal_message,
+)
 from ui.common import shown_errors, user_of
 from ui.render import (
     MARKS,
@@ -207,9 +210,7 @@ class ChatHandlers:
             raise KBError("that source is no longer stored with this conversation")
         user = user_of(self.kb, request)
         page = await asyncio.to_thread(
-            source_page,
-            self.kb.db,
-            self.kb.settings,
+            self.kb.source_page,
             user,
             history.corpus,
             int(cite["document_id"]),
@@ -219,7 +220,7 @@ class ChatHandlers:
         image = None
         if page.media_type == "pdf" and page.page:
             image = await asyncio.to_thread(
-                page_image, self.kb.db, user, history.corpus, int(cite["document_id"]), page.page
+                self.kb.page_image, user, history.corpus, int(cite["document_id"]), page.page
             )
         return source_html(page, image)
 

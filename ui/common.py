@@ -11,10 +11,16 @@ from typing import Any
 
 import gradio as gr
 
-from kb.auth import Forbidden, Principal, auth_on, principal_for
-from kb.errors import KBError
-from kb.inputs import check_text, new_request_id
-from kb.service import KnowledgeBase
+from kb.service import (
+    Forbidden,
+    KBError,
+    KnowledgeBase,
+    Principal,
+    auth_on,
+    check_text,
+    new_request_id,
+    principal_for,
+)
 
 log = logging.getLogger(__name__)
 

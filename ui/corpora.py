@@ -20,12 +20,17 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from kb.auth import Principal
-from kb.document_rows import DocumentRow, document_rows
-from kb.errors import Conflict, KBError
-from kb.file_types import accepted_names, accepted_suffixes
-from kb.service import KnowledgeBase
-from kb.uploads import UploadRegistry, caller_owner
+from kb.service import (
+    Conflict,
+    DocumentRow,
+    KBError,
+    KnowledgeBase,
+    Principal,
+    UploadRegistry,
+    accepted_names,
+    accepted_suffixes,
+    caller_owner,
+)
 from ui.common import error_words, fmt_bytes, local_user, shown_errors, user_of
 
 log = logging.getLogger(__name__)
@@ -176,7 +181,7 @@ class CorporaHandlers:
         if not name:
             return NO_DOCUMENTS, ""
         user = user_of(self.kb, request)
-        rows = await asyncio.to_thread(document_rows, self.kb.db, user, name)
+        rows = await asyncio.to_thread(self.kb.document_rows, user, name)
         info = await asyncio.to_thread(self.kb.corpus_info, name)
         docs = "1 document" if info.documents == 1 else f"{info.documents} documents"
         summary = f"**{info.name}**: {info.status} · {docs} · {info.tokens} tokens"
