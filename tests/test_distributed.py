@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import queue
+import re
+import signal
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +26,7 @@ from kb.model.config import ModelConfig
 from tests.conftest import DigitTokenizer
 
 TIMEOUT_S = 10.0  # the process group's timeout: a dead rank must surface within it
+STALL_TIMEOUT_S = 5.0  # the hung-rank test waits it out: shorter
 JOIN_S = 60.0
 
 
@@ -173,8 +177,9 @@ def _unique_rank_compare(world) -> dict:
     return {"want": want, "got": got, "diffs": diffs}
 
 
-def _unique_rank_kill(world) -> dict:
-    """Rank 0 of the failure test: a few steps run, then shared rank 2 exits; every request fails."""
+def _unique_rank_kill(world, stall: bool = False) -> dict:
+    """Rank 0 of the failure tests: a few steps run, then shared rank 2 exits (or, with `stall`,
+    stops: its sockets stay open and nothing answers); every request fails."""
     from kb.engine.distributed.backend import distributed_engine
     from kb.engine.distributed.protocol import ShardLink, SharedRankError
     from kb.engine.engine import EngineConfig
@@ -196,16 +201,25 @@ def _unique_rank_kill(world) -> dict:
     tokens_before = [len(h.seq.output_ids) for h in hs]
     world.store.set("kill/2", "1")
     world.store.wait(["dying/2"], timedelta(seconds=JOIN_S))
+    t0 = time.monotonic()
     engine.run_until_done()
+    failed_after = time.monotonic() - t0
     late = engine.add_request([1, 2], SamplingParams(max_tokens=3), view.key, view.pos_offset)
     engine.run_until_done()
+    if stall:  # the stopped rank would outlive the test's joins: end it now
+        os.kill(int(world.store.get("pid/2")), signal.SIGKILL)
     raised = None
     try:
         link.ping()
     except SharedRankError as e:
         raised = str(e)
     results = [(h.result.reason, h.result.error) for h in hs + [late]]
-    return {"tokens_before": tokens_before, "results": results, "raised": raised}
+    return {
+        "tokens_before": tokens_before,
+        "results": results,
+        "raised": raised,
+        "failed_after": failed_after,
+    }
 
 
 def _unique_rank_load(world, folder: Path) -> dict:
@@ -254,16 +268,20 @@ def _rank_main(
     from kb.engine.distributed.worker import run_shared_rank
 
     try:
-        world = init_world(init, rank, world_size, backend=backend, timeout_s=TIMEOUT_S)
+        timeout = STALL_TIMEOUT_S if scenario == "stall" else TIMEOUT_S
+        world = init_world(init, rank, world_size, backend=backend, timeout_s=timeout)
         if rank == 0 and scenario == "load":
             _report(out, ("ok", _unique_rank_load(world, Path(init[len("file://") :]).parent)))
             os._exit(0)
         if rank == 0:
-            fn = _unique_rank_compare if scenario == "compare" else _unique_rank_kill
-            _report(out, ("ok", fn(world)))
+            if scenario == "compare":
+                result = _unique_rank_compare(world)
+            else:
+                result = _unique_rank_kill(world, stall=scenario == "stall")
+            _report(out, ("ok", result))
             os._exit(0)  # peers may be dead: skip teardown that would wait for them
-        if scenario == "kill" and rank == 2:
-            _exit_when_told(world)
+        if scenario in ("kill", "stall") and rank == 2:
+            _exit_when_told(world, stop=scenario == "stall")
         run_shared_rank(world)
     except BaseException:  # noqa: BLE001 - the test process reports it
         if rank == 0:
@@ -279,13 +297,17 @@ def _report(out, item: tuple) -> None:
     out.join_thread()
 
 
-def _exit_when_told(world) -> None:
-    """Test-only: a thread that kills this process (no cleanup, like a crash) once rank 0 asks."""
+def _exit_when_told(world, stop: bool = False) -> None:
+    """Test-only: a thread that kills this process (no cleanup, like a crash) once rank 0 asks;
+    with `stop`, stops it instead (SIGSTOP: a hung rank whose sockets stay open)."""
     import threading
 
     def die() -> None:
+        world.store.set("pid/2", str(os.getpid()))
         world.store.wait(["kill/2"], timedelta(seconds=JOIN_S))
         world.store.set("dying/2", "1")
+        if stop:
+            os.kill(os.getpid(), signal.SIGSTOP)
         os._exit(1)
 
     threading.Thread(target=die, daemon=True).start()
@@ -359,6 +381,19 @@ def test_shared_ranks_read_their_slices_from_the_kv_store(tmp_path):
     assert res["read"] and res["got"] == res["want"]  # read from the files by ranks 1 and 2
     assert not res["read2"] and res["sent"] == res["want"]  # refused files: sent from rank 0
     assert all(len(t) == 6 for t in res["got"])
+
+
+def test_hung_shared_rank_fails_requests_within_the_timeout(tmp_path):
+    """A rank that stops answering while its sockets stay open: the step waits out the process
+    group's timeout, never longer, and its requests fail naming the rank. The other shared
+    rank's own collective times out at the same moment (it waits on the same exchange), so it
+    exits too and is named beside it."""
+    res = _spawn(3, "stall", tmp_path)
+    assert all(n > 0 for n in res["tokens_before"])
+    for reason, error in res["results"]:
+        assert reason == "error" and re.match(r"shared rank [\d, ]*2 stopped responding", error)
+    assert STALL_TIMEOUT_S - 1 < res["failed_after"] < STALL_TIMEOUT_S + 10, res["failed_after"]
+    assert res["raised"] is not None and "2 stopped responding" in res["raised"]
 
 
 def test_dead_shared_rank_fails_requests_clearly(tmp_path):
