@@ -384,15 +384,16 @@ def test_shared_ranks_read_their_slices_from_the_kv_store(tmp_path):
 
 
 def test_hung_shared_rank_fails_requests_within_the_timeout(tmp_path):
-    """A rank that stops answering while its sockets stay open: the step waits out the process
-    group's timeout, never longer, and its requests fail naming the rank. The other shared
-    rank's own collective times out at the same moment (it waits on the same exchange), so it
-    exits too and is named beside it."""
+    """A rank that stops answering while its sockets stay open: the step fails within the process
+    group's timeout, never later, and its requests fail naming the rank. The other shared rank's
+    own collective times out too (it waits on the same exchange), so it exits and is named beside
+    it; when its wait began before the step's (it waited on the previous exchange), its exit
+    closes its sockets first and the step fails earlier than the timeout (2 s of 5 in one CI run)."""
     res = _spawn(3, "stall", tmp_path)
     assert all(n > 0 for n in res["tokens_before"])
     for reason, error in res["results"]:
         assert reason == "error" and re.match(r"shared rank [\d, ]*2 stopped responding", error)
-    assert STALL_TIMEOUT_S - 1 < res["failed_after"] < STALL_TIMEOUT_S + 10, res["failed_after"]
+    assert 0 < res["failed_after"] < STALL_TIMEOUT_S + 10, res["failed_after"]
     assert res["raised"] is not None and "2 stopped responding" in res["raised"]
 
 
