@@ -83,34 +83,36 @@ def question_span(tokenizer, text: str, question: str) -> tuple[int, int] | None
     """[start, end) of the tokens of `encode(text)` that spell the last occurrence of `question`
     (the question itself, not the chat template around it: what selection scores with); None
     when the question is not found."""
-    at = text.rfind(question.strip()) if question.strip() else -1
-    return _char_span(tokenizer, text, at, len(question.strip()))
+    q = question.strip()
+    at = text.rfind(q) if q else -1
+    return _token_span(_offsets(tokenizer, text), at, len(q)) if at >= 0 else None
 
 
 def turn_spans(tokenizer, text: str, questions: list[str]) -> tuple[tuple[int, int], ...]:
     """Token spans of earlier user turns' texts in `encode(text)`, searched in order (each after
     the previous one), oldest first; turns not found are left out. Selection gives each of them
     a passage, so a conversation keeps reading what its earlier questions read."""
-    spans, start = [], 0
+    spans, start, offsets = [], 0, None
     for q in questions:
         q = q.strip()
         at = text.find(q, start) if q else -1
         if at < 0:
             continue
         start = at + len(q)
-        span = _char_span(tokenizer, text, at, len(q))
+        offsets = offsets if offsets is not None else _offsets(tokenizer, text)  # once per text
+        span = _token_span(offsets, at, len(q))
         if span is not None:
             spans.append(span)
     return tuple(spans)
 
 
-def _char_span(tokenizer, text: str, at: int, length: int) -> tuple[int, int] | None:
-    """[start, end) of the tokens covering text[at:at + length] (None when at < 0)."""
-    if at < 0:
-        return None
+def _offsets(tokenizer, text: str) -> list[tuple[int, int]]:
+    """The character range of each token of `encode(text)`."""
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+
+def _token_span(offsets: list[tuple[int, int]], at: int, length: int) -> tuple[int, int] | None:
+    """[start, end) of the tokens covering characters [at, at + length) (None for no token)."""
     end = at + length
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[
-        "offset_mapping"
-    ]
     toks = [i for i, (a, b) in enumerate(offsets) if b > at and a < end]
     return (toks[0], toks[-1] + 1) if toks else None
