@@ -12,7 +12,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -128,13 +128,7 @@ class SharedRanks:
     per_rank: list[dict]
 
     def to_dict(self) -> dict:
-        return {
-            "ranks": self.ranks,
-            "healthy": self.healthy,
-            "serving": self.serving,
-            "error": self.error,
-            "per_rank": self.per_rank,
-        }
+        return asdict(self)
 
 
 @dataclass
