@@ -16,7 +16,7 @@ from kb.engine.block_manager import BlockManager
 from kb.engine.metrics import EngineMetrics
 from kb.engine.request import Delta, Finished, RequestHandle
 from kb.engine.runner import PREFILL_ROUTING, ModelRunner
-from kb.engine.sampler import SamplingFailed, sample_each
+from kb.engine.sampler import BreakerMasks, SamplingFailed, sample_each
 from kb.engine.scheduler import Scheduler
 from kb.engine.sequence import SamplingParams, SeqStatus, Sequence
 from kb.engine.shared_kv import SharedKV
@@ -59,10 +59,14 @@ def check_sampling(sp: SamplingParams) -> None:
         "presence_penalty",
         "frequency_penalty",
         "repetition_penalty",
+        "dry_multiplier",
+        "dry_base",
     ):
         v = getattr(sp, name)
         if not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number")
+    if not isinstance(sp.dry_allowed_length, int):
+        raise ValueError("dry_allowed_length must be an integer")
     if sp.seed is not None and (
         not isinstance(sp.seed, int) or not SEED_MIN <= sp.seed <= SEED_MAX
     ):
@@ -122,6 +126,7 @@ class Engine:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos
+        self.breakers = BreakerMasks(self.tokenizer)  # DRY's breaker strings as token ids
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(
@@ -225,7 +230,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             logits, idx = self.runner.run(batch, corpora)
-            tokens = sample_each(logits, [batch.seqs[i] for i in idx]) if idx else []
+            tokens = sample_each(logits, [batch.seqs[i] for i in idx], self.breakers) if idx else []
         except Exception as e:  # a failed step fails its requests, never the engine
             log.exception("engine step failed")
             self._fail(batch.seqs, e)

@@ -4,8 +4,10 @@ after the request's penalties on the tokens it has generated.
 Penalties are applied to the whole batch at once (`apply_penalties`): OpenAI's presence and
 frequency penalties (`logit - frequency * count - presence * (count > 0)`) and the
 multiplicative repetition penalty of HF and vLLM (a seen token's logit divided by the penalty
-when positive, multiplied when negative). Only generated tokens count: the prompt is a corpus
-whose facts an answer must be free to repeat.
+when positive, multiplied when negative), then DRY ("don't repeat yourself", the sampler of
+text-generation-webui, llama.cpp and koboldcpp): a token that would continue a repeat of an
+earlier run of the answer is penalised by how long that repeat already is (`dry_penalties`).
+Only generated tokens count: the prompt is a corpus whose facts an answer must be free to repeat.
 
 Each sequence is then sampled on its own: an error in one request's sampling (a seed torch cannot
 take, say) becomes that request's `SamplingFailed`, and the other rows of the step go on.
@@ -13,6 +15,9 @@ take, say) becomes that request's `SamplingFailed`, and the other rows of the st
 
 from __future__ import annotations
 
+import math
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,9 +62,145 @@ def _sample_row(row: torch.Tensor, greedy: int, seq: Sequence) -> int:
     return int(torch.multinomial(probs.cpu(), 1, generator=_generator(seq)).item())
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+# (breaker strings, vocabulary size) -> bool[vocabulary]: which token ids are DRY breakers
+BreakerMask = Callable[[tuple[str, ...], int], torch.Tensor]
+DRY_MAX_PENALTY = 1e30  # a DRY penalty is capped here: finite in float32, far past any logit
+
+
+class BreakerMasks:
+    """Which vocabulary ids are DRY sequence breakers, for a tuple of breaker strings: a token is
+    one when its text contains one of them (so a newline breaker makes the tokens of two newlines
+    or of a period and a newline breakers too). The vocabulary is decoded once; the masks of the
+    most recent 256 strings and tuples are kept."""
+
+    def __init__(self, tokenizer, keep: int = 256):
+        self.tokenizer = tokenizer
+        self.keep = keep
+        self._texts: list[str] | None = None
+        self._masks: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+        self._sets: OrderedDict[tuple[tuple[str, ...], int], torch.Tensor] = OrderedDict()
+
+    def _vocab_texts(self, vocab: int) -> list[str]:
+        if self._texts is None or len(self._texts) < vocab:
+            tok = self.tokenizer
+            n = min(vocab, len(tok)) if hasattr(tok, "__len__") else vocab
+            ids = [[i] for i in range(n)]
+            backend = getattr(tok, "backend_tokenizer", None)  # a fast tokenizer's: 10x faster
+            if backend is not None:
+                texts = list(backend.decode_batch(ids))
+            elif hasattr(tok, "batch_decode"):
+                texts = list(tok.batch_decode(ids, skip_special_tokens=True))
+            else:
+                texts = [tok.decode(i, skip_special_tokens=True) for i in ids]
+            self._texts = texts + [""] * (vocab - n)  # ids past the tokenizer's: never breakers
+        return self._texts[:vocab]
+
+    def _mask(self, breaker: str, vocab: int) -> torch.Tensor:
+        key = (breaker, vocab)
+        mask = self._masks.get(key)
+        if mask is None:
+            texts = self._vocab_texts(vocab)
+            mask = torch.tensor([breaker in t for t in texts], dtype=torch.bool)
+            self._masks[key] = mask
+            while len(self._masks) > self.keep:
+                self._masks.popitem(last=False)
+        else:
+            self._masks.move_to_end(key)
+        return mask
+
+    def __call__(self, breakers: tuple[str, ...], vocab: int) -> torch.Tensor:
+        key = (breakers, vocab)
+        out = self._sets.get(key)
+        if out is None:
+            out = torch.zeros(vocab, dtype=torch.bool)
+            for b in breakers:
+                out |= self._mask(b, vocab)
+            self._sets[key] = out
+            while len(self._sets) > self.keep:
+                self._sets.popitem(last=False)
+        else:
+            self._sets.move_to_end(key)
+        return out
+
+
+def dry_match_lengths(ids: torch.Tensor, breaker: torch.Tensor) -> torch.Tensor:
+    """For each row's generated tokens `ids[R, N]`, right-aligned (left padding -1, which
+    `breaker[R, N]` must mark as a breaker, as it marks each sequence breaker), L[R, N]: for
+    the token at column j, the length of the longest run of tokens ending at column j - 1 that
+    equals the run ending at the last column (the answer's suffix), containing no breaker; 0
+    where the token at j is a breaker. Choosing ids[r, j] next would make that a repeat of
+    L + 1 tokens.
+
+    This is the suffix-match (Z) array of the reversed answer, extended one token of the suffix
+    at a time for the whole batch at once: step m keeps the columns whose (m+1)-th token back
+    still equals the suffix's, and stops when none does, so it costs O(R * N * (longest L + 1))."""
+    rows, n = ids.shape
+    length = torch.zeros(rows, n, dtype=torch.long, device=ids.device)
+    alive = ~breaker  # candidate columns: a breaker is never penalised
+    back = torch.full_like(ids, -2)  # back[:, j] = ids[:, j - 1 - m]; -2 before the answer
+    for m in range(n - 1):
+        back.fill_(-2)
+        back[:, m + 1 :] = ids[:, : n - 1 - m]
+        suffix, stop = ids[:, n - 1 - m], breaker[:, n - 1 - m]
+        alive &= (back == suffix.unsqueeze(1)) & ~stop.unsqueeze(1)
+        if not bool(alive.any()):
+            break
+        length += alive
+    return length
+
+
+def dry_penalties(
+    seqs: list[Sequence], vocab: int, device: torch.device, breakers: BreakerMask | None = None
+) -> torch.Tensor:
+    """[R, V] what DRY subtracts from each sequence's logits: for each token t, with L the longest
+    run of the answer's suffix that, followed by t, repeats an earlier run of the answer (no
+    sequence breaker in it; `dry_match_lengths`), `multiplier * base ** (L - allowed_length)`
+    when L >= allowed_length, else 0 (capped at DRY_MAX_PENALTY). Breaker strings become token
+    ids through `breakers` (without it, nothing breaks a run)."""
+    longest = max(len(s.output_ids) for s in seqs)
+    ids = torch.full((len(seqs), longest), -1, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        out = s.output_ids
+        ids[r, longest - len(out) :] = torch.tensor(out, dtype=torch.long)
+    ids = ids.clamp_(max=vocab - 1)
+    brk = ids < 0
+    if breakers is not None:
+        masks = torch.stack(
+            [breakers(tuple(s.sampling.dry_sequence_breakers), vocab) for s in seqs]
+        )
+        brk |= masks.gather(1, ids.clamp(min=0))
+    length = dry_match_lengths(ids, brk)  # on the host, where the answers are: [R, N] is small
+    best = torch.zeros(len(seqs), vocab, dtype=torch.long, device=device)
+    # the longest match per token id (padding adds 0 at id 0)
+    best.scatter_reduce_(1, ids.clamp(min=0).to(device), length.to(device), reduce="amax")
+
+    def col(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+
+    sps = [s.sampling for s in seqs]
+    allowed = col([sp.dry_allowed_length for sp in sps])
+    # the exponent past which multiplier * base ** e exceeds the cap (base 1: never)
+    top = col(
+        [
+            1e4
+            if sp.dry_base <= 1.0
+            else math.log(DRY_MAX_PENALTY / sp.dry_multiplier) / math.log(sp.dry_base)
+            for sp in sps
+        ]
+    )
+    over = best.to(torch.float32) - allowed
+    pen = col([sp.dry_multiplier for sp in sps]) * col([sp.dry_base for sp in sps]).pow(
+        torch.minimum(over, top)
+    )
+    return torch.where(over >= 0, pen.clamp(max=DRY_MAX_PENALTY), torch.zeros_like(pen))
+
+
+def apply_penalties(
+    logits: torch.Tensor, seqs: list[Sequence], breakers: BreakerMask | None = None
+) -> torch.Tensor:
     """logits[S, V] with each row's penalties applied over its sequence's generated tokens, in
-    one batched pass over the penalised rows (the input is left as it was)."""
+    one batched pass over the penalised rows (the input is left as it was); `breakers` maps
+    DRY's breaker strings to token ids (`BreakerMasks`)."""
     rows = [i for i, s in enumerate(seqs) if s.sampling.penalised and s.output_ids]
     if not rows:
         return logits
@@ -85,13 +226,21 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     rep = col("repetition_penalty")
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
     sub = sub - col("frequency_penalty") * counts - col("presence_penalty") * seen
+    dry = [r for r, i in enumerate(rows) if seqs[i].sampling.dry_multiplier > 0]
+    if dry:
+        pen = dry_penalties([seqs[rows[r]] for r in dry], vocab, dev, breakers)
+        at = torch.tensor(dry, device=dev)
+        sub = sub.index_copy(0, at, sub.index_select(0, at) - pen.to(sub.dtype))
     return logits.index_copy(0, index, sub)
 
 
-def sample_each(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | SamplingFailed]:
-    """logits[S, V] (float32), one row per sequence -> a token id, or why that row failed."""
+def sample_each(
+    logits: torch.Tensor, seqs: list[Sequence], breakers: BreakerMask | None = None
+) -> list[int | SamplingFailed]:
+    """logits[S, V] (float32), one row per sequence -> a token id, or why that row failed;
+    `breakers` maps DRY's breaker strings to token ids (`BreakerMasks`; None: no breakers)."""
     out: list[int | SamplingFailed] = []
-    logits = apply_penalties(logits, seqs)
+    logits = apply_penalties(logits, seqs, breakers)
     greedy = logits.argmax(dim=-1).tolist()
     for i, seq in enumerate(seqs):
         try:
@@ -101,9 +250,11 @@ def sample_each(logits: torch.Tensor, seqs: list[Sequence]) -> list[int | Sampli
     return out
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], breakers: BreakerMask | None = None
+) -> list[int]:
     """As `sample_each`, for callers that want ids only: the first failed row raises."""
-    out = sample_each(logits, seqs)
+    out = sample_each(logits, seqs, breakers)
     for t in out:
         if isinstance(t, SamplingFailed):
             raise RuntimeError(t.reason)

@@ -9,6 +9,9 @@ from enum import Enum, auto
 import torch
 
 _ids = itertools.count()
+# text-generation-webui's and llama.cpp's default DRY sequence breakers
+DRY_BREAKERS: tuple[str, ...] = ("\n", ":", '"', "*")
+DRY_MAX_BREAKERS, DRY_MAX_BREAKER_CHARS, DRY_MAX_ALLOWED_LENGTH = 16, 16, 256
 
 
 @dataclass
@@ -25,6 +28,13 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # DRY ("don't repeat yourself", kb/engine/sampler.py): a token that would extend a repeat of
+    # an earlier run of the answer by its L-th token, L >= allowed length, loses
+    # multiplier * base ** (L - allowed length); a breaker resets the run (0 = off)
+    dry_multiplier: float = 0.0
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_sequence_breakers: tuple[str, ...] = DRY_BREAKERS
 
     def validate(self) -> None:
         if not (self.temperature >= 0 and self.temperature <= 10):
@@ -40,11 +50,29 @@ class SamplingParams:
                 raise ValueError(f"{name} must be between -2 and 2")
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise ValueError("repetition_penalty must be in (0, 10]")
+        if not 0.0 <= self.dry_multiplier <= 10.0:
+            raise ValueError("dry_multiplier must be between 0 and 10")
+        if not 1.0 <= self.dry_base <= 10.0:
+            raise ValueError("dry_base must be between 1 and 10")
+        if not 1 <= self.dry_allowed_length <= DRY_MAX_ALLOWED_LENGTH:
+            raise ValueError(f"dry_allowed_length must be between 1 and {DRY_MAX_ALLOWED_LENGTH}")
+        breakers = self.dry_sequence_breakers
+        if (
+            not isinstance(breakers, (tuple, list))
+            or len(breakers) > DRY_MAX_BREAKERS
+            or not all(
+                isinstance(b, str) and 1 <= len(b) <= DRY_MAX_BREAKER_CHARS for b in breakers
+            )
+        ):
+            raise ValueError(
+                f"dry_sequence_breakers must be at most {DRY_MAX_BREAKERS} strings of 1 to "
+                f"{DRY_MAX_BREAKER_CHARS} characters"
+            )
 
     @property
     def penalised(self) -> bool:
         """Whether any penalty changes this request's logits."""
-        return bool(self.presence_penalty or self.frequency_penalty) or (
+        return bool(self.presence_penalty or self.frequency_penalty or self.dry_multiplier) or (
             self.repetition_penalty != 1.0
         )
 
