@@ -132,31 +132,35 @@ def dry_match_lengths(ids: torch.Tensor, breaker: torch.Tensor) -> torch.Tensor:
     L + 1 tokens.
 
     This is the suffix-match (Z) array of the reversed answer, extended one token of the suffix
-    at a time for the whole batch at once: step m keeps the columns whose (m+1)-th token back
-    still equals the suffix's, and stops when none does, so it costs O(R * N * (longest L + 1))."""
+    at a time for the whole batch at once: step m keeps the (row, column) pairs whose (m+1)-th
+    token back still equals the suffix's, and stops when none does. After the first step only
+    the columns after an earlier occurrence of the last token are left, so a step costs what
+    is still matching, and the whole O(R * N + matches * (longest L + 1))."""
     rows, n = ids.shape
     length = torch.zeros(rows, n, dtype=torch.long, device=ids.device)
-    alive = ~breaker  # candidate columns: a breaker is never penalised
-    back = torch.full_like(ids, -2)  # back[:, j] = ids[:, j - 1 - m]; -2 before the answer
+    r, j = (~breaker[:, 1:]).nonzero(as_tuple=True)  # a breaker is never penalised
+    j = j + 1  # a candidate column has a column before it
     for m in range(n - 1):
-        back.fill_(-2)
-        back[:, m + 1 :] = ids[:, : n - 1 - m]
-        suffix, stop = ids[:, n - 1 - m], breaker[:, n - 1 - m]
-        alive &= (back == suffix.unsqueeze(1)) & ~stop.unsqueeze(1)
-        if not bool(alive.any()):
+        back = j - 1 - m
+        keep = back >= 0
+        keep &= ids[r, back.clamp(min=0)] == ids[r, n - 1 - m]
+        keep &= ~breaker[r, n - 1 - m]
+        r, j = r[keep], j[keep]
+        if r.numel() == 0:
             break
-        length += alive
+        length[r, j] += 1
     return length
 
 
 def dry_penalties(
     seqs: list[Sequence], vocab: int, device: torch.device, breakers: BreakerMask | None = None
-) -> torch.Tensor:
-    """[R, V] what DRY subtracts from each sequence's logits: for each token t, with L the longest
-    run of the answer's suffix that, followed by t, repeats an earlier run of the answer (no
-    sequence breaker in it; `dry_match_lengths`), `multiplier * base ** (L - allowed_length)`
-    when L >= allowed_length, else 0 (capped at DRY_MAX_PENALTY). Breaker strings become token
-    ids through `breakers` (without it, nothing breaks a run)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What DRY subtracts from each sequence's logits, as (row, token id, penalty) triples, each
+    (row, token) once: for each token t, with L the longest run of the answer's suffix that,
+    followed by t, repeats an earlier run of the answer (no sequence breaker in it;
+    `dry_match_lengths`), `multiplier * base ** (L - allowed_length)` when L >= allowed_length
+    (capped at DRY_MAX_PENALTY); tokens under the allowed length are not listed. Breaker strings
+    become token ids through `breakers` (without it, nothing breaks a run)."""
     longest = max(len(s.output_ids) for s in seqs)
     ids = torch.full((len(seqs), longest), -1, dtype=torch.long)
     for r, s in enumerate(seqs):
@@ -170,15 +174,14 @@ def dry_penalties(
         )
         brk |= masks.gather(1, ids.clamp(min=0))
     length = dry_match_lengths(ids, brk)  # on the host, where the answers are: [R, N] is small
-    best = torch.zeros(len(seqs), vocab, dtype=torch.long, device=device)
-    # the longest match per token id (padding adds 0 at id 0)
-    best.scatter_reduce_(1, ids.clamp(min=0).to(device), length.to(device), reduce="amax")
 
     def col(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+        return torch.tensor(values, dtype=torch.float64)
 
     sps = [s.sampling for s in seqs]
-    allowed = col([sp.dry_allowed_length for sp in sps])
+    allowed = torch.tensor([sp.dry_allowed_length for sp in sps], dtype=torch.long)
+    r, j = (length >= allowed.unsqueeze(1)).nonzero(as_tuple=True)
+    tokens = ids[r, j]
     # the exponent past which multiplier * base ** e exceeds the cap (base 1: never)
     top = col(
         [
@@ -188,11 +191,13 @@ def dry_penalties(
             for sp in sps
         ]
     )
-    over = best.to(torch.float32) - allowed
-    pen = col([sp.dry_multiplier for sp in sps]) * col([sp.dry_base for sp in sps]).pow(
-        torch.minimum(over, top)
-    )
-    return torch.where(over >= 0, pen.clamp(max=DRY_MAX_PENALTY), torch.zeros_like(pen))
+    over = (length[r, j] - allowed[r]).to(torch.float64)
+    mult, base = col([sp.dry_multiplier for sp in sps]), col([sp.dry_base for sp in sps])
+    pen = (mult[r] * base[r].pow(torch.minimum(over, top[r]))).clamp(max=DRY_MAX_PENALTY)
+    # one value per (row, token): the longest match's, which is the largest
+    keys, where = torch.unique(r * vocab + tokens, return_inverse=True)
+    best = torch.zeros(len(keys), dtype=torch.float64).scatter_reduce_(0, where, pen, "amax")
+    return (keys // vocab).to(device), (keys % vocab).to(device), best.to(device)
 
 
 def apply_penalties(
@@ -228,9 +233,9 @@ def apply_penalties(
     sub = sub - col("frequency_penalty") * counts - col("presence_penalty") * seen
     dry = [r for r, i in enumerate(rows) if seqs[i].sampling.dry_multiplier > 0]
     if dry:
-        pen = dry_penalties([seqs[rows[r]] for r in dry], vocab, dev, breakers)
-        at = torch.tensor(dry, device=dev)
-        sub = sub.index_copy(0, at, sub.index_select(0, at) - pen.to(sub.dtype))
+        at, tokens, pen = dry_penalties([seqs[rows[r]] for r in dry], vocab, dev, breakers)
+        at = torch.tensor(dry, device=dev)[at]  # rows of `sub`
+        sub[at, tokens] = sub[at, tokens] - pen.to(sub.dtype)
     return logits.index_copy(0, index, sub)
 
 
