@@ -53,7 +53,14 @@ import attention  # noqa: E402
 from index import CorpusRouter  # noqa: E402
 from kb.engine.distributed.backend import distributed_engine  # noqa: E402
 from kb.engine.distributed.placement import place, remote_view  # noqa: E402
-from kb.engine.distributed.protocol import ShardLink, World, init_world  # noqa: E402
+from kb.engine.distributed.protocol import (  # noqa: E402
+    ShardLink,
+    World,
+    _Held,
+    dtype_code,
+    init_world,
+    leave_group,
+)
 from kb.engine.distributed.worker import CorpusSlice, attend_slice, run_shared_rank  # noqa: E402
 from kb.engine.engine import Engine, EngineConfig  # noqa: E402
 from kb.engine.sequence import SamplingParams  # noqa: E402
@@ -86,10 +93,12 @@ class LoopbackLink(ShardLink):
         super().__init__(world)
         self._slices: dict[int, CorpusSlice] = {}
 
-    def register(self, shared: SharedKV) -> SharedKV:
+    def register(self, shared: SharedKV, keep: bool = False) -> SharedKV:
         placement = place(shared.num_tokens, shared.chunk_size, [0])
-        cid = self._next_id
-        self._next_id += 1
+        cid = self._new_id()
+        k0 = shared.k[0]
+        dims = (len(shared.k), k0.shape[0], k0.shape[1], k0.shape[2], shared.chunk_size)
+        self._held[cid] = _Held(shared.key, dims, dtype_code(k0.dtype))  # the protocol's record
         self._slices[cid] = CorpusSlice(
             placement, placement.shard(0), shared.k, shared.v, shared.k[0].shape[-1]
         )
@@ -140,7 +149,7 @@ class LocalLink:
 
         self.stats = CommStats()
 
-    def register(self, shared: SharedKV) -> SharedKV:
+    def register(self, shared: SharedKV, keep: bool = False) -> SharedKV:
         return shared
 
     def shutdown(self) -> None:
@@ -291,7 +300,7 @@ def run_bench_rank(world: World, args) -> int:
     need = args.shared_tokens + args.prompt + args.warmup + args.steps + 64
     cfg = dataclasses.replace(cfg, max_position_embeddings=max(cfg.max_position_embeddings, need))
     dtype = torch.bfloat16 if cuda else torch.float32
-    backend = torch.distributed.get_backend()
+    backend = world.backend
     model = serve.build_model(cfg, dev, dtype)
     lm = LoadedModel(model, DigitTokenizer(), cfg, Path("."), "random", "digits")
     S = args.shared_ranks
@@ -310,7 +319,7 @@ def run_bench_rank(world: World, args) -> int:
     except ImportError:
         triton_v = None
     try:
-        view = link.register(shared)
+        view = link.register(shared, keep=False)  # the corpus leaves rank 0's memory
         del shared
         gc.collect()
         if cuda:
@@ -495,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         run_shared_rank(world)
         return 0
     finally:
-        torch.distributed.destroy_process_group()
+        leave_group()
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ With a `ShardLink` (`kb serve --shared-ranks S`, docs/SCALING.md) a loaded corpu
 shared ranks (`ShardLink.load`: each reads its slice from the corpus's KV files, or is sent it
 when it cannot) and this rank keeps only the view: router, passage selector, shapes. The device
 tier then stands for the shared ranks' memory (S times KB_GPU_CACHE_GB, no host tier): leaving
-it drops the slices there (`ShardLink.drop`). When the link fails (a shared rank died), every
-corpus is installed again here, memory permitting, and served in-process from then on
-(`fell_back`).
+it drops the slices there (`ShardLink.drop`). When a shared rank fails, the link places the
+corpora again over the survivors (and over a rank that comes back), keeping the views valid;
+the device tier's budget follows the members. When it cannot (none left, or no room there:
+the link is `down`), every corpus is installed again here, memory permitting, and served
+in-process (`fell_back`) until the link serves again.
 """
 
 from __future__ import annotations
@@ -108,32 +110,49 @@ class CorpusCache:
         host tier: a corpus leaving them goes to disk."""
         s = self.settings
         if self.sharded:
-            ranks = len(self.link.world.shared_ranks)
+            ranks = len(self.link.members)
             budgets = {"gpu": _budget(s.gpu_cache_gb) * ranks, "cpu": 0}
             return TierManager(budgets, "meta", on_move=self._on_move)
         budgets = {"gpu": _budget(s.gpu_cache_gb), "cpu": _budget(s.cpu_cache_gb)}
         return TierManager(budgets, s.device, on_move=self._on_move)
 
     def _check_link(self) -> None:
-        """After a shared rank failed: forget the sharded views (the engine keeps them until the
-        same keys are registered again, here) and serve every corpus from this rank."""
-        if not self.sharded or self.link.error is None:
+        """Follow the link. Down (no shared rank left, or no room on the survivors): forget the
+        sharded views (the engine keeps them until the same keys are registered again, here)
+        and serve every corpus from this rank. Serving again (a rank came back): the corpora
+        held here leave (those answering questions once they finish) and load onto the shared
+        ranks on their next question. Otherwise the device tier's budget follows the members."""
+        link = self.link
+        if link is None:
             return
-        log.error(
-            "the shared ranks are unavailable (%s); corpora are served from rank 0 from now on",
-            self.link.error,
-        )
-        self.fell_back = True
-        self._remote.clear()
-        self._sources.clear()
-        self.loaded.clear()
-        self.tiers = self._tier_manager()
+        if self.sharded and link.down is not None:
+            log.error(
+                "the shared ranks are unavailable (%s); corpora are served from rank 0", link.down
+            )
+            self.fell_back = True
+            self._remote.clear()
+            self._sources.clear()
+            self.loaded.clear()
+            self.tiers = self._tier_manager()
+        elif self.fell_back and link.down is None:
+            log.info("the shared ranks %s answer again: corpora go back to them", link.members)
+            for cached in self.loaded.values():
+                key = cached.shared.key
+                if self._in_use(key):
+                    self._retired.append(key)
+                elif self._engine_made:
+                    self.engine.unregister_corpus(key)
+            self.fell_back = False
+            self.loaded.clear()
+            self.tiers = self._tier_manager()
+        elif self.sharded:
+            self.tiers.budgets["gpu"] = _budget(self.settings.gpu_cache_gb) * len(link.members)
 
     def _drop_remote(self, key: str) -> None:
         """Free a view's slices on the shared ranks (nothing to free once the link failed)."""
         view = self._remote.pop(key, None)
         self._sources.pop(key, None)
-        if view is None or self.link is None or self.link.error is not None:
+        if view is None or self.link is None or self.link.down is not None:
             return
         try:
             self.link.drop(view)
@@ -160,9 +179,12 @@ class CorpusCache:
         it got them ("kv store": read there, "rank 0": sent); empty unless the shared ranks hold
         it and the link works."""
         cached = self.loaded.get(name)
-        if cached is None or cached.shared.key not in self._remote or self.link.error:
+        if cached is None or cached.shared.key not in self._remote:
             return []
         view = cached.shared
+        placement = self.link.placement(view)
+        if placement is None:
+            return []
         per_token = view.nbytes // max(1, view.num_tokens)
         return [
             {
@@ -172,7 +194,7 @@ class CorpusCache:
                 "bytes": s.num_tokens * per_token,
                 "loaded_from": self._sources.get(view.key, "rank 0"),
             }
-            for s in view.meta.placement.shards
+            for s in placement.shards
         ]
 
     @property
@@ -242,11 +264,14 @@ class CorpusCache:
                 cached = self.loaded.get(name)
                 entry = self.tiers.entries.get(name)
                 layout, damaged = None, None
+                # a membership change of the shared ranks that could not place it again
+                lost = cached is not None and self._lost(cached)
                 if (
                     cached is None
                     or cached.version != version
                     or entry is None
                     or entry.tensors is None
+                    or lost
                 ):
                     try:
                         layout = self._read(name, corpus)
@@ -260,7 +285,7 @@ class CorpusCache:
                     f"corpus {name!r} has a damaged KV file and must be rebuilt"
                 ) from damaged
             if cached is not None and cached.version == version and entry is not None:
-                if entry.tier != "gpu" and self.sharded:  # evicted from the shared ranks
+                if self.sharded and (entry.tier != "gpu" or lost):  # not on the shared ranks
                     return self._install(name, version, layout, pinned)
                 if entry.tier != "gpu":
                     if layout is not None:  # evicted to disk: the same layout from its files
@@ -272,6 +297,11 @@ class CorpusCache:
                 self.tiers.touch(name)
                 return cached
             return self._install(name, version, layout, pinned)
+
+    def _lost(self, cached: LoadedCorpus) -> bool:
+        """A sharded view whose corpus the shared ranks no longer hold."""
+        key = cached.shared.key
+        return self.sharded and key in self._remote and not self.link.holds(cached.shared)
 
     def _read(self, name: str, corpus: Corpus) -> _Layout:
         """Read and verify every KV file of the corpus (KVCorruptError on a damaged one)."""

@@ -122,10 +122,12 @@ class SharedRanks:
     corpora are served now, and per rank the corpora, tokens and bytes it holds."""
 
     ranks: int
-    healthy: bool
-    serving: str  # "shared ranks", or "rank 0" once the link failed
-    error: str | None
-    per_rank: list[dict]
+    healthy: bool  # every shared rank answers (degraded while one is missing)
+    serving: str  # "shared ranks", or "rank 0" while they cannot (none left, or no room)
+    error: str | None  # the failure that lost a rank, until every rank is back
+    per_rank: list[dict]  # rank, state ("serving" or "lost"), corpora, tokens, bytes
+    members: list[int] = field(default_factory=list)  # the ranks of the current generation
+    generation: int = 0  # how many times the group formed, less one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -226,8 +228,17 @@ class KnowledgeBase:
         link = self.link
         if link is None:
             return None
-        ranks = link.world.shared_ranks
-        per_rank = {r: {"rank": r, "corpora": 0, "tokens": 0, "bytes": 0} for r in ranks}
+        ranks, members = link.world.shared_ranks, list(link.members)
+        per_rank = {
+            r: {
+                "rank": r,
+                "state": "serving" if r in members else "lost",
+                "corpora": 0,
+                "tokens": 0,
+                "bytes": 0,
+            }
+            for r in ranks
+        }
         for name in list(self.cache.loaded):  # no lock: a corpus may be loading meanwhile
             for row in self.cache.shard_rows(name):
                 into = per_rank[row["rank"]]
@@ -237,10 +248,12 @@ class KnowledgeBase:
         error = link.error  # its first clause: which rank, during what (the log has the cause)
         return SharedRanks(
             len(ranks),
-            error is None,
-            "shared ranks" if self.cache.sharded and error is None else "rank 0",
+            not link.degraded,
+            "shared ranks" if self.cache.sharded and link.down is None else "rank 0",
             None if error is None else str(error).split(";")[0],
             list(per_rank.values()),
+            members,
+            link.generation,
         )
 
     @property

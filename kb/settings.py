@@ -167,6 +167,12 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds a silent shared rank may stall a step before its requests fail",
     )
+    shared_rank_restart_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="kb serve --shared-ranks started as one command: seconds before rank 0 "
+        "starts a lost shared rank again (doubling while it keeps dying, at most 60)",
+    )
 
     host: str = "127.0.0.1"
     port: int = 8000

@@ -2,11 +2,11 @@
 gloo, rank 0 serving the API and the web app, ranks 1..S holding the stored corpora's shared KV.
 
 Each job is the real entry (`python -m kb.cli serve --shared-ranks S`): in the two-process test
-started once, as on one host, starting its shared rank itself; in the three-process test once
-per rank with the variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as
-torchrun starts it (torchrun's own agent would tear the whole job down when the rank the fault
-test kills exits). The reference is the one-process service over the same stored corpus (the
-module's `handbook`), answering first.
+once per rank with the variables torchrun sets (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as
+torchrun starts it; in the three-process test started once, as on one host, starting its
+shared ranks itself and starting again the one the fault test kills (torchrun's own agent would
+tear the whole job down instead). The reference is the one-process service over the same stored
+corpus (the module's `handbook`), answering first.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ LONG = [{"role": "user", "content": "Write a long essay about every module descr
 TIMEOUT_S = 10  # the job's KB_SHARED_RANK_TIMEOUT_S: a dead rank surfaces within it
 ROUTED = 0.5  # KB_DENSITY of the routed job
 START_S = 120  # rank 0 imports the web app and loads the demo model on a loaded 2-core box
+RESTART_S = 30  # KB_SHARED_RANK_RESTART_S of the killed-rank job: rank 2 is away meanwhile
 
 
 def _free_port() -> int:
@@ -49,14 +50,30 @@ class Job:
     url: str
     procs: list[subprocess.Popen]
     logs: list[Path]
-    children: list[int] = field(default_factory=list)  # shared ranks rank 0 started itself
+    children: dict[int, int] = field(default_factory=dict)  # rank -> pid, started by rank 0
 
     def tails(self) -> str:
         return "\n".join(f"== rank {r}\n{p.read_text()[-3000:]}" for r, p in enumerate(self.logs))
 
 
-def _children(pid: int) -> list[int]:
-    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+def _children(pid: int) -> dict[int, int]:
+    """The shared ranks a rank 0 started: rank -> pid (from each child's RANK). Every thread's
+    children: a restarted rank is the supervisor thread's child."""
+    out, kids = {}, []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids += (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue
+    for c in kids:
+        try:
+            env = Path(f"/proc/{c}/environ").read_bytes().split(b"\0")
+        except FileNotFoundError:
+            continue
+        ranks = [e[len(b"RANK=") :] for e in env if e.startswith(b"RANK=")]
+        if ranks and _alive(int(c)):
+            out[int(ranks[0])] = int(c)
+    return out
 
 
 def _alive(pid: int) -> bool:
@@ -120,12 +137,14 @@ def serve_job(
             assert len(job.children) == world - 1, job.tails()
         yield job
     finally:
+        if spawn and procs[0].poll() is None:  # restarted ranks included
+            job.children.update(_children(procs[0].pid))
         for p in procs:
             if p.poll() is None:
                 p.kill()
         for p in procs:
             p.wait(timeout=30)
-        for pid in job.children:
+        for pid in job.children.values():
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
@@ -216,7 +235,7 @@ def test_admin_tab_says_what_each_shared_rank_holds():
 
 def test_two_processes_answer_as_one_and_take_new_documents(reference, handbook, tmp_path):
     routed = {"KB_DENSITY": str(ROUTED)}  # the router runs on rank 0, its chunk ids travel
-    with serve_job(handbook.settings.resolved_home, 2, tmp_path, spawn=True, env=routed) as job:
+    with serve_job(handbook.settings.resolved_home, 2, tmp_path, env=routed) as job:
         assert _answers(job.url) == reference["routed"], job.tails()
         health = httpx.get(f"{job.url}/healthz").json()
         assert health["status"] == "ok" and health["shared_ranks"]["healthy"]
@@ -279,17 +298,13 @@ def test_two_processes_answer_as_one_and_take_new_documents(reference, handbook,
         # a clean stop: rank 0 tells the shared rank to exit (uvicorn ends by raising SIGTERM)
         job.procs[0].send_signal(signal.SIGTERM)
         assert job.procs[0].wait(timeout=60) in (0, -signal.SIGTERM), job.tails()
-        for _ in range(100):
-            if not any(_alive(pid) for pid in job.children):
-                break
-            time.sleep(0.1)
-        assert not any(_alive(pid) for pid in job.children), job.tails()
+        assert job.procs[1].wait(timeout=30) == 0, job.tails()
         assert "rank 0 is gone" not in job.tails()  # it exited on rank 0's word
 
 
-def _stream_until_killed(url: str, victim: subprocess.Popen) -> tuple[str, list[dict]]:
-    """Stream a long answer, SIGKILL `victim` after its first words; the text and the events."""
-    text, events = "", []
+def _stream_until_killed(url: str, victim: int) -> tuple[str, list[dict]]:
+    """Stream a long answer, SIGKILL process `victim` after its first words; text and events."""
+    text, events, killed = "", [], False
     body = {"model": MODEL, "messages": LONG, "max_tokens": 200, "temperature": 0, "stream": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
         for line in r.iter_lines():
@@ -299,31 +314,62 @@ def _stream_until_killed(url: str, victim: subprocess.Popen) -> tuple[str, list[
             events.append(ev)
             for choice in ev.get("choices", []):
                 text += choice["delta"].get("content") or ""
-            if text and victim.poll() is None:
-                victim.send_signal(signal.SIGKILL)
+            if text and not killed:
+                os.kill(victim, signal.SIGKILL)
+                killed = True
     return text, events
 
 
+def _health(url: str) -> dict:
+    return httpx.get(f"{url}/healthz", timeout=30).json()
+
+
 def test_three_processes_answer_as_one_then_survive_a_killed_rank(reference, handbook, tmp_path):
-    with serve_job(handbook.settings.resolved_home, 3, tmp_path) as job:
+    """One command on one host: rank 0 starts ranks 1 and 2. SIGKILL of rank 2 mid-stream ends
+    that stream with the clear error; rank 1 then holds the whole corpus and the answers are
+    the one-process ones; rank 0 starts rank 2 again, takes it back, /healthz is ok and the
+    corpus is over both ranks again."""
+    restart = {"KB_SHARED_RANK_RESTART_S": str(RESTART_S)}
+    with serve_job(handbook.settings.resolved_home, 3, tmp_path, spawn=True, env=restart) as job:
         assert _answers(job.url) == reference["dense"], job.tails()
         shards = _shards(job.url, "handbook")
         assert [(s["rank"], s["loaded_from"]) for s in shards] == [(1, "kv store"), (2, "kv store")]
+        tokens = sum(s["tokens"] for s in shards)
 
         t0 = time.monotonic()
-        text, events = _stream_until_killed(job.url, job.procs[2])
+        text, events = _stream_until_killed(job.url, job.children[2])
         assert text and time.monotonic() - t0 < 60  # it ended, well before any hang would
         error = events[-1].get("error")
         assert error is not None and error["code"] == "shared_rank_failed", events[-3:]
         assert "shared rank 2 stopped responding" in error["message"]
 
-        health = httpx.get(f"{job.url}/healthz").json()
-        assert health["status"] == "degraded"
-        assert "shared rank 2 stopped responding" in health["shared_ranks"]["error"]
-        # served from rank 0 now: the same greedy answers as one process
+        # served by the survivor (rank 2 is started again only after RESTART_S): rank 1 holds
+        # every chunk and the answers are the one-process ones
+        ranks = _health(job.url)["shared_ranks"]
+        assert ranks["members"] == [1] and ranks["serving"] == "shared ranks", ranks
+        assert "shared rank 2 stopped responding" in ranks["error"]
+        assert [r["state"] for r in ranks["per_rank"]] == ["serving", "lost"]
+        (shard,) = _shards(job.url, "handbook")
+        assert shard["rank"] == 1 and shard["tokens"] == tokens, job.tails()
         after = _answers(job.url, stream=False)
         want = {k: v for k, v in reference["dense"].items() if k != "stream"}
         assert after == want, job.tails()
-        health = httpx.get(f"{job.url}/healthz").json()
-        assert health["status"] == "degraded" and health["shared_ranks"]["serving"] == "rank 0"
-        assert _shards(job.url, "handbook") == []
+        health = _health(job.url)  # still without rank 2: the answers came from rank 1 alone
+        assert health["status"] == "degraded" and health["shared_ranks"]["members"] == [1]
+
+        # rank 0 starts rank 2 again and takes it back
+        deadline = time.monotonic() + START_S
+        while _health(job.url)["status"] != "ok":
+            assert time.monotonic() < deadline, f"rank 2 did not come back:\n{job.tails()}"
+            time.sleep(0.5)
+        restarted = _children(job.procs[0].pid)
+        assert restarted[2] != job.children[2], job.tails()
+        job.children.update(restarted)
+        health = _health(job.url)
+        assert (
+            health["shared_ranks"]["members"] == [1, 2] and health["shared_ranks"]["error"] is None
+        )
+        assert _chat(job.url, ASK)["choices"][0]["message"]["content"] == want["http"]
+        shards = _shards(job.url, "handbook")
+        assert [s["rank"] for s in shards] == [1, 2] and all(s["tokens"] for s in shards)
+        assert sum(s["tokens"] for s in shards) == tokens

@@ -78,16 +78,20 @@ def shared_ranks_text(ranks: SharedRanks | None) -> str:
     """The shared ranks in words, for the engine figures ("" without them)."""
     if ranks is None:
         return ""
-    if not ranks.healthy:
+    if ranks.serving == "rank 0":
         return (
             f"**shared ranks** {ranks.ranks}: degraded, {ranks.error}; corpora are served from "
-            "rank 0 until the job is restarted"
+            "rank 0 until a shared rank is back"
         )
     held = " · ".join(
         f"**rank {r['rank']}** {fmt_bytes(r['bytes'])} ({r['tokens']:,} tokens, "
         f"{r['corpora']} corpora)"
+        if r.get("state", "serving") == "serving"
+        else f"**rank {r['rank']}** lost"
         for r in ranks.per_rank
     )
+    if not ranks.healthy:
+        return f"**shared ranks** {ranks.ranks}: degraded, {ranks.error}; answering: {held}"
     return f"**shared ranks** {ranks.ranks}, answering: {held}"
 
 

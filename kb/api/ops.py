@@ -18,9 +18,9 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/healthz")
 async def healthz(kb: KnowledgeBase = Depends(get_kb)):
-    """ok, or degraded once a shared rank failed (corpora are then served from rank 0); with
-    shared ranks, their state (`shared_ranks`: health, where corpora are served, per rank
-    bytes)."""
+    """ok, or degraded while a shared rank is missing (the survivors serve, or rank 0 when none
+    can); with shared ranks, their state (`shared_ranks`: health, the current members, where
+    corpora are served, per rank state and bytes)."""
     body = {"status": "ok", "model_loaded": kb._loaded is not None}
     ranks = kb.shared_ranks()
     if ranks is not None:

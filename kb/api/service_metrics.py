@@ -49,7 +49,7 @@ class ServiceCollector:
         if ranks is not None:
             yield GaugeMetricFamily(
                 "kb_shared_ranks_healthy",
-                "1 while the shared ranks answer, 0 once one failed (corpora served from rank 0)",
+                "1 while every shared rank answers, 0 while one is missing (survivors or rank 0 serve)",
                 value=float(ranks.healthy),
             )
             held = GaugeMetricFamily(

@@ -37,12 +37,13 @@ def serve_sharded(args, s, ranks: int) -> int:
     S + 1): rank 0 serves the API and the web app over corpora whose shared KV the other ranks
     hold; ranks 1..S run the shared-rank loop until rank 0 says shutdown or is gone. Started
     outside such a job (no RANK in the environment), it is rank 0 of a one-host job and starts
-    ranks 1..S itself (`spawn_shared_ranks`)."""
+    ranks 1..S itself (`spawn_shared_ranks`), restarting one that dies (`Supervisor`). A shared
+    rank started again by hand (the same command and variables) is taken back too."""
     import logging
     import os
-    import subprocess
 
-    children = spawn_shared_ranks(ranks) if "RANK" not in os.environ else []
+    spawned = "RANK" not in os.environ
+    supervisor = Supervisor(ranks, s.shared_rank_restart_s) if spawned else None
 
     from kb.engine.distributed.protocol import ShardLink, init_world
     from kb.engine.distributed.worker import run_shared_rank
@@ -65,28 +66,26 @@ def serve_sharded(args, s, ranks: int) -> int:
     from kb.server import create_app
     from kb.service import KnowledgeBase
 
-    link = ShardLink(world)
+    link = ShardLink(world, rank_budget_bytes=int(s.gpu_cache_gb * 2**30))
+    if supervisor is not None:
+        supervisor.watch(link)
     try:
         _run(create_app(KnowledgeBase(s, link)), args, s, f"; shared KV on {ranks} ranks")
     finally:
         link.shutdown()
-        for child in children:  # told to exit (or rank 0's sockets closed): they end soon
-            try:
-                child.wait(timeout=s.shared_rank_timeout_s)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        if supervisor is not None:  # told to exit (or rank 0's sockets closed): they end soon
+            supervisor.stop(s.shared_rank_timeout_s)
     return 0
 
 
-def spawn_shared_ranks(ranks: int) -> list:
+def spawn_shared_ranks(ranks: int) -> dict:
     """Start ranks 1..`ranks` of a one-host job as child processes of this one (rank 0), each
-    `kb serve --shared-ranks` with the variables torchrun would set. Unlike torchrun's agent,
-    nothing stops this process when a shared rank dies: the service serves on from rank 0. The
-    children have their own session (Ctrl-C reaches rank 0, which tells them to exit) and exit
-    by themselves when rank 0 is gone."""
+    `kb serve --shared-ranks` with the variables torchrun would set; returns rank -> process.
+    Unlike torchrun's agent, nothing stops this process when a shared rank dies: the service
+    serves on. The children have their own session (Ctrl-C reaches rank 0, which tells them to
+    exit) and exit by themselves when rank 0 is gone."""
     import os
     import socket
-    import subprocess
 
     with socket.socket() as sock:  # a free port for the rendezvous store rank 0 hosts
         sock.bind(("127.0.0.1", 0))
@@ -97,13 +96,93 @@ def spawn_shared_ranks(ranks: int) -> list:
         "WORLD_SIZE": str(ranks + 1),
     }
     os.environ.update(job, RANK="0", LOCAL_RANK="0")
+    return {r: start_shared_rank(r, ranks) for r in range(1, ranks + 1)}
+
+
+def start_shared_rank(rank: int, ranks: int):
+    """Shared rank `rank` of this one-host job, as a child process (rank 0's job variables)."""
+    import os
+    import subprocess
+
     cmd = [sys.executable, "-m", "kb.cli", "serve", "--shared-ranks", str(ranks)]
-    return [
-        subprocess.Popen(
-            cmd, env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r)}, start_new_session=True
-        )
-        for r in range(1, ranks + 1)
-    ]
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+
+class Supervisor:
+    """Rank 0's keeper of the shared ranks it started: one that exits is started again (after
+    `restart_s`, KB_SHARED_RANK_RESTART_S, doubling while it keeps dying within a minute, at
+    most 60 s), and one the link lost
+    whose process still runs (hung: its heartbeat stopped, a minute after it started) is killed
+    first. The restarted rank
+    waits in the lobby and the link takes it back (docs/SCALING.md)."""
+
+    def __init__(self, ranks: int, restart_s: float = 1.0):
+        import threading
+
+        self.ranks, self.restart_s = ranks, restart_s
+        self.children = spawn_shared_ranks(ranks)
+        self.restarts = {r: 0 for r in self.children}
+        self._link = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="kb-supervisor", daemon=True)
+
+    def watch(self, link) -> None:
+        self._link = link
+        self._thread.start()
+
+    def _loop(self) -> None:
+        import time
+
+        backoff = {r: self.restart_s for r in self.children}
+        started = {r: time.monotonic() for r in self.children}
+        while not self._stopping.wait(0.2):
+            link = self._link
+            for r, child in list(self.children.items()):
+                lost = r not in link.members and link.error is not None
+                if child.poll() is None and lost and self._hung(r, started[r]):
+                    print(f"kb: shared rank {r} is hung; killing it", file=sys.stderr, flush=True)
+                    child.kill()
+                    child.wait()
+                if child.poll() is None:
+                    continue
+                if time.monotonic() - started[r] > 60:
+                    backoff[r] = self.restart_s
+                if self._stopping.wait(backoff[r]):
+                    return
+                backoff[r] = min(60.0, max(1.0, backoff[r] * 2))
+                print(
+                    f"kb: shared rank {r} exited ({child.returncode}); starting it again",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                self.children[r] = start_shared_rank(r, self.ranks)
+                self.restarts[r] += 1
+                started[r] = time.monotonic()
+
+    def _hung(self, rank: int, since: float) -> bool:
+        """Running for over a minute (past any start) and its heartbeat still for a few
+        periods: stopped or stuck, not starting."""
+        import time
+
+        from kb.engine.distributed.protocol import HEARTBEAT_S
+
+        if time.monotonic() - since < 60:
+            return False
+        store, key = self._link.world.store, self._link.world.heartbeat_key(rank)
+        before = store.add(key, 0)
+        time.sleep(4 * HEARTBEAT_S)
+        return store.add(key, 0) == before
+
+    def stop(self, timeout_s: float) -> None:
+        import subprocess
+
+        self._stopping.set()
+        for child in self.children.values():
+            try:
+                child.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 def _run(app, args, s, extra: str = "") -> None:

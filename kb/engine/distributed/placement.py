@@ -15,6 +15,7 @@ import torch
 
 from kb.engine.selection import preamble_kv
 from kb.engine.shared_kv import SharedKV
+from storage.kvstore import read_kv
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,28 @@ def slice_kv(shared: SharedKV, shard: ShardRange) -> Iterator[torch.Tensor]:
     for k, v in zip(shared.k, shared.v):
         yield k[a:b].contiguous()
         yield v[a:b].contiguous()
+
+
+def read_slice(kv: torch.Tensor, shard: ShardRange, spec: dict) -> int:
+    """Fill kv [2, L, n, Hkv, d] with the shard's tokens from the corpus's KV files (`spec`:
+    LOAD's file list), reading and verifying only the files that overlap it; each file's
+    tokens are laid out in `via`, then in kv's dtype, as rank 0's layout is. Returns the number
+    of files read; raises on a file that cannot be read or does not match its checksum. The
+    shared ranks read their slices so; rank 0 reads a slice so for a rank that could not."""
+    via = getattr(torch, spec["via"])
+    start, read = 0, 0
+    for path, checksum, tokens in spec["files"]:
+        a, b = max(start, shard.token_start), min(start + tokens, shard.token_end)
+        if a < b:
+            k, v = read_kv(path, checksum, dequantize=True)
+            if k.shape[1] != tokens:
+                raise ValueError(f"KV file {path} holds {k.shape[1]} tokens, not {tokens}")
+            for j, x in enumerate((k, v)):
+                part = x[:, a - start : b - start].to(via).to(kv.dtype)
+                kv[j, :, a - shard.token_start : b - shard.token_start] = part
+            read += 1
+        start += tokens
+    return read
 
 
 def keep_preamble(shared: SharedKV) -> None:

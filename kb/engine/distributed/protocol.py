@@ -12,16 +12,35 @@ knows what comes next and how big it is:
              then broadcast the length and the bytes of a JSON list of the corpus's KV files
              ({"via": dtype, "files": [[path, checksum, tokens], ...]}, in layout order); each
              shared rank reads and verifies only the files its slice overlaps, then a gather of
-             one element per rank: 0 when it holds its slice, 1 when it could not read it
+             one element per rank: 0 when it holds its slice, 1 when it could not read it; then
+             a broadcast of one int64 per group rank: 1 where rank 0 now sends that rank its
+             slice (read from the same files), point to point as REGISTER does, -1 everywhere
+             when rank 0 cannot read them either (every rank forgets the corpus)
     DROP     [op, corpus, 0...]
     PING     [op, 0...] then gather of one element: the idle keep-alive (a collective that waits
              longer than the process group's timeout fails, so an idle link pings)
+    REGROUP  [op, 0...]: leave this group for the lobby (a rank came back, a new group forms)
     SHUTDOWN [op, 0...]
+
+Membership: the process group is one *generation* of the job. Generation g's group is rank 0
+and the shared ranks rank 0 admitted to it, over its own prefix (`pg{g}`) of the rendezvous
+store; group rank i is the i-th of [0, *members]. A shared rank without a group (just started,
+restarted, or its group failed) takes a ticket in the lobby (`lobby/{rank}`, a counter in the
+store) and waits until rank 0 publishes a generation that admits that ticket (`gen/{g}`: rank ->
+ticket; `gen`: the newest g); then both sides build the group (`form_group`). Rank 0 forms a
+generation at start (waiting up to the timeout for every shared rank), after a failure (over
+the survivors) and when a rank is back in the lobby (the members leave on REGROUP and come back
+with it). Corpus ids outlive generations: after each, `ShardLink` places every corpus it holds
+again over the new members (LOAD from its files, or REGISTER from the tensors it kept).
 
 Failure: every collective runs under the process group's timeout. A dead or stuck shared rank makes
 rank 0's collective raise (at once when the peer's socket closes, else at the timeout); the link
-then names the rank whose heartbeat (a counter each shared rank bumps in the rendezvous store)
-stopped, raises `SharedRankError`, and refuses all later work with the same error.
+names the rank whose heartbeat (a counter each shared rank bumps in the rendezvous store)
+stopped, raises `SharedRankError` for that exchange, leaves the group (which closes its sockets,
+so the survivors' waits fail at once and they go to the lobby) and forms the next generation
+over the survivors. When none is left, or the survivors' memory (`rank_budget_bytes` each)
+cannot hold the corpora, the link is `down`: it refuses work with the error until a rank comes
+back (the corpus cache serves from rank 0 meanwhile).
 
 Counters: `ShardLink.stats` (a `CommStats`) counts the ATTEND exchanges and the bytes their messages
 carry, from the shapes sent; with `stats.timing` on it also times them (CUDA events on the current
@@ -41,14 +60,23 @@ import torch
 import torch.distributed as dist
 
 import attention
-from kb.engine.distributed.placement import keep_preamble, place, remote_view, slice_kv
+from kb.engine.distributed.placement import (
+    Placement,
+    keep_preamble,
+    place,
+    read_slice,
+    remote_view,
+    slice_kv,
+)
 from kb.engine.shared_kv import SharedKV
 
 log = logging.getLogger(__name__)
 
-OP_ATTEND, OP_REGISTER, OP_DROP, OP_PING, OP_SHUTDOWN, OP_LOAD = 1, 2, 3, 4, 5, 6
+OP_ATTEND, OP_REGISTER, OP_DROP, OP_PING, OP_SHUTDOWN, OP_LOAD, OP_REGROUP = 1, 2, 3, 4, 5, 6, 7
 HEADER_LEN = 8
 HEARTBEAT_S = 0.5  # how often a shared rank bumps its heartbeat counter
+LOBBY_POLL_S = 0.05  # how often a rank in the lobby looks for its generation
+GEN_KEY, SHUTDOWN_KEY = "gen", "shutdown"
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -78,14 +106,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class World:
-    """This process's place in the job: its rank, the store that carries heartbeats, the device its
-    communication buffers live on (CUDA for NCCL, CPU for gloo)."""
+    """This process's place in the job: its rank (its name across generations), the store that
+    carries heartbeats and membership (`store`, under a prefix of `rendezvous`), the device its
+    communication buffers live on (CUDA for NCCL, CPU for gloo) and the backend its groups use."""
 
     rank: int
     world_size: int
     store: dist.Store
     device: torch.device
     timeout_s: float
+    backend: str = "gloo"
+    rendezvous: dist.Store | None = None
 
     @property
     def shared_ranks(self) -> list[int]:
@@ -93,6 +124,14 @@ class World:
 
     def heartbeat_key(self, rank: int) -> str:
         return f"heartbeat/{rank}"
+
+
+def lobby_key(rank: int) -> str:
+    return f"lobby/{rank}"
+
+
+def generation_key(generation: int) -> str:
+    return f"gen/{generation}"
 
 
 def init_world(
@@ -103,11 +142,10 @@ def init_world(
     timeout_s: float = 60.0,
     device: str | None = None,
 ) -> World:
-    """Join the job (torchrun's env://, or tcp:// / file:// for tests) and start the process group.
-
-    The rendezvous store is kept (under a prefix) for heartbeats, so a dead rank can be named.
-    Backend: NCCL when CUDA is available, else gloo.
-    """
+    """Join the job's rendezvous (torchrun's env://, or tcp:// / file:// for tests); no process
+    group yet: `ShardLink` (rank 0) and `run_shared_rank` form one per generation (`form_group`).
+    A shared rank restarted while the job runs joins the same way. Backend: NCCL when CUDA is
+    available, else gloo."""
     kwargs = {} if rank is None else {"rank": rank, "world_size": world_size}
     store, rank, world_size = next(
         dist.rendezvous(init_method, timeout=timedelta(seconds=timeout_s), **kwargs)
@@ -121,14 +159,33 @@ def init_world(
             torch.cuda.set_device(device)
         else:
             device = "cpu"
+    kb_store = dist.PrefixStore("kb", store)
+    return World(rank, world_size, kb_store, torch.device(device), timeout_s, backend, store)
+
+
+def form_group(world: World, generation: int, members: list[int]) -> None:
+    """Build generation `generation`'s process group (torch.distributed's default group): rank 0
+    and the shared ranks `members`, group rank i the i-th of [0, *members], over the store prefix
+    `pg{generation}`. Every one of them calls this; it returns when all have (or raises at the
+    timeout). A group this process was in is left first."""
+    leave_group()
     dist.init_process_group(
-        backend,
-        store=dist.PrefixStore("pg", store),
-        rank=rank,
-        world_size=world_size,
-        timeout=timedelta(seconds=timeout_s),
+        world.backend,
+        store=dist.PrefixStore(f"pg{generation}", world.rendezvous),
+        rank=[0, *members].index(world.rank),
+        world_size=1 + len(members),
+        timeout=timedelta(seconds=world.timeout_s),
     )
-    return World(rank, world_size, dist.PrefixStore("kb", store), torch.device(device), timeout_s)
+
+
+def leave_group() -> None:
+    """Leave the current process group, if any: its sockets close, so peers waiting on this
+    process fail at once instead of at their timeout."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - a broken group is left all the same
+            log.warning("leaving the process group: %s", e)
 
 
 def header(op: int, *fields: int, device: torch.device) -> torch.Tensor:
@@ -193,57 +250,81 @@ class CommStats:
         }
 
 
-class ShardLink:
-    """Rank 0's side: registers corpora on the shared ranks and asks them for partial attention.
+@dataclass
+class _Held:
+    """What the link needs to place a corpus again over new members: its shape and dtype, and
+    either its KV files (`load`) or the tensors it was registered from (`register`)."""
 
-    One lock serializes exchanges (the engine thread and the keep-alive thread share the group).
+    key: str
+    dims: tuple[int, int, int, int, int]  # L, N, Hkv, d, chunk_size
+    code: int
+    spec: dict | None = None  # load: {"via", "files"}
+    source: SharedKV | None = None  # register(keep=True)
+
+    @property
+    def token_bytes(self) -> int:
+        layers, _, hkv, d, _ = self.dims
+        return 2 * layers * hkv * d * DTYPES[self.code].itemsize
+
+
+class ShardLink:
+    """Rank 0's side: forms the generations' groups, places corpora on their shared ranks and asks
+    them for partial attention.
+
+    One lock serializes exchanges (the engine thread and the keeper thread share the group).
+    The keeper pings an idle link and takes back a shared rank that waits in the lobby.
+    `rank_budget_bytes`: what one shared rank may hold; after a loss, the corpora are placed
+    over the survivors only when each keeps within it (else the link is `down`).
     """
 
-    def __init__(self, world: World, keepalive_s: float | None = None):
+    def __init__(
+        self,
+        world: World,
+        keepalive_s: float | None = None,
+        rank_budget_bytes: int | None = None,
+    ):
         assert world.rank == 0, "the link lives on the unique rank (rank 0)"
         self.world = world
+        self.rank_budget_bytes = rank_budget_bytes
         self._lock = threading.Lock()
         self._next_id = 0
-        self._error: SharedRankError | None = None
+        self._error: SharedRankError | None = None  # the last failure, while a rank is missing
+        self._down: SharedRankError | None = None  # set while the link cannot serve
         self._last = time.monotonic()
         self._closed = threading.Event()
         self.stats = CommStats()
+        self.generation = -1
+        self.members: list[int] = []  # shared ranks of the current generation
+        self._admitted: dict[int, int] = {}  # rank -> the lobby ticket its generation admitted
+        self._held: dict[int, _Held] = {}
+        self._placements: dict[int, Placement] = {}
+        self._sent_from_here: dict[int, list[int]] = {}  # cid -> ranks sent their slice by rank 0
+        self._group_ok = False  # whether the current generation's group formed (and still works)
+        with self._lock:
+            self._reform(world.shared_ranks, "start")
         interval = world.timeout_s / 4 if keepalive_s is None else keepalive_s
-        self._pinger = threading.Thread(
-            target=self._keepalive, args=(interval,), name="kb-shard-ping", daemon=True
+        self._keeper = threading.Thread(
+            target=self._keep, args=(interval,), name="kb-shard-keeper", daemon=True
         )
-        self._pinger.start()
+        self._keeper.start()
 
     # -- public ------------------------------------------------------------------------------
-    def register(self, shared: SharedKV) -> SharedKV:
+    def register(self, shared: SharedKV, keep: bool = True) -> SharedKV:
         """Place a corpus's KV across the shared ranks and send each its slice; returns the view the
         engine registers on this rank (router and shapes only), its passage selector keeping its
-        own copy of the preamble's KV (`keep_preamble`)."""
-        placement = place(shared.num_tokens, shared.chunk_size, self.world.shared_ranks)
-        k0, dev = shared.k[0], self.world.device
-        code = dtype_code(
-            k0.dtype
-        )  # checked before anything travels: a bad dtype is no rank failure
+        own copy of the preamble's KV (`keep_preamble`). `keep`: hold on to `shared`'s tensors
+        (no copy) to place them again after a membership change; without it the corpus is
+        forgotten then (its view's questions fail and the caller registers it again)."""
+        k0 = shared.k[0]
+        code = dtype_code(k0.dtype)  # checked before anything travels: no rank failure
+        dims = (len(shared.k), k0.shape[0], k0.shape[1], k0.shape[2], shared.chunk_size)
+        held = _Held(shared.key, dims, code, source=shared)
         with self._exchange("registering corpus " + shared.key):
-            cid = self._next_id
-            self._next_id += 1
-            dist.broadcast(
-                header(
-                    OP_REGISTER,
-                    cid,
-                    len(shared.k),
-                    k0.shape[0],
-                    k0.shape[1],
-                    k0.shape[2],
-                    shared.chunk_size,
-                    code,
-                    device=dev,
-                ),
-                src=0,
-            )
-            for s in placement.shards:
-                for part in slice_kv(shared, s):  # layer by layer: no stacked copy of the corpus
-                    dist.send(part.to(dev), dst=s.rank)
+            cid = self._new_id()
+            placement = self._place(cid, held)
+            if not keep:
+                held.source = None
+            self._held[cid] = held
         keep_preamble(shared)  # the view shares this selector and drops the KV: copy it first
         return remote_view(shared, placement, cid)
 
@@ -253,43 +334,43 @@ class ShardLink:
         """As `register`, but each shared rank reads its slice from the KV store itself: rank 0
         sends the list of the layout's files (`files`, in order; `via` the dtype they are laid
         out in before the served dtype, `shared.k`'s), each rank reads and verifies only the
-        files its slice overlaps. When a rank cannot (no shared file system, a file changed),
-        the slices are dropped and sent from here by `register`. Returns the view and whether
-        the ranks read their slices themselves."""
-        placement = place(shared.num_tokens, shared.chunk_size, self.world.shared_ranks)
+        files its slice overlaps. A rank that cannot (no shared file system, a file changed) is
+        sent its slice from here, read from the same files. Returns the view and whether every
+        rank read its slice itself. The link keeps the file list, to place the corpus again
+        after a membership change."""
         assert sum(f.tokens for f in files) == shared.num_tokens, "files do not cover the corpus"
-        k0, dev = shared.k[0], self.world.device
+        k0 = shared.k[0]
         code = dtype_code(k0.dtype)
+        dims = (len(shared.k), k0.shape[0], k0.shape[1], k0.shape[2], shared.chunk_size)
         spec = {"via": dtype_name(via), "files": [[f.path, f.checksum, f.tokens] for f in files]}
-        payload = torch.frombuffer(bytearray(json.dumps(spec).encode()), dtype=torch.uint8)
-        with self._exchange("loading corpus " + shared.key):
-            cid = self._next_id
-            self._next_id += 1
-            dims = (len(shared.k), k0.shape[0], k0.shape[1], k0.shape[2], shared.chunk_size)
-            dist.broadcast(header(OP_LOAD, cid, *dims, code, device=dev), src=0)
-            size = torch.tensor([payload.numel()], dtype=torch.int64, device=dev)
-            dist.broadcast(size, src=0)
-            dist.broadcast(payload.to(dev), src=0)
-            status = [torch.zeros(1, device=dev) for _ in range(self.world.world_size)]
-            dist.gather(torch.zeros(1, device=dev), status, dst=0)
-        failed = [r for r in self.world.shared_ranks if status[r].item() != 0]
-        view = remote_view(shared, placement, cid)
-        if failed:
-            log.warning(
-                "corpus %s: shared ranks %s could not read their slices from the KV store; "
-                "sending them from rank 0",
-                shared.key,
-                failed,
-            )
-            self.drop(view)
-            return self.register(shared), False
+        held = _Held(shared.key, dims, code, spec=spec)
+        try:
+            with self._exchange("loading corpus " + shared.key):
+                cid = self._new_id()
+                placement = self._place(cid, held, shared)
+                self._held[cid] = held
+        except _Unreadable as e:  # no rank failed: the files are damaged or gone
+            raise e.__cause__ from None
         keep_preamble(shared)  # the view shares this selector and drops the KV: copy it first
-        return view, True
+        return remote_view(shared, placement, cid), not self._sent_from_here.pop(cid, [])
 
     def drop(self, view: SharedKV) -> None:
         """Free a corpus's slices on the shared ranks."""
+        cid = view.meta.corpus_id
         with self._exchange("dropping corpus " + view.key):
-            dist.broadcast(header(OP_DROP, view.meta.corpus_id, device=self.world.device), src=0)
+            if self._held.pop(cid, None) is None:
+                return  # not held (forgotten after a membership change): nothing there
+            self._placements.pop(cid, None)
+            dist.broadcast(header(OP_DROP, cid, device=self.world.device), src=0)
+
+    def holds(self, view: SharedKV) -> bool:
+        """Whether the shared ranks hold this view's corpus now (a membership change that could
+        not place it again forgets it)."""
+        return view.meta.corpus_id in self._held and self._down is None
+
+    def placement(self, view: SharedKV) -> Placement | None:
+        """Where the corpus's chunks are in the current generation (None when not held)."""
+        return self._placements.get(view.meta.corpus_id) if self.holds(view) else None
 
     def shared_attention(
         self,
@@ -310,15 +391,18 @@ class ShardLink:
         top_k = 0 if chunk_idx is None else chunk_idx.shape[-1]
         shifted = int(chunk_idx is not None and chunk_shift is not None)
         assert not shifted or rope_inv_freq is not None, "shifted chunks need the RoPE frequencies"
-        code = dtype_code(
-            q.dtype
-        )  # raised here, outside the exchange: a bad dtype is no rank failure
-        stats, receivers = self.stats, self.world.world_size - 1
+        code = dtype_code(q.dtype)  # raised here, outside the exchange: no rank failure
+        cid = view.meta.corpus_id
+        stats = self.stats
         with self._exchange(f"attention of layer {layer} on corpus {view.key}"):
+            if cid not in self._held:
+                raise SharedRankError(
+                    f"corpus {view.key} is no longer on the shared ranks (they changed and it "
+                    "could not be placed again); this answer failed, retry"
+                )
+            receivers = len(self.members)
             mark = stats.start(dev)
-            head = header(
-                OP_ATTEND, view.meta.corpus_id, layer, t, top_k, hq, code, shifted, device=dev
-            )
+            head = header(OP_ATTEND, cid, layer, t, top_k, hq, code, shifted, device=dev)
             dist.broadcast(head, src=0)
             dist.broadcast(q.contiguous().to(dev), src=0)
             if chunk_idx is not None:
@@ -327,7 +411,7 @@ class ShardLink:
                 dist.broadcast(chunk_shift.to(device=dev, dtype=torch.int64).contiguous(), src=0)
                 dist.broadcast(rope_inv_freq.to(device=dev, dtype=torch.float32), src=0)
             mine = torch.empty(t, hq, d + 1, dtype=torch.float32, device=dev)
-            parts = [torch.empty_like(mine) for _ in range(self.world.world_size)]
+            parts = [torch.empty_like(mine) for _ in range(1 + receivers)]
             dist.gather(mine, parts, dst=0)
             stats.stop(mark)
             stats.exchanges += 1
@@ -346,37 +430,205 @@ class ShardLink:
     def ping(self) -> None:
         """One round trip with every shared rank (raises SharedRankError if one is gone)."""
         with self._exchange("keep-alive"):
-            dev = self.world.device
-            dist.broadcast(header(OP_PING, device=dev), src=0)
-            dist.gather(
-                torch.zeros(1, device=dev),
-                [torch.zeros(1, device=dev) for _ in range(self.world.world_size)],
-                dst=0,
-            )
+            self._ping()
 
     def shutdown(self) -> None:
-        """Tell the shared ranks to exit (skipped when one is already known to be gone, and
-        when shut down already)."""
+        """Tell the shared ranks to exit (those in a group by a SHUTDOWN header, those in the
+        lobby through the store); once."""
         if self._closed.is_set():
             return
         self._closed.set()
         with self._lock:
-            if self._error is None:
-                try:
+            try:
+                self.world.store.set(SHUTDOWN_KEY, "1")
+                if self.members and self._group_ok:
                     dist.broadcast(header(OP_SHUTDOWN, device=self.world.device), src=0)
-                except Exception as e:  # noqa: BLE001 - shutting down anyway
-                    log.warning("shutdown header did not reach every shared rank: %s", e)
+            except Exception as e:  # noqa: BLE001 - shutting down anyway
+                log.warning("shutdown did not reach every shared rank: %s", e)
+            leave_group()
 
     @property
     def error(self) -> SharedRankError | None:
-        return self._error
+        """Why the link is degraded (the failure that lost a rank, kept until every shared rank
+        is back), or None."""
+        return self._down or self._error
+
+    @property
+    def down(self) -> SharedRankError | None:
+        """Set while the link cannot serve: no shared rank left, or the survivors cannot hold
+        the corpora. Corpora are then served from rank 0."""
+        return self._down
+
+    @property
+    def degraded(self) -> bool:
+        return self._down is not None or len(self.members) < len(self.world.shared_ranks)
+
+    # -- membership ----------------------------------------------------------------------------
+    def _new_id(self) -> int:
+        cid = self._next_id
+        self._next_id += 1
+        return cid
+
+    def _lobby(self) -> dict[int, int]:
+        """Shared ranks waiting in the lobby with a ticket no generation admitted: rank -> ticket."""
+        store, waiting = self.world.store, {}
+        for r in self.world.shared_ranks:
+            ticket = store.add(lobby_key(r), 0)
+            if ticket > self._admitted.get(r, 0):
+                waiting[r] = ticket
+        return waiting
+
+    def _await_lobby(self, expect: list[int], wait_s: float) -> dict[int, int]:
+        deadline = time.monotonic() + wait_s
+        while True:
+            waiting = self._lobby()
+            if set(expect) <= set(waiting) or time.monotonic() >= deadline:
+                return waiting
+            time.sleep(LOBBY_POLL_S)
+
+    def _reform(self, expect: list[int], why: str) -> None:
+        """(Lock held.) Leave the current group and form the next generation: rank 0 and every
+        shared rank in the lobby, waiting up to the timeout for those in `expect`; then place
+        the held corpora over it. A generation that does not form (a rank died meanwhile) is
+        followed by another over those still alive; with no shared rank left, or no room for the
+        corpora, the link is down."""
+        leave_group()
+        self._group_ok = False
+        for _attempt in range(3):
+            waiting = self._await_lobby(expect, self.world.timeout_s)
+            g, members = self.generation + 1, sorted(waiting)
+            self.generation, self.members = g, []
+            store = self.world.store
+            store.set(generation_key(g), json.dumps({str(r): t for r, t in waiting.items()}))
+            store.set(GEN_KEY, str(g))
+            self._admitted.update(waiting)
+            try:
+                form_group(self.world, g, members)
+                self.members, self._group_ok = members, True
+                self._place_all()
+                break
+            except Exception as e:  # noqa: BLE001 - a member died: form another generation
+                log.warning("generation %d over shared ranks %s failed: %s", g, members, e)
+                leave_group()
+                self.members, self._group_ok = [], False
+                stale = self._stale_ranks(members)
+                expect = [r for r in members if r not in stale]
+        log.info("generation %d (%s): shared ranks %s", self.generation, why, self.members)
+        if not self._group_ok or not self.members:
+            self._forget_all()
+            if self.world.shared_ranks:
+                self._down = self._down or SharedRankError(
+                    "no shared rank answers; corpora are served from rank 0"
+                )
+            return
+        if self._down is None and len(self.members) == len(self.world.shared_ranks):
+            self._error = None  # every shared rank is back
+
+    def _place_all(self) -> None:
+        """(Lock held, group formed.) Place every held corpus over the members, when each member
+        keeps within `rank_budget_bytes`; else forget them all and mark the link down."""
+        need = {r: 0 for r in self.members}
+        for h in self._held.values():
+            for s in place(h.dims[1], h.dims[4], self.members).shards:
+                need[s.rank] += s.num_tokens * h.token_bytes
+        budget = self.rank_budget_bytes
+        if budget is not None and need and max(need.values()) > budget:
+            worst = max(need, key=need.get)
+            self._forget_all()
+            self._down = SharedRankError(
+                f"the shared ranks left ({', '.join(map(str, self.members))}) cannot hold the "
+                f"corpora: shared rank {worst} would need {need[worst] / 2**20:.1f} MiB of "
+                f"{budget / 2**20:.1f}; corpora are served from rank 0"
+            )
+            return
+        self._down = None
+        for cid, h in list(self._held.items()):
+            if h.spec is None and h.source is None:
+                log.warning("corpus %s was not kept: forgotten (its questions fail)", h.key)
+                self._held.pop(cid)
+                self._placements.pop(cid, None)
+                continue
+            try:
+                self._place(cid, h)
+            except _Unreadable as e:
+                log.error("%s (%s): forgotten, its questions fail", e, e.__cause__)
+                self._held.pop(cid)
+                self._placements.pop(cid, None)
+
+    def _forget_all(self) -> None:
+        self._held.clear()
+        self._placements.clear()
+
+    def _place(self, cid: int, h: _Held, layout: SharedKV | None = None) -> Placement:
+        """(Lock held.) Place corpus `cid` over the members: LOAD (each reads its slice; rank 0
+        sends the slices of those that could not, from `layout` when it holds the corpus, else
+        read from the same files) or REGISTER (rank 0 sends every slice)."""
+        dev, (layers, n, hkv, d, chunk) = self.world.device, h.dims
+        placement = place(n, chunk, self.members)
+        if h.spec is None:
+            dist.broadcast(header(OP_REGISTER, cid, *h.dims, h.code, device=dev), src=0)
+            for s in placement.shards:
+                for part in slice_kv(h.source, s):  # layer by layer: no stacked copy
+                    dist.send(part.to(dev), dst=self._group_rank(s.rank))
+            self._placements[cid] = placement
+            return placement
+        payload = torch.frombuffer(bytearray(json.dumps(h.spec).encode()), dtype=torch.uint8)
+        dist.broadcast(header(OP_LOAD, cid, *h.dims, h.code, device=dev), src=0)
+        dist.broadcast(torch.tensor([payload.numel()], dtype=torch.int64, device=dev), src=0)
+        dist.broadcast(payload.to(dev), src=0)
+        size = 1 + len(self.members)
+        status = [torch.zeros(1, device=dev) for _ in range(size)]
+        dist.gather(torch.zeros(1, device=dev), status, dst=0)
+        failed = [r for r in self.members if status[self._group_rank(r)].item() != 0]
+        slices, error = {}, None
+        for r in failed:  # read them before telling anyone: a file rank 0 cannot read either
+            s = placement.shard(r)
+            if layout is not None or not s.num_tokens:
+                slices[r] = [] if layout is None else list(slice_kv(layout, s))
+                continue
+            kv = torch.empty(2, layers, s.num_tokens, hkv, d, dtype=DTYPES[h.code])
+            try:
+                read_slice(kv, s, h.spec)
+            except Exception as e:  # noqa: BLE001 - raised below, after the ranks forget it
+                error = e
+                break
+            slices[r] = [kv[j, layer] for layer in range(layers) for j in (0, 1)]
+        send = torch.zeros(size, dtype=torch.int64, device=dev)
+        if error is not None:
+            send.fill_(-1)
+        for r in slices if error is None else []:
+            send[self._group_rank(r)] = 1
+        dist.broadcast(send, src=0)
+        if error is not None:
+            raise _Unreadable(f"corpus {h.key}: rank 0 cannot read its KV files either") from error
+        for r, parts in slices.items():
+            log.warning("corpus %s: shared rank %d could not read its slice; sending it", h.key, r)
+            for part in parts:  # layer by layer, k then v
+                dist.send(part.to(dev), dst=self._group_rank(r))
+        self._sent_from_here[cid] = failed
+        self._placements[cid] = placement
+        return placement
+
+    def _group_rank(self, rank: int) -> int:
+        return [0, *self.members].index(rank)
+
+    def _ping(self) -> None:
+        dev = self.world.device
+        dist.broadcast(header(OP_PING, device=dev), src=0)
+        dist.gather(
+            torch.zeros(1, device=dev),
+            [torch.zeros(1, device=dev) for _ in range(1 + len(self.members))],
+            dst=0,
+        )
 
     # -- internals ---------------------------------------------------------------------------
     def _exchange(self, what: str) -> _Exchange:
         return _Exchange(self, what)
 
     def _fail(self, what: str, cause: BaseException) -> SharedRankError:
-        stale = self._stale_ranks()
+        """(Lock held.) A collective failed: name the ranks whose heartbeat stopped, then form the
+        next generation over the others. Returns the error the failed exchange raises."""
+        stale = self._stale_ranks(self.members)
         if stale:
             who = ", ".join(str(r) for r in stale)
             msg = (
@@ -388,49 +640,80 @@ class ShardLink:
                 f"a shared rank did not answer within {self.world.timeout_s:g}s during {what}, though "
                 f"all heartbeats are alive ({type(cause).__name__}: {cause})"
             )
-        self._error = SharedRankError(msg)
-        self._closed.set()
-        return self._error
+        error = SharedRankError(msg)
+        self._error = error
+        if not self._closed.is_set():
+            survivors = [r for r in self.members if r not in stale]
+            self._reform(survivors, f"after {what}")
+        return error
 
-    def _stale_ranks(self) -> list[int]:
-        """Shared ranks whose heartbeat counter did not move over a few heartbeat periods."""
+    def _stale_ranks(self, ranks: list[int]) -> list[int]:
+        """Of `ranks`, those whose heartbeat counter did not move over a few heartbeat periods."""
         store = self.world.store
         try:
-            before = {r: store.add(self.world.heartbeat_key(r), 0) for r in self.world.shared_ranks}
+            before = {r: store.add(self.world.heartbeat_key(r), 0) for r in ranks}
             time.sleep(4 * HEARTBEAT_S)
-            after = {r: store.add(self.world.heartbeat_key(r), 0) for r in self.world.shared_ranks}
+            after = {r: store.add(self.world.heartbeat_key(r), 0) for r in ranks}
         except Exception as e:  # noqa: BLE001 - the store itself may be gone with its host
             log.warning("cannot read heartbeats: %s", e)
             return []
-        return [r for r in self.world.shared_ranks if after[r] == before[r]]
+        return [r for r in ranks if after[r] == before[r]]
 
-    def _keepalive(self, interval: float) -> None:
-        while not self._closed.wait(interval / 2):
-            if time.monotonic() - self._last < interval:
-                continue
+    def _keep(self, interval: float) -> None:
+        """The keeper: takes back shared ranks that wait in the lobby, and pings an idle link."""
+        while not self._closed.wait(min(interval / 2, 1.0)):
             try:
-                self.ping()
+                if self._lobby():
+                    self._take_back()
+                elif self._down is None and time.monotonic() - self._last >= interval:
+                    self.ping()
             except SharedRankError as e:
                 log.error("%s", e)
+            except Exception as e:  # noqa: BLE001 - the store is gone: the job is ending
+                log.warning("shard keeper: %s", e)
+
+    def _take_back(self) -> None:
+        """Ranks are waiting in the lobby: the members leave the group (REGROUP) and the next
+        generation forms with them and the newcomers; the corpora are placed over all."""
+        with self._lock:
+            if self._closed.is_set():
                 return
+            back = sorted(self._lobby())
+            if not back:
+                return
+            try:
+                if self.members and self._group_ok:
+                    dist.broadcast(header(OP_REGROUP, device=self.world.device), src=0)
+            except Exception as e:  # noqa: BLE001 - a member died meanwhile
+                log.error("%s", self._fail("taking back shared ranks", e))
+                return
+            self._reform(sorted(set(self.members) | set(back)), f"shared ranks {back} back")
+
+
+class _Unreadable(RuntimeError):
+    """Rank 0 cannot read a corpus's KV files to send a slice: no rank failed."""
 
 
 class _Exchange:
-    """Holds the link's lock for one exchange; turns any communication failure into SharedRankError."""
+    """Holds the link's lock for one exchange; turns any communication failure into
+    SharedRankError (after which the link forms its next generation)."""
 
     def __init__(self, link: ShardLink, what: str):
         self.link, self.what = link, what
 
     def __enter__(self) -> None:
         self.link._lock.acquire()
-        if self.link._error is not None:
+        if self.link._down is not None:
             self.link._lock.release()
-            raise self.link._error
+            raise self.link._down
+        if self.link._closed.is_set():
+            self.link._lock.release()
+            raise SharedRankError("the link to the shared ranks is shut down")
 
     def __exit__(self, typ, exc, tb) -> bool:
         try:
             self.link._last = time.monotonic()
-            if exc is not None and not isinstance(exc, SharedRankError):
+            if exc is not None and not isinstance(exc, (SharedRankError, _Unreadable)):
                 raise self.link._fail(self.what, exc) from exc
             return False
         finally:

@@ -1,8 +1,12 @@
-"""The loop a shared rank runs: wait for rank 0's header, do what it says, reply; exit on SHUTDOWN.
+"""The loop a shared rank runs: wait in the lobby for a generation that admits it, join its group,
+then wait for rank 0's header, do what it says, reply; exit on SHUTDOWN.
 
 A shared rank holds no model, only its slices of the registered corpora, and answers each ATTEND
 with `attention.shared_attention` over its slice (routed ids outside its range become -1, so a
 query whose chosen chunks all live elsewhere returns lse = -inf and drops out of the merge).
+When its group fails (a peer died; rank 0 left the group) or rank 0 says REGROUP, it forgets its
+slices and goes back to the lobby; rank 0 places the corpora again over the next generation. It
+exits when rank 0 is gone (the rendezvous store, which rank 0 hosts, no longer answers).
 """
 
 from __future__ import annotations
@@ -10,26 +14,36 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 import attention
-from kb.engine.distributed.placement import Placement, ShardRange, place
+from kb.engine.distributed.placement import Placement, ShardRange, place, read_slice
 from kb.engine.distributed.protocol import (
     DTYPES,
+    GEN_KEY,
     HEADER_LEN,
     HEARTBEAT_S,
+    LOBBY_POLL_S,
     OP_ATTEND,
     OP_DROP,
     OP_LOAD,
     OP_PING,
     OP_REGISTER,
+    OP_REGROUP,
     OP_SHUTDOWN,
+    SHUTDOWN_KEY,
     World,
+    form_group,
+    generation_key,
+    leave_group,
+    lobby_key,
 )
-from storage.kvstore import read_kv
+
+__all__ = ["CorpusSlice", "attend_slice", "read_slice", "run_shared_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -43,27 +57,6 @@ class CorpusSlice:
     k: torch.Tensor
     v: torch.Tensor
     head_dim: int
-
-
-def read_slice(kv: torch.Tensor, shard: ShardRange, spec: dict) -> int:
-    """Fill kv [2, L, n, Hkv, d] with the shard's tokens from the corpus's KV files (`spec`:
-    LOAD's file list), reading and verifying only the files that overlap it; each file's
-    tokens are laid out in `via`, then in kv's dtype, as rank 0's layout is. Returns the number
-    of files read; raises on a file that cannot be read or does not match its checksum."""
-    via = getattr(torch, spec["via"])
-    start, read = 0, 0
-    for path, checksum, tokens in spec["files"]:
-        a, b = max(start, shard.token_start), min(start + tokens, shard.token_end)
-        if a < b:
-            k, v = read_kv(path, checksum, dequantize=True)
-            if k.shape[1] != tokens:
-                raise ValueError(f"KV file {path} holds {k.shape[1]} tokens, not {tokens}")
-            for j, x in enumerate((k, v)):
-                part = x[:, a - start : b - start].to(via).to(kv.dtype)
-                kv[j, :, a - shard.token_start : b - shard.token_start] = part
-            read += 1
-        start += tokens
-    return read
 
 
 def _heartbeat(world: World, stop: threading.Event) -> None:
@@ -105,95 +98,157 @@ def attend_slice(
     return out
 
 
+class RankZeroGone(RuntimeError):
+    """The rendezvous store (rank 0's) no longer answers: the job is over."""
+
+
+def _await_generation(world: World) -> tuple[int, list[int]] | None:
+    """Take a lobby ticket and wait for a generation that admits it: (generation, members), or
+    None when rank 0 says shutdown. RankZeroGone when the store stops answering."""
+    store = world.store
+    try:
+        ticket = store.add(lobby_key(world.rank), 1)
+        while True:
+            if store.check([SHUTDOWN_KEY]):
+                return None
+            if store.check([GEN_KEY]):
+                g = int(store.get(GEN_KEY))
+                admitted = json.loads(store.get(generation_key(g)))
+                if admitted.get(str(world.rank)) == ticket:
+                    return g, sorted(int(r) for r in admitted)
+            time.sleep(LOBBY_POLL_S)
+    except Exception as e:  # noqa: BLE001 - the store's host (rank 0) is gone
+        raise RankZeroGone(str(e)) from e
+
+
 def run_shared_rank(world: World) -> None:
-    """Serve rank 0 until it says SHUTDOWN; a failed collective (rank 0 gone) raises out of here."""
-    dev = world.device
-    corpora: dict[int, CorpusSlice] = {}
+    """Serve rank 0, generation after generation, until it says SHUTDOWN; raises RankZeroGone
+    (or the failure itself) when rank 0 is gone."""
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(world, stop), name="kb-heartbeat", daemon=True)
     beat.start()
     try:
-        with torch.inference_mode():
-            while True:
-                h = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
-                dist.broadcast(h, src=0)
-                op, *f = h.tolist()
-                if op == OP_SHUTDOWN:
-                    log.info("rank %d: shutdown", world.rank)
+        while True:
+            joined = _await_generation(world)
+            if joined is None:
+                log.info("rank %d: shutdown", world.rank)
+                return
+            g, members = joined
+            try:
+                form_group(world, g, members)
+            except Exception as e:  # noqa: BLE001 - a peer did not come: back to the lobby
+                log.warning("rank %d: generation %d did not form (%s)", world.rank, g, e)
+                continue
+            log.info("rank %d: generation %d, shared ranks %s", world.rank, g, members)
+            try:
+                if _serve(world, members):
                     return
-                if op == OP_PING:
-                    dist.gather(torch.zeros(1, device=dev), None, dst=0)
-                elif op == OP_REGISTER:
-                    cid, layers, n, hkv, d, chunk, code = f[:7]
-                    placement = place(n, chunk, world.shared_ranks)
-                    shard = placement.shard(world.rank)
-                    kv = torch.empty(
-                        2, layers, shard.num_tokens, hkv, d, dtype=DTYPES[code], device=dev
-                    )
-                    if shard.num_tokens:  # layer by layer, k then v (placement.slice_kv's order)
-                        for layer in range(layers):
-                            for j in (0, 1):
-                                dist.recv(kv[j, layer], src=0)
-                    corpora[cid] = CorpusSlice(placement, shard, kv[0], kv[1], d)
-                    log.info(
-                        "rank %d: corpus %d, chunks %d..%d (%d tokens)",
-                        world.rank,
-                        cid,
-                        shard.chunk_start,
-                        shard.chunk_end,
-                        shard.num_tokens,
-                    )
-                elif op == OP_LOAD:
-                    cid, layers, n, hkv, d, chunk, code = f[:7]
-                    size = torch.empty(1, dtype=torch.int64, device=dev)
-                    dist.broadcast(size, src=0)
-                    buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
-                    dist.broadcast(buf, src=0)
-                    spec = json.loads(buf.cpu().numpy().tobytes())
-                    placement = place(n, chunk, world.shared_ranks)
-                    shard = placement.shard(world.rank)
-                    kv = torch.empty(
-                        2, layers, shard.num_tokens, hkv, d, dtype=DTYPES[code], device=dev
-                    )
-                    try:
-                        read = read_slice(kv, shard, spec)
-                        failed = 0.0
-                    except Exception as e:  # noqa: BLE001 - rank 0 sends the slice instead
-                        log.warning("rank %d: corpus %d unreadable here: %s", world.rank, cid, e)
-                        failed = 1.0
-                    dist.gather(torch.full((1,), failed, device=dev), None, dst=0)
-                    if not failed:
-                        corpora[cid] = CorpusSlice(placement, shard, kv[0], kv[1], d)
-                        log.info(
-                            "rank %d: corpus %d, chunks %d..%d (%d tokens) from %d of %d files",
-                            world.rank,
-                            cid,
-                            shard.chunk_start,
-                            shard.chunk_end,
-                            shard.num_tokens,
-                            read,
-                            len(spec["files"]),
-                        )
-                elif op == OP_DROP:
-                    corpora.pop(f[0], None)
-                elif op == OP_ATTEND:
-                    cid, layer, t, top_k, hq, code, shifted = f[:7]
-                    sl = corpora[cid]
-                    hkv = sl.k.shape[2]
-                    q = torch.empty(t, hq, sl.head_dim, dtype=DTYPES[code], device=dev)
-                    dist.broadcast(q, src=0)
-                    idx = None
-                    if top_k:
-                        idx = torch.empty(t, hkv, top_k, dtype=torch.int64, device=dev)
-                        dist.broadcast(idx, src=0)
-                    shift = inv = None
-                    if shifted:  # virtual positions: the shifts beside idx, the RoPE frequencies
-                        shift = torch.empty_like(idx)
-                        dist.broadcast(shift, src=0)
-                        inv = torch.empty(sl.head_dim // 2, dtype=torch.float32, device=dev)
-                        dist.broadcast(inv, src=0)
-                    dist.gather(attend_slice(sl, layer, q, idx, shift, inv), None, dst=0)
-                else:
-                    raise RuntimeError(f"unknown header op {op}: the ranks run different code")
+            except Exception as e:  # noqa: BLE001 - the group failed; is rank 0 still there?
+                try:
+                    world.store.add(world.heartbeat_key(world.rank), 0)
+                except Exception as gone:  # noqa: BLE001
+                    raise RankZeroGone(f"{e}; the store: {gone}") from e
+                log.warning("rank %d: generation %d failed (%s); to the lobby", world.rank, g, e)
+            finally:
+                leave_group()
     finally:
         stop.set()
+
+
+def _new_slice(world: World, f: list[int], members: list[int]) -> tuple:
+    cid, layers, n, hkv, d, chunk, code = f[:7]
+    placement = place(n, chunk, members)
+    shard = placement.shard(world.rank)
+    kv = torch.empty(2, layers, shard.num_tokens, hkv, d, dtype=DTYPES[code], device=world.device)
+    return cid, placement, shard, kv, d
+
+
+def _recv_slice(kv: torch.Tensor) -> None:
+    """A slice from rank 0, layer by layer, k then v (placement.slice_kv's order)."""
+    if kv.shape[2]:
+        for layer in range(kv.shape[1]):
+            for j in (0, 1):
+                dist.recv(kv[j, layer], src=0)
+
+
+def _serve(world: World, members: list[int]) -> bool:
+    """One generation: answer rank 0's headers. True on SHUTDOWN, False on REGROUP; raises when
+    the group fails."""
+    dev = world.device
+    me = [0, *members].index(world.rank)
+    corpora: dict[int, CorpusSlice] = {}
+    with torch.inference_mode():
+        while True:
+            h = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
+            dist.broadcast(h, src=0)
+            op, *f = h.tolist()
+            if op == OP_SHUTDOWN:
+                return True
+            if op == OP_REGROUP:
+                return False
+            if op == OP_PING:
+                dist.gather(torch.zeros(1, device=dev), None, dst=0)
+            elif op == OP_REGISTER:
+                cid, placement, shard, kv, d = _new_slice(world, f, members)
+                _recv_slice(kv)
+                corpora[cid] = CorpusSlice(placement, shard, kv[0], kv[1], d)
+                log.info(
+                    "rank %d: corpus %d, chunks %d..%d (%d tokens) sent by rank 0",
+                    world.rank,
+                    cid,
+                    shard.chunk_start,
+                    shard.chunk_end,
+                    shard.num_tokens,
+                )
+            elif op == OP_LOAD:
+                cid, placement, shard, kv, d = _new_slice(world, f, members)
+                size = torch.empty(1, dtype=torch.int64, device=dev)
+                dist.broadcast(size, src=0)
+                buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+                dist.broadcast(buf, src=0)
+                spec = json.loads(buf.cpu().numpy().tobytes())
+                read = 0
+                try:
+                    read = read_slice(kv, shard, spec)
+                    failed = 0.0
+                except Exception as e:  # noqa: BLE001 - rank 0 sends the slice instead
+                    log.warning("rank %d: corpus %d unreadable here: %s", world.rank, cid, e)
+                    failed = 1.0
+                dist.gather(torch.full((1,), failed, device=dev), None, dst=0)
+                send = torch.empty(1 + len(members), dtype=torch.int64, device=dev)
+                dist.broadcast(send, src=0)
+                if send[me].item() < 0:  # rank 0 cannot read the files either
+                    continue
+                if send[me].item() == 1:
+                    _recv_slice(kv)
+                corpora[cid] = CorpusSlice(placement, shard, kv[0], kv[1], d)
+                log.info(
+                    "rank %d: corpus %d, chunks %d..%d (%d tokens) %s",
+                    world.rank,
+                    cid,
+                    shard.chunk_start,
+                    shard.chunk_end,
+                    shard.num_tokens,
+                    "sent by rank 0" if failed else f"from {read} of {len(spec['files'])} files",
+                )
+            elif op == OP_DROP:
+                corpora.pop(f[0], None)
+            elif op == OP_ATTEND:
+                cid, layer, t, top_k, hq, code, shifted = f[:7]
+                sl = corpora[cid]
+                hkv = sl.k.shape[2]
+                q = torch.empty(t, hq, sl.head_dim, dtype=DTYPES[code], device=dev)
+                dist.broadcast(q, src=0)
+                idx = None
+                if top_k:
+                    idx = torch.empty(t, hkv, top_k, dtype=torch.int64, device=dev)
+                    dist.broadcast(idx, src=0)
+                shift = inv = None
+                if shifted:  # virtual positions: the shifts beside idx, the RoPE frequencies
+                    shift = torch.empty_like(idx)
+                    dist.broadcast(shift, src=0)
+                    inv = torch.empty(sl.head_dim // 2, dtype=torch.float32, device=dev)
+                    dist.broadcast(inv, src=0)
+                dist.gather(attend_slice(sl, layer, q, idx, shift, inv), None, dst=0)
+            else:
+                raise RuntimeError(f"unknown header op {op}: the ranks run different code")
