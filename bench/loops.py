@@ -8,8 +8,11 @@ answer length (KB_MAX_TOKENS, 256), greedy, as the web app and the CLI ask them.
 times or more in it. Each penalty setting answers the same questions over the same corpus.
 
     python bench/loops.py [--threads 1] [--penalties 1.0,1.05,1.1,1.2] [--frequency 0,0.3]
+        [--dry-multipliers 0.8,1.0 --dry-base 1.75 --dry-allowed-length 2 --dry-frequency 0.3]
 
-Writes bench/results/loops.json and prints a table.
+The repetition and frequency rows run without DRY; the DRY rows (one per multiplier) at the
+given base, allowed length and frequency penalty. Writes bench/results/loops.json (rows of
+other settings already there are kept) and prints a table.
 """
 
 from __future__ import annotations
@@ -81,11 +84,35 @@ def answer_all(kb, name: str, sampling) -> list[dict]:
     return out
 
 
+SETTING = ("repetition_penalty", "frequency_penalty", "dry_multiplier", "dry_base")
+
+
+def setting(row: dict) -> tuple:
+    """A row's penalty setting (rows from before DRY have none: multiplier 0)."""
+    return tuple(row.get(k) or 0.0 for k in SETTING) + (row.get("dry_allowed_length") or 0,)
+
+
+def kept_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """The rows already in `path` whose setting was not measured again, then `rows`."""
+    try:
+        old = json.loads(path.read_text()).get("rows", [])
+    except (OSError, ValueError):
+        old = []
+    new = {setting(r) for r in rows}
+    return [r for r in old if setting(r) not in new] + rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--penalties", default="1.0,1.05,1.1,1.2", help="repetition penalties")
     p.add_argument("--frequency", default="0", help="frequency penalties (each with penalty 1)")
+    p.add_argument("--dry-multipliers", default="", help="DRY multipliers (one row each)")
+    p.add_argument("--dry-base", type=float, default=1.75, help="the DRY rows' base")
+    p.add_argument("--dry-allowed-length", type=int, default=2, help="the DRY rows' allowed length")
+    p.add_argument(
+        "--dry-frequency", type=float, default=0.3, help="the DRY rows' frequency penalty"
+    )
     p.add_argument("--max-tokens", type=int, default=None, help="default: the service's")
     p.add_argument("-v", "--verbose", action="store_true", help="print every answer's start")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "loops.json"))
@@ -97,8 +124,9 @@ def main() -> int:
     models = Path(os.environ.get("KB_MODELS_DIR", Path.home() / ".cache" / "kb-moska" / "models"))
     home = Path(tempfile.mkdtemp(prefix="kb-loops-"))
     kb = KnowledgeBase(Settings(home=home / "home", models_dir=models))
-    cases = [(float(x), 0.0) for x in args.penalties.split(",") if x]
-    cases += [(1.0, float(x)) for x in args.frequency.split(",") if x and float(x)]
+    cases = [(float(x), 0.0, 0.0) for x in args.penalties.split(",") if x]
+    cases += [(1.0, float(x), 0.0) for x in args.frequency.split(",") if x and float(x)]
+    cases += [(1.0, args.dry_frequency, float(x)) for x in args.dry_multipliers.split(",") if x]
     rows = []
     try:
         files = []
@@ -112,13 +140,23 @@ def main() -> int:
         base = kb.default_sampling()
         if args.max_tokens:
             base = replace(base, max_tokens=args.max_tokens)
-        for rep, freq in cases:
+        for rep, freq, dry in cases:
             t0 = time.perf_counter()
-            sampling = replace(base, repetition_penalty=rep, frequency_penalty=freq)
+            sampling = replace(
+                base,
+                repetition_penalty=rep,
+                frequency_penalty=freq,
+                dry_multiplier=dry,
+                dry_base=args.dry_base,
+                dry_allowed_length=args.dry_allowed_length,
+            )
             answers = answer_all(kb, "docs", sampling)
             row = {
                 "repetition_penalty": rep,
                 "frequency_penalty": freq,
+                "dry_multiplier": dry,
+                "dry_base": args.dry_base if dry else None,
+                "dry_allowed_length": args.dry_allowed_length if dry else None,
                 "questions": len(answers),
                 "looping": sum(a["loops"] for a in answers),
                 "to_limit": sum(a["reason"] == "length" for a in answers),
@@ -127,8 +165,9 @@ def main() -> int:
                 "answers": answers,
             }
             rows.append(row)
+            drys = f" dry {dry}/{args.dry_base}/{args.dry_allowed_length}" if dry else ""
             print(
-                f"repetition {rep:<5} frequency {freq:<4}: {row['looping']} of {len(answers)} "
+                f"repetition {rep:<5} frequency {freq:<4}{drys}: {row['looping']} of {len(answers)} "
                 f"loop, {row['to_limit']} reach the limit, {row['mean_tokens']} tokens on average "
                 f"({row['wall_s']} s)",
                 flush=True,
@@ -144,7 +183,7 @@ def main() -> int:
             "max_tokens": base.max_tokens,
             "corpus": {"documents": list(MODULES), "tokens": tokens},
             "loop_rule": "finish reason 'length' and some run of 8 output tokens occurs >= 3 times",
-            "rows": rows,
+            "rows": kept_rows(Path(args.out), rows),
         }
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     finally:

@@ -976,6 +976,9 @@ def run(args) -> dict:
     penalty = (
         {} if args.repetition_penalty is None else {"repetition_penalty": args.repetition_penalty}
     )
+    for dry in ("dry_multiplier", "dry_base", "dry_allowed_length"):
+        if getattr(args, dry) is not None:
+            penalty[dry] = getattr(args, dry)
     kb = KnowledgeBase(
         Settings(
             home=home / "home", models_dir=args.models_dir, max_tokens=args.max_tokens, **penalty
@@ -992,6 +995,9 @@ def run(args) -> dict:
         "max_tokens": args.max_tokens,
         "repetition_penalty": kb.settings.repetition_penalty,
         "frequency_penalty": args.frequency_penalty,
+        "dry_multiplier": kb.settings.dry_multiplier,
+        "dry_base": kb.settings.dry_base,
+        "dry_allowed_length": kb.settings.dry_allowed_length,
         "link_tokens": args.link_tokens,
         "sizes": {t: args.sizes[t] for t in args.tasks},
         "corpora": info,
@@ -1142,6 +1148,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--frequency-penalty", type=float, default=0.0, help="the answers' frequency penalty"
     )
+    for flag, kind in (("multiplier", float), ("base", float), ("allowed-length", int)):
+        p.add_argument(
+            f"--dry-{flag}",
+            type=kind,
+            default=None,
+            help=f"the answers' DRY {flag} (default: the service's, KB_DRY_"
+            f"{flag.upper().replace('-', '_')})",
+        )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--size",

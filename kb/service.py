@@ -487,12 +487,17 @@ class KnowledgeBase:
 
     def default_sampling(self) -> SamplingParams:
         """What a request that names no sampling gets: the served answer length and penalties
-        (KB_MAX_TOKENS, KB_REPETITION_PENALTY, KB_FREQUENCY_PENALTY); the web app's and the
-        CLI's answers."""
+        (KB_MAX_TOKENS, KB_REPETITION_PENALTY, KB_FREQUENCY_PENALTY, KB_DRY_*); the web app's
+        and the CLI's answers."""
+        s = self.settings
         return SamplingParams(
-            max_tokens=self.settings.max_tokens,
-            repetition_penalty=self.settings.repetition_penalty,
-            frequency_penalty=self.settings.frequency_penalty,
+            max_tokens=s.max_tokens,
+            repetition_penalty=s.repetition_penalty,
+            frequency_penalty=s.frequency_penalty,
+            dry_multiplier=s.dry_multiplier,
+            dry_base=s.dry_base,
+            dry_allowed_length=s.dry_allowed_length,
+            dry_sequence_breakers=tuple(s.dry_sequence_breakers),
         )
 
     def ask(

@@ -141,8 +141,30 @@ class Settings(BaseSettings):
         ge=-2,
         le=2,
         description="default OpenAI frequency penalty (minus this times a token's count in the "
-        "answer so far from its logit; 0 = off), for requests that send none: halves the demo "
-        "model's greedy loops without costing the quality harness an answer (docs/QUALITY.md)",
+        "answer so far from its logit; 0 = off), for requests that send none: with DRY it stops "
+        "the demo model's greedy loops without costing the quality harness an answer "
+        "(docs/QUALITY.md)",
+    )
+    dry_multiplier: float = Field(
+        default=0.8,
+        ge=0,
+        le=10,
+        description="default DRY penalty multiplier (0 = off), for requests that send none: a "
+        "token that would continue a repeat of an earlier run of the answer, the repeat L tokens "
+        "long so far, loses multiplier * base ** (L - allowed length) when L >= allowed length "
+        "(docs/QUALITY.md)",
+    )
+    dry_base: float = Field(default=1.75, ge=1, le=10, description="default DRY base")
+    dry_allowed_length: int = Field(
+        default=2,
+        ge=1,
+        le=256,
+        description="default DRY allowed length: repeats of up to this many tokens go free",
+    )
+    dry_sequence_breakers: tuple[str, ...] = Field(
+        default=("\n", ":", '"', "*"),
+        description="default DRY sequence breakers (KB_DRY_SEQUENCE_BREAKERS as a JSON list of "
+        "strings): a token whose text contains one ends a repeated run",
     )
     kv_block_size: int = Field(default=16, ge=1)
     unique_kv_tokens: int = Field(

@@ -53,6 +53,12 @@ async def model(
 def sampling(kb: KnowledgeBase, body: SamplingFields, max_tokens: int) -> SamplingParams:
     """The engine's sampling parameters for a request (kb's defaults where it sends none)."""
     rep, freq = body.repetition_penalty, body.frequency_penalty
+    served = kb.settings
+
+    def dry(name: str):
+        sent = getattr(body, name)
+        return getattr(served, name) if sent is None else sent
+
     return SamplingParams(
         temperature=0.0 if body.temperature is None else body.temperature,
         top_p=body.top_p,
@@ -63,6 +69,10 @@ def sampling(kb: KnowledgeBase, body: SamplingFields, max_tokens: int) -> Sampli
         presence_penalty=body.presence_penalty,
         frequency_penalty=kb.settings.frequency_penalty if freq is None else freq,
         repetition_penalty=kb.settings.repetition_penalty if rep is None else rep,
+        dry_multiplier=dry("dry_multiplier"),
+        dry_base=dry("dry_base"),
+        dry_allowed_length=dry("dry_allowed_length"),
+        dry_sequence_breakers=tuple(dry("dry_sequence_breakers")),
     )
 
 

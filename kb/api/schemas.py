@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kb.engine.sequence import DRY_MAX_ALLOWED_LENGTH, DRY_MAX_BREAKER_CHARS, DRY_MAX_BREAKERS
 from kb.inputs import Name, Text
 
 PENALTY = {"ge": -2.0, "le": 2.0, "allow_inf_nan": False}
@@ -113,6 +114,41 @@ class SamplingFields(BaseModel):
         allow_inf_nan=False,
         description="kb (as vLLM): a generated token's logit divided by this when positive, "
         "multiplied when negative; 1 = off, default KB_REPETITION_PENALTY",
+    )
+    # DRY, as text-generation-webui, llama.cpp and koboldcpp name its parameters
+    dry_multiplier: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=10.0,
+        allow_inf_nan=False,
+        description="kb (DRY): a token that would continue a repeat of an earlier run of the "
+        "answer, the repeat L tokens long so far, loses dry_multiplier * dry_base ** (L - "
+        "dry_allowed_length) from its logit when L >= dry_allowed_length; 0 = off, default "
+        "KB_DRY_MULTIPLIER",
+    )
+    dry_base: float | None = Field(
+        default=None,
+        ge=1.0,
+        le=10.0,
+        allow_inf_nan=False,
+        description="kb (DRY): how fast the penalty grows with the repeat; default KB_DRY_BASE",
+    )
+    dry_allowed_length: int | None = Field(
+        default=None,
+        ge=1,
+        le=DRY_MAX_ALLOWED_LENGTH,
+        description="kb (DRY): repeats this long go free; default KB_DRY_ALLOWED_LENGTH",
+    )
+    dry_sequence_breakers: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=DRY_MAX_BREAKER_CHARS)]],
+            Field(max_length=DRY_MAX_BREAKERS),
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description="kb (DRY): a token whose text contains one of these strings ends a repeated "
+        'run; default KB_DRY_SEQUENCE_BREAKERS (["\\n", ":", "\\"", "*"])',
     )
 
     def stops(self) -> tuple[str, ...]:

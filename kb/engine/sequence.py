@@ -28,9 +28,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    # DRY ("don't repeat yourself", kb/engine/sampler.py): a token that would extend a repeat of
-    # an earlier run of the answer by its L-th token, L >= allowed length, loses
-    # multiplier * base ** (L - allowed length); a breaker resets the run (0 = off)
+    # DRY ("don't repeat yourself", kb/engine/sampler.py): a token that would continue a repeat
+    # of an earlier run of the answer, the repeat L tokens long so far, loses
+    # multiplier * base ** (L - allowed length) when L >= allowed length; a run never spans a
+    # sequence breaker (multiplier 0 = off)
     dry_multiplier: float = 0.0
     dry_base: float = 1.75
     dry_allowed_length: int = 2
