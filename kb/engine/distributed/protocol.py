@@ -461,7 +461,9 @@ class ShardLink:
 
     @property
     def degraded(self) -> bool:
-        return self._down is not None or len(self.members) < len(self.world.shared_ranks)
+        """A shared rank is missing: lost and not yet taken back with every corpus placed again
+        (the failure's error stays until then), or the link is down."""
+        return self.error is not None or len(self.members) < len(self.world.shared_ranks)
 
     # -- membership ----------------------------------------------------------------------------
     def _new_id(self) -> int:
