@@ -60,6 +60,7 @@ from kb.engine.distributed.protocol import (  # noqa: E402
     dtype_code,
     init_world,
     leave_group,
+    unpack_partial,
 )
 from kb.engine.distributed.worker import CorpusSlice, attend_slice, run_shared_rank  # noqa: E402
 from kb.engine.engine import Engine, EngineConfig  # noqa: E402
@@ -107,15 +108,15 @@ class LoopbackLink(ShardLink):
     def shared_attention(self, view, layer, q, chunk_idx):
         o, lse = super().shared_attention(view, layer, q, chunk_idx)
         part = attend_slice(self._slices[view.meta.corpus_id], layer, q, chunk_idx)
-        d = q.shape[-1]
         # count what one shared rank would have been sent and returned (the protocol counts 0 peers)
         self.stats.bytes_out += (
             8 * 8
             + q.numel() * q.element_size()
-            + (0 if chunk_idx is None else chunk_idx.numel() * 8)
+            + (0 if chunk_idx is None else chunk_idx.numel() * 4)
         )
         self.stats.bytes_in += part.numel() * part.element_size()
-        return attention.merge(o, lse, part[..., :d].to(q.dtype), part[..., d])
+        po, plse = unpack_partial(part)
+        return attention.merge(o, lse, po.to(q.dtype), plse)
 
 
 def random_corpus(

@@ -45,7 +45,11 @@ class DistributedServeAttention(ServeAttention):
         travel with its chunk ids), else here, as ServeAttention does."""
         if is_remote(sh):
             assert self.link is not None, f"corpus {sh.key} is sharded but this step has no link"
-            return self.link.shared_attention(sh, layer, q, idx, shift, self.rope_inv_freq)
+            # a selecting request's chunk ids and shifts are the same at every layer of a step
+            steady = plan is not None or shift is not None
+            return self.link.shared_attention(
+                sh, layer, q, idx, shift, self.rope_inv_freq, steady=steady
+            )
         return super()._shared_partial(sh, layer, q, idx, plan=plan, shift=shift)
 
     def _cites(self, sh: SharedKV) -> bool:
@@ -71,6 +75,7 @@ class ShardedModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         if type(attn) is ServeAttention:
+            self.link.begin_step()
             fields = {f.name: getattr(attn, f.name) for f in dataclasses.fields(ServeAttention)}
             attn = DistributedServeAttention(
                 **fields, link=self.link

@@ -3,9 +3,17 @@
 Every exchange starts with a fixed-size int64 header broadcast from rank 0, so a shared rank always
 knows what comes next and how big it is:
 
-    ATTEND   [op, corpus, layer, T, top_k (0 = dense), Hq, dtype, 0]
-             then broadcast q[T, Hq, d] (and chunk_idx[T, Hkv, top_k] int64 when routed);
-             then gather to rank 0 of float32 [T, Hq, d + 1] per rank: o and lse side by side
+    ATTEND   [op, corpus, layer, T, top_k (0 = dense), Hq, dtype, meta]
+             then broadcast q[T, Hq, d]; when routed, chunk_idx[T, Hkv, top_k] int32 (and,
+             for chunks at virtual positions, chunk_shift int32 and the RoPE frequencies),
+             unless `meta` says the rank has them already this step; then gather to rank 0 of
+             one 16-bit tensor [T, Hq, d + 2] per rank: o in the wire dtype (`wire_dtype`:
+             bfloat16 for a bfloat16 computation, else float16) and the float32 lse's bits in
+             the last two slots (`pack_partial`)
+             meta bits: 1 shifted, 2 reuse slot, 4 keep in slot, 8 a new step (forget the
+             slots), slot = meta >> 4. A request's chosen passages (attention retrieval) are the
+             same chunk ids and shifts at every layer of a step: they travel at its first layer
+             only (`steady`); the router's ids differ per layer and travel every layer
     REGISTER [op, corpus, L, N, Hkv, d, chunk_size, dtype]
              then rank 0 sends each shared rank its slice [2, L, n, Hkv, d] point to point
     LOAD     [op, corpus, L, N, Hkv, d, chunk_size, dtype]
@@ -188,6 +196,37 @@ def leave_group() -> None:
             log.warning("leaving the process group: %s", e)
 
 
+def wire_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The 16-bit dtype partial outputs travel in: bfloat16 for a bfloat16 computation, else
+    float16 (a float32 or float16 one: o is a convex combination of values, well inside
+    float16's range, with 3 more mantissa bits than bfloat16)."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float16
+
+
+def pack_partial(o: torch.Tensor, lse: torch.Tensor, wire: torch.dtype) -> torch.Tensor:
+    """One partial as it travels: [T, Hq, d + 2] in `wire`, o rounded to it and the float32
+    lse[T, Hq] kept exactly, its 4 bytes in the last two 16-bit slots."""
+    bits = lse.to(torch.float32).contiguous().unsqueeze(-1).view(wire)  # [T, Hq, 2]
+    return torch.cat([o.to(wire), bits], dim=-1)
+
+
+def unpack_partial(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o[T, Hq, d] in the wire dtype, lse[T, Hq] float32) of a packed partial."""
+    return part[..., :-2], part[..., -2:].contiguous().view(torch.float32).squeeze(-1)
+
+
+def merge_partials(parts: list[torch.Tensor], q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed partials of the shared ranks merged by log-sum-exp: (o in q's dtype and on
+    its device, lse float32); none: o = 0, lse = -inf."""
+    t, hq, d = q.shape
+    o = torch.zeros(t, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    for p in parts:
+        po, plse = unpack_partial(p.to(q.device))
+        o, lse = attention.merge(o, lse, po.to(q.dtype), plse)
+    return o, lse
+
+
 def header(op: int, *fields: int, device: torch.device) -> torch.Tensor:
     """The 8-int64 message header on `device`. On a GPU it is staged in pinned memory and copied
     without blocking: a pageable copy would make the host wait for the stream every layer."""
@@ -204,7 +243,7 @@ class CommStats:
     the header's copy to the device, the collectives' launches and the waits for the shared ranks count.
 
     bytes_out: header + q + chunk ids, once per shared rank that receives them (a broadcast to S ranks
-    counts S times); bytes_in: the float32 partials gathered from the shared ranks."""
+    counts S times); bytes_in: the 16-bit partials gathered from the shared ranks."""
 
     timing: bool = False
     exchanges: int = 0
@@ -300,6 +339,8 @@ class ShardLink:
         self._placements: dict[int, Placement] = {}
         self._sent_from_here: dict[int, list[int]] = {}  # cid -> ranks sent their slice by rank 0
         self._group_ok = False  # whether the current generation's group formed (and still works)
+        self._step_meta: dict[int, tuple[int, torch.Tensor, torch.Tensor | None]] = {}
+        self._new_step = True  # the next ATTEND tells the ranks to forget their slots
         with self._lock:
             self._reform(world.shared_ranks, "start")
         interval = world.timeout_s / 4 if keepalive_s is None else keepalive_s
@@ -372,6 +413,10 @@ class ShardLink:
         """Where the corpus's chunks are in the current generation (None when not held)."""
         return self._placements.get(view.meta.corpus_id) if self.holds(view) else None
 
+    def begin_step(self) -> None:
+        """A new serving step: routing metadata kept for its layers (`steady`) is forgotten."""
+        self._new_step = True
+
     def shared_attention(
         self,
         view: SharedKV,
@@ -380,18 +425,22 @@ class ShardLink:
         chunk_idx: torch.Tensor | None,
         chunk_shift: torch.Tensor | None = None,
         rope_inv_freq: torch.Tensor | None = None,
+        steady: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q[T, Hq, d] against the whole sharded corpus (dense, or routed by global chunk_idx
         [T, Hkv, k], each listed chunk shifted by chunk_shift [T, Hkv, k] when given: virtual
         positions, which need the model's RoPE frequencies): each shared rank attends its slice,
         and the partials merge by log-sum-exp. Returns (o[T, Hq, d] in q's dtype, lse[T, Hq]
-        float32), as `attention.shared_attention`."""
+        float32), as `attention.shared_attention`; o travels in 16 bits (`wire_dtype`).
+        `steady`: chunk_idx and chunk_shift are the same tensors at every layer of this step (a
+        request's chosen passages): sent once per step (`begin_step` starts one)."""
         t, hq, d = q.shape
         dev = self.world.device
         top_k = 0 if chunk_idx is None else chunk_idx.shape[-1]
         shifted = int(chunk_idx is not None and chunk_shift is not None)
         assert not shifted or rope_inv_freq is not None, "shifted chunks need the RoPE frequencies"
         code = dtype_code(q.dtype)  # raised here, outside the exchange: no rank failure
+        wire = wire_dtype(q.dtype)
         cid = view.meta.corpus_id
         stats = self.stats
         with self._exchange(f"attention of layer {layer} on corpus {view.key}"):
@@ -400,32 +449,42 @@ class ShardLink:
                     f"corpus {view.key} is no longer on the shared ranks (they changed and it "
                     "could not be placed again); this answer failed, retry"
                 )
+            meta, send_ids = shifted, chunk_idx is not None
+            if self._new_step:
+                self._step_meta.clear()
+                meta |= 8
+                self._new_step = False
+            if chunk_idx is not None and steady:
+                known = self._step_meta.get(id(chunk_idx))
+                if known is not None and known[1] is chunk_idx and known[2] is chunk_shift:
+                    meta |= 2 | known[0] << 4
+                    send_ids = False
+                else:
+                    slot = len(self._step_meta)
+                    self._step_meta[id(chunk_idx)] = (slot, chunk_idx, chunk_shift)
+                    meta |= 4 | slot << 4
             receivers = len(self.members)
             mark = stats.start(dev)
-            head = header(OP_ATTEND, cid, layer, t, top_k, hq, code, shifted, device=dev)
+            head = header(OP_ATTEND, cid, layer, t, top_k, hq, code, meta, device=dev)
             dist.broadcast(head, src=0)
             dist.broadcast(q.contiguous().to(dev), src=0)
-            if chunk_idx is not None:
-                dist.broadcast(chunk_idx.to(device=dev, dtype=torch.int64).contiguous(), src=0)
-            if shifted:
-                dist.broadcast(chunk_shift.to(device=dev, dtype=torch.int64).contiguous(), src=0)
-                dist.broadcast(rope_inv_freq.to(device=dev, dtype=torch.float32), src=0)
-            mine = torch.empty(t, hq, d + 1, dtype=torch.float32, device=dev)
+            sent = HEADER_LEN * 8 + q.numel() * q.element_size()
+            if send_ids:
+                dist.broadcast(chunk_idx.to(device=dev, dtype=torch.int32).contiguous(), src=0)
+                sent += chunk_idx.numel() * 4
+                if shifted:
+                    shift = chunk_shift.to(device=dev, dtype=torch.int32).contiguous()
+                    dist.broadcast(shift, src=0)
+                    dist.broadcast(rope_inv_freq.to(device=dev, dtype=torch.float32), src=0)
+                    sent += chunk_shift.numel() * 4 + 4 * (d // 2)
+            mine = torch.empty(t, hq, d + 2, dtype=wire, device=dev)
             parts = [torch.empty_like(mine) for _ in range(1 + receivers)]
             dist.gather(mine, parts, dst=0)
             stats.stop(mark)
             stats.exchanges += 1
-            sent = HEADER_LEN * 8 + q.numel() * q.element_size()
-            if chunk_idx is not None:
-                sent += chunk_idx.numel() * 8 * (1 + shifted) + shifted * 4 * (d // 2)
             stats.bytes_out += receivers * sent
             stats.bytes_in += receivers * mine.numel() * mine.element_size()
-        o = torch.zeros(t, hq, d, dtype=q.dtype, device=q.device)
-        lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=q.device)
-        for p in parts[1:]:
-            p = p.to(q.device)
-            o, lse = attention.merge(o, lse, p[..., :d].to(q.dtype), p[..., d])
-        return o, lse
+        return merge_partials(parts[1:], q)
 
     def ping(self) -> None:
         """One round trip with every shared rank (raises SharedRankError if one is gone)."""
@@ -496,6 +555,7 @@ class ShardLink:
         corpora, the link is down."""
         leave_group()
         self._group_ok = False
+        self._new_step = True  # the new group's ranks keep no routing metadata
         for _attempt in range(3):
             waiting = self._await_lobby(expect, self.world.timeout_s)
             g, members = self.generation + 1, sorted(waiting)

@@ -41,6 +41,8 @@ from kb.engine.distributed.protocol import (
     generation_key,
     leave_group,
     lobby_key,
+    pack_partial,
+    wire_dtype,
 )
 
 __all__ = ["CorpusSlice", "attend_slice", "read_slice", "run_shared_rank"]
@@ -78,14 +80,15 @@ def attend_slice(
     chunk_shift: torch.Tensor | None = None,
     rope_inv_freq: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Partial attention of q[T, Hq, d] over this slice, packed as float32 [T, Hq, d + 1] (o, lse);
+    """Partial attention of q[T, Hq, d] over this slice, packed for the wire (`pack_partial`:
+    o in 16 bits, the float32 lse in the last two slots of [T, Hq, d + 2]);
     with chunk_shift (beside the global chunk_idx), each chunk at its virtual position (a shift
     does not depend on where the chunk is stored: the slice keeps the stored positions' keys)."""
     t, hq, d = q.shape
-    out = torch.zeros(t, hq, d + 1, dtype=torch.float32, device=q.device)
+    wire = wire_dtype(q.dtype)
     if sl.shard.num_tokens == 0:
-        out[..., d] = float("-inf")
-        return out
+        empty = torch.full((t, hq), float("-inf"), device=q.device)
+        return pack_partial(torch.zeros(t, hq, d, device=q.device), empty, wire)
     idx = None if chunk_idx is None else sl.placement.local_chunk_idx(chunk_idx, sl.shard.rank)
     extra = {}
     if idx is not None and chunk_shift is not None:
@@ -93,9 +96,7 @@ def attend_slice(
     o, lse = attention.shared_attention(
         q, sl.k[layer], sl.v[layer], idx, sl.placement.chunk_size, **extra
     )
-    out[..., :d] = o.float()
-    out[..., d] = lse
-    return out
+    return pack_partial(o, lse, wire)
 
 
 class RankZeroGone(RuntimeError):
@@ -177,6 +178,7 @@ def _serve(world: World, members: list[int]) -> bool:
     dev = world.device
     me = [0, *members].index(world.rank)
     corpora: dict[int, CorpusSlice] = {}
+    slots: dict[int, tuple] = {}  # this step's routing metadata that rank 0 sends once
     with torch.inference_mode():
         while True:
             h = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
@@ -234,21 +236,28 @@ def _serve(world: World, members: list[int]) -> bool:
             elif op == OP_DROP:
                 corpora.pop(f[0], None)
             elif op == OP_ATTEND:
-                cid, layer, t, top_k, hq, code, shifted = f[:7]
+                cid, layer, t, top_k, hq, code, meta = f[:7]
                 sl = corpora[cid]
                 hkv = sl.k.shape[2]
+                if meta & 8:  # a new step
+                    slots.clear()
                 q = torch.empty(t, hq, sl.head_dim, dtype=DTYPES[code], device=dev)
                 dist.broadcast(q, src=0)
-                idx = None
-                if top_k:
-                    idx = torch.empty(t, hkv, top_k, dtype=torch.int64, device=dev)
-                    dist.broadcast(idx, src=0)
-                shift = inv = None
-                if shifted:  # virtual positions: the shifts beside idx, the RoPE frequencies
-                    shift = torch.empty_like(idx)
-                    dist.broadcast(shift, src=0)
-                    inv = torch.empty(sl.head_dim // 2, dtype=torch.float32, device=dev)
-                    dist.broadcast(inv, src=0)
+                idx = shift = inv = None
+                if top_k and meta & 2:  # sent at an earlier layer of this step
+                    idx, shift, inv = slots[meta >> 4]
+                elif top_k:
+                    ids = torch.empty(t, hkv, top_k, dtype=torch.int32, device=dev)
+                    dist.broadcast(ids, src=0)
+                    idx = ids.long()
+                    if meta & 1:  # virtual positions: the shifts beside idx, the frequencies
+                        shifts = torch.empty_like(ids)
+                        dist.broadcast(shifts, src=0)
+                        shift = shifts.long()
+                        inv = torch.empty(sl.head_dim // 2, dtype=torch.float32, device=dev)
+                        dist.broadcast(inv, src=0)
+                    if meta & 4:
+                        slots[meta >> 4] = (idx, shift, inv)
                 dist.gather(attend_slice(sl, layer, q, idx, shift, inv), None, dst=0)
             else:
                 raise RuntimeError(f"unknown header op {op}: the ranks run different code")
