@@ -285,6 +285,7 @@ def api(tmp_path):
         ("dry_multiplier", 11),
         ("dry_multiplier", "much"),
         ("dry_base", 0.9),
+        ("dry_base", float("nan")),
         ("dry_allowed_length", 0),
         ("dry_allowed_length", 1.5),
         ("dry_sequence_breakers", [""]),
@@ -298,7 +299,8 @@ def test_the_api_refuses_bad_dry_values_naming_them(api, field, value):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
         ("/v1/completions", {"prompt": "hi"}),
     ):
-        r = client.post(path, json={"model": "kb:x", **body, field: value})
+        payload = json.dumps({"model": "kb:x", **body, field: value})  # NaN as JSON's NaN
+        r = client.post(path, content=payload, headers={"Content-Type": "application/json"})
         assert r.status_code == 400, r.text
         err = r.json()["error"]
         assert err["param"].split(".")[0] == field and err["type"] == "invalid_request_error"
