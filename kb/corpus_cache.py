@@ -8,7 +8,10 @@ there, else from its verified files. Corpus.tier, hits and last_used_at follow i
 
 With a `ShardLink` (`kb serve --shared-ranks S`, docs/SCALING.md) a loaded corpus goes to the
 shared ranks (`ShardLink.load`: each reads its slice from the corpus's KV files, or is sent it
-when it cannot) and this rank keeps only the view: router, passage selector, shapes. The device
+when it cannot) and this rank keeps only the view: router, passage selector, shapes. It never
+stacks the corpus: it reads the files one by one and keeps the preamble's KV and, for a corpus
+that selects its passages, the selecting layers' keys (`_read_view`); the router's summaries
+come from the stored chunk index, or are streamed from the files on a version's first load. The device
 tier then stands for the shared ranks' memory (S times KB_GPU_CACHE_GB, no host tier): leaving
 it drops the slices there (`ShardLink.drop`). When a shared rank fails, the link places the
 corpora again over the survivors (and over a rank that comes back), keeping the views valid;
@@ -35,11 +38,12 @@ from index.summaries import ChunkSummaries, chunk_summaries
 from kb.citations import CitationMap, SegmentRef
 from kb.engine.distributed.protocol import KVFile, ShardLink, SharedRankError
 from kb.engine.engine import Engine
-from kb.engine.selection import attach_selector
+from kb.engine.selection import PassageSelector, SelectionConfig, attach_selector, calibrate
 from kb.engine.shared_kv import KVMeta, SharedKV
 from kb.errors import Conflict, NotFound, NotReady, TooBusy
 from kb.ingest.build import position_limit
 from kb.model.loader import LoadedModel
+from kb.model.retrieval_heads import retrieval_heads
 from kb.settings import Settings
 from storage.db import Database
 from storage.kvstore import KVCorruptError, quantize_fp8_chunks, read_kv
@@ -72,6 +76,35 @@ class _Layout:
         torch.Tensor
     )  # [N] int64 stored position of every shared token (RoPE was applied at it)
     files: list[KVFile]  # the files it was read from, in order (the shared ranks read them)
+    # a sharded read (`_read_view`: k and v are then meta tensors of the layout's shape): the
+    # preamble's k, v per layer, and per layer the keys where the selector reads them (meta
+    # elsewhere; None when the corpus does not select)
+    preamble: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    keys: list[torch.Tensor] | None = None
+
+
+class _StreamedSummaries:
+    """One layer's chunk summaries over keys that arrive in pieces (file by file): complete
+    chunks are summarised as they fill, the partial one waits for the next piece."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size, self.parts, self.num_tokens = chunk_size, [], 0
+        self.carry: torch.Tensor | None = None
+
+    def add(self, keys: torch.Tensor) -> None:
+        x = keys if self.carry is None else torch.cat([self.carry, keys])
+        full = x.shape[0] // self.chunk_size * self.chunk_size
+        if full:
+            self.parts.append(chunk_summaries(x[:full], self.chunk_size))
+        self.carry = x[full:].clone() if full < x.shape[0] else None
+        self.num_tokens += keys.shape[0]
+
+    def finish(self) -> ChunkSummaries:
+        if self.carry is not None:
+            self.parts.append(chunk_summaries(self.carry, self.chunk_size))
+            self.carry = None
+        fields = [torch.cat([getattr(p, f) for p in self.parts]) for f in ("mean", "kmin", "kmax")]
+        return ChunkSummaries(*fields, self.chunk_size, self.num_tokens)
 
 
 def _budget(gb: float) -> int:
@@ -304,7 +337,10 @@ class CorpusCache:
         return self.sharded and key in self._remote and not self.link.holds(cached.shared)
 
     def _read(self, name: str, corpus: Corpus) -> _Layout:
-        """Read and verify every KV file of the corpus (KVCorruptError on a damaged one)."""
+        """Read and verify every KV file of the corpus (KVCorruptError on a damaged one);
+        sharded, only what this rank keeps of it (`_read_view`)."""
+        if self.sharded:
+            return self._read_view(name, corpus)
         cfg = corpus.settings
         if cfg.get("weights") != self.model.weights_hash:
             raise NotReady(f"corpus {name!r} was built with another model; rebuild it")
@@ -349,6 +385,80 @@ class CorpusCache:
             torch.cat(where),
             files,
         )
+
+    def _read_view(self, name: str, corpus: Corpus, usable: int | None = None) -> _Layout:
+        """What rank 0 keeps of a sharded corpus, read and verified file by file, never stacked:
+        the preamble's k and v, the keys of the layers the passage selector reads (only for a
+        corpus beyond `usable` positions, default the model's: `_selection_config`), the stored
+        positions, the citation refs and the file list; k and v are meta tensors of the
+        layout's shape. The shared ranks read (and verify) their slices from the same files."""
+        cfg = corpus.settings
+        if cfg.get("weights") != self.model.weights_hash:
+            raise NotReady(f"corpus {name!r} was built with another model; rebuild it")
+        pk, pv = read_kv(corpus.preamble_kv_file, corpus.preamble_checksum, dequantize=True)
+        p, chunk = pk.shape[1], cfg["chunk_size"]
+        segments = [(d, g) for d in corpus.documents if d.stage == "ready" for g in d.segments]
+        n = p + sum(g.num_tokens for _, g in segments)
+        always = -(-corpus.preamble_len // chunk)
+        config = self._selection_config(n, -(-n // chunk), always, usable)
+        keep = config.layers if config is not None else ()
+        kept = {layer: [pk[layer]] for layer in keep}
+        files = [KVFile(str(corpus.preamble_kv_file), corpus.preamble_checksum, p)]
+        refs, where, pos, max_end, dtype = [], [torch.arange(p)], p, p, pk.dtype
+        for d, seg in segments:
+            k, _ = read_kv(seg.kv_file, seg.kv_checksum, dequantize=True)
+            refs.append(
+                SegmentRef(
+                    pos,
+                    seg.num_tokens,
+                    d.filename,
+                    d.id,
+                    seg.page_start,
+                    seg.page_end,
+                    seg.char_start,
+                    seg.text,
+                )
+            )
+            max_end = max(max_end, seg.pos_start + seg.num_tokens)
+            where.append(torch.arange(seg.pos_start, seg.pos_start + seg.num_tokens))
+            for layer in keep:
+                kept[layer].append(k[layer])
+            files.append(KVFile(str(seg.kv_file), seg.kv_checksum, k.shape[1]))
+            dtype = torch.promote_types(dtype, k.dtype)  # fp8 files read as 16-bit
+            pos += seg.num_tokens
+        layers, _, hkv, d = pk.shape
+        meta = torch.empty(layers, n, hkv, d, dtype=dtype, device="meta")
+        keys = None
+        if keep:
+            keys = [
+                torch.cat([x.to(dtype) for x in kept[layer]])
+                if layer in kept
+                else torch.empty(n, hkv, d, dtype=dtype, device="meta")
+                for layer in range(layers)
+            ]
+        preamble = ([x.to(dtype) for x in pk], [x.to(dtype) for x in pv])
+        return _Layout(
+            meta,
+            meta,
+            refs,
+            max_end,
+            corpus.preamble_len,
+            chunk,
+            torch.cat(where),
+            files,
+            preamble=preamble,
+            keys=keys,
+        )
+
+    def _summaries_from_files(self, layout: _Layout) -> list[ChunkSummaries]:
+        """Every layer's chunk summaries streamed from the layout's files (a sharded load holds
+        no layout): each file read once, a chunk cut by a file edge joined from both sides."""
+        streams = [_StreamedSummaries(layout.chunk_size) for _ in range(layout.k.shape[0])]
+        for f in layout.files:
+            k, _ = read_kv(f.path, f.checksum, dequantize=True)
+            for layer, stream in enumerate(streams):
+                stream.add(k[layer].to(layout.k.dtype))
+        return [stream.finish() for stream in streams]
 
     def _place(self, name: str, tensors: list[torch.Tensor]) -> None:
         """Hold a layout on the device, making room there; parks it in host memory and says why
@@ -437,7 +547,7 @@ class CorpusCache:
         )
         if shared.num_chunks > shared.always_chunks + 1:
             # summaries from the 16-bit keys as read (an fp8 layout's own are coarser)
-            summaries = self._stored_summaries(name, version, shared, list(layout.k.unbind(0)))
+            summaries = self._stored_summaries(name, version, shared, layout)
             # given the summaries, the router reads only the keys' count and device: sharded, the
             # keys stay off the device (they travel to the shared ranks from host memory)
             device = torch.device(self.settings.device)
@@ -453,7 +563,7 @@ class CorpusCache:
         self._attach_selector(shared, layout)
         if sharded:
             try:  # each shared rank reads its slice from the files; this rank keeps the view
-                shared, read = self.link.load(shared, layout.files, layout.k.dtype)
+                shared, read = self.link.load(shared, layout.files, layout.k.dtype, in_memory=False)
             except SharedRankError:
                 self.tiers.remove(name)
                 raise
@@ -471,14 +581,73 @@ class CorpusCache:
         """Attention retrieval for a corpus beyond the model's context and the selection budget
         (kb/engine/selection.py `attach_selector`), once per layout."""
         lm = self.model
-        usable = position_limit(lm.config.max_position_embeddings)
-        attach_selector(shared, list(layout.k.unbind(0)), lm, self.settings, usable)
+        if layout.preamble is None:
+            usable = position_limit(lm.config.max_position_embeddings)
+            attach_selector(shared, list(layout.k.unbind(0)), lm, self.settings, usable)
+        elif layout.keys is not None:
+            self._attach_view_selector(shared, layout)
+
+    def _selection_config(
+        self, num_tokens: int, num_chunks: int, always: int, usable: int | None = None
+    ) -> SelectionConfig | None:
+        """The passage selector's configuration for a corpus of this size, or None when it is
+        read whole: `attach_selector`'s checks and choices (kb/engine/selection.py), made here
+        before a sharded read, which keeps only the keys of the layers chosen."""
+        lm, s = self.model, self.settings
+        cfg = lm.config
+        if usable is None:
+            usable = position_limit(cfg.max_position_embeddings)
+        if s.selection_budget <= 0 or num_tokens <= usable or num_chunks <= always + 1:
+            return None
+        heads = retrieval_heads(s.selection_heads, s.model, cfg.num_layers, cfg.num_heads)
+        chosen = tuple(int(x) for x in s.selection_layers.split(",") if x.strip())
+        chosen = tuple(x for x in chosen if 0 <= x < cfg.num_layers) or (cfg.num_layers // 2,)
+        if heads:  # the model's retrieval heads score, at their own layers
+            chosen = tuple(sorted({layer for layer, _ in heads}))
+        return SelectionConfig(
+            budget=s.selection_budget,
+            layers=chosen,
+            heads=heads,
+            window=s.selection_window,
+            positions=s.selection_positions,
+            order=s.selection_order,
+            history=s.selection_history,
+        )
+
+    def _attach_view_selector(
+        self, shared: SharedKV, layout: _Layout, usable: int | None = None
+    ) -> None:
+        """`attach_selector` for a sharded read: the selector built from the selecting layers'
+        keys rank 0 kept, given the preamble's KV (in the served dtype) before its calibration,
+        since the view holds no keys or values."""
+        lm = self.model
+        config = self._selection_config(
+            shared.num_tokens, shared.num_chunks, shared.always_chunks, usable
+        )
+        if config is None:
+            return
+        selector = PassageSelector.build(
+            layout.keys,
+            shared.positions,
+            shared.chunk_size,
+            shared.always_chunks,
+            lm.model.inv_freq.cpu(),
+            config,
+            num_heads=lm.config.num_heads,
+        )
+        if selector.covers_corpus:
+            return
+        served = shared.k[0].dtype
+        selector.preamble = tuple([x.to(served) for x in part] for part in layout.preamble)
+        shared.selector = selector
+        calibrate(shared, lm.model, lm.tokenizer, self.settings.system_prompt)
 
     def _stored_summaries(
-        self, name: str, version: str, shared: SharedKV, keys: list[torch.Tensor]
+        self, name: str, version: str, shared: SharedKV, layout: _Layout
     ) -> list[ChunkSummaries]:
         """The layout's chunk summaries from its stored index, made and stored on first load of
-        this version (older versions' indexes are removed); a damaged index is rebuilt."""
+        this version (older versions' indexes are removed); a damaged index is rebuilt. Made
+        from the layout's keys, or streamed from its files when it holds none (sharded)."""
         with self.db.session() as sess:
             corpus = sess.scalar(select(Corpus).where(Corpus.name == name))
             row = sess.scalar(
@@ -492,7 +661,10 @@ class CorpusCache:
                 return index_store.load_summaries(path)
             except (index_store.IndexFormatError, OSError) as e:
                 log.warning("corpus %s: stored chunk index unusable (%s); rebuilding it", name, e)
-        summaries = [chunk_summaries(k, shared.chunk_size) for k in keys]
+        if layout.preamble is None:
+            summaries = [chunk_summaries(k, shared.chunk_size) for k in layout.k.unbind(0)]
+        else:
+            summaries = self._summaries_from_files(layout)
         digest = hashlib.sha256(version.encode()).hexdigest()[:16]
         folder = self.settings.kv_dir / str(corpus_id) / "index" / digest
         manifest = index_store.save(folder, summaries)

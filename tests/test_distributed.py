@@ -8,6 +8,7 @@ distributed engine. Results come back through a queue and are checked here, in t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import re
@@ -254,7 +255,7 @@ def _unique_rank_load(world, folder: Path) -> dict:
     from kb.engine.distributed.backend import distributed_engine
     from kb.engine.distributed.protocol import KVFile, ShardLink
     from kb.engine.engine import Engine, EngineConfig
-    from storage.kvstore import write_kv
+    from storage.kvstore import KVCorruptError, write_kv
 
     lm = _tiny_loaded()
     sh = _corpus("stored", 5, False)
@@ -280,8 +281,27 @@ def _unique_rank_load(world, folder: Path) -> dict:
     view2, read2 = link.load(sh, stale, torch.float16)
     engine.register_corpus(view2)
     sent = _generate(engine, [view2])
+    # rank 0 holding no layout (a view of meta tensors) reads refused slices from the files
+    # itself: with the stale checksum it cannot either, the ranks forget the corpus and the
+    # load raises the file's error, no rank failure
+    meta = [torch.empty(x.shape, dtype=x.dtype, device="meta") for x in sh.k]
+    unreadable = None
+    try:
+        link.load(dataclasses.replace(sh, k=meta, v=meta), stale, torch.float16, in_memory=False)
+    except KVCorruptError as e:
+        unreadable = type(e).__name__
+    link.ping()
+    healthy = not link.degraded
     link.shutdown()
-    return {"want": want, "got": got, "read": read, "sent": sent, "read2": read2}
+    return {
+        "want": want,
+        "got": got,
+        "read": read,
+        "sent": sent,
+        "read2": read2,
+        "unreadable": unreadable,
+        "healthy": healthy,
+    }
 
 
 def _rank_main(
@@ -445,6 +465,7 @@ def test_shared_ranks_read_their_slices_from_the_kv_store(tmp_path):
     res = _spawn(3, "load", tmp_path)
     assert res["read"] and res["got"] == res["want"]  # read from the files by ranks 1 and 2
     assert not res["read2"] and res["sent"] == res["want"]  # refused files: sent from rank 0
+    assert res["unreadable"] == "KVCorruptError" and res["healthy"]  # no rank failed
     assert all(len(t) == 6 for t in res["got"])
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from openai import OpenAI
 
 from tests.conftest import FACT_ANSWER, FACT_QUESTION, MODELS_DIR, serve_in_thread
@@ -373,3 +374,64 @@ def test_three_processes_answer_as_one_then_survive_a_killed_rank(reference, han
         shards = _shards(job.url, "handbook")
         assert [s["rank"] for s in shards] == [1, 2] and all(s["tokens"] for s in shards)
         assert sum(s["tokens"] for s in shards) == tokens
+
+
+def test_rank_zero_reads_a_sharded_corpus_without_stacking_it(handbook):
+    """What rank 0 reads of a sharded corpus (`CorpusCache._read_view`): the preamble's KV and,
+    for a corpus that selects its passages, the selecting layers' keys, never the layout (its k
+    and v are meta tensors). The router's summaries streamed from the files, the passage
+    selector and its calibration equal the one-process ones made from the whole stacked layout
+    (the handbook's 1,817 tokens select at a usable length of 512 positions)."""
+    from sqlalchemy import select
+
+    from index.summaries import chunk_summaries
+    from kb.engine.selection import attach_selector, preamble_kv
+    from kb.engine.shared_kv import SharedKV
+    from storage.models import Corpus
+
+    cache, usable = handbook.cache, 512
+    with handbook.db.session() as s:
+        corpus = s.scalar(select(Corpus).where(Corpus.name == "handbook"))
+        full = cache._read("handbook", corpus)  # not sharded: every file, stacked
+        view = cache._read_view("handbook", corpus, usable=usable)
+    layers, n = full.k.shape[0], full.k.shape[1]
+    assert view.k.is_meta and view.v.is_meta and view.k.shape == full.k.shape
+    assert view.files == full.files and view.refs == full.refs
+    assert torch.equal(view.positions, full.positions) and view.max_end == full.max_end
+    p = full.files[0].tokens  # the preamble file
+    for part, whole in zip(view.preamble, (full.k, full.v)):
+        assert all(torch.equal(part[i], whole[i, :p]) for i in range(layers))
+    config = cache._selection_config(n, -(-n // full.chunk_size), 1, usable)
+    assert config is not None and 0 < len(config.layers) < layers
+    for i in range(layers):
+        kept = view.keys[i]
+        assert torch.equal(kept, full.k[i]) if i in config.layers else kept.is_meta
+
+    # the router's summaries, streamed file by file (a chunk cut by a file edge joined)
+    for i, got in enumerate(cache._summaries_from_files(view)):
+        want = chunk_summaries(full.k[i], full.chunk_size)
+        assert got.num_tokens == want.num_tokens == n
+        for f in ("mean", "kmin", "kmax"):
+            assert torch.allclose(getattr(got, f), getattr(want, f), atol=1e-6), (i, f)
+
+    def shared_of(layout, tensors) -> SharedKV:
+        return SharedKV(
+            "handbook@test",
+            list(tensors[0].unbind(0)),
+            list(tensors[1].unbind(0)),
+            chunk_size=layout.chunk_size,
+            pos_offset=layout.max_end,
+            preamble_len=layout.preamble_len,
+            positions=layout.positions,
+        )
+
+    one = shared_of(full, cache._serving(full))  # as one process holds it
+    assert attach_selector(one, list(full.k.unbind(0)), cache.model, handbook.settings, usable)
+    sharded = shared_of(view, [view.k.float(), view.v.float()])  # the view's meta tensors
+    cache._attach_view_selector(sharded, view, usable=usable)
+    a, b = one.selector, sharded.selector
+    assert b is not None and sorted(a.keys) == sorted(b.keys) == sorted(config.layers)
+    assert all(torch.equal(a.keys[i], b.keys[i]) for i in config.layers)
+    assert torch.allclose(a.calibration, b.calibration, atol=1e-5)
+    for x, y in zip(preamble_kv(one), b.preamble):
+        assert all(torch.equal(u, w) for u, w in zip(x, y))

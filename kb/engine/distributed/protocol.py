@@ -370,15 +370,16 @@ class ShardLink:
         return remote_view(shared, placement, cid)
 
     def load(
-        self, shared: SharedKV, files: list[KVFile], via: torch.dtype
+        self, shared: SharedKV, files: list[KVFile], via: torch.dtype, in_memory: bool = True
     ) -> tuple[SharedKV, bool]:
         """As `register`, but each shared rank reads its slice from the KV store itself: rank 0
         sends the list of the layout's files (`files`, in order; `via` the dtype they are laid
         out in before the served dtype, `shared.k`'s), each rank reads and verifies only the
         files its slice overlaps. A rank that cannot (no shared file system, a file changed) is
-        sent its slice from here, read from the same files. Returns the view and whether every
-        rank read its slice itself. The link keeps the file list, to place the corpus again
-        after a membership change."""
+        sent its slice from here: from `shared`'s tensors (`in_memory`), else read from the
+        same files (`shared` may then be a view of meta tensors: rank 0 holds no layout).
+        Returns the view and whether every rank read its slice itself. The link keeps the file
+        list, to place the corpus again after a membership change."""
         assert sum(f.tokens for f in files) == shared.num_tokens, "files do not cover the corpus"
         k0 = shared.k[0]
         code = dtype_code(k0.dtype)
@@ -388,7 +389,7 @@ class ShardLink:
         try:
             with self._exchange("loading corpus " + shared.key):
                 cid = self._new_id()
-                placement = self._place(cid, held, shared)
+                placement = self._place(cid, held, shared if in_memory else None)
                 self._held[cid] = held
         except _Unreadable as e:  # no rank failed: the files are damaged or gone
             raise e.__cause__ from None
