@@ -790,12 +790,25 @@ def selection_variant(spec: str) -> tuple[str, dict]:
         key, _, value = item.partition("=")
         if key not in fields or key in ("budget", "positions", "order"):
             raise SystemExit(f"--variants: {key!r} is not a selection setting to vary")
+        if key == "heads":  # the selector keeps only the named heads' keys, built at load
+            raise SystemExit("--variants: heads are chosen at load: set KB_SELECTION_HEADS")
         extra[key] = (
             tuple(int(x) for x in value.split("+"))
             if key == "layers"
             else type(getattr(SelectionConfig(), key))(value)
         )
     return (f"[{spec.strip()}]" if extra else ""), extra
+
+
+def heads_tag(tag: str, kb) -> str:
+    """A grid mode's variant tag with the scoring heads where they are not the model's measured
+    ones (KB_SELECTION_HEADS, KB_SELECTION_LAYERS), so such rows do not replace the default's."""
+    s = kb.settings
+    if s.selection_heads.strip().lower() == "auto":
+        return tag
+    heads = s.selection_heads.strip().replace(",", "+") or "all"
+    extra = f"heads={heads},layers={s.selection_layers.replace(',', '+')}"
+    return f"[{extra}]" if not tag else f"{tag[:-1]},{extra}]"
 
 
 def large(args) -> dict:
@@ -948,7 +961,7 @@ def large(args) -> dict:
                                     base, budget=budget, positions=positions, order=order, **extra
                                 )
                                 a, t, m = ask_measured(kb, name, qs, args.max_tokens)
-                                mode = SELECT_MODES[positions, order] + tag
+                                mode = SELECT_MODES[positions, order] + heads_tag(tag, kb)
                                 record(
                                     task, size, seed, mode, budget, name, qs, a, t, m, loaded.shared
                                 )

@@ -12,10 +12,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from kb.model.demo import DEMO_NAME
+from kb.model.retrieval_heads import parse_heads
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -101,6 +102,18 @@ class Settings(BaseSettings):
         default="17,18",
         description="layers whose question queries choose the "
         "passages (comma-separated; docs/QUALITY.md)",
+    )
+    selection_heads: str = Field(
+        default="auto",
+        description="the query heads (LAYER.HEAD, comma-separated) "
+        "whose attention chooses the passages; auto = the model's measured retrieval heads "
+        "(kb/model/retrieval_heads.py), all = every head of KB_SELECTION_LAYERS; docs/QUALITY.md",
+    )
+    selection_window: int = Field(
+        default=9,
+        ge=1,
+        description="attention retrieval: the phrase width, in tokens, "
+        "of the window sum that turns token scores into passage scores",
     )
     selection_positions: Literal["virtual", "stored"] = Field(
         default="virtual",
@@ -235,6 +248,14 @@ class Settings(BaseSettings):
     system_prompt: str = (
         "You are a helpful assistant. Answer the question using only the documents below. Be brief."
     )
+
+    @field_validator("selection_heads")
+    @classmethod
+    def _heads_parse(cls, value: str) -> str:
+        """A malformed KB_SELECTION_HEADS fails at start, naming the entry (not at a corpus's load)."""
+        if value.strip().lower() not in ("auto", "all", ""):
+            parse_heads(value)
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -329,3 +329,46 @@ def test_large_corpus_fact_answered_and_cited_first_with_defaults(tmp_path_facto
         assert default["answer"] == dense["answer"] and default["citations"] == dense["citations"]
     finally:
         kb.close()
+
+
+def test_named_heads_score_alone_and_keep_only_their_keys():
+    """With `heads` named (the model's retrieval heads) only those query heads score: the chunk
+    their queries point at wins though every other head points elsewhere, and the selector
+    re-bases only the KV heads they read (query head 4 of 9 reads KV head 1 of 3)."""
+    torch.manual_seed(5)
+    cs, hkv, hq, d = 64, 3, 9, 64
+    k = [torch.randn(12 * cs, hkv, d)]
+    base = dict(layers=(0,), budget=cs, neighbours=0, window=1, calibrate="none")
+    every = PassageSelector.build(k, torch.arange(12 * cs), cs, 1, INV, SelectionConfig(**base))
+    named = PassageSelector.build(
+        k, torch.arange(12 * cs), cs, 1, INV, SelectionConfig(**base, heads=((0, 4),)), num_heads=hq
+    )
+    assert named.kv_heads[0] == [1] and named.keys[0].shape == (1, 11 * cs, d)
+    torch.testing.assert_close(named.keys[0][0], every.keys[0][1])
+    t = 3
+    q = torch.zeros(t, hq, d)
+    for h in range(hq):  # head 4 aims at chunk 3, the other eight at chunk 8
+        chunk = 3 if h == 4 else 8
+        q[:, h] = 8 * every.keys[0][h // 3, (chunk - 1) * cs + 5]
+    queries = {0: (q, cs + torch.arange(t))}
+    assert every.select(queries).chunks.tolist() == [0, 8]
+    assert named.select(queries).chunks.tolist() == [0, 3]
+    per_head = every.phrase_chunks(every.head_scores(0, q, cs + torch.arange(t)))
+    torch.testing.assert_close(every.chunk_scores(queries), per_head.mean(0))
+
+
+def test_selection_heads_setting_parses_and_names_a_bad_entry():
+    import pytest
+
+    from kb.model.retrieval_heads import RETRIEVAL_HEADS, retrieval_heads
+    from kb.settings import Settings
+
+    assert retrieval_heads("17.4, 18.6", "any", 30, 9) == ((17, 4), (18, 6))
+    assert retrieval_heads("17.4,40.1,3.9", "any", 30, 9) == ((17, 4),)  # outside the model
+    assert retrieval_heads("all", "SmolLM2-135M-Instruct", 30, 9) == ()
+    assert retrieval_heads("auto", "/models/SmolLM2-135M-Instruct", 30, 9) == RETRIEVAL_HEADS[
+        "SmolLM2-135M-Instruct"
+    ]
+    assert retrieval_heads("auto", "unknown-model", 30, 9) == ()
+    with pytest.raises(ValueError, match="17.x"):
+        Settings(selection_heads="17.x")

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kb.model.retrieval_heads import retrieval_heads
 from kb.model.rope import apply_rope, cos_sin
 
 Queries = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (q[T, Hq, d], positions[T])
@@ -58,6 +59,9 @@ class SelectionConfig:
 
     budget: int = 192  # shared tokens a request reads besides the preamble's (docs/QUALITY.md)
     layers: tuple[int, ...] = (17, 18)  # layers whose question queries score the corpus
+    # the query heads (layer, head) that score, all in `layers`: the model's retrieval heads
+    # (kb/model/retrieval_heads.py); empty: every head of `layers`
+    heads: tuple[tuple[int, int], ...] = ()
     window: int = 9  # phrase width of the score's window sum, in tokens
     neighbours: int = 1  # chunks taken on each side of a chosen chunk (one passage)
     positions: str = "virtual"  # "virtual" (contiguous after the preamble) or "stored"
@@ -78,6 +82,13 @@ class SelectionConfig:
         assert self.order in ORDERS, f"order must be one of {ORDERS}"
         assert self.budget > 0 and self.layers and self.window >= 1 and self.neighbours >= 0
         assert self.history >= 0
+        assert all(layer in self.layers for layer, _ in self.heads), "heads outside `layers`"
+
+    def heads_of(self, layer: int, num_heads: int) -> list[int]:
+        """The query heads of `layer` that score (every head where `heads` names none)."""
+        if not self.heads:
+            return list(range(num_heads))
+        return sorted(h for li, h in self.heads if li == layer)
 
 
 @dataclass
@@ -120,6 +131,8 @@ class PassageSelector:
     # the preamble's k, v per layer, kept here where the corpus's KV lives on other ranks (the
     # selection pass attends the preamble on the rank that serves the request)
     preamble: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+    kv_heads: dict[int, list[int]] = field(default_factory=dict)  # layer -> KV heads of keys[layer]
+    num_kv: int = 1  # the corpus's KV heads
 
     @classmethod
     def build(
@@ -130,18 +143,34 @@ class PassageSelector:
         always: int,
         inv_freq: torch.Tensor,
         config: SelectionConfig,
+        num_heads: int | None = None,
     ) -> PassageSelector:
-        """Re-base the selecting layers' keys k[layer][N, Hkv, d] to chunk-local positions, once."""
+        """Re-base the selecting layers' keys k[layer][N, Hkv, d] to chunk-local positions, once
+        (those of the KV heads that the scoring heads read; `num_heads` query heads, default Hkv)."""
         n = k[0].shape[0]
         p0 = always * chunk_size
         idx = torch.arange(p0, n)
         local = idx % chunk_size
         back = -(positions[p0:] - local)  # rotate key j from stored p_j to j mod chunk_size
-        keys = {}
+        keys, kv_heads = {}, {}
         for layer in config.layers:
             kl = k[layer][p0:]
-            keys[layer] = rotate(kl, back, inv_freq).transpose(0, 1).contiguous()  # [Hkv, N', d]
-        return cls(keys, positions.long(), chunk_size, always, inv_freq.float(), config)
+            hkv = kl.shape[1]
+            g = (num_heads or hkv) // hkv  # GQA: query head h reads KV head h // g
+            # only the KV heads that the scoring query heads read
+            rows = sorted({h // g for h in config.heads_of(layer, hkv * g)})
+            keys[layer] = rotate(kl[:, rows], back, inv_freq).transpose(0, 1).contiguous()
+            kv_heads[layer] = rows  # keys[layer] is [len(rows), N', d]
+        return cls(
+            keys,
+            positions.long(),
+            chunk_size,
+            always,
+            inv_freq.float(),
+            config,
+            kv_heads=kv_heads,
+            num_kv=k[0].shape[1],
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -174,41 +203,46 @@ class PassageSelector:
             return stored_end
         return (self.always + self.layout_chunks(turns)) * self.chunk_size
 
-    def token_scores(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-        """[N'] softmax mass of q[T, Hq, d] (post-RoPE at q_pos[T]) on every routed shared key,
-        each chunk scored as if it sat right before the question; averaged over heads and tokens."""
-        kr = self.keys[layer]  # [Hkv, N', d]
-        hkv, _, d = kr.shape
-        t, hq, _ = q.shape
-        g = hq // hkv
+    def head_scores(self, layer: int, q: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """[H', N'] softmax mass of each scoring query head of q[T, Hq, d] (post-RoPE at q_pos[T])
+        on every routed shared key, each chunk scored as if it sat right before the question;
+        averaged over the question's tokens."""
+        kr = self.keys[layer]  # [Hkv', N', d], the KV heads self.kv_heads[layer]
+        t, hq, d = q.shape
+        g = hq // self.num_kv  # GQA: query head h reads KV head h // g
         target = self.chunk_size + torch.arange(t)  # the question right after the chunk
         qn = rotate(q, target - q_pos.long().cpu(), self.inv_freq) / math.sqrt(d)
-        qh = qn.view(t, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, t * g, d)
-        p = torch.softmax(torch.bmm(qh, kr.transpose(1, 2)), dim=-1)  # [Hkv, T*G, N']
-        return p.sum(dim=(0, 1)) / (t * hq)
+        out = []
+        for row, kvh in enumerate(self.kv_heads[layer]):
+            heads = [h for h in self.config.heads_of(layer, hq) if h // g == kvh]
+            qh = qn[:, heads].transpose(0, 1).reshape(-1, d)  # [H'' * T, d]
+            p = torch.softmax(qh @ kr[row].T, dim=-1)  # [H'' * T, N']
+            out.append(p.view(len(heads), t, -1).mean(1))
+        return torch.cat(out)
 
     def chunk_scores(self, queries: Queries) -> torch.Tensor:
-        """[C] score of every chunk (0 for the preamble's): the best phrase (window sum of token
-        scores) inside it, token scores averaged over the selecting layers."""
-        s = sum(self.token_scores(layer, q, pos) for layer, (q, pos) in queries.items()) / len(
-            queries
-        )
-        return self.phrase_chunks(s)
+        """[C] score of every chunk (0 for the preamble's): per scoring head the best phrase
+        (window sum of its token scores) inside the chunk, averaged over the heads."""
+        per_head = [
+            self.phrase_chunks(self.head_scores(layer, q, pos))
+            for layer, (q, pos) in queries.items()
+            if self.kv_heads.get(layer)
+        ]
+        return torch.cat(per_head).mean(0)
 
     def phrase_chunks(self, s: torch.Tensor) -> torch.Tensor:
-        """[C] chunk scores from token scores s[N'] of the routed keys: window sums, best per chunk."""
+        """[..., C] chunk scores from token scores s[..., N'] of the routed keys: window sums (a
+        phrase's), the best per chunk; the preamble's chunks 0."""
+        lead = s.shape[:-1]
+        s = s.reshape(-1, s.shape[-1])
         w = self.config.window
         if w > 1:
-            s = (
-                F.avg_pool1d(s[None, None], w, stride=1, padding=w // 2, count_include_pad=True)[
-                    0, 0
-                ]
-                * w
-            )
-            s = s[: self.num_tokens - self.always * self.chunk_size]
-        pad = -s.shape[0] % self.chunk_size
-        per_chunk = F.pad(s, (0, pad)).view(-1, self.chunk_size).amax(-1)
-        return torch.cat([torch.zeros(self.always), per_chunk])
+            s = F.avg_pool1d(s[:, None], w, stride=1, padding=w // 2, count_include_pad=True)[:, 0]
+            s = s[:, : self.num_tokens - self.always * self.chunk_size] * w
+        pad = -s.shape[-1] % self.chunk_size
+        per_chunk = F.pad(s, (0, pad)).view(s.shape[0], -1, self.chunk_size).amax(-1)
+        out = torch.cat([torch.zeros(s.shape[0], self.always), per_chunk], dim=-1)
+        return out.view(*lead, -1)
 
     def calibrated(self, scores: torch.Tensor) -> torch.Tensor:
         """Chunk scores relative to what neutral questions give each chunk (`config.calibrate`)."""
@@ -458,11 +492,16 @@ def attach_selector(shared, keys: list[torch.Tensor], lm, settings, usable_posit
         return False
     if shared.num_chunks <= shared.always_chunks + 1:
         return False
+    heads = retrieval_heads(settings.selection_heads, settings.model, cfg.num_layers, cfg.num_heads)
     chosen = tuple(int(x) for x in settings.selection_layers.split(",") if x.strip())
     chosen = tuple(x for x in chosen if 0 <= x < cfg.num_layers) or (cfg.num_layers // 2,)
+    if heads:  # the model's retrieval heads score, at their own layers
+        chosen = tuple(sorted({layer for layer, _ in heads}))
     config = SelectionConfig(
         budget=budget,
         layers=chosen,
+        heads=heads,
+        window=settings.selection_window,
         positions=settings.selection_positions,
         order=settings.selection_order,
         history=settings.selection_history,
@@ -474,6 +513,7 @@ def attach_selector(shared, keys: list[torch.Tensor], lm, settings, usable_posit
         shared.always_chunks,
         lm.model.inv_freq.cpu(),
         config,
+        num_heads=cfg.num_heads,
     )
     if selector.covers_corpus:
         return False
