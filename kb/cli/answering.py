@@ -65,7 +65,7 @@ class LocalAnswerer:
     ) -> dict:
         from dataclasses import replace
 
-        # the served penalties (KB_REPETITION_PENALTY, KB_FREQUENCY_PENALTY), as a server's
+        # the served penalties (KB_REPETITION_PENALTY, KB_FREQUENCY_PENALTY, KB_DRY_*), as a server's
         sp = replace(
             self.kb.default_sampling(), max_tokens=self.max_tokens, temperature=self.temperature
         )
