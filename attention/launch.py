@@ -10,6 +10,8 @@ import torch
 
 from ._triton import HAS_TRITON, interpreting, tl
 
+LOG2E = 1.4426950408889634  # the kernels' softmax runs in log2 units: qk_scale = scale * LOG2E
+
 
 def strides(*tensors: torch.Tensor, dims: int = 2) -> list[int]:
     """The first `dims` strides of each tensor, in order: a kernel launch's stride arguments."""

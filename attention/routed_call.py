@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .launch import cdiv, check_device
+from .launch import LOG2E, cdiv, check_device, chunk_scales, dot_dtype, strides
 
 
 @dataclass
@@ -47,6 +47,50 @@ class RoutedCall:
             self.lse,
             self.interp,
         )
+
+
+@dataclass
+class Operands:
+    """What every routed kernel is launched with around its own arguments: `tensors` first
+    (q, k, v, the fp8 scales, the partial o and lse), `scaled_strides` (qk_scale in log2 units,
+    the strides of q, k, v, the scales' strides per chunk and head) and the constexprs of the
+    operand types (`consts`: KV_SCALE, DOT)."""
+
+    tensors: tuple[torch.Tensor, ...]
+    scaled_strides: list
+    consts: dict
+
+
+def operands(
+    call: RoutedCall,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    o_part: torch.Tensor,
+    lse_part: torch.Tensor,
+) -> Operands:
+    """A routed kernel's operands writing its partials to (o_part, lse_part); without fp8
+    scales `lse_part` stands in for them (never read)."""
+    q, k, v = call.q, call.k, call.v
+    ks, vs, ssc, ssh = chunk_scales(k_scale, v_scale, call.num_chunks, call.hkv, lse_part)
+    return Operands(
+        (q, k, v, ks, vs, o_part, lse_part),
+        [call.scale * LOG2E, *strides(q, k, v), ssc, ssh],
+        dict(KV_SCALE=k_scale is not None, DOT=dot_dtype(q.dtype, q.device, k.dtype)),
+    )
+
+
+def slot_partials(call: RoutedCall) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o_part[T, Hkv, top_k, G, d] in q's dtype, lse_part[T, Hkv, top_k, G] float32): a partial
+    per (token, KV head, slot, g), the scatter and grouped designs' output; padding slots are
+    never written: their lse stays -inf and the merge skips them."""
+    q = call.q
+    o_part = torch.empty(
+        call.t, call.hkv, call.top_k, call.g, call.d, dtype=q.dtype, device=q.device
+    )
+    lse_part = torch.full(
+        (call.t, call.hkv, call.top_k, call.g), float("-inf"), dtype=torch.float32, device=q.device
+    )
+    return o_part, lse_part
 
 
 def prepare_routed(

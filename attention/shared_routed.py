@@ -18,10 +18,7 @@ import torch
 
 from . import _triton as tt
 from ._triton import HAS_TRITON, tl, triton
-from .launch import chunk_scales, dot_dtype, strides
-from .routed_call import group_tiles, prepare_routed
-
-LOG2E = 1.4426950408889634
+from .routed_call import RoutedCall, group_tiles, operands, prepare_routed, slot_partials
 
 if HAS_TRITON:
 
@@ -145,17 +142,10 @@ def plan_routing(chunk_idx: torch.Tensor, num_chunks: int, group_size: int, bloc
     )
 
 
-def _config(
-    t: int,
-    g: int,
-    top_k: int,
-    num_chunks: int,
-    chunk_size: int,
-    interp: bool,
-    config: dict | None = None,
-) -> dict:
-    """Launch configuration; `config` (bench sweeps: {"BLOCK_M", "BLOCK_N", "num_warps",
-    "num_stages"}) replaces the default on the GPU."""
+def _config(call: RoutedCall, chunk_size: int, config: dict | None = None) -> dict:
+    """Launch configuration of a routed call; `config` (bench sweeps: {"BLOCK_M", "BLOCK_N",
+    "num_warps", "num_stages"}) replaces the default on the GPU."""
+    t, g, top_k, num_chunks, interp = call.t, call.g, call.top_k, call.num_chunks, call.interp
     if config is not None and not interp:
         return dict(config)
     # expected entries per group ~ T * k / C: size the entry block to it, 16..128 rows a tile
@@ -236,43 +226,29 @@ def shared_attention_routed(
     call, done = prepare_routed(q, k, v, chunk_idx, chunk_size, scale, k_scale, v_scale)
     if done:
         return call.o, call.lse
-    q, k, v, t, hq, d, n, hkv, top_k, g, scale, num_chunks, o, lse, interp = call.unpack()
-    cfg = _config(t, g, top_k, num_chunks, chunk_size, interp, config)
+    cfg = _config(call, chunk_size, config)
     order, offsets, tile_group, tile_start, _ = plan_routing(
-        chunk_idx, num_chunks, g, cfg["BLOCK_M"]
+        chunk_idx, call.num_chunks, call.g, cfg["BLOCK_M"]
     )
-    # partials per (token, KV head, slot, g); padding slots are never written: their lse
-    # stays -inf and the merge skips them
-    o_part = torch.empty(t, hkv, top_k, g, d, dtype=q.dtype, device=q.device)
-    lse_part = torch.full((t, hkv, top_k, g), float("-inf"), dtype=torch.float32, device=q.device)
-    ks, vs, ssc, ssh = chunk_scales(k_scale, v_scale, num_chunks, hkv, lse_part)
+    o_part, lse_part = slot_partials(call)
+    ops = operands(call, k_scale, v_scale, o_part, lse_part)
     _shared_routed_kernel[(tile_group.numel(),)](
-        q,
-        k,
-        v,
-        ks,
-        vs,
-        o_part,
-        lse_part,
+        *ops.tensors,
         order,
         offsets,
         tile_group,
         tile_start,
-        n,
+        call.n,
         chunk_size,
-        num_chunks * hkv,
-        scale * LOG2E,
-        *strides(q, k, v),
-        ssc,
-        ssh,
-        HKV=hkv,
-        TOPK=top_k,
-        G=g,
-        D=d,
-        KV_SCALE=k_scale is not None,
-        DOT=dot_dtype(q.dtype, q.device, k.dtype),
+        call.num_chunks * call.hkv,
+        *ops.scaled_strides,
+        HKV=call.hkv,
+        TOPK=call.top_k,
+        G=call.g,
+        D=call.d,
+        **ops.consts,
         **cfg,
     )
     # merge each (token, head)'s k slots: rows (t*Hkv+h, g), parts = slots
-    merge_slots(o_part, lse_part, o, lse)
-    return o, lse
+    merge_slots(o_part, lse_part, call.o, call.lse)
+    return call.o, call.lse

@@ -27,10 +27,8 @@ import torch
 
 from . import _triton as tt
 from ._triton import HAS_TRITON, tl, triton
-from .launch import cdiv, chunk_scales, dot_dtype, sms, strides
-from .routed_call import group_tiles, prepare_routed
-
-LOG2E = 1.4426950408889634
+from .launch import cdiv, sms
+from .routed_call import group_tiles, operands, prepare_routed, slot_partials
 
 if HAS_TRITON:
 
@@ -288,6 +286,11 @@ class RoutedPlan:
     block_m: int
     shifts: torch.Tensor | None = None  # [E] int32 per-entry position shift (virtual positions)
 
+    def tiles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(offsets, tile_group, tile_start, total): the CSR and tile arguments of both run
+        kernels, in their order."""
+        return self.offsets, self.tile_group, self.tile_start, self.total
+
 
 def plan_grouped(
     chunk_idx: torch.Tensor,
@@ -483,86 +486,52 @@ def shared_attention_grouped(
     block_m = cfg.pop("BLOCK_M")
     # tl.dot needs K >= 16 (8 is enough under the interpreter); a short chunk masks the rest
     block_n = min(cfg.pop("BLOCK_N"), max(8 if interp else 16, triton.next_power_of_2(chunk_size)))
-    o_part = torch.empty(t, hkv, top_k, g, d, dtype=q.dtype, device=q.device)
-    lse_part = torch.full((t, hkv, top_k, g), float("-inf"), dtype=torch.float32, device=q.device)
-    ks, vs, ssc, ssh = chunk_scales(k_scale, v_scale, num_chunks, hkv, lse_part)
-    max_tiles = plan.tile_group.numel()
-    if stationary:
-        _routed_stationary_kernel[(max_tiles,)](
-            q,
-            k,
-            v,
-            ks,
-            vs,
-            o_part,
-            lse_part,
-            plan.order,
-            plan.offsets,
-            plan.tile_group,
-            plan.tile_start,
-            plan.total,
-            sh_t,
-            inv,
-            n,
-            scale * LOG2E,
-            *strides(q, k, v),
-            ssc,
-            ssh,
-            HKV=hkv,
-            SLOTS=top_k,
-            CHUNK=chunk_size,
-            G=g,
-            D=d,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            RT=rt,
-            KV_SCALE=k_scale is not None,
-            DOT=dot_dtype(q.dtype, q.device, k.dtype),
-            SHIFT=shift_on,
-            **cfg,
-        )
-        merge_slots(o_part, lse_part, o, lse)
-        return o, lse
-    grid = min(max_tiles, 4 * sms(q.device)) if persist else max_tiles
-    even = chunk_size % block_n == 0 and n % chunk_size == 0
-    _routed_grouped_kernel[(grid,)](
-        q,
-        k,
-        v,
-        ks,
-        vs,
-        o_part,
-        lse_part,
-        plan.order,
-        plan.masks,
-        plan.offsets,
-        plan.tile_group,
-        plan.tile_start,
-        plan.total,
-        sh_t,
-        inv,
-        n,
-        cdiv(num_chunks, plan.span) * hkv,
-        max_tiles,
-        scale * LOG2E,
-        *strides(q, k, v),
-        ssc,
-        ssh,
+    o_part, lse_part = slot_partials(call)
+    ops = operands(call, k_scale, v_scale, o_part, lse_part)
+    # the constexprs both run kernels take
+    common = dict(
         HKV=hkv,
         SLOTS=top_k,
-        S=plan.span,
         CHUNK=chunk_size,
-        CHUNK_K=cdiv(chunk_size, block_n) * block_n,
         G=g,
         D=d,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        KV_SCALE=k_scale is not None,
-        DOT=dot_dtype(q.dtype, q.device, k.dtype),
-        PERSIST=persist,
-        EVEN=even,
         SHIFT=shift_on,
+        **ops.consts,
         **cfg,
     )
+    max_tiles = plan.tile_group.numel()
+    if stationary:
+        _routed_stationary_kernel[(max_tiles,)](
+            *ops.tensors,
+            plan.order,
+            *plan.tiles(),
+            sh_t,
+            inv,
+            n,
+            *ops.scaled_strides,
+            RT=rt,
+            **common,
+        )
+    else:
+        grid = min(max_tiles, 4 * sms(q.device)) if persist else max_tiles
+        _routed_grouped_kernel[(grid,)](
+            *ops.tensors,
+            plan.order,
+            plan.masks,
+            *plan.tiles(),
+            sh_t,
+            inv,
+            n,
+            cdiv(num_chunks, plan.span) * hkv,
+            max_tiles,
+            *ops.scaled_strides,
+            S=plan.span,
+            CHUNK_K=cdiv(chunk_size, block_n) * block_n,
+            PERSIST=persist,
+            EVEN=chunk_size % block_n == 0 and n % chunk_size == 0,
+            **common,
+        )
     merge_slots(o_part, lse_part, o, lse)
     return o, lse

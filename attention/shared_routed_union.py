@@ -25,10 +25,9 @@ import torch
 
 from . import _triton as tt
 from ._triton import HAS_TRITON, tl, triton
-from .launch import cdiv, chunk_scales, dot_dtype, sms, strides
-from .routed_call import prepare_routed
+from .launch import cdiv, sms
+from .routed_call import operands, prepare_routed
 
-LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 if HAS_TRITON:
@@ -292,15 +291,9 @@ def shared_attention_routed_union(
     block_n = cfg.pop("BLOCK_N")
     tiles_per_chunk = cdiv(chunk_size, block_n)
     o_part, lse_part, so, sl = split_parts(o, lse, n_slices)
-    ks, vs, ssc, ssh = chunk_scales(k_scale, v_scale, num_chunks, hkv, lse)
+    ops = operands(call, k_scale, v_scale, o_part, lse_part)
     _routed_union_kernel[(nblk, hkv, n_slices)](
-        q,
-        k,
-        v,
-        ks,
-        vs,
-        o_part,
-        lse_part,
+        *ops.tensors,
         perm,
         sel,
         clist,
@@ -313,10 +306,7 @@ def shared_attention_routed_union(
         n_slices,
         num_chunks,
         t_pad,
-        scale * LOG2E,
-        *strides(q, k, v),
-        ssc,
-        ssh,
+        *ops.scaled_strides,
         *so,
         *sl,
         NBLK=nblk,
@@ -324,8 +314,7 @@ def shared_attention_routed_union(
         D=d,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        KV_SCALE=k_scale is not None,
-        DOT=dot_dtype(q.dtype, q.device, k.dtype),
+        **ops.consts,
         CONTIG=use_contig,
         EVEN=(chunk_size % block_n == 0 and n % chunk_size == 0),
         **cfg,
