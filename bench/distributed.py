@@ -49,20 +49,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import attention  # noqa: E402
 from index import CorpusRouter  # noqa: E402
 from kb.engine.distributed.backend import distributed_engine  # noqa: E402
-from kb.engine.distributed.placement import place, remote_view  # noqa: E402
-from kb.engine.distributed.protocol import (  # noqa: E402
-    ShardLink,
-    World,
-    _Held,
-    dtype_code,
-    init_world,
-    leave_group,
-    unpack_partial,
-)
-from kb.engine.distributed.worker import CorpusSlice, attend_slice, run_shared_rank  # noqa: E402
+from kb.engine.distributed.loopback import LoopbackLink  # noqa: E402
+from kb.engine.distributed.protocol import ShardLink, World, init_world, leave_group  # noqa: E402
+from kb.engine.distributed.worker import run_shared_rank  # noqa: E402
 from kb.engine.engine import Engine, EngineConfig  # noqa: E402
 from kb.engine.sequence import SamplingParams  # noqa: E402
 from kb.engine.shared_kv import SharedKV  # noqa: E402
@@ -82,41 +73,6 @@ class DigitTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(f"{i} " for i in ids)
-
-
-class LoopbackLink(ShardLink):
-    """World size 1: rank 0 is its own only shared rank. `register` keeps the corpus here (placed
-    over [0]); `shared_attention` runs the protocol's exchange (the collectives go through the
-    process group, with no peer to answer, so its merge returns o = 0, lse = -inf) and then merges
-    the partial this rank computes over its slice exactly as a shared rank would (`attend_slice`)."""
-
-    def __init__(self, world: World):
-        super().__init__(world)
-        self._slices: dict[int, CorpusSlice] = {}
-
-    def register(self, shared: SharedKV, keep: bool = False) -> SharedKV:
-        placement = place(shared.num_tokens, shared.chunk_size, [0])
-        cid = self._new_id()
-        k0 = shared.k[0]
-        dims = (len(shared.k), k0.shape[0], k0.shape[1], k0.shape[2], shared.chunk_size)
-        self._held[cid] = _Held(shared.key, dims, dtype_code(k0.dtype))  # the protocol's record
-        self._slices[cid] = CorpusSlice(
-            placement, placement.shard(0), shared.k, shared.v, shared.k[0].shape[-1]
-        )
-        return remote_view(shared, placement, cid)
-
-    def shared_attention(self, view, layer, q, chunk_idx):
-        o, lse = super().shared_attention(view, layer, q, chunk_idx)
-        part = attend_slice(self._slices[view.meta.corpus_id], layer, q, chunk_idx)
-        # count what one shared rank would have been sent and returned (the protocol counts 0 peers)
-        self.stats.bytes_out += (
-            8 * 8
-            + q.numel() * q.element_size()
-            + (0 if chunk_idx is None else chunk_idx.numel() * 4)
-        )
-        self.stats.bytes_in += part.numel() * part.element_size()
-        po, plse = unpack_partial(part)
-        return attention.merge(o, lse, po.to(q.dtype), plse)
 
 
 def random_corpus(

@@ -143,7 +143,7 @@ class CorpusCache:
         host tier: a corpus leaving them goes to disk."""
         s = self.settings
         if self.sharded:
-            ranks = len(self.link.members)
+            ranks = len(self.link.holders)
             budgets = {"gpu": _budget(s.gpu_cache_gb) * ranks, "cpu": 0}
             return TierManager(budgets, "meta", on_move=self._on_move)
         budgets = {"gpu": _budget(s.gpu_cache_gb), "cpu": _budget(s.cpu_cache_gb)}
@@ -179,7 +179,7 @@ class CorpusCache:
             self.loaded.clear()
             self.tiers = self._tier_manager()
         elif self.sharded:
-            self.tiers.budgets["gpu"] = _budget(self.settings.gpu_cache_gb) * len(link.members)
+            self.tiers.budgets["gpu"] = _budget(self.settings.gpu_cache_gb) * len(link.holders)
 
     def _drop_remote(self, key: str) -> None:
         """Free a view's slices on the shared ranks (nothing to free once the link failed)."""

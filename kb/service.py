@@ -228,7 +228,9 @@ class KnowledgeBase:
         link = self.link
         if link is None:
             return None
-        ranks, members = link.world.shared_ranks, list(link.members)
+        # the shared ranks, and rank 0 where it is its own (a world of one: LoopbackLink)
+        members = list(link.holders)
+        ranks = sorted(set(link.world.shared_ranks) | set(members))
         per_rank = {
             r: {
                 "rank": r,
@@ -247,7 +249,7 @@ class KnowledgeBase:
                 into["bytes"] += row["bytes"]
         error = link.error  # its first clause: which rank, during what (the log has the cause)
         return SharedRanks(
-            len(ranks),
+            len(link.world.shared_ranks),
             not link.degraded,
             "shared ranks" if self.cache.sharded and link.down is None else "rank 0",
             None if error is None else str(error).split(";")[0],

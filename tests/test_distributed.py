@@ -304,6 +304,40 @@ def _unique_rank_load(world, folder: Path) -> dict:
     }
 
 
+def _unique_rank_loopback(world, folder: Path) -> dict:
+    """A world of one (`LoopbackLink`): a corpus loaded from its KV file and one registered from
+    memory, each attended by rank 0 as its own shared rank after the protocol's exchange over
+    the group of one, answer as the one-process engine."""
+    from kb.engine.distributed.backend import distributed_engine
+    from kb.engine.distributed.loopback import LoopbackLink
+    from kb.engine.distributed.protocol import KVFile
+    from kb.engine.engine import Engine, EngineConfig
+    from storage.kvstore import write_kv
+
+    lm = _tiny_loaded()
+    sh = _corpus("stored", 5, False)
+    sh.k = [k.half().float() for k in sh.k]  # what float16 files give back
+    sh.v = [v.half().float() for v in sh.v]
+    routed = _corpus("routed", 2, True)
+    stored = write_kv(
+        folder / "kv.safetensors", torch.stack(sh.k), torch.stack(sh.v), dtype=torch.float16
+    )
+    cfg = EngineConfig(unique_kv_tokens=512, block_size=8, citation_layers=0)
+    local = Engine(lm, cfg)
+    local.register_corpus(sh)
+    local.register_corpus(routed)
+    want = _generate(local, [sh, routed])
+    link = LoopbackLink(world)
+    engine = distributed_engine(lm, link, cfg)
+    view, read = link.load(sh, [KVFile(str(stored.path), stored.checksum, 200)], torch.float16)
+    engine.register_corpus(view)
+    engine.register_corpus(link.register(routed))
+    got = _generate(engine, [view, routed])
+    exchanges = link.stats.exchanges
+    link.shutdown()
+    return {"want": want, "got": got, "read": read, "exchanges": exchanges, "holders": link.holders}
+
+
 def _rank_main(
     rank: int, world_size: int, init: str, scenario: str, out, backend: str = "gloo"
 ) -> None:
@@ -315,6 +349,10 @@ def _rank_main(
     try:
         timeout = STALL_TIMEOUT_S if scenario == "stall" else TIMEOUT_S
         world = init_world(init, rank, world_size, backend=backend, timeout_s=timeout)
+        if scenario == "loopback":
+            folder = Path(init[len("file://") :]).parent
+            _report(out, ("ok", _unique_rank_loopback(world, folder)))
+            os._exit(0)
         if rank == 0 and scenario == "load":
             _report(out, ("ok", _unique_rank_load(world, Path(init[len("file://") :]).parent)))
             os._exit(0)
@@ -467,6 +505,12 @@ def test_shared_ranks_read_their_slices_from_the_kv_store(tmp_path):
     assert not res["read2"] and res["sent"] == res["want"]  # refused files: sent from rank 0
     assert res["unreadable"] == "KVCorruptError" and res["healthy"]  # no rank failed
     assert all(len(t) == 6 for t in res["got"])
+
+
+def test_a_world_of_one_is_its_own_shared_rank(tmp_path):
+    res = _spawn(1, "loopback", tmp_path)
+    assert res["read"] and res["holders"] == [0] and res["exchanges"] > 0
+    assert res["got"] == res["want"] and all(len(t) == 6 for t in res["got"])
 
 
 def test_hung_shared_rank_fails_requests_within_the_timeout(tmp_path):

@@ -20,11 +20,15 @@ def cmd_model_fetch(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import os
+
     from kb.settings import Settings  # pydantic: not for `kb --help`
 
     s = Settings()
     ranks = s.shared_ranks if args.shared_ranks is None else args.shared_ranks
-    if ranks:
+    # under torchrun with one process, --shared-ranks 0: rank 0 is its own shared rank
+    loopback = args.shared_ranks == 0 and "RANK" in os.environ
+    if ranks or loopback:
         return serve_sharded(args, s, ranks)
     from kb.server import create_app  # heavy: torch and gradio, only for the server
 
@@ -35,16 +39,19 @@ def cmd_serve(args) -> int:
 def serve_sharded(args, s, ranks: int) -> int:
     """One process of a `kb serve --shared-ranks S` job (torchrun's env:// variables, world size
     S + 1): rank 0 serves the API and the web app over corpora whose shared KV the other ranks
-    hold; ranks 1..S run the shared-rank loop until rank 0 says shutdown or is gone. Started
+    hold; ranks 1..S run the shared-rank loop until rank 0 says shutdown or is gone (with
+    `--shared-ranks 0` under torchrun, one process, rank 0 is its own shared rank:
+    `LoopbackLink`, a check of the sharded path on one device). Started
     outside such a job (no RANK in the environment), it is rank 0 of a one-host job and starts
     ranks 1..S itself (`spawn_shared_ranks`), restarting one that dies (`Supervisor`). A shared
     rank started again by hand (the same command and variables) is taken back too."""
     import logging
     import os
 
-    spawned = "RANK" not in os.environ
+    spawned = "RANK" not in os.environ and ranks > 0
     supervisor = Supervisor(ranks, s.shared_rank_restart_s) if spawned else None
 
+    from kb.engine.distributed.loopback import LoopbackLink
     from kb.engine.distributed.protocol import ShardLink, init_world
     from kb.engine.distributed.worker import run_shared_rank
 
@@ -66,7 +73,8 @@ def serve_sharded(args, s, ranks: int) -> int:
     from kb.server import create_app
     from kb.service import KnowledgeBase
 
-    link = ShardLink(world, rank_budget_bytes=int(s.gpu_cache_gb * 2**30))
+    budget = int(s.gpu_cache_gb * 2**30)
+    link = (LoopbackLink if ranks == 0 else ShardLink)(world, rank_budget_bytes=budget)
     if supervisor is not None:
         supervisor.watch(link)
     try:

@@ -520,6 +520,11 @@ class ShardLink:
         return self._down
 
     @property
+    def holders(self) -> list[int]:
+        """The ranks that hold corpora's shared KV now: the current generation's members."""
+        return self.members
+
+    @property
     def degraded(self) -> bool:
         """A shared rank is missing: lost and not yet taken back with every corpus placed again
         (the failure's error stays until then), or the link is down."""

@@ -1,0 +1,107 @@
+"""World size 1: rank 0 is its own only shared rank (`LoopbackLink`).
+
+A check of the protocol and of the sharded serving path on one device: every ATTEND still runs
+the protocol's exchange over the process group (header, q and chunk-id broadcasts, gather of
+the 16-bit partials; with no peer to answer, that merge gives o = 0, lse = -inf), then rank 0
+attends the corpus itself exactly as a shared rank attends its slice (`worker.attend_slice`,
+the same wire packing) and merges. `kb serve --shared-ranks 0` under torchrun (RANK set, one
+process) serves so; `bench/distributed.py --shared-ranks 0` measures it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import attention
+from kb.engine.distributed.placement import keep_preamble, place, read_slice, remote_view
+from kb.engine.distributed.protocol import (
+    DTYPES,
+    HEADER_LEN,
+    KVFile,
+    ShardLink,
+    World,
+    _Held,
+    dtype_code,
+    dtype_name,
+    unpack_partial,
+)
+from kb.engine.distributed.worker import CorpusSlice, attend_slice
+from kb.engine.shared_kv import SharedKV
+
+
+class LoopbackLink(ShardLink):
+    """The link of a world of one: it holds each corpus's whole layout on rank 0's device (read
+    from its KV files by `load`, or the registered tensors), runs each ATTEND's exchange over
+    the group of one and merges its own partial. `stats` counts what one shared rank would be
+    sent and return (the exchange itself has no receiver)."""
+
+    def __init__(
+        self, world: World, keepalive_s: float | None = None, rank_budget_bytes: int | None = None
+    ):
+        assert world.world_size == 1, "a loopback link is a world of one"
+        super().__init__(world, keepalive_s, rank_budget_bytes)
+        self._slices: dict[int, CorpusSlice] = {}
+
+    @property
+    def holders(self) -> list[int]:
+        return [0]
+
+    def _hold(self, shared: SharedKV, held: _Held, sl_k, sl_v) -> SharedKV:
+        placement = place(shared.num_tokens, shared.chunk_size, [0])
+        with self._lock:
+            cid = self._new_id()
+            self._slices[cid] = CorpusSlice(placement, placement.shard(0), sl_k, sl_v, held.dims[3])
+            self._held[cid] = held
+            self._placements[cid] = placement
+        keep_preamble(shared)
+        return remote_view(shared, placement, cid)
+
+    def register(self, shared: SharedKV, keep: bool = True) -> SharedKV:
+        k0 = shared.k[0]
+        dims = (len(shared.k), k0.shape[0], k0.shape[1], k0.shape[2], shared.chunk_size)
+        held = _Held(shared.key, dims, dtype_code(k0.dtype))
+        return self._hold(shared, held, shared.k, shared.v)
+
+    def load(
+        self, shared: SharedKV, files: list[KVFile], via: torch.dtype, in_memory: bool = True
+    ) -> tuple[SharedKV, bool]:
+        """The whole layout read from `files` onto this rank's device, as a shared rank reads its
+        slice (raises the file's error, KVCorruptError, when one is damaged)."""
+        k0 = shared.k[0]
+        dims = (len(shared.k), k0.shape[0], k0.shape[1], k0.shape[2], shared.chunk_size)
+        spec = {"via": dtype_name(via), "files": [[f.path, f.checksum, f.tokens] for f in files]}
+        held = _Held(shared.key, dims, dtype_code(k0.dtype), spec=spec)
+        layers, n, hkv, d, chunk = dims
+        kv = torch.empty(2, layers, n, hkv, d, dtype=DTYPES[held.code], device=self.world.device)
+        read_slice(kv, place(n, chunk, [0]).shard(0), spec)
+        return self._hold(shared, held, kv[0], kv[1]), True
+
+    def drop(self, view: SharedKV) -> None:
+        with self._lock:
+            cid = view.meta.corpus_id
+            self._held.pop(cid, None)
+            self._placements.pop(cid, None)
+            self._slices.pop(cid, None)
+
+    def shared_attention(
+        self,
+        view: SharedKV,
+        layer: int,
+        q: torch.Tensor,
+        chunk_idx: torch.Tensor | None,
+        chunk_shift: torch.Tensor | None = None,
+        rope_inv_freq: torch.Tensor | None = None,
+        steady: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        o, lse = super().shared_attention(
+            view, layer, q, chunk_idx, chunk_shift, rope_inv_freq, steady=steady
+        )
+        sl = self._slices[view.meta.corpus_id]
+        part = attend_slice(sl, layer, q, chunk_idx, chunk_shift, rope_inv_freq)
+        sent = HEADER_LEN * 8 + q.numel() * q.element_size()
+        if chunk_idx is not None:
+            sent += chunk_idx.numel() * 4
+        self.stats.bytes_out += sent
+        self.stats.bytes_in += part.numel() * part.element_size()
+        po, plse = unpack_partial(part)
+        return attention.merge(o, lse, po.to(q.dtype), plse)
