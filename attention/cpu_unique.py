@@ -10,19 +10,12 @@ import math
 import torch
 
 from .gathered import attend_gathered, attend_gathered_batch
-from .reference import NEG_INF
+from .reference import NEG_INF, twin_of
 from .reference import unique_attention as reference_unique
 
 
-def unique_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    scale: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@twin_of(reference_unique)
+def unique_attention(q, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, scale=None):
     """Causal attention of each request's new tokens over its own paged KV (see the reference)."""
     t, hq, d = q.shape
     cu, lens = cu_seqlens_q.tolist(), seq_lens.tolist()

@@ -13,18 +13,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import reference
 from .cpu_shared import block_size
-from .reference import dequantize
+from .reference import dequantize, twin_of
 
 
-def chunk_mass(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    lse: torch.Tensor,
-    chunk_size: int,
-    skip: int = 0,
-    k_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+@twin_of(reference.chunk_mass)
+def chunk_mass(q, k, lse, chunk_size, skip=0, k_scale=None):
     """[T, C] softmax mass of q[T, Hq, d] on each chunk of k[N, Hkv, d] (scale 1/sqrt(d)),
     summed over heads, with lse[T, Hq] the normalizer; the first `skip` keys count nothing.
     `k_scale` [Hkv] or [C, Hkv]: fp8 keys' scales. On CUDA one block holds every key; on the CPU

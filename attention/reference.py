@@ -12,11 +12,35 @@ Conventions (all functions):
 
 from __future__ import annotations
 
+import inspect
 import math
+from collections.abc import Callable
 
 import torch
 
 NEG_INF = float("-inf")
+
+
+def twin_of(contract: Callable, leading: int | None = None) -> Callable[[Callable], Callable]:
+    """Declare a function the twin of `contract` (a reference, or another twin): the one place
+    its signature is written. The twin takes the contract's parameters (the first `leading`, or
+    all) by the same names, in the same order, with the same defaults, and may add its own;
+    checked when the module is imported. It gets the contract's annotations of them."""
+    ref = list(inspect.signature(contract).parameters.values())[:leading]
+
+    def check(fn: Callable) -> Callable:
+        params = inspect.signature(fn).parameters
+        names = [p.name for p in ref]
+        assert [n for n in params if n in names] == names, (fn.__qualname__, names)
+        for p in ref:
+            assert params[p.name].default == p.default, (fn.__qualname__, p.name)
+            if p.name in contract.__annotations__:
+                fn.__annotations__.setdefault(p.name, contract.__annotations__[p.name])
+        if "return" in contract.__annotations__:
+            fn.__annotations__.setdefault("return", contract.__annotations__["return"])
+        return fn
+
+    return check
 
 
 def dequantize(x: torch.Tensor, scale: torch.Tensor | None, chunk_size: int) -> torch.Tensor:

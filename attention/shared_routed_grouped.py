@@ -164,17 +164,9 @@ if HAS_TRITON:
                         else:
                             qk = tl.where(sel[:, None] & n_ok[None, :], qk, float("-inf"))
                         # rows masked off (chunks they did not choose) may see nothing
+                        pv = vs if KV_SCALE else 1.0  # fp8: p's factor, the chunk's v scales
                         m_i, l_i, acc = tt.softmax_update(
-                            m_i,
-                            l_i,
-                            acc,
-                            qk,
-                            v,
-                            qk_scale,
-                            vs if KV_SCALE else 1.0,
-                            DOT,
-                            KV_SCALE,
-                            True,
+                            m_i, l_i, acc, qk, v, qk_scale, pv, DOT, KV_SCALE, True
                         )
             o, lse = tt.softmax_finish(m_i, l_i, acc, True)
             tt.store_slot_partial(OP, LP, o, lse, ent, g, row_ok, offs_d, G, D)

@@ -26,7 +26,9 @@ import torch
 from . import _triton as tt
 from ._triton import HAS_TRITON, tl, triton
 from .launch import cdiv, sms
+from .reference import twin_of
 from .routed_call import operands, prepare_routed
+from .shared_routed import shared_attention_routed
 
 LN2 = 0.6931471805599453
 
@@ -247,20 +249,21 @@ def _config(rows_per_head: int, chunk_size: int, interp: bool, config: dict | No
     return cfg
 
 
+@twin_of(shared_attention_routed, leading=8)
 def shared_attention_routed_union(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    chunk_idx: torch.Tensor,
-    chunk_size: int = 64,
-    scale: float | None = None,
-    k_scale: torch.Tensor | None = None,
-    v_scale: torch.Tensor | None = None,
+    q,
+    k,
+    v,
+    chunk_idx,
+    chunk_size=64,
+    scale=None,
+    k_scale=None,
+    v_scale=None,
     order: str = "minhash",
     slices: int | None = None,
     contig: bool | None = None,
     config: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+):
     """Same contract as `shared_routed.shared_attention_routed` (and the reference).
     contig: walk contiguous chunk ranges with unused chunks masked (True) or the union lists
     (False); None: the config's choice. `config`: see `_config` (bench sweeps)."""
