@@ -38,12 +38,16 @@ from index.summaries import ChunkSummaries, chunk_summaries
 from kb.citations import CitationMap, SegmentRef
 from kb.engine.distributed.protocol import KVFile, ShardLink, SharedRankError
 from kb.engine.engine import Engine
-from kb.engine.selection import PassageSelector, SelectionConfig, attach_selector, calibrate
+from kb.engine.selection import (
+    SelectionConfig,
+    attach_selector,
+    install_selector,
+    selection_config,
+)
 from kb.engine.shared_kv import KVMeta, SharedKV
 from kb.errors import Conflict, NotFound, NotReady, TooBusy
 from kb.ingest.build import position_limit
 from kb.model.loader import LoadedModel
-from kb.model.retrieval_heads import retrieval_heads
 from kb.settings import Settings
 from storage.db import Database
 from storage.kvstore import KVCorruptError, quantize_fp8_chunks, read_kv
@@ -593,26 +597,10 @@ class CorpusCache:
         """The passage selector's configuration for a corpus of this size, or None when it is
         read whole: `attach_selector`'s checks and choices (kb/engine/selection.py), made here
         before a sharded read, which keeps only the keys of the layers chosen."""
-        lm, s = self.model, self.settings
-        cfg = lm.config
+        cfg = self.model.config
         if usable is None:
             usable = position_limit(cfg.max_position_embeddings)
-        if s.selection_budget <= 0 or num_tokens <= usable or num_chunks <= always + 1:
-            return None
-        heads = retrieval_heads(s.selection_heads, s.model, cfg.num_layers, cfg.num_heads)
-        chosen = tuple(int(x) for x in s.selection_layers.split(",") if x.strip())
-        chosen = tuple(x for x in chosen if 0 <= x < cfg.num_layers) or (cfg.num_layers // 2,)
-        if heads:  # the model's retrieval heads score, at their own layers
-            chosen = tuple(sorted({layer for layer, _ in heads}))
-        return SelectionConfig(
-            budget=s.selection_budget,
-            layers=chosen,
-            heads=heads,
-            window=s.selection_window,
-            positions=s.selection_positions,
-            order=s.selection_order,
-            history=s.selection_history,
-        )
+        return selection_config(self.settings, cfg, num_tokens, num_chunks, always, usable)
 
     def _attach_view_selector(
         self, shared: SharedKV, layout: _Layout, usable: int | None = None
@@ -626,21 +614,9 @@ class CorpusCache:
         )
         if config is None:
             return
-        selector = PassageSelector.build(
-            layout.keys,
-            shared.positions,
-            shared.chunk_size,
-            shared.always_chunks,
-            lm.model.inv_freq.cpu(),
-            config,
-            num_heads=lm.config.num_heads,
-        )
-        if selector.covers_corpus:
-            return
         served = shared.k[0].dtype
-        selector.preamble = tuple([x.to(served) for x in part] for part in layout.preamble)
-        shared.selector = selector
-        calibrate(shared, lm.model, lm.tokenizer, self.settings.system_prompt)
+        preamble = tuple([x.to(served) for x in part] for part in layout.preamble)
+        install_selector(shared, layout.keys, lm, config, self.settings.system_prompt, preamble)
 
     def _stored_summaries(
         self, name: str, version: str, shared: SharedKV, layout: _Layout

@@ -479,25 +479,21 @@ def calibrate(shared, model, tokenizer, system_prompt: str) -> torch.Tensor:
     return sel.calibration
 
 
-def attach_selector(shared, keys: list[torch.Tensor], lm, settings, usable_positions: int) -> bool:
-    """Attention retrieval for a corpus beyond the model's usable positions (its segments'
-    positions wrap) and the budget: re-based keys of the selecting layers (from `keys`, per layer
-    [N, Hkv, d] as stored, with shared.positions) and the neutral questions' calibration, once per
-    layout; `lm` the loaded model (config, decoder, tokenizer), `settings` kb's Settings (the
-    selection budget, layers, positions and the system prompt). A corpus within the positions or
-    the budget is read whole, as before. Returns whether it now selects."""
-    cfg = lm.config
+def selection_config(
+    settings, cfg, num_tokens: int, num_chunks: int, always: int, usable_positions: int
+) -> SelectionConfig | None:
+    """The passage selector's configuration for a corpus of `num_tokens` (`num_chunks`, the first
+    `always` the preamble's) under kb's Settings and the model's config, or None when the corpus is
+    read whole: within the model's usable positions, the budget off, or nothing to choose from."""
     budget = settings.selection_budget
-    if budget <= 0 or shared.num_tokens <= usable_positions:
-        return False
-    if shared.num_chunks <= shared.always_chunks + 1:
-        return False
+    if budget <= 0 or num_tokens <= usable_positions or num_chunks <= always + 1:
+        return None
     heads = retrieval_heads(settings.selection_heads, settings.model, cfg.num_layers, cfg.num_heads)
     chosen = tuple(int(x) for x in settings.selection_layers.split(",") if x.strip())
     chosen = tuple(x for x in chosen if 0 <= x < cfg.num_layers) or (cfg.num_layers // 2,)
     if heads:  # the model's retrieval heads score, at their own layers
         chosen = tuple(sorted({layer for layer, _ in heads}))
-    config = SelectionConfig(
+    return SelectionConfig(
         budget=budget,
         layers=chosen,
         heads=heads,
@@ -506,6 +502,20 @@ def attach_selector(shared, keys: list[torch.Tensor], lm, settings, usable_posit
         order=settings.selection_order,
         history=settings.selection_history,
     )
+
+
+def install_selector(
+    shared,
+    keys: list[torch.Tensor],
+    lm,
+    config: SelectionConfig,
+    system_prompt: str,
+    preamble: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+) -> bool:
+    """Build the selector of corpus `shared` from the selecting layers' stored keys (indexable by
+    layer, each [N, Hkv, d]), keep the `preamble`'s KV beside it where the corpus's own lives on
+    other ranks, and calibrate it with the neutral questions; False (read whole) when the budget
+    covers the corpus."""
     selector = PassageSelector.build(
         keys,
         shared.positions,
@@ -513,10 +523,31 @@ def attach_selector(shared, keys: list[torch.Tensor], lm, settings, usable_posit
         shared.always_chunks,
         lm.model.inv_freq.cpu(),
         config,
-        num_heads=cfg.num_heads,
+        num_heads=lm.config.num_heads,
     )
     if selector.covers_corpus:
         return False
+    selector.preamble = preamble
     shared.selector = selector
-    calibrate(shared, lm.model, lm.tokenizer, settings.system_prompt)
+    calibrate(shared, lm.model, lm.tokenizer, system_prompt)
     return True
+
+
+def attach_selector(shared, keys: list[torch.Tensor], lm, settings, usable_positions: int) -> bool:
+    """Attention retrieval for a corpus beyond the model's usable positions (its segments'
+    positions wrap) and the budget: re-based keys of the selecting layers (from `keys`, per layer
+    [N, Hkv, d] as stored, with shared.positions) and the neutral questions' calibration, once per
+    layout; `lm` the loaded model (config, decoder, tokenizer), `settings` kb's Settings (the
+    selection budget, heads, positions and the system prompt). A corpus within the positions or
+    the budget is read whole, as before. Returns whether it now selects."""
+    config = selection_config(
+        settings,
+        lm.config,
+        shared.num_tokens,
+        shared.num_chunks,
+        shared.always_chunks,
+        usable_positions,
+    )
+    if config is None:
+        return False
+    return install_selector(shared, keys, lm, config, settings.system_prompt)
