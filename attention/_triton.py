@@ -124,6 +124,20 @@ if HAS_TRITON:
         return k, v
 
     @triton.jit
+    def load_page_tile(C, page, slot, h, stride_b, stride_s, stride_h, offs_d, n_ok):
+        """A paged cache's tile [BLOCK_N, D] of KV head h: row i is slot[i] of page[i]; rows
+        outside n_ok read 0 (the paged kernel's K and V)."""
+        return tl.load(
+            C
+            + page[:, None] * stride_b
+            + slot[:, None] * stride_s
+            + h * stride_h
+            + offs_d[None, :],
+            mask=n_ok[:, None],
+            other=0.0,
+        )
+
+    @triton.jit
     def load_q_rows(Q, t, hq, row_ok, offs_d, stride_qt, stride_qh):
         """The query tile [BLOCK_M, D] every kernel starts from: row i is query head hq[i] of
         token t[i], its columns offs_d; rows outside row_ok read 0 (the caller casts to DOT)."""

@@ -88,24 +88,8 @@ if HAS_TRITON:
             # gather: position -> (page from the block table, slot in the page)
             page = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
             slot = offs_n % PAGE
-            k = tl.load(
-                KC
-                + page[:, None] * stride_kb
-                + slot[:, None] * stride_ks
-                + h * stride_kh
-                + offs_d[None, :],
-                mask=n_ok[:, None],
-                other=0.0,
-            )
-            v = tl.load(
-                VC
-                + page[:, None] * stride_vb
-                + slot[:, None] * stride_vs
-                + h * stride_vh
-                + offs_d[None, :],
-                mask=n_ok[:, None],
-                other=0.0,
-            )
+            k = tt.load_page_tile(KC, page, slot, h, stride_kb, stride_ks, stride_kh, offs_d, n_ok)
+            v = tt.load_page_tile(VC, page, slot, h, stride_vb, stride_vs, stride_vh, offs_d, n_ok)
             qk = tl.dot(q, tl.trans(k.to(DOT))) * qk_scale
             vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
             qk = tl.where(vis, qk, float("-inf"))

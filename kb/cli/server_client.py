@@ -11,7 +11,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from kb.errors import KBError, NotFound
 
@@ -28,12 +28,7 @@ class ChatReply:
     finish_reason: str | None = None
 
     def to_dict(self) -> dict:
-        return {
-            "answer": self.answer,
-            "citations": self.citations,
-            "usage": self.usage,
-            "finish_reason": self.finish_reason,
-        }
+        return asdict(self)
 
 
 class ServerClient:
