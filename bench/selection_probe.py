@@ -258,6 +258,10 @@ def main(argv=None) -> None:
     write(
         args.out,
         {
+            "model": kb.settings.model,
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "segment_len": args.segment_len,
             "train": args.train,
             "test": args.test,
             "n": args.n,
