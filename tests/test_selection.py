@@ -366,9 +366,10 @@ def test_selection_heads_setting_parses_and_names_a_bad_entry():
     assert retrieval_heads("17.4, 18.6", "any", 30, 9) == ((17, 4), (18, 6))
     assert retrieval_heads("17.4,40.1,3.9", "any", 30, 9) == ((17, 4),)  # outside the model
     assert retrieval_heads("all", "SmolLM2-135M-Instruct", 30, 9) == ()
-    assert retrieval_heads("auto", "/models/SmolLM2-135M-Instruct", 30, 9) == RETRIEVAL_HEADS[
-        "SmolLM2-135M-Instruct"
-    ]
+    assert (
+        retrieval_heads("auto", "/models/SmolLM2-135M-Instruct", 30, 9)
+        == RETRIEVAL_HEADS["SmolLM2-135M-Instruct"]
+    )
     assert retrieval_heads("auto", "unknown-model", 30, 9) == ()
     with pytest.raises(ValueError, match="17.x"):
         Settings(selection_heads="17.x")
