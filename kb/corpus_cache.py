@@ -51,7 +51,7 @@ from kb.model.loader import LoadedModel
 from kb.settings import Settings
 from storage.db import Database
 from storage.kvstore import KVCorruptError, quantize_fp8_chunks, read_kv
-from storage.models import ChunkIndex, Corpus, utcnow
+from storage.models import ChunkIndex, Corpus, Document, Segment, utcnow
 from storage.tiers import Move, TierError, TierManager
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,20 @@ class _StreamedSummaries:
 
 def _budget(gb: float) -> int:
     return int(gb * GiB)
+
+
+def segment_ref(pos: int, document: Document, seg: Segment) -> SegmentRef:
+    """The citation ref of segment `seg` of `document`, laid out at shared position `pos`."""
+    return SegmentRef(
+        pos,
+        seg.num_tokens,
+        document.filename,
+        document.id,
+        seg.page_start,
+        seg.page_end,
+        seg.char_start,
+        seg.text,
+    )
 
 
 class CorpusCache:
@@ -358,18 +372,7 @@ class CorpusCache:
                 continue
             for seg in d.segments:
                 k, v = read_kv(seg.kv_file, seg.kv_checksum, dequantize=True)
-                refs.append(
-                    SegmentRef(
-                        pos,
-                        seg.num_tokens,
-                        d.filename,
-                        d.id,
-                        seg.page_start,
-                        seg.page_end,
-                        seg.char_start,
-                        seg.text,
-                    )
-                )
+                refs.append(segment_ref(pos, d, seg))
                 max_end = max(max_end, seg.pos_start + seg.num_tokens)
                 where.append(torch.arange(seg.pos_start, seg.pos_start + seg.num_tokens))
                 ks.append(k)
@@ -411,18 +414,7 @@ class CorpusCache:
         refs, where, pos, max_end, dtype = [], [torch.arange(p)], p, p, pk.dtype
         for d, seg in segments:
             k, _ = read_kv(seg.kv_file, seg.kv_checksum, dequantize=True)
-            refs.append(
-                SegmentRef(
-                    pos,
-                    seg.num_tokens,
-                    d.filename,
-                    d.id,
-                    seg.page_start,
-                    seg.page_end,
-                    seg.char_start,
-                    seg.text,
-                )
-            )
+            refs.append(segment_ref(pos, d, seg))
             max_end = max(max_end, seg.pos_start + seg.num_tokens)
             where.append(torch.arange(seg.pos_start, seg.pos_start + seg.num_tokens))
             for layer in keep:
