@@ -1,15 +1,16 @@
 """Attention retrieval: each request chooses, once at prefill, the passages of a corpus it reads.
 
 A request's question tokens run through the first layers of the model (a *selection pass*, over
-the preamble only, so its cost does not grow with the corpus); at a few chosen layers their
-queries score every shared key, position-neutrally: the stored keys are post-RoPE, so at load the
+the preamble only, so its cost does not grow with the corpus); the model's retrieval heads
+(kb/model/retrieval_heads.py; else every head of a few chosen layers) score every shared key,
+position-neutrally: the stored keys are post-RoPE, so at load the
 selecting layers' keys are *re-based* to chunk-local positions (rotated back by their chunk's
 stored start) and each question token's query is rotated to sit right after a chunk. Every chunk
 is then scored as if it sat just before the question, which removes the bias of stored position
-and wrap-around (segments past the model's context restart their positions). Token scores (the
-softmax mass of the question's queries, summed over heads, tokens and layers) become phrase
-scores by a window sum (InfiniRetri's 1-D convolution), chunk scores by their best phrase,
-calibrated against what neutral questions give each chunk (measured once per corpus layout: the
+and wrap-around (segments past the model's context restart their positions). Per head, token scores (the
+softmax mass of the question's queries, averaged over its tokens) become phrase scores by a
+window sum (InfiniRetri's 1-D convolution), chunk scores by their best phrase averaged over the
+heads, calibrated against what neutral questions give each chunk (measured once per corpus layout: the
 lift over it, so a chunk every question attends, a sink, scores ~0); the best chunks and their
 neighbours (passages) fill a token budget. In a conversation each of the last few earlier user
 turns adds its own best passage, laid out before the question's, so a follow-up keeps reading
