@@ -396,13 +396,19 @@ def _exit_when_told(world, stop: bool = False) -> None:
     threading.Thread(target=die, daemon=True).start()
 
 
-def _spawn(world_size: int, scenario: str, tmp_path: Path, backend: str = "gloo") -> dict:
+def _spawn(
+    world_size: int, scenario: str, tmp_path: Path, backend: str = "gloo", target=None
+) -> dict:
+    """Run `target` (default `_rank_main`: rank, world size, init, scenario, queue, backend) in
+    `world_size` spawned processes; rank 0's report."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
     procs = [
         ctx.Process(
-            target=_rank_main, args=(r, world_size, init, scenario, out, backend), daemon=True
+            target=target or _rank_main,
+            args=(r, world_size, init, scenario, out, backend),
+            daemon=True,
         )
         for r in range(world_size)
     ]

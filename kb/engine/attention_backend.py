@@ -4,11 +4,13 @@ prefill of corpus segments has its own, `kb.ingest.precompute.SegmentPrefill`).
 - `ServeAttention`: the serving step. New tokens' k/v go into each request's unique pages; the
   unique attention runs for all requests at once; then, per corpus, the queries of all its
   requests meet the corpus's shared KV together (one GEMM, routed or dense), and the two partial
-  results merge by log-sum-exp.
+  results merge by log-sum-exp. Each corpus's partial is started before the unique attention and
+  collected after it (`_start_shared`), so a backend whose shared KV is elsewhere overlaps them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +60,10 @@ class ServeAttention:
         hkv, d = kc.shape[2], kc.shape[3]
         kc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, k.to(kc.dtype))
         vc.view(-1, hkv, d).index_copy_(0, self.slot_mapping, v.to(vc.dtype))
+        # each corpus's shared partial is asked for before the unique attention and collected
+        # after it (`_start_shared`): here it is computed when collected, as before; the
+        # distributed backend's shared ranks work on it meanwhile
+        started = [self._start_group(layer, q, g) for g in self.groups]
         # the lengths the runner already knows: no layer reads them back (a host sync)
         o, lse = attention.unique_attention(
             q,
@@ -69,26 +75,9 @@ class ServeAttention:
             max_seqlen_q=self.max_seqlen_q,
             max_seqlen_k=self.max_seqlen_k,
         )
-        for g in self.groups:
+        for g, (qg, collect) in zip(self.groups, started):
             sh = g.shared
-            qg = q if g.rows is None else q.index_select(0, g.rows)
-            idx = plan = shift = None
-            if g.selection is not None:
-                idx, plan = g.selection.for_layer(layer)
-                shift = getattr(g.selection, "chunk_shift", None) if idx is not None else None
-            elif sh.routed:
-                idx = sh.router.route(layer, qg, sh.top_k, g.spans)
-            gathered = getattr(g.selection, "gathered", None) if idx is not None else None
-            if gathered is not None:  # CPU: each request's own copy of its passages
-                o_s, lse_s = g.selection.store.partial(gathered, layer, sh, qg, self.rope_inv_freq)
-            elif shift is not None:  # virtual positions: facade's chunk_shift (plan carries it)
-                o_s, lse_s = self._shared_partial(sh, layer, qg, idx, plan=plan, shift=shift)
-            else:
-                o_s, lse_s = (
-                    self._shared_partial(sh, layer, qg, idx)
-                    if plan is None
-                    else self._shared_partial(sh, layer, qg, idx, plan=plan)
-                )
+            o_s, lse_s = collect()
             if g.rows is None:
                 o_m, lse_m = attention.merge(o_s, lse_s, o, lse)
                 o = o_m.to(o.dtype)
@@ -101,6 +90,43 @@ class ServeAttention:
             if layer in self.citation_layers and self._cites(sh) and g.selection is None:
                 self._accumulate_mass(qg, sh, layer, g.seq_of_row, lse_m)
         return o
+
+    def _start_group(
+        self, layer: int, q: torch.Tensor, g: CorpusGroup
+    ) -> tuple[torch.Tensor, Callable[[], tuple[torch.Tensor, torch.Tensor]]]:
+        """One corpus group's rows of q and what collects their shared partial (o, lse): the
+        chunk ids of this layer (the selection's, or the router's) are chosen now."""
+        sh = g.shared
+        qg = q if g.rows is None else q.index_select(0, g.rows)
+        idx = plan = shift = None
+        if g.selection is not None:
+            idx, plan = g.selection.for_layer(layer)
+            shift = getattr(g.selection, "chunk_shift", None) if idx is not None else None
+        elif sh.routed:
+            idx = sh.router.route(layer, qg, sh.top_k, g.spans)
+        gathered = getattr(g.selection, "gathered", None) if idx is not None else None
+        if gathered is not None:  # CPU: each request's own copy of its passages
+            store, inv = g.selection.store, self.rope_inv_freq
+            return qg, lambda: store.partial(gathered, layer, sh, qg, inv)
+        if shift is not None:  # virtual positions: facade's chunk_shift (plan carries it)
+            return qg, self._start_shared(sh, layer, qg, idx, plan=plan, shift=shift)
+        if plan is None:
+            return qg, self._start_shared(sh, layer, qg, idx)
+        return qg, self._start_shared(sh, layer, qg, idx, plan=plan)
+
+    def _start_shared(
+        self,
+        sh: SharedKV,
+        layer: int,
+        q: torch.Tensor,
+        idx: torch.Tensor | None,
+        plan: object | None = None,
+        shift: torch.Tensor | None = None,
+    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """Start the partial of q over one corpus's shared KV; the callable returned collects it.
+        Here nothing runs until it is collected (`_shared_partial`, after the unique attention,
+        as it always ran); the distributed backend sends the request to the shared ranks now."""
+        return lambda: self._shared_partial(sh, layer, q, idx, plan=plan, shift=shift)
 
     def _shared_partial(
         self,

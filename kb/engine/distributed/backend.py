@@ -3,7 +3,9 @@
 `DistributedServeAttention` is `ServeAttention` with one change: a corpus registered through a
 `ShardLink` (its SharedKV view carries a `corpus_id`) is attended by the shared ranks, not here.
 Unique attention, routing (on this rank: the router holds only chunk summaries) and the
-log-sum-exp merge stay as they are. Corpora without a corpus id are attended locally as before.
+log-sum-exp merge stay as they are; a layer's requests to the shared ranks are sent before its
+unique attention and collected after it, so the two run at the same time (`ShardLink.overlap`).
+Corpora without a corpus id are attended locally as before.
 
 The engine needs no change: `distributed_engine` hands it a `LoadedModel` whose model is
 `ShardedModel`, which swaps each step's `ServeAttention` for the distributed one (same fields, same
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from kb.engine.attention_backend import ServeAttention
-from kb.engine.distributed.protocol import ShardLink
+from kb.engine.distributed.protocol import AttentionBatch, ShardLink
 from kb.engine.engine import Engine, EngineConfig
 from kb.engine.shared_kv import SharedKV
 from kb.model.llama import AttentionBackend, Transformer
@@ -32,7 +35,22 @@ log = logging.getLogger(__name__)
 class DistributedServeAttention(ServeAttention):
     link: ShardLink | None = None
 
-    def _shared_partial(
+    _batch: AttentionBatch | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """ServeAttention's layer, inside one exchange with the shared ranks when a corpus of the
+        step is sharded: its ATTENDs are sent before the unique attention and collected after."""
+        if not any(is_remote(g.shared) for g in self.groups):
+            return super().attend(layer, q, k, v)
+        assert self.link is not None, "a corpus is sharded but this step has no link"
+        with self.link.attention_batch() as batch:
+            self._batch = batch
+            try:
+                return super().attend(layer, q, k, v)
+            finally:
+                self._batch = None
+
+    def _start_shared(
         self,
         sh: SharedKV,
         layer: int,
@@ -40,17 +58,19 @@ class DistributedServeAttention(ServeAttention):
         idx: torch.Tensor | None,
         plan: object | None = None,
         shift: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """From the shared ranks when the corpus is sharded (a selecting request's chunk shifts
-        travel with its chunk ids), else here, as ServeAttention does."""
+        travel with its chunk ids): sent now, collected after the unique attention (at once
+        when the link's `overlap` is off); else here, as ServeAttention does."""
         if is_remote(sh):
-            assert self.link is not None, f"corpus {sh.key} is sharded but this step has no link"
             # a selecting request's chunk ids and shifts are the same at every layer of a step
             steady = plan is not None or shift is not None
-            return self.link.shared_attention(
-                sh, layer, q, idx, shift, self.rope_inv_freq, steady=steady
-            )
-        return super()._shared_partial(sh, layer, q, idx, plan=plan, shift=shift)
+            pending = self._batch.start(sh, layer, q, idx, shift, self.rope_inv_freq, steady)
+            if not self.link.overlap:
+                result = pending.wait()
+                return lambda: result
+            return pending.wait
+        return super()._start_shared(sh, layer, q, idx, plan=plan, shift=shift)
 
     def _cites(self, sh: SharedKV) -> bool:
         return not is_remote(sh)  # a sharded corpus's keys are on the shared ranks

@@ -4,26 +4,25 @@ A check of the protocol and of the sharded serving path on one device: every ATT
 the protocol's exchange over the process group (header, q and chunk-id broadcasts, gather of
 the 16-bit partials; with no peer to answer, that merge gives o = 0, lse = -inf), then rank 0
 attends the corpus itself exactly as a shared rank attends its slice (`worker.attend_slice`,
-the same wire packing) and merges. `kb serve --shared-ranks 0` under torchrun (RANK set, one
-process) serves so; `bench/distributed.py --shared-ranks 0` measures it.
+the same wire packing) when the exchange is collected, and merges. `kb serve --shared-ranks 0`
+under torchrun (RANK set, one process) serves so; `bench/distributed.py --shared-ranks 0` measures it.
 """
 
 from __future__ import annotations
 
 import torch
 
-import attention
 from kb.engine.distributed.placement import keep_preamble, place, read_slice, remote_view
 from kb.engine.distributed.protocol import (
     DTYPES,
     HEADER_LEN,
     KVFile,
+    PendingAttention,
     ShardLink,
     World,
     _Held,
     dtype_code,
     dtype_name,
-    unpack_partial,
 )
 from kb.engine.distributed.worker import CorpusSlice, attend_slice
 from kb.engine.shared_kv import SharedKV
@@ -83,25 +82,25 @@ class LoopbackLink(ShardLink):
             self._placements.pop(cid, None)
             self._slices.pop(cid, None)
 
-    def shared_attention(
+    def _issue(
         self,
         view: SharedKV,
         layer: int,
         q: torch.Tensor,
         chunk_idx: torch.Tensor | None,
-        chunk_shift: torch.Tensor | None = None,
-        rope_inv_freq: torch.Tensor | None = None,
-        steady: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        o, lse = super().shared_attention(
-            view, layer, q, chunk_idx, chunk_shift, rope_inv_freq, steady=steady
-        )
+        chunk_shift: torch.Tensor | None,
+        rope_inv_freq: torch.Tensor | None,
+        steady: bool,
+    ) -> PendingAttention:
+        """The protocol's exchange over the group of one, and this rank's own partial over the
+        whole corpus, computed when the exchange is collected (after the unique attention)."""
+        p = super()._issue(view, layer, q, chunk_idx, chunk_shift, rope_inv_freq, steady)
         sl = self._slices[view.meta.corpus_id]
-        part = attend_slice(sl, layer, q, chunk_idx, chunk_shift, rope_inv_freq)
+        p.local = lambda: attend_slice(sl, layer, q, chunk_idx, chunk_shift, rope_inv_freq)
         sent = HEADER_LEN * 8 + q.numel() * q.element_size()
         if chunk_idx is not None:
             sent += chunk_idx.numel() * 4
-        self.stats.bytes_out += sent
-        self.stats.bytes_in += part.numel() * part.element_size()
-        po, plse = unpack_partial(part)
-        return attention.merge(o, lse, po.to(q.dtype), plse)
+        p.bytes_out += sent
+        t, hq, d = q.shape
+        p.bytes_in += t * hq * (d + 2) * 2  # one 16-bit partial
+        return p

@@ -9,7 +9,11 @@ knows what comes next and how big it is:
              unless `meta` says the rank has them already this step; then gather to rank 0 of
              one 16-bit tensor [T, Hq, d + 2] per rank: o in the wire dtype (`wire_dtype`:
              bfloat16 for a bfloat16 computation, else float16) and the float32 lse's bits in
-             the last two slots (`pack_partial`)
+             the last two slots (`pack_partial`). When shared ranks share a host other than
+             rank 0's (`MergeRoutes`), the partials travel point to point instead (tag
+             `PARTIAL_TAG`): each such rank sends its partial to its host's leader, which merges
+             them with its own by log-sum-exp and sends rank 0 one partial for the host; every
+             other rank sends its own to rank 0
              meta bits: 1 shifted, 2 reuse slot, 4 keep in slot, 8 a new step (forget the
              slots), slot = meta >> 4. A request's chosen passages (attention retrieval) are the
              same chunk ids and shifts at every layer of a step: they travel at its first layer
@@ -29,6 +33,15 @@ knows what comes next and how big it is:
              longer than the process group's timeout fails, so an idle link pings)
     REGROUP  [op, 0...]: leave this group for the lobby (a rank came back, a new group forms)
     SHUTDOWN [op, 0...]
+
+Overlap: rank 0 issues an ATTEND's broadcasts and the receipt of its partials without waiting
+(`async_op`), runs the layer's unique attention meanwhile, then waits (`PendingAttention`); the
+link's lock is held from the first ATTEND of a layer until its last is collected
+(`ShardLink.attention_batch`), and a wait that fails is a failed exchange like any other.
+
+Hosts: every rank publishes its host id in the store at `init_world` (`host/{rank}`: the
+environment's `KB_HOST_ID`, else the host name); rank 0 makes each generation's `MergeRoutes` from
+them and publishes them with it (`gen/{g}/routes`), so both sides route the partials alike.
 
 Membership: the process group is one *generation* of the job. Generation g's group is rank 0
 and the shared ranks rank 0 admitted to it, over its own prefix (`pg{g}`) of the rendezvous
@@ -59,6 +72,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,6 +100,8 @@ HEADER_LEN = 8
 HEARTBEAT_S = 0.5  # how often a shared rank bumps its heartbeat counter
 LOBBY_POLL_S = 0.05  # how often a rank in the lobby looks for its generation
 GEN_KEY, SHUTDOWN_KEY = "gen", "shutdown"
+HOST_ENV = "KB_HOST_ID"  # overrides the host name as this rank's host id (tests: several on one)
+PARTIAL_TAG = 17  # point-to-point partials (per-host merge); REGISTER's slices use tag 0
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -142,6 +159,63 @@ def generation_key(generation: int) -> str:
     return f"gen/{generation}"
 
 
+def routes_key(generation: int) -> str:
+    return f"gen/{generation}/routes"
+
+
+def host_key(rank: int) -> str:
+    return f"host/{rank}"
+
+
+def host_id() -> str:
+    """This process's host: `KB_HOST_ID` when set (several simulated hosts on one machine),
+    else the host name (ranks started by one torchrun agent share it)."""
+    return os.environ.get(HOST_ENV) or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class MergeRoutes:
+    """Where each shared rank of a generation sends its ATTEND partial: `to[rank]` is 0 (rank 0
+    itself) or the leader of its host (the host's lowest rank), which merges the partials of its
+    host's ranks and sends rank 0 one. Ranks on rank 0's host, and a rank alone on its host, send
+    to rank 0. With no leader merging (`merging` false) the partials travel as one gather."""
+
+    to: dict[int, int]
+
+    @property
+    def merging(self) -> bool:
+        return any(dst != 0 for dst in self.to.values())
+
+    @property
+    def direct(self) -> list[int]:
+        """The ranks whose partial rank 0 receives (its host's ranks and the leaders)."""
+        return sorted(r for r, dst in self.to.items() if dst == 0)
+
+    def followers(self, rank: int) -> list[int]:
+        """The ranks whose partial `rank` merges (none unless it leads a host)."""
+        return sorted(r for r, dst in self.to.items() if dst == rank)
+
+    def to_json(self) -> str:
+        return json.dumps({str(r): dst for r, dst in self.to.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> MergeRoutes:
+        return cls({int(r): int(dst) for r, dst in json.loads(text).items()})
+
+
+def merge_routes(members: list[int], hosts: dict[int, str]) -> MergeRoutes:
+    """The routes of a generation over `members`, from each rank's host id (`hosts`, rank 0's
+    included): ranks on rank 0's host send to it; on every other host the lowest rank leads."""
+    home, by_host = hosts.get(0), {}
+    for r in sorted(members):
+        by_host.setdefault(hosts.get(r, f"rank {r}"), []).append(r)
+    to = {}
+    for host, ranks in by_host.items():
+        for r in ranks:
+            to[r] = 0 if host == home or r == ranks[0] else ranks[0]
+    return MergeRoutes(to)
+
+
 def init_world(
     init_method: str = "env://",
     rank: int | None = None,
@@ -168,6 +242,7 @@ def init_world(
         else:
             device = "cpu"
     kb_store = dist.PrefixStore("kb", store)
+    kb_store.set(host_key(rank), host_id())  # before the lobby: every generation can read it
     return World(rank, world_size, kb_store, torch.device(device), timeout_s, backend, store)
 
 
@@ -239,17 +314,22 @@ def header(op: int, *fields: int, device: torch.device) -> torch.Tensor:
 @dataclass
 class CommStats:
     """What the link's ATTEND exchanges carried, from the shapes sent (bytes), and optionally how long
-    they took on rank 0 (`timing`): from before the header is made until the gather has returned, so
-    the header's copy to the device, the collectives' launches and the waits for the shared ranks count.
+    they took on rank 0 (`timing`): `seconds` from before the header is made until the partials have
+    arrived, so the header's copy to the device, the collectives' launches, the unique attention run
+    meanwhile (overlap) and the waits for the shared ranks count; `wait_seconds` only the wait for the
+    partials after the unique attention (what the overlap did not hide; on a GPU the stall of the
+    compute stream, between events on it before and after the wait).
 
     bytes_out: header + q + chunk ids, once per shared rank that receives them (a broadcast to S ranks
-    counts S times); bytes_in: the 16-bit partials gathered from the shared ranks."""
+    counts S times); bytes_in: the 16-bit partials rank 0 receives (one per shared rank, or one per
+    host where a host's leader merges its ranks' partials: those cross no link to rank 0)."""
 
     timing: bool = False
     exchanges: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
     seconds: float = 0.0
+    wait_seconds: float = 0.0
     _pending: list = field(default_factory=list, repr=False)
 
     def start(self, device: torch.device):
@@ -261,21 +341,21 @@ class CommStats:
             return ev
         return time.perf_counter()
 
-    def stop(self, mark) -> None:
+    def stop(self, mark, into: str = "seconds") -> None:
         if mark is None:
             return
         if isinstance(mark, float):
-            self.seconds += time.perf_counter() - mark
+            setattr(self, into, getattr(self, into) + time.perf_counter() - mark)
         else:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self._pending.append((mark, end))
+            self._pending.append((mark, end, into))
 
     def settle(self) -> CommStats:
-        """Add the recorded CUDA event pairs to `seconds` (waits for them); returns self."""
-        for a, b in self._pending:
+        """Add the recorded CUDA event pairs to their counters (waits for them); returns self."""
+        for a, b, into in self._pending:
             b.synchronize()
-            self.seconds += a.elapsed_time(b) / 1e3
+            setattr(self, into, getattr(self, into) + a.elapsed_time(b) / 1e3)
         self._pending.clear()
         return self
 
@@ -286,6 +366,7 @@ class CommStats:
             "bytes_out": self.bytes_out,
             "bytes_in": self.bytes_in,
             "seconds": self.seconds,
+            "wait_seconds": self.wait_seconds,
         }
 
 
@@ -310,8 +391,11 @@ class ShardLink:
     """Rank 0's side: forms the generations' groups, places corpora on their shared ranks and asks
     them for partial attention.
 
-    One lock serializes exchanges (the engine thread and the keeper thread share the group).
+    One lock serializes exchanges (the engine thread and the keeper thread share the group); a
+    layer's ATTENDs hold it from the first's start to the last's wait (`attention_batch`).
     The keeper pings an idle link and takes back a shared rank that waits in the lobby.
+    `overlap`: the serving step runs the unique attention while the shared ranks attend (off:
+    `KB_SHARED_OVERLAP=0`, each partial is waited for as soon as it is asked for).
     `rank_budget_bytes`: what one shared rank may hold; after a loss, the corpora are placed
     over the survivors only when each keeps within it (else the link is `down`).
     """
@@ -334,6 +418,8 @@ class ShardLink:
         self.stats = CommStats()
         self.generation = -1
         self.members: list[int] = []  # shared ranks of the current generation
+        self.routes = MergeRoutes({})  # where the current generation's partials go
+        self.overlap = os.environ.get("KB_SHARED_OVERLAP", "1") != "0"
         self._admitted: dict[int, int] = {}  # rank -> the lobby ticket its generation admitted
         self._held: dict[int, _Held] = {}
         self._placements: dict[int, Placement] = {}
@@ -434,58 +520,90 @@ class ShardLink:
         and the partials merge by log-sum-exp. Returns (o[T, Hq, d] in q's dtype, lse[T, Hq]
         float32), as `attention.shared_attention`; o travels in 16 bits (`wire_dtype`).
         `steady`: chunk_idx and chunk_shift are the same tensors at every layer of this step (a
-        request's chosen passages): sent once per step (`begin_step` starts one)."""
+        request's chosen passages): sent once per step (`begin_step` starts one).
+        Waits for the partials; `attention_batch` starts several and collects them later."""
+        with self.attention_batch() as batch:
+            return batch.start(view, layer, q, chunk_idx, chunk_shift, rope_inv_freq, steady).wait()
+
+    def attention_batch(self) -> AttentionBatch:
+        """The exchange of one layer's ATTENDs (a context): `start` sends one and returns at once,
+        its `wait` collects the merged partial; the lock is held until the batch closes."""
+        return AttentionBatch(self)
+
+    def _issue(
+        self,
+        view: SharedKV,
+        layer: int,
+        q: torch.Tensor,
+        chunk_idx: torch.Tensor | None,
+        chunk_shift: torch.Tensor | None,
+        rope_inv_freq: torch.Tensor | None,
+        steady: bool,
+    ) -> PendingAttention:
+        """(Lock held.) Send one ATTEND (header, q, chunk ids) and post the receipt of its
+        partials, all without waiting: a gather, or with per-host merging (`routes`) one receive
+        per rank that sends rank 0 a partial."""
         t, hq, d = q.shape
         dev = self.world.device
         top_k = 0 if chunk_idx is None else chunk_idx.shape[-1]
         shifted = int(chunk_idx is not None and chunk_shift is not None)
-        assert not shifted or rope_inv_freq is not None, "shifted chunks need the RoPE frequencies"
-        code = dtype_code(q.dtype)  # raised here, outside the exchange: no rank failure
-        wire = wire_dtype(q.dtype)
+        code, wire = dtype_code(q.dtype), wire_dtype(q.dtype)
         cid = view.meta.corpus_id
-        stats = self.stats
-        with self._exchange(f"attention of layer {layer} on corpus {view.key}"):
-            if cid not in self._held:
-                raise SharedRankError(
-                    f"corpus {view.key} is no longer on the shared ranks (they changed and it "
-                    "could not be placed again); this answer failed, retry"
-                )
-            meta, send_ids = shifted, chunk_idx is not None
-            if self._new_step:
-                self._step_meta.clear()
-                meta |= 8
-                self._new_step = False
-            if chunk_idx is not None and steady:
-                known = self._step_meta.get(id(chunk_idx))
-                if known is not None and known[1] is chunk_idx and known[2] is chunk_shift:
-                    meta |= 2 | known[0] << 4
-                    send_ids = False
-                else:
-                    slot = len(self._step_meta)
-                    self._step_meta[id(chunk_idx)] = (slot, chunk_idx, chunk_shift)
-                    meta |= 4 | slot << 4
-            receivers = len(self.members)
-            mark = stats.start(dev)
-            head = header(OP_ATTEND, cid, layer, t, top_k, hq, code, meta, device=dev)
-            dist.broadcast(head, src=0)
-            dist.broadcast(q.contiguous().to(dev), src=0)
-            sent = HEADER_LEN * 8 + q.numel() * q.element_size()
-            if send_ids:
-                dist.broadcast(chunk_idx.to(device=dev, dtype=torch.int32).contiguous(), src=0)
-                sent += chunk_idx.numel() * 4
-                if shifted:
-                    shift = chunk_shift.to(device=dev, dtype=torch.int32).contiguous()
-                    dist.broadcast(shift, src=0)
-                    dist.broadcast(rope_inv_freq.to(device=dev, dtype=torch.float32), src=0)
-                    sent += chunk_shift.numel() * 4 + 4 * (d // 2)
-            mine = torch.empty(t, hq, d + 2, dtype=wire, device=dev)
-            parts = [torch.empty_like(mine) for _ in range(1 + receivers)]
-            dist.gather(mine, parts, dst=0)
-            stats.stop(mark)
-            stats.exchanges += 1
-            stats.bytes_out += receivers * sent
-            stats.bytes_in += receivers * mine.numel() * mine.element_size()
-        return merge_partials(parts[1:], q)
+        if cid not in self._held:
+            raise SharedRankError(
+                f"corpus {view.key} is no longer on the shared ranks (they changed and it "
+                "could not be placed again); this answer failed, retry"
+            )
+        meta, send_ids = shifted, chunk_idx is not None
+        if self._new_step:
+            self._step_meta.clear()
+            meta |= 8
+            self._new_step = False
+        if chunk_idx is not None and steady:
+            known = self._step_meta.get(id(chunk_idx))
+            if known is not None and known[1] is chunk_idx and known[2] is chunk_shift:
+                meta |= 2 | known[0] << 4
+                send_ids = False
+            else:
+                slot = len(self._step_meta)
+                self._step_meta[id(chunk_idx)] = (slot, chunk_idx, chunk_shift)
+                meta |= 4 | slot << 4
+        mark = self.stats.start(dev)
+        works, sent_tensors = [], []
+
+        def broadcast(x: torch.Tensor) -> None:
+            sent_tensors.append(x)  # alive until the broadcast is done
+            works.append(dist.broadcast(x, src=0, async_op=True))
+
+        broadcast(header(OP_ATTEND, cid, layer, t, top_k, hq, code, meta, device=dev))
+        broadcast(q.contiguous().to(dev))
+        sent = HEADER_LEN * 8 + q.numel() * q.element_size()
+        if send_ids:
+            broadcast(chunk_idx.to(device=dev, dtype=torch.int32).contiguous())
+            sent += chunk_idx.numel() * 4
+            if shifted:
+                broadcast(chunk_shift.to(device=dev, dtype=torch.int32).contiguous())
+                broadcast(rope_inv_freq.to(device=dev, dtype=torch.float32))
+                sent += chunk_shift.numel() * 4 + 4 * (d // 2)
+        mine = torch.empty(t, hq, d + 2, dtype=wire, device=dev)
+        if self.routes.merging:
+            parts = [torch.empty_like(mine) for _ in self.routes.direct]
+            for r, part in zip(self.routes.direct, parts):
+                works.append(dist.irecv(part, src=self._group_rank(r), tag=PARTIAL_TAG))
+        else:
+            gathered = [torch.empty_like(mine) for _ in range(1 + len(self.members))]
+            works.append(dist.gather(mine, gathered, dst=0, async_op=True))
+            parts = gathered[1:]
+        return PendingAttention(
+            what=f"attention of layer {layer} on corpus {view.key}",
+            q=q,
+            works=works,
+            parts=parts,
+            keep=[*sent_tensors, mine],
+            mark=mark,
+            bytes_out=len(self.members) * sent,
+            bytes_in=len(parts) * mine.numel() * mine.element_size(),
+        )
 
     def ping(self) -> None:
         """One round trip with every shared rank (raises SharedRankError if one is gone)."""
@@ -545,6 +663,15 @@ class ShardLink:
                 waiting[r] = ticket
         return waiting
 
+    def _hosts(self, ranks: list[int]) -> dict[int, str]:
+        """The host id each of `ranks` published (`init_world`); a rank that published none is
+        left out (it counts as alone on its host)."""
+        store, hosts = self.world.store, {}
+        for r in ranks:
+            if store.check([host_key(r)]):
+                hosts[r] = store.get(host_key(r)).decode()
+        return hosts
+
     def _await_lobby(self, expect: list[int], wait_s: float) -> dict[int, int]:
         deadline = time.monotonic() + wait_s
         while True:
@@ -567,12 +694,14 @@ class ShardLink:
             g, members = self.generation + 1, sorted(waiting)
             self.generation, self.members = g, []
             store = self.world.store
+            routes = merge_routes(members, self._hosts([0, *members]))
+            store.set(routes_key(g), routes.to_json())  # before the generation: read with it
             store.set(generation_key(g), json.dumps({str(r): t for r, t in waiting.items()}))
             store.set(GEN_KEY, str(g))
             self._admitted.update(waiting)
             try:
                 form_group(self.world, g, members)
-                self.members, self._group_ok = members, True
+                self.members, self._group_ok, self.routes = members, True, routes
                 self._place_all()
                 break
             except Exception as e:  # noqa: BLE001 - a member died: form another generation
@@ -786,3 +915,113 @@ class _Exchange:
             return False
         finally:
             self.link._lock.release()
+
+
+@dataclass
+class PendingAttention:
+    """One ATTEND in flight on rank 0: the works of its collectives, the buffers its partials
+    arrive in (`parts`), what it sent (kept alive until sent) and the counts it adds to the
+    link's stats once collected. `local`: a partial rank 0 computes itself at the wait (the
+    loopback link). `wait` through its batch."""
+
+    what: str
+    q: torch.Tensor
+    works: list
+    parts: list[torch.Tensor]
+    keep: list[torch.Tensor]
+    mark: object
+    bytes_out: int
+    bytes_in: int
+    local: object | None = None  # () -> packed partial
+    batch: AttentionBatch | None = None
+
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merged partial (o in q's dtype, lse float32), as `ShardLink.shared_attention`."""
+        return self.batch.collect(self)
+
+
+class AttentionBatch:
+    """One layer's ATTEND exchanges, overlapped with rank 0's own work: holds the link's lock
+    from `__enter__` to `__exit__`; `start` sends an ATTEND and posts the receipt of its partials
+    without waiting; `collect` (the pending's `wait`) waits for them and merges.
+
+    A collective that fails, while sending or while waiting, is a failed exchange as in
+    `_Exchange`: SharedRankError naming the stalled rank, and the link forms its next generation
+    (the batch's other pendings die with the old group). Any other exception that leaves the
+    batch with ATTENDs in flight first waits for them (the shared ranks send their partials
+    regardless, and the next exchange must not read them); if that wait fails, the exchange
+    failed as above."""
+
+    def __init__(self, link: ShardLink):
+        self.link = link
+        self.pending: list[PendingAttention] = []
+        self.generation = -1
+
+    def __enter__(self) -> AttentionBatch:
+        _Exchange(self.link, "attention").__enter__()  # the lock, or the link's refusal
+        self.generation = self.link.generation
+        return self
+
+    def start(
+        self,
+        view: SharedKV,
+        layer: int,
+        q: torch.Tensor,
+        chunk_idx: torch.Tensor | None,
+        chunk_shift: torch.Tensor | None = None,
+        rope_inv_freq: torch.Tensor | None = None,
+        steady: bool = False,
+    ) -> PendingAttention:
+        shifted = chunk_idx is not None and chunk_shift is not None
+        assert not shifted or rope_inv_freq is not None, "shifted chunks need the RoPE frequencies"
+        dtype_code(q.dtype)  # raised here, before anything travels: no rank failure
+        self._check_alive()
+        try:
+            p = self.link._issue(view, layer, q, chunk_idx, chunk_shift, rope_inv_freq, steady)
+        except SharedRankError:
+            raise  # nothing was sent (the corpus is gone)
+        except Exception as e:  # noqa: BLE001 - a collective failed
+            self.pending.clear()
+            raise self.link._fail(f"attention of layer {layer} on corpus {view.key}", e) from e
+        p.batch = self
+        self.pending.append(p)
+        return p
+
+    def collect(self, p: PendingAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_alive()
+        stats, dev = self.link.stats, self.link.world.device
+        waited = stats.start(dev)
+        try:
+            for w in p.works:
+                w.wait()
+        except Exception as e:  # noqa: BLE001 - a shared rank failed (or timed out) meanwhile
+            self.pending.clear()
+            raise self.link._fail(p.what, e) from e
+        self.pending.remove(p)
+        stats.stop(waited, "wait_seconds")
+        stats.stop(p.mark)
+        stats.exchanges += 1
+        stats.bytes_out += p.bytes_out
+        stats.bytes_in += p.bytes_in
+        parts = p.parts if p.local is None else [*p.parts, p.local()]
+        return merge_partials(parts, p.q)
+
+    def _check_alive(self) -> None:
+        if self.link.generation != self.generation:  # a failed exchange re-formed the group
+            raise self.link.error or SharedRankError("the shared ranks changed during this step")
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        link = self.link
+        try:
+            link._last = time.monotonic()
+            if self.pending and link.generation == self.generation:
+                in_flight, self.pending = self.pending, []
+                try:
+                    for p in in_flight:
+                        for w in p.works:
+                            w.wait()
+                except Exception as e:  # noqa: BLE001
+                    raise link._fail(in_flight[0].what, e) from e
+            return False
+        finally:
+            link._lock.release()

@@ -4,6 +4,9 @@ then wait for rank 0's header, do what it says, reply; exit on SHUTDOWN.
 A shared rank holds no model, only its slices of the registered corpora, and answers each ATTEND
 with `attention.shared_attention` over its slice (routed ids outside its range become -1, so a
 query whose chosen chunks all live elsewhere returns lse = -inf and drops out of the merge).
+It sends that partial where the generation's `MergeRoutes` say: in rank 0's gather, or point to
+point to rank 0 or to its host's leader; a leader first receives its host's ranks' partials and
+sends rank 0 their log-sum-exp merge with its own (one partial per host crosses to rank 0).
 When its group fails (a peer died; rank 0 left the group) or rank 0 says REGROUP, it forgets its
 slices and goes back to the lobby; rank 0 places the corpora again over the next generation. It
 exits when rank 0 is gone (the rendezvous store, which rank 0 hosts, no longer answers).
@@ -11,6 +14,7 @@ exits when rank 0 is gone (the rendezvous store, which rank 0 hosts, no longer a
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -35,13 +39,17 @@ from kb.engine.distributed.protocol import (
     OP_REGISTER,
     OP_REGROUP,
     OP_SHUTDOWN,
+    PARTIAL_TAG,
     SHUTDOWN_KEY,
+    MergeRoutes,
     World,
     form_group,
     generation_key,
     leave_group,
     lobby_key,
+    merge_partials,
     pack_partial,
+    routes_key,
     wire_dtype,
 )
 
@@ -103,9 +111,10 @@ class RankZeroGone(RuntimeError):
     """The rendezvous store (rank 0's) no longer answers: the job is over."""
 
 
-def _await_generation(world: World) -> tuple[int, list[int]] | None:
-    """Take a lobby ticket and wait for a generation that admits it: (generation, members), or
-    None when rank 0 says shutdown. RankZeroGone when the store stops answering."""
+def _await_generation(world: World) -> tuple[int, list[int], MergeRoutes] | None:
+    """Take a lobby ticket and wait for a generation that admits it: (generation, members, where
+    the partials go), or None when rank 0 says shutdown. RankZeroGone when the store stops
+    answering."""
     store = world.store
     try:
         ticket = store.add(lobby_key(world.rank), 1)
@@ -116,7 +125,8 @@ def _await_generation(world: World) -> tuple[int, list[int]] | None:
                 g = int(store.get(GEN_KEY))
                 admitted = json.loads(store.get(generation_key(g)))
                 if admitted.get(str(world.rank)) == ticket:
-                    return g, sorted(int(r) for r in admitted)
+                    routes = MergeRoutes.from_json(store.get(routes_key(g)).decode())
+                    return g, sorted(int(r) for r in admitted), routes
             time.sleep(LOBBY_POLL_S)
     except Exception as e:  # noqa: BLE001 - the store's host (rank 0) is gone
         raise RankZeroGone(str(e)) from e
@@ -134,7 +144,7 @@ def run_shared_rank(world: World) -> None:
             if joined is None:
                 log.info("rank %d: shutdown", world.rank)
                 return
-            g, members = joined
+            g, members, routes = joined
             try:
                 form_group(world, g, members)
             except Exception as e:  # noqa: BLE001 - a peer did not come: back to the lobby
@@ -142,7 +152,7 @@ def run_shared_rank(world: World) -> None:
                 continue
             log.info("rank %d: generation %d, shared ranks %s", world.rank, g, members)
             try:
-                if _serve(world, members):
+                if _serve(world, members, routes):
                     return
             except Exception as e:  # noqa: BLE001 - the group failed; is rank 0 still there?
                 try:
@@ -172,11 +182,35 @@ def _recv_slice(kv: torch.Tensor) -> None:
                 dist.recv(kv[j, layer], src=0)
 
 
-def _serve(world: World, members: list[int]) -> bool:
+def _send_partial(
+    world: World, group: list[int], routes: MergeRoutes, q: torch.Tensor, attend
+) -> None:
+    """Send this rank's ATTEND partial (`attend()`, packed) where `routes` say: in rank 0's
+    gather, or point to point; a host's leader first receives its followers' partials (posted
+    before it attends its own slice) and sends their merge with its own, packed again."""
+    if not routes.merging:
+        dist.gather(attend(), None, dst=0)
+        return
+    followers = routes.followers(world.rank)
+    wire = wire_dtype(q.dtype)
+    t, hq, d = q.shape
+    got = [torch.empty(t, hq, d + 2, dtype=wire, device=q.device) for _ in followers]
+    works = [dist.irecv(buf, src=group.index(r), tag=PARTIAL_TAG) for r, buf in zip(followers, got)]
+    part = attend()
+    if followers:
+        for w in works:
+            w.wait()
+        o, lse = merge_partials([part, *got], q.float())  # merged in float32, rounded once more
+        part = pack_partial(o, lse, wire)
+    dist.send(part, dst=group.index(routes.to[world.rank]), tag=PARTIAL_TAG)
+
+
+def _serve(world: World, members: list[int], routes: MergeRoutes) -> bool:
     """One generation: answer rank 0's headers. True on SHUTDOWN, False on REGROUP; raises when
     the group fails."""
     dev = world.device
-    me = [0, *members].index(world.rank)
+    group = [0, *members]
+    me = group.index(world.rank)
     corpora: dict[int, CorpusSlice] = {}
     slots: dict[int, tuple] = {}  # this step's routing metadata that rank 0 sends once
     with torch.inference_mode():
@@ -258,6 +292,7 @@ def _serve(world: World, members: list[int]) -> bool:
                         dist.broadcast(inv, src=0)
                     if meta & 4:
                         slots[meta >> 4] = (idx, shift, inv)
-                dist.gather(attend_slice(sl, layer, q, idx, shift, inv), None, dst=0)
+                attend = functools.partial(attend_slice, sl, layer, q, idx, shift, inv)
+                _send_partial(world, group, routes, q, attend)
             else:
                 raise RuntimeError(f"unknown header op {op}: the ranks run different code")
