@@ -22,6 +22,7 @@ import torch
 from tests.test_distributed import (
     JOIN_S,
     PROMPTS,
+    STALL_TIMEOUT_S,
     TIMEOUT_S,
     _corpus,
     _generate,
@@ -220,6 +221,55 @@ def _rank0_fault(world) -> dict:
     return out
 
 
+def _rank0_stall(world) -> dict:
+    """Two hosts; rank 3 stops for good while requests decode (its sockets stay open): every
+    overlapped wait of the step can only end at the process group's timeout (rank 2 waits for
+    rank 3's partial, rank 0 for rank 2's and for its broadcasts to rank 3). The step's
+    requests fail naming rank 3 within the timeout, and the survivors serve."""
+    from kb.engine.distributed.protocol import ShardLink
+    from kb.engine.engine import Engine
+    from kb.engine.sequence import SamplingParams
+
+    lm, cfg, corpora, _ = _references(world)
+    local = Engine(lm, cfg)
+    local.register_corpus(corpora[0])
+    ref = local.add_request([1, 2], SamplingParams(max_tokens=3), "dense", corpora[0].pos_offset)
+    local.run_until_done()
+    link = ShardLink(world, keepalive_s=3600)
+    engine, views = _served(lm, cfg, link, corpora[:1])
+    view = views[0]
+    hs = [
+        engine.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True), view.key, 200)
+        for p in PROMPTS[:2]
+    ]
+    for _ in range(3):
+        engine.step()
+    tokens_before = [len(h.seq.output_ids) for h in hs]
+    world.store.set("stop/3", "1")
+    world.store.wait(["stopped/3"], timedelta(seconds=JOIN_S))
+    pid = int(world.store.get("pid/3"))
+    deadline = time.monotonic() + JOIN_S
+    while _proc_state(pid) != "T":
+        assert time.monotonic() < deadline, "rank 3 did not stop"
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    engine.run_until_done()
+    failed_after = time.monotonic() - t0
+    late = engine.add_request([1, 2], SamplingParams(max_tokens=3), view.key, view.pos_offset)
+    engine.run_until_done()
+    os.kill(pid, signal.SIGKILL)  # it would outlive the test's joins
+    out = {
+        "tokens_before": tokens_before,
+        "results": [(h.result.reason, h.result.error) for h in hs],
+        "failed_after": failed_after,
+        "late": (late.result.reason, late.seq.output_ids),
+        "want": ref.seq.output_ids,
+        "members": link.members,
+    }
+    link.shutdown()
+    return out
+
+
 def _stop_when_told(world) -> None:
     """Test-only (rank 3 of the fault test): a thread that stops this process (SIGSTOP: its
     sockets stay open, nothing answers) once rank 0 asks; rank 0 kills it later."""
@@ -234,7 +284,12 @@ def _stop_when_told(world) -> None:
     threading.Thread(target=stop, daemon=True).start()
 
 
-SCENARIOS = {"overlap": _rank0_overlap, "hosts": _rank0_hosts, "fault": _rank0_fault}
+SCENARIOS = {
+    "overlap": _rank0_overlap,
+    "hosts": _rank0_hosts,
+    "fault": _rank0_fault,
+    "stall": _rank0_stall,
+}
 
 
 def _rank_main(rank: int, world_size: int, init: str, scenario: str, out, backend: str) -> None:
@@ -246,11 +301,12 @@ def _rank_main(rank: int, world_size: int, init: str, scenario: str, out, backen
     from kb.engine.distributed.worker import run_shared_rank
 
     try:
-        world = init_world(init, rank, world_size, backend=backend, timeout_s=TIMEOUT_S)
+        timeout = STALL_TIMEOUT_S if scenario == "stall" else TIMEOUT_S
+        world = init_world(init, rank, world_size, backend=backend, timeout_s=timeout)
         if rank == 0:
             _report(out, ("ok", SCENARIOS[scenario](world)))
             os._exit(0)  # peers may be dead: skip teardown that would wait for them
-        if scenario == "fault" and rank == 3:
+        if scenario in ("fault", "stall") and rank == 3:
             _stop_when_told(world)
         run_shared_rank(world)
     except BaseException:  # noqa: BLE001 - the test process reports it
@@ -291,3 +347,13 @@ def test_rank_lost_during_an_overlapped_wait_fails_it_clearly(tmp_path):
     assert res["failed_after"] < TIMEOUT_S + 10, res["failed_after"]
     assert res["members"] == [1, 2] and res["routes_after"] == {1: 0, 2: 0}  # 2 alone on host-b
     assert res["late"] == ("length", res["want"][0])
+
+
+def test_rank_hung_during_overlapped_waits_fails_the_step_within_the_timeout(tmp_path):
+    res = _spawn(4, "stall", tmp_path, target=_rank_main)
+    assert all(n > 0 for n in res["tokens_before"])
+    for reason, error in res["results"]:
+        assert reason == "error" and "shared rank 3 stopped responding" in error, error
+    assert 0 < res["failed_after"] < STALL_TIMEOUT_S + 10, res["failed_after"]
+    assert res["members"] == [1, 2]
+    assert res["late"] == ("length", res["want"])
