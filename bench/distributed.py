@@ -12,7 +12,7 @@ registered through `ShardLink.register`, which places it over the shared ranks a
 
 `--shared-ranks 0` (world size 1): rank 0 is its own only shared rank. `LoopbackLink` keeps the
 corpus on rank 0 and answers every ATTEND itself, after running the protocol's own exchange
-(`ShardLink.shared_attention`: header, q and chunk-id broadcasts, gather of the float32 partials)
+(`ShardLink.shared_attention`: header, q and chunk-id broadcasts, gather of the partials)
 over the process group (NCCL on a GPU), so the same collectives, copies and merge run as with
 remote shared ranks, minus the wire. Its byte counts are those of one shared rank (S = 1).
 
@@ -22,9 +22,12 @@ the model, then `--warmup` untimed and `--steps` timed decode steps, all through
   itl_ms_p50 / p99      per-step wall time
   comm_bytes_per_step   bytes the ATTEND exchanges carried in the step, from the shapes sent
                         (`ShardLink.stats`): header + q (+ chunk ids) to each shared rank, plus the
-                        float32 partials [T, Hq, d + 1] each returns; per layer = / num_layers
+                        partials each returns ([T, Hq, d + 2] in 16 bits: o, then the float32 lse
+                        in two 16-bit words, `protocol.pack_partial`); per layer = / num_layers
   comm_ms_per_step      time inside those exchanges on rank 0 (CUDA events on the current stream from
-                        before the header is made until the gather returns; the wall clock on CPU)
+                        before the header is made until the partials arrive, so it includes the
+                        unique attention rank 0 overlaps with them; the wall clock on CPU)
+  wait_ms_per_step      of that, the time rank 0 still waits for the partials after its own work
 Writes `<out>/distributed.json` (merging rows of other runs already there) and prints a table;
 `python bench/distributed.py --plot JSON PNG` draws tokens/s against concurrency.
 
@@ -164,7 +167,7 @@ def run_config(
         engine.step()
     check()
     stats = link.stats
-    times, bytes_, comm_s, exchanges = [], [], [], []
+    times, bytes_, comm_s, wait_s, exchanges = [], [], [], [], []
     for _ in range(args.steps):
         before_tok = sum(len(h.seq.output_ids) for h in handles)
         b = stats.snapshot()
@@ -185,6 +188,7 @@ def run_config(
         times.append(dt)
         bytes_.append((a["bytes_out"] - b["bytes_out"], a["bytes_in"] - b["bytes_in"]))
         comm_s.append(a["seconds"] - b["seconds"])
+        wait_s.append(a["wait_seconds"] - b["wait_seconds"])
         exchanges.append(a["exchanges"] - b["exchanges"])
     engine.run_until_done()
     check()
@@ -209,6 +213,7 @@ def run_config(
         comm_ms_per_step=comm_ms,
         comm_ms_per_layer=comm_ms / L,
         comm_frac_of_step=comm_ms / (1e3 * sum(times) / len(times)),
+        wait_ms_per_step=1e3 * sum(wait_s) / len(wait_s),
         exchanges_per_step=sum(exchanges) / len(exchanges),
         steps=len(times),
         prefill_s=prefill_s,
@@ -327,7 +332,8 @@ def run_bench_rank(world: World, args) -> int:
                     "backend.distributed_engine; decode timed per step (wall clock, synchronised; ends with the "
                     "sampler's host read), after prefill of random prompts and warm-up steps. comm_bytes_per_step: "
                     "bytes of the ATTEND messages per step from the shapes sent: header (64 B) + q bf16 (+ chunk ids "
-                    "int64 when routed) to each shared rank, plus each shared rank's float32 partial [T, Hq, d+1]; "
+                    "int32 when routed) to each shared rank, plus each shared rank's 16-bit partial "
+                    "[T, Hq, d+2] (o, and the float32 lse in two 16-bit words); "
                     "at world_size 1 (shared_ranks 0) rank 0 is its own shared rank (LoopbackLink) and the bytes "
                     "are those one shared rank would exchange, while the collectives run over the process group "
                     "with no peer. comm_ms_per_step: time inside ShardLink.shared_attention's exchange on rank 0 "
