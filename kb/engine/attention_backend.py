@@ -35,6 +35,20 @@ class CorpusGroup:
     selection: object | None = None
 
 
+@dataclass(frozen=True)
+class SharedAsk:
+    """One corpus group's request for its shared partial at one layer: q[T_c, Hq, d] and the
+    chunk ids it reads (None: dense), with their routing plan (routed_plan.py) and per-chunk
+    position shifts (virtual positions) where there are any."""
+
+    shared: SharedKV
+    layer: int
+    q: torch.Tensor
+    idx: torch.Tensor | None = None
+    plan: object | None = None
+    shift: torch.Tensor | None = None
+
+
 @dataclass
 class ServeAttention:
     """The serving step. Also the per-request baseline: when the runner puts a corpus's shared
@@ -108,47 +122,22 @@ class ServeAttention:
         if gathered is not None:  # CPU: each request's own copy of its passages
             store, inv = g.selection.store, self.rope_inv_freq
             return qg, lambda: store.partial(gathered, layer, sh, qg, inv)
-        if shift is not None:  # virtual positions: facade's chunk_shift (plan carries it)
-            return qg, self._start_shared(sh, layer, qg, idx, plan=plan, shift=shift)
-        if plan is None:
-            return qg, self._start_shared(sh, layer, qg, idx)
-        return qg, self._start_shared(sh, layer, qg, idx, plan=plan)
+        return qg, self._start_shared(SharedAsk(sh, layer, qg, idx, plan, shift))
 
-    def _start_shared(
-        self,
-        sh: SharedKV,
-        layer: int,
-        q: torch.Tensor,
-        idx: torch.Tensor | None,
-        plan: object | None = None,
-        shift: torch.Tensor | None = None,
-    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-        """Start the partial of q over one corpus's shared KV; the callable returned collects it.
-        Here nothing runs until it is collected (`_shared_partial`, after the unique attention,
-        as it always ran); the distributed backend sends the request to the shared ranks now."""
-        return lambda: self._shared_partial(sh, layer, q, idx, plan=plan, shift=shift)
-
-    def _shared_partial(
-        self,
-        sh: SharedKV,
-        layer: int,
-        q: torch.Tensor,
-        idx: torch.Tensor | None,
-        plan: object | None = None,
-        shift: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Partial (o, lse) of q over one corpus's shared KV (the distributed backend asks the
-        shared ranks instead); `plan`: the step's routing metadata for idx (routed_plan.py);
-        `shift`: per-chunk position shifts beside idx (virtual positions)."""
+    def _start_shared(self, ask: SharedAsk) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        """Start the partial (o, lse) of ask.q over one corpus's shared KV; the callable returned
+        collects it. Here nothing runs until it is collected (after the unique attention, as it
+        always ran); the distributed backend sends the request to the shared ranks now."""
+        sh, layer = ask.shared, ask.layer
         k_scale, v_scale = sh.meta.k_scale, sh.meta.v_scale  # fp8 KV: per layer
-        extra = {} if plan is None else {"plan": plan}
-        if shift is not None:
-            extra = {"chunk_shift": shift, "rope_inv_freq": self.rope_inv_freq, **extra}
-        return attention.shared_attention(
-            q,
+        extra = {} if ask.plan is None else {"plan": ask.plan}
+        if ask.shift is not None:  # virtual positions: the facade's chunk_shift
+            extra = {"chunk_shift": ask.shift, "rope_inv_freq": self.rope_inv_freq, **extra}
+        return lambda: attention.shared_attention(
+            ask.q,
             sh.k[layer],
             sh.v[layer],
-            idx,
+            ask.idx,
             sh.chunk_size,
             k_scale=None if k_scale is None else k_scale[layer],
             v_scale=None if v_scale is None else v_scale[layer],

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kb.engine.attention_backend import ServeAttention
+from kb.engine.attention_backend import ServeAttention, SharedAsk
 from kb.engine.distributed.protocol import AttentionBatch, ShardLink
 from kb.engine.engine import Engine, EngineConfig
 from kb.engine.shared_kv import SharedKV
@@ -50,27 +50,21 @@ class DistributedServeAttention(ServeAttention):
             finally:
                 self._batch = None
 
-    def _start_shared(
-        self,
-        sh: SharedKV,
-        layer: int,
-        q: torch.Tensor,
-        idx: torch.Tensor | None,
-        plan: object | None = None,
-        shift: torch.Tensor | None = None,
-    ) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    def _start_shared(self, ask: SharedAsk) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """From the shared ranks when the corpus is sharded (a selecting request's chunk shifts
         travel with its chunk ids): sent now, collected after the unique attention (at once
         when the link's `overlap` is off); else here, as ServeAttention does."""
-        if is_remote(sh):
+        if is_remote(ask.shared):
             # a selecting request's chunk ids and shifts are the same at every layer of a step
-            steady = plan is not None or shift is not None
-            pending = self._batch.start(sh, layer, q, idx, shift, self.rope_inv_freq, steady)
+            steady = ask.plan is not None or ask.shift is not None
+            pending = self._batch.start(
+                ask.shared, ask.layer, ask.q, ask.idx, ask.shift, self.rope_inv_freq, steady
+            )
             if not self.link.overlap:
                 result = pending.wait()
                 return lambda: result
             return pending.wait
-        return super()._start_shared(sh, layer, q, idx, plan=plan, shift=shift)
+        return super()._start_shared(ask)
 
     def _cites(self, sh: SharedKV) -> bool:
         return not is_remote(sh)  # a sharded corpus's keys are on the shared ranks
