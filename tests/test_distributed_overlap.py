@@ -70,7 +70,7 @@ def _rank0_overlap(world) -> dict:
     """One host: greedy tokens with overlap on and off; two ATTENDs in flight at once, collected
     in the other order, equal the same ATTENDs one at a time; the exchange completes while rank 0
     is not waiting in it."""
-    from kb.engine.distributed.protocol import ShardLink
+    from kb.engine.distributed.protocol import Attend, ShardLink
 
     lm, cfg, corpora, want = _references(world)
     link = ShardLink(world)
@@ -93,8 +93,8 @@ def _rank0_overlap(world) -> dict:
             link.shared_attention(views[1], 1, q, idx),
         ]
         with link.attention_batch() as batch:
-            a = batch.start(views[0], 1, q, None)
-            b = batch.start(views[1], 1, q, idx)
+            a = batch.start(Attend(views[0], 1, q))
+            b = batch.start(Attend(views[1], 1, q, idx))
             deadline = time.monotonic() + TIMEOUT_S
             while not all(w.is_completed() for w in a.works + b.works):  # rank 0 is free meanwhile
                 assert time.monotonic() < deadline, "the exchange did not progress without a wait"
@@ -170,7 +170,7 @@ def _rank0_fault(world) -> dict:
     complete), rank 0 works meanwhile, then rank 3 is killed: the wait raises SharedRankError
     naming rank 3; the link re-forms over ranks 1 and 2 and a later request answers as one
     process."""
-    from kb.engine.distributed.protocol import ShardLink, SharedRankError
+    from kb.engine.distributed.protocol import Attend, ShardLink, SharedRankError
     from kb.engine.engine import Engine
     from kb.engine.sequence import SamplingParams
 
@@ -193,7 +193,7 @@ def _rank0_fault(world) -> dict:
     started, error, t0 = False, None, time.monotonic()
     try:
         with torch.inference_mode(), link.attention_batch() as batch:
-            pending = batch.start(views[0], 1, q, None)
+            pending = batch.start(Attend(views[0], 1, q))
             started = True
             local = torch.randn(64, 64) @ torch.randn(64, 64)  # rank 0's own work meanwhile
             os.kill(pid, signal.SIGKILL)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kb.engine.attention_backend import ServeAttention, SharedAsk
-from kb.engine.distributed.protocol import AttentionBatch, ShardLink
+from kb.engine.distributed.protocol import Attend, AttentionBatch, ShardLink
 from kb.engine.engine import Engine, EngineConfig
 from kb.engine.shared_kv import SharedKV
 from kb.model.llama import AttentionBackend, Transformer
@@ -58,7 +58,7 @@ class DistributedServeAttention(ServeAttention):
             # a selecting request's chunk ids and shifts are the same at every layer of a step
             steady = ask.plan is not None or ask.shift is not None
             pending = self._batch.start(
-                ask.shared, ask.layer, ask.q, ask.idx, ask.shift, self.rope_inv_freq, steady
+                Attend(ask.shared, ask.layer, ask.q, ask.idx, ask.shift, self.rope_inv_freq, steady)
             )
             if not self.link.overlap:
                 result = pending.wait()

@@ -16,6 +16,7 @@ from kb.engine.distributed.placement import keep_preamble, place, read_slice, re
 from kb.engine.distributed.protocol import (
     DTYPES,
     HEADER_LEN,
+    Attend,
     KVFile,
     PendingAttention,
     ShardLink,
@@ -82,21 +83,13 @@ class LoopbackLink(ShardLink):
             self._placements.pop(cid, None)
             self._slices.pop(cid, None)
 
-    def _issue(
-        self,
-        view: SharedKV,
-        layer: int,
-        q: torch.Tensor,
-        chunk_idx: torch.Tensor | None,
-        chunk_shift: torch.Tensor | None,
-        rope_inv_freq: torch.Tensor | None,
-        steady: bool,
-    ) -> PendingAttention:
+    def _issue(self, a: Attend) -> PendingAttention:
         """The protocol's exchange over the group of one, and this rank's own partial over the
         whole corpus, computed when the exchange is collected (after the unique attention)."""
-        p = super()._issue(view, layer, q, chunk_idx, chunk_shift, rope_inv_freq, steady)
+        p = super()._issue(a)
+        view, layer, q, chunk_idx = a.view, a.layer, a.q, a.chunk_idx
         sl = self._slices[view.meta.corpus_id]
-        p.local = lambda: attend_slice(sl, layer, q, chunk_idx, chunk_shift, rope_inv_freq)
+        p.local = lambda: attend_slice(sl, layer, q, chunk_idx, a.chunk_shift, a.rope_inv_freq)
         sent = HEADER_LEN * 8 + q.numel() * q.element_size()
         if chunk_idx is not None:
             sent += chunk_idx.numel() * 4

@@ -387,6 +387,22 @@ class _Held:
         return 2 * layers * hkv * d * DTYPES[self.code].itemsize
 
 
+@dataclass(frozen=True)
+class Attend:
+    """One ATTEND: q[T, Hq, d] against layer `layer` of a sharded corpus, dense or routed by
+    global chunk_idx [T, Hkv, k], each listed chunk shifted by chunk_shift [T, Hkv, k] when given
+    (virtual positions, which need the model's RoPE frequencies); `steady`: chunk_idx and
+    chunk_shift are the same tensors at every layer of this step (sent once per step)."""
+
+    view: SharedKV
+    layer: int
+    q: torch.Tensor
+    chunk_idx: torch.Tensor | None = None
+    chunk_shift: torch.Tensor | None = None
+    rope_inv_freq: torch.Tensor | None = None
+    steady: bool = False
+
+
 class ShardLink:
     """Rank 0's side: forms the generations' groups, places corpora on their shared ranks and asks
     them for partial attention.
@@ -523,26 +539,20 @@ class ShardLink:
         request's chosen passages): sent once per step (`begin_step` starts one).
         Waits for the partials; `attention_batch` starts several and collects them later."""
         with self.attention_batch() as batch:
-            return batch.start(view, layer, q, chunk_idx, chunk_shift, rope_inv_freq, steady).wait()
+            return batch.start(
+                Attend(view, layer, q, chunk_idx, chunk_shift, rope_inv_freq, steady)
+            ).wait()
 
     def attention_batch(self) -> AttentionBatch:
         """The exchange of one layer's ATTENDs (a context): `start` sends one and returns at once,
         its `wait` collects the merged partial; the lock is held until the batch closes."""
         return AttentionBatch(self)
 
-    def _issue(
-        self,
-        view: SharedKV,
-        layer: int,
-        q: torch.Tensor,
-        chunk_idx: torch.Tensor | None,
-        chunk_shift: torch.Tensor | None,
-        rope_inv_freq: torch.Tensor | None,
-        steady: bool,
-    ) -> PendingAttention:
+    def _issue(self, a: Attend) -> PendingAttention:
         """(Lock held.) Send one ATTEND (header, q, chunk ids) and post the receipt of its
         partials, all without waiting: a gather, or with per-host merging (`routes`) one receive
         per rank that sends rank 0 a partial."""
+        view, layer, q, chunk_idx, chunk_shift = a.view, a.layer, a.q, a.chunk_idx, a.chunk_shift
         t, hq, d = q.shape
         dev = self.world.device
         top_k = 0 if chunk_idx is None else chunk_idx.shape[-1]
@@ -559,7 +569,7 @@ class ShardLink:
             self._step_meta.clear()
             meta |= 8
             self._new_step = False
-        if chunk_idx is not None and steady:
+        if chunk_idx is not None and a.steady:
             known = self._step_meta.get(id(chunk_idx))
             if known is not None and known[1] is chunk_idx and known[2] is chunk_shift:
                 meta |= 2 | known[0] << 4
@@ -583,7 +593,7 @@ class ShardLink:
             sent += chunk_idx.numel() * 4
             if shifted:
                 broadcast(chunk_shift.to(device=dev, dtype=torch.int32).contiguous())
-                broadcast(rope_inv_freq.to(device=dev, dtype=torch.float32))
+                broadcast(a.rope_inv_freq.to(device=dev, dtype=torch.float32))
                 sent += chunk_shift.numel() * 4 + 4 * (d // 2)
         mine = torch.empty(t, hq, d + 2, dtype=wire, device=dev)
         if self.routes.merging:
@@ -962,27 +972,19 @@ class AttentionBatch:
         self.generation = self.link.generation
         return self
 
-    def start(
-        self,
-        view: SharedKV,
-        layer: int,
-        q: torch.Tensor,
-        chunk_idx: torch.Tensor | None,
-        chunk_shift: torch.Tensor | None = None,
-        rope_inv_freq: torch.Tensor | None = None,
-        steady: bool = False,
-    ) -> PendingAttention:
-        shifted = chunk_idx is not None and chunk_shift is not None
-        assert not shifted or rope_inv_freq is not None, "shifted chunks need the RoPE frequencies"
-        dtype_code(q.dtype)  # raised here, before anything travels: no rank failure
+    def start(self, a: Attend) -> PendingAttention:
+        """Send one ATTEND now; its `wait` collects the merged partial."""
+        shifted = a.chunk_idx is not None and a.chunk_shift is not None
+        assert not shifted or a.rope_inv_freq is not None, "shifted chunks need RoPE frequencies"
+        dtype_code(a.q.dtype)  # raised here, before anything travels: no rank failure
         self._check_alive()
         try:
-            p = self.link._issue(view, layer, q, chunk_idx, chunk_shift, rope_inv_freq, steady)
+            p = self.link._issue(a)
         except SharedRankError:
             raise  # nothing was sent (the corpus is gone)
         except Exception as e:  # noqa: BLE001 - a collective failed
             self.pending.clear()
-            raise self.link._fail(f"attention of layer {layer} on corpus {view.key}", e) from e
+            raise self.link._fail(f"attention of layer {a.layer} on corpus {a.view.key}", e) from e
         p.batch = self
         self.pending.append(p)
         return p
