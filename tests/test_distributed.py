@@ -85,6 +85,38 @@ def _generate(engine, corpora, max_tokens: int = 6) -> list[list[int]]:
     return [h.seq.output_ids for h in hs]
 
 
+def _cited(engine, corpora, max_tokens: int = 6) -> list[tuple[list[int], list]]:
+    """Greedy tokens and the answer's chunk mass (`Finished.chunk_mass`: (chunk, mass), heaviest
+    first, what the service's citations are built from) of each prompt."""
+    from kb.engine.sequence import SamplingParams
+
+    hs = [
+        engine.add_request(
+            p, SamplingParams(max_tokens=max_tokens, ignore_eos=True), c.key, c.pos_offset
+        )
+        for p, c in zip(PROMPTS, corpora * len(PROMPTS))
+    ]
+    engine.run_until_done()
+    return [(h.seq.output_ids, h.result.chunk_mass) for h in hs]
+
+
+def _same_citations(got: list, want: list) -> None:
+    """The same tokens and the same chunks in the same order, their masses within the 16-bit
+    rounding the partials travel with (it moves the merged lse and the next layers' q)."""
+    assert len(got) == len(want)
+    for (tokens, mass), (want_tokens, want_mass) in zip(got, want):
+        assert tokens == want_tokens
+        assert [c for c, _ in mass] == [c for c, _ in want_mass], (mass, want_mass)
+        a, b = torch.tensor([m for _, m in mass]), torch.tensor([m for _, m in want_mass])
+        assert len(a) == 13 and (b > 0).all()  # every chunk of the corpus measured
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
+
+
+def _cite_config(cfg):
+    """`cfg` with the tiny model's second half (its layer 1) measuring citation mass."""
+    return dataclasses.replace(cfg, citation_layers=1)
+
+
 def _with_selector(sh, model):
     """Give a corpus a passage selector (layer 1, a 48-token budget: 3 of its 13 chunks)."""
     from kb.engine.selection import PassageSelector, SelectionConfig
@@ -186,8 +218,31 @@ def _unique_rank_compare(world) -> dict:
                 float((lse - lse_ref).abs().max()),
             )
     plain = (world.world_size - 1) * (8 * 8 + q.numel() * q.element_size())  # header and q
+
+    # citations: dense and routed answers measure their chunk mass on the shared ranks (one
+    # MASS exchange per citation layer and step) as one process measures it on all keys
+    cite = _cite_config(cfg)
+    local_cited = Engine(lm, cite)
+    local_cited.register_corpus(dense)
+    local_cited.register_corpus(routed)
+    want_cited = _cited(local_cited, [dense, routed])
+    engine_cited = distributed_engine(lm, link, cite)
+    for v in views:
+        engine_cited.register_corpus(v)
+    before = dataclasses.replace(link.stats)
+    got_cited = _cited(engine_cited, views)
+    mass_exchanges = link.stats.mass_exchanges - before.mass_exchanges
     link.shutdown()
-    return {"want": want, "got": got, "diffs": diffs, "sent": sent, "plain": plain}
+    return {
+        "want": want,
+        "got": got,
+        "diffs": diffs,
+        "sent": sent,
+        "plain": plain,
+        "want_cited": want_cited,
+        "got_cited": got_cited,
+        "mass_exchanges": mass_exchanges,
+    }
 
 
 def _unique_rank_kill(world, stall: bool = False) -> dict:
@@ -246,6 +301,73 @@ def _unique_rank_kill(world, stall: bool = False) -> dict:
     }
     link.shutdown()
     return out
+
+
+def _unique_rank_mass_kill(world) -> dict:
+    """Rank 0 of the citation fault test: a MASS of a citing ATTEND first equals one process's
+    `attention.chunk_mass` summed per owner; then shared rank 2 dies between a citing ATTEND and
+    its MASS: the MASS fails naming it, the link forms its next generation over rank 1, and a
+    later answer cites as the one-process engine does."""
+    import attention
+    from kb.engine.distributed.backend import distributed_engine
+    from kb.engine.distributed.protocol import Attend, ShardLink, SharedRankError
+    from kb.engine.engine import Engine, EngineConfig
+
+    lm = _tiny_loaded()
+    cfg = _cite_config(EngineConfig(unique_kv_tokens=512, block_size=8))
+    corpus = _corpus("dense", 1, False)
+    local = Engine(lm, cfg)
+    local.register_corpus(corpus)
+    want = _cited(local, [corpus])
+    link = ShardLink(world)
+    engine = distributed_engine(lm, link, cfg)
+    view = link.register(corpus)
+    engine.register_corpus(view)
+    q = torch.randn(5, 4, 16, generator=torch.Generator().manual_seed(3))
+    owner = torch.tensor([0, 0, 1, 1, 1])
+    with torch.inference_mode():
+        with link.attention_batch() as batch:
+            _, lse = batch.start(Attend(view, 1, q, cites=True)).wait()
+            mass = batch.chunk_mass(view, 1, lse, owner, 2)
+        per_row = attention.chunk_mass(q, corpus.k[1], lse, 16, skip=corpus.preamble_len)
+        ref = torch.stack([per_row[:2].sum(0), per_row[2:].sum(0)])
+        mass_err = float((mass - ref).abs().max() / ref.abs().max())
+        world.store.wait(["pid/2"], timedelta(seconds=JOIN_S))
+        pid = int(world.store.get("pid/2"))
+        error, t0 = None, time.monotonic()
+        try:
+            with link.attention_batch() as batch:
+                _, lse = batch.start(Attend(view, 1, q, cites=True)).wait()
+                os.kill(pid, signal.SIGKILL)  # after its partial came, before the MASS
+                deadline = time.monotonic() + JOIN_S
+                while _proc_state(pid) not in ("Z", "X", None):
+                    assert time.monotonic() < deadline, "rank 2 did not die"
+                    time.sleep(0.01)
+                t0 = time.monotonic()
+                batch.chunk_mass(view, 1, lse, owner, 2)
+        except SharedRankError as e:
+            error = str(e)
+        failed_after = time.monotonic() - t0
+    late = _cited(engine, [view])
+    out = {
+        "mass_shape": tuple(mass.shape),
+        "mass_err": mass_err,
+        "error": error,
+        "failed_after": failed_after,
+        "members": link.members,
+        "late": late,
+        "want": want,
+    }
+    link.shutdown()
+    return out
+
+
+def _proc_state(pid: int) -> str | None:
+    """A process's state letter (Z: exited, not yet reaped), None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
 
 
 def _unique_rank_load(world, folder: Path) -> dict:
@@ -330,12 +452,32 @@ def _unique_rank_loopback(world, folder: Path) -> dict:
     link = LoopbackLink(world)
     engine = distributed_engine(lm, link, cfg)
     view, read = link.load(sh, [KVFile(str(stored.path), stored.checksum, 200)], torch.float16)
+    routed_view = link.register(routed)
     engine.register_corpus(view)
-    engine.register_corpus(link.register(routed))
+    engine.register_corpus(routed_view)
     got = _generate(engine, [view, routed])
     exchanges = link.stats.exchanges
+    # citations: the MASS exchange over the group of one, rank 0 measuring the whole corpus
+    cite = _cite_config(cfg)
+    local_cited = Engine(lm, cite)
+    local_cited.register_corpus(sh)
+    local_cited.register_corpus(routed)
+    want_cited = _cited(local_cited, [sh, routed])
+    engine_cited = distributed_engine(lm, link, cite)
+    engine_cited.register_corpus(view)
+    engine_cited.register_corpus(routed_view)
+    got_cited = _cited(engine_cited, [view, routed_view])
     link.shutdown()
-    return {"want": want, "got": got, "read": read, "exchanges": exchanges, "holders": link.holders}
+    return {
+        "want": want,
+        "got": got,
+        "read": read,
+        "exchanges": exchanges,
+        "holders": link.holders,
+        "want_cited": want_cited,
+        "got_cited": got_cited,
+        "mass_exchanges": link.stats.mass_exchanges,
+    }
 
 
 def _rank_main(
@@ -359,11 +501,13 @@ def _rank_main(
         if rank == 0:
             if scenario == "compare":
                 result = _unique_rank_compare(world)
+            elif scenario == "mass_kill":
+                result = _unique_rank_mass_kill(world)
             else:
                 result = _unique_rank_kill(world, stall=scenario == "stall")
             _report(out, ("ok", result))
             os._exit(0)  # peers may be dead: skip teardown that would wait for them
-        if scenario in ("kill", "stall") and rank == 2:
+        if scenario in ("kill", "stall", "mass_kill") and rank == 2:
             _exit_when_told(world, stop=scenario == "stall")
         run_shared_rank(world)
     except BaseException:  # noqa: BLE001 - the test process reports it
@@ -443,7 +587,7 @@ def test_placement_balances_tokens_and_maps_chunks():
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_sharded_shared_kv_answers_as_one_process(world_size, tmp_path):
+def test_sharded_shared_kv_answers_and_cites_as_one_process(world_size, tmp_path):
     res = _spawn(world_size, "compare", tmp_path)
     # greedy tokens of dense, routed and selecting requests (their passages at virtual positions)
     assert res["got"] == res["want"]
@@ -453,6 +597,11 @@ def test_sharded_shared_kv_answers_as_one_process(world_size, tmp_path):
         assert do < 2e-3 and dlse < 1e-5, (name, do, dlse)
     first, again = res["sent"]  # the ids, shifts and RoPE frequencies at the step's first layer
     assert again == res["plain"] and first > again
+    # citation mass of dense and routed answers, measured by the shared ranks on their slices
+    # (13 chunks as 6 + 7 over two ranks, 4 + 4 + 5 over three: uneven slices; the preamble's
+    # 10 tokens on the first), equals one process's over all keys
+    _same_citations(res["got_cited"], res["want_cited"])
+    assert res["mass_exchanges"] > 0
 
 
 def test_partials_travel_in_16_bits_and_merge_as_float32():
@@ -517,6 +666,8 @@ def test_a_world_of_one_is_its_own_shared_rank(tmp_path):
     res = _spawn(1, "loopback", tmp_path)
     assert res["read"] and res["holders"] == [0] and res["exchanges"] > 0
     assert res["got"] == res["want"] and all(len(t) == 6 for t in res["got"])
+    _same_citations(res["got_cited"], res["want_cited"])
+    assert res["mass_exchanges"] > 0
 
 
 def test_hung_shared_rank_fails_requests_within_the_timeout(tmp_path):
@@ -533,6 +684,19 @@ def test_hung_shared_rank_fails_requests_within_the_timeout(tmp_path):
     assert 0 < res["failed_after"] < STALL_TIMEOUT_S + 10, res["failed_after"]
     assert res["members"] == [1] and res["degraded"]
     assert res["late"] == ("length", res["want"]) and res["after"] == [1]
+
+
+def test_shared_rank_lost_before_a_citation_mass_fails_it_then_survivors_cite(tmp_path):
+    """The MASS exchange answers a citing ATTEND's rows per owner as one process's chunk mass;
+    a shared rank killed between a citing ATTEND and its MASS fails that MASS at once, naming
+    it (no hang); rank 1 then holds the corpus and the answers cite as one process."""
+    res = _spawn(3, "mass_kill", tmp_path)
+    assert res["mass_shape"] == (2, 13) and res["mass_err"] < 1e-5
+    assert res["error"] is not None and "shared rank 2 stopped responding" in res["error"]
+    assert "citation mass of layer 1 on corpus dense" in res["error"], res["error"]
+    assert res["failed_after"] < TIMEOUT_S + 10, res["failed_after"]
+    assert res["members"] == [1]
+    _same_citations(res["late"], res["want"])
 
 
 def test_dead_shared_rank_fails_requests_then_survivors_serve(tmp_path):

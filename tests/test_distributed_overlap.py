@@ -24,10 +24,13 @@ from tests.test_distributed import (
     PROMPTS,
     STALL_TIMEOUT_S,
     TIMEOUT_S,
+    _cite_config,
+    _cited,
     _corpus,
     _generate,
     _generate_selecting,
     _report,
+    _same_citations,
     _spawn,
     _tiny_loaded,
     _with_selector,
@@ -124,9 +127,13 @@ def _rank0_overlap(world) -> dict:
 def _rank0_hosts(world) -> dict:
     """Two hosts (ranks 0 and 1 on host-a, 2 and 3 on host-b): rank 2 merges rank 3's partial
     with its own; greedy tokens as one process, the shared attention within 16-bit rounding of
-    one process's, and rank 0 receives two partials per exchange instead of three."""
+    one process's, and rank 0 receives two partials per exchange instead of three. Citation
+    mass, which concatenates rather than merges, comes from every rank straight to rank 0 and
+    equals one process's."""
     import attention
+    from kb.engine.distributed.backend import distributed_engine
     from kb.engine.distributed.protocol import ShardLink
+    from kb.engine.engine import Engine
 
     lm, cfg, corpora, want = _references(world)
     link = ShardLink(world)
@@ -148,9 +155,21 @@ def _rank0_hosts(world) -> dict:
             received.append(link.stats.bytes_in - before)
             diffs[name] = (float((o - o_ref).abs().max()), float((lse - lse_ref).abs().max()))
     shards = [s.rank for s in link.placement(views[0]).shards if s.num_tokens]
+    cite = _cite_config(cfg)
+    local_cited = Engine(lm, cite)
+    for c in corpora[:2]:
+        local_cited.register_corpus(c)
+    want_cited = _cited(local_cited, list(corpora[:2]))
+    engine_cited = distributed_engine(lm, link, cite)
+    for v in views[:2]:
+        engine_cited.register_corpus(v)
+    got_cited = _cited(engine_cited, views[:2])
     out = {
         "want": want,
         "got": got,
+        "want_cited": want_cited,
+        "got_cited": got_cited,
+        "mass_exchanges": link.stats.mass_exchanges,
         "diffs": diffs,
         "received": received,
         "partial_bytes": q.shape[0] * q.shape[1] * (q.shape[2] + 2) * 2,
@@ -335,6 +354,8 @@ def test_partials_merge_per_host_before_rank_zero(tmp_path):
     for name, (do, dlse) in res["diffs"].items():
         assert do < 3e-3 and dlse < 1e-5, (name, do, dlse)
     assert res["received"] == [2 * res["partial_bytes"]] * 2  # ranks 1 and 2, not 1, 2 and 3
+    _same_citations(res["got_cited"], res["want_cited"])  # rank 3's slice reached rank 0 too
+    assert res["mass_exchanges"] > 0
 
 
 def test_rank_lost_during_an_overlapped_wait_fails_it_clearly(tmp_path):

@@ -47,6 +47,7 @@ class SharedAsk:
     idx: torch.Tensor | None = None
     plan: object | None = None
     shift: torch.Tensor | None = None
+    cites: bool = False  # this layer measures the group's citation mass (`_cites`)
 
 
 @dataclass
@@ -100,8 +101,7 @@ class ServeAttention:
                     o_s, lse_s, o.index_select(0, g.rows), lse.index_select(0, g.rows)
                 )
                 o.index_copy_(0, g.rows, o_m.to(o.dtype))
-            # a selecting request cites from its selection's scores, not from attention mass
-            if layer in self.citation_layers and self._cites(sh) and g.selection is None:
+            if self._cites(layer, g):
                 self._accumulate_mass(qg, sh, layer, g.seq_of_row, lse_m)
         return o
 
@@ -122,7 +122,8 @@ class ServeAttention:
         if gathered is not None:  # CPU: each request's own copy of its passages
             store, inv = g.selection.store, self.rope_inv_freq
             return qg, lambda: store.partial(gathered, layer, sh, qg, inv)
-        return qg, self._start_shared(SharedAsk(sh, layer, qg, idx, plan, shift))
+        cites = self._cites(layer, g)
+        return qg, self._start_shared(SharedAsk(sh, layer, qg, idx, plan, shift, cites))
 
     def _start_shared(self, ask: SharedAsk) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
         """Start the partial (o, lse) of ask.q over one corpus's shared KV; the callable returned
@@ -144,9 +145,10 @@ class ServeAttention:
             **extra,
         )
 
-    def _cites(self, sh: SharedKV) -> bool:
-        """Whether this step can measure attention mass on the corpus's chunks (its keys are here)."""
-        return True
+    def _cites(self, layer: int, g: CorpusGroup) -> bool:
+        """Whether this layer measures the group's attention mass on the corpus's chunks; a
+        selecting request cites from its selection's scores, not from attention mass."""
+        return layer in self.citation_layers and g.selection is None
 
     def _accumulate_mass(
         self,

@@ -5,7 +5,10 @@
 Unique attention, routing (on this rank: the router holds only chunk summaries) and the
 log-sum-exp merge stay as they are; a layer's requests to the shared ranks are sent before its
 unique attention and collected after it, so the two run at the same time (`ShardLink.overlap`).
-Corpora without a corpus id are attended locally as before.
+Corpora without a corpus id are attended locally as before. At a citation layer, a sharded
+corpus's citation mass comes from the shared ranks too (`AttentionBatch.chunk_mass`: each
+measures its slice with the q of the layer's ATTEND and the merged lse rank 0 sends), so its
+answers cite the same chunks as one process's.
 
 The engine needs no change: `distributed_engine` hands it a `LoadedModel` whose model is
 `ShardedModel`, which swaps each step's `ServeAttention` for the distributed one (same fields, same
@@ -58,7 +61,16 @@ class DistributedServeAttention(ServeAttention):
             # a selecting request's chunk ids and shifts are the same at every layer of a step
             steady = ask.plan is not None or ask.shift is not None
             pending = self._batch.start(
-                Attend(ask.shared, ask.layer, ask.q, ask.idx, ask.shift, self.rope_inv_freq, steady)
+                Attend(
+                    ask.shared,
+                    ask.layer,
+                    ask.q,
+                    ask.idx,
+                    ask.shift,
+                    self.rope_inv_freq,
+                    steady,
+                    ask.cites,
+                )
             )
             if not self.link.overlap:
                 result = pending.wait()
@@ -66,8 +78,22 @@ class DistributedServeAttention(ServeAttention):
             return pending.wait
         return super()._start_shared(ask)
 
-    def _cites(self, sh: SharedKV) -> bool:
-        return not is_remote(sh)  # a sharded corpus's keys are on the shared ranks
+    def _accumulate_mass(
+        self,
+        q: torch.Tensor,
+        sh: SharedKV,
+        layer: int,
+        seq_of_row: torch.Tensor,
+        lse_total: torch.Tensor,
+    ) -> None:
+        """ServeAttention's, for a sharded corpus measured by the shared ranks (its keys are
+        there): one MASS exchange, each rank summing its slice's mass per sequence."""
+        if not is_remote(sh):
+            return super()._accumulate_mass(q, sh, layer, seq_of_row, lse_total)
+        seqs, owner = seq_of_row.unique(return_inverse=True)
+        per_seq = self._batch.chunk_mass(sh, layer, lse_total, owner, len(seqs))  # [U, C]
+        for b, m in zip(seqs.tolist(), per_seq):
+            self.mass[b] = self.mass[b] + m if b in self.mass else m
 
 
 def is_remote(shared: SharedKV) -> bool:
@@ -114,11 +140,11 @@ class ShardedModel(nn.Module):
 def distributed_engine(
     loaded: LoadedModel, link: ShardLink, config: EngineConfig | None = None
 ) -> Engine:
-    """An Engine on the unique rank whose sharded corpora (`link.register`) are attended remotely.
+    """An Engine on the unique rank whose sharded corpora (`link.register`) are attended remotely,
+    their citation mass measured there (one MASS exchange per citation layer and corpus).
 
-    Citation mass needs every shared key on this rank, so it is off here (citation_layers=0);
-    so are CUDA graphs: each layer's exchange starts with a header the shared ranks read on the
+    CUDA graphs are off: each layer's exchange starts with a header the shared ranks read on the
     host, which a replayed graph would not send anew.
     """
-    config = dataclasses.replace(config or EngineConfig(), citation_layers=0, cuda_graphs=False)
+    config = dataclasses.replace(config or EngineConfig(), cuda_graphs=False)
     return Engine(dataclasses.replace(loaded, model=ShardedModel(loaded.model, link)), config)

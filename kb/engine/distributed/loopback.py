@@ -4,8 +4,11 @@ A check of the protocol and of the sharded serving path on one device: every ATT
 the protocol's exchange over the process group (header, q and chunk-id broadcasts, gather of
 the 16-bit partials; with no peer to answer, that merge gives o = 0, lse = -inf), then rank 0
 attends the corpus itself exactly as a shared rank attends its slice (`worker.attend_slice`,
-the same wire packing) when the exchange is collected, and merges. `kb serve --shared-ranks 0`
-under torchrun (RANK set, one process) serves so; `bench/distributed.py --shared-ranks 0` measures it.
+the same wire packing) when the exchange is collected, and merges. A citation layer's MASS runs
+its exchange too, rank 0 measuring the whole corpus as a shared rank its slice
+(`worker.slice_mass`, with the q of the layer's citing ATTEND) for its own entry in the gather.
+`kb serve --shared-ranks 0` under torchrun (RANK set, one process) serves so;
+`bench/distributed.py --shared-ranks 0` measures it.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from kb.engine.distributed.protocol import (
     dtype_code,
     dtype_name,
 )
-from kb.engine.distributed.worker import CorpusSlice, attend_slice
+from kb.engine.distributed.worker import CorpusSlice, attend_slice, slice_mass
 from kb.engine.shared_kv import SharedKV
 
 
@@ -41,6 +44,7 @@ class LoopbackLink(ShardLink):
         assert world.world_size == 1, "a loopback link is a world of one"
         super().__init__(world, keepalive_s, rank_budget_bytes)
         self._slices: dict[int, CorpusSlice] = {}
+        self._kept: dict[int, tuple[int, torch.Tensor]] = {}  # cid -> the citing ATTEND's q
 
     @property
     def holders(self) -> list[int]:
@@ -82,6 +86,7 @@ class LoopbackLink(ShardLink):
             self._held.pop(cid, None)
             self._placements.pop(cid, None)
             self._slices.pop(cid, None)
+            self._kept.pop(cid, None)
 
     def _issue(self, a: Attend) -> PendingAttention:
         """The protocol's exchange over the group of one, and this rank's own partial over the
@@ -90,6 +95,8 @@ class LoopbackLink(ShardLink):
         view, layer, q, chunk_idx = a.view, a.layer, a.q, a.chunk_idx
         sl = self._slices[view.meta.corpus_id]
         p.local = lambda: attend_slice(sl, layer, q, chunk_idx, a.chunk_shift, a.rope_inv_freq)
+        if a.cites:  # kept for the layer's MASS, as a shared rank keeps it
+            self._kept[view.meta.corpus_id] = (layer, q)
         sent = HEADER_LEN * 8 + q.numel() * q.element_size()
         if chunk_idx is not None:
             sent += chunk_idx.numel() * 4
@@ -97,3 +104,12 @@ class LoopbackLink(ShardLink):
         t, hq, d = q.shape
         p.bytes_in += t * hq * (d + 2) * 2  # one 16-bit partial
         return p
+
+    def _own_mass(
+        self, view: SharedKV, layer: int, ask: torch.Tensor, owners: int, width: int
+    ) -> torch.Tensor:
+        """This rank's entry in the MASS gather: the whole corpus's mass, measured with the q of
+        the layer's citing ATTEND, as a shared rank measures its slice."""
+        cid = view.meta.corpus_id
+        _, q = self._kept[cid]
+        return slice_mass(self._slices[cid], layer, q, ask, owners, view.preamble_len, width)

@@ -15,9 +15,20 @@ knows what comes next and how big it is:
              them with its own by log-sum-exp and sends rank 0 one partial for the host; every
              other rank sends its own to rank 0
              meta bits: 1 shifted, 2 reuse slot, 4 keep in slot, 8 a new step (forget the
-             slots), slot = meta >> 4. A request's chosen passages (attention retrieval) are the
-             same chunk ids and shifts at every layer of a step: they travel at its first layer
-             only (`steady`); the router's ids differ per layer and travel every layer
+             slots), 16 keep q for this layer's MASS, slot = meta >> 5. A request's chosen
+             passages (attention retrieval) are the same chunk ids and shifts at every layer of
+             a step: they travel at its first layer only (`steady`); the router's ids differ per
+             layer and travel every layer
+    MASS     [op, corpus, layer, T, Hq, U, skip, 0]: citation mass at a citation layer, after
+             rank 0 has merged that layer's partials with its unique attention. Then broadcast
+             of one float32 [T, Hq + 1]: the merged attention's lse (the normalizer of every
+             key a query saw) and, last, each row's owner (its request, 0..U-1, exact as a
+             float); each shared rank computes `attention.chunk_mass` of the q it kept from
+             this corpus's ATTEND of the layer (meta bit 16) over its slice, the first `skip`
+             tokens of the corpus (the preamble) counting nothing, sums it per owner and sends
+             [U, C_max] float32 in rank 0's gather (C_max: the largest slice's chunks, padded
+             with zeros); rank 0 lays the slices side by side in chunk order ([U, C]). A
+             concatenation, not a merge: it goes straight to rank 0 whatever `MergeRoutes` say
     REGISTER [op, corpus, L, N, Hkv, d, chunk_size, dtype]
              then rank 0 sends each shared rank its slice [2, L, n, Hkv, d] point to point
     LOAD     [op, corpus, L, N, Hkv, d, chunk_size, dtype]
@@ -63,9 +74,10 @@ over the survivors. When none is left, or the survivors' memory (`rank_budget_by
 cannot hold the corpora, the link is `down`: it refuses work with the error until a rank comes
 back (the corpus cache serves from rank 0 meanwhile).
 
-Counters: `ShardLink.stats` (a `CommStats`) counts the ATTEND exchanges and the bytes their messages
-carry, from the shapes sent; with `stats.timing` on it also times them (CUDA events on the current
-stream, resolved by `CommStats.settle`, or the wall clock on CPU). Counting changes nothing sent.
+Counters: `ShardLink.stats` (a `CommStats`) counts the ATTEND and MASS exchanges and the bytes
+their messages carry, from the shapes sent; with `stats.timing` on it also times them (CUDA events
+on the current stream, resolved by `CommStats.settle`, or the wall clock on CPU). Counting changes
+nothing sent.
 """
 
 from __future__ import annotations
@@ -96,6 +108,7 @@ from kb.engine.shared_kv import SharedKV
 log = logging.getLogger(__name__)
 
 OP_ATTEND, OP_REGISTER, OP_DROP, OP_PING, OP_SHUTDOWN, OP_LOAD, OP_REGROUP = 1, 2, 3, 4, 5, 6, 7
+OP_MASS = 8
 HEADER_LEN = 8
 HEARTBEAT_S = 0.5  # how often a shared rank bumps its heartbeat counter
 LOBBY_POLL_S = 0.05  # how often a rank in the lobby looks for its generation
@@ -322,10 +335,14 @@ class CommStats:
 
     bytes_out: header + q + chunk ids, once per shared rank that receives them (a broadcast to S ranks
     counts S times); bytes_in: the 16-bit partials rank 0 receives (one per shared rank, or one per
-    host where a host's leader merges its ranks' partials: those cross no link to rank 0)."""
+    host where a host's leader merges its ranks' partials: those cross no link to rank 0).
+    MASS exchanges (citation mass) count in `mass_exchanges`, not `exchanges`; their bytes (header,
+    lse and owners out, the padded [U, C_max] float32 mass in, per shared rank) and time (in
+    `seconds`) count with the ATTENDs'."""
 
     timing: bool = False
     exchanges: int = 0
+    mass_exchanges: int = 0
     bytes_out: int = 0
     bytes_in: int = 0
     seconds: float = 0.0
@@ -363,6 +380,7 @@ class CommStats:
         self.settle()
         return {
             "exchanges": self.exchanges,
+            "mass_exchanges": self.mass_exchanges,
             "bytes_out": self.bytes_out,
             "bytes_in": self.bytes_in,
             "seconds": self.seconds,
@@ -392,7 +410,8 @@ class Attend:
     """One ATTEND: q[T, Hq, d] against layer `layer` of a sharded corpus, dense or routed by
     global chunk_idx [T, Hkv, k], each listed chunk shifted by chunk_shift [T, Hkv, k] when given
     (virtual positions, which need the model's RoPE frequencies); `steady`: chunk_idx and
-    chunk_shift are the same tensors at every layer of this step (sent once per step)."""
+    chunk_shift are the same tensors at every layer of this step (sent once per step); `cites`:
+    the shared ranks keep q for this layer's citation mass (`AttentionBatch.chunk_mass`)."""
 
     view: SharedKV
     layer: int
@@ -401,6 +420,7 @@ class Attend:
     chunk_shift: torch.Tensor | None = None
     rope_inv_freq: torch.Tensor | None = None
     steady: bool = False
+    cites: bool = False
 
 
 class ShardLink:
@@ -442,6 +462,7 @@ class ShardLink:
         self._sent_from_here: dict[int, list[int]] = {}  # cid -> ranks sent their slice by rank 0
         self._group_ok = False  # whether the current generation's group formed (and still works)
         self._step_meta: dict[int, tuple[int, torch.Tensor, torch.Tensor | None]] = {}
+        self._cited: dict[int, tuple[int, int]] = {}  # cid -> (layer, T) of its last citing q
         self._new_step = True  # the next ATTEND tells the ranks to forget their slots
         with self._lock:
             self._reform(world.shared_ranks, "start")
@@ -572,12 +593,15 @@ class ShardLink:
         if chunk_idx is not None and a.steady:
             known = self._step_meta.get(id(chunk_idx))
             if known is not None and known[1] is chunk_idx and known[2] is chunk_shift:
-                meta |= 2 | known[0] << 4
+                meta |= 2 | known[0] << 5
                 send_ids = False
             else:
                 slot = len(self._step_meta)
                 self._step_meta[id(chunk_idx)] = (slot, chunk_idx, chunk_shift)
-                meta |= 4 | slot << 4
+                meta |= 4 | slot << 5
+        if a.cites:  # the ranks keep this q for the layer's MASS (the last one per corpus)
+            meta |= 16
+            self._cited[cid] = (layer, t)
         mark = self.stats.start(dev)
         works, sent_tensors = [], []
 
@@ -614,6 +638,50 @@ class ShardLink:
             bytes_out=len(self.members) * sent,
             bytes_in=len(parts) * mine.numel() * mine.element_size(),
         )
+
+    def _check_mass(self, view: SharedKV, layer: int, rows: int) -> None:
+        """(Lock held.) Before a MASS travels: the corpus is still placed, and its last citing
+        ATTEND (whose q the shared ranks kept) was of this layer and these rows."""
+        cid = view.meta.corpus_id
+        if cid not in self._held:
+            raise SharedRankError(
+                f"corpus {view.key} is no longer on the shared ranks (they changed and it "
+                "could not be placed again); this answer failed, retry"
+            )
+        if self._cited.get(cid) != (layer, rows):  # the caller's bug, not a rank's failure
+            raise ValueError(f"no citing ATTEND of layer {layer} ({rows} rows) on {view.key}")
+
+    def _mass(
+        self, view: SharedKV, layer: int, lse: torch.Tensor, owner: torch.Tensor, owners: int
+    ) -> torch.Tensor:
+        """(Lock held, `_check_mass` passed.) One MASS exchange: the float32 [U, C] citation mass
+        of the q this corpus's citing ATTEND of `layer` sent, over every chunk, summed per owner
+        (`owner[T]` in 0..owners-1), with lse[T, Hq] the normalizer of the merged attention."""
+        cid, (t, hq) = view.meta.corpus_id, lse.shape
+        placement, dev = self._placements[cid], self.world.device
+        width = max(s.num_chunks for s in placement.shards)
+        mark = self.stats.start(dev)
+        head = header(OP_MASS, cid, layer, t, hq, owners, view.preamble_len, device=dev)
+        dist.broadcast(head, src=0)
+        ask = torch.cat([lse.float(), owner.float()[:, None]], dim=1).to(dev).contiguous()
+        dist.broadcast(ask, src=0)
+        mine = self._own_mass(view, layer, ask, owners, width)
+        gathered = [torch.empty_like(mine) for _ in range(1 + len(self.members))]
+        dist.gather(mine, gathered, dst=0)
+        parts = [gathered[self._group_rank(s.rank)][:, : s.num_chunks] for s in placement.shards]
+        self.stats.stop(mark)
+        self.stats.mass_exchanges += 1
+        ranks = len(self.holders)
+        self.stats.bytes_out += ranks * (HEADER_LEN * 8 + ask.numel() * 4)
+        self.stats.bytes_in += ranks * mine.numel() * 4
+        return torch.cat(parts, dim=1).to(lse.device)
+
+    def _own_mass(
+        self, view: SharedKV, layer: int, ask: torch.Tensor, owners: int, width: int
+    ) -> torch.Tensor:
+        """Rank 0's own entry in a MASS gather: zeros (it holds no slice; the loopback link
+        measures its whole corpus here)."""
+        return torch.zeros(owners, width, dtype=torch.float32, device=self.world.device)
 
     def ping(self) -> None:
         """One round trip with every shared rank (raises SharedRankError if one is gone)."""
@@ -699,6 +767,7 @@ class ShardLink:
         leave_group()
         self._group_ok = False
         self._new_step = True  # the new group's ranks keep no routing metadata
+        self._cited.clear()  # nor any q kept for a MASS
         for _attempt in range(3):
             waiting = self._await_lobby(expect, self.world.timeout_s)
             g, members = self.generation + 1, sorted(waiting)
@@ -988,6 +1057,22 @@ class AttentionBatch:
         p.batch = self
         self.pending.append(p)
         return p
+
+    def chunk_mass(
+        self, view: SharedKV, layer: int, lse: torch.Tensor, owner: torch.Tensor, owners: int
+    ) -> torch.Tensor:
+        """Citation mass [owners, C] float32 of the rows of this layer's citing ATTEND on `view`
+        (started with `cites`, its partial collected): each shared rank measures its slice with
+        the q it kept, `lse` [T, Hq] the normalizer of the merged attention, summed per owner
+        (`owner` [T], 0..owners-1); columns in global chunk order. One MASS exchange, waited
+        for; a collective that fails is a failed exchange as in `start`."""
+        self._check_alive()
+        self.link._check_mass(view, layer, lse.shape[0])  # raised before anything travels
+        try:
+            return self.link._mass(view, layer, lse, owner, owners)
+        except Exception as e:  # noqa: BLE001 - a collective failed
+            self.pending.clear()
+            raise self.link._fail(f"citation mass of layer {layer} on corpus {view.key}", e) from e
 
     def collect(self, p: PendingAttention) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_alive()

@@ -7,6 +7,10 @@ query whose chosen chunks all live elsewhere returns lse = -inf and drops out of
 It sends that partial where the generation's `MergeRoutes` say: in rank 0's gather, or point to
 point to rank 0 or to its host's leader; a leader first receives its host's ranks' partials and
 sends rank 0 their log-sum-exp merge with its own (one partial per host crosses to rank 0).
+At a citation layer it keeps the q of the ATTEND rank 0 marks (meta bit 16) and answers the MASS
+that follows with that q's softmax mass on each chunk of its slice (`slice_mass`, normalized by
+the merged lse rank 0 sends, summed per request), straight to rank 0: chunk masses concatenate,
+they do not merge, so no host leader is involved.
 When its group fails (a peer died; rank 0 left the group) or rank 0 says REGROUP, it forgets its
 slices and goes back to the lobby; rank 0 places the corpora again over the next generation. It
 exits when rank 0 is gone (the rendezvous store, which rank 0 hosts, no longer answers).
@@ -35,6 +39,7 @@ from kb.engine.distributed.protocol import (
     OP_ATTEND,
     OP_DROP,
     OP_LOAD,
+    OP_MASS,
     OP_PING,
     OP_REGISTER,
     OP_REGROUP,
@@ -53,7 +58,7 @@ from kb.engine.distributed.protocol import (
     wire_dtype,
 )
 
-__all__ = ["CorpusSlice", "attend_slice", "read_slice", "run_shared_rank"]
+__all__ = ["CorpusSlice", "attend_slice", "read_slice", "run_shared_rank", "slice_mass"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +110,34 @@ def attend_slice(
         q, sl.k[layer], sl.v[layer], idx, sl.placement.chunk_size, **extra
     )
     return pack_partial(o, lse, wire)
+
+
+def slice_mass(
+    sl: CorpusSlice,
+    layer: int,
+    q: torch.Tensor,
+    ask: torch.Tensor,
+    owners: int,
+    skip: int,
+    width: int,
+) -> torch.Tensor:
+    """Citation mass of q[T, Hq, d] on this slice's chunks, summed per owner: [owners, width]
+    float32, the slice's chunks first, zeros after (`width`: the largest slice's chunks, so
+    every rank's part has one shape). `ask` [T, Hq + 1]: the merged attention's lse and each
+    row's owner (MASS); the corpus's first `skip` tokens (the preamble) count nothing, so only
+    the slice that holds them skips any."""
+    hq = ask.shape[1] - 1
+    out = torch.zeros(owners, width, dtype=torch.float32, device=q.device)
+    n = sl.shard.num_tokens
+    if n == 0:
+        return out
+    local_skip = min(max(skip - sl.shard.token_start, 0), n)
+    per_chunk = attention.chunk_mass(
+        q, sl.k[layer], ask[:, :hq], sl.placement.chunk_size, skip=local_skip
+    )  # [T, chunks of the slice]
+    owner = ask[:, hq].long()
+    out[:, : per_chunk.shape[1]].index_add_(0, owner, per_chunk)
+    return out
 
 
 class RankZeroGone(RuntimeError):
@@ -213,6 +246,7 @@ def _serve(world: World, members: list[int], routes: MergeRoutes) -> bool:
     me = group.index(world.rank)
     corpora: dict[int, CorpusSlice] = {}
     slots: dict[int, tuple] = {}  # this step's routing metadata that rank 0 sends once
+    kept: dict[int, tuple[int, torch.Tensor]] = {}  # cid -> (layer, q) of its last citing ATTEND
     with torch.inference_mode():
         while True:
             h = torch.empty(HEADER_LEN, dtype=torch.int64, device=dev)
@@ -269,6 +303,7 @@ def _serve(world: World, members: list[int], routes: MergeRoutes) -> bool:
                 )
             elif op == OP_DROP:
                 corpora.pop(f[0], None)
+                kept.pop(f[0], None)
             elif op == OP_ATTEND:
                 cid, layer, t, top_k, hq, code, meta = f[:7]
                 sl = corpora[cid]
@@ -278,8 +313,10 @@ def _serve(world: World, members: list[int], routes: MergeRoutes) -> bool:
                 q = torch.empty(t, hq, sl.head_dim, dtype=DTYPES[code], device=dev)
                 dist.broadcast(q, src=0)
                 idx = shift = inv = None
+                if meta & 16:  # this layer's MASS measures this q
+                    kept[cid] = (layer, q)
                 if top_k and meta & 2:  # sent at an earlier layer of this step
-                    idx, shift, inv = slots[meta >> 4]
+                    idx, shift, inv = slots[meta >> 5]
                 elif top_k:
                     ids = torch.empty(t, hkv, top_k, dtype=torch.int32, device=dev)
                     dist.broadcast(ids, src=0)
@@ -291,8 +328,19 @@ def _serve(world: World, members: list[int], routes: MergeRoutes) -> bool:
                         inv = torch.empty(sl.head_dim // 2, dtype=torch.float32, device=dev)
                         dist.broadcast(inv, src=0)
                     if meta & 4:
-                        slots[meta >> 4] = (idx, shift, inv)
+                        slots[meta >> 5] = (idx, shift, inv)
                 attend = functools.partial(attend_slice, sl, layer, q, idx, shift, inv)
                 _send_partial(world, group, routes, q, attend)
+            elif op == OP_MASS:
+                cid, layer, t, hq, owners, skip = f[:6]
+                sl = corpora[cid]
+                ask = torch.empty(t, hq + 1, dtype=torch.float32, device=dev)
+                dist.broadcast(ask, src=0)
+                at, q = kept.get(cid, (None, None))
+                if at != layer or q.shape[:2] != (t, hq):
+                    raise RuntimeError(f"MASS of layer {layer} on corpus {cid}: no q kept for it")
+                width = max(s.num_chunks for s in sl.placement.shards)
+                mass = slice_mass(sl, layer, q, ask, owners, skip, width)
+                dist.gather(mass, None, dst=0)
             else:
                 raise RuntimeError(f"unknown header op {op}: the ranks run different code")
