@@ -122,8 +122,8 @@ def run_config(
     """B = conc requests through the distributed engine: prefill, warm up, time decode steps."""
     bs = 16
     per_seq = args.prompt + args.warmup + args.steps + 4 + conc * args.prompt // 2048 + 4
-    # no citation measurement: a sharded corpus has none (its keys are remote); the plain engine
-    # must not pay for it either
+    # decode speed without citation mass (one MASS exchange per citation layer and step when on,
+    # docs/SCALING.md "Citations"), on the sharded and the plain engine alike: the same work
     cfg = EngineConfig(
         device=device,
         block_size=bs,
