@@ -792,11 +792,13 @@ def selection_variant(spec: str) -> tuple[str, dict]:
             raise SystemExit(f"--variants: {key!r} is not a selection setting to vary")
         if key == "heads":  # the selector keeps only the named heads' keys, built at load
             raise SystemExit("--variants: heads are chosen at load: set KB_SELECTION_HEADS")
-        extra[key] = (
-            tuple(int(x) for x in value.split("+"))
-            if key == "layers"
-            else type(getattr(SelectionConfig(), key))(value)
-        )
+        default = getattr(SelectionConfig(), key)
+        if key == "layers":
+            extra[key] = tuple(int(x) for x in value.split("+"))
+        elif isinstance(default, bool):  # bool("false") is True
+            extra[key] = value.strip().lower() in ("1", "true", "on", "yes")
+        else:
+            extra[key] = type(default)(value)
     return (f"[{spec.strip()}]" if extra else ""), extra
 
 

@@ -54,6 +54,19 @@ class CitationMap:
             self._offsets[i] = [tuple(o) for o in enc["offset_mapping"]]
         return self._offsets[i]
 
+    def chunk_tokens(self, num_chunks: int) -> list[list[int]]:
+        """The token ids of every chunk of the layout ([] where no segment lies: the preamble's),
+        from the segments' text tokenized again (as the citation offsets are): what the lexical
+        index of attention retrieval matches (index/lexical.py)."""
+        out: list[list[int]] = [[] for _ in range(num_chunks)]
+        for s in self.segments:
+            ids = self.tokenizer(s.text, add_special_tokens=False)["input_ids"][: s.num_tokens]
+            for k, tid in enumerate(ids):
+                c = (s.layout_start + k) // self.chunk_size
+                if c < num_chunks:
+                    out[c].append(tid)
+        return out
+
     def cite(
         self, chunk_mass: list[tuple[int, float]], top: int = 3, min_share: float = 0.05
     ) -> list[Citation]:

@@ -22,6 +22,7 @@ in-process (`fell_back`) until the link serves again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import shutil
@@ -556,7 +557,8 @@ class CorpusCache:
                 summaries,
                 dense_layers=self.settings.routed_dense_layers,
             )
-        self._attach_selector(shared, layout)
+        cmap = CitationMap(layout.refs, chunk, self.model.tokenizer)
+        self._attach_selector(shared, layout, cmap)
         if sharded:
             try:  # each shared rank reads its slice from the files; this rank keeps the view
                 shared, read = self.link.load(shared, layout.files, layout.k.dtype, in_memory=False)
@@ -565,23 +567,23 @@ class CorpusCache:
                 raise
             self._remote[key] = shared
             self._sources[key] = "kv store" if read else "rank 0"
-        loaded = LoadedCorpus(
-            shared, CitationMap(layout.refs, chunk, self.model.tokenizer), version
-        )
+        loaded = LoadedCorpus(shared, cmap, version)
         self.engine.register_corpus(shared)
         self.loaded[name] = loaded
         self.tiers.touch(name)
         return loaded
 
-    def _attach_selector(self, shared: SharedKV, layout: _Layout) -> None:
+    def _attach_selector(self, shared: SharedKV, layout: _Layout, cmap: CitationMap) -> None:
         """Attention retrieval for a corpus beyond the model's context and the selection budget
-        (kb/engine/selection.py `attach_selector`), once per layout."""
+        (kb/engine/selection.py `attach_selector`), once per layout; its lexical index from the
+        chunks' tokens (`cmap.chunk_tokens`)."""
         lm = self.model
+        tokens = functools.partial(cmap.chunk_tokens, shared.num_chunks)
         if layout.preamble is None:
             usable = position_limit(lm.config.max_position_embeddings)
-            attach_selector(shared, list(layout.k.unbind(0)), lm, self.settings, usable)
+            attach_selector(shared, list(layout.k.unbind(0)), lm, self.settings, usable, tokens)
         elif layout.keys is not None:
-            self._attach_view_selector(shared, layout)
+            self._attach_view_selector(shared, layout, chunk_tokens=tokens)
 
     def _selection_config(
         self, num_tokens: int, num_chunks: int, always: int, usable: int | None = None
@@ -595,11 +597,15 @@ class CorpusCache:
         return selection_config(self.settings, cfg, num_tokens, num_chunks, always, usable)
 
     def _attach_view_selector(
-        self, shared: SharedKV, layout: _Layout, usable: int | None = None
+        self,
+        shared: SharedKV,
+        layout: _Layout,
+        usable: int | None = None,
+        chunk_tokens: Callable[[], list[list[int]]] | None = None,
     ) -> None:
         """`attach_selector` for a sharded read: the selector built from the selecting layers'
         keys rank 0 kept, given the preamble's KV (in the served dtype) before its calibration,
-        since the view holds no keys or values."""
+        since the view holds no keys or values; `chunk_tokens` for its lexical index."""
         lm = self.model
         config = self._selection_config(
             shared.num_tokens, shared.num_chunks, shared.always_chunks, usable
@@ -608,7 +614,9 @@ class CorpusCache:
             return
         served = shared.k[0].dtype
         preamble = tuple([x.to(served) for x in part] for part in layout.preamble)
-        install_selector(shared, layout.keys, lm, config, self.settings.system_prompt, preamble)
+        install_selector(
+            shared, layout.keys, lm, config, self.settings.system_prompt, preamble, chunk_tokens
+        )
 
     def _stored_summaries(
         self, name: str, version: str, shared: SharedKV, layout: _Layout

@@ -178,6 +178,38 @@ def test_earlier_turns_keep_their_passage_before_the_question():
     assert sel.select(question, [older, newer]).chunks.tolist() == [0, 9, 12]
 
 
+def test_exact_token_match_breaks_a_near_tie_of_the_attention():
+    """With a lexicon, a chunk second by attention but holding the question's exact token
+    sequence is chosen first (index/lexical.py); without the question's token ids, or with
+    lexical off, the attention ranking stands. The same inputs give the same selection."""
+    from index.lexical import LexicalIndex
+
+    torch.manual_seed(5)
+    cs = 64
+    k = [torch.randn(20 * cs, 3, 64)]
+    cfg = SelectionConfig(layers=(0,), budget=cs, neighbours=0, window=1, calibrate="none")
+    sel = PassageSelector.build(k, torch.arange(20 * cs), cs, 1, INV, cfg)
+    q7 = _pointing_query(sel, 7)
+    q11 = _pointing_query(sel, 11)
+    # attention: chunk 7 first, chunk 11 (a near-identical key) second
+    question = {0: (q7[0][0] + 0.9 * q11[0][0], q7[0][1])}
+    attention_only = sel.select(question)
+    assert attention_only.chunks.tolist() == [0, 7]
+    words = [10, 11, 12]  # the question's tokens: the exact sequence is in chunk 11 only
+    chunk_ids = [[] for _ in range(20)]
+    for c in range(1, 20):
+        chunk_ids[c] = [50 + c, 60 + c]
+    chunk_ids[7] += [10, 11, 99]  # two of the three pieces, not in order
+    chunk_ids[11] += [10, 11, 12]
+    sel.lexicon = LexicalIndex.build(chunk_ids, 100)
+    fused = sel.select(question, (), [words])
+    assert fused.chunks.tolist() == [0, 11]
+    assert sel.select(question, (), [words]).chunks.tolist() == [0, 11]  # deterministic
+    assert sel.select(question).chunks.tolist() == [0, 7]  # no token ids: attention alone
+    sel.config = dataclasses.replace(cfg, lexical=False)
+    assert sel.select(question, (), [words]).chunks.tolist() == [0, 7]
+
+
 def test_turn_spans_find_earlier_questions_in_order(demo_model):
     from kb.prompt import build_prompt, question_span, turn_spans
 

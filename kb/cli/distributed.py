@@ -73,7 +73,12 @@ def build_corpus(lm: LoadedModel, docs: list[Path], settings: Settings, density:
         shared.top_k = shared.router.top_k(density)
     else:  # beyond the model's positions, each question chooses its passages (as served)
         usable = position_limit(lm.config.max_position_embeddings)
-        attach_selector(shared, [k.cpu() for k in shared.k], lm, settings, usable)
+        ids = [t for seg in [[0] * len(preamble), *segments] for t in seg]  # the layout's tokens
+        cs = settings.chunk_size
+        chunks = [ids[i : i + cs] for i in range(0, len(ids), cs)]
+        chunks[: shared.always_chunks] = [[] for _ in range(shared.always_chunks)]
+        keys = [k.cpu() for k in shared.k]
+        attach_selector(shared, keys, lm, settings, usable, lambda: chunks)
     return shared
 
 

@@ -11,7 +11,9 @@ and wrap-around (segments past the model's context restart their positions). Per
 softmax mass of the question's queries, averaged over its tokens) become phrase scores by a
 window sum (InfiniRetri's 1-D convolution), chunk scores by their best phrase averaged over the
 heads, calibrated against what neutral questions give each chunk (measured once per corpus layout: the
-lift over it, so a chunk every question attends, a sink, scores ~0); the best chunks and their
+lift over it, so a chunk every question attends, a sink, scores ~0); that ranking is fused by
+reciprocal rank with the chunks' exact token matches of the question (index/lexical.py: a soft
+match confuses near-identical strings, an exact one does not); the best chunks and their
 neighbours (passages) fill a token budget. In a conversation each of the last few earlier user
 turns adds its own best passage, laid out before the question's, so a follow-up keeps reading
 what the turns before it read (and worked examples stay next to their source). The preamble's
@@ -31,11 +33,13 @@ positions, calibration).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from index.lexical import LexicalIndex, fuse_ranks
 from kb.model.retrieval_heads import retrieval_heads
 from kb.model.rope import apply_rope, cos_sin
 
@@ -76,6 +80,9 @@ class SelectionConfig:
     # earlier user turns of the conversation (most recent first) that each get their best passage
     # beside the budget, laid out before the question's own passages
     history: int = 2
+    # fuse the attention ranking with the chunks' exact token matches (index/lexical.py: IDF-weighted
+    # unigrams and bigrams of the question, by reciprocal rank) where the corpus has a lexicon
+    lexical: bool = True
 
     def __post_init__(self) -> None:
         assert self.positions in POSITIONS, f"positions must be one of {POSITIONS}"
@@ -134,6 +141,7 @@ class PassageSelector:
     preamble: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
     kv_heads: dict[int, list[int]] = field(default_factory=dict)  # layer -> KV heads of keys[layer]
     num_kv: int = 1  # the corpus's KV heads
+    lexicon: LexicalIndex | None = None  # the chunks' token grams (config.lexical)
 
     @classmethod
     def build(
@@ -257,6 +265,20 @@ class PassageSelector:
             return (scores - base) / scale
         return scores / scale
 
+    def ranked(self, queries: Queries, words: list[int] | None = None) -> torch.Tensor:
+        """[C] the score that orders chunks for one span of the prompt: the calibrated attention
+        score, fused by reciprocal rank with the exact matches of the span's token ids `words`
+        where the selector has a lexicon (config.lexical); the preamble's chunks -inf."""
+        scores = self.calibrated(self.chunk_scores(queries))
+        scores[: self.always] = float("-inf")
+        if self.lexicon is None or not self.config.lexical or not words:
+            return scores
+        lex = self.lexicon.scores(words)
+        lex[: self.always] = 0
+        fused = fuse_ranks(scores, lex)
+        fused[: self.always] = float("-inf")
+        return fused
+
     def choose(
         self, ranked: torch.Tensor, cap: int | None = None, taken: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -328,24 +350,26 @@ class PassageSelector:
         self,
         queries: Queries,
         history: list[Queries] | tuple = (),
+        words: list[list[int]] | None = None,
     ) -> Selection:
         """The selection of one request from its question's queries at the selecting layers
         ({layer: (q[T, Hq, d], positions[T])}) and those of its earlier user turns (`history`,
         oldest first): the budget's passages for the question, then the best passage of each of
         the `config.history` most recent turns that is not chosen yet. In the best-last layout
-        the turns' passages come first (oldest first) and the question's last."""
-        scores = self.calibrated(self.chunk_scores(queries))
+        the turns' passages come first (oldest first) and the question's last. `words`: the token
+        ids of the turns (oldest first) and of the question, last, for the lexical fusion."""
+        words = list(words) if words else [[] for _ in range(len(history) + 1)]
+        scores = self.ranked(queries, words[-1])
         chunks = self.choose(scores)
         own = chunks[self.always :]
         taken = torch.zeros(scores.shape[0], dtype=torch.bool)
         taken[chunks] = True
-        turns = list(history)[::-1][: self.config.history]  # most recent first
+        turns = list(zip(history, words[:-1]))[::-1][: self.config.history]  # most recent first
         order = scores.clone()  # the layout's order key of each chunk
         floor = float(scores[own].min()) if own.numel() else 0.0
         extra = []
-        for age, turn in enumerate(turns):
-            best = self.calibrated(self.chunk_scores(turn))
-            best[: self.always] = float("-inf")
+        for age, (turn, turn_words) in enumerate(turns):
+            best = self.ranked(turn, turn_words)
             if taken[int(best.argmax())]:  # a turn whose best chunk is read already adds nothing
                 continue
             passage = self.choose(best, cap=2 * self.config.neighbours + 1, taken=taken)
@@ -356,7 +380,6 @@ class PassageSelector:
             chunks = torch.cat([chunks, *extra]).sort().values
         cited = torch.zeros_like(scores)
         cited[own] = (scores[own] - floor).clamp_min(0) if own.numel() else 0
-        cited[: self.always] = 0
         return Selection(chunks, self.shifts(chunks, order, len(turns)), cited)
 
 
@@ -454,7 +477,7 @@ def select_for(
         pv,
         sel.config.layers,
     )
-    return sel.select(queries, turns)
+    return sel.select(queries, turns, [ids[a:b] for a, b in [*history, span]])
 
 
 @torch.inference_mode()
@@ -502,6 +525,7 @@ def selection_config(
         positions=settings.selection_positions,
         order=settings.selection_order,
         history=settings.selection_history,
+        lexical=settings.selection_lexical,
     )
 
 
@@ -512,11 +536,13 @@ def install_selector(
     config: SelectionConfig,
     system_prompt: str,
     preamble: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+    chunk_tokens: Callable[[], list[list[int]]] | None = None,
 ) -> bool:
     """Build the selector of corpus `shared` from the selecting layers' stored keys (indexable by
     layer, each [N, Hkv, d]), keep the `preamble`'s KV beside it where the corpus's own lives on
-    other ranks, and calibrate it with the neutral questions; False (read whole) when the budget
-    covers the corpus."""
+    other ranks, index the chunks' token ids (`chunk_tokens`, called only here: config.lexical)
+    and calibrate it with the neutral questions; False (read whole) when the budget covers the
+    corpus."""
     selector = PassageSelector.build(
         keys,
         shared.positions,
@@ -529,18 +555,28 @@ def install_selector(
     if selector.covers_corpus:
         return False
     selector.preamble = preamble
+    if config.lexical and chunk_tokens is not None:
+        selector.lexicon = LexicalIndex.build(chunk_tokens(), lm.config.vocab_size)
     shared.selector = selector
     calibrate(shared, lm.model, lm.tokenizer, system_prompt)
     return True
 
 
-def attach_selector(shared, keys: list[torch.Tensor], lm, settings, usable_positions: int) -> bool:
+def attach_selector(
+    shared,
+    keys: list[torch.Tensor],
+    lm,
+    settings,
+    usable_positions: int,
+    chunk_tokens: Callable[[], list[list[int]]] | None = None,
+) -> bool:
     """Attention retrieval for a corpus beyond the model's usable positions (its segments'
     positions wrap) and the budget: re-based keys of the selecting layers (from `keys`, per layer
     [N, Hkv, d] as stored, with shared.positions) and the neutral questions' calibration, once per
     layout; `lm` the loaded model (config, decoder, tokenizer), `settings` kb's Settings (the
     selection budget, heads, positions and the system prompt). A corpus within the positions or
-    the budget is read whole, as before. Returns whether it now selects."""
+    the budget is read whole, as before. `chunk_tokens` gives the token ids of every chunk (the
+    lexical index, config.lexical). Returns whether it now selects."""
     config = selection_config(
         settings,
         lm.config,
@@ -551,4 +587,6 @@ def attach_selector(shared, keys: list[torch.Tensor], lm, settings, usable_posit
     )
     if config is None:
         return False
-    return install_selector(shared, keys, lm, config, settings.system_prompt)
+    return install_selector(
+        shared, keys, lm, config, settings.system_prompt, chunk_tokens=chunk_tokens
+    )
