@@ -5,7 +5,8 @@ match confuses near-identical strings (two invented keys that share two of their
 pieces, common among thousands of them), where the exact token sequence is unambiguous. This is
 the exact half of a hybrid retriever: per chunk the IDF-weighted count of the question's distinct
 unigrams and bigrams it contains (BM25 without length normalisation: chunks have one length),
-fused with the attention ranking by reciprocal rank (`fuse_ranks`).
+combined with the attention ranking: `rerank` (the attention's best candidates ordered by their
+exact matches, the served default) or `fuse_ranks` (reciprocal-rank fusion).
 """
 
 from __future__ import annotations
@@ -79,3 +80,15 @@ def fuse_ranks(attention: torch.Tensor, lexical: torch.Tensor, k: float = 1.0) -
     top = float(lexical.max()) if lexical.numel() else 0.0
     tie = lexical / top * 1e-4 if top > 0 else torch.zeros_like(lexical)
     return fused + torch.where(lexical > 0, lex, torch.zeros_like(lex)) + tie
+
+
+def rerank(attention: torch.Tensor, lexical: torch.Tensor, top: int = 10) -> torch.Tensor:
+    """[C] an order key: the attention's `top` best chunks first, ordered among themselves by
+    their lexical score (near-equal ones, and those with no match, by attention), then every
+    other chunk in attention order. Attention retrieves; the exact matches only reorder what it
+    found, so a chunk the attention ignores is never promoted by a common word."""
+    ranks = competition_ranks(attention)
+    base = 1.0 / (1.0 + ranks)  # (0, 1], attention order
+    best = float(lexical.max()) if lexical.numel() else 0.0
+    lexn = lexical / best if best > 0 else torch.zeros_like(lexical)
+    return torch.where(ranks < top, 1.0 + lexn + 1e-3 * base, 1e-3 * base)

@@ -134,11 +134,12 @@ class Settings(BaseSettings):
         "the most recent earlier user turns that each keep their best passage beside the "
         "question's (0 = the question alone); docs/QUALITY.md",
     )
-    selection_lexical: bool = Field(
-        default=True,
-        description="attention retrieval: fuse the attention's "
-        "ranking of passages with their exact token matches of the question (IDF-weighted "
-        "unigrams and bigrams, by reciprocal rank; index/lexical.py); docs/QUALITY.md",
+    selection_lexical: Literal["rerank", "rrf", "off"] = Field(
+        default="rerank",
+        description="attention retrieval: the passages' exact "
+        "token matches of the question (IDF-weighted unigrams and bigrams; index/lexical.py) "
+        "reorder the attention's best ten (rerank), are fused with its ranking by reciprocal "
+        "rank (rrf), or are ignored (off); docs/QUALITY.md",
     )
     serve_kv_dtype: Literal["auto", "stored"] = Field(
         default="auto",

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from index.lexical import LexicalIndex, competition_ranks, fuse_ranks, grams
+from index.lexical import LexicalIndex, competition_ranks, fuse_ranks, grams, rerank
 
 VOCAB = 100
 
@@ -48,3 +48,15 @@ def test_fusion_leads_with_either_ranking_and_ignores_absent_matches():
     # no lexical signal at all: the attention ranking unchanged
     same = fuse_ranks(att, torch.zeros(4))
     assert same.argsort(descending=True).tolist() == att.argsort(descending=True).tolist()
+
+
+def test_rerank_orders_the_attention_candidates_by_exact_matches_only():
+    att = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.0])
+    lex = torch.tensor([0.0, 1.0, 5.0, 9.0, 0.0])
+    order = rerank(att, lex, top=3).argsort(descending=True).tolist()
+    # candidates 0-2 by lexical score (no match last among them), then the rest by attention:
+    # chunk 3's strong match does not lift it past the candidates
+    assert order == [2, 1, 0, 3, 4]
+    # no lexical signal: the attention's order
+    none = rerank(att, torch.zeros(5), top=3).argsort(descending=True).tolist()
+    assert none == [0, 1, 2, 3, 4]

@@ -180,8 +180,9 @@ def test_earlier_turns_keep_their_passage_before_the_question():
 
 def test_exact_token_match_breaks_a_near_tie_of_the_attention():
     """With a lexicon, a chunk second by attention but holding the question's exact token
-    sequence is chosen first (index/lexical.py); without the question's token ids, or with
-    lexical off, the attention ranking stands. The same inputs give the same selection."""
+    sequence is chosen first (index/lexical.py, rerank and rrf alike); without the question's
+    token ids, with lexical off, or outside the attention's candidates, the attention ranking
+    stands. The same inputs give the same selection."""
     from index.lexical import LexicalIndex
 
     torch.manual_seed(5)
@@ -206,7 +207,11 @@ def test_exact_token_match_breaks_a_near_tie_of_the_attention():
     assert fused.chunks.tolist() == [0, 11]
     assert sel.select(question, (), [words]).chunks.tolist() == [0, 11]  # deterministic
     assert sel.select(question).chunks.tolist() == [0, 7]  # no token ids: attention alone
-    sel.config = dataclasses.replace(cfg, lexical=False)
+    sel.config = dataclasses.replace(cfg, lexical="rrf")  # first in either; the tie to the exact
+    assert sel.select(question, (), [words]).chunks.tolist() == [0, 11]
+    sel.config = dataclasses.replace(cfg, lexical="off")
+    assert sel.select(question, (), [words]).chunks.tolist() == [0, 7]
+    sel.config = dataclasses.replace(cfg, rerank_top=1)  # only the attention's best is a candidate
     assert sel.select(question, (), [words]).chunks.tolist() == [0, 7]
 
 

@@ -11,8 +11,8 @@ and wrap-around (segments past the model's context restart their positions). Per
 softmax mass of the question's queries, averaged over its tokens) become phrase scores by a
 window sum (InfiniRetri's 1-D convolution), chunk scores by their best phrase averaged over the
 heads, calibrated against what neutral questions give each chunk (measured once per corpus layout: the
-lift over it, so a chunk every question attends, a sink, scores ~0); that ranking is fused by
-reciprocal rank with the chunks' exact token matches of the question (index/lexical.py: a soft
+lift over it, so a chunk every question attends, a sink, scores ~0); the attention's best ten
+chunks are then ordered by their exact token matches of the question (index/lexical.py: a soft
 match confuses near-identical strings, an exact one does not); the best chunks and their
 neighbours (passages) fill a token budget. In a conversation each of the last few earlier user
 turns adds its own best passage, laid out before the question's, so a follow-up keeps reading
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from index.lexical import LexicalIndex, fuse_ranks
+from index.lexical import LexicalIndex, fuse_ranks, rerank
 from kb.model.retrieval_heads import retrieval_heads
 from kb.model.rope import apply_rope, cos_sin
 
@@ -47,6 +47,7 @@ Queries = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (q[T, Hq, d],
 
 
 POSITIONS = ("virtual", "stored")
+LEXICAL = ("rerank", "rrf", "off")
 ORDERS = ("corpus", "best_last")
 CALIBRATIONS = ("ratio", "lift", "sub", "none")
 # generic questions whose scores measure what every question attends (position, sinks, style)
@@ -80,14 +81,17 @@ class SelectionConfig:
     # earlier user turns of the conversation (most recent first) that each get their best passage
     # beside the budget, laid out before the question's own passages
     history: int = 2
-    # fuse the attention ranking with the chunks' exact token matches (index/lexical.py: IDF-weighted
-    # unigrams and bigrams of the question, by reciprocal rank) where the corpus has a lexicon
-    lexical: bool = True
+    # the chunks' exact token matches of the question (index/lexical.py: IDF-weighted unigrams
+    # and bigrams) where the corpus has a lexicon: "rerank" orders the attention's best
+    # `rerank_top` chunks by them, "rrf" fuses both rankings by reciprocal rank, "off" ignores them
+    lexical: str = "rerank"
+    rerank_top: int = 10
 
     def __post_init__(self) -> None:
         assert self.positions in POSITIONS, f"positions must be one of {POSITIONS}"
         assert self.calibrate in CALIBRATIONS, f"calibrate must be one of {CALIBRATIONS}"
         assert self.order in ORDERS, f"order must be one of {ORDERS}"
+        assert self.lexical in LEXICAL, f"lexical must be one of {LEXICAL}"
         assert self.budget > 0 and self.layers and self.window >= 1 and self.neighbours >= 0
         assert self.history >= 0
         assert all(layer in self.layers for layer, _ in self.heads), "heads outside `layers`"
@@ -267,15 +271,19 @@ class PassageSelector:
 
     def ranked(self, queries: Queries, words: list[int] | None = None) -> torch.Tensor:
         """[C] the score that orders chunks for one span of the prompt: the calibrated attention
-        score, fused by reciprocal rank with the exact matches of the span's token ids `words`
-        where the selector has a lexicon (config.lexical); the preamble's chunks -inf."""
+        score, combined (config.lexical) with the exact matches of the span's token ids `words`
+        where the selector has a lexicon; the preamble's chunks -inf."""
         scores = self.calibrated(self.chunk_scores(queries))
         scores[: self.always] = float("-inf")
-        if self.lexicon is None or not self.config.lexical or not words:
+        how = self.config.lexical
+        if self.lexicon is None or how == "off" or not words:
             return scores
         lex = self.lexicon.scores(words)
         lex[: self.always] = 0
-        fused = fuse_ranks(scores, lex)
+        if how == "rrf":
+            fused = fuse_ranks(scores, lex)
+        else:
+            fused = rerank(scores, lex, self.config.rerank_top)
         fused[: self.always] = float("-inf")
         return fused
 
@@ -555,7 +563,7 @@ def install_selector(
     if selector.covers_corpus:
         return False
     selector.preamble = preamble
-    if config.lexical and chunk_tokens is not None:
+    if config.lexical != "off" and chunk_tokens is not None:
         selector.lexicon = LexicalIndex.build(chunk_tokens(), lm.config.vocab_size)
     shared.selector = selector
     calibrate(shared, lm.model, lm.tokenizer, system_prompt)
