@@ -7,6 +7,8 @@
 - `faiss_index`: flat or IVF inner-product indexes per (layer, KV head); faiss imported lazily.
 - `store`: save / load summaries and indexes with a versioned manifest.
 - `search`: corpus-wide "find passage" and document lookups.
+- `lexical`: `LexicalIndex` of each chunk's token unigrams and bigrams (IDF-weighted), `rerank` and
+  `fuse_ranks`: the exact matches that reorder attention retrieval's candidates.
 """
 
 from index.corpus_router import CorpusRouter
