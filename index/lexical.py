@@ -77,9 +77,7 @@ def fuse_ranks(attention: torch.Tensor, lexical: torch.Tensor, k: float = 1.0) -
     second in the other, and the converse) goes to the larger lexical score, the exact evidence."""
     fused = 1.0 / (k + competition_ranks(attention))
     lex = 1.0 / (k + competition_ranks(lexical))
-    top = float(lexical.max()) if lexical.numel() else 0.0
-    tie = lexical / top * 1e-4 if top > 0 else torch.zeros_like(lexical)
-    return fused + torch.where(lexical > 0, lex, torch.zeros_like(lex)) + tie
+    return fused + torch.where(lexical > 0, lex, torch.zeros_like(lex)) + 1e-4 * _of_best(lexical)
 
 
 def rerank(attention: torch.Tensor, lexical: torch.Tensor, top: int = 10) -> torch.Tensor:
@@ -89,6 +87,10 @@ def rerank(attention: torch.Tensor, lexical: torch.Tensor, top: int = 10) -> tor
     found, so a chunk the attention ignores is never promoted by a common word."""
     ranks = competition_ranks(attention)
     base = 1.0 / (1.0 + ranks)  # (0, 1], attention order
+    return torch.where(ranks < top, 1.0 + _of_best(lexical) + 1e-3 * base, 1e-3 * base)
+
+
+def _of_best(lexical: torch.Tensor) -> torch.Tensor:
+    """Lexical scores as a share of the best one, in [0, 1] (all 0 when nothing matches)."""
     best = float(lexical.max()) if lexical.numel() else 0.0
-    lexn = lexical / best if best > 0 else torch.zeros_like(lexical)
-    return torch.where(ranks < top, 1.0 + lexn + 1e-3 * base, 1e-3 * base)
+    return lexical / best if best > 0 else torch.zeros_like(lexical)

@@ -100,6 +100,13 @@ def _cited(engine, corpora, max_tokens: int = 6) -> list[tuple[list[int], list]]
     return [(h.seq.output_ids, h.result.chunk_mass) for h in hs]
 
 
+def _cited_by(engine, corpora) -> list[tuple[list[int], list]]:
+    """`_cited` over `corpora` once they are registered with `engine`."""
+    for c in corpora:
+        engine.register_corpus(c)
+    return _cited(engine, corpora)
+
+
 def _same_citations(got: list, want: list) -> None:
     """The same tokens and the same chunks in the same order, their masses within the 16-bit
     rounding the partials travel with (it moves the merged lse and the next layers' q)."""
@@ -222,15 +229,9 @@ def _unique_rank_compare(world) -> dict:
     # citations: dense and routed answers measure their chunk mass on the shared ranks (one
     # MASS exchange per citation layer and step) as one process measures it on all keys
     cite = _cite_config(cfg)
-    local_cited = Engine(lm, cite)
-    local_cited.register_corpus(dense)
-    local_cited.register_corpus(routed)
-    want_cited = _cited(local_cited, [dense, routed])
-    engine_cited = distributed_engine(lm, link, cite)
-    for v in views:
-        engine_cited.register_corpus(v)
+    want_cited = _cited_by(Engine(lm, cite), [dense, routed])
     before = dataclasses.replace(link.stats)
-    got_cited = _cited(engine_cited, views)
+    got_cited = _cited_by(distributed_engine(lm, link, cite), views)
     mass_exchanges = link.stats.mass_exchanges - before.mass_exchanges
     link.shutdown()
     return {
@@ -459,14 +460,8 @@ def _unique_rank_loopback(world, folder: Path) -> dict:
     exchanges = link.stats.exchanges
     # citations: the MASS exchange over the group of one, rank 0 measuring the whole corpus
     cite = _cite_config(cfg)
-    local_cited = Engine(lm, cite)
-    local_cited.register_corpus(sh)
-    local_cited.register_corpus(routed)
-    want_cited = _cited(local_cited, [sh, routed])
-    engine_cited = distributed_engine(lm, link, cite)
-    engine_cited.register_corpus(view)
-    engine_cited.register_corpus(routed_view)
-    got_cited = _cited(engine_cited, [view, routed_view])
+    want_cited = _cited_by(Engine(lm, cite), [sh, routed])
+    got_cited = _cited_by(distributed_engine(lm, link, cite), [view, routed_view])
     link.shutdown()
     return {
         "want": want,

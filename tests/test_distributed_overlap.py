@@ -15,7 +15,6 @@ import signal
 import time
 import traceback
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 
@@ -25,10 +24,11 @@ from tests.test_distributed import (
     STALL_TIMEOUT_S,
     TIMEOUT_S,
     _cite_config,
-    _cited,
+    _cited_by,
     _corpus,
     _generate,
     _generate_selecting,
+    _proc_state,
     _report,
     _same_citations,
     _spawn,
@@ -156,14 +156,8 @@ def _rank0_hosts(world) -> dict:
             diffs[name] = (float((o - o_ref).abs().max()), float((lse - lse_ref).abs().max()))
     shards = [s.rank for s in link.placement(views[0]).shards if s.num_tokens]
     cite = _cite_config(cfg)
-    local_cited = Engine(lm, cite)
-    for c in corpora[:2]:
-        local_cited.register_corpus(c)
-    want_cited = _cited(local_cited, list(corpora[:2]))
-    engine_cited = distributed_engine(lm, link, cite)
-    for v in views[:2]:
-        engine_cited.register_corpus(v)
-    got_cited = _cited(engine_cited, views[:2])
+    want_cited = _cited_by(Engine(lm, cite), list(corpora[:2]))
+    got_cited = _cited_by(distributed_engine(lm, link, cite), views[:2])
     out = {
         "want": want,
         "got": got,
@@ -180,8 +174,17 @@ def _rank0_hosts(world) -> dict:
     return out
 
 
-def _proc_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+def _stop_rank3(world) -> int:
+    """Tell rank 3 to SIGSTOP itself (`_stop_when_told`), wait until the kernel shows it stopped;
+    its pid."""
+    world.store.set("stop/3", "1")
+    world.store.wait(["stopped/3"], timedelta(seconds=JOIN_S))
+    pid = int(world.store.get("pid/3"))
+    deadline = time.monotonic() + JOIN_S
+    while _proc_state(pid) != "T":
+        assert time.monotonic() < deadline, "rank 3 did not stop"
+        time.sleep(0.01)
+    return pid
 
 
 def _rank0_fault(world) -> dict:
@@ -201,13 +204,7 @@ def _rank0_fault(world) -> dict:
     routes_before = link.routes.to
     engine, views = _served(lm, cfg, link, corpora[:1])
     warm = _generate(engine, views)
-    world.store.set("stop/3", "1")
-    world.store.wait(["stopped/3"], timedelta(seconds=JOIN_S))
-    pid = int(world.store.get("pid/3"))
-    deadline = time.monotonic() + JOIN_S
-    while _proc_state(pid) != "T":
-        assert time.monotonic() < deadline, "rank 3 did not stop"
-        time.sleep(0.01)
+    pid = _stop_rank3(world)
     q = torch.randn(5, 4, 16, generator=torch.Generator().manual_seed(3))
     started, error, t0 = False, None, time.monotonic()
     try:
@@ -264,13 +261,7 @@ def _rank0_stall(world) -> dict:
     for _ in range(3):
         engine.step()
     tokens_before = [len(h.seq.output_ids) for h in hs]
-    world.store.set("stop/3", "1")
-    world.store.wait(["stopped/3"], timedelta(seconds=JOIN_S))
-    pid = int(world.store.get("pid/3"))
-    deadline = time.monotonic() + JOIN_S
-    while _proc_state(pid) != "T":
-        assert time.monotonic() < deadline, "rank 3 did not stop"
-        time.sleep(0.01)
+    pid = _stop_rank3(world)
     t0 = time.monotonic()
     engine.run_until_done()
     failed_after = time.monotonic() - t0
