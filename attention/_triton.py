@@ -2,6 +2,13 @@
 `@triton.jit` pieces every kernel is built from (the query tile, the online softmax, K/V and
 fp8-scale loads, the partial stores).
 
+Argument conventions of every kernel: a tensor's strides travel as one tuple, outermost
+dimension first (`sq = (per token, per head)`, `sk = (per key, per head)`, `ss = (per chunk,
+per head)`, `so = (per token, per head, per split)`; `launch.strides` builds them), and the
+shared-KV kernels take their common operands as one tuple `IO = (Q, K, V, KS, VS, O, LSE)`.
+Triton specializes each member of a tuple as it does a plain argument (a stride of 1 becomes a
+constant), so the compiled kernels are the ones flat arguments gave.
+
 On a GPU the kernels compile. Without one they run under Triton's interpreter (the same kernel
 source, executed with numpy), which is how the parity tests run in CI: the interpreter must be
 chosen before triton is imported (TRITON_INTERPRET=1), because `tl.sum`, `tl.zeros`, ... are
@@ -112,37 +119,32 @@ if HAS_TRITON:
         return o, lse
 
     @triton.jit
-    def load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn):
-        """The K and V tiles [BLOCK_N, D] at key rows offs_n of one KV head (Kh, Vh: K and V
-        offset to the head); rows outside n_ok read 0."""
-        k = tl.load(
-            Kh + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None], other=0.0
-        )
-        v = tl.load(
-            Vh + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None], other=0.0
-        )
+    def load_kv(K, V, h, offs_n, offs_d, n_ok, sk, sv):
+        """The K and V tiles [BLOCK_N, D] at key rows offs_n of KV head h (sk, sv: K's and V's
+        strides per key and per head); rows outside n_ok read 0."""
+        Kh, Vh = K + h * sk[1], V + h * sv[1]
+        k = tl.load(Kh + offs_n[:, None] * sk[0] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+        v = tl.load(Vh + offs_n[:, None] * sv[0] + offs_d[None, :], mask=n_ok[:, None], other=0.0)
         return k, v
 
     @triton.jit
-    def load_page_tile(C, page, slot, h, stride_b, stride_s, stride_h, offs_d, n_ok):
-        """A paged cache's tile [BLOCK_N, D] of KV head h: row i is slot[i] of page[i]; rows
-        outside n_ok read 0 (the paged kernel's K and V)."""
+    def load_page_tile(C, page, slot, h, sc, offs_d, n_ok):
+        """A paged cache's tile [BLOCK_N, D] of KV head h: row i is slot[i] of page[i] (sc: the
+        cache's strides per page, slot and head); rows outside n_ok read 0 (the paged kernel's
+        K and V)."""
         return tl.load(
-            C
-            + page[:, None] * stride_b
-            + slot[:, None] * stride_s
-            + h * stride_h
-            + offs_d[None, :],
+            C + page[:, None] * sc[0] + slot[:, None] * sc[1] + h * sc[2] + offs_d[None, :],
             mask=n_ok[:, None],
             other=0.0,
         )
 
     @triton.jit
-    def load_q_rows(Q, t, hq, row_ok, offs_d, stride_qt, stride_qh):
+    def load_q_rows(Q, t, hq, row_ok, offs_d, sq):
         """The query tile [BLOCK_M, D] every kernel starts from: row i is query head hq[i] of
-        token t[i], its columns offs_d; rows outside row_ok read 0 (the caller casts to DOT)."""
+        token t[i], its columns offs_d (sq: Q's strides per token and head); rows outside row_ok
+        read 0 (the caller casts to DOT)."""
         return tl.load(
-            Q + t[:, None] * stride_qt + hq[:, None] * stride_qh + offs_d[None, :],
+            Q + t[:, None] * sq[0] + hq[:, None] * sq[1] + offs_d[None, :],
             mask=row_ok[:, None],
             other=0.0,
         )
@@ -157,10 +159,11 @@ if HAS_TRITON:
         return m_i, l_i, acc
 
     @triton.jit
-    def load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh):
-        """fp8 KV: the (key, value) scales of chunk c of KV head h, one factor each that folds
-        into the scores and the probabilities (launch.chunk_scales lays them out)."""
-        off = c * stride_sc + h * stride_sh
+    def load_chunk_scales(KS, VS, c, h, ss):
+        """fp8 KV: the (key, value) scales of chunk c of KV head h (ss: their strides per chunk
+        and head), one factor each that folds into the scores and the probabilities
+        (launch.chunk_scales lays them out)."""
+        off = c * ss[0] + h * ss[1]
         return tl.load(KS + off), tl.load(VS + off)
 
     @triton.jit
@@ -168,6 +171,14 @@ if HAS_TRITON:
         """A tile o [BLOCK_M, D] to memory: row i at row_ptrs[i] + offs_d (tl.store converts to
         the pointers' type); rows outside row_ok are not written."""
         tl.store(row_ptrs[:, None] + offs_d[None, :], o, mask=row_ok[:, None])
+
+    @triton.jit
+    def store_split_rows(O, LSE, o, lse, t, hq, s, row_ok, offs_d, so, sl):
+        """The split kernels' output of each row: O[t, hq, s, :] = o and LSE[t, hq, s] = lse
+        (so, sl: their strides per token, head and split; split stride 0 when the kernel
+        writes the final output); merged by combine.merge_splits."""
+        store_rows(O + t * so[0] + hq * so[1] + s * so[2], o, row_ok, offs_d)
+        tl.store(LSE + t * sl[0] + hq * sl[1] + s * sl[2], lse, mask=row_ok)
 
     @triton.jit
     def store_slot_partial(
@@ -182,3 +193,4 @@ if HAS_TRITON:
 else:  # pragma: no cover - no kernels without triton
     softmax_update = softmax_finish = load_kv = None
     load_q_rows = softmax_start = load_chunk_scales = store_rows = store_slot_partial = None
+    store_split_rows = load_page_tile = None

@@ -24,18 +24,16 @@ if HAS_TRITON:
         LSE,
         R2,
         P,
-        s_o1,
-        s_o2,
-        s_op,
-        s_l1,
-        s_l2,
-        s_lp,
+        so,
+        sl,
         s_or,
         s_lr,
         D: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
         r = tl.program_id(0)  # one output row per program: P x d partials in, d out
+        s_o1, s_o2, s_op = so  # the partials' strides: (row, row, part); then the lse's
+        s_l1, s_l2, s_lp = sl
         r1 = (r // R2).to(tl.int64)  # rows x parts x d can pass 2^31 elements
         r2 = r % R2
         offs_d = tl.arange(0, D)
@@ -101,17 +99,18 @@ def combine(
 
 def split_parts(
     o: torch.Tensor, lse: torch.Tensor, splits: int
-) -> tuple[torch.Tensor, torch.Tensor, list[int], list[int]]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int], tuple[int, int, int]]:
     """Where a split-KV kernel writes its partials of o[T, Hq, d], lse[T, Hq]: with one split o
     and lse themselves (the kernel writes the answer), else float32 o_part[T, Hq, splits, d] and
     lse_part[T, Hq, splits] for `merge_splits`; with each one's (token, head, split) strides, the
     kernel's stride arguments (the split stride 0 for one split)."""
     if splits == 1:
-        return o, lse, [*strides(o), 0], [*strides(lse), 0]
+        return o, lse, (o.stride(0), o.stride(1), 0), (lse.stride(0), lse.stride(1), 0)
     t, hq, d = o.shape
     o_part = torch.empty(t, hq, splits, d, dtype=torch.float32, device=o.device)
     lse_part = torch.empty(t, hq, splits, dtype=torch.float32, device=o.device)
-    return o_part, lse_part, strides(o_part, dims=3), strides(lse_part, dims=3)
+    so, sl = strides(o_part, lse_part, dims=3)
+    return o_part, lse_part, so, sl
 
 
 def merge_splits(

@@ -1,5 +1,5 @@
 """Host-side helpers every kernel launch shares: the device check, grid arithmetic (cdiv, the
-device's SM count), the dot operand type, stride argument lists and the fp8 scales' layout the
+device's SM count), the dot operand type, stride tuples and the fp8 scales' layout the
 routed kernels read. The kernels' own device-side helpers are in _triton.py."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from ._triton import HAS_TRITON, interpreting, tl
 LOG2E = 1.4426950408889634  # the kernels' softmax runs in log2 units: qk_scale = scale * LOG2E
 
 
-def strides(*tensors: torch.Tensor, dims: int = 2) -> list[int]:
-    """The first `dims` strides of each tensor, in order: a kernel launch's stride arguments."""
-    return [t.stride(i) for t in tensors for i in range(dims)]
+def strides(*tensors: torch.Tensor, dims: int = 2) -> tuple[tuple[int, ...], ...]:
+    """The first `dims` strides of each tensor, one tuple per tensor: the kernels' stride
+    arguments (see _triton.py's conventions)."""
+    return tuple(tuple(t.stride(i) for i in range(dims)) for t in tensors)
 
 
 def chunk_scales(
@@ -24,17 +25,17 @@ def chunk_scales(
     num_chunks: int,
     hkv: int,
     unused: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """(ks, vs, stride per chunk, stride per head) of fp8 KV's scales as the routed kernels read
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """(ks, vs, their strides per chunk and head) of fp8 KV's scales as the routed kernels read
     them: float32 [C, Hkv], a per-head scale broadcast over the chunks; without scales, `unused`
     (never read) twice and strides 0."""
     if k_scale is None:
-        return unused, unused, 0, 0
+        return unused, unused, (0, 0)
     ks, vs = k_scale.float(), v_scale.float()
     if ks.dim() == 1:  # per head: the same factor for every chunk
         ks, vs = ks.expand(num_chunks, hkv), vs.expand(num_chunks, hkv)
     assert vs.stride() == ks.stride()
-    return ks, vs, ks.stride(0), ks.stride(1)
+    return ks, vs, (ks.stride(0), ks.stride(1))
 
 
 def check_device(t: torch.Tensor) -> None:

@@ -33,21 +33,7 @@ if HAS_TRITON:
         LSE,
         split_len,
         qk_scale,
-        stride_qt,
-        stride_qh,
-        stride_kb,
-        stride_ks,
-        stride_kh,
-        stride_vb,
-        stride_vs,
-        stride_vh,
-        stride_bt,
-        stride_ot,
-        stride_oh,
-        stride_os,
-        stride_lt,
-        stride_lh,
-        stride_ls,
+        ST,
         HKV: tl.constexpr,
         G: tl.constexpr,
         D: tl.constexpr,
@@ -56,6 +42,7 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         DOT: tl.constexpr,
     ):
+        sq, skc, svc, sbt, so, sl = ST  # sbt: the block table's stride per request
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         s = tl.program_id(2)
@@ -73,7 +60,7 @@ if HAS_TRITON:
         pos = kv_len - q_len + i  # absolute position of each new token: sees keys <= pos
         offs_d = tl.arange(0, D)
         t = q_lo + i
-        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
+        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, sq).to(DOT)
 
         m_i, l_i, acc = tt.softmax_start(BLOCK_M, D)
         # keys of this split, cut at the last position any row of the block may see
@@ -86,10 +73,10 @@ if HAS_TRITON:
             offs_n = start + offs_n0
             n_ok = offs_n < n_hi
             # gather: position -> (page from the block table, slot in the page)
-            page = tl.load(BT + b * stride_bt + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
+            page = tl.load(BT + b * sbt + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64)
             slot = offs_n % PAGE
-            k = tt.load_page_tile(KC, page, slot, h, stride_kb, stride_ks, stride_kh, offs_d, n_ok)
-            v = tt.load_page_tile(VC, page, slot, h, stride_vb, stride_vs, stride_vh, offs_d, n_ok)
+            k = tt.load_page_tile(KC, page, slot, h, skc, offs_d, n_ok)
+            v = tt.load_page_tile(VC, page, slot, h, svc, offs_d, n_ok)
             qk = tl.dot(q, tl.trans(k.to(DOT))) * qk_scale
             vis = n_ok[None, :] & (offs_n[None, :] <= pos[:, None])
             qk = tl.where(vis, qk, float("-inf"))
@@ -97,9 +84,7 @@ if HAS_TRITON:
             m_i, l_i, acc = tt.softmax_update(m_i, l_i, acc, qk, v, 1.0, 1.0, DOT, False, True)
 
         o, lse = tt.softmax_finish(m_i, l_i, acc, True)
-        hq = h * G + g
-        tt.store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
-        tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
+        tt.store_split_rows(O, LSE, o, lse, t, h * G + g, s, row_ok, offs_d, so, sl)
 
 
 def unique_attention_paged(
@@ -164,11 +149,7 @@ def unique_attention_paged(
         lse_part,
         split_len,
         scale * LOG2E,
-        *strides(q),
-        *strides(k_cache, v_cache, dims=3),
-        bt.stride(0),
-        *so,
-        *sl,
+        (*strides(q), *strides(k_cache, v_cache, dims=3), bt.stride(0), so, sl),
         HKV=hkv,
         G=g,
         D=d,

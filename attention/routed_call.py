@@ -51,13 +51,14 @@ class RoutedCall:
 
 @dataclass
 class Operands:
-    """What every routed kernel is launched with around its own arguments: `tensors` first
-    (q, k, v, the fp8 scales, the partial o and lse), `scaled_strides` (qk_scale in log2 units,
-    the strides of q, k, v, the scales' strides per chunk and head) and the constexprs of the
-    operand types (`consts`: KV_SCALE, DOT)."""
+    """What every routed kernel is launched with around its own arguments (_triton.py's
+    conventions): `io` first (q, k, v, the fp8 scales, the partial o and lse), then, after the
+    kernel's own, `qk_scale` (log2 units) and `strides` (of q, k, v and the scales), and the
+    constexprs of the operand types (`consts`: KV_SCALE, DOT)."""
 
-    tensors: tuple[torch.Tensor, ...]
-    scaled_strides: list
+    io: tuple[torch.Tensor, ...]
+    qk_scale: float
+    strides: tuple[tuple[int, ...], ...]
     consts: dict
 
 
@@ -71,10 +72,11 @@ def operands(
     """A routed kernel's operands writing its partials to (o_part, lse_part); without fp8
     scales `lse_part` stands in for them (never read)."""
     q, k, v = call.q, call.k, call.v
-    ks, vs, ssc, ssh = chunk_scales(k_scale, v_scale, call.num_chunks, call.hkv, lse_part)
+    ks, vs, ss = chunk_scales(k_scale, v_scale, call.num_chunks, call.hkv, lse_part)
     return Operands(
         (q, k, v, ks, vs, o_part, lse_part),
-        [call.scale * LOG2E, *strides(q, k, v), ssc, ssh],
+        call.scale * LOG2E,
+        (*strides(q, k, v), ss),
         dict(KV_SCALE=k_scale is not None, DOT=dot_dtype(q.dtype, q.device, k.dtype)),
     )
 

@@ -30,32 +30,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _shared_dense_kernel(
-        Q,
-        K,
-        V,
-        KS,
-        VS,
-        O,
-        LSE,
+        IO,
         T,
         N,
         chunk_size,
         split_len,
         qk_scale,
-        stride_qt,
-        stride_qh,
-        stride_kn,
-        stride_kh,
-        stride_vn,
-        stride_vh,
-        stride_sc,
-        stride_sh,
-        stride_ot,
-        stride_oh,
-        stride_os,
-        stride_lt,
-        stride_lh,
-        stride_ls,
+        ST,
         G: tl.constexpr,
         D: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -66,6 +47,8 @@ if HAS_TRITON:
         USE_TMA: tl.constexpr,
         WARP_SPEC: tl.constexpr,
     ):
+        Q, K, V, KS, VS, O, LSE = IO  # K, V: tensor descriptors with USE_TMA
+        sq, sk, sv, ss, so, sl = ST
         pid_m = tl.program_id(0)  # row block: fastest, so blocks sharing a KV range run together
         h = tl.program_id(1)  # KV head
         s = tl.program_id(2)  # split of the key range
@@ -77,7 +60,7 @@ if HAS_TRITON:
         row_ok = t < T
         offs_d = tl.arange(0, D)
         # load q once: it stays in registers for the whole key range
-        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
+        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, sq).to(DOT)
 
         m_i, l_i, acc = tt.softmax_start(BLOCK_M, D)
 
@@ -89,16 +72,16 @@ if HAS_TRITON:
         if not USE_TMA:
             k_ptrs = (
                 K
-                + n_lo.to(tl.int64) * stride_kn
-                + h * stride_kh
-                + offs_n0[:, None] * stride_kn
+                + n_lo.to(tl.int64) * sk[0]
+                + h * sk[1]
+                + offs_n0[:, None] * sk[0]
                 + offs_d[None, :]
             )
             v_ptrs = (
                 V
-                + n_lo.to(tl.int64) * stride_vn
-                + h * stride_vh
-                + offs_n0[:, None] * stride_vn
+                + n_lo.to(tl.int64) * sv[0]
+                + h * sv[1]
+                + offs_n0[:, None] * sv[0]
                 + offs_d[None, :]
             )
         for start in tl.range(n_lo, n_hi, BLOCK_N, warp_specialize=WARP_SPEC):
@@ -119,7 +102,7 @@ if HAS_TRITON:
             if KV_SCALE:
                 # fp8: dequantize through the scores and probabilities, not the tiles:
                 # (q . k8) * sk == q . (k8 * sk), and p @ (v8 * sv) == (p * sv) @ v8
-                sc = (offs_n // chunk_size) * stride_sc + h * stride_sh
+                sc = (offs_n // chunk_size) * ss[0] + h * ss[1]
                 ks = tl.load(KS + sc, mask=n_ok, other=0.0)
                 vs = tl.load(VS + sc, mask=n_ok, other=0.0)
                 qk = qk * ks[None, :]
@@ -139,14 +122,12 @@ if HAS_TRITON:
                 False,
             )
             if not USE_TMA:
-                k_ptrs += BLOCK_N * stride_kn
-                v_ptrs += BLOCK_N * stride_vn
+                k_ptrs += BLOCK_N * sk[0]
+                v_ptrs += BLOCK_N * sv[0]
 
         # every split holds at least one key, so l_i > 0 on every row
         o, lse = tt.softmax_finish(m_i, l_i, acc, False)
-        hq = h * G + g
-        tt.store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
-        tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
+        tt.store_split_rows(O, LSE, o, lse, t, h * G + g, s, row_ok, offs_d, so, sl)
 
 
 def _block_m(rows: int) -> int:
@@ -247,10 +228,10 @@ def shared_attention_dense(
         ks = k_scale.float().contiguous()
         vs = v_scale.float().contiguous()
         per_chunk = ks.dim() == 2
-        ssc, ssh = (ks.stride(0), ks.stride(1)) if per_chunk else (0, ks.stride(0))
+        ss = (ks.stride(0), ks.stride(1)) if per_chunk else (0, ks.stride(0))
     else:
         ks = vs = lse  # never read
-        ssc = ssh = 0
+        ss = (0, 0)
     grid = (cdiv(rows, block_m), hkv, n_splits)
     cfg = dict(cfg)
     use_tma = cfg.pop("USE_TMA", False)
@@ -262,23 +243,13 @@ def shared_attention_dense(
         kk = TensorDescriptor.from_tensor(k.view(n, hkv * d), box)
         vv = TensorDescriptor.from_tensor(v.view(n, hkv * d), box)
     _shared_dense_kernel[grid](
-        q,
-        kk,
-        vv,
-        ks,
-        vs,
-        o_part,
-        lse_part,
+        (q, kk, vv, ks, vs, o_part, lse_part),
         t,
         n,
         chunk_size,
         split_len,
         scale * LOG2E,
-        *strides(q, k, v),
-        ssc,
-        ssh,
-        *so,
-        *sl,
+        (*strides(q, k, v), ss, so, sl),
         G=g,
         D=d,
         BLOCK_M=block_m,

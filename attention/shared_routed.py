@@ -24,13 +24,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _shared_routed_kernel(
-        Q,
-        K,
-        V,
-        KS,
-        VS,
-        OP,
-        LP,
+        IO,
         ORDER,
         OFFSETS,
         TILE_GROUP,
@@ -39,14 +33,7 @@ if HAS_TRITON:
         chunk_size,
         num_groups,
         qk_scale,
-        stride_qt,
-        stride_qh,
-        stride_kn,
-        stride_kh,
-        stride_vn,
-        stride_vh,
-        stride_sc,
-        stride_sh,
+        ST,
         HKV: tl.constexpr,
         TOPK: tl.constexpr,
         G: tl.constexpr,
@@ -56,6 +43,8 @@ if HAS_TRITON:
         KV_SCALE: tl.constexpr,
         DOT: tl.constexpr,
     ):
+        Q, K, V, KS, VS, OP, LP = IO
+        sq, sk, sv, ss = ST
         tile = tl.program_id(0)
         # which (chunk, KV head) group this tile serves; tiles past the last are idle
         grp = tl.load(TILE_GROUP + tile)
@@ -78,7 +67,7 @@ if HAS_TRITON:
         ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
         t = ent // (HKV * TOPK)
         offs_d = tl.arange(0, D)
-        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
+        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, sq).to(DOT)
 
         m_i, l_i, acc = tt.softmax_start(BLOCK_M, D)
         # the chunk's keys, loaded once for every query that chose it
@@ -89,12 +78,11 @@ if HAS_TRITON:
         for start in range(n_lo, n_hi, BLOCK_N):
             offs_n = start + offs_n0
             n_ok = offs_n < n_end
-            Kh, Vh = K + h * stride_kh, V + h * stride_vh
-            k, v = tt.load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
+            k, v = tt.load_kv(K, V, h, offs_n, offs_d, n_ok, sk, sv)
             qk = tl.dot(q, tl.trans(k.to(DOT)))
             if KV_SCALE:
                 # fp8: one scale per (chunk, head) folds into the score scale and into p
-                ks, vs = tt.load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
+                ks, vs = tt.load_chunk_scales(KS, VS, c, h, ss)
                 qk = qk * ks
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
             # online softmax over the chunk's key tiles (an idle tile's rows see nothing)
@@ -233,7 +221,7 @@ def shared_attention_routed(
     o_part, lse_part = slot_partials(call)
     ops = operands(call, k_scale, v_scale, o_part, lse_part)
     _shared_routed_kernel[(tile_group.numel(),)](
-        *ops.tensors,
+        ops.io,
         order,
         offsets,
         tile_group,
@@ -241,7 +229,8 @@ def shared_attention_routed(
         call.n,
         chunk_size,
         call.num_chunks * call.hkv,
-        *ops.scaled_strides,
+        ops.qk_scale,
+        ops.strides,
         HKV=call.hkv,
         TOPK=call.top_k,
         G=call.g,

@@ -42,18 +42,17 @@ if HAS_TRITON:
         hq,
         row_ok,
         offs_d,
-        stride_qt,
-        stride_qh,
+        sq,
         D: tl.constexpr,
         SHIFT: tl.constexpr,
     ):
         """The tile's query rows; with SHIFT (virtual positions) each row rotated by R(-shift)
         of its entry, so that q . k == R(-s) q . k == q . R(s) k: the chunk's keys as if RoPE had
         put them `shift` positions later (half-rotation layout, fp32 angles)."""
-        q = tt.load_q_rows(Q, t, hq, row_ok, offs_d, stride_qt, stride_qh)
+        q = tt.load_q_rows(Q, t, hq, row_ok, offs_d, sq)
         if SHIFT:
             HALF: tl.constexpr = D // 2
-            partner = tt.load_q_rows(Q, t, hq, row_ok, (offs_d + HALF) % D, stride_qt, stride_qh)
+            partner = tt.load_q_rows(Q, t, hq, row_ok, (offs_d + HALF) % D, sq)
             partner = partner.to(tl.float32)
             rot = tl.where((offs_d < HALF)[None, :], -partner, partner)  # cat(-q2, q1)
             sh = tl.load(SH + ent, mask=row_ok, other=0).to(tl.float32)
@@ -63,33 +62,17 @@ if HAS_TRITON:
 
     @triton.jit
     def _routed_grouped_kernel(
-        Q,
-        K,
-        V,
-        KS,
-        VS,
-        OP,
-        LP,
+        IO,
         ORDER,
         MASKS,
-        OFFSETS,
-        TILE_GROUP,
-        TILE_START,
-        TOTAL,
+        TILES,
         SH,
         INV,
         N,
         num_groups,
         max_tiles,
         qk_scale,
-        stride_qt,
-        stride_qh,
-        stride_kn,
-        stride_kh,
-        stride_vn,
-        stride_vh,
-        stride_sc,
-        stride_sh,
+        ST,
         HKV: tl.constexpr,
         SLOTS: tl.constexpr,
         S: tl.constexpr,
@@ -105,6 +88,9 @@ if HAS_TRITON:
         EVEN: tl.constexpr,
         SHIFT: tl.constexpr,
     ):
+        Q, K, V, KS, VS, OP, LP = IO
+        OFFSETS, TILE_GROUP, TILE_START, TOTAL = TILES
+        sq, sk, sv, ss = ST
         pid = tl.program_id(0)
         if PERSIST:
             # a fixed grid walks the live tiles (their count is on the device)
@@ -131,30 +117,23 @@ if HAS_TRITON:
             ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
             chose = tl.load(MASKS + ent, mask=row_ok, other=0)  # bit j: chunk sp*S+j chosen
             t = ent // (HKV * SLOTS)
-            q = _load_q(
-                Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh, D, SHIFT
-            ).to(DOT)
+            q = _load_q(Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, sq, D, SHIFT).to(DOT)
             m_i, l_i, acc = tt.softmax_start(BLOCK_M, D)
             for j in tl.static_range(S):
                 sel = ((chose >> j) & 1) != 0
                 if tl.max(sel.to(tl.int32), 0) > 0:  # some row of the tile chose this chunk
                     c = sp * S + j
                     if KV_SCALE:
-                        ks, vs = tt.load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
+                        ks, vs = tt.load_chunk_scales(KS, VS, c, h, ss)
                     base = c.to(tl.int64) * CHUNK
                     for start in tl.static_range(0, CHUNK_K, BLOCK_N):
                         offs_n = base + start + offs_n0
                         if EVEN:
-                            k = tl.load(
-                                K + offs_n[:, None] * stride_kn + h * stride_kh + offs_d[None, :]
-                            )
-                            v = tl.load(
-                                V + offs_n[:, None] * stride_vn + h * stride_vh + offs_d[None, :]
-                            )
+                            k = tl.load(K + offs_n[:, None] * sk[0] + h * sk[1] + offs_d[None, :])
+                            v = tl.load(V + offs_n[:, None] * sv[0] + h * sv[1] + offs_d[None, :])
                         else:
                             n_ok = (start + offs_n0 < CHUNK) & (offs_n < N)
-                            Kh, Vh = K + h * stride_kh, V + h * stride_vh
-                            k, v = tt.load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
+                            k, v = tt.load_kv(K, V, h, offs_n, offs_d, n_ok, sk, sv)
                         qk = tl.dot(q, tl.trans(k.to(DOT)))
                         if KV_SCALE:
                             qk = qk * ks
@@ -173,30 +152,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _routed_stationary_kernel(
-        Q,
-        K,
-        V,
-        KS,
-        VS,
-        OP,
-        LP,
+        IO,
         ORDER,
-        OFFSETS,
-        TILE_GROUP,
-        TILE_START,
-        TOTAL,
+        TILES,
         SH,
         INV,
         N,
         qk_scale,
-        stride_qt,
-        stride_qh,
-        stride_kn,
-        stride_kh,
-        stride_vn,
-        stride_vh,
-        stride_sc,
-        stride_sh,
+        ST,
         HKV: tl.constexpr,
         SLOTS: tl.constexpr,
         CHUNK: tl.constexpr,
@@ -212,6 +175,9 @@ if HAS_TRITON:
         """Span 1, one key tile per chunk (CHUNK <= BLOCK_N): the chunk's K/V are loaded once
         and stay on chip while the program walks up to RT row tiles of its queries; each tile is
         one exact softmax (no running rescale: the tile sees all of the chunk's keys)."""
+        Q, K, V, KS, VS, OP, LP = IO
+        OFFSETS, TILE_GROUP, TILE_START, TOTAL = TILES
+        sq, sk, sv, ss = ST
         tile = tl.program_id(0)
         if tile < tl.load(TOTAL):
             grp = tl.load(TILE_GROUP + tile)
@@ -223,11 +189,10 @@ if HAS_TRITON:
             offs_c = tl.arange(0, BLOCK_N)
             offs_n = c.to(tl.int64) * CHUNK + offs_c
             n_ok = (offs_c < CHUNK) & (offs_n < N)
-            Kh, Vh = K + h * stride_kh, V + h * stride_vh
-            k, v = tt.load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
+            k, v = tt.load_kv(K, V, h, offs_n, offs_d, n_ok, sk, sv)
             k, v = k.to(DOT), v.to(DOT)
             if KV_SCALE:
-                ks, vs = tt.load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
+                ks, vs = tt.load_chunk_scales(KS, VS, c, h, ss)
             for r0 in range(r_lo, r_hi, BLOCK_M):
                 rows = r0 + tl.arange(0, BLOCK_M)
                 row_ok = rows < r_hi
@@ -235,9 +200,7 @@ if HAS_TRITON:
                 g = rows % G
                 ent = tl.load(ORDER + e, mask=row_ok, other=0).to(tl.int64)
                 t = ent // (HKV * SLOTS)
-                q = _load_q(
-                    Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh, D, SHIFT
-                ).to(DOT)
+                q = _load_q(Q, SH, INV, ent, t, h * G + g, row_ok, offs_d, sq, D, SHIFT).to(DOT)
                 qk = tl.dot(q, tl.trans(k))
                 if KV_SCALE:
                     qk = qk * ks
@@ -279,8 +242,8 @@ class RoutedPlan:
     shifts: torch.Tensor | None = None  # [E] int32 per-entry position shift (virtual positions)
 
     def tiles(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(offsets, tile_group, tile_start, total): the CSR and tile arguments of both run
-        kernels, in their order."""
+        """(offsets, tile_group, tile_start, total): the CSR and tiles, the `TILES` argument of
+        both run kernels."""
         return self.offsets, self.tile_group, self.tile_start, self.total
 
 
@@ -496,29 +459,31 @@ def shared_attention_grouped(
     max_tiles = plan.tile_group.numel()
     if stationary:
         _routed_stationary_kernel[(max_tiles,)](
-            *ops.tensors,
+            ops.io,
             plan.order,
-            *plan.tiles(),
+            plan.tiles(),
             sh_t,
             inv,
             n,
-            *ops.scaled_strides,
+            ops.qk_scale,
+            ops.strides,
             RT=rt,
             **common,
         )
     else:
         grid = min(max_tiles, 4 * sms(q.device)) if persist else max_tiles
         _routed_grouped_kernel[(grid,)](
-            *ops.tensors,
+            ops.io,
             plan.order,
             plan.masks,
-            *plan.tiles(),
+            plan.tiles(),
             sh_t,
             inv,
             n,
             cdiv(num_chunks, plan.span) * hkv,
             max_tiles,
-            *ops.scaled_strides,
+            ops.qk_scale,
+            ops.strides,
             S=plan.span,
             CHUNK_K=cdiv(chunk_size, block_n) * block_n,
             PERSIST=persist,

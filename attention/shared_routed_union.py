@@ -36,13 +36,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _routed_union_kernel(
-        Q,
-        K,
-        V,
-        KS,
-        VS,
-        O,
-        LSE,
+        IO,
         PERM,
         SEL,
         CLIST,
@@ -56,20 +50,7 @@ if HAS_TRITON:
         num_chunks,
         t_pad,
         qk_scale,
-        stride_qt,
-        stride_qh,
-        stride_kn,
-        stride_kh,
-        stride_vn,
-        stride_vh,
-        stride_sc,
-        stride_sh,
-        stride_ot,
-        stride_oh,
-        stride_os,
-        stride_lt,
-        stride_lh,
-        stride_ls,
+        ST,
         NBLK: tl.constexpr,
         G: tl.constexpr,
         D: tl.constexpr,
@@ -80,6 +61,8 @@ if HAS_TRITON:
         CONTIG: tl.constexpr,
         EVEN: tl.constexpr,
     ):
+        Q, K, V, KS, VS, O, LSE = IO
+        sq, sk, sv, ss, so, sl = ST
         pid_m = tl.program_id(0)  # query block (of the head's token order)
         h = tl.program_id(1)  # KV head
         s = tl.program_id(2)  # slice of the block's chunk list
@@ -93,7 +76,7 @@ if HAS_TRITON:
         row_ok = (r < TPB * G) & (pos < T)
         t = tl.load(PERM + h * t_pad + pos, mask=row_ok, other=0).to(tl.int64)
         offs_d = tl.arange(0, D)
-        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, stride_qt, stride_qh).to(DOT)
+        q = tt.load_q_rows(Q, t, h * G + g, row_ok, offs_d, sq).to(DOT)
 
         m_i, l_i, acc = tt.softmax_start(BLOCK_M, D)
 
@@ -135,13 +118,12 @@ if HAS_TRITON:
                     n_ok = offs_n0 >= 0
                 else:
                     n_ok = (in_chunk < chunk_size) & (offs_n < N)
-            Kh, Vh = K + h * stride_kh, V + h * stride_vh
-            k, v = tt.load_kv(Kh, Vh, offs_n, offs_d, n_ok, stride_kn, stride_vn)
+            k, v = tt.load_kv(K, V, h, offs_n, offs_d, n_ok, sk, sv)
             # which rows' tokens chose chunk c: SEL[h, c, pos] (contiguous over the block)
             chose = tl.load(sel_row + c * t_pad, mask=row_ok, other=0) != 0
             qk = tl.dot(q, tl.trans(k.to(DOT)))
             if KV_SCALE:
-                ks, vs = tt.load_chunk_scales(KS, VS, c, h, stride_sc, stride_sh)
+                ks, vs = tt.load_chunk_scales(KS, VS, c, h, ss)
                 qk = qk * ks
             if EVEN:
                 qk = tl.where(chose[:, None], qk, float("-inf"))
@@ -153,9 +135,7 @@ if HAS_TRITON:
             )
 
         o, lse = tt.softmax_finish(m_i, l_i, acc, True)
-        hq = h * G + g
-        tt.store_rows(O + t * stride_ot + hq * stride_oh + s * stride_os, o, row_ok, offs_d)
-        tl.store(LSE + t * stride_lt + hq * stride_lh + s * stride_ls, lse, mask=row_ok)
+        tt.store_split_rows(O, LSE, o, lse, t, h * G + g, s, row_ok, offs_d, so, sl)
 
 
 def sanitize(chunk_idx: torch.Tensor, num_chunks: int) -> torch.Tensor:
@@ -296,7 +276,7 @@ def shared_attention_routed_union(
     o_part, lse_part, so, sl = split_parts(o, lse, n_slices)
     ops = operands(call, k_scale, v_scale, o_part, lse_part)
     _routed_union_kernel[(nblk, hkv, n_slices)](
-        *ops.tensors,
+        ops.io,
         perm,
         sel,
         clist,
@@ -309,9 +289,8 @@ def shared_attention_routed_union(
         n_slices,
         num_chunks,
         t_pad,
-        *ops.scaled_strides,
-        *so,
-        *sl,
+        ops.qk_scale,
+        (*ops.strides, so, sl),
         NBLK=nblk,
         G=g,
         D=d,
