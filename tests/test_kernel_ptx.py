@@ -8,17 +8,18 @@ wheel's own front end and ptxas, and compares two trees' PTX.
 
 from __future__ import annotations
 
+import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import kernel_ptx  # noqa: E402
+# loaded by path: bench/ on sys.path would shadow the attention package with bench/attention.py
+_spec = importlib.util.spec_from_file_location("kernel_ptx", ROOT / "bench" / "kernel_ptx.py")
+kernel_ptx = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kernel_ptx)
 
 KERNELS = {
     "_shared_dense_kernel",
