@@ -5,7 +5,9 @@ fp8-scale loads, the partial stores).
 Argument conventions of every kernel: a tensor's strides travel as one tuple, outermost
 dimension first (`sq = (per token, per head)`, `sk = (per key, per head)`, `ss = (per chunk,
 per head)`, `so = (per token, per head, per split)`; `launch.strides` builds them), and the
-shared-KV kernels take their common operands as one tuple `IO = (Q, K, V, KS, VS, O, LSE)`.
+routed kernels take their common operands as one tuple `IO = (Q, K, V, KS, VS, O, LSE)` (the
+dense kernel takes them one by one: its K and V may be TMA descriptors, which Triton's launcher
+does not accept inside a tuple).
 Triton specializes each member of a tuple as it does a plain argument (a stride of 1 becomes a
 constant), so the compiled kernels are the ones flat arguments gave.
 

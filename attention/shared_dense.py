@@ -30,7 +30,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _shared_dense_kernel(
-        IO,
+        Q,
+        K,
+        V,
+        KS,
+        VS,
+        O,
+        LSE,
         T,
         N,
         chunk_size,
@@ -47,7 +53,6 @@ if HAS_TRITON:
         USE_TMA: tl.constexpr,
         WARP_SPEC: tl.constexpr,
     ):
-        Q, K, V, KS, VS, O, LSE = IO  # K, V: tensor descriptors with USE_TMA
         sq, sk, sv, ss, so, sl = ST
         pid_m = tl.program_id(0)  # row block: fastest, so blocks sharing a KV range run together
         h = tl.program_id(1)  # KV head
@@ -243,7 +248,13 @@ def shared_attention_dense(
         kk = TensorDescriptor.from_tensor(k.view(n, hkv * d), box)
         vv = TensorDescriptor.from_tensor(v.view(n, hkv * d), box)
     _shared_dense_kernel[grid](
-        (q, kk, vv, ks, vs, o_part, lse_part),
+        q,
+        kk,  # with TMA, tensor descriptors: the launcher cannot take them inside a tuple
+        vv,
+        ks,
+        vs,
+        o_part,
+        lse_part,
         t,
         n,
         chunk_size,

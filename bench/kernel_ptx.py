@@ -3,7 +3,8 @@ the PTX of two trees: a refactor of the kernels that leaves the PTX identical le
 unchanged, with no device run.
 
 Triton's compiler front end and ptxas ship with the wheel; only the launch needs a GPU. A stub
-driver names the target, and each launch compiles without running (`warmup`). The launchers see
+driver names the target, and each launch compiles without running (`warmup`); the launcher's C
+source is generated too (it checks the argument layout), not built. The launchers see
 CPU tensors, so they choose the interpreter's launch configurations (small tiles, float32 dot
 operands): every constexpr branch of every kernel, not the tuned GPU tiles. PTX is compared
 without its debug information (DWARF sections, `.file`, `.loc` and the `$L__tmp` labels they address: paths and lines).
@@ -12,6 +13,10 @@ without its debug information (DWARF sections, `.file`, `.loc` and the `$L__tmp`
     python bench/kernel_ptx.py --before build/before  # ... and of another tree's attention/
                                                       # (e.g. `git archive REV attention | tar -x
                                                       # -C build/before`), compared in order
+
+    python bench/kernel_ptx.py --caches A B           # on a GPU host: the PTX two runs left in
+                                                      # their TRITON_CACHE_DIRs (the tuned
+                                                      # configurations), compared as multisets
 
 Writes bench/results/kernel_ptx.json (--out) with the triton and torch versions.
 """
@@ -92,6 +97,21 @@ def _ptx_without_debug(ptx: str) -> str:
     )
 
 
+def _launcher_source(kernel) -> str:
+    """The C source of the kernel's launcher, built as `CudaLauncher` builds it (that part
+    needs no GPU): it refuses argument layouts the compiler takes, a TMA descriptor inside a
+    tuple among them."""
+    from triton.backends.nvidia.driver import make_launcher
+
+    src = kernel.src
+    names = src.fn.arg_names
+    constants = {
+        ((names.index(i),) if isinstance(i, str) else i): v for i, v in src.constants.items()
+    }
+    meta = getattr(kernel.metadata, "tensordesc_meta", None)
+    return make_launcher(constants, dict(src.signature), meta)
+
+
 def compile_tree(quick: bool) -> list[dict]:
     """In this process (the tree to compile first on sys.path): compile every launch for sm_90
     and return one row per compiled kernel, in compile order."""
@@ -129,6 +149,8 @@ def compile_tree(quick: bool) -> list[dict]:
     # after the kernels were built as JITFunctions: the launchers' CPU checks now pass
     triton.knobs.runtime.interpret = True
     _launches(quick)
+    for _, kernel in order:
+        _launcher_source(kernel)
     return [
         dict(
             kernel=name,
@@ -138,6 +160,30 @@ def compile_tree(quick: bool) -> list[dict]:
         )
         for name, k in order
     ]
+
+
+def cache_digests(cache: Path) -> dict[str, int]:
+    """{kernel name + PTX digest: how many} of every .ptx a run left in its Triton cache."""
+    counts: dict[str, int] = {}
+    for ptx in sorted(cache.rglob("*.ptx")):
+        digest = hashlib.sha1(_ptx_without_debug(ptx.read_text()).encode()).hexdigest()[:16]
+        key = f"{ptx.stem} {digest}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def compare_caches(after: Path, before: Path) -> dict:
+    """The PTX of two runs' caches: which kernels compiled the same, and which only in one."""
+    a, b = cache_digests(after), cache_digests(before)
+    only_a = sorted(set(a) - set(b))
+    only_b = sorted(set(b) - set(a))
+    return dict(
+        compiled_after=sum(a.values()),
+        compiled_before=sum(b.values()),
+        identical=sum(min(n, b.get(k, 0)) for k, n in a.items()),
+        only_after=only_a,
+        only_before=only_b,
+    )
 
 
 def run_tree(tree: Path, quick: bool) -> list[dict]:
@@ -158,8 +204,14 @@ def main() -> None:
     ap.add_argument("--label", help="what --before is, for the JSON (e.g. its git revision)")
     ap.add_argument("--quick", action="store_true", help="one shape per kernel family")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/kernel_ptx.json")
+    ap.add_argument("--caches", nargs=2, type=Path, metavar=("AFTER", "BEFORE"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.caches:
+        result = compare_caches(*args.caches)
+        print(json.dumps(result, indent=1))
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        return
     if args.worker:
         # bench/ holds an attention.py of its own: the tree's package must win
         here = Path(__file__).resolve().parent
