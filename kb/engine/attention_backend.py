@@ -50,6 +50,18 @@ class SharedAsk:
     cites: bool = False  # this layer measures the group's citation mass (`_cites`)
 
 
+@dataclass(frozen=True)
+class MassAsk:
+    """One corpus group's citation mass to measure at one layer: the group's q[T_c, Hq, d], the
+    sequence owning each row and the merged (unique + shared) lse of each row."""
+
+    shared: SharedKV
+    layer: int
+    q: torch.Tensor
+    seq_of_row: torch.Tensor  # [T_c] index of the owning sequence within the batch
+    lse_total: torch.Tensor
+
+
 @dataclass
 class ServeAttention:
     """The serving step. Also the per-request baseline: when the runner puts a corpus's shared
@@ -102,7 +114,7 @@ class ServeAttention:
                 )
                 o.index_copy_(0, g.rows, o_m.to(o.dtype))
             if self._cites(layer, g):
-                self._accumulate_mass(qg, sh, layer, g.seq_of_row, lse_m)
+                self._accumulate_mass(MassAsk(sh, layer, qg, g.seq_of_row, lse_m))
         return o
 
     def _start_group(
@@ -150,21 +162,15 @@ class ServeAttention:
         selecting request cites from its selection's scores, not from attention mass."""
         return layer in self.citation_layers and g.selection is None
 
-    def _accumulate_mass(
-        self,
-        q: torch.Tensor,
-        sh: SharedKV,
-        layer: int,
-        seq_of_row: torch.Tensor,
-        lse_total: torch.Tensor,
-    ) -> None:
+    def _accumulate_mass(self, ask: MassAsk) -> None:
         """Add each row's softmax mass on every shared chunk (summed over heads) to its sequence."""
+        sh, layer, seq_of_row = ask.shared, ask.layer, ask.seq_of_row
         # the preamble soaks up attention (a sink); it is no source
         k_scale = sh.meta.k_scale  # an fp8 layout: per-layer [C, Hkv] scales
         per_chunk = attention.chunk_mass(
-            q,
+            ask.q,
             sh.k[layer],
-            lse_total,
+            ask.lse_total,
             sh.chunk_size,
             skip=sh.preamble_len,
             k_scale=None if k_scale is None else k_scale[layer],

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kb.engine.attention_backend import ServeAttention, SharedAsk
+from kb.engine.attention_backend import MassAsk, ServeAttention, SharedAsk
 from kb.engine.distributed.protocol import Attend, AttentionBatch, ShardLink
 from kb.engine.engine import Engine, EngineConfig
 from kb.engine.shared_kv import SharedKV
@@ -78,20 +78,14 @@ class DistributedServeAttention(ServeAttention):
             return pending.wait
         return super()._start_shared(ask)
 
-    def _accumulate_mass(
-        self,
-        q: torch.Tensor,
-        sh: SharedKV,
-        layer: int,
-        seq_of_row: torch.Tensor,
-        lse_total: torch.Tensor,
-    ) -> None:
+    def _accumulate_mass(self, ask: MassAsk) -> None:
         """ServeAttention's, for a sharded corpus measured by the shared ranks (its keys are
         there): one MASS exchange, each rank summing its slice's mass per sequence."""
-        if not is_remote(sh):
-            return super()._accumulate_mass(q, sh, layer, seq_of_row, lse_total)
-        seqs, owner = seq_of_row.unique(return_inverse=True)
-        per_seq = self._batch.chunk_mass(sh, layer, lse_total, owner, len(seqs))  # [U, C]
+        if not is_remote(ask.shared):
+            return super()._accumulate_mass(ask)
+        seqs, owner = ask.seq_of_row.unique(return_inverse=True)
+        sh, layer = ask.shared, ask.layer
+        per_seq = self._batch.chunk_mass(sh, layer, ask.lse_total, owner, len(seqs))  # [U, C]
         for b, m in zip(seqs.tolist(), per_seq):
             self.mass[b] = self.mass[b] + m if b in self.mass else m
 
