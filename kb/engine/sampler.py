@@ -96,31 +96,32 @@ class BreakerMasks:
         return self._texts[:vocab]
 
     def _mask(self, breaker: str, vocab: int) -> torch.Tensor:
-        key = (breaker, vocab)
-        mask = self._masks.get(key)
-        if mask is None:
-            texts = self._vocab_texts(vocab)
-            mask = torch.tensor([breaker in t for t in texts], dtype=torch.bool)
-            self._masks[key] = mask
-            while len(self._masks) > self.keep:
-                self._masks.popitem(last=False)
-        else:
-            self._masks.move_to_end(key)
-        return mask
+        def make() -> torch.Tensor:
+            return torch.tensor([breaker in t for t in self._vocab_texts(vocab)], dtype=torch.bool)
+
+        return self._kept(self._masks, (breaker, vocab), make)
 
     def __call__(self, breakers: tuple[str, ...], vocab: int) -> torch.Tensor:
-        key = (breakers, vocab)
-        out = self._sets.get(key)
-        if out is None:
+        def make() -> torch.Tensor:
             out = torch.zeros(vocab, dtype=torch.bool)
             for b in breakers:
                 out |= self._mask(b, vocab)
-            self._sets[key] = out
-            while len(self._sets) > self.keep:
-                self._sets.popitem(last=False)
+            return out
+
+        return self._kept(self._sets, (breakers, vocab), make)
+
+    def _kept(
+        self, cache: OrderedDict, key: tuple, make: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """cache[key], made on a miss; beyond `keep` entries, the least recently used go."""
+        value = cache.get(key)
+        if value is None:
+            value = cache[key] = make()
+            while len(cache) > self.keep:
+                cache.popitem(last=False)
         else:
-            self._sets.move_to_end(key)
-        return out
+            cache.move_to_end(key)
+        return value
 
 
 def dry_match_lengths(ids: torch.Tensor, breaker: torch.Tensor) -> torch.Tensor:
