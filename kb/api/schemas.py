@@ -38,6 +38,12 @@ UNSUPPORTED = {
 }
 
 
+def _factor(description: str, **low: float) -> Any:
+    """One of kb's multiplicative sampling knobs: unset by default (the request then gets the
+    server's KB_ setting), else finite, at most 10 and above its lower bound `low` (ge or gt)."""
+    return Field(default=None, **low, le=10.0, allow_inf_nan=False, description=description)
+
+
 class ContentPart(BaseModel):
     """A part of a message's content: kb reads parts of type `text`; any other type (image_url,
     input_audio, file) is refused with a 400 naming the part."""
@@ -107,31 +113,21 @@ class SamplingFields(BaseModel):
     user: Name | None = Field(default=None, description="accepted and ignored")
     # kb's extras (vLLM has top_k and repetition_penalty too)
     top_k: int = Field(default=0, ge=0, le=100000, description="kb: 0 = no limit")
-    repetition_penalty: float | None = Field(
-        default=None,
-        gt=0.0,
-        le=10.0,
-        allow_inf_nan=False,
-        description="kb (as vLLM): a generated token's logit divided by this when positive, "
+    repetition_penalty: float | None = _factor(
+        "kb (as vLLM): a generated token's logit divided by this when positive, "
         "multiplied when negative; 1 = off, default KB_REPETITION_PENALTY",
+        gt=0.0,
     )
     # DRY, as text-generation-webui, llama.cpp and koboldcpp name its parameters
-    dry_multiplier: float | None = Field(
-        default=None,
-        ge=0.0,
-        le=10.0,
-        allow_inf_nan=False,
-        description="kb (DRY): a token that would continue a repeat of an earlier run of the "
+    dry_multiplier: float | None = _factor(
+        "kb (DRY): a token that would continue a repeat of an earlier run of the "
         "answer, the repeat L tokens long so far, loses dry_multiplier * dry_base ** (L - "
         "dry_allowed_length) from its logit when L >= dry_allowed_length; 0 = off, default "
         "KB_DRY_MULTIPLIER",
+        ge=0.0,
     )
-    dry_base: float | None = Field(
-        default=None,
-        ge=1.0,
-        le=10.0,
-        allow_inf_nan=False,
-        description="kb (DRY): how fast the penalty grows with the repeat; default KB_DRY_BASE",
+    dry_base: float | None = _factor(
+        "kb (DRY): how fast the penalty grows with the repeat; default KB_DRY_BASE", ge=1.0
     )
     dry_allowed_length: int | None = Field(
         default=None,
