@@ -28,7 +28,7 @@ from kb.engine.distributed.protocol import (
     dtype_code,
     dtype_name,
 )
-from kb.engine.distributed.worker import CorpusSlice, attend_slice, slice_mass
+from kb.engine.distributed.worker import ChunkRoute, CorpusSlice, attend_slice, slice_mass
 from kb.engine.shared_kv import SharedKV
 
 
@@ -94,7 +94,8 @@ class LoopbackLink(ShardLink):
         p = super()._issue(a)
         view, layer, q, chunk_idx = a.view, a.layer, a.q, a.chunk_idx
         sl = self._slices[view.meta.corpus_id]
-        p.local = lambda: attend_slice(sl, layer, q, chunk_idx, a.chunk_shift, a.rope_inv_freq)
+        route = ChunkRoute(chunk_idx, a.chunk_shift, a.rope_inv_freq)
+        p.local = lambda: attend_slice(sl, layer, q, route)
         if a.cites:  # kept for the layer's MASS, as a shared rank keeps it
             self._kept[view.meta.corpus_id] = (layer, q)
         sent = HEADER_LEN * 8 + q.numel() * q.element_size()

@@ -58,7 +58,14 @@ from kb.engine.distributed.protocol import (
     wire_dtype,
 )
 
-__all__ = ["CorpusSlice", "attend_slice", "read_slice", "run_shared_rank", "slice_mass"]
+__all__ = [
+    "ChunkRoute",
+    "CorpusSlice",
+    "attend_slice",
+    "read_slice",
+    "run_shared_rank",
+    "slice_mass",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,18 +92,23 @@ def _heartbeat(world: World, stop: threading.Event) -> None:
         stop.wait(HEARTBEAT_S)
 
 
-def attend_slice(
-    sl: CorpusSlice,
-    layer: int,
-    q: torch.Tensor,
-    chunk_idx: torch.Tensor | None,
-    chunk_shift: torch.Tensor | None = None,
-    rope_inv_freq: torch.Tensor | None = None,
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class ChunkRoute:
+    """The chunks an ATTEND reads: global chunk_idx [T, Hkv, k] (None: dense) and, beside it,
+    chunk_shift [T, Hkv, k] with the model's RoPE frequencies (virtual positions; None: the
+    stored positions). A step's steady route is sent once and kept for its later layers."""
+
+    chunk_idx: torch.Tensor | None = None
+    chunk_shift: torch.Tensor | None = None
+    rope_inv_freq: torch.Tensor | None = None
+
+
+def attend_slice(sl: CorpusSlice, layer: int, q: torch.Tensor, route: ChunkRoute) -> torch.Tensor:
     """Partial attention of q[T, Hq, d] over this slice, packed for the wire (`pack_partial`:
     o in 16 bits, the float32 lse in the last two slots of [T, Hq, d + 2]);
     with chunk_shift (beside the global chunk_idx), each chunk at its virtual position (a shift
     does not depend on where the chunk is stored: the slice keeps the stored positions' keys)."""
+    chunk_idx, chunk_shift = route.chunk_idx, route.chunk_shift
     t, hq, d = q.shape
     wire = wire_dtype(q.dtype)
     if sl.shard.num_tokens == 0:
@@ -105,7 +117,7 @@ def attend_slice(
     idx = None if chunk_idx is None else sl.placement.local_chunk_idx(chunk_idx, sl.shard.rank)
     extra = {}
     if idx is not None and chunk_shift is not None:
-        extra = {"chunk_shift": chunk_shift, "rope_inv_freq": rope_inv_freq}
+        extra = {"chunk_shift": chunk_shift, "rope_inv_freq": route.rope_inv_freq}
     o, lse = attention.shared_attention(
         q, sl.k[layer], sl.v[layer], idx, sl.placement.chunk_size, **extra
     )
@@ -245,7 +257,7 @@ def _serve(world: World, members: list[int], routes: MergeRoutes) -> bool:
     group = [0, *members]
     me = group.index(world.rank)
     corpora: dict[int, CorpusSlice] = {}
-    slots: dict[int, tuple] = {}  # this step's routing metadata that rank 0 sends once
+    slots: dict[int, ChunkRoute] = {}  # this step's routing metadata that rank 0 sends once
     kept: dict[int, tuple[int, torch.Tensor]] = {}  # cid -> (layer, q) of its last citing ATTEND
     with torch.inference_mode():
         while True:
@@ -312,24 +324,25 @@ def _serve(world: World, members: list[int], routes: MergeRoutes) -> bool:
                     slots.clear()
                 q = torch.empty(t, hq, sl.head_dim, dtype=DTYPES[code], device=dev)
                 dist.broadcast(q, src=0)
-                idx = shift = inv = None
+                route = ChunkRoute()  # dense
                 if meta & 16:  # this layer's MASS measures this q
                     kept[cid] = (layer, q)
                 if top_k and meta & 2:  # sent at an earlier layer of this step
-                    idx, shift, inv = slots[meta >> 5]
+                    route = slots[meta >> 5]
                 elif top_k:
                     ids = torch.empty(t, hkv, top_k, dtype=torch.int32, device=dev)
                     dist.broadcast(ids, src=0)
-                    idx = ids.long()
+                    idx, shift, inv = ids.long(), None, None
                     if meta & 1:  # virtual positions: the shifts beside idx, the frequencies
                         shifts = torch.empty_like(ids)
                         dist.broadcast(shifts, src=0)
                         shift = shifts.long()
                         inv = torch.empty(sl.head_dim // 2, dtype=torch.float32, device=dev)
                         dist.broadcast(inv, src=0)
+                    route = ChunkRoute(idx, shift, inv)
                     if meta & 4:
-                        slots[meta >> 5] = (idx, shift, inv)
-                attend = functools.partial(attend_slice, sl, layer, q, idx, shift, inv)
+                        slots[meta >> 5] = route
+                attend = functools.partial(attend_slice, sl, layer, q, route)
                 _send_partial(world, group, routes, q, attend)
             elif op == OP_MASS:
                 cid, layer, t, hq, owners, skip = f[:6]
