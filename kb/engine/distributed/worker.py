@@ -209,6 +209,10 @@ def run_shared_rank(world: World) -> None:
                 leave_group()
     finally:
         stop.set()
+        # wait out the heartbeat's last store call: a daemon thread still inside the store's
+        # C++ when the interpreter exits (rank 0, the store's host, just closed it) aborts the
+        # process (SIGABRT) instead of a clean exit 0
+        beat.join(timeout=5.0)
 
 
 def _new_slice(world: World, f: list[int], members: list[int]) -> tuple:
