@@ -7,7 +7,8 @@ driver names the target, and each launch compiles without running (`warmup`); th
 source is generated too (it checks the argument layout), not built. The launchers see
 CPU tensors, so they choose the interpreter's launch configurations (small tiles, float32 dot
 operands): every constexpr branch of every kernel, not the tuned GPU tiles. PTX is compared
-without its debug information (DWARF sections, `.file`, `.loc` and the `$L__tmp` labels they address: paths and lines).
+without its debug information (DWARF sections, `.file`, `.loc` and the `$L__tmp` labels they
+address: paths and lines).
 
     python bench/kernel_ptx.py                        # digests of this tree's kernels
     python bench/kernel_ptx.py --before build/before  # ... and of another tree's attention/
@@ -18,7 +19,8 @@ without its debug information (DWARF sections, `.file`, `.loc` and the `$L__tmp`
                                                       # their TRITON_CACHE_DIRs (the tuned
                                                       # configurations), compared as multisets
 
-Writes bench/results/kernel_ptx.json (--out) with the triton and torch versions.
+Writes bench/results/kernel_ptx.json (--out; with --caches kernel_ptx_caches.json), the tree
+comparison with the triton and torch versions.
 """
 
 from __future__ import annotations
@@ -97,6 +99,11 @@ def _ptx_without_debug(ptx: str) -> str:
     )
 
 
+def _digest(ptx: str) -> str:
+    """What two compilations are compared by: the debug-free PTX's SHA-1 (16 hex digits)."""
+    return hashlib.sha1(_ptx_without_debug(ptx).encode()).hexdigest()[:16]
+
+
 def _launcher_source(kernel) -> str:
     """The C source of the kernel's launcher, built as `CudaLauncher` builds it (that part
     needs no GPU): it refuses argument layouts the compiler takes, a TMA descriptor inside a
@@ -154,7 +161,7 @@ def compile_tree(quick: bool) -> list[dict]:
     return [
         dict(
             kernel=name,
-            ptx_sha1=hashlib.sha1(_ptx_without_debug(k.asm["ptx"]).encode()).hexdigest()[:16],
+            ptx_sha1=_digest(k.asm["ptx"]),
             num_warps=k.metadata.num_warps,
             shared_bytes=k.metadata.shared,
         )
@@ -166,8 +173,7 @@ def cache_digests(cache: Path) -> dict[str, int]:
     """{kernel name + PTX digest: how many} of every .ptx a run left in its Triton cache."""
     counts: dict[str, int] = {}
     for ptx in sorted(cache.rglob("*.ptx")):
-        digest = hashlib.sha1(_ptx_without_debug(ptx.read_text()).encode()).hexdigest()[:16]
-        key = f"{ptx.stem} {digest}"
+        key = f"{ptx.stem} {_digest(ptx.read_text())}"
         counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -203,14 +209,20 @@ def main() -> None:
     ap.add_argument("--before", type=Path, help="another tree holding attention/ to compare")
     ap.add_argument("--label", help="what --before is, for the JSON (e.g. its git revision)")
     ap.add_argument("--quick", action="store_true", help="one shape per kernel family")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/kernel_ptx.json")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        help="default bench/results/kernel_ptx.json, with --caches kernel_ptx_caches.json",
+    )
     ap.add_argument("--caches", nargs=2, type=Path, metavar=("AFTER", "BEFORE"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    results = ROOT / "bench" / "results"
     if args.caches:
         result = compare_caches(*args.caches)
         print(json.dumps(result, indent=1))
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        out = args.out or results / "kernel_ptx_caches.json"
+        out.write_text(json.dumps(result, indent=1) + "\n")
         return
     if args.worker:
         # bench/ holds an attention.py of its own: the tree's package must win
@@ -242,9 +254,10 @@ def main() -> None:
             f"{sum(same)} of {len(after)} kernels identical to {args.before} "
             f"({len(before)} compiled there)"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    out = args.out or results / "kernel_ptx.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
