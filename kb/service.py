@@ -85,16 +85,6 @@ __all__ = [
 ]
 
 NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")  # \Z: "$" let "name\n" through
-# the served sampling defaults (`KnowledgeBase.default_sampling`): settings named as the
-# SamplingParams fields they fill
-_SERVED_SAMPLING = (
-    "max_tokens",
-    "repetition_penalty",
-    "frequency_penalty",
-    "dry_multiplier",
-    "dry_base",
-    "dry_allowed_length",
-)
 
 
 @dataclass
@@ -502,8 +492,15 @@ class KnowledgeBase:
         (KB_MAX_TOKENS, KB_REPETITION_PENALTY, KB_FREQUENCY_PENALTY, KB_DRY_*); the web app's
         and the CLI's answers."""
         s = self.settings
-        served = {name: getattr(s, name) for name in _SERVED_SAMPLING}
-        return SamplingParams(**served, dry_sequence_breakers=tuple(s.dry_sequence_breakers))
+        return SamplingParams(
+            max_tokens=s.max_tokens,
+            repetition_penalty=s.repetition_penalty,
+            frequency_penalty=s.frequency_penalty,
+            dry_multiplier=s.dry_multiplier,
+            dry_base=s.dry_base,
+            dry_allowed_length=s.dry_allowed_length,
+            dry_sequence_breakers=tuple(s.dry_sequence_breakers),
+        )
 
     def ask(
         self,
